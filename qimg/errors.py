@@ -1,0 +1,67 @@
+"""One exception tree for every failure a user can see.
+
+The command layer (`qimg.cli`) turns any `QimgError` into one line on stderr
+and the exception's `exit_code`; nothing below the command layer prints.
+"""
+
+from __future__ import annotations
+
+
+class QimgError(Exception):
+    """Base of every error qimg reports to a user.
+
+    Raised when: never directly; catch it to handle any qimg failure.
+    """
+
+    exit_code = 1
+
+
+class InvalidImageError(QimgError):
+    """Raised when: a file is not a valid image of the format asked for
+    (bad magic, unsupported version, a header field out of range)."""
+
+
+class CorruptImageError(QimgError):
+    """Raised when: metadata contradicts itself (a table past the end of the
+    file, an overlap with other metadata, a bad compressed descriptor).
+
+    `offset` is the host offset involved where one is known.
+    """
+
+    def __init__(self, message: str, offset: int | None = None):
+        super().__init__(message)
+        self.offset = offset
+
+
+class UnsupportedFeatureError(QimgError):
+    """Raised when: the image uses a feature qimg does not implement, such as
+    an unknown incompatible feature bit."""
+
+
+class ImageLockedError(QimgError):
+    """Raised when: another process (QEMU, qemu-io, qemu-nbd, qimg) holds a
+    byte-range lock that conflicts with the access asked for."""
+
+
+class BadOptionError(QimgError):
+    """Raised when: an option or argument given by the user is invalid
+    (unknown -o option, bad size, conflicting options)."""
+
+
+class MissingSecretError(QimgError):
+    """Raised when: an encrypted image is opened without the secret it needs."""
+
+
+class BackingChainError(QimgError):
+    """Raised when: a backing file cannot be opened, or the chain loops."""
+
+
+class ImageIOError(QimgError):
+    """Raised when: the operating system refuses a read or write, or a file
+    cannot be opened or created."""
+
+
+class NoCheckError(QimgError):
+    """Raised when: `check` is asked of a format that has no consistency check."""
+
+    exit_code = 63

@@ -1,0 +1,240 @@
+"""The storage layer: one host file, read and written by offset.
+
+Every format driver reaches its bytes through a `Storage`; a network export
+or a crash-injecting wrapper can stand in for `FileStorage` by offering the
+same methods.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from qimg.errors import ImageIOError
+
+
+class Storage:
+    """The interface every storage backend offers."""
+
+    path: str
+    writable: bool
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def truncate(self, size: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _os_error(path: str, action: str, exc: OSError) -> ImageIOError:
+    reason = exc.strerror or str(exc)
+    return ImageIOError(f"Could not {action} '{path}': {reason}")
+
+
+class FileStorage(Storage):
+    """A regular file (or block device) opened by path.
+
+    `perm` and `shared` are QEMU permission masks (see `qimg.locking`); when
+    `lock` is true they are taken as byte-range locks the way QEMU's
+    file-posix driver takes them, so QEMU and qimg refuse each other's
+    conflicting access.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        writable: bool = False,
+        *,
+        create: bool = False,
+        lock: bool = True,
+        force_share: bool = False,
+    ):
+        self.path = path
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.EISDIR or os.path.isdir(path):
+                raise ImageIOError(f"Could not open '{path}': Is a directory") from None
+            raise _os_error(path, "open", exc) from None
+        self._closed = False
+        self._locker = None
+        if lock:
+            from qimg.locking import ImageLock
+
+            try:
+                self._locker = ImageLock(self.fd, path, writable, force_share)
+            except BaseException:
+                os.close(self.fd)
+                self._closed = True
+                raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to `length` bytes; bytes past the end of file are zero."""
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise _os_error(self.path, "read", exc) from None
+        if len(data) < length:
+            # Short reads only happen at EOF for regular files; loop otherwise.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+            if len(data) < length:
+                data += bytes(length - len(data))
+        return data
+
+    def preadv(self, offset: int, buffer: memoryview) -> int:
+        """Read into `buffer`; returns bytes read (the rest is left alone)."""
+        total = 0
+        n = len(buffer)
+        try:
+            while total < n:
+                got = os.preadv(self.fd, [buffer[total:]], offset + total)
+                if got == 0:
+                    break
+                total += got
+        except OSError as exc:
+            raise _os_error(self.path, "read", exc) from None
+        return total
+
+    def pwrite(self, offset: int, data) -> None:
+        view = memoryview(data)
+        try:
+            while len(view):
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise _os_error(self.path, "write", exc) from None
+
+    def size(self) -> int:
+        try:
+            st = os.fstat(self.fd)
+            if st.st_size == 0 and not _is_regular(st.st_mode):
+                return os.lseek(self.fd, 0, os.SEEK_END)
+            return st.st_size
+        except OSError as exc:
+            raise _os_error(self.path, "stat", exc) from None
+
+    def allocated_size(self) -> int:
+        """Bytes the host file occupies on disk (st_blocks * 512)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _os_error(self.path, "resize", exc) from None
+
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve host blocks for [offset, offset+length) (may grow the file)."""
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                size = self.size()
+                if offset + length > size:
+                    self.truncate(offset + length)
+                return
+            raise _os_error(self.path, "allocate", exc) from None
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length) so it reads as zeros; best effort."""
+        if length <= 0:
+            return
+        try:
+            import fcntl  # noqa: F401  (Linux only: fallocate flags)
+
+            _punch_hole(self.fd, offset, length)
+        except (OSError, AttributeError):
+            self.pwrite(offset, bytes(length))
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Split [offset, offset+length) into (start, length, is_data) runs
+        using SEEK_DATA / SEEK_HOLE; one data run where they are unsupported."""
+        end = offset + length
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                        runs.append((pos, end - pos, False))
+                        break
+                    raise
+                if data > pos:
+                    hole_end = min(data, end)
+                    runs.append((pos, hole_end - pos, False))
+                    pos = hole_end
+                    if pos >= end:
+                        break
+                hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+                runs.append((pos, hole - pos, True))
+                pos = hole
+        except (OSError, AttributeError):
+            return [(offset, length, True)]
+        return runs
+
+    def flush(self) -> None:
+        if self.writable:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EROFS):
+                    raise _os_error(self.path, "flush", exc) from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._locker is not None:
+                self._locker.release()
+            os.close(self.fd)
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    ret = libc.fallocate(
+        ctypes.c_int(fd),
+        ctypes.c_int(falloc_fl_keep_size | falloc_fl_punch_hole),
+        ctypes.c_longlong(offset),
+        ctypes.c_longlong(length),
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
