@@ -60,12 +60,14 @@ class FileStorage(Storage):
         create: bool = False,
         lock: bool = True,
         force_share: bool = False,
+        perm: int | None = None,
+        shared: int | None = None,
     ):
         self.path = path
-        self.writable = writable
-        flags = os.O_RDWR if writable else os.O_RDONLY
+        self.writable = writable or create
+        flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT
         try:
             self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
@@ -74,15 +76,31 @@ class FileStorage(Storage):
             raise _os_error(path, "open", exc) from None
         self._closed = False
         self._locker = None
-        if lock:
-            from qimg.locking import ImageLock
+        try:
+            if create:
+                # Ordering: the create lock is held before the file is emptied,
+                # so an image in use elsewhere is never truncated.
+                if lock:
+                    self._lock(False, force_share, *create_masks(), prefix=f"{path}: ")
+                os.ftruncate(self.fd, 0)
+                if self._locker is not None:
+                    self._locker.release()
+                    self._locker = None
+            if lock:
+                self._lock(self.writable, force_share, perm, shared)
+        except OSError as exc:
+            self.close()
+            raise _os_error(path, "create", exc) from None
+        except BaseException:
+            self.close()
+            raise
 
-            try:
-                self._locker = ImageLock(self.fd, path, writable, force_share)
-            except BaseException:
-                os.close(self.fd)
-                self._closed = True
-                raise
+    def _lock(self, writable, force_share, perm, shared, prefix=None) -> None:
+        from qimg.locking import ImageLock
+
+        self._locker = ImageLock(
+            self.fd, self.path, writable, force_share, perm=perm, shared=shared, prefix=prefix
+        )
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to `length` bytes; bytes past the end of file are zero."""
@@ -215,6 +233,12 @@ class FileStorage(Storage):
             if self._locker is not None:
                 self._locker.release()
             os.close(self.fd)
+
+
+def create_masks() -> tuple[int, int]:
+    from qimg.locking import create_perms
+
+    return create_perms()
 
 
 def _is_regular(mode: int) -> bool:

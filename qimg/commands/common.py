@@ -1,0 +1,51 @@
+"""Options and helpers shared by the command modules."""
+
+from __future__ import annotations
+
+from qimg.commands._click import click
+from qimg.errors import BadOptionError, QimgError
+
+
+def _output(ctx, param, value):
+    if value not in ("human", "json"):
+        raise BadOptionError("--output must be used with human or json as argument.")
+    return value
+
+
+format_option = click.option(
+    "-f", "--format", "fmt", metavar="FMT", help="Image format (qcow2 or raw); probed when omitted."
+)
+output_option = click.option(
+    "--output", default="human", callback=_output, metavar="human|json", help="Output format."
+)
+share_option = click.option(
+    "-U",
+    "--force-share",
+    "force_share",
+    is_flag=True,
+    help="Open the image read-only even if another process uses it.",
+)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+
+
+def need_filename(filename: str | None) -> str:
+    if not filename:
+        raise click.UsageError("Expecting one image file name")
+    return filename
+
+
+def open_for_command(filename, fmt, *, writable=False, force_share=False, backing=True, **kw):
+    """open_image with qemu-img's "Could not open 'X': ..." wrapping."""
+    from qimg.api import open_image
+
+    filename = need_filename(filename)
+    try:
+        return open_image(
+            filename, fmt, writable=writable, force_share=force_share, backing=backing, **kw
+        )
+    except QimgError as exc:
+        msg = str(exc)
+        prefix = f"Could not open '{filename}': "
+        if not msg.startswith(prefix):
+            exc.args = (prefix + msg,)
+        raise

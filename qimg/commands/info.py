@@ -1,0 +1,25 @@
+"""qimg info: describe an image (qemu-img info)."""
+
+from __future__ import annotations
+
+from qimg.commands._click import click
+from qimg.commands.common import format_option, open_for_command, output_option, share_option
+
+
+@click.command("info")
+@format_option
+@output_option
+@click.option("--backing-chain", is_flag=True, help="Describe every image of the backing chain.")
+@share_option
+@click.argument("filename", required=False)
+def command(fmt, output, backing_chain, force_share, filename) -> None:
+    """Show the format, size and metadata of FILENAME."""
+    from qimg import render
+    from qimg.info import chain_info, image_info
+
+    with open_for_command(filename, fmt, force_share=force_share, backing=backing_chain) as img:
+        infos = chain_info(img) if backing_chain else [image_info(img)]
+    if output == "json":
+        render.print_json(infos if backing_chain else infos[0])
+    else:
+        render.print_human("\n\n".join(render.info_human(i) for i in infos))

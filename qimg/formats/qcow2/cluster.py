@@ -1,0 +1,447 @@
+"""Guest-to-host mapping: L1/L2 tables, extended L2, allocation and COW.
+
+Spec: "Cluster mapping", "Extended L2 Entries". Mapping works on whole L2
+ranges at once (numpy), yielding maximal runs of one kind, so callers never
+loop per cluster where a run will do.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from qimg.errors import CorruptImageError
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.cache import TableCache
+from qimg.formats.qcow2.header import Geometry
+
+# Extent kinds, as block_status reports them.
+DATA = 0  # host holds the data (host = host offset)
+ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
+UNALLOCATED = 2  # falls through to the backing file, or reads as zeros
+COMPRESSED = 3  # one compressed cluster (host = the raw L2 entry)
+
+KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
+
+_U64 = np.uint64
+_OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
+_COPIED = _U64(L.QCOW_OFLAG_COPIED)
+_COMPRESSED = _U64(L.QCOW_OFLAG_COMPRESSED)
+_ZERO = _U64(L.QCOW_OFLAG_ZERO)
+
+
+class Extent(NamedTuple):
+    kind: int
+    offset: int  # guest offset
+    length: int
+    host: int  # see the kinds above
+
+
+def decode_l2(buf: bytes, extended: bool) -> np.ndarray:
+    """An L2 table as native uint64: shape (n,) or, extended, (n, 2)."""
+    table = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+    return table.reshape(-1, 2) if extended else table
+
+
+def encode_l2(table: np.ndarray) -> bytes:
+    return table.astype(">u8").tobytes()
+
+
+class ClusterMap:
+    """The active L1 table and the L2 cache of one image.
+
+    `owner` is the Qcow2Image: it provides metadata I/O (with the overlap
+    check), the refcounts, the data file and the backing reader.
+    """
+
+    def __init__(self, owner, geo: Geometry, l1_offset: int, l1_size: int, has_data_file: bool):
+        self.owner = owner
+        self.geo = geo
+        self.l1_offset = l1_offset
+        self.l1_size = l1_size
+        self.has_data_file = has_data_file
+        raw = owner.read_metadata(l1_offset, l1_size * L.L1_ENTRY_SIZE) if l1_size else b""
+        self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.l2_cache = TableCache(
+            "l2",
+            geo.cluster_size,
+            self._read_l2,
+            self._write_l2,
+            owner.flush_file,
+        )
+
+    # --- table I/O -------------------------------------------------------------
+
+    def _read_l2(self, offset: int) -> np.ndarray:
+        return decode_l2(
+            self.owner.read_metadata(offset, self.geo.cluster_size), self.geo.extended_l2
+        )
+
+    def _write_l2(self, offset: int, table: np.ndarray) -> None:
+        self.owner.write_metadata(offset, encode_l2(table), "l2")
+
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            return 0
+        offset = int(self.l1[l1_index]) & L.L1E_OFFSET_MASK
+        if offset % self.geo.cluster_size:
+            raise CorruptImageError(
+                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})", offset
+            )
+        return offset
+
+    def write_l1_entry(self, index: int) -> None:
+        """Ordering: the L2 table it points at is already on disk."""
+        data = self.l1[index : index + 1].astype(">u8").tobytes()
+        self.owner.write_metadata(self.l1_offset + index * 8, data, "l1")
+
+    # --- mapping ---------------------------------------------------------------
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Maximal runs of one kind covering guest [offset, offset+length)."""
+        out: list[Extent] = []
+        geo = self.geo
+        end = offset + length
+        pos = offset
+        span = 1 << (geo.cluster_bits + geo.l2_bits)
+        while pos < end:
+            l1_index = pos >> (geo.cluster_bits + geo.l2_bits)
+            chunk_end = min(end, (l1_index + 1) * span)
+            l2 = self.l2_offset(l1_index)
+            if not l2:
+                _append(out, Extent(UNALLOCATED, pos, chunk_end - pos, 0))
+            else:
+                self._map_l2(self.l2_cache.get(l2), pos, chunk_end, out)
+            pos = chunk_end
+        return out
+
+    def _map_l2(self, table: np.ndarray, start: int, end: int, out: list[Extent]) -> None:
+        geo = self.geo
+        unit_bits = geo.cluster_bits if not geo.extended_l2 else geo.cluster_bits - 5
+        first_cluster = geo.offset_to_l2_index(start)
+        last_cluster = geo.offset_to_l2_index(end - 1)
+        rows = table[first_cluster : last_cluster + 1]
+        kinds, hosts = self._classify(rows)
+        # Units (clusters or subclusters) covering [start, end).
+        base = (start >> geo.cluster_bits) << geo.cluster_bits
+        u0 = (start - base) >> unit_bits
+        u1 = ((end - 1 - base) >> unit_bits) + 1
+        kinds = kinds[u0:u1]
+        hosts = hosts[u0:u1]
+        unit = 1 << unit_bits
+        brk = kinds[1:] != kinds[:-1]
+        brk |= (kinds[1:] == DATA) & (hosts[1:] != hosts[:-1] + _U64(unit))
+        brk |= kinds[1:] == COMPRESSED
+        edges = np.flatnonzero(brk) + 1
+        starts = np.concatenate(([0], edges))
+        stops = np.concatenate((edges, [len(kinds)]))
+        for s, e in zip(starts.tolist(), stops.tolist()):
+            g0 = max(start, base + (u0 + s) * unit)
+            g1 = min(end, base + (u0 + e) * unit)
+            kind = int(kinds[s])
+            host = int(hosts[s])
+            if kind == DATA or (kind == ZERO and host):
+                host += g0 - (base + (u0 + s) * unit)
+            _append(out, Extent(kind, g0, g1 - g0, host))
+
+    def _classify(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Kinds and host offsets per unit (cluster, or subcluster if extended)."""
+        geo = self.geo
+        entries = rows[:, 0] if geo.extended_l2 else rows
+        off = entries & _OFFSET_MASK
+        compressed = (entries & _COMPRESSED) != 0
+        has_host = off != 0
+        if self.has_data_file:
+            has_host |= (entries & _COPIED) != 0
+        if not geo.extended_l2:
+            kinds = np.full(len(entries), UNALLOCATED, dtype=np.int8)
+            kinds[has_host] = DATA
+            kinds[(entries & _ZERO) != 0] = ZERO
+            kinds[compressed] = COMPRESSED
+            hosts = np.where(compressed, entries, off)
+            return kinds, hosts
+        bitmap = rows[:, 1]
+        n = geo.subclusters_per_cluster
+        sc = np.arange(n, dtype=np.uint64)
+        alloc = ((bitmap[:, None] >> sc) & _U64(1)) != 0
+        zero = ((bitmap[:, None] >> (sc + _U64(32))) & _U64(1)) != 0
+        kinds = np.full((len(entries), n), UNALLOCATED, dtype=np.int8)
+        kinds[alloc & has_host[:, None]] = DATA
+        kinds[zero] = ZERO
+        kinds[compressed, :] = COMPRESSED
+        bad = (alloc & zero) | (alloc & ~has_host[:, None])
+        bad[compressed, :] = False
+        if bad.any():
+            i = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise CorruptImageError(
+                f"Invalid extended L2 entry: bitmap {int(bitmap[i]):#x}", int(off[i])
+            )
+        hosts = off[:, None] + sc * _U64(geo.subcluster_size)
+        hosts = np.where(compressed[:, None], entries[:, None], hosts)
+        return kinds.reshape(-1), hosts.reshape(-1)
+
+    # --- L2 allocation -----------------------------------------------------------
+
+    def l2_for_write(self, l1_index: int) -> tuple[int, np.ndarray]:
+        """The L2 table for `l1_index`, made writable (QEMU's get_cluster_table).
+
+        Allocates a table where there is none, and copies one shared with a
+        snapshot (L1 entry without OFLAG_COPIED). Ordering (l2_allocate): the
+        refcount of the new table is flushed, the table is written and
+        flushed, then the L1 entry points at it, and only then is the old
+        table's refcount dropped.
+        """
+        if l1_index >= len(self.l1):
+            raise CorruptImageError(f"L1 index {l1_index} beyond the L1 table")
+        entry = int(self.l1[l1_index])
+        old = self.l2_offset(l1_index)
+        if old and entry & L.QCOW_OFLAG_COPIED:
+            return old, self.l2_cache.get(old)
+        owner = self.owner
+        new = owner.refcounts.alloc(1)
+        if old:
+            table = self.l2_cache.get(old).copy()
+        else:
+            shape = (self.geo.l2_size, 2) if self.geo.extended_l2 else (self.geo.l2_size,)
+            table = np.zeros(shape, dtype=np.uint64)
+        owner.refcounts.blocks.flush()
+        owner.flush_file()
+        self._write_l2(new, table)
+        owner.flush_file()
+        self.l2_cache.put_new(new, table)
+        self.l2_cache.dirty.discard(new)
+        self.l1[l1_index] = _U64(new | L.QCOW_OFLAG_COPIED)
+        self.write_l1_entry(l1_index)
+        if old:
+            owner.flush_file()
+            owner.refcounts.blocks.set_dependency(self.l2_cache)
+            owner.refcounts.free(old, self.geo.cluster_size)
+            self.l2_cache.drop(old)
+        return new, table
+
+    # --- writes ------------------------------------------------------------------
+
+    def write(self, offset: int, data) -> None:
+        """Write guest data, allocating and copying on write as QEMU does."""
+        view = memoryview(data).cast("B")
+        for l1_index, start, end in self._chunks(offset, len(view)):
+            self._write_chunk(l1_index, start, end, view[start - offset : end - offset])
+
+    def _chunks(self, offset: int, length: int):
+        """(l1_index, start, end) per L2 table covering [offset, offset+length)."""
+        shift = self.geo.cluster_bits + self.geo.l2_bits
+        pos, end = offset, offset + length
+        while pos < end:
+            l1_index = pos >> shift
+            stop = min(end, (l1_index + 1) << shift)
+            yield l1_index, pos, stop
+            pos = stop
+
+    def _write_chunk(self, l1_index: int, start: int, end: int, data: memoryview) -> None:
+        geo = self.geo
+        cb, cs = geo.cluster_bits, geo.cluster_size
+        c0, c1 = start >> cb, ((end - 1) >> cb) + 1
+        # Edge clusters written in part are composed from what the guest reads
+        # there now, before any mapping changes (COW from backing, zeros,
+        # compressed or shared data alike).
+        edges = {}
+        for c in {c0, c1 - 1}:
+            lo, hi = max(start, c << cb), min(end, (c + 1) << cb)
+            if hi - lo < cs:
+                buf = bytearray(self.owner.read(c << cb, cs))
+                buf[lo - (c << cb) : hi - (c << cb)] = data[lo - start : hi - start]
+                edges[c] = buf
+        l2_offset, table = self.l2_for_write(l1_index)
+        i0 = c0 & (geo.l2_size - 1)
+        rows = table[i0 : i0 + (c1 - c0)]
+        entries = rows[:, 0] if geo.extended_l2 else rows
+        off = entries & _OFFSET_MASK
+        has_host = (off != 0) | ((entries & _COPIED) != 0 if self.has_data_file else False)
+        reusable = has_host & ((entries & _COPIED) != 0) & ((entries & _COMPRESSED) == 0)
+        flips = np.flatnonzero(reusable[1:] != reusable[:-1]) + 1
+        bounds = np.concatenate(([0], flips, [len(reusable)])).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if reusable[a]:
+                self._write_in_place(table, i0, c0 + a, c0 + b, start, end, data, edges)
+            else:
+                self._write_allocating(table, i0, c0 + a, c0 + b, start, end, data, edges)
+        self.l2_cache.mark_dirty(l2_offset)
+
+    def _cluster_buffers(self, ca: int, cb_: int, start: int, end: int, data, edges) -> list:
+        """Buffers holding guest clusters [ca, cb_) in full, edges composed."""
+        cb = self.geo.cluster_bits
+        bufs = []
+        lo = ca
+        if ca in edges:
+            bufs.append(edges[ca])
+            lo = ca + 1
+        hi = cb_
+        last = edges.get(cb_ - 1) if cb_ - 1 >= lo else None
+        if last is not None:
+            hi = cb_ - 1
+        if hi > lo:
+            bufs.append(data[(lo << cb) - start : (hi << cb) - start])
+        if last is not None:
+            bufs.append(last)
+        return bufs
+
+    def _write_in_place(self, table, i0, ca, cb_, start, end, data, edges) -> None:
+        """Clusters with OFLAG_COPIED: overwrite their host clusters."""
+        geo = self.geo
+        cb = geo.cluster_bits
+        rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
+        entries = rows[:, 0] if geo.extended_l2 else rows
+        hosts = (entries & _OFFSET_MASK).tolist()
+        # Runs of host-contiguous clusters become one write each.
+        run_start = 0
+        for k in range(1, len(hosts) + 1):
+            if k < len(hosts) and hosts[k] == hosts[k - 1] + geo.cluster_size:
+                continue
+            ga, gb = ca + run_start, ca + k
+            lo = max(start, ga << cb)
+            hi = min(end, gb << cb)
+            zero_edges = not geo.extended_l2 and any(
+                int(entries[j]) & L.QCOW_OFLAG_ZERO for j in range(run_start, k)
+            )
+            if geo.extended_l2 or zero_edges:
+                bufs = self._cluster_buffers(ga, gb, start, end, data, edges)
+                self.owner.write_data(hosts[run_start], bufs)
+            else:
+                host = hosts[run_start] + lo - (ga << cb)
+                self.owner.write_data(host, [data[lo - start : hi - start]])
+            run_start = k
+        if geo.extended_l2:
+            for j, c in enumerate(range(ca, cb_)):
+                rows[j, 1] = _U64(self._touched_bitmap(int(rows[j, 1]), c, start, end))
+        else:
+            rows &= ~_ZERO
+
+    def _touched_bitmap(self, bitmap: int, cluster: int, start: int, end: int) -> int:
+        """Extended L2 bitmap with the subclusters [start, end) touches allocated."""
+        geo = self.geo
+        base = cluster << geo.cluster_bits
+        lo = max(start, base) - base
+        hi = min(end, base + geo.cluster_size) - base
+        s0 = lo // geo.subcluster_size
+        s1 = -(-hi // geo.subcluster_size)
+        mask = ((1 << (s1 - s0)) - 1) << s0
+        return (bitmap | mask) & ~(mask << 32)
+
+    def _write_allocating(self, table, i0, ca, cb_, start, end, data, edges) -> None:
+        """Clusters without OFLAG_COPIED: new host clusters, then relink.
+
+        Ordering (perform_cow / qcow2_alloc_cluster_link_l2): data is written
+        to the new clusters, the L2 table depends on the refcounts that
+        allocated them, and references to old clusters are dropped only once
+        the L2 table no longer points at them.
+        """
+        geo = self.geo
+        cb, cs = geo.cluster_bits, geo.cluster_size
+        n = cb_ - ca
+        owner = self.owner
+        if self.has_data_file:
+            host = ca << cb  # external data files map guest offsets 1:1
+        else:
+            host = owner.refcounts.alloc(n)
+        bufs = self._cluster_buffers(ca, cb_, start, end, data, edges)
+        owner.write_data(host, bufs)
+        rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
+        entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+        self.l2_cache.set_dependency(owner.refcounts.blocks)
+        new_entries = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(n, dtype=np.uint64) * _U64(cs)
+        if geo.extended_l2:
+            for j, c in enumerate(range(ca, cb_)):
+                old = int(entries[j])
+                bitmap = int(rows[j, 1])
+                if old & L.QCOW_OFLAG_COMPRESSED:
+                    bitmap = L.QCOW_L2_BITMAP_ALL_ALLOC
+                elif not (
+                    old & L.L2E_OFFSET_MASK or (self.has_data_file and old & L.QCOW_OFLAG_COPIED)
+                ):
+                    bitmap &= ~L.QCOW_L2_BITMAP_ALL_ALLOC
+                rows[j, 1] = _U64(self._touched_bitmap(bitmap, c, start, end))
+            rows[:, 0] = new_entries
+        else:
+            rows[:] = new_entries
+        self._free_entries(entries)
+
+    def _free_entries(self, entries: np.ndarray) -> None:
+        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster)."""
+        if self.has_data_file:
+            return
+        geo = self.geo
+        owner = self.owner
+        compressed = (entries & _COMPRESSED) != 0
+        plain = (entries & _OFFSET_MASK)[~compressed]
+        plain = plain[plain != 0]
+        if len(plain) == 0 and not compressed.any():
+            return
+        owner.refcounts.blocks.set_dependency(self.l2_cache)
+        for host in plain.tolist():
+            owner.refcounts.free(host, geo.cluster_size)
+        for entry in entries[compressed].tolist():
+            coffset = entry & geo.cluster_offset_mask
+            nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
+            csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+            owner.refcounts.free(coffset, csize)
+
+    # --- zeroes and discard ------------------------------------------------------
+
+    def zero_clusters(self, offset: int, length: int, unmap: bool, backing: bool) -> None:
+        """Mark whole clusters [offset, offset+length) as reading zeros (v3).
+
+        QEMU's zero_in_l2_slice: with `unmap`, or where the cluster is shared,
+        the host cluster is released and the entry becomes a plain zero
+        cluster; otherwise the allocation is kept with the zero flag.
+        """
+        self._retype(offset, length, unmap=unmap, zero=True)
+
+    def discard_clusters(self, offset: int, length: int, backing: bool) -> None:
+        """Release whole clusters; they read as zeros (backing: zero flag)."""
+        self._retype(offset, length, unmap=True, zero=backing)
+
+    def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
+        geo = self.geo
+        cb = geo.cluster_bits
+        for l1_index, start, end in self._chunks(offset, length):
+            if not zero and not self.l2_offset(l1_index):
+                continue  # nothing mapped, nothing to discard
+            l2_offset, table = self.l2_for_write(l1_index)
+            i0 = geo.offset_to_l2_index(start)
+            n = (end - start) >> cb
+            rows = table[i0 : i0 + n]
+            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+            keep = np.zeros(n, dtype=bool)
+            if not unmap and not self.has_data_file:
+                keep = (
+                    ((entries & _COPIED) != 0)
+                    & ((entries & _COMPRESSED) == 0)
+                    & ((entries & _OFFSET_MASK) != 0)
+                )
+            if self.has_data_file and not unmap:
+                keep = (entries & _COPIED) != 0
+            if geo.extended_l2:
+                rows[:, 0] = np.where(keep, entries, _U64(0))
+                rows[:, 1] = _U64(L.QCOW_L2_BITMAP_ALL_ZEROES if zero else 0)
+            else:
+                flag = _ZERO if zero else _U64(0)
+                rows[:] = np.where(keep, (entries & (_OFFSET_MASK | _COPIED)) | flag, flag)
+            self.l2_cache.mark_dirty(l2_offset)
+            self._free_entries(entries[~keep])
+
+
+def _append(out: list[Extent], ext: Extent) -> None:
+    """Append, merging with the previous run where the two continue each other."""
+    if out:
+        prev = out[-1]
+        if (
+            prev.kind == ext.kind
+            and prev.offset + prev.length == ext.offset
+            and ext.kind != COMPRESSED
+        ):
+            if ext.kind != DATA or prev.host + prev.length == ext.host:
+                if ext.kind != ZERO or (prev.host == 0) == (ext.host == 0):
+                    out[-1] = Extent(prev.kind, prev.offset, prev.length + ext.length, prev.host)
+                    return
+    out.append(ext)

@@ -1,0 +1,341 @@
+"""Creating qcow2 images: option validation and the initial layout.
+
+The layout is QEMU's (qcow2_co_create): the header in cluster 0, a one-cluster
+refcount table in cluster 1, the first refcount block in cluster 2, then the
+L1 table; preallocation then allocates L2 tables and data clusters through
+the ordinary allocator.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from qimg.errors import BadOptionError
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.header import Geometry, Header
+from qimg.options import parse_bool, parse_size
+from qimg.storage import FileStorage
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
+
+# qemu-img create -f qcow2 -o help, in QEMU's order.
+CREATE_OPTIONS_HELP = (
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    ("cluster_size", "size", "qcow2 cluster size"),
+    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    ("compression_type", "str", "Compression method used for image cluster compression"),
+    ("data_file", "str", "File name of an external data file"),
+    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
+    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
+    ("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
+    ("nocow", "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    ("refcount_bits", "num", "Width of a reference count entry in bits"),
+    ("size", "size", "Virtual disk size"),
+)
+
+
+@dataclass
+class Qcow2CreateOptions:
+    size: int | None = None
+    compat: str = "1.1"
+    cluster_size: int = L.DEFAULT_CLUSTER_SIZE
+    refcount_bits: int = 16
+    lazy_refcounts: bool = False
+    preallocation: str = "off"
+    compression_type: str = "zlib"
+    extended_l2: bool = False
+    data_file: str | None = None
+    data_file_raw: bool = False
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    # Which options the user gave, for the "Formatting ..." line.
+    given: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_dict(cls, opts: dict[str, str]) -> Qcow2CreateOptions:
+        """Parse -o values with qemu-img's messages (before validation)."""
+        o = cls(given=frozenset(opts))
+        for key, value in opts.items():
+            if key == "size":
+                o.size = _size(key, value)
+            elif key == "compat":
+                if value in ("0.10", "v2"):
+                    o.compat = "0.10"
+                elif value in ("1.1", "v3"):
+                    o.compat = "1.1"
+                else:
+                    raise BadOptionError(f"Parameter 'version' does not accept value '{value}'")
+            elif key == "cluster_size":
+                o.cluster_size = _size(key, value)
+            elif key == "refcount_bits":
+                try:
+                    o.refcount_bits = int(value, 0)
+                except ValueError:
+                    raise BadOptionError(
+                        f"Parameter '{key}' expects a non-negative number below 2^64"
+                    ) from None
+            elif key == "lazy_refcounts":
+                o.lazy_refcounts = parse_bool(key, value)
+            elif key == "preallocation":
+                if value not in PREALLOC_MODES:
+                    raise BadOptionError(
+                        f"Parameter 'preallocation' does not accept value '{value}'"
+                    )
+                o.preallocation = value
+            elif key == "compression_type":
+                if value not in L.COMPRESSION_TYPE_NAMES.values():
+                    raise BadOptionError(
+                        f"Parameter 'compression-type' does not accept value '{value}'"
+                    )
+                o.compression_type = value
+            elif key == "extended_l2":
+                o.extended_l2 = parse_bool(key, value)
+            elif key == "data_file":
+                o.data_file = value
+            elif key == "data_file_raw":
+                o.data_file_raw = parse_bool(key, value)
+            elif key == "backing_file":
+                o.backing_file = value
+            elif key == "backing_fmt":
+                o.backing_fmt = value
+            elif key in ("extent_size_hint",):
+                _size(key, value)
+            elif key == "nocow":
+                parse_bool(key, value)
+            elif key in ("encryption", "encrypt.format") or key.startswith("encrypt."):
+                from qimg.errors import UnsupportedFeatureError
+
+                raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
+            else:
+                raise BadOptionError(f"Invalid parameter '{key}'")
+        return o
+
+    def validate(self) -> None:
+        """qcow2_co_create's checks, in its order and words."""
+        cs = self.cluster_size
+        if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+            raise BadOptionError("Cluster size must be a power of two between 512 and 2048k")
+        v2 = self.compat == "0.10"
+        if v2 and self.lazy_refcounts:
+            raise BadOptionError(f"Lazy refcounts only supported with {V3_HINT}")
+        rb = self.refcount_bits
+        if rb < 1 or rb > 64 or rb & (rb - 1):
+            raise BadOptionError("Refcount width must be a power of two and may not exceed 64 bits")
+        if v2 and rb != 16:
+            raise BadOptionError(f"Different refcount widths than 16 bits require {V3_HINT}")
+        if self.data_file_raw and not self.data_file:
+            raise BadOptionError("data-file-raw requires data-file")
+        if self.data_file_raw and self.backing_file:
+            raise BadOptionError("Backing file and data-file-raw cannot be used at the same time")
+        if self.extended_l2:
+            if v2:
+                raise BadOptionError(f"Extended L2 entries are only supported with {V3_HINT}")
+            if cs < 16384:
+                raise BadOptionError(
+                    "Extended L2 entries are only supported with cluster sizes of at least "
+                    "16384 bytes"
+                )
+        if self.backing_file and self.preallocation != "off" and not self.extended_l2:
+            raise BadOptionError(
+                "Backing file and preallocation can only be used at the same time if "
+                "extended_l2 is on"
+            )
+        if v2 and self.compression_type != "zlib":
+            raise BadOptionError(f"Non-zlib compression type is only supported with {V3_HINT}")
+        if v2 and self.data_file:
+            raise BadOptionError(f"External data files are only supported with {V3_HINT}")
+
+    def formatting_line(self, filename: str) -> str:
+        """qemu-img create's 'Formatting ...' line."""
+        parts = [f"Formatting '{filename}', fmt=qcow2", f"cluster_size={self.cluster_size}"]
+        parts.append(f"extended_l2={_onoff(self.extended_l2)}")
+        if "preallocation" in self.given:
+            parts.append(f"preallocation={self.preallocation}")
+        parts.append(f"compression_type={self.compression_type}")
+        parts.append(f"size={self.size}")
+        if "compat" in self.given:
+            parts.append(f"compat={self.compat}")
+        if self.backing_file:
+            parts.append(f"backing_file={self.backing_file}")
+        if self.backing_fmt:
+            parts.append(f"backing_fmt={self.backing_fmt}")
+        if self.data_file:
+            parts.append(f"data_file={self.data_file}")
+        if "data_file_raw" in self.given:
+            parts.append(f"data_file_raw={_onoff(self.data_file_raw)}")
+        parts.append(f"lazy_refcounts={_onoff(self.lazy_refcounts)}")
+        parts.append(f"refcount_bits={self.refcount_bits}")
+        return " ".join(parts)
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _size(key: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except (ValueError, OverflowError):
+        raise BadOptionError(
+            f"Parameter '{key}' expects a non-negative number below 2^64\n"
+            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+            "and exabytes, respectively."
+        ) from None
+
+
+def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
+    """Write a new, empty qcow2 image at `path` (size already resolved)."""
+    from qimg.formats.qcow2.image import Qcow2Image
+
+    o.validate()
+    assert o.size is not None
+    size = -(-o.size // 512) * 512
+    o.size = size
+    cluster_bits = o.cluster_size.bit_length() - 1
+    h = Header(
+        version=2 if o.compat == "0.10" else 3,
+        cluster_bits=cluster_bits,
+        size=size,
+        refcount_order=o.refcount_bits.bit_length() - 1,
+        header_length=L.HEADER_V2_SIZE if o.compat == "0.10" else L.HEADER_V3_SIZE,
+        refcount_table_offset=o.cluster_size,
+        refcount_table_clusters=1,
+        l1_table_offset=3 * o.cluster_size,
+        backing_file=o.backing_file,
+        backing_format=o.backing_fmt,
+        data_file=o.data_file,
+    )
+    if o.lazy_refcounts:
+        h.compatible_features |= L.QCOW2_COMPAT_LAZY_REFCOUNTS
+    if o.extended_l2:
+        h.incompatible_features |= L.QCOW2_INCOMPAT_EXTL2
+    if o.data_file:
+        h.incompatible_features |= L.QCOW2_INCOMPAT_DATA_FILE
+        if o.data_file_raw:
+            h.autoclear_features |= L.QCOW2_AUTOCLEAR_DATA_FILE_RAW
+    if o.compression_type == "zstd":
+        h.compression_type = L.QCOW2_COMPRESSION_TYPE_ZSTD
+        h.incompatible_features |= L.QCOW2_INCOMPAT_COMPRESSION
+    geo = Geometry.from_header(h)
+    cs = o.cluster_size
+
+    data_storage = None
+    if o.data_file:
+        data_path = _relative_to(path, o.data_file)
+        data_storage = FileStorage(data_path, create=True)
+    storage = FileStorage(path, create=True)
+    try:
+        # Ordering: refcount structures, then the header that points at them.
+        block = np.zeros(geo.refcount_block_size, dtype=np.uint64)
+        block[:3] = 1
+        from qimg.formats.qcow2.refcount import encode_refcount_block
+
+        table = np.zeros(cs // 8, dtype=np.uint64)
+        table[0] = 2 * cs
+        storage.pwrite(cs, table.astype(">u8").tobytes())
+        storage.pwrite(2 * cs, encode_refcount_block(block, geo.refcount_order))
+        h.l1_size = 0
+        h.l1_table_offset = 0
+        storage.pwrite(0, h.pack().ljust(cs, b"\0"))
+        image = Qcow2Image(storage, header=h, data_storage=data_storage)
+        _allocate_l1(image, geo.l1_entries_for(size))
+        prealloc = o.preallocation
+        if o.data_file_raw and prealloc == "off":
+            prealloc = "metadata"  # the raw data file needs a full mapping
+        if prealloc != "off":
+            _preallocate(image, prealloc)
+        image.flush()
+        end = image.refcounts.last_used_cluster() * cs
+        if storage.size() < end:
+            storage.truncate(end)
+        if data_storage is not None and data_storage.size() < size:
+            data_storage.truncate(size)
+    except BaseException:
+        storage.close()
+        if data_storage is not None:
+            data_storage.close()
+        raise
+    image.close()
+
+
+def _allocate_l1(image, l1_size: int) -> None:
+    """Allocate and write a zeroed L1 table, then point the header at it."""
+    h = image.header
+    cs = image.geo.cluster_size
+    if l1_size * 8 > L.QCOW_MAX_L1_SIZE:
+        raise BadOptionError("The image size is too large (try using a larger cluster size)")
+    if l1_size:
+        nbytes = l1_size * 8
+        offset = image.refcounts.alloc(-(-nbytes // cs))
+        image.refcounts.blocks.flush()
+        image.storage.pwrite(offset, bytes(nbytes))
+        if image.storage.size() < offset + nbytes:
+            image.storage.truncate(offset + nbytes)
+    else:
+        offset = 0
+    h.l1_size = l1_size
+    h.l1_table_offset = offset
+    image.storage.pwrite(
+        L.HEADER_OFF_L1_SIZE, l1_size.to_bytes(4, "big") + offset.to_bytes(8, "big")
+    )
+    image.clusters.l1_offset = offset
+    image.clusters.l1_size = l1_size
+    image.clusters.l1 = np.zeros(l1_size, dtype=np.uint64)
+
+
+def _preallocate(image, mode: str) -> None:
+    """Map every cluster (QEMU's preallocate_co): per L2 table, the table
+    and then its data clusters, so they alternate in the file."""
+    geo = image.geo
+    cs = geo.cluster_size
+    clusters = geo.size_to_clusters(image.size)
+    per_l2 = geo.l2_size
+    has_data_file = image.header.has_data_file
+    for l1_index in range(-(-clusters // per_l2)):
+        first = l1_index * per_l2
+        n = min(per_l2, clusters - first)
+        l2_offset, table = image.clusters.l2_for_write(l1_index)
+        if has_data_file:
+            host = first * cs
+        else:
+            host = image.refcounts.alloc(n)
+        entries = np.uint64(host | L.QCOW_OFLAG_COPIED) + np.arange(n, dtype=np.uint64) * np.uint64(
+            cs
+        )
+        if geo.extended_l2:
+            table[:n, 0] = entries
+        else:
+            table[:n] = entries
+        image.clusters.l2_cache.set_dependency(image.refcounts.blocks)
+        image.clusters.l2_cache.mark_dirty(l2_offset)
+        target = image.data_storage
+        end = host + n * cs
+        if mode == "falloc":
+            target.fallocate(host, n * cs)
+        elif mode == "full":
+            _write_zeros(target, host, n * cs)
+        if target.size() < end:
+            target.truncate(end)
+
+
+def _write_zeros(storage, offset: int, length: int) -> None:
+    chunk = bytes(min(length, 8 << 20))
+    while length:
+        n = min(length, len(chunk))
+        storage.pwrite(offset, chunk[:n])
+        offset += n
+        length -= n
+
+
+def _relative_to(image_path: str, name: str) -> str:
+    """A file name as QEMU resolves it next to an image."""
+    if os.path.isabs(name) or ":" in name.split("/")[0] and not os.path.exists(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)

@@ -1,0 +1,360 @@
+"""Qcow2Image: the qcow2 driver behind the common driver interface.
+
+It ties the header, the refcounts, the cluster map, the codecs and the
+backing chain together. Everything user-visible goes through the methods of
+`qimg.driver.Driver`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qimg.driver import Driver
+from qimg.errors import CorruptImageError, ImageIOError, QimgError
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, ClusterMap, Extent
+from qimg.formats.qcow2.header import Geometry, Header
+from qimg.formats.qcow2.refcount import Refcounts
+from qimg.storage import Storage
+
+# Metadata regions named as QEMU's metadata_ol_names.
+OL_NAMES = {
+    "header": "qcow2_header",
+    "l1": "active L1 table",
+    "l2": "active L2 table",
+    "refcount-table": "refcount table",
+    "refcount-block": "refcount block",
+    "snapshot-table": "snapshot table",
+    "inactive-l1": "inactive L1 table",
+    "bitmap-directory": "bitmap directory",
+}
+
+
+class Qcow2Image(Driver):
+    format_name = "qcow2"
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        backing: Driver | None = None,
+        data_storage: Storage | None = None,
+        header: Header | None = None,
+        cache_unsafe: bool = False,
+    ):
+        self.storage = storage
+        self.filename = storage.path
+        self.writable = storage.writable
+        self.cache_unsafe = cache_unsafe
+        if header is None:
+            first = storage.pread(0, 1 << L.MAX_CLUSTER_BITS)
+            header = Header.parse(first[: max(0, min(len(first), storage.size()))], storage.size())
+        self.header = header
+        self.geo = Geometry.from_header(header)
+        self.size = header.size
+        self.backing = backing
+        self.data_storage = data_storage or storage
+        self._bitmap_dirty_hooks: list = []
+        self._freed_pending = False
+        self._closed = False
+        if header.crypt_method != L.QCOW_CRYPT_NONE:
+            from qimg.errors import UnsupportedFeatureError
+
+            raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
+        if self.writable and header.corrupt:
+            raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        self.refcounts = Refcounts(
+            self, self.geo, header.refcount_table_offset, header.refcount_table_clusters
+        )
+        self.clusters = ClusterMap(
+            self, self.geo, header.l1_table_offset, header.l1_size, header.has_data_file
+        )
+        self._decompressed: tuple[int, bytes] | None = None
+        self._marked_dirty = False
+
+    # --- metadata I/O (used by refcount.py and cluster.py) -----------------------
+
+    def read_metadata(self, offset: int, length: int) -> bytes:
+        if offset + length > self.storage.size():
+            raise CorruptImageError(
+                f"Metadata at {offset:#x} (+{length:#x}) lies past the end of the file", offset
+            )
+        return self.storage.pread(offset, length)
+
+    def write_metadata(self, offset: int, data: bytes, kind: str) -> None:
+        """Every metadata write passes the overlap check first."""
+        self.check_overlap(offset, len(data), kind)
+        self.storage.pwrite(offset, data)
+
+    def write_data(self, host: int, buffers: list) -> None:
+        """Guest data to host clusters at `host` (contiguous buffers)."""
+        total = sum(len(b) for b in buffers)
+        if self.data_storage is self.storage:
+            self.check_overlap(host, total, "data")
+        if len(buffers) == 1:
+            self.data_storage.pwrite(host, buffers[0])
+        else:
+            self.data_storage.pwrite(host, b"".join(bytes(b) for b in buffers))
+        for hook in self._bitmap_dirty_hooks:
+            hook(host, total)
+
+    def flush_file(self) -> None:
+        if not self.cache_unsafe:
+            self.storage.flush()
+
+    def set_refcount_table(self, offset: int, clusters: int) -> None:
+        """Point the header at a new refcount table (one write, then flush)."""
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+        data = (offset.to_bytes(8, "big")) + clusters.to_bytes(4, "big")
+        self.storage.pwrite(L.HEADER_OFF_REFCOUNT_TABLE_OFFSET, data)
+        self.flush_file()
+
+    def metadata_regions(self) -> list[tuple[int, int, str]]:
+        """(offset, length, kind) of every metadata structure (QEMU's overlap list)."""
+        h = self.header
+        cs = self.geo.cluster_size
+        regions = [(0, cs, "header")]
+        if h.l1_size:
+            regions.append((self.clusters.l1_offset, self.clusters.l1_size * 8, "l1"))
+        regions.append(
+            (self.refcounts.table_offset, self.refcounts.table_clusters * cs, "refcount-table")
+        )
+        if h.nb_snapshots:
+            regions.append((h.snapshots_offset, self._snapshot_table_size(), "snapshot-table"))
+        if h.bitmaps_ext is not None and h.bitmaps_ext[1]:
+            regions.append((h.bitmaps_ext[2], h.bitmaps_ext[1], "bitmap-directory"))
+        return regions
+
+    def _snapshot_table_size(self) -> int:
+        from qimg.formats.qcow2.snapshot import snapshot_table_size
+
+        return snapshot_table_size(self)
+
+    def check_overlap(self, offset: int, length: int, kind: str) -> None:
+        """QEMU's qcow2_pre_write_overlap_check: refuse a write that would
+        land on other metadata, marking the image corrupt."""
+        if length <= 0:
+            return
+        end = offset + length
+        for r_off, r_len, r_kind in self.metadata_regions():
+            if r_kind == kind or not r_len:
+                continue
+            if offset < r_off + r_len and r_off < end:
+                self._overlap(r_kind, offset)
+        cb = self.geo.cluster_bits
+        first, last = offset >> cb, (end - 1) >> cb
+        if kind != "refcount-block":
+            blocks = (self.refcounts.table & np.uint64(L.REFT_OFFSET_MASK)) >> np.uint64(cb)
+            if np.any((blocks >= first) & (blocks <= last) & (blocks != 0)):
+                self._overlap("refcount-block", offset)
+        if kind != "l2":
+            l2s = (self.clusters.l1 & np.uint64(L.L1E_OFFSET_MASK)) >> np.uint64(cb)
+            if np.any((l2s >= first) & (l2s <= last) & (l2s != 0)):
+                self._overlap("l2", offset)
+
+    def _overlap(self, region: str, offset: int) -> None:
+        self.mark_corrupt()
+        raise CorruptImageError(
+            f"Preventing invalid write on metadata (overlaps with {OL_NAMES[region]}); "
+            f"image marked as corrupt",
+            offset,
+        )
+
+    def mark_corrupt(self) -> None:
+        if self.writable and self.header.version >= 3:
+            self.header.incompatible_features |= L.QCOW2_INCOMPAT_CORRUPT
+            self._write_incompatible_features()
+
+    def _write_incompatible_features(self) -> None:
+        data = self.header.incompatible_features.to_bytes(8, "big")
+        self.storage.pwrite(L.HEADER_OFF_INCOMPATIBLE_FEATURES, data)
+        self.storage.flush()
+
+    # --- the driver interface ----------------------------------------------------
+
+    def readinto(self, offset: int, buf) -> None:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        if not len(view):
+            return
+        compressed: list[Extent] = []
+        for ext in self.clusters.extents(offset, len(view)):
+            dst = view[ext.offset - offset : ext.offset - offset + ext.length]
+            if ext.kind == DATA:
+                got = self.data_storage.preadv(ext.host, dst)
+                if got < ext.length:
+                    dst[got:] = bytes(ext.length - got)
+            elif ext.kind == ZERO:
+                dst[:] = bytes(ext.length)
+            elif ext.kind == UNALLOCATED:
+                self._read_backing(ext.offset, dst)
+            else:
+                compressed.append(ext)
+        if compressed:
+            self._read_compressed(offset, view, compressed)
+
+    def _read_backing(self, offset: int, dst: memoryview) -> None:
+        n = len(dst)
+        if self.backing is None or offset >= self.backing.size:
+            dst[:] = bytes(n)
+            return
+        avail = min(n, self.backing.size - offset)
+        self.backing.readinto(offset, dst[:avail])
+        if avail < n:
+            dst[avail:] = bytes(n - avail)
+
+    def _read_compressed(self, offset: int, view: memoryview, exts: list[Extent]) -> None:
+        from qimg.formats.qcow2.compress import decompress_many
+
+        cs = self.geo.cluster_size
+        todo = []
+        for ext in exts:
+            todo.append((ext, self._compressed_bytes(ext.host)))
+        clusters = decompress_many([raw for _ext, raw in todo], self.header.compression_type, cs)
+        for (ext, _raw), plain in zip(todo, clusters):
+            base = ext.offset & ~(cs - 1)
+            dst = view[ext.offset - offset : ext.offset - offset + ext.length]
+            dst[:] = plain[ext.offset - base : ext.offset - base + ext.length]
+
+    def _compressed_bytes(self, entry: int) -> bytes:
+        """The stored bytes of a compressed cluster (QEMU's parse_compressed_l2_entry)."""
+        geo = self.geo
+        coffset = entry & geo.cluster_offset_mask
+        nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
+        csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+        size = self.data_storage.size()
+        if coffset >= size:
+            raise CorruptImageError(
+                f"Compressed cluster at {coffset:#x} is past the end of the file", coffset
+            )
+        return self.data_storage.pread(coffset, min(csize, size - coffset))
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        self._check_range(offset, len(view))
+        if len(view):
+            self._mark_dirty()
+            self.clusters.write(offset, view)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        if not length:
+            return
+        self._mark_dirty()
+        cs = self.geo.cluster_size
+        head_end = min(offset + length, -(-offset // cs) * cs)
+        tail_start = max(head_end, (offset + length) // cs * cs)
+        if self.header.version < 3:
+            self._write_zero_bytes(offset, length)
+            return
+        if head_end > offset:
+            self._write_zero_bytes(offset, head_end - offset)
+        if tail_start > head_end:
+            self.clusters.zero_clusters(
+                head_end, tail_start - head_end, unmap, self.backing is not None
+            )
+        if offset + length > tail_start:
+            self._write_zero_bytes(tail_start, offset + length - tail_start)
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        chunk = 1 << 22
+        zeros = bytes(min(length, chunk))
+        while length:
+            n = min(length, chunk)
+            self.clusters.write(offset, zeros[:n])
+            offset += n
+            length -= n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release whole clusters in the range (QEMU's discard: partial
+        clusters are left alone)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        cs = self.geo.cluster_size
+        start = -(-offset // cs) * cs
+        end = (offset + length) // cs * cs
+        if offset + length == self.size:
+            end = -(-self.size // cs) * cs
+        if end <= start:
+            return
+        if self.header.version < 3 and self.backing is not None:
+            return  # a v2 image cannot hide backing data without zero clusters
+        self._mark_dirty()
+        self.clusters.discard_clusters(start, end - start, self.backing is not None)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_range(offset, length)
+        return self.clusters.extents(offset, length)
+
+    def allocated_extents(self, offset: int, length: int) -> list[tuple[int, int, bool, bool]]:
+        """(offset, length, is_data, is_zero) runs, with backing resolved."""
+        out = []
+        for ext in self.clusters.extents(offset, length):
+            if ext.kind in (DATA, COMPRESSED):
+                out.append((ext.offset, ext.length, True, False))
+            elif ext.kind == ZERO:
+                out.append((ext.offset, ext.length, False, True))
+            elif self.backing is not None and ext.offset < self.backing.size:
+                avail = min(ext.length, self.backing.size - ext.offset)
+                out.extend(self.backing.allocated_extents(ext.offset, avail))
+                if avail < ext.length:
+                    out.append((ext.offset + avail, ext.length - avail, False, True))
+            else:
+                out.append((ext.offset, ext.length, False, True))
+        return out
+
+    def flush(self) -> None:
+        if not self.writable:
+            return
+        self.clusters.l2_cache.flush()
+        self.refcounts.blocks.flush()
+        self.clusters.l2_cache.flush()
+        self.storage.flush()
+        if self.data_storage is not self.storage:
+            self.data_storage.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self.writable:
+                self.flush()
+                if self._marked_dirty:
+                    self.header.incompatible_features &= ~L.QCOW2_INCOMPAT_DIRTY
+                    self._write_incompatible_features()
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            if self.data_storage is not self.storage:
+                self.data_storage.close()
+            self.storage.close()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise QimgError(
+                f"Request out of range: offset {offset}, length {length}, image size {self.size}"
+            )
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ImageIOError(f"Image '{self.filename}' is opened read-only")
+
+    def _mark_dirty(self) -> None:
+        """Lazy refcounts: the dirty bit is set before the first write."""
+        if self._marked_dirty or not self.header.lazy_refcounts:
+            return
+        self.header.incompatible_features |= L.QCOW2_INCOMPAT_DIRTY
+        self._write_incompatible_features()
+        self._marked_dirty = True
+
+    def actual_size(self) -> int:
+        total = self.storage.allocated_size() if hasattr(self.storage, "allocated_size") else 0
+        if self.data_storage is not self.storage and hasattr(self.data_storage, "allocated_size"):
+            total += self.data_storage.allocated_size()
+        return total

@@ -1,0 +1,386 @@
+"""Refcount table and blocks of any width, the cluster allocator, and free.
+
+Spec: "Host cluster management". A refcount block holds
+`cluster_size * 8 / refcount_bits` entries; widths below 8 bits are packed
+least significant bits first within each byte, wider ones are big-endian.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from qimg.errors import CorruptImageError, QimgError
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.cache import TableCache
+from qimg.formats.qcow2.header import Geometry
+
+_WIDE_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
+
+
+def decode_refcount_block(buf: bytes, refcount_order: int) -> np.ndarray:
+    """A refcount block's entries as a native uint64 array."""
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if refcount_order >= 3:
+        return np.frombuffer(buf, dtype=_WIDE_DTYPES[refcount_order]).astype(np.uint64)
+    width = 1 << refcount_order
+    per_byte = 8 // width
+    shifts = np.arange(per_byte, dtype=np.uint8) * width
+    values = (raw[:, None] >> shifts) & ((1 << width) - 1)
+    return values.reshape(-1).astype(np.uint64)
+
+
+def encode_refcount_block(values: np.ndarray, refcount_order: int) -> bytes:
+    """Inverse of decode_refcount_block."""
+    if refcount_order >= 3:
+        return values.astype(_WIDE_DTYPES[refcount_order]).tobytes()
+    width = 1 << refcount_order
+    per_byte = 8 // width
+    shifts = np.arange(per_byte, dtype=np.uint64) * np.uint64(width)
+    packed = (values.reshape(-1, per_byte) << shifts).sum(axis=1)
+    return packed.astype(np.uint8).tobytes()
+
+
+class MetadataIO(Protocol):
+    """What the refcount layer needs from the image that owns it."""
+
+    def read_metadata(self, offset: int, length: int) -> bytes: ...
+
+    def write_metadata(self, offset: int, data: bytes, kind: str) -> None: ...
+
+    def flush_file(self) -> None: ...
+
+    def set_refcount_table(self, offset: int, clusters: int) -> None: ...
+
+
+class Refcounts:
+    """The refcount table (held in memory) and a cache of refcount blocks."""
+
+    def __init__(self, io: MetadataIO, geo: Geometry, table_offset: int, table_clusters: int):
+        self.io = io
+        self.geo = geo
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = io.read_metadata(table_offset, table_clusters * geo.cluster_size)
+        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.blocks = TableCache(
+            "refcount-block",
+            geo.cluster_size,
+            self._read_block,
+            self._write_block,
+            io.flush_file,
+        )
+        # Clusters below this index are known to be in use (QEMU's
+        # free_cluster_index); the search for free clusters starts here.
+        self.free_cluster_index = 0
+        # Sub-cluster allocation for compressed data (QEMU's free_byte_offset).
+        self.free_byte_offset = 0
+
+    # --- block I/O -----------------------------------------------------------
+
+    def _read_block(self, offset: int) -> np.ndarray:
+        raw = self.io.read_metadata(offset, self.geo.cluster_size)
+        return decode_refcount_block(raw, self.geo.refcount_order)
+
+    def _write_block(self, offset: int, values: np.ndarray) -> None:
+        data = encode_refcount_block(values, self.geo.refcount_order)
+        self.io.write_metadata(offset, data, "refcount-block")
+
+    def _block_offset(self, block_index: int) -> int:
+        if block_index >= len(self.table):
+            return 0
+        offset = int(self.table[block_index]) & L.REFT_OFFSET_MASK
+        if offset and offset % self.geo.cluster_size:
+            raise CorruptImageError(
+                f"Refblock offset {offset:#x} in refcount table entry {block_index} is unaligned",
+                offset,
+            )
+        return offset
+
+    # --- queries -------------------------------------------------------------
+
+    def get(self, cluster_index: int) -> int:
+        """The refcount of host cluster `cluster_index` (0 where uncovered)."""
+        bits = self.geo.refcount_block_bits
+        block = self._block_offset(cluster_index >> bits)
+        if not block:
+            return 0
+        return int(self.blocks.get(block)[cluster_index & ((1 << bits) - 1)])
+
+    def get_range(self, start: int, count: int) -> np.ndarray:
+        """Refcounts of clusters [start, start+count) as one array."""
+        out = np.zeros(count, dtype=np.uint64)
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pos = start
+        while pos < start + count:
+            bi = pos >> bits
+            first = pos & (per_block - 1)
+            n = min(per_block - first, start + count - pos)
+            block = self._block_offset(bi)
+            if block:
+                out[pos - start : pos - start + n] = self.blocks.get(block)[first : first + n]
+            pos += n
+        return out
+
+    def covered_clusters(self) -> int:
+        """Clusters the refcount table can describe without growing."""
+        return len(self.table) << self.geo.refcount_block_bits
+
+    def last_used_cluster(self) -> int:
+        """Index one past the highest cluster with a non-zero refcount."""
+        bits = self.geo.refcount_block_bits
+        nonzero = np.nonzero(self.table & np.uint64(L.REFT_OFFSET_MASK))[0]
+        for bi in nonzero[::-1]:
+            block = self.blocks.get(self._block_offset(int(bi)))
+            used = np.nonzero(block)[0]
+            if len(used):
+                return (int(bi) << bits) + int(used[-1]) + 1
+        return 0
+
+    # --- updates -------------------------------------------------------------
+
+    def update(self, start: int, count: int, delta: int) -> None:
+        """Add `delta` to the refcounts of clusters [start, start+count).
+
+        Every block covering the range must exist (allocation creates them).
+        Ordering: a caller dropping references first makes the refcount cache
+        depend on the L2 cache (see cache.py).
+        """
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pos = start
+        end = start + count
+        while pos < end:
+            bi = pos >> bits
+            first = pos & (per_block - 1)
+            n = min(per_block - first, end - pos)
+            block_offset = self._block_offset(bi)
+            if not block_offset:
+                if delta < 0:
+                    raise CorruptImageError(
+                        f"Cannot free cluster {pos:#x}: it has no refcount block"
+                    )
+                block_offset = self._create_block(bi)
+            block = self.blocks.get(block_offset)
+            seg = block[first : first + n]
+            if delta < 0:
+                if np.any(seg < np.uint64(-delta)):
+                    raise CorruptImageError(
+                        "Cannot decrease refcount below zero "
+                        f"(cluster {pos + int(np.argmax(seg < np.uint64(-delta)))})"
+                    )
+                seg -= np.uint64(-delta)
+                low = int(np.argmax(seg == 0)) if np.any(seg == 0) else -1
+                if low >= 0:
+                    self.free_cluster_index = min(self.free_cluster_index, pos + low)
+            else:
+                if np.any(seg > np.uint64(self.geo.refcount_max - delta)):
+                    raise QimgError("Reference count overflow")
+                seg += np.uint64(delta)
+            self.blocks.mark_dirty(block_offset)
+            pos += n
+
+    def set_range(self, start: int, count: int, value: int) -> None:
+        """Set clusters [start, start+count) to `value` (creating blocks)."""
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pos = start
+        while pos < start + count:
+            bi = pos >> bits
+            first = pos & (per_block - 1)
+            n = min(per_block - first, start + count - pos)
+            block_offset = self._block_offset(bi) or self._create_block(bi)
+            self.blocks.get(block_offset)[first : first + n] = value
+            self.blocks.mark_dirty(block_offset)
+            pos += n
+
+    # --- allocation ----------------------------------------------------------
+
+    def _find_free(self, count: int) -> int:
+        """First run of `count` clusters with refcount 0, from free_cluster_index.
+
+        Clusters past the covered range count as free.
+        """
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pos = self.free_cluster_index
+        run_start = pos
+        covered = self.covered_clusters()
+        while pos < covered:
+            bi = pos >> bits
+            first = pos & (per_block - 1)
+            block_offset = self._block_offset(bi)
+            if not block_offset:
+                # A missing block covers only free clusters.
+                if pos - run_start + (per_block - first) >= count:
+                    return run_start
+                pos = (bi + 1) << bits
+                continue
+            block = self.blocks.get(block_offset)[first:]
+            used = np.flatnonzero(block)
+            if len(used) == 0:
+                if pos - run_start + len(block) >= count:
+                    return run_start
+                pos += len(block)
+                continue
+            # Look for a gap of `count` in this block between used entries.
+            edges = np.concatenate(([-1], used, [len(block)]))
+            starts = edges[:-1] + 1
+            gaps = edges[1:] - starts
+            # The first gap continues a run begun in earlier blocks.
+            if gaps[0] + (pos - run_start) >= count:
+                return run_start
+            big = np.flatnonzero(gaps[1:] >= count)
+            if len(big):
+                return pos + int(starts[1 + big[0]])
+            run_start = pos + int(used[-1]) + 1
+            pos += len(block)
+        return run_start
+
+    def alloc(self, count: int) -> int:
+        """Allocate `count` contiguous clusters with refcount 1; their offset.
+
+        QEMU's qcow2_alloc_clusters. Refcount blocks that the run needs are
+        created first, each placed at the first cluster it covers.
+        """
+        if count <= 0:
+            raise ValueError("count must be positive")
+        while True:
+            start = self._find_free(count)
+            if self._ensure_blocks(start, count):
+                continue  # a new block took a cluster: search again
+            self.update(start, count, 1)
+            if start == self.free_cluster_index:
+                self.free_cluster_index = start + count
+            return start << self.geo.cluster_bits
+
+    def alloc_at(self, offset: int, count: int) -> None:
+        """Take clusters at a fixed place (all must be free)."""
+        start = offset >> self.geo.cluster_bits
+        self._ensure_blocks(start, count)
+        if np.any(self.get_range(start, count)):
+            raise CorruptImageError(f"Cluster at {offset:#x} is already in use", offset)
+        self.update(start, count, 1)
+
+    def alloc_bytes(self, size: int) -> int:
+        """Allocate `size` bytes (< one cluster) for compressed data.
+
+        QEMU's qcow2_alloc_bytes: consecutive compressed clusters share host
+        clusters; each host cluster's refcount counts the descriptors in it.
+        """
+        cs = self.geo.cluster_size
+        offset = self.free_byte_offset
+        if offset:
+            free_in_cluster = cs - (offset % cs)
+            if offset % cs == 0 or size > free_in_cluster:
+                offset = 0
+        if offset:
+            # Continue in the same host cluster; one more user of it.
+            self.update(offset >> self.geo.cluster_bits, 1, 1)
+        else:
+            offset = self.alloc(1)
+        end = offset + size
+        # A descriptor may run into the next cluster only if that one is
+        # freshly allocated right behind this one; QEMU avoids it, and so do we.
+        self.free_byte_offset = end if end % cs else 0
+        return offset
+
+    def free(self, offset: int, length: int) -> None:
+        """Drop one reference to every cluster touched by [offset, offset+length)."""
+        bits = self.geo.cluster_bits
+        start = offset >> bits
+        end = (offset + length + self.geo.cluster_size - 1) >> bits
+        self.update(start, end - start, -1)
+
+    def _ensure_blocks(self, start: int, count: int) -> bool:
+        """Create missing refcount blocks for clusters [start, start+count).
+
+        Returns True when a new block was placed inside that range.
+        """
+        bits = self.geo.refcount_block_bits
+        placed_inside = False
+        for bi in range(start >> bits, ((start + count - 1) >> bits) + 1):
+            if not self._block_offset(bi):
+                where = self._create_block(bi)
+                cidx = where >> self.geo.cluster_bits
+                if start <= cidx < start + count:
+                    placed_inside = True
+        return placed_inside
+
+    def _create_block(self, block_index: int) -> int:
+        """Create refcount block `block_index`, self-describing.
+
+        QEMU's alloc_refcount_block in its simple case: the block sits at the
+        first cluster it covers, which is free because nothing can be in use
+        in a range without a refcount block. Ordering: the block is written
+        before the refcount table entry pointing at it.
+        """
+        if block_index >= len(self.table):
+            self._grow_table(block_index)
+            existing = self._block_offset(block_index)
+            if existing:
+                return existing
+        bits = self.geo.refcount_block_bits
+        cluster = block_index << bits
+        offset = cluster << self.geo.cluster_bits
+        values = np.zeros(1 << bits, dtype=np.uint64)
+        values[0] = 1
+        self._write_block(offset, values)
+        self.blocks.put_new(offset, values)
+        self.blocks.dirty.discard(offset)
+        self.io.flush_file()
+        self.table[block_index] = offset
+        self._write_table_entry(block_index)
+        return offset
+
+    def _write_table_entry(self, index: int) -> None:
+        entry = self.table[index : index + 1].astype(">u8").tobytes()
+        self.io.write_metadata(self.table_offset + index * 8, entry, "refcount-table")
+
+    def _grow_table(self, needed_index: int) -> None:
+        """Move the refcount table to a larger one placed after all data.
+
+        QEMU's qcow2_refcount_area: the new table and the refcount blocks
+        covering it are placed together past the highest covered cluster,
+        aligned to a refcount block's span so that no existing block covers
+        them. Ordering: new blocks and table are written and flushed, then
+        the header points at the new table, then the old table is freed.
+        """
+        geo = self.geo
+        bits = geo.refcount_block_bits
+        per_block = 1 << bits
+        entries_per_cluster = geo.cluster_size // 8
+        area_start_block = max(len(self.table), needed_index)
+        area_start = area_start_block << bits  # cluster index
+        # Fixed point: the area holds `area_blocks` blocks and `table_clusters`
+        # table clusters, and those blocks cover the whole area.
+        area_blocks, table_clusters = 1, 1
+        while True:
+            table_clusters = -(-(area_start_block + area_blocks) // entries_per_cluster)
+            blocks_needed = -(-(area_blocks + table_clusters) // per_block)
+            if blocks_needed <= area_blocks:
+                break
+            area_blocks = blocks_needed
+        area_clusters = area_blocks + table_clusters
+        new_table = np.zeros(table_clusters * entries_per_cluster, dtype=np.uint64)
+        new_table[: len(self.table)] = self.table
+        # Layout of the area: refcount blocks first, then the table.
+        for i in range(area_blocks):
+            new_table[area_start_block + i] = (area_start + i) << geo.cluster_bits
+        for i in range(area_blocks):
+            values = np.zeros(per_block, dtype=np.uint64)
+            lo = i * per_block
+            hi = min(area_clusters, lo + per_block)
+            values[: max(0, hi - lo)] = 1
+            self._write_block((area_start + i) << geo.cluster_bits, values)
+        table_offset = (area_start + area_blocks) << geo.cluster_bits
+        self.io.write_metadata(table_offset, new_table.astype(">u8").tobytes(), "refcount-table")
+        self.io.flush_file()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.io.set_refcount_table(table_offset, table_clusters)
+        self.table = new_table
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.free(old_offset, old_clusters * geo.cluster_size)

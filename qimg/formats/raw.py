@@ -1,0 +1,83 @@
+"""The raw driver: guest offset == file offset."""
+
+from __future__ import annotations
+
+from qimg.driver import Driver
+from qimg.errors import ImageIOError, QimgError
+from qimg.formats.qcow2.cluster import DATA, ZERO, Extent
+from qimg.storage import Storage
+
+
+class RawImage(Driver):
+    format_name = "raw"
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.filename = storage.path
+        self.writable = storage.writable
+        self.size = storage.size()
+
+    def readinto(self, offset: int, buf) -> None:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        got = self.storage.preadv(offset, view)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+
+    def write(self, offset: int, data) -> None:
+        self._check_writable()
+        self._check_range(offset, len(memoryview(data)))
+        self.storage.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        if unmap:
+            self.storage.punch_hole(offset, length)
+            return
+        chunk = bytes(min(length, 1 << 22))
+        while length:
+            n = min(length, len(chunk))
+            self.storage.pwrite(offset, chunk[:n])
+            offset += n
+            length -= n
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        self.storage.punch_hole(offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_range(offset, length)
+        return [
+            Extent(DATA if is_data else ZERO, start, n, start if is_data else 0)
+            for start, n, is_data in self.storage.data_extents(offset, length)
+        ]
+
+    def allocated_extents(self, offset: int, length: int) -> list[tuple[int, int, bool, bool]]:
+        return [
+            (start, n, is_data, not is_data)
+            for start, n, is_data in self.storage.data_extents(offset, length)
+        ]
+
+    def truncate(self, size: int) -> None:
+        self._check_writable()
+        self.storage.truncate(size)
+        self.size = size
+
+    def flush(self) -> None:
+        if self.writable:
+            self.storage.flush()
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise QimgError(
+                f"Request out of range: offset {offset}, length {length}, image size {self.size}"
+            )
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ImageIOError(f"Image '{self.filename}' is opened read-only")

@@ -1,0 +1,95 @@
+"""ImageInfo as qemu-img reports it (qapi/block-core.json: ImageInfo)."""
+
+from __future__ import annotations
+
+from qimg.driver import Driver
+from qimg.formats.qcow2 import layout as L
+
+
+def image_info(img: Driver) -> dict:
+    """The keys and values of `qemu-img info --output=json` for one image."""
+    info: dict = {}
+    if img.format_name == "qcow2":
+        h = img.header
+        if h.backing_format:
+            info["backing-filename-format"] = h.backing_format
+        snapshots = _snapshots(img)
+        if snapshots:
+            info["snapshots"] = snapshots
+    info["virtual-size"] = img.size
+    info["filename"] = img.filename
+    if img.format_name == "qcow2":
+        info["cluster-size"] = img.geo.cluster_size
+    info["format"] = img.format_name
+    info["actual-size"] = img.storage.allocated_size()
+    if img.format_name == "qcow2":
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+        if h.backing_file:
+            from qimg.api import resolve_backing_path
+
+            info["full-backing-filename"] = resolve_backing_path(img.filename, h.backing_file)
+            info["backing-filename"] = h.backing_file
+        info["dirty-flag"] = h.dirty
+    else:
+        info["dirty-flag"] = False
+    return info
+
+
+def chain_info(img: Driver) -> list[dict]:
+    """image_info for the image and each backing file below it."""
+    out = []
+    node = img
+    while node is not None:
+        out.append(image_info(node))
+        node = node.backing
+    return out
+
+
+def _qcow2_specific(img) -> dict:
+    h = img.header
+    data: dict = {}
+    if h.version < 3:
+        data["compat"] = "0.10"
+        data["compression-type"] = L.COMPRESSION_TYPE_NAMES[h.compression_type]
+        data["refcount-bits"] = h.refcount_bits
+        return data
+    from qimg.formats.qcow2.bitmap import read_bitmap_directory
+
+    data["compat"] = "1.1"
+    data["compression-type"] = L.COMPRESSION_TYPE_NAMES[h.compression_type]
+    data["lazy-refcounts"] = h.lazy_refcounts
+    bitmaps = read_bitmap_directory(img)
+    if bitmaps:
+        data["bitmaps"] = [
+            {"flags": b.flag_names(), "name": b.name, "granularity": b.granularity} for b in bitmaps
+        ]
+    data["refcount-bits"] = h.refcount_bits
+    if h.has_data_file:
+        data["data-file"] = h.data_file
+        data["data-file-raw"] = h.data_file_raw
+    data["corrupt"] = h.corrupt
+    data["extended-l2"] = h.extended_l2
+    return data
+
+
+def _snapshots(img) -> list[dict]:
+    from qimg.formats.qcow2.snapshot import read_snapshots
+
+    out = []
+    for s in read_snapshots(img)[0]:
+        entry = {}
+        if s.icount is not None:
+            entry["icount"] = s.icount
+        entry.update(
+            {
+                "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                "name": s.name,
+                "date-sec": s.date_sec,
+                "date-nsec": s.date_nsec,
+                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                "id": s.id_str,
+                "vm-state-size": s.vm_state_size,
+            }
+        )
+        out.append(entry)
+    return out
