@@ -386,6 +386,35 @@ class ClusterMap:
             csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
             owner.refcounts.free(coffset, csize)
 
+    def write_compressed(self, offset: int, compressed: bytes) -> None:
+        """Store one compressed cluster at guest `offset` (cluster aligned).
+
+        QEMU's qcow2_alloc_compressed_cluster_offset: only an unallocated
+        cluster may be written compressed. Ordering: data, then the L2 entry,
+        which depends on the refcounts of the bytes it points at.
+        """
+        geo = self.geo
+        owner = self.owner
+        l1_index = geo.offset_to_l1_index(offset)
+        l2_offset, table = self.l2_for_write(l1_index)
+        i = geo.offset_to_l2_index(offset)
+        entry = int(table[i, 0] if geo.extended_l2 else table[i])
+        if entry & (L.L2E_OFFSET_MASK | L.QCOW_OFLAG_COMPRESSED):
+            raise CorruptImageError(
+                f"Compressed write to an allocated cluster at guest offset {offset:#x}"
+            )
+        host = owner.refcounts.alloc_bytes(len(compressed))
+        owner.write_data(host, [compressed])
+        nb_sectors = ((host + len(compressed) - 1) >> 9) - (host >> 9)
+        new = host | (nb_sectors << geo.csize_shift) | L.QCOW_OFLAG_COMPRESSED
+        self.l2_cache.set_dependency(owner.refcounts.blocks)
+        if geo.extended_l2:
+            table[i, 0] = _U64(new)
+            table[i, 1] = _U64(0)
+        else:
+            table[i] = _U64(new)
+        self.l2_cache.mark_dirty(l2_offset)
+
     # --- zeroes and discard ------------------------------------------------------
 
     def zero_clusters(self, offset: int, length: int, unmap: bool, backing: bool) -> None:

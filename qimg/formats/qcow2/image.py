@@ -238,6 +238,16 @@ class Qcow2Image(Driver):
             self._mark_dirty()
             self.clusters.write(offset, view)
 
+    def write_compressed(self, offset: int, compressed: bytes) -> None:
+        """Store an already compressed cluster (see compress.compress_cluster)
+        at the cluster-aligned guest `offset`, which must be unallocated."""
+        self._check_writable()
+        self._check_range(offset, 1)
+        if offset % self.geo.cluster_size:
+            raise QimgError("Compressed writes must be cluster aligned")
+        self._mark_dirty()
+        self.clusters.write_compressed(offset, compressed)
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)

@@ -265,25 +265,27 @@ class Refcounts:
         self.update(start, count, 1)
 
     def alloc_bytes(self, size: int) -> int:
-        """Allocate `size` bytes (< one cluster) for compressed data.
+        """Allocate `size` bytes (at most one cluster) for compressed data.
 
-        QEMU's qcow2_alloc_bytes: consecutive compressed clusters share host
-        clusters; each host cluster's refcount counts the descriptors in it.
+        QEMU's qcow2_alloc_bytes: compressed clusters are packed one after
+        another; one may run on into the next host cluster when that is the
+        next one allocated. Every host cluster a descriptor touches counts
+        one reference per descriptor.
         """
         cs = self.geo.cluster_size
+        cb = self.geo.cluster_bits
         offset = self.free_byte_offset
-        if offset:
-            free_in_cluster = cs - (offset % cs)
-            if offset % cs == 0 or size > free_in_cluster:
-                offset = 0
-        if offset:
-            # Continue in the same host cluster; one more user of it.
-            self.update(offset >> self.geo.cluster_bits, 1, 1)
+        if offset and self.get(offset >> cb) >= self.geo.refcount_max:
+            offset = 0
+        if offset and cs - (offset % cs) >= size:
+            self.update(offset >> cb, 1, 1)  # one more descriptor in this cluster
         else:
-            offset = self.alloc(1)
+            new = self.alloc(1)
+            if offset and -(-offset // cs) * cs == new:
+                self.update(offset >> cb, 1, 1)  # straddles into `new`
+            else:
+                offset = new
         end = offset + size
-        # A descriptor may run into the next cluster only if that one is
-        # freshly allocated right behind this one; QEMU avoids it, and so do we.
         self.free_byte_offset = end if end % cs else 0
         return offset
 

@@ -1,0 +1,70 @@
+"""Timing helpers shared by the benchmark workloads.
+
+Each measurement runs a whole command (qimg or qemu-img) in a child process
+and records its wall time and the child's peak resident memory, so start-up
+is included, as a user sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+QIMG = [sys.executable, "-m", "qimg"]
+
+
+def measure(cmd: list[str], repeat: int = 3, setup=None, cwd: str | None = None) -> dict:
+    """Median wall seconds and max peak RSS (MiB) of `cmd` over `repeat` runs.
+
+    `setup` (a callable) runs before each repetition, untimed (e.g. to remove
+    a previous output file).
+    """
+    walls = []
+    peak = 0.0
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.returncode not in (0, 2, 3):
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
+        walls.append(wall)
+        peak = max(peak, usage.ru_maxrss / 1024.0)
+    return {"wall": statistics.median(walls), "peak_mib": peak, "runs": walls}
+
+
+def compare(name: str, qimg_cmd: list[str], qemu_cmd: list[str], repeat: int = 3,
+            setup=None, cwd: str | None = None) -> dict:
+    """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img."""
+    a = measure(qimg_cmd, repeat, setup, cwd)
+    b = measure(qemu_cmd, repeat, setup, cwd)
+    return {
+        "workload": name,
+        "qimg_s": a["wall"],
+        "qemu_s": b["wall"],
+        "ratio": a["wall"] / b["wall"] if b["wall"] else float("inf"),
+        "qimg_peak_mib": a["peak_mib"],
+        "qemu_peak_mib": b["peak_mib"],
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'workload':<44}{'qimg s':>9}{'qemu s':>9}{'ratio':>8}{'qimg MiB':>10}{'qemu MiB':>10}")
+    for r in rows:
+        print(
+            f"{r['workload']:<44}{r['qimg_s']:>9.3f}{r['qemu_s']:>9.3f}{r['ratio']:>8.2f}"
+            f"{r['qimg_peak_mib']:>10.1f}{r['qemu_peak_mib']:>10.1f}"
+        )
+    sys.stdout.flush()
+
+
+def rusage_children_peak() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
