@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from qimg.driver import Driver
 from qimg.formats.qcow2 import layout as L
 
@@ -33,6 +35,44 @@ def image_info(img: Driver) -> dict:
     else:
         info["dirty-flag"] = False
     return info
+
+
+def describe(
+    filename: str, fmt: str | None, *, force_share: bool = False, backing_chain: bool = False
+) -> list[dict]:
+    """`qemu-img info [--backing-chain]`: each image of the chain opened on its
+    own (metadata only, no backing), as collect_image_info_list does, so
+    errors name the image that failed and a loop ends with an error."""
+    from qimg.api import open_image, resolve_backing_path
+    from qimg.errors import BackingChainError, ImageLockedError, QimgError
+
+    infos: list[dict] = []
+    seen: set[str] = set()
+    seen_real: set[str] = set()
+    name: str | None = filename
+    while name is not None:
+        real = os.path.realpath(name)
+        if name in seen or real in seen_real:
+            raise BackingChainError(f"Backing file '{name}' creates an infinite loop.")
+        seen.add(name)
+        seen_real.add(real)
+        try:
+            img = open_image(name, fmt, force_share=force_share, backing=False, data_file=False)
+        except QimgError as exc:
+            # qemu-img doubles the prefix of a failed file open, but a lock
+            # conflict comes from the permission update and carries one.
+            if not isinstance(exc, ImageLockedError):
+                exc.args = (f"Could not open '{name}': {exc}",)
+            raise
+        with img:
+            info = image_info(img)
+        infos.append(info)
+        if not backing_chain:
+            break
+        backing = info.get("backing-filename")
+        name = resolve_backing_path(name, backing) if backing else None
+        fmt = info.get("backing-filename-format", fmt)
+    return infos
 
 
 def chain_info(img: Driver) -> list[dict]:

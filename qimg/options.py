@@ -16,7 +16,7 @@ _SUFFIXES = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([bkmgtpeBKMGTPE]?)\s*$")
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)\s*([bkmgtpeBKMGTPE]?)\s*$")
 MAX_SIZE = (1 << 63) - 1
 
 SIZE_ERROR = (
@@ -32,7 +32,9 @@ def parse_size(text: str, default_suffix: str = "") -> int:
         raise ValueError(text)
     number, suffix = m.groups()
     mult = _SUFFIXES[(suffix or default_suffix).lower()]
-    if "." in number:
+    if number[:2] in ("0x", "0X"):
+        value = int(number, 16) * mult  # 7.2 still takes (deprecated) suffixes here
+    elif "." in number:
         if mult == 1:
             raise ValueError(text)
         value = int(float(number) * mult)
@@ -97,8 +99,25 @@ def parse_options(texts: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def parse_bool(name: str, value: str) -> bool:
-    if value in ("on", "yes", "true"):
+    """QEMU's qapi_bool_parse, with QemuOpts' message."""
+    if value in ("on", "yes", "true", "y"):
         return True
-    if value in ("off", "no", "false"):
+    if value in ("off", "no", "false", "n"):
         return False
     raise BadOptionError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+_NUMBER_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
+
+
+def parse_number(name: str, value: str) -> int:
+    """A QEMU_OPT_NUMBER value (strtoull, base 0), with QemuOpts' message."""
+    m = _NUMBER_RE.match(value)
+    if not m:
+        raise BadOptionError(f"Parameter '{name}' expects a number")
+    text = m.group(1)
+    octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"
+    number = int(text, 8) if octal else int(text, 0)
+    if number >= 1 << 64:
+        raise BadOptionError(f"Parameter '{name}' expects a number")
+    return number

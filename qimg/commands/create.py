@@ -29,12 +29,17 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -
 
     opts = parse_options(options)
     if "help" in opts:
-        _print_options_help(fmt)
+        from qimg.create import options_help
+
+        if fmt not in api.FORMATS:
+            raise QimgError(f"Unknown file format '{fmt}'")
+        click.echo(options_help(fmt, with_protocol=bool(filename)))
         return
     filename = need_filename(filename)
     nbytes = parse_image_size(size) if size is not None else None
+    echo = None if quiet else click.echo
     try:
-        line = api.create_image(
+        api.create_image(
             filename,
             fmt,
             nbytes,
@@ -42,31 +47,8 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -
             backing_file=backing,
             backing_fmt=backing_fmt,
             check_backing=not unsafe,
+            on_formatting=echo,
         )
     except QimgError as exc:
         exc.args = (f"{filename}: {exc}",)
         raise
-    if not quiet:
-        click.echo(line)
-
-
-def _print_options_help(fmt: str) -> None:
-    from qimg.formats.qcow2.create import CREATE_OPTIONS_HELP
-
-    if fmt == "qcow2":
-        items = CREATE_OPTIONS_HELP
-    else:
-        items = [
-            o
-            for o in CREATE_OPTIONS_HELP
-            if o[0] in ("extent_size_hint", "nocow", "preallocation", "size")
-        ]
-        items = [
-            (n, t, "Preallocation mode (allowed values: off, falloc, full)")
-            if n == "preallocation"
-            else (n, t, d)
-            for n, t, d in items
-        ]
-    click.echo("Supported options:")
-    for name, typ, desc in items:
-        click.echo(f"  {(name + '=<' + typ + '>'):<22} - {desc}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import format_option, open_for_command, output_option, share_option
+from qimg.commands.common import format_option, output_option, share_option
 
 
 @click.command("info")
@@ -15,10 +15,12 @@ from qimg.commands.common import format_option, open_for_command, output_option,
 def command(fmt, output, backing_chain, force_share, filename) -> None:
     """Show the format, size and metadata of FILENAME."""
     from qimg import render
-    from qimg.info import chain_info, image_info
+    from qimg.commands.common import need_filename
+    from qimg.info import describe
 
-    with open_for_command(filename, fmt, force_share=force_share, backing=backing_chain) as img:
-        infos = chain_info(img) if backing_chain else [image_info(img)]
+    infos = describe(
+        need_filename(filename), fmt, force_share=force_share, backing_chain=backing_chain
+    )
     if output == "json":
         render.print_json(infos if backing_chain else infos[0])
     else:

@@ -16,34 +16,15 @@ import numpy as np
 from qimg.errors import BadOptionError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
-from qimg.options import parse_bool, parse_size
 from qimg.storage import FileStorage
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
 
-# qemu-img create -f qcow2 -o help, in QEMU's order.
-CREATE_OPTIONS_HELP = (
-    ("backing_file", "str", "File name of a base image"),
-    ("backing_fmt", "str", "Image format of the base image"),
-    ("cluster_size", "size", "qcow2 cluster size"),
-    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    ("compression_type", "str", "Compression method used for image cluster compression"),
-    ("data_file", "str", "File name of an external data file"),
-    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
-    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
-    ("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
-    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
-    ("nocow", "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
-    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
-    ("refcount_bits", "num", "Width of a reference count entry in bits"),
-    ("size", "size", "Virtual disk size"),
-)
-
 
 @dataclass
 class Qcow2CreateOptions:
-    size: int | None = None
+    size: int = 0
     compat: str = "1.1"
     cluster_size: int = L.DEFAULT_CLUSTER_SIZE
     refcount_bits: int = 16
@@ -55,139 +36,88 @@ class Qcow2CreateOptions:
     data_file_raw: bool = False
     backing_file: str | None = None
     backing_fmt: str | None = None
-    # Which options the user gave, for the "Formatting ..." line.
-    given: frozenset[str] = frozenset()
 
     @classmethod
-    def from_dict(cls, opts: dict[str, str]) -> Qcow2CreateOptions:
-        """Parse -o values with qemu-img's messages (before validation)."""
-        o = cls(given=frozenset(opts))
-        for key, value in opts.items():
-            if key == "size":
-                o.size = _size(key, value)
-            elif key == "compat":
-                if value in ("0.10", "v2"):
-                    o.compat = "0.10"
-                elif value in ("1.1", "v3"):
-                    o.compat = "1.1"
-                else:
-                    raise BadOptionError(f"Parameter 'version' does not accept value '{value}'")
-            elif key == "cluster_size":
-                o.cluster_size = _size(key, value)
-            elif key == "refcount_bits":
-                try:
-                    o.refcount_bits = int(value, 0)
-                except ValueError:
-                    raise BadOptionError(
-                        f"Parameter '{key}' expects a non-negative number below 2^64"
-                    ) from None
-            elif key == "lazy_refcounts":
-                o.lazy_refcounts = parse_bool(key, value)
-            elif key == "preallocation":
-                if value not in PREALLOC_MODES:
-                    raise BadOptionError(
-                        f"Parameter 'preallocation' does not accept value '{value}'"
-                    )
-                o.preallocation = value
-            elif key == "compression_type":
-                if value not in L.COMPRESSION_TYPE_NAMES.values():
-                    raise BadOptionError(
-                        f"Parameter 'compression-type' does not accept value '{value}'"
-                    )
-                o.compression_type = value
-            elif key == "extended_l2":
-                o.extended_l2 = parse_bool(key, value)
-            elif key == "data_file":
-                o.data_file = value
-            elif key == "data_file_raw":
-                o.data_file_raw = parse_bool(key, value)
-            elif key == "backing_file":
-                o.backing_file = value
-            elif key == "backing_fmt":
-                o.backing_fmt = value
-            elif key in ("extent_size_hint",):
-                _size(key, value)
-            elif key == "nocow":
-                parse_bool(key, value)
-            elif key in ("encryption", "encrypt.format") or key.startswith("encrypt."):
-                from qimg.errors import UnsupportedFeatureError
-
-                raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
-            else:
-                raise BadOptionError(f"Invalid parameter '{key}'")
+    def from_values(cls, values: dict) -> Qcow2CreateOptions:
+        """Options from typed -o values (qimg.create parsed them), checking
+        the enumerations as QEMU's QAPI visitor does, in its field order."""
+        o = cls()
+        for key in (
+            "data_file",
+            "data_file_raw",
+            "extended_l2",
+            "size",
+            "compat",
+            "backing_file",
+            "backing_fmt",
+            "cluster_size",
+            "preallocation",
+            "lazy_refcounts",
+            "refcount_bits",
+            "compression_type",
+        ):
+            if key in values:
+                setattr(o, key, values[key])
+        if o.compat in ("0.10", "v2"):
+            o.compat = "0.10"
+        elif o.compat in ("1.1", "v3"):
+            o.compat = "1.1"
+        else:
+            raise BadOptionError(f"Parameter 'version' does not accept value '{o.compat}'")
+        if o.preallocation not in PREALLOC_MODES:
+            raise BadOptionError(
+                f"Parameter 'preallocation' does not accept value '{o.preallocation}'"
+            )
+        if o.compression_type not in L.COMPRESSION_TYPE_NAMES.values():
+            raise BadOptionError(
+                f"Parameter 'compression-type' does not accept value '{o.compression_type}'"
+            )
         return o
 
     def validate(self) -> None:
         """qcow2_co_create's checks, in its order and words."""
+        v2 = self.compat == "0.10"
+        if self.extended_l2 and v2:
+            raise BadOptionError(f"Extended L2 entries are only supported with {V3_HINT}")
         cs = self.cluster_size
         if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
             raise BadOptionError("Cluster size must be a power of two between 512 and 2048k")
-        v2 = self.compat == "0.10"
+        if self.extended_l2 and cs < 16384:
+            raise BadOptionError(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+            )
+        if self.backing_file and self.preallocation != "off" and not self.extended_l2:
+            raise BadOptionError(
+                "Backing file and preallocation can only be used at the same time if "
+                "extended_l2 is on"
+            )
+        if self.backing_fmt and not self.backing_file:
+            raise BadOptionError("Backing format cannot be used without backing file")
         if v2 and self.lazy_refcounts:
             raise BadOptionError(f"Lazy refcounts only supported with {V3_HINT}")
         rb = self.refcount_bits
         if rb < 1 or rb > 64 or rb & (rb - 1):
             raise BadOptionError("Refcount width must be a power of two and may not exceed 64 bits")
         if v2 and rb != 16:
-            raise BadOptionError(f"Different refcount widths than 16 bits require {V3_HINT}")
+            raise BadOptionError(
+                "Different refcount widths than 16 bits require compatibility level 1.1 "
+                "or above (use version=v3 or greater)"
+            )
         if self.data_file_raw and not self.data_file:
             raise BadOptionError("data-file-raw requires data-file")
         if self.data_file_raw and self.backing_file:
             raise BadOptionError("Backing file and data-file-raw cannot be used at the same time")
-        if self.extended_l2:
-            if v2:
-                raise BadOptionError(f"Extended L2 entries are only supported with {V3_HINT}")
-            if cs < 16384:
-                raise BadOptionError(
-                    "Extended L2 entries are only supported with cluster sizes of at least "
-                    "16384 bytes"
-                )
-        if self.backing_file and self.preallocation != "off" and not self.extended_l2:
-            raise BadOptionError(
-                "Backing file and preallocation can only be used at the same time if "
-                "extended_l2 is on"
-            )
-        if v2 and self.compression_type != "zlib":
-            raise BadOptionError(f"Non-zlib compression type is only supported with {V3_HINT}")
         if v2 and self.data_file:
             raise BadOptionError(f"External data files are only supported with {V3_HINT}")
-
-    def formatting_line(self, filename: str) -> str:
-        """qemu-img create's 'Formatting ...' line."""
-        parts = [f"Formatting '{filename}', fmt=qcow2", f"cluster_size={self.cluster_size}"]
-        parts.append(f"extended_l2={_onoff(self.extended_l2)}")
-        if "preallocation" in self.given:
-            parts.append(f"preallocation={self.preallocation}")
-        parts.append(f"compression_type={self.compression_type}")
-        parts.append(f"size={self.size}")
-        if "compat" in self.given:
-            parts.append(f"compat={self.compat}")
-        if self.backing_file:
-            parts.append(f"backing_file={self.backing_file}")
-        if self.backing_fmt:
-            parts.append(f"backing_fmt={self.backing_fmt}")
-        if self.data_file:
-            parts.append(f"data_file={self.data_file}")
-        if "data_file_raw" in self.given:
-            parts.append(f"data_file_raw={_onoff(self.data_file_raw)}")
-        parts.append(f"lazy_refcounts={_onoff(self.lazy_refcounts)}")
-        parts.append(f"refcount_bits={self.refcount_bits}")
-        return " ".join(parts)
-
-
-def _onoff(flag: bool) -> str:
-    return "on" if flag else "off"
-
-
-def _size(key: str, value: str) -> int:
-    try:
-        return parse_size(value)
-    except (ValueError, OverflowError):
-        raise BadOptionError(
-            f"Parameter '{key}' expects a non-negative number below 2^64\n"
-            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-            "and exabytes, respectively."
-        ) from None
+        if v2 and self.compression_type != "zlib":
+            raise BadOptionError(f"Non-zlib compression type is only supported with {V3_HINT}")
+        entry = L.L2_ENTRY_SIZE_EXTENDED if self.extended_l2 else L.L2_ENTRY_SIZE_NORMAL
+        l1_entries = -(-self.size // (cs * (cs // entry)))
+        if l1_entries * L.L1_ENTRY_SIZE > L.QCOW_MAX_L1_SIZE:
+            raise BadOptionError(
+                "The image size is too large for file format 'qcow2' "
+                "(try using a larger cluster size)"
+            )
 
 
 def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
@@ -195,9 +125,7 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
     from qimg.formats.qcow2.image import Qcow2Image
 
     o.validate()
-    assert o.size is not None
     size = -(-o.size // 512) * 512
-    o.size = size
     cluster_bits = o.cluster_size.bit_length() - 1
     h = Header(
         version=2 if o.compat == "0.10" else 3,
@@ -226,12 +154,14 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
     geo = Geometry.from_header(h)
     cs = o.cluster_size
 
+    # A failed create removes what it made, as QEMU's bdrv_co_delete_file.
     data_storage = None
-    if o.data_file:
-        data_path = _relative_to(path, o.data_file)
-        data_storage = FileStorage(data_path, create=True)
     storage = FileStorage(path, create=True)
     try:
+        if o.data_file:
+            # QEMU creates the data file by the name as given (relative to
+            # the working directory) and opens it the same way.
+            data_storage = FileStorage(o.data_file, create=True)
         # Ordering: refcount structures, then the header that points at them.
         block = np.zeros(geo.refcount_block_size, dtype=np.uint64)
         block[:3] = 1
@@ -259,10 +189,19 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
             data_storage.truncate(size)
     except BaseException:
         storage.close()
+        _remove(path)
         if data_storage is not None:
             data_storage.close()
+            _remove(o.data_file)
         raise
     image.close()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _allocate_l1(image, l1_size: int) -> None:
@@ -320,22 +259,15 @@ def _preallocate(image, mode: str) -> None:
         if mode == "falloc":
             target.fallocate(host, n * cs)
         elif mode == "full":
-            _write_zeros(target, host, n * cs)
+            write_zeros(target, host, n * cs)
         if target.size() < end:
             target.truncate(end)
 
 
-def _write_zeros(storage, offset: int, length: int) -> None:
+def write_zeros(storage, offset: int, length: int) -> None:
     chunk = bytes(min(length, 8 << 20))
     while length:
         n = min(length, len(chunk))
         storage.pwrite(offset, chunk[:n])
         offset += n
         length -= n
-
-
-def _relative_to(image_path: str, name: str) -> str:
-    """A file name as QEMU resolves it next to an image."""
-    if os.path.isabs(name) or ":" in name.split("/")[0] and not os.path.exists(name):
-        return name
-    return os.path.join(os.path.dirname(image_path), name)

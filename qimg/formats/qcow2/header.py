@@ -96,10 +96,9 @@ class Header:
         where it is shorter. Raises InvalidImageError or
         UnsupportedFeatureError with QEMU's wording.
         """
-        if len(buf) < L.HEADER_V2_SIZE:
-            if len(buf) >= 4 and int.from_bytes(buf[:4], "big") == L.QCOW_MAGIC:
-                raise InvalidImageError("Could not read qcow2 header: Input/output error")
-            raise InvalidImageError("Image is not in qcow2 format")
+        if len(buf) < L.HEADER_V3_MIN_SIZE:
+            # QEMU reads past the end of a short file as zeros.
+            buf = bytes(buf).ljust(L.HEADER_V3_MIN_SIZE, b"\0")
         (
             magic,
             version,
@@ -136,6 +135,8 @@ class Header:
             snapshots_offset=snapshots_offset,
         )
         cluster_size = 1 << cluster_bits
+        if len(buf) < cluster_size:
+            buf = bytes(buf).ljust(cluster_size, b"\0")  # zeros past EOF, as QEMU reads
         if version == 2:
             h.refcount_order = 4
             h.header_length = L.HEADER_V2_SIZE
@@ -261,7 +262,7 @@ class Header:
             file_size,
         )
         if self.nb_snapshots > L.QCOW_MAX_SNAPSHOTS:
-            raise InvalidImageError("Too many snapshots")
+            raise InvalidImageError("Snapshot table too large")
         _check_table_offset(
             self.snapshots_offset,
             self.nb_snapshots * 40,
@@ -371,11 +372,14 @@ class Header:
                     L.QCOW2_EXT_MAGIC_CRYPTO_HEADER,
                     L.CRYPTO_HEADER_EXTENSION.pack(*self.crypto_ext),
                 )
-            table = b"".join(
-                L.FEATURE_TABLE_ENTRY.pack(t, bit, name.encode())
-                for t, bit, name in L.FEATURE_NAMES
-            )
-            add(L.QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
+            # QEMU writes the feature name table only for clusters above
+            # 4 KiB (seen with 7.2: none at 512..4096, present at 8192).
+            if self.cluster_size > 4096:
+                table = b"".join(
+                    L.FEATURE_TABLE_ENTRY.pack(t, bit, name.encode())
+                    for t, bit, name in L.FEATURE_NAMES
+                )
+                add(L.QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
             if self.bitmaps_ext is not None:
                 nb, size, offset = self.bitmaps_ext
                 add(L.QCOW2_EXT_MAGIC_BITMAPS, L.BITMAPS_EXTENSION.pack(nb, 0, size, offset))
@@ -389,10 +393,8 @@ def _check_table_offset(
     offset: int, length: int, cluster_size: int, what: str, file_size: int | None
 ) -> None:
     """QEMU's qcow2_validate_table: aligned, and not past the end of the file."""
-    if offset % cluster_size:
-        raise InvalidImageError(f"Invalid {what[0].lower() + what[1:]} offset")
-    if offset + length > (1 << 63) - 1:
-        raise InvalidImageError(f"Invalid {what[0].lower() + what[1:]} offset")
+    if offset % cluster_size or offset + length > (1 << 63) - 1:
+        raise InvalidImageError(f"{what} offset invalid")
     if file_size is not None and length and offset + length > max(file_size, 0) + (1 << 40):
         # Tables far beyond the end of the file are hostile; QEMU catches
         # them when it reads. The later read reports the precise error.

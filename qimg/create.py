@@ -1,0 +1,264 @@
+"""Image creation as qemu-img's bdrv_img_create does it.
+
+The steps and their order decide which error a user sees, and whether the
+"Formatting ..." line is printed before it:
+
+1. `-o` options are checked against the format's option list (unknown names,
+   sizes, numbers, booleans): errors here come before the line.
+2. The size (given once), the backing file (opened unless `-u`, giving the
+   size when none was given; a backing format is required).
+3. The "Formatting ..." line (QEMU's qemu_opts_print over the option list).
+4. The format driver's own validation (enumerations, cluster size,
+   compatibility level...), then the files are written. A failure from here
+   on removes what was created.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+from qimg.errors import BackingChainError, BadOptionError, QimgError, UnsupportedFeatureError
+from qimg.options import parse_bool, parse_number, parse_size
+
+
+class OptDesc(NamedTuple):
+    """One entry of a QemuOptsList: name, type, default text, help."""
+
+    name: str
+    type: str  # "size", "num", "bool" or "str"
+    default: str | None
+    help: str
+
+
+_SIZE = OptDesc("size", "size", None, "Virtual disk size")
+_NOCOW = OptDesc("nocow", "bool", None, "Turn off copy-on-write (valid only on btrfs)")
+_EXTENT_SIZE_HINT = OptDesc(
+    "extent_size_hint", "size", None, "Extent size hint for the image file, 0 to disable"
+)
+_PREALLOC_FILE = OptDesc(
+    "preallocation", "str", None, "Preallocation mode (allowed values: off, falloc, full)"
+)
+
+# block/file-posix.c's create options, in their order (size and preallocation
+# are shadowed by the format's own).
+PROTOCOL_OPTS = (_SIZE, _NOCOW, _PREALLOC_FILE, _EXTENT_SIZE_HINT)
+
+# block/qcow2.c's create options in the order qemu_opts_print walks them
+# (encryption options are a later issue and are refused).
+QCOW2_OPTS = (
+    OptDesc("cluster_size", "size", "65536", "qcow2 cluster size"),
+    OptDesc("extended_l2", "bool", "off", "Extended L2 tables"),
+    OptDesc(
+        "preallocation",
+        "str",
+        None,
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
+    OptDesc(
+        "compression_type",
+        "str",
+        "zlib",
+        "Compression method used for image cluster compression",
+    ),
+    _SIZE,
+    OptDesc("compat", "str", None, "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    OptDesc("backing_file", "str", None, "File name of a base image"),
+    OptDesc("backing_fmt", "str", None, "Image format of the base image"),
+    OptDesc("data_file", "str", None, "File name of an external data file"),
+    OptDesc("data_file_raw", "bool", None, "The external data file must stay valid as a raw image"),
+    OptDesc("lazy_refcounts", "bool", "off", "Postpone refcount updates"),
+    OptDesc("refcount_bits", "num", "16", "Width of a reference count entry in bits"),
+)
+
+RAW_OPTS = (_SIZE,)
+
+FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS}
+
+
+def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:
+    """The format's options, then the protocol's not already named
+    (QEMU's qemu_opts_append)."""
+    opts = FORMAT_OPTS[fmt]
+    if not with_protocol:
+        return opts
+    names = {o.name for o in opts}
+    return opts + tuple(o for o in PROTOCOL_OPTS if o.name not in names)
+
+
+def options_help(fmt: str, with_protocol: bool) -> str:
+    """`qemu-img create -f FMT -o help [FILE]`: sorted by name."""
+    opts = sorted(option_list(fmt, with_protocol), key=lambda o: o.name)
+    typ = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
+    lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
+    for o in opts:
+        lines.append(f"  {o.name + '=<' + typ[o.type] + '>':<22} - {o.help}")
+    if not with_protocol:
+        lines += [
+            "",
+            "The protocol level may support further options.",
+            "Specify the target filename to include those options.",
+        ]
+    return "\n".join(lines)
+
+
+def _typed(desc: OptDesc, text: str):
+    """QemuOpts' parse of one value; errors are qemu_opts_do_parse's."""
+    if desc.type == "size":
+        return parse_size_option(desc.name, text)
+    if desc.type == "num":
+        return parse_number(desc.name, text)
+    if desc.type == "bool":
+        return parse_bool(desc.name, text)
+    return text
+
+
+def parse_size_option(name: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except (ValueError, OverflowError):
+        raise BadOptionError(
+            f"Parameter '{name}' expects a non-negative number below 2^64\n"
+            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+            "and exabytes, respectively."
+        ) from None
+
+
+def _escaped(text: str) -> str:
+    return text.replace(",", ",,")
+
+
+def formatting_line(path: str, fmt: str, given: dict[str, str], descs) -> str:
+    """qemu-img's "Formatting ..." line (qemu_opts_print): every option that
+    was given or has a default, sizes and numbers as parsed numbers."""
+    parts = [f"Formatting '{path}', fmt={fmt}"]
+    for d in descs:
+        text = given.get(d.name, d.default)
+        if text is None:
+            continue
+        if d.type in ("size", "num") and d.name in given:
+            text = str(_typed(d, text))
+        elif d.type == "str":
+            text = _escaped(text)
+        parts.append(f"{d.name}={text}")
+    return " ".join(parts)
+
+
+def full_backing_filename(path: str, backing: str) -> str:
+    """QEMU's bdrv_get_full_backing_filename_from_filename."""
+    if os.path.isabs(backing) or "/" not in path:
+        return backing
+    return os.path.join(os.path.dirname(path), backing)
+
+
+def create(
+    path: str,
+    fmt: str,
+    size: int | None,
+    options: dict[str, str],
+    *,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    check_backing: bool = True,
+    on_formatting: Callable[[str], None] | None = None,
+) -> str:
+    """Create an image as `qemu-img create` does; returns the "Formatting" line.
+
+    `options` hold the -o values as typed. `on_formatting` receives the
+    line at the point qemu-img prints it (before the format's own checks).
+    """
+    if any(k == "encryption" or k.startswith("encrypt.") for k in options):
+        raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
+    descs = option_list(fmt)
+    by_name = {d.name: d for d in descs}
+    given: dict[str, str] = {}
+    for key, text in options.items():
+        if key not in by_name:
+            raise BadOptionError(f"Invalid parameter '{key}'")
+        _typed(by_name[key], text)
+        given[key] = text
+    if "size" in given:
+        if size is not None:
+            raise BadOptionError("The image size must be specified only once")
+    elif size is not None:
+        given["size"] = str(size)
+    if backing_file is not None:
+        if "backing_file" not in by_name:
+            raise BadOptionError(f"Backing file not supported for file format '{fmt}'")
+        given["backing_file"] = backing_file
+    if backing_fmt is not None:
+        if "backing_fmt" not in by_name:
+            raise BadOptionError(f"Backing file format not supported for file format '{fmt}'")
+        given["backing_fmt"] = backing_fmt
+    _check_backing(path, given, check_backing)
+    if "size" not in given:
+        raise BadOptionError("Image creation needs a size parameter")
+
+    line = formatting_line(path, fmt, given, descs)
+    if on_formatting is not None:
+        on_formatting(line)
+    values = {k: _typed(by_name[k], v) for k, v in given.items()}
+    if fmt == "raw":
+        _create_raw(path, values)
+    else:
+        from qimg.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+
+        o = Qcow2CreateOptions.from_values(values)
+        o.validate()
+        create_qcow2(path, o)
+    return line
+
+
+def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> None:
+    """bdrv_img_create's backing file checks; sets the size from the
+    backing file when none was given."""
+    backing = given.get("backing_file")
+    if backing is None:
+        return
+    if backing == path:
+        raise BadOptionError(
+            "Error: Trying to create an image with the same filename as the backing file"
+        )
+    if backing == "":
+        raise BadOptionError("Expected backing file name, got empty string")
+    backing_fmt = given.get("backing_fmt")
+    if not check_backing:
+        if not backing_fmt:
+            raise BadOptionError("Backing file specified without backing format")
+        return
+    from qimg.api import open_image
+
+    full = full_backing_filename(path, backing)
+    try:
+        with open_image(full, backing_fmt, force_share=True) as b:
+            if not backing_fmt:
+                raise BackingChainError(
+                    "Backing file specified without backing format\n"
+                    f"Detected format of {b.format_name}."
+                )
+            given.setdefault("size", str(b.size))
+    except BackingChainError:
+        raise
+    except QimgError as exc:
+        raise BackingChainError(f"{exc}\nCould not open backing image.") from None
+
+
+def _create_raw(path: str, values: dict) -> None:
+    from qimg.storage import FileStorage
+
+    prealloc = values.get("preallocation", "off")
+    if prealloc not in ("off", "falloc", "full"):
+        raise BadOptionError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+    size = -(-values["size"] // 512) * 512
+    storage = FileStorage(path, create=True)
+    try:
+        if prealloc == "falloc":
+            storage.fallocate(0, size)
+        elif prealloc == "full":
+            from qimg.formats.qcow2.create import write_zeros
+
+            write_zeros(storage, 0, size)
+        storage.truncate(size)
+    finally:
+        storage.close()
