@@ -53,11 +53,14 @@ def open_image(
     backing_fmt: str | None = None,
     cache_unsafe: bool = False,
     lock: bool = True,
+    data_file: bool = True,
     _chain: tuple[str, ...] = (),
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     Raises a QimgError subclass with qemu-img's wording on failure.
+    `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
+    `info` does): an external data file is not opened.
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
@@ -82,7 +85,15 @@ def open_image(
 
             return RawImage(storage)
         return _open_qcow2(
-            storage, path, writable, force_share, backing, cache_unsafe, lock, _chain + (real,)
+            storage,
+            path,
+            writable,
+            force_share,
+            backing,
+            cache_unsafe,
+            lock,
+            _chain + (real,),
+            data_file,
         )
     except BaseException:
         storage.close()
@@ -98,7 +109,9 @@ def _raw_masks(fmt: str, writable: bool, force_share: bool) -> dict:
     return {"perm": perm, "shared": shared}
 
 
-def _open_qcow2(storage, path, writable, force_share, backing, cache_unsafe, lock, chain):
+def _open_qcow2(
+    storage, path, writable, force_share, backing, cache_unsafe, lock, chain, open_data_file=True
+):
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
 
@@ -108,10 +121,12 @@ def _open_qcow2(storage, path, writable, force_share, backing, cache_unsafe, loc
     data_storage = None
     backing_image = None
     try:
-        if header.has_data_file:
+        if header.has_data_file and open_data_file:
             if header.data_file is None:
                 raise QimgError("Could not open image: data-file is required for this image")
-            data_path = resolve_backing_path(path, header.data_file)
+            # QEMU opens the data file by the name as written (relative to
+            # the working directory, not to the image).
+            data_path = header.data_file
             data_storage = FileStorage(data_path, writable, force_share=force_share, lock=lock)
         if backing and header.backing_file:
             backing_path = resolve_backing_path(path, header.backing_file)
@@ -122,19 +137,27 @@ def _open_qcow2(storage, path, writable, force_share, backing, cache_unsafe, loc
                     force_share=True if not writable else force_share,
                     cache_unsafe=cache_unsafe,
                     lock=lock,
+                    data_file=open_data_file,
                     _chain=chain,
                 )
             except BackingChainError:
                 raise
             except QimgError as exc:
                 raise BackingChainError(f"Could not open backing file: {exc}") from None
-        return Qcow2Image(
+        image = Qcow2Image(
             storage,
             backing=backing_image,
             data_storage=data_storage,
             header=header,
             cache_unsafe=cache_unsafe,
         )
+        if writable and header.dirty:
+            # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
+            # refcounts repaired, then the dirty bit cleared.
+            from qimg.formats.qcow2.check import repair_dirty
+
+            repair_dirty(image)
+        return image
     except BaseException:
         if backing_image is not None:
             backing_image.close()
@@ -152,77 +175,26 @@ def create_image(
     backing_file: str | None = None,
     backing_fmt: str | None = None,
     check_backing: bool = True,
+    on_formatting=None,
 ) -> str:
     """Create an image; returns qemu-img's 'Formatting ...' line.
 
-    `options` are the -o key/value pairs of qemu-img create. The size may be
-    omitted when a backing file gives it.
+    `options` are the -o key/value pairs of qemu-img create, as typed. The
+    size may be omitted when a backing file gives it. `on_formatting`, when
+    given, receives the line where qemu-img prints it (before the format's
+    own option checks, which can still fail).
     """
-    options = dict(options or {})
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
-    if fmt == "raw":
-        return _create_raw(path, size, options)
-    from qimg.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+    from qimg.create import create
 
-    if backing_file is not None:
-        options["backing_file"] = backing_file
-    if backing_fmt is not None:
-        options["backing_fmt"] = backing_fmt
-    o = Qcow2CreateOptions.from_dict(options)
-    if size is not None:
-        o.size = size
-    o.given = frozenset(o.given | ({"size"} if size is not None else set()))
-    if o.backing_file:
-        if not o.backing_fmt:
-            raise BadOptionError("Backing file specified without backing format")
-        if check_backing or o.size is None:
-            bpath = resolve_backing_path(path, o.backing_file)
-            try:
-                with open_image(bpath, o.backing_fmt, force_share=True) as b:
-                    if o.size is None:
-                        o.size = b.size
-            except QimgError as exc:
-                raise BackingChainError(f"{exc}\nCould not open backing image.") from None
-    if o.size is None:
-        raise BadOptionError("Image creation needs a size parameter")
-    o.size = -(-o.size // 512) * 512
-    o.validate()
-    line = o.formatting_line(path)
-    create_qcow2(path, o)
-    return line
-
-
-def _create_raw(path: str, size: int | None, options: dict[str, str]) -> str:
-    prealloc = "off"
-    for key, value in options.items():
-        if key == "size":
-            from qimg.options import parse_size
-
-            size = parse_size(value)
-        elif key == "preallocation":
-            if value not in ("off", "falloc", "full"):
-                raise BadOptionError(f"Parameter 'preallocation' does not accept value '{value}'")
-            prealloc = value
-        elif key in ("extent_size_hint", "nocow"):
-            pass
-        else:
-            raise BadOptionError(f"Invalid parameter '{key}'")
-    if size is None:
-        raise BadOptionError("Image creation needs a size parameter")
-    size = -(-size // 512) * 512
-    storage = FileStorage(path, create=True)
-    try:
-        if prealloc == "falloc":
-            storage.fallocate(0, size)
-        elif prealloc == "full":
-            from qimg.formats.qcow2.create import _write_zeros
-
-            _write_zeros(storage, 0, size)
-        storage.truncate(size)
-    finally:
-        storage.close()
-    line = f"Formatting '{path}', fmt=raw size={size}"
-    if "preallocation" in options:
-        line += f" preallocation={prealloc}"
-    return line
+    return create(
+        path,
+        fmt,
+        size,
+        dict(options or {}),
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        check_backing=check_backing,
+        on_formatting=on_formatting,
+    )

@@ -6,6 +6,25 @@ lengths are in bytes of the guest (virtual) disk.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+# Extent kinds, as block_status reports them.
+DATA = 0  # host holds the data (host = host offset)
+ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
+UNALLOCATED = 2  # falls through to the backing file, or reads as zeros
+COMPRESSED = 3  # one compressed cluster (host = the raw L2 entry)
+
+KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
+
+
+class Extent(NamedTuple):
+    """One run of `block_status`: guest [offset, offset+length) of one kind."""
+
+    kind: int
+    offset: int  # guest offset
+    length: int
+    host: int  # see the kinds above
+
 
 class Driver:
     """Base of the format drivers; usable as a context manager."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from qimg.driver import Driver
+from qimg.driver import DATA, ZERO, Driver, Extent
 from qimg.errors import ImageIOError, QimgError
-from qimg.formats.qcow2.cluster import DATA, ZERO, Extent
 from qimg.storage import Storage
 
 

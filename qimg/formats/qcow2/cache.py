@@ -62,9 +62,18 @@ class TableCache:
         self.dirty.add(offset)
 
     def set_dependency(self, other: TableCache) -> None:
-        """`other` must be written out before any table of this cache."""
+        """`other` must be written out before any table of this cache.
+
+        QEMU's qcow2_cache_set_dependency: dependencies never form a cycle.
+        If `other` itself waits on a cache (typically on us: L2 waits on
+        refcounts, and now refcounts are to wait on L2), that wait is
+        settled first by writing and flushing what it waits on; a previous
+        dependency of ours on a different cache is settled the same way.
+        """
+        if other.depends is not None:
+            other._flush_dependency()
         if self.depends is not None and self.depends is not other:
-            self.depends.flush()
+            self._flush_dependency()
         self.depends = other
 
     def drop(self, offset: int) -> None:

@@ -7,35 +7,26 @@ loop per cluster where a run will do.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
+from qimg.driver import (  # noqa: F401  (re-exported)
+    COMPRESSED,
+    DATA,
+    KIND_NAMES,
+    UNALLOCATED,
+    ZERO,
+    Extent,
+)
 from qimg.errors import CorruptImageError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.cache import TableCache
 from qimg.formats.qcow2.header import Geometry
-
-# Extent kinds, as block_status reports them.
-DATA = 0  # host holds the data (host = host offset)
-ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
-UNALLOCATED = 2  # falls through to the backing file, or reads as zeros
-COMPRESSED = 3  # one compressed cluster (host = the raw L2 entry)
-
-KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
 
 _U64 = np.uint64
 _OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
 _COPIED = _U64(L.QCOW_OFLAG_COPIED)
 _COMPRESSED = _U64(L.QCOW_OFLAG_COMPRESSED)
 _ZERO = _U64(L.QCOW_OFLAG_ZERO)
-
-
-class Extent(NamedTuple):
-    kind: int
-    offset: int  # guest offset
-    length: int
-    host: int  # see the kinds above
 
 
 def decode_l2(buf: bytes, extended: bool) -> np.ndarray:
@@ -287,7 +278,13 @@ class ClusterMap:
         return bufs
 
     def _write_in_place(self, table, i0, ca, cb_, start, end, data, edges) -> None:
-        """Clusters with OFLAG_COPIED: overwrite their host clusters."""
+        """Clusters with OFLAG_COPIED: overwrite their host clusters.
+
+        Ordering: no metadata is allocated; data goes straight to clusters
+        this image alone owns, and only zero flags / subcluster bits change
+        in the cached L2 table, which a crash can only leave stale (the old
+        flags then hide the new data: QEMU has the same window).
+        """
         geo = self.geo
         cb = geo.cluster_bits
         rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
@@ -367,7 +364,14 @@ class ClusterMap:
         self._free_entries(entries)
 
     def _free_entries(self, entries: np.ndarray) -> None:
-        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster)."""
+        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster).
+
+        Ordering: the caller has already changed the L2 entries in the cache;
+        the refcount cache now depends on the L2 cache, so no lowered count
+        reaches the disk before the L2 table that stopped pointing at the
+        cluster (a crash leaks, never frees a cluster in use), and the freed
+        clusters are not reused before a flush (refcount.py's pending_free).
+        """
         if self.has_data_file:
             return
         geo = self.geo
@@ -431,6 +435,12 @@ class ClusterMap:
         self._retype(offset, length, unmap=True, zero=backing)
 
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
+        """Make whole clusters zero or unallocated, releasing their hosts.
+
+        Ordering: the new entries go into the cached L2 table first; the
+        references are dropped after (_free_entries), with the refcount
+        cache depending on the L2 cache.
+        """
         geo = self.geo
         cb = geo.cluster_bits
         for l1_index, start, end in self._chunks(offset, length):

@@ -7,14 +7,10 @@ backing chain together. Everything user-visible goes through the methods of
 
 from __future__ import annotations
 
-import numpy as np
-
-from qimg.driver import Driver
+from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
 from qimg.errors import CorruptImageError, ImageIOError, QimgError
 from qimg.formats.qcow2 import layout as L
-from qimg.formats.qcow2.cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, ClusterMap, Extent
 from qimg.formats.qcow2.header import Geometry, Header
-from qimg.formats.qcow2.refcount import Refcounts
 from qimg.storage import Storage
 
 # Metadata regions named as QEMU's metadata_ol_names.
@@ -63,14 +59,44 @@ class Qcow2Image(Driver):
             raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
         if self.writable and header.corrupt:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
-        self.refcounts = Refcounts(
-            self, self.geo, header.refcount_table_offset, header.refcount_table_clusters
-        )
-        self.clusters = ClusterMap(
-            self, self.geo, header.l1_table_offset, header.l1_size, header.has_data_file
-        )
+        # The refcount table and the L1 table are read on first use (numpy
+        # too), so that `info` opens an image by its header alone.
+        self._refcounts = None
+        self._clusters = None
         self._decompressed: tuple[int, bytes] | None = None
         self._marked_dirty = False
+
+    @property
+    def refcounts(self):
+        """The Refcounts of this image (refcount.py), loaded on first use."""
+        if self._refcounts is None:
+            from qimg.formats.qcow2.refcount import Refcounts
+
+            h = self.header
+            self._refcounts = Refcounts(
+                self, self.geo, h.refcount_table_offset, h.refcount_table_clusters
+            )
+        return self._refcounts
+
+    @refcounts.setter
+    def refcounts(self, value) -> None:
+        self._refcounts = value
+
+    @property
+    def clusters(self):
+        """The ClusterMap (L1 and L2 cache, cluster.py), loaded on first use."""
+        if self._clusters is None:
+            from qimg.formats.qcow2.cluster import ClusterMap
+
+            h = self.header
+            self._clusters = ClusterMap(
+                self, self.geo, h.l1_table_offset, h.l1_size, h.has_data_file
+            )
+        return self._clusters
+
+    @clusters.setter
+    def clusters(self, value) -> None:
+        self._clusters = value
 
     # --- metadata I/O (used by refcount.py and cluster.py) -----------------------
 
@@ -142,6 +168,8 @@ class Qcow2Image(Driver):
                 continue
             if offset < r_off + r_len and r_off < end:
                 self._overlap(r_kind, offset)
+        import numpy as np
+
         cb = self.geo.cluster_bits
         first, last = offset >> cb, (end - 1) >> cb
         if kind != "refcount-block":
@@ -266,6 +294,7 @@ class Qcow2Image(Driver):
             self.clusters.zero_clusters(
                 head_end, tail_start - head_end, unmap, self.backing is not None
             )
+            self._zero_raw_data_file(head_end, tail_start)
         if offset + length > tail_start:
             self._write_zero_bytes(tail_start, offset + length - tail_start)
 
@@ -294,6 +323,17 @@ class Qcow2Image(Driver):
             return  # a v2 image cannot hide backing data without zero clusters
         self._mark_dirty()
         self.clusters.discard_clusters(start, end - start, self.backing is not None)
+        self._zero_raw_data_file(start, end)
+
+    def _zero_raw_data_file(self, start: int, end: int) -> None:
+        """data_file_raw: the data file stays a raw image of the guest disk,
+        so clusters that now read as zeros are zeroed there too (as QEMU
+        passes zero writes and discards through to the data file)."""
+        if not self.header.data_file_raw:
+            return
+        end = min(end, self.data_storage.size())
+        if end > start:
+            self.data_storage.punch_hole(start, end - start)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_range(offset, length)
@@ -317,14 +357,31 @@ class Qcow2Image(Driver):
         return out
 
     def flush(self) -> None:
+        """Write every dirty table and make the file durable.
+
+        Ordering: each cache writes the cache it depends on first (see
+        cache.py); the L2 cache is flushed again because flushing refcounts
+        may have dirtied nothing but may depend on L2 (a free). Only after
+        the file is durable may freed clusters be reused.
+        """
         if not self.writable:
             return
-        self.clusters.l2_cache.flush()
-        self.refcounts.blocks.flush()
-        self.clusters.l2_cache.flush()
+        clusters, refcounts = self._clusters, self._refcounts  # None: never loaded
+        if clusters is not None:
+            clusters.l2_cache.flush()
+        if refcounts is not None:
+            refcounts.blocks.flush()
+        if clusters is not None:
+            clusters.l2_cache.flush()
         self.storage.flush()
         if self.data_storage is not self.storage:
             self.data_storage.flush()
+        if refcounts is not None:
+            refcounts.frees_committed()
+
+    def commit_frees(self) -> None:
+        """Refcounts' request: make dropped references durable (a flush)."""
+        self.flush()
 
     def close(self) -> None:
         if self._closed:

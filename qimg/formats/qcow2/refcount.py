@@ -53,6 +53,10 @@ class MetadataIO(Protocol):
 
     def set_refcount_table(self, offset: int, clusters: int) -> None: ...
 
+    def commit_frees(self) -> None:
+        """Make every dropped reference durable (flush L2, refcounts, file)."""
+        ...
+
 
 class Refcounts:
     """The refcount table (held in memory) and a cache of refcount blocks."""
@@ -76,6 +80,9 @@ class Refcounts:
         self.free_cluster_index = 0
         # Sub-cluster allocation for compressed data (QEMU's free_byte_offset).
         self.free_byte_offset = 0
+        # [lo, hi) bounds every cluster whose refcount fell to 0 since the
+        # last flush; see _reuses_pending_free.
+        self.pending_free = (1 << 63, 0)
 
     # --- block I/O -----------------------------------------------------------
 
@@ -172,9 +179,15 @@ class Refcounts:
                         f"(cluster {pos + int(np.argmax(seg < np.uint64(-delta)))})"
                     )
                 seg -= np.uint64(-delta)
-                low = int(np.argmax(seg == 0)) if np.any(seg == 0) else -1
-                if low >= 0:
-                    self.free_cluster_index = min(self.free_cluster_index, pos + low)
+                zeros = np.flatnonzero(seg == 0)
+                if len(zeros):
+                    # The hint is lowered only once the free is durable
+                    # (frees_committed): see _reuses_pending_free.
+                    lo, hi = self.pending_free
+                    self.pending_free = (
+                        min(lo, pos + int(zeros[0])),
+                        max(hi, pos + int(zeros[-1]) + 1),
+                    )
             else:
                 if np.any(seg > np.uint64(self.geo.refcount_max - delta)):
                     raise QimgError("Reference count overflow")
@@ -201,7 +214,8 @@ class Refcounts:
     def _find_free(self, count: int) -> int:
         """First run of `count` clusters with refcount 0, from free_cluster_index.
 
-        Clusters past the covered range count as free.
+        Clusters past the covered range, or under a missing refcount block,
+        count as free (QEMU's alloc_clusters_noref).
         """
         bits = self.geo.refcount_block_bits
         per_block = 1 << bits
@@ -239,27 +253,68 @@ class Refcounts:
             pos += len(block)
         return run_start
 
+    def _missing_blocks(self, start: int, count: int) -> list[int]:
+        """Indices of the refcount blocks absent for clusters [start, start+count)."""
+        bits = self.geo.refcount_block_bits
+        last = (start + count - 1) >> bits
+        return [bi for bi in range(start >> bits, last + 1) if not self._block_offset(bi)]
+
     def alloc(self, count: int) -> int:
         """Allocate `count` contiguous clusters with refcount 1; their offset.
 
-        QEMU's qcow2_alloc_clusters. Refcount blocks that the run needs are
-        created first, each placed at the first cluster it covers.
+        QEMU's qcow2_alloc_clusters. Where the run lies under missing refcount
+        blocks, those blocks are placed just before it, in one free run with
+        the data: every cluster of that run is then described by a block that
+        exists or is created with it, so placement never needs to recurse
+        (QEMU gets the same from alloc_refcount_block's -EAGAIN retries).
         """
         if count <= 0:
             raise ValueError("count must be positive")
         while True:
-            start = self._find_free(count)
-            if self._ensure_blocks(start, count):
-                continue  # a new block took a cluster: search again
-            self.update(start, count, 1)
+            nblocks = 0
+            while True:
+                start = self._find_free(count + nblocks)
+                missing = self._missing_blocks(start, count + nblocks)
+                if len(missing) <= nblocks:
+                    break
+                nblocks = len(missing)
+            if missing and missing[-1] >= len(self.table):
+                self._grow_table(missing[-1])
+                continue  # the new table's area took clusters: search again
+            data = start + len(missing)
+            if self._reuses_pending_free(start, data + count):
+                continue
+            if missing:
+                self._create_blocks(start, missing)
+            self.update(data, count, 1)
             if start == self.free_cluster_index:
-                self.free_cluster_index = start + count
-            return start << self.geo.cluster_bits
+                self.free_cluster_index = data + count
+            return data << self.geo.cluster_bits
+
+    def _reuses_pending_free(self, start: int, end: int) -> bool:
+        """Ordering: a cluster freed since the last flush is reused only after
+        the L2 tables that stopped pointing at it are durable; otherwise a
+        crash could leave an old L2 entry pointing at someone else's new data.
+        Returns True (after making those frees durable) when the run
+        [start, end) touches such a cluster; the caller then searches again.
+        """
+        lo, hi = self.pending_free
+        if start >= hi or end <= lo:
+            return False
+        self.io.commit_frees()
+        self.pending_free = (1 << 63, 0)
+        return True
+
+    def frees_committed(self) -> None:
+        """Called after a flush: every freed cluster may be reused now."""
+        lo, _hi = self.pending_free
+        if lo < self.free_cluster_index:
+            self.free_cluster_index = lo
+        self.pending_free = (1 << 63, 0)
 
     def alloc_at(self, offset: int, count: int) -> None:
         """Take clusters at a fixed place (all must be free)."""
         start = offset >> self.geo.cluster_bits
-        self._ensure_blocks(start, count)
         if np.any(self.get_range(start, count)):
             raise CorruptImageError(f"Cluster at {offset:#x} is already in use", offset)
         self.update(start, count, 1)
@@ -296,50 +351,72 @@ class Refcounts:
         end = (offset + length + self.geo.cluster_size - 1) >> bits
         self.update(start, end - start, -1)
 
-    def _ensure_blocks(self, start: int, count: int) -> bool:
-        """Create missing refcount blocks for clusters [start, start+count).
+    def _create_blocks(self, start: int, indices: list[int]) -> None:
+        """Create refcount blocks `indices` in clusters start, start+1, ...
 
-        Returns True when a new block was placed inside that range.
+        Each new block counts the new block clusters it covers; a block
+        cluster covered by an existing block is counted there. Ordering: the
+        new blocks and the counts in existing blocks are durable before the
+        refcount table entries point at the new blocks, and those entries are
+        durable before anything allocated under them can be referenced.
         """
         bits = self.geo.refcount_block_bits
-        placed_inside = False
-        for bi in range(start >> bits, ((start + count - 1) >> bits) + 1):
-            if not self._block_offset(bi):
-                where = self._create_block(bi)
-                cidx = where >> self.geo.cluster_bits
-                if start <= cidx < start + count:
-                    placed_inside = True
-        return placed_inside
+        mask = (1 << bits) - 1
+        cb = self.geo.cluster_bits
+        new = {bi: np.zeros(1 << bits, dtype=np.uint64) for bi in indices}
+        for i in range(len(indices)):
+            cluster = start + i
+            values = new.get(cluster >> bits)
+            if values is not None:
+                values[cluster & mask] = 1
+            else:
+                self.update(cluster, 1, 1)
+        for i, bi in enumerate(indices):
+            self._write_block((start + i) << cb, new[bi])
+        self.blocks.flush()
+        self.io.flush_file()
+        for i, bi in enumerate(indices):
+            offset = (start + i) << cb
+            self.table[bi] = offset
+            self.blocks.put_new(offset, new[bi])
+            self.blocks.dirty.discard(offset)
+            self._write_table_entry(bi)
+        self.io.flush_file()
 
     def _create_block(self, block_index: int) -> int:
-        """Create refcount block `block_index`, self-describing.
-
-        QEMU's alloc_refcount_block in its simple case: the block sits at the
-        first cluster it covers, which is free because nothing can be in use
-        in a range without a refcount block. Ordering: the block is written
-        before the refcount table entry pointing at it.
-        """
+        """Create refcount block `block_index` somewhere free; its offset."""
+        bits = self.geo.refcount_block_bits
         if block_index >= len(self.table):
             self._grow_table(block_index)
-            existing = self._block_offset(block_index)
-            if existing:
-                return existing
-        bits = self.geo.refcount_block_bits
-        cluster = block_index << bits
-        offset = cluster << self.geo.cluster_bits
-        values = np.zeros(1 << bits, dtype=np.uint64)
-        values[0] = 1
-        self._write_block(offset, values)
-        self.blocks.put_new(offset, values)
-        self.blocks.dirty.discard(offset)
-        self.io.flush_file()
-        self.table[block_index] = offset
-        self._write_table_entry(block_index)
-        return offset
+            if self._block_offset(block_index):
+                return self._block_offset(block_index)
+        while True:
+            start = self._find_free(1)
+            missing = self._missing_blocks(start, 1)
+            if missing and missing[0] >= len(self.table):
+                self._grow_table(missing[0])
+                continue
+            if self._reuses_pending_free(start, start + 1):
+                continue
+            break
+        if missing and missing[0] != block_index:
+            # The free cluster lies under another missing block: make the
+            # block for our index describe a cluster of its own range instead.
+            start = block_index << bits
+        self._create_blocks(start, [block_index])
+        return self._block_offset(block_index)
 
     def _write_table_entry(self, index: int) -> None:
         entry = self.table[index : index + 1].astype(">u8").tobytes()
         self.io.write_metadata(self.table_offset + index * 8, entry, "refcount-table")
+
+    def _next_table_clusters(self, min_entries: int) -> int:
+        """QEMU's next_refcount_table_size: grow by half until big enough."""
+        min_clusters = -(-min_entries * 8 // self.geo.cluster_size)
+        clusters = max(1, self.table_clusters)
+        while min_clusters > clusters:
+            clusters = (clusters * 3 + 1) // 2
+        return clusters
 
     def _grow_table(self, needed_index: int) -> None:
         """Move the refcount table to a larger one placed after all data.
@@ -354,13 +431,15 @@ class Refcounts:
         bits = geo.refcount_block_bits
         per_block = 1 << bits
         entries_per_cluster = geo.cluster_size // 8
-        area_start_block = max(len(self.table), needed_index)
+        # QEMU's blocks_used: the area starts past the block being created,
+        # which nothing covers yet, so no existing block describes the area.
+        area_start_block = max(len(self.table), needed_index + 1)
         area_start = area_start_block << bits  # cluster index
         # Fixed point: the area holds `area_blocks` blocks and `table_clusters`
         # table clusters, and those blocks cover the whole area.
         area_blocks, table_clusters = 1, 1
         while True:
-            table_clusters = -(-(area_start_block + area_blocks) // entries_per_cluster)
+            table_clusters = self._next_table_clusters(area_start_block + area_blocks)
             blocks_needed = -(-(area_blocks + table_clusters) // per_block)
             if blocks_needed <= area_blocks:
                 break

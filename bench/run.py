@@ -1,0 +1,59 @@
+"""Benchmark runner: qimg against qemu-img on the same workloads, one table.
+
+    python bench/run.py                    # every group
+    python bench/run.py foundation check   # some groups
+    python bench/run.py --workdir DIR      # keep images (e.g. the 1 GiB one) in DIR
+
+Protocol: a workload group is a module `bench/bench_<group>.py` that
+defines
+
+    def workloads(workdir: str) -> list[dict]
+
+returning rows made by `common.compare()` (keys: workload, qimg_s, qemu_s,
+ratio, qimg_peak_mib, qemu_peak_mib). `workdir` is a scratch directory the
+module may fill and reuse between runs (large inputs are cached there); the
+module imports `common` as a top-level module (this directory is on
+sys.path). Groups run in GROUPS order; a group whose module does not exist
+is skipped with a note. The ratio is qimg/qemu-img wall time (lower is
+better, 1.0 is parity); peak memory is the child's maximum RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GROUPS = ("foundation", "check", "convert")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("groups", nargs="*", help=f"groups to run (default: {' '.join(GROUPS)})")
+    parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, HERE)
+    from common import print_table
+
+    groups = args.groups or list(GROUPS)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="qimg-bench-", dir=args.workdir) as tmp:
+        workdir = args.workdir or tmp
+        for group in groups:
+            name = f"bench_{group}"
+            if not os.path.exists(os.path.join(HERE, name + ".py")):
+                print(f"(no {name}.py: group '{group}' skipped)", file=sys.stderr)
+                continue
+            module = importlib.import_module(name)
+            group_dir = os.path.join(workdir, group)
+            os.makedirs(group_dir, exist_ok=True)
+            rows.extend(module.workloads(group_dir))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
