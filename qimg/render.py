@@ -54,19 +54,23 @@ def info_human(info: dict) -> str:
     snaps = info.get("snapshots")
     if snaps:
         lines.append("Snapshot list:")
+        # QEMU's bdrv_snapshot_dump: fixed minimum widths, never truncated.
         lines.append(
-            f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>21}{'VM CLOCK':>13}{'ICOUNT':>11}"
+            f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
         )
         import time
 
         for s in snaps:
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
             secs = s["vm-clock-sec"]
-            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
+            clock = (
+                f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                f"{s['vm-clock-nsec'] // 1000000:03d}"
+            )
             icount = s.get("icount")
             lines.append(
-                f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>7}"
-                f"{date:>21}{clock:>13}{'' if icount is None else icount:>11}"
+                f"{s['id']:<9} {s['name']:<16} {human_size(s['vm-state-size']):>8}"
+                f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
             )
     fs = info.get("format-specific")
     if fs:
@@ -105,3 +109,58 @@ def _scalar(v) -> str:
 def print_human(text: str) -> None:
     """Human text through Rich (markup off, so file names print verbatim)."""
     _console().print(text, markup=False)
+
+
+# --- check (qemu-img check) ------------------------------------------------------
+
+
+def check_messages(lines: list[str]) -> None:
+    """What qemu-img check prints on stderr while it runs (ERROR, Leaked,
+    Repairing lines), through Rich with markup off."""
+    if not lines:
+        return
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print("\n".join(lines), markup=False)
+
+
+def check_repaired_human(leaks_fixed: int, corruptions_fixed: int) -> str:
+    """img_check's note after a repair, before the second check."""
+    return (
+        "The following inconsistencies were found and repaired:\n\n"
+        f"    {leaks_fixed} leaked clusters\n"
+        f"    {corruptions_fixed} corruptions\n\n"
+        "Double checking the fixed image now..."
+    )
+
+
+def check_human(result) -> str:
+    """dump_human_image_check: the summary of a check result."""
+    lines: list[str] = []
+    if not (result.corruptions or result.leaks or result.check_errors):
+        lines.append("No errors were found on the image.")
+    else:
+        if result.corruptions:
+            lines += [
+                "",
+                f"{result.corruptions} errors were found on the image.",
+                "Data may be corrupted, or further writes to the image may corrupt it.",
+            ]
+        if result.leaks:
+            lines += [
+                "",
+                f"{result.leaks} leaked clusters were found on the image.",
+                "This means waste of disk space, but no harm to data.",
+            ]
+        if result.check_errors:
+            lines += ["", f"{result.check_errors} internal errors have occurred during the check."]
+    if result.total_clusters and result.allocated_clusters:
+        a, t = result.allocated_clusters, result.total_clusters
+        lines.append(
+            f"{a}/{t} = {a * 100.0 / t:0.2f}% allocated, "
+            f"{result.fragmented_clusters * 100.0 / a:0.2f}% fragmented, "
+            f"{result.compressed_clusters * 100.0 / a:0.2f}% compressed clusters"
+        )
+    if result.image_end_offset:
+        lines.append(f"Image end offset: {result.image_end_offset}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""qimg check: consistency check and repair (qemu-img check)."""
+
+from __future__ import annotations
+
+from qimg.commands._click import click
+from qimg.commands.common import (
+    format_option,
+    need_filename,
+    output_option,
+    quiet_option,
+    share_option,
+)
+from qimg.errors import BadOptionError
+
+_REPAIR = {"leaks": 1, "all": 3}
+
+
+@click.command("check")
+@format_option
+@output_option
+@click.option("-r", "--repair", metavar="leaks|all", help="Repair leaks, or all errors.")
+@share_option
+@quiet_option
+@click.argument("filename", required=False)
+def command(fmt, output, repair, force_share, quiet, filename) -> None:
+    """Check FILENAME for consistency; with -r, repair what is found."""
+    import sys
+
+    from qimg import render
+    from qimg.formats.qcow2.check import CheckFailed, check_file
+
+    filename = need_filename(filename)
+    fix = 0
+    if repair is not None:
+        if repair not in _REPAIR:
+            raise BadOptionError(
+                f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
+            )
+        fix = _REPAIR[repair]
+    try:
+        result = check_file(filename, fmt, fix, force_share)
+    except CheckFailed as exc:
+        if exc.result is not None:
+            render.check_messages(exc.result.messages)
+        raise
+    render.check_messages(result.messages)
+    if output == "json":
+        render.print_json(result.to_json())
+    elif not quiet:
+        text = render.check_human(result)
+        if result.repaired:
+            text = (
+                render.check_repaired_human(result.leaks_fixed, result.corruptions_fixed)
+                + "\n"
+                + text
+            )
+        render.print_human(text)
+    if result.check_errors:
+        sys.stderr.write("qimg: Check failed\n")
+    sys.exit(result.exit_code)

@@ -1,0 +1,1259 @@
+"""Consistency check and repair: QEMU's qcow2_check_refcounts, whole tables at once.
+
+Compare-then-fix (block/qcow2-refcount.c). Refcounts are rebuilt in memory
+from every reference the image makes (header, active and snapshot L1 tables,
+each L2 table once per L1 entry naming it, data and compressed clusters,
+refcount table and blocks, snapshot table, bitmap directory, bitmap tables
+and their clusters), then compared with the refcounts on disk. A count on
+disk above the computed one is a leak, below it a corruption; a cluster in
+use with a count of 0 on disk, or a broken refcount block, makes the whole
+refcount structure be rebuilt when errors are to be fixed.
+
+Counting works on arrays of cluster indices (np.bincount), never a Python
+loop per cluster; a Python loop runs only over what is wrong.
+
+Where QEMU 7.2's repair leaves an image broken (an L2 entry that is unaligned
+or points past the end of the file, an L1 entry pointing at refcount
+metadata or past the end, a bitmap table entry past the end) qimg makes the
+entry unallocated (zero in v3 images) and reports the lost cluster, so that
+the repaired image checks clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qimg.errors import QimgError
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.refcount import decode_refcount_block, encode_refcount_block
+
+# BdrvCheckMode
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+FIX_ALL = FIX_LEAKS | FIX_ERRORS
+
+REFT_RESERVED_MASK = 0x1FF
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+
+_U64 = np.uint64
+_SMALL_DTYPES = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8, 4: np.uint16, 5: np.uint32}
+
+OVERFLOW_HINT = (
+    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
+    "create a clean copy if the image cannot be opened for writing"
+)
+
+# How many L2 tables one numpy batch holds (bounded memory).
+L2_BATCH_BYTES = 8 << 20
+
+
+class CheckFailed(QimgError):
+    """Raised when: the check could not complete (qemu-img's "Check failed").
+
+    `result` holds what was found up to that point; its messages are still
+    shown to the user.
+    """
+
+    def __init__(self, message: str, result: CheckResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class CheckResult:
+    """BdrvCheckResult plus qemu-img's ImageCheck fields."""
+
+    filename: str = ""
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    # Lines qemu-img prints on stderr while checking, in order.
+    messages: list[str] = field(default_factory=list)
+    # Set when a repair ran: the counts of that first pass (the rest of the
+    # result is the state found by the check that followed).
+    repaired: bool = False
+
+    def to_json(self) -> dict:
+        """qemu-img check --output=json: keys in its order, optional ones only when non-zero."""
+        optional = {
+            "image-end-offset": self.image_end_offset,
+            "compressed-clusters": self.compressed_clusters,
+            "total-clusters": self.total_clusters,
+            "corruptions": self.corruptions,
+            "corruptions-fixed": self.corruptions_fixed,
+            "check-errors": None,
+            "leaks": self.leaks,
+            "leaks-fixed": self.leaks_fixed,
+            "allocated-clusters": self.allocated_clusters,
+            "filename": None,
+            "format": None,
+            "fragmented-clusters": self.fragmented_clusters,
+        }
+        out: dict = {}
+        for key, value in optional.items():
+            if key == "check-errors":
+                out[key] = self.check_errors
+            elif key == "filename":
+                out[key] = self.filename
+            elif key == "format":
+                out[key] = self.format
+            elif value:
+                out[key] = value
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's exit status for this result."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+
+# --- the public entry points ----------------------------------------------------
+
+
+def check_image(image, fix: int = 0) -> CheckResult:
+    """qemu-img check [-r leaks|all] on an open image; raises CheckFailed.
+
+    As img_check does: when anything was repaired, the image is checked
+    again and that second result is returned, with the fixed counts of the
+    first pass.
+    """
+    if getattr(image, "format_name", None) != "qcow2":
+        from qimg.errors import NoCheckError
+
+        raise NoCheckError("This image format does not support checks")
+    result = _check_once(image, fix)
+    if result.corruptions_fixed or result.leaks_fixed:
+        again = _check_once(image, 0)
+        again.messages[:0] = result.messages
+        again.corruptions_fixed = result.corruptions_fixed
+        again.leaks_fixed = result.leaks_fixed
+        again.repaired = True
+        result = again
+    result.filename = image.filename
+    return result
+
+
+def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
+    """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
+    to repair; a dirty image is not repaired on open, an image marked
+    corrupt may be opened read-write to be repaired; no backing file."""
+    import os
+
+    from qimg.api import open_image, probe_format
+    from qimg.errors import ImageIOError, NoCheckError
+    from qimg.formats.qcow2.header import Header
+    from qimg.formats.qcow2.image import Qcow2Image
+    from qimg.storage import FileStorage
+
+    if not os.path.exists(path):
+        raise ImageIOError(f"Could not open '{path}': No such file or directory")
+    fmt = fmt or probe_format(path)
+    if fmt != "qcow2":
+        with open_image(path, fmt, writable=bool(fix), force_share=force_share):
+            raise NoCheckError("This image format does not support checks")
+    storage = FileStorage(path, bool(fix), force_share=force_share)
+    try:
+        size = storage.size()
+        header = Header.parse(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)), size)
+        corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
+        header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
+        image = Qcow2Image(storage, header=header)
+        image.header.incompatible_features |= corrupt
+        return image
+    except QimgError as exc:
+        storage.close()
+        msg = str(exc)
+        if not msg.startswith(f"Could not open '{path}'"):
+            exc.args = (f"Could not open '{path}': {msg}",)
+        raise
+    except BaseException:
+        storage.close()
+        raise
+
+
+def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
+    """qemu-img check FILE: open, check (and repair), close."""
+    image = open_for_check(path, fmt, fix, force_share)
+    try:
+        result = check_image(image, fix)
+        result.filename = path
+        return result
+    finally:
+        image.close()
+
+
+def repair_dirty(image) -> CheckResult:
+    """QEMU's open of a dirty image (lazy refcounts): repair the refcounts,
+    then clear the dirty bit. Call on an image opened read-write whose
+    header has the dirty bit; raises CheckFailed if it cannot be repaired."""
+    result = _check_once(image, FIX_ALL)
+    if result.check_errors:
+        raise CheckFailed("Could not repair dirty image: Input/output error", result)
+    return result
+
+
+def _check_once(image, fix: int) -> CheckResult:
+    """QEMU's qcow2_co_check_locked."""
+    res = CheckResult(filename=image.filename)
+    checker = _Checker(image, res, fix)
+    try:
+        checker.check_refcounts()
+    except CheckFailed as exc:
+        exc.result = res
+        raise
+    finally:
+        checker.close()
+    if fix and not res.check_errors and not res.corruptions:
+        _mark_clean(image)
+    return res
+
+
+def _mark_clean(image) -> None:
+    """qcow2_mark_clean + qcow2_mark_consistent: clear the dirty and corrupt bits."""
+    h = image.header
+    bits = L.QCOW2_INCOMPAT_DIRTY | L.QCOW2_INCOMPAT_CORRUPT
+    if h.version >= 3 and h.incompatible_features & bits:
+        image.flush()
+        h.incompatible_features &= ~bits
+        image.storage.pwrite(
+            L.HEADER_OFF_INCOMPATIBLE_FEATURES, h.incompatible_features.to_bytes(8, "big")
+        )
+        image.storage.flush()
+    image._marked_dirty = False
+
+
+# --- on-disk refcounts -------------------------------------------------------------
+
+
+class _OnDisk:
+    """Refcounts as stored, read whole blocks at a time (bounded cache)."""
+
+    def __init__(self, image, max_bytes: int = 32 << 20):
+        self.image = image
+        self.geo = image.geo
+        self.table = image.refcounts.table
+        self.dtype = _SMALL_DTYPES.get(self.geo.refcount_order, np.uint64)
+        self.cache: dict[int, np.ndarray] = {}
+        self.limit = max(8, max_bytes // self.geo.cluster_size)
+
+    def block_offset(self, index: int) -> int:
+        if index >= len(self.table):
+            return 0
+        return int(self.table[index]) & L.REFT_OFFSET_MASK
+
+    def block(self, index: int) -> np.ndarray | None:
+        """Decoded refcount block `index`; None where there is none; raises
+        _Unaligned where the table entry is not cluster aligned."""
+        cached = self.cache.get(index)
+        if cached is not None:
+            return cached
+        offset = self.block_offset(index)
+        if not offset:
+            return None
+        if offset % self.geo.cluster_size:
+            raise _Unaligned(offset)
+        raw = self.image.storage.pread(offset, self.geo.cluster_size)
+        values = decode_refcount_block(raw, self.geo.refcount_order).astype(self.dtype)
+        if len(self.cache) >= self.limit:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[index] = values
+        return values
+
+    def lookup(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(refcounts, ok) of cluster indices; ok is False where the
+        refcount cannot be read (unaligned refcount block)."""
+        bits = self.geo.refcount_block_bits
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        ok = np.ones(len(clusters), dtype=bool)
+        if not len(clusters):
+            return out, ok
+        blocks = clusters >> _U64(bits)
+        order = np.argsort(blocks, kind="stable")
+        sorted_blocks = blocks[order]
+        edges = np.flatnonzero(np.diff(sorted_blocks)) + 1
+        starts = np.concatenate(([0], edges))
+        ends = np.concatenate((edges, [len(order)]))
+        mask = _U64((1 << bits) - 1)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            bi = int(sorted_blocks[s])
+            sel = order[s:e]
+            try:
+                block = self.block(bi)
+            except _Unaligned:
+                ok[sel] = False
+                continue
+            if block is not None:
+                out[sel] = block[(clusters[sel] & mask).astype(np.intp)]
+        return out, ok
+
+    def invalidate(self) -> None:
+        self.cache.clear()
+        self.table = self.image.refcounts.table
+
+
+class _Unaligned(Exception):
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+# --- the checker ---------------------------------------------------------------------
+
+
+class _Checker:
+    """One run of qcow2_check_refcounts over an image."""
+
+    def __init__(self, image, res: CheckResult, fix: int):
+        self.image = image
+        self.res = res
+        self.fix = fix
+        self.geo = image.geo
+        self.cs = self.geo.cluster_size
+        self.cb = self.geo.cluster_bits
+        self.file_len = image.storage.size()
+        self.nb_clusters = -(-self.file_len // self.cs)
+        self.has_data_file = image.header.has_data_file
+        self.v3 = image.header.version >= 3
+        self.ondisk = _OnDisk(image)
+        self.counts: np.ndarray = np.zeros(0, dtype=np.uint32)
+        self.overflow = 0
+        self.rebuild = False
+        self.oflag_messages: list[str] | None = None
+        self.oflag_corruptions = 0
+        self._snapshots = None
+
+    def close(self) -> None:
+        self.ondisk.cache.clear()
+
+    def say(self, line: str) -> None:
+        self.res.messages.append(line)
+
+    # --- qcow2_check_refcounts --------------------------------------------------
+
+    def check_refcounts(self) -> None:
+        res = self.res
+        img = self.image
+        res.total_clusters = -(-img.size // self.cs)
+        self.calculate_refcounts(res, self.fix)
+        pre = _copy_counts(res)
+        highest = self.compare_refcounts(res, 0)
+        if self.rebuild and self.fix & FIX_ERRORS:
+            old = _copy_counts(res)
+            self.say("Rebuilding refcount structure")
+            self.rebuild_refcount_structure()
+            res.corruptions = 0
+            res.leaks = 0
+            self.rebuild = False
+            self.calculate_refcounts(res, 0)
+            highest = self.compare_refcounts(res, 0)
+            if self.rebuild:
+                self.say("ERROR rebuilt refcount structure is still broken")
+            if res.corruptions < old[1]:
+                res.corruptions_fixed += old[1] - res.corruptions
+            if res.leaks < old[2]:
+                res.leaks_fixed += old[2] - res.leaks
+        elif self.fix:
+            if self.rebuild:
+                self.say("ERROR need to rebuild refcount structures")
+                res.check_errors += 1
+                raise CheckFailed("Check failed: Input/output error")
+            if res.leaks or res.corruptions:
+                _restore_counts(res, pre)
+                highest = self.compare_refcounts(res, self.fix)
+        self.check_oflag_copied(res)
+        res.image_end_offset = (highest + 1) * self.cs
+
+    # --- building the in-memory refcounts ---------------------------------------
+
+    def calculate_refcounts(self, res: CheckResult, fix: int) -> None:
+        """QEMU's calculate_refcounts, with every reference counted at once."""
+        img = self.image
+        h = img.header
+        self.file_len = img.storage.size()
+        self.nb_clusters = -(-self.file_len // self.cs)
+        # One cluster of slack: a reference may run up to a cluster past EOF.
+        self.counts = np.zeros(self.nb_clusters + 1, dtype=np.uint32)
+        self.overflow = 0
+        self.in_file_limit = self.nb_clusters + 1
+        self.inc_range(res, 0, self.cs)  # header
+        # Without repairs the refcounts on disk cannot change before the
+        # OFLAG_COPIED check, so it runs during the walk.
+        self.oflag_messages = [] if not self.fix else None
+        self.oflag_corruptions = 0
+        walks: list[tuple[int, int, bool, int]] = []  # (l1 offset, size, active, snap idx)
+        walks.append((img.clusters.l1_offset, img.clusters.l1_size, True, -1))
+        snapshots, snap_size = self.snapshots()
+        if self.has_data_file and snapshots:
+            self.say(f"ERROR {len(snapshots)} snapshots in image with data file")
+            res.corruptions += 1
+        for i, sn in enumerate(snapshots):
+            if sn.l1_table_offset % self.cs:
+                self.say(
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                    "L1 table is not cluster aligned; snapshot table entry corrupted"
+                )
+                res.corruptions += 1
+                continue
+            if sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
+                self.say(
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                    "L1 table is too large; snapshot table entry corrupted"
+                )
+                res.corruptions += 1
+                continue
+            walks.append((sn.l1_table_offset, sn.l1_size, False, i))
+        self.check_l1_tables(res, walks, fix)
+        if h.nb_snapshots:
+            self.inc_range(res, h.snapshots_offset, snap_size)
+        self.inc_range(res, img.refcounts.table_offset, img.refcounts.table_clusters * self.cs)
+        if h.crypto_ext is not None and h.crypto_ext[1]:
+            self.inc_range(res, h.crypto_ext[0], h.crypto_ext[1])
+        self.check_bitmaps(res, fix)
+        self.check_refblocks(res, fix)
+        self.finish_counts(res)
+
+    def snapshots(self):
+        if self._snapshots is None:
+            from qimg.formats.qcow2.snapshot import read_snapshots
+
+            self._snapshots = read_snapshots(self.image)
+        return self._snapshots
+
+    def inc_range(self, res: CheckResult, offset: int, size: int) -> None:
+        """qcow2_inc_refcounts_imrt for one byte range."""
+        if size <= 0:
+            return
+        if offset + size - self.file_len >= self.cs:
+            self.say(
+                "ERROR: counting reference for region exceeding the end of the file by "
+                f"one cluster or more: offset {offset:#x} size {size:#x}"
+            )
+            res.corruptions += 1
+            return
+        first, last = offset >> self.cb, (offset + size - 1) >> self.cb
+        self.counts[first : last + 1] += 1
+
+    def inc_clusters(self, res: CheckResult, offsets: np.ndarray, sizes, weight: int = 1) -> None:
+        """qcow2_inc_refcounts_imrt for many ranges at once (uint64 offsets)."""
+        if not len(offsets) or weight <= 0:
+            return
+        ends = offsets + _U64(sizes) if np.isscalar(sizes) else offsets + sizes
+        past = (ends.astype(np.int64) - self.file_len) >= self.cs
+        if past.any():
+            sz = np.broadcast_to(np.asarray(sizes, dtype=np.uint64), offsets.shape)
+            for off, size in zip(offsets[past].tolist(), sz[past].tolist()):
+                for _ in range(weight):
+                    self.say(
+                        "ERROR: counting reference for region exceeding the end of the file "
+                        f"by one cluster or more: offset {off:#x} size {size:#x}"
+                    )
+            res.corruptions += int(past.sum()) * weight
+            keep = ~past
+            offsets, ends = offsets[keep], ends[keep]
+        first = (offsets >> _U64(self.cb)).astype(np.int64)
+        last = ((ends - _U64(1)) >> _U64(self.cb)).astype(np.int64)
+        self._add(first, weight)
+        two = last != first
+        if two.any():
+            self._add(last[two], weight)
+            more = last - first > 1
+            if more.any():  # compressed data longer than a cluster: rare
+                for a, b in zip(first[more].tolist(), last[more].tolist()):
+                    self.counts[a + 1 : b] += weight
+
+    def _add(self, idx: np.ndarray, weight: int) -> None:
+        if not len(idx):
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        binned = np.bincount(idx - lo, minlength=hi - lo + 1)
+        if weight != 1:
+            binned *= weight
+        window = self.counts[lo : hi + 1]
+        window += binned.astype(np.uint32)
+
+    # --- L1 and L2 tables ----------------------------------------------------------
+
+    def read_l1(self, offset: int, size: int) -> np.ndarray:
+        raw = self.image.storage.pread(offset, size * 8) if size else b""
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+    def check_l1_tables(self, res: CheckResult, walks, fix: int) -> None:
+        """check_refcounts_l1 for every walk; each L2 table is read once, its
+        references weighted by how many L1 entries name it."""
+        # (l2 offset) -> [active walks, inactive walks]
+        uses: dict[int, list[int]] = {}
+        order: list[int] = []
+        for l1_offset, l1_size, active, _snap in walks:
+            if not l1_size:
+                continue
+            self.inc_range(res, l1_offset, l1_size * 8)
+            l1 = self.read_l1(l1_offset, l1_size)
+            if fix & FIX_ERRORS:
+                l1 = self.repair_l1(res, l1, l1_offset, active)
+            nz = np.flatnonzero(l1)
+            entries = l1[nz]
+            bad = np.flatnonzero(entries & _U64(L.L1E_RESERVED_MASK))
+            for e in entries[bad].tolist():
+                self.say(f"ERROR found L1 entry with reserved bits set: {e:x}")
+            res.corruptions += len(bad)
+            l2s = entries & _U64(L.L1E_OFFSET_MASK)
+            self.inc_clusters(res, l2s, self.cs)
+            unaligned = l2s[(l2s & _U64(self.cs - 1)) != 0]
+            for off in unaligned.tolist():
+                self.say(
+                    f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted"
+                )
+            res.corruptions += len(unaligned)
+            for off in l2s.tolist():
+                u = uses.get(off)
+                if u is None:
+                    u = uses[off] = [0, 0]
+                    order.append(off)
+                u[0 if active else 1] += 1
+        batch = max(1, L2_BATCH_BYTES // self.cs)
+        for i in range(0, len(order), batch):
+            offs = order[i : i + batch]
+            self.check_l2_batch(res, offs, [uses[o] for o in offs], fix)
+
+    def repair_l1(self, res: CheckResult, l1: np.ndarray, l1_offset: int, active: bool):
+        """qimg's addition: clear L1 entries whose L2 table cannot be used
+        (reserved bits, unaligned, past EOF, or metadata that is no L2 table)."""
+        nz = np.flatnonzero(l1)
+        if not len(nz):
+            return l1
+        entries = l1[nz]
+        offs = entries & _U64(L.L1E_OFFSET_MASK)
+        bad = (entries & _U64(L.L1E_RESERVED_MASK)) != 0
+        bad |= (offs & _U64(self.cs - 1)) != 0
+        bad |= (offs.astype(np.int64) + self.cs - self.file_len) >= self.cs
+        meta = self.refcount_metadata_clusters()
+        on_meta = np.isin(offs >> _U64(self.cb), meta) & ~bad
+        for j in np.flatnonzero(on_meta).tolist():
+            bad[j] = self.l2_table_is_garbage(int(offs[j]))
+        if not bad.any():
+            return l1
+        l1 = l1.copy()
+        for j in np.flatnonzero(bad).tolist():
+            index = int(nz[j])
+            self.say(
+                f"Repairing L1 entry {index} (l1_entry={int(entries[j]):x}): "
+                "L2 table unusable; made unallocated"
+            )
+            l1[index] = 0
+            data = b"\0" * 8
+            self.image.write_metadata(l1_offset + index * 8, data, "l1")
+            if active:
+                self.image.clusters.l1[index] = 0
+            res.corruptions_fixed += 1
+        self.image.flush_file()
+        return l1
+
+    def refcount_metadata_clusters(self) -> np.ndarray:
+        """Cluster indices of the header, refcount table and blocks, active L1."""
+        img = self.image
+        parts = [np.array([0], dtype=np.uint64)]
+        t0 = img.refcounts.table_offset >> self.cb
+        parts.append(np.arange(t0, t0 + img.refcounts.table_clusters, dtype=np.uint64))
+        rb = img.refcounts.table & _U64(L.REFT_OFFSET_MASK)
+        parts.append(rb[rb != 0] >> _U64(self.cb))
+        if img.clusters.l1_size:
+            a = img.clusters.l1_offset >> self.cb
+            b = (img.clusters.l1_offset + img.clusters.l1_size * 8 - 1) >> self.cb
+            parts.append(np.arange(a, b + 1, dtype=np.uint64))
+        return np.concatenate(parts)
+
+    def l2_table_is_garbage(self, offset: int) -> bool:
+        table = self.decode_l2(self.image.storage.pread(offset, self.cs))
+        entries = table[:, 0] if table.ndim == 2 else table
+        _bad, lost = self.unsavable(entries)
+        return bool(lost.any())
+
+    def decode_l2(self, raw: bytes) -> np.ndarray:
+        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        return table.reshape(-1, 2) if self.geo.extended_l2 else table
+
+    def unsavable(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(any entry, lost) masks: entries qimg's repair makes unallocated:
+        reserved bits, unaligned data clusters, data past the end of file."""
+        compressed = (e & _U64(L.QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        std = ~compressed & (off != 0)
+        lost = ~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0)
+        lost |= std & ((off & _U64(self.cs - 1)) != 0)
+        lost |= std & ((off.astype(np.int64) + self.cs - self.file_len) >= self.cs)
+        coff = e & _U64(self.geo.cluster_offset_mask)
+        lost |= compressed & ((coff.astype(np.int64) + 512 - self.file_len) >= self.cs)
+        return e != 0, lost
+
+    def check_l2_batch(self, res: CheckResult, offsets: list[int], uses, fix: int) -> None:
+        """check_refcounts_l2 for a batch of distinct L2 tables."""
+        cs = self.cs
+        buf = bytearray(len(offsets) * cs)  # zeros: reads past EOF stay zero
+        view = memoryview(buf)
+        storage = self.image.storage
+        for k, o in enumerate(offsets):
+            storage.preadv(o, view[k * cs : (k + 1) * cs])
+        tables = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+        ext = self.geo.extended_l2
+        n = len(offsets)
+        if ext:
+            tables = tables.reshape(n, -1, 2)
+            e = tables[:, :, 0].copy()
+            bitmap = tables[:, :, 1].copy()
+        else:
+            e = tables.reshape(n, -1).copy()
+            bitmap = None
+        weights = np.array([a + b for a, b in uses], dtype=np.int64)
+        actives = np.array([a for a, _b in uses], dtype=np.int64)
+        if fix & FIX_ERRORS:
+            self.repair_l2_batch(res, offsets, e, bitmap)
+        self.walk_l2(res, offsets, e, bitmap, weights, actives, fix)
+        if self.oflag_messages is not None:
+            self.oflag_l2(res, offsets, e, actives)
+
+    def repair_l2_batch(self, res, offsets, e, bitmap) -> None:
+        """qimg's addition to fix_l2_entry_by_zero: entries whose cluster is
+        lost (unaligned data, past EOF, reserved bits) become zero (v3) or
+        unallocated (v2), where the table may be written."""
+        _any, lost = self.unsavable(e)
+        if not lost.any():
+            return
+        zero = _U64(L.QCOW_OFLAG_ZERO if self.v3 and not self.geo.extended_l2 else 0)
+        esize = self.geo.l2_entry_size
+        for t in np.flatnonzero(lost.any(axis=1)).tolist():
+            l2_offset = offsets[t]
+            if self.overlaps(l2_offset, self.cs):
+                continue
+            for i in np.flatnonzero(lost[t]).tolist():
+                old = int(e[t, i])
+                self.say(
+                    f"Repairing offset={old & L.L2E_OFFSET_MASK:x}: cluster lost "
+                    f"(l2_entry={old:x}, L2 offset {l2_offset:#x}, index {i}); "
+                    "made unallocated"
+                )
+                e[t, i] = zero
+                data = int(zero).to_bytes(8, "big")
+                if bitmap is not None:
+                    b = int(bitmap[t, i])
+                    b = (b | (b << 32)) & L.QCOW_L2_BITMAP_ALL_ZEROES if self.v3 else 0
+                    bitmap[t, i] = b
+                    data += b.to_bytes(8, "big")
+                self.image.write_metadata(l2_offset + i * esize, data, "l2")
+                res.corruptions_fixed += 1
+        self.image.clusters.l2_cache.invalidate()
+        self.image.flush_file()
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        """Would a write of an L2 table land on other metadata? (No side effects.)"""
+        img = self.image
+        end = offset + length
+        for r_off, r_len, kind in img.metadata_regions():
+            if kind != "l2" and r_len and offset < r_off + r_len and r_off < end:
+                return True
+        meta = self.refcount_metadata_clusters()
+        return bool(np.any(meta == _U64(offset >> self.cb)))
+
+    def walk_l2(self, res, offsets, e, bitmap, weights, actives, fix) -> None:
+        geo = self.geo
+        cs = self.cs
+        compressed = (e & _U64(L.QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        if geo.extended_l2:
+            zero_flag = np.zeros_like(compressed)
+        else:
+            zero_flag = ~compressed & ((e & _U64(L.QCOW_OFLAG_ZERO)) != 0)
+        if self.has_data_file:
+            normal = ~compressed & ((off != 0) | (~zero_flag & ((e >> _U64(63)) != 0)))
+        else:
+            normal = ~compressed & (off != 0)
+        w_rows = weights[:, None]
+
+        # Reserved bits of standard descriptors.
+        reserved = ~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0)
+        if reserved.any():
+            self._report_rows(
+                res,
+                e,
+                reserved,
+                weights,
+                lambda v, i: f"ERROR found l2 entry with reserved bits set: {v:x}",
+            )
+
+        # Compressed clusters.
+        if compressed.any():
+            copied = compressed & ((e >> _U64(63)) != 0)
+            if copied.any():
+                cmask = geo.cluster_offset_mask
+                self._report_rows(
+                    res,
+                    e,
+                    copied,
+                    weights,
+                    lambda v, i: (
+                        f"ERROR: coffset={v & cmask:#x}: copied flag must never be "
+                        "set for compressed clusters"
+                    ),
+                )
+            usable = compressed.copy()
+            if self.has_data_file:
+                self._report_rows(
+                    res,
+                    e,
+                    compressed,
+                    weights,
+                    lambda v, i: f"ERROR compressed cluster {i} with data file, entry={v:#x}",
+                )
+                usable[:] = False
+            elif bitmap is not None:
+                badmap = compressed & (bitmap != 0)
+                if badmap.any():
+                    self._report_rows(
+                        res,
+                        e,
+                        badmap,
+                        weights,
+                        lambda v, i: (
+                            f"ERROR compressed cluster {i} with non-zero subcluster "
+                            f"allocation bitmap, entry={v:#x}"
+                        ),
+                    )
+                    usable &= ~badmap
+            ce = e[usable] & ~_U64(L.QCOW_OFLAG_COPIED)
+            coff = ce & _U64(geo.cluster_offset_mask)
+            nb = ((ce >> _U64(geo.csize_shift)) & _U64(geo.csize_mask)) + _U64(1)
+            csize = nb * _U64(512) - (coff & _U64(511))
+            wts = np.broadcast_to(w_rows, e.shape)[usable]
+            self._inc_weighted(res, coff, csize, wts)
+            a = np.broadcast_to(actives[:, None], e.shape)[usable]
+            nact = int(a.sum())
+            res.allocated_clusters += nact
+            res.compressed_clusters += nact
+            res.fragmented_clusters += nact
+
+        # Standard allocated clusters (normal and preallocated zero).
+        if normal.any():
+            if bitmap is not None:
+                corrupt_map = normal & (((bitmap >> _U64(32)) & bitmap) != 0)
+                if corrupt_map.any():
+                    self._report_rows(
+                        res,
+                        off,
+                        corrupt_map,
+                        weights,
+                        lambda v, i: (
+                            f"ERROR offset={v:x}: Allocated cluster has corrupted "
+                            "subcluster allocation bitmap"
+                        ),
+                    )
+            unaligned = normal & ((off & _U64(cs - 1)) != 0)
+            skip = np.zeros_like(normal)
+            if unaligned.any():
+                if bitmap is not None:
+                    has_data = (bitmap & _U64(L.QCOW_L2_BITMAP_ALL_ALLOC)) != 0
+                else:
+                    has_data = ~zero_flag
+                prealloc = unaligned & ~has_data
+                dat = unaligned & has_data
+                if dat.any():
+                    self._report_rows(
+                        res,
+                        off,
+                        dat,
+                        weights,
+                        lambda v, i: (
+                            f"ERROR offset={v:x}: Data cluster is not properly "
+                            "aligned; L2 entry corrupted."
+                        ),
+                    )
+                if prealloc.any():
+                    skip = self._fix_prealloc(res, offsets, e, bitmap, prealloc, weights, fix)
+            counted = normal & ~skip
+            # Fragmentation, per active walk: allocated entries in table order.
+            t_idx, i_idx = np.nonzero(counted)
+            offs = off[t_idx, i_idx]
+            act = actives[t_idx]
+            if act.any():
+                res.allocated_clusters += int(act.sum())
+                same = t_idx[1:] == t_idx[:-1]
+                jump = offs[1:] != offs[:-1] + _U64(cs)
+                res.fragmented_clusters += int((act[1:] * (same & jump)).sum())
+            if not self.has_data_file:
+                self._inc_weighted(res, offs, cs, weights[t_idx])
+
+        # Unallocated entries with a subcluster allocation map.
+        if bitmap is not None:
+            unalloc = ~compressed & ~normal & ((bitmap & _U64(L.QCOW_L2_BITMAP_ALL_ALLOC)) != 0)
+            if unalloc.any():
+                self._report_rows(
+                    res,
+                    e,
+                    unalloc,
+                    weights,
+                    lambda v, i: (
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                    ),
+                )
+        del w_rows
+
+    def _report_rows(self, res, values, mask, weights, fmt) -> None:
+        t_idx, i_idx = np.nonzero(mask)
+        for t, i in zip(t_idx.tolist(), i_idx.tolist()):
+            w = int(weights[t])
+            line = fmt(int(values[t, i]), i)
+            for _ in range(w):
+                self.say(line)
+            res.corruptions += w
+
+    def _inc_weighted(self, res, offsets: np.ndarray, sizes, weights: np.ndarray) -> None:
+        if not len(offsets):
+            return
+        if np.all(weights == weights[0]):
+            self.inc_clusters(res, offsets, sizes, int(weights[0]))
+            return
+        sz = np.broadcast_to(np.asarray(sizes, dtype=np.uint64), offsets.shape)
+        for w in np.unique(weights).tolist():
+            sel = weights == w
+            self.inc_clusters(res, offsets[sel], sz[sel], w)
+
+    def _fix_prealloc(self, res, offsets, e, bitmap, prealloc, weights, fix) -> np.ndarray:
+        """Unaligned preallocated clusters: fix_l2_entry_by_zero under -r all."""
+        skip = np.zeros_like(prealloc)
+        esize = self.geo.l2_entry_size
+        t_idx, i_idx = np.nonzero(prealloc)
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        for t, i in zip(t_idx.tolist(), i_idx.tolist()):
+            v = int(off[t, i])
+            res.corruptions += 1
+            if not fix & FIX_ERRORS:
+                for _ in range(int(weights[t])):
+                    self.say(
+                        f"ERROR offset={v:x}: Preallocated cluster is not properly aligned; "
+                        "L2 entry corrupted."
+                    )
+                res.corruptions += int(weights[t]) - 1
+                continue
+            self.say(
+                f"Repairing offset={v:x}: Preallocated cluster is not properly aligned; "
+                "L2 entry corrupted."
+            )
+            l2_offset = offsets[t]
+            if self.overlaps(l2_offset, self.cs):
+                self.say("ERROR: Overlap check failed")
+                res.check_errors += 1
+                raise CheckFailed("Check failed: Input/output error")
+            if bitmap is not None:
+                b = int(bitmap[t, i])
+                b = (b | (b << 32)) & L.QCOW_L2_BITMAP_ALL_ZEROES
+                bitmap[t, i] = b
+                e[t, i] = 0
+                data = (0).to_bytes(8, "big") + b.to_bytes(8, "big")
+            else:
+                e[t, i] = L.QCOW_OFLAG_ZERO
+                data = L.QCOW_OFLAG_ZERO.to_bytes(8, "big")
+            self.image.write_metadata(l2_offset + i * esize, data, "l2")
+            self.image.flush_file()
+            res.corruptions -= 1
+            res.corruptions_fixed += 1
+            skip[t, i] = True
+        self.image.clusters.l2_cache.invalidate()
+        return skip
+
+    # --- bitmaps -----------------------------------------------------------------------
+
+    def check_bitmaps(self, res: CheckResult, fix: int) -> None:
+        """qcow2_check_bitmaps_refcounts."""
+        from qimg.formats.qcow2.bitmap import read_bitmap_directory
+
+        bitmaps = read_bitmap_directory(self.image)
+        if not bitmaps:
+            return
+        _nb, dir_size, dir_offset = self.image.header.bitmaps_ext
+        self.inc_range(res, dir_offset, dir_size)
+        for bm in bitmaps:
+            self.inc_range(res, bm.table_offset, bm.table_size * 8)
+            raw = self.image.storage.pread(bm.table_offset, bm.table_size * 8)
+            table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            offs = table & _U64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+            invalid = (table & _U64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0
+            invalid |= (offs != 0) & (
+                ((table & _U64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+                | ((offs & _U64(self.cs - 1)) != 0)
+            )
+            past = (offs != 0) & ~invalid & ((offs.astype(np.int64) - self.file_len) >= 0)
+            if (fix & FIX_ERRORS) and (invalid.any() or past.any()):
+                table = self.repair_bitmap_table(res, bm, table, invalid | past)
+                offs = table & _U64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+                invalid[:] = False
+            if invalid.any():
+                # QEMU cannot even open such an image.
+                raise QimgError(
+                    f"Could not open '{self.image.filename}': Could not read bitmap_table "
+                    f"table from image for bitmap '{bm.name}': Invalid argument"
+                )
+            used = offs[offs != 0]
+            self.inc_clusters(res, used, self.cs)
+
+    def repair_bitmap_table(self, res, bm, table, bad) -> np.ndarray:
+        """qimg's addition: a bitmap cluster that cannot be read becomes
+        'all ones' (every granule dirty: safe for incremental backups)."""
+        table = table.copy()
+        for i in np.flatnonzero(bad).tolist():
+            self.say(
+                f"Repairing bitmap '{bm.name}' table entry {i} ({int(table[i]):#x}): "
+                "cluster lost; marked all dirty"
+            )
+            table[i] = L.BME_TABLE_ENTRY_FLAG_ALL_ONES
+            res.corruptions_fixed += 1
+        self.image.write_metadata(bm.table_offset, table.astype(">u8").tobytes(), "bitmap-table")
+        self.image.flush_file()
+        return table
+
+    # --- refcount blocks ----------------------------------------------------------------
+
+    def check_refblocks(self, res: CheckResult, fix: int) -> None:
+        """QEMU's check_refblocks."""
+        table = self.image.refcounts.table
+        nz = np.flatnonzero(table)
+        for i in nz.tolist():
+            raw = int(table[i])
+            offset = raw & L.REFT_OFFSET_MASK
+            cluster = offset >> self.cb
+            if raw & REFT_RESERVED_MASK:
+                self.say(f"ERROR refcount table entry {i} has reserved bits set")
+                res.corruptions += 1
+                self.rebuild = True
+                continue
+            if offset % self.cs:
+                self.say(
+                    f"ERROR refcount block {i} is not cluster aligned; "
+                    "refcount table entry corrupted"
+                )
+                res.corruptions += 1
+                self.rebuild = True
+                continue
+            if cluster >= self.nb_clusters:
+                res.corruptions += 1
+                prefix = "Repairing" if fix & FIX_ERRORS else "ERROR"
+                self.say(f"{prefix} refcount block {i} is outside image")
+                if fix & FIX_ERRORS:
+                    # QEMU grows the file; qimg rebuilds the structure instead,
+                    # which leaves no block of zeros behind.
+                    self.rebuild = True
+                continue
+            if offset:
+                rmax = self.geo.refcount_max
+                if self.counts[cluster] >= rmax:
+                    self.say(f"ERROR: overflow cluster offset={offset:#x}")
+                    self.say(OVERFLOW_HINT)
+                    res.corruptions += 1
+                else:
+                    self.counts[cluster] += 1
+                count = min(int(self.counts[cluster]), rmax)
+                if count != 1:
+                    self.say(f"ERROR refcount block {i} refcount={count}")
+                    res.corruptions += 1
+                    self.rebuild = True
+
+    # --- comparison ---------------------------------------------------------------------
+
+    def finish_counts(self, res: CheckResult) -> np.ndarray:
+        """Clamp to refcount_max, reporting overflows as QEMU does."""
+        counts = self.counts
+        rmax = self.geo.refcount_max
+        if rmax < 0xFFFFFFFF:
+            over = np.flatnonzero(counts > rmax)
+            for c in over.tolist():
+                n = int(counts[c]) - rmax
+                for _ in range(n):
+                    self.say(f"ERROR: overflow cluster offset={c << self.cb:#x}")
+                    self.say(OVERFLOW_HINT)
+                res.corruptions += n
+            if len(over):
+                counts = np.minimum(counts, rmax).astype(np.uint32)
+                self.counts = counts
+        return counts
+
+    def compare_refcounts(self, res: CheckResult, fix: int) -> int:
+        """QEMU's compare_refcounts; returns the highest cluster in use."""
+        counts = self.counts
+        # QEMU's array covers the file, plus a partly referenced cluster past it.
+        limit = self.nb_clusters
+        if len(counts) > limit and counts[limit]:
+            limit += 1
+        bits = self.geo.refcount_block_bits
+        per = 1 << bits
+        highest = 0
+        self.ondisk.invalidate()
+        repairs: list[tuple[int, int, int]] = []
+        for bi in range(0, -(-limit // per)):
+            lo = bi * per
+            hi = min(limit, lo + per)
+            computed = counts[lo:hi]
+            try:
+                block = self.ondisk.block(bi)
+            except _Unaligned:
+                for c in range(lo, hi):
+                    self.say(f"Can't get refcount for cluster {c}: Input/output error")
+                res.check_errors += hi - lo
+                continue
+            disk = np.zeros(hi - lo, dtype=np.uint64) if block is None else block[: hi - lo]
+            used = np.flatnonzero((disk != 0) | (computed != 0))
+            if len(used):
+                highest = lo + int(used[-1])
+            diff = np.flatnonzero(disk != computed)
+            for j in diff.tolist():
+                r1, r2 = int(disk[j]), int(computed[j])
+                c = lo + j
+                fixed = False
+                if r1 == 0:
+                    self.rebuild = True
+                elif r1 > r2 and fix & FIX_LEAKS:
+                    fixed = True
+                elif r1 < r2 and fix & FIX_ERRORS:
+                    fixed = True
+                word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
+                self.say(f"{word} cluster {c} refcount={r1} reference={r2}")
+                if fixed:
+                    repairs.append((c, r1, r2))
+                elif r1 < r2:
+                    res.corruptions += 1
+                else:
+                    res.leaks += 1
+        if repairs:
+            self.apply_refcount_repairs(res, repairs)
+        return highest
+
+    def apply_refcount_repairs(self, res: CheckResult, repairs) -> None:
+        """update_refcount for each mismatch, through the refcount block cache."""
+        rc = self.image.refcounts
+        for c, r1, r2 in repairs:
+            rc.set_range(c, 1, r2)
+            if r1 > r2:
+                res.leaks_fixed += 1
+            else:
+                res.corruptions_fixed += 1
+        # Ordering: refcounts are the only metadata changed here.
+        rc.blocks.flush()
+        self.image.flush_file()
+        self.ondisk.invalidate()
+
+    # --- OFLAG_COPIED ---------------------------------------------------------------------
+
+    def oflag_l2(self, res: CheckResult, offsets, e, actives) -> None:
+        """check_oflag_copied's L2 part, done during the walk when nothing is
+        repaired (the refcounts on disk cannot change before it would run)."""
+        rows = np.flatnonzero(actives)
+        if not len(rows):
+            return
+        sub = e[rows]
+        flat = sub.reshape(-1)
+        idx, refs, ok = self._oflag_entries(flat)
+        copied = (flat[idx] >> _U64(63)) != 0
+        bad = np.flatnonzero(ok & ((refs == 1) != copied))
+        width = sub.shape[1]
+        for j in bad.tolist():
+            t = int(rows[idx[j] // width])
+            line = (
+                f"ERROR OFLAG_COPIED data cluster: l2_entry={int(flat[idx[j]]):x} "
+                f"refcount={int(refs[j])}"
+            )
+            for _ in range(int(actives[t])):
+                self.oflag_messages.append(line)
+                res.corruptions += 1
+
+    def _oflag_entries(self, e: np.ndarray):
+        compressed = (e & _U64(L.QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        if self.has_data_file:
+            zero_flag = ~compressed & ((e & _U64(L.QCOW_OFLAG_ZERO)) != 0)
+            normal = ~compressed & ((off != 0) | (~zero_flag & ((e >> _U64(63)) != 0)))
+        else:
+            normal = ~compressed & (off != 0)
+        idx = np.flatnonzero(normal)
+        if self.has_data_file:
+            return idx, np.ones(len(idx), dtype=np.uint64), np.ones(len(idx), dtype=bool)
+        refs, ok = self.ondisk.lookup(off[idx] >> _U64(self.cb))
+        return idx, refs, ok
+
+    def _oflag_table(self, res: CheckResult, l2_offset: int, e: np.ndarray, repair: bool):
+        idx, refs, ok = self._oflag_entries(e)
+        copied = (e[idx] >> _U64(63)) != 0
+        wrong = ok & ((refs == 1) != copied)
+        bad = np.flatnonzero(wrong)
+        if not len(bad):
+            return None
+        word = "Repairing" if repair else "ERROR"
+        lines = self.oflag_messages if self.oflag_messages is not None else self.res.messages
+        for j in bad.tolist():
+            v = int(e[idx[j]])
+            lines.append(
+                f"{word} OFLAG_COPIED data cluster: l2_entry={v:x} refcount={int(refs[j])}"
+            )
+        res.corruptions += len(bad)
+        if not repair:
+            return None
+        fixed = e.copy()
+        sel = idx[bad]
+        one = refs[bad] == 1
+        fixed[sel[one]] |= _U64(L.QCOW_OFLAG_COPIED)
+        fixed[sel[~one]] &= ~_U64(L.QCOW_OFLAG_COPIED)
+        return fixed, len(bad)
+
+    def check_oflag_copied(self, res: CheckResult) -> None:
+        """QEMU's check_oflag_copied over the active L1 table."""
+        fix = self.fix
+        if fix & FIX_ERRORS:
+            repair = True
+        elif fix & FIX_LEAKS:
+            repair = not res.check_errors and not res.corruptions and not res.leaks
+        else:
+            repair = False
+        img = self.image
+        self.ondisk.invalidate()
+        l1 = img.clusters.l1
+        nz = np.flatnonzero(l1 & _U64(L.L1E_OFFSET_MASK))
+        if len(nz):
+            l2s = (l1[nz] & _U64(L.L1E_OFFSET_MASK)) >> _U64(self.cb)
+            refs, ok = self.ondisk.lookup(l2s)
+            copied = (l1[nz] >> _U64(63)) != 0
+            wrong = np.flatnonzero(ok & ((refs == 1) != copied))
+            word = "Repairing" if repair else "ERROR"
+            for j in wrong.tolist():
+                i = int(nz[j])
+                entry = int(l1[i])
+                self.say(
+                    f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} "
+                    f"refcount={int(refs[j])}"
+                )
+                res.corruptions += 1
+                if repair:
+                    if int(refs[j]) == 1:
+                        l1[i] = entry | L.QCOW_OFLAG_COPIED
+                    else:
+                        l1[i] = entry & ~L.QCOW_OFLAG_COPIED
+                    img.clusters.write_l1_entry(i)
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+            if len(wrong) and repair:
+                img.flush_file()
+        if self.oflag_messages is not None:
+            # The L2 part was done during the walk (nothing was repaired).
+            self.res.messages.extend(self.oflag_messages)
+            self.oflag_messages = None
+            return
+        for i in nz.tolist():
+            l2_offset = int(l1[i]) & L.L1E_OFFSET_MASK
+            raw = img.storage.pread(l2_offset, self.cs)
+            table = self.decode_l2(raw)
+            e = table[:, 0].copy() if table.ndim == 2 else table.copy()
+            out = self._oflag_table(res, l2_offset, e, repair)
+            if out is None:
+                continue
+            fixed, n = out
+            if self.overlaps(l2_offset, self.cs):
+                self.say(
+                    "ERROR: Could not write L2 table; metadata overlap check failed: "
+                    "Input/output error"
+                )
+                res.check_errors += 1
+                raise CheckFailed("Check failed: Input/output error")
+            if table.ndim == 2:
+                table = table.copy()
+                table[:, 0] = fixed
+                data = table.astype(">u8").tobytes()
+            else:
+                data = fixed.astype(">u8").tobytes()
+            img.write_metadata(l2_offset, data, "l2")
+            res.corruptions -= n
+            res.corruptions_fixed += n
+        img.clusters.l2_cache.invalidate()
+        img.flush_file()
+
+    # --- rebuild -------------------------------------------------------------------------
+
+    def rebuild_refcount_structure(self) -> None:
+        """A new refcount table and blocks, from the computed counts, placed
+        past everything in use; the header is then pointed at them.
+
+        Ordering: blocks and table are written and flushed before the header
+        names them; the old structure is simply no longer referenced, so a
+        crash leaves either the old (broken) or the new (whole) structure.
+        """
+        img = self.image
+        geo = self.geo
+        cs = self.cs
+        # Counts without the old refcount structure.
+        counts = self.counts.astype(np.uint64)
+        t0 = img.refcounts.table_offset >> self.cb
+        tn = img.refcounts.table_clusters
+        if t0 < len(counts):
+            seg = counts[t0 : t0 + tn]
+            seg -= np.minimum(seg, 1)
+        for raw in img.refcounts.table.tolist():
+            off = raw & L.REFT_OFFSET_MASK
+            if raw & REFT_RESERVED_MASK or not off or off % cs:
+                continue
+            c = off >> self.cb
+            if c < self.nb_clusters and counts[c]:
+                counts[c] -= 1
+        counts = np.minimum(counts, _U64(geo.refcount_max))
+        used = np.flatnonzero(counts)
+        end = max(self.nb_clusters, int(used[-1]) + 1 if len(used) else 1)
+        per = geo.refcount_block_size
+        entries_per_cluster = cs // 8
+        # Fixed point: area of `nblocks` blocks and `tclusters` table clusters
+        # at cluster `end`, all covered by the blocks.
+        nblocks, tclusters = 0, 1
+        while True:
+            total = end + nblocks + tclusters
+            needed_blocks = -(-total // per)
+            # Blocks that hold a non-zero count: those with a used cluster, and
+            # every block covering the new area.
+            blocks_used = set((used // per).tolist()) | set(
+                range(end // per, (total - 1) // per + 1)
+            )
+            want_t = -(-needed_blocks // entries_per_cluster)
+            if len(blocks_used) == nblocks and want_t == tclusters:
+                break
+            nblocks, tclusters = len(blocks_used), want_t
+        full = np.zeros(needed_blocks * per, dtype=np.uint64)
+        full[: len(counts)] = counts
+        full[end : end + nblocks + tclusters] = 1
+        table = np.zeros(tclusters * entries_per_cluster, dtype=np.uint64)
+        for k, bi in enumerate(sorted(blocks_used)):
+            where = (end + k) * cs
+            table[bi] = where
+            data = encode_refcount_block(full[bi * per : (bi + 1) * per], geo.refcount_order)
+            img.storage.pwrite(where, data)
+        table_offset = (end + nblocks) * cs
+        img.storage.pwrite(table_offset, table.astype(">u8").tobytes())
+        img.storage.flush()
+        img.set_refcount_table(table_offset, tclusters)
+        img.storage.flush()
+        from qimg.formats.qcow2.refcount import Refcounts
+
+        img.refcounts = Refcounts(img, geo, table_offset, tclusters)
+        self.ondisk = _OnDisk(img)
+
+
+def _copy_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
+    return (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed, res.leaks_fixed)
+
+
+def _restore_counts(res: CheckResult, saved) -> None:
+    (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed, res.leaks_fixed) = saved

@@ -1,0 +1,168 @@
+"""Damage qcow2 images at computed offsets, for the check/repair tests.
+
+Every location is computed from the image's own metadata (header, L1, L2,
+refcount table and blocks), never typed by hand, so the same damage works
+for any cluster size and refcount width.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.header import Header
+
+
+def read_u64(path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8).ljust(8, b"\0"))[0]
+
+
+def write_u64(path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", value & 0xFFFFFFFFFFFFFFFF))
+
+
+@dataclass
+class Layout:
+    """Where an image's metadata lies, read from the file itself."""
+
+    path: str
+    header: Header
+    file_size: int
+
+    @classmethod
+    def read(cls, path) -> Layout:
+        with open(path, "rb") as f:
+            data = f.read(1 << L.MAX_CLUSTER_BITS)
+            f.seek(0, 2)
+            size = f.tell()
+        return cls(str(path), Header.parse(data, size), size)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.header.cluster_bits
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // 8
+
+    # --- L1 / L2 -----------------------------------------------------------
+
+    def l1_entry_offset(self, guest: int, l1_table_offset: int | None = None) -> int:
+        l1 = self.header.l1_table_offset if l1_table_offset is None else l1_table_offset
+        return l1 + (guest // (self.cluster_size * self.l2_entries)) * 8
+
+    def l2_table(self, guest: int, l1_table_offset: int | None = None) -> int:
+        """Host offset of the L2 table mapping `guest` (0 if none)."""
+        return read_u64(self.path, self.l1_entry_offset(guest, l1_table_offset)) & L.L1E_OFFSET_MASK
+
+    def l2_entry_offset(self, guest: int, l1_table_offset: int | None = None) -> int:
+        l2 = self.l2_table(guest, l1_table_offset)
+        assert l2, f"guest offset {guest:#x} has no L2 table"
+        return l2 + ((guest // self.cluster_size) % self.l2_entries) * 8
+
+    def l2_entry(self, guest: int, l1_table_offset: int | None = None) -> int:
+        return read_u64(self.path, self.l2_entry_offset(guest, l1_table_offset))
+
+    def data_cluster(self, guest: int) -> int:
+        """Host cluster index holding guest offset `guest`."""
+        host = self.l2_entry(guest) & L.L2E_OFFSET_MASK
+        assert host, f"guest offset {guest:#x} is not allocated"
+        return host // self.cluster_size
+
+    def set_l2_entry(self, guest: int, value: int, l1_table_offset: int | None = None) -> None:
+        write_u64(self.path, self.l2_entry_offset(guest, l1_table_offset), value)
+
+    def set_l1_entry(self, guest: int, value: int) -> None:
+        write_u64(self.path, self.l1_entry_offset(guest), value)
+
+    # --- refcounts ---------------------------------------------------------
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.header.refcount_order
+
+    @property
+    def refblock_entries(self) -> int:
+        return self.cluster_size * 8 // self.refcount_bits
+
+    def reftable_entry_offset(self, block_index: int) -> int:
+        return self.header.refcount_table_offset + block_index * 8
+
+    def refblock(self, block_index: int) -> int:
+        return read_u64(self.path, self.reftable_entry_offset(block_index)) & L.REFT_OFFSET_MASK
+
+    def set_reftable_entry(self, block_index: int, value: int) -> None:
+        write_u64(self.path, self.reftable_entry_offset(block_index), value)
+
+    def _refcount_place(self, cluster: int) -> tuple[int, int, int]:
+        """(byte offset, bit shift, width) of cluster's refcount entry."""
+        block = self.refblock(cluster // self.refblock_entries)
+        assert block, f"cluster {cluster} has no refcount block"
+        index = cluster % self.refblock_entries
+        bits = self.refcount_bits
+        if bits >= 8:
+            return block + index * bits // 8, 0, bits
+        return block + index * bits // 8, (index * bits) % 8, bits
+
+    def refcount(self, cluster: int) -> int:
+        offset, shift, bits = self._refcount_place(cluster)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(max(1, bits // 8))
+        value = int.from_bytes(raw, "big")
+        return (value >> shift) & ((1 << bits) - 1) if bits < 8 else value
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        offset, shift, bits = self._refcount_place(cluster)
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            if bits >= 8:
+                f.write(value.to_bytes(bits // 8, "big"))
+                return
+            old = f.read(1)[0]
+            mask = ((1 << bits) - 1) << shift
+            f.seek(offset)
+            f.write(bytes([(old & ~mask) | ((value << shift) & mask)]))
+
+    # --- snapshots and bitmaps ----------------------------------------------
+
+    def snapshot_l1_offsets(self) -> list[int]:
+        """l1_table_offset of every snapshot, in table order."""
+        out = []
+        pos = self.header.snapshots_offset
+        with open(self.path, "rb") as f:
+            for _ in range(self.header.nb_snapshots):
+                f.seek(pos)
+                fields = L.SNAPSHOT_HEADER.unpack(f.read(L.SNAPSHOT_HEADER.size))
+                out.append(fields[0])
+                id_len, name_len, extra_len = fields[2], fields[3], fields[8]
+                pos += L.SNAPSHOT_HEADER.size + extra_len + id_len + name_len
+                pos = (pos + 7) & ~7
+        return out
+
+    def bitmap_tables(self) -> list[tuple[int, int]]:
+        """(table offset, table size) of every bitmap in the directory."""
+        ext = self.header.bitmaps_ext
+        if ext is None:
+            return []
+        nb, _size, offset = ext
+        out = []
+        pos = offset
+        with open(self.path, "rb") as f:
+            for _ in range(nb):
+                f.seek(pos)
+                fields = L.BITMAP_DIRECTORY_ENTRY.unpack(f.read(L.BITMAP_DIRECTORY_ENTRY.size))
+                out.append((fields[0], fields[1]))
+                pos += L.BITMAP_DIRECTORY_ENTRY.size + fields[6] + fields[5]
+                pos = (pos + 7) & ~7
+        return out
+
+    def set_dirty(self) -> None:
+        """Set the dirty incompatible bit (lazy refcounts left unflushed)."""
+        off = L.HEADER_OFF_INCOMPATIBLE_FEATURES
+        write_u64(self.path, off, read_u64(self.path, off) | L.QCOW2_INCOMPAT_DIRTY)

@@ -1,0 +1,271 @@
+"""qimg check and repair, judged by the real qemu-img on a corpus of damaged images.
+
+Each image is made by qemu-img/qemu-io, then damaged at offsets computed from
+its own metadata (tests/damage.py). qimg's exit code and JSON counts must
+equal qemu-img check's; after `-r all` (or `-r leaks`), qemu-img must find
+qimg's copy clean and, where qemu-img's own repair leaves a readable image,
+both copies must read back the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+
+from conftest import qemu_read_raw, qimg, run  # noqa: E402
+from damage import Layout, read_u64, write_u64  # noqa: E402
+
+COPIED = 1 << 63
+COUNTS = ("corruptions", "leaks", "check-errors")
+
+
+def make(path, qemu_img, qemu_io, cs=65536, rb=16, snapshot=False, bitmap=False, lazy=False):
+    opts = f"cluster_size={cs},refcount_bits={rb}" + (",lazy_refcounts=on" if lazy else "")
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, str(path), "8M"])
+    cmds = ["write -P 1 0 256k", "write -P 2 1M 64k", "write -c -P 3 2M 64k", "write -P 5 6M 8k"]
+    if rb == 1:
+        cmds.remove("write -c -P 3 2M 64k")  # compressed clusters share host clusters
+    run([qemu_io, *sum((["-c", c] for c in cmds), []), str(path)])
+    if snapshot:
+        run([qemu_img, "snapshot", "-c", "s1", str(path)])
+        run([qemu_io, "-c", "write -P 9 0 64k", str(path)])
+    if bitmap:
+        run([qemu_img, "bitmap", "--add", str(path), "b0"])
+        run([qemu_io, "-c", "write -P 7 4M 64k", str(path)])
+
+
+def qemu_check(path, *extra):
+    proc = run(["qemu-img", "check", "--output=json", *extra, str(path)], check=False)
+    data = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, data
+
+
+def qimg_check(path, *extra):
+    proc = qimg("check", "--output=json", *extra, str(path), check=False)
+    data = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, data, proc.stderr
+
+
+# --- damage recipes: each takes a Layout --------------------------------------------
+
+
+def leaked_cluster(lay):
+    with open(lay.path, "ab") as f:
+        f.write(bytes(lay.cluster_size - lay.file_size % lay.cluster_size))
+        f.write(bytes(lay.cluster_size))
+    lay = Layout.read(lay.path)
+    lay.set_refcount(lay.file_size // lay.cluster_size - 1, 1)
+
+
+def refcount_zero(lay):
+    lay.set_refcount(lay.data_cluster(65536), 0)
+
+
+def refcount_low(lay):  # needs a snapshot: the cluster is shared
+    lay.set_refcount(lay.data_cluster(65536 * 3), 1)
+
+
+def l2_past_eof(lay):
+    far = (lay.file_size // lay.cluster_size + 50) * lay.cluster_size
+    lay.set_l2_entry(65536, COPIED | far)
+
+
+def l2_unaligned(lay):
+    lay.set_l2_entry(65536, lay.l2_entry(65536) + 512)
+
+
+def copied_missing(lay):
+    lay.set_l2_entry(65536, lay.l2_entry(65536) & ~COPIED)
+
+
+def copied_extra(lay):  # needs a snapshot
+    lay.set_l2_entry(65536 * 3, lay.l2_entry(65536 * 3) | COPIED)
+
+
+def l1_copied_missing(lay):
+    lay.set_l1_entry(0, lay.l2_table(0))
+
+
+def l2_on_refblock(lay):
+    lay.set_l1_entry(0, COPIED | lay.refblock(0))
+
+
+def refblock_past_eof(lay):
+    lay.set_reftable_entry(0, (lay.file_size // lay.cluster_size + 10) * lay.cluster_size)
+
+
+def dirty_stale(lay):
+    lay.set_refcount(lay.data_cluster(65536), 0)
+    lay.set_refcount(lay.data_cluster(0), 3)
+    lay.set_dirty()
+
+
+def snapshot_l2_unaligned(lay):
+    sl1 = lay.snapshot_l1_offsets()[0]
+    lay.set_l2_entry(0, lay.l2_entry(0, sl1) + 512, sl1)
+
+
+def snapshot_l1_past_eof(lay):
+    sl1 = lay.snapshot_l1_offsets()[0]
+    write_u64(lay.path, sl1, (lay.file_size // lay.cluster_size + 20) * lay.cluster_size)
+
+
+def bitmap_entry_past_eof(lay):
+    offset, _size = lay.bitmap_tables()[0]
+    write_u64(lay.path, offset, (lay.file_size // lay.cluster_size + 20) * lay.cluster_size)
+
+
+def bitmap_entry_invalid(lay):
+    offset, _size = lay.bitmap_tables()[0]
+    write_u64(lay.path, offset, read_u64(lay.path, offset) | 0x2)
+
+
+DAMAGE = {
+    "leaked_cluster": (leaked_cluster, {}),
+    "refcount_zero": (refcount_zero, {}),
+    "refcount_low": (refcount_low, {"snapshot": True}),
+    "l2_past_eof": (l2_past_eof, {}),
+    "l2_unaligned": (l2_unaligned, {}),
+    "copied_missing": (copied_missing, {}),
+    "copied_extra": (copied_extra, {"snapshot": True}),
+    "l1_copied_missing": (l1_copied_missing, {}),
+    "l2_on_refblock": (l2_on_refblock, {}),
+    "refblock_past_eof": (refblock_past_eof, {}),
+    "dirty_stale": (dirty_stale, {"lazy": True}),
+    "snapshot_l2_unaligned": (snapshot_l2_unaligned, {"snapshot": True}),
+    "snapshot_l1_past_eof": (snapshot_l1_past_eof, {"snapshot": True}),
+    "bitmap_entry_past_eof": (bitmap_entry_past_eof, {"bitmap": True}),
+    "bitmap_entry_invalid": (bitmap_entry_invalid, {"bitmap": True}),
+}
+
+# (cluster size, refcount bits): a representative subset of the product.
+GEOMETRIES = [(65536, 16), (512, 16), (65536, 1), (512, 64)]
+
+
+def _damaged(tmp_path, qemu_img, qemu_io, name, cs, rb):
+    fn, kw = DAMAGE[name]
+    path = tmp_path / f"{name}.qcow2"
+    make(path, qemu_img, qemu_io, cs, rb, **kw)
+    pristine = tmp_path / "pristine.qcow2"
+    shutil.copy(path, pristine)
+    fn(Layout.read(path))
+    return path, pristine
+
+
+@pytest.mark.parametrize("cs,rb", GEOMETRIES, ids=[f"{c}-{r}" for c, r in GEOMETRIES])
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_check_matches_qemu_and_repair_leaves_image_clean(
+    tmp_path, qemu_img, qemu_io, name, cs, rb
+):
+    if (cs, rb) != (65536, 16) and name.startswith("bitmap"):
+        pytest.skip("bitmaps: one geometry is enough")
+    if rb == 1 and DAMAGE[name][1].get("snapshot"):
+        pytest.skip("refcount_bits=1 cannot hold a snapshot's shared clusters")
+    path, pristine = _damaged(tmp_path, qemu_img, qemu_io, name, cs, rb)
+    want_rc, want = qemu_check(path)
+    got_rc, got, err = qimg_check(path)
+    assert got_rc == want_rc, err
+    for key in COUNTS:
+        assert got.get(key, 0) == want.get(key, 0), (key, got, want, err)
+    if want:
+        assert {k: v for k, v in got.items() if k != "filename"} == {
+            k: v for k, v in want.items() if k != "filename"
+        }
+    else:
+        assert not got and err.startswith("qimg: ") and len(err.strip().splitlines()) == 1
+
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(path, ours)
+    shutil.copy(path, theirs)
+    qimg("check", "-r", "all", ours, check=False)
+    run(["qemu-img", "check", "-r", "all", str(theirs)], check=False)
+    proc = run(["qemu-img", "check", str(ours)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mine = qemu_read_raw(ours, tmp_path, "qcow2")
+    try:
+        reference = qemu_read_raw(theirs, tmp_path, "qcow2")
+    except AssertionError:
+        reference = None  # qemu-img's repair leaves an unreadable image
+    if reference is not None:
+        assert mine == reference
+    else:
+        # qemu-img's repair is incomplete here (QEMU-NOTES): compare with the
+        # image before damage, where the lost cluster now reads as zeros.
+        before = qemu_read_raw(pristine, tmp_path, "qcow2")
+        differ = [i for i in range(0, len(before), cs) if before[i : i + cs] != mine[i : i + cs]]
+        assert all(mine[i : i + cs] == bytes(cs) for i in differ)
+        if name != "l2_on_refblock":  # there the whole L2 table is lost
+            assert len(differ) <= 2 * (65536 // cs) * 2
+
+
+@pytest.mark.parametrize("name", ["leaked_cluster", "copied_missing", "l2_past_eof"])
+def test_repair_leaks_matches_qemu(tmp_path, qemu_img, qemu_io, name):
+    path, _ = _damaged(tmp_path, qemu_img, qemu_io, name, 65536, 16)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(path, ours)
+    shutil.copy(path, theirs)
+    got_rc, got, _err = qimg_check(ours, "-r", "leaks")
+    want_rc, want = qemu_check(theirs, "-r", "leaks")
+    assert got_rc == want_rc
+    for key in COUNTS + ("leaks-fixed", "corruptions-fixed"):
+        assert got.get(key, 0) == want.get(key, 0), (key, got, want)
+    assert qemu_check(ours)[0] == qemu_check(theirs)[0]
+
+
+def test_check_clean_images_equal_json(tmp_path, qemu_img, qemu_io):
+    theirs = tmp_path / "q.qcow2"
+    make(theirs, qemu_img, qemu_io, snapshot=True)
+    ours = tmp_path / "m.qcow2"
+    qimg("create", "-f", "qcow2", ours, "64M")
+    for path in (theirs, ours):
+        want_rc, want = qemu_check(path)
+        got_rc, got, _ = qimg_check(path)
+        assert (got_rc, got) == (want_rc, want) == (0, want)
+
+
+def test_check_human_output_matches_qemu(tmp_path, qemu_img, qemu_io):
+    path, _ = _damaged(tmp_path, qemu_img, qemu_io, "leaked_cluster", 65536, 16)
+    for extra in ([], ["-r", "all"]):
+        a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+        shutil.copy(path, a)
+        shutil.copy(path, b)
+        want = run(["qemu-img", "check", *extra, str(a)], check=False)
+        got = qimg("check", *extra, b, check=False)
+        assert got.returncode == want.returncode
+        assert got.stdout == want.stdout
+        assert got.stderr == want.stderr
+
+
+def test_check_raw_gives_63(tmp_path):
+    raw = tmp_path / "r.img"
+    raw.write_bytes(bytes(65536))
+    proc = qimg("check", raw, check=False)
+    assert proc.returncode == 63
+    assert proc.stderr == "qimg: This image format does not support checks\n"
+
+
+@pytest.mark.parametrize("cut", [0, 50, 200])
+def test_check_truncated_image_one_line_error(tmp_path, qemu_img, cut):
+    path = tmp_path / "t.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "1M"])
+    data = path.read_bytes()
+    path.write_bytes(data[: 4 + cut] if cut else data[:4])
+    before = path.read_bytes()
+    proc = qimg("check", path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("qimg: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert path.read_bytes() == before
+
+
+def test_dirty_image_repaired_when_opened_writable(tmp_path, qemu_img, qemu_io):
+    from qimg.api import open_image
+
+    path, _ = _damaged(tmp_path, qemu_img, qemu_io, "dirty_stale", 65536, 16)
+    with open_image(str(path), writable=True) as img:
+        assert not img.header.dirty
+    run(["qemu-img", "check", str(path)])
