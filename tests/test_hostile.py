@@ -216,10 +216,7 @@ def test_backing_loop_is_detected_when_opening_for_read(loop):
         qimg.open_image(str(loop / "a.qcow2"))
 
 
-LIBRARY_XFAIL = {
-    "snapshot-table-past-eof": "Qcow2Image (image.py) does not read the snapshot table at "
-    "open; QEMU's qcow2_do_open does and refuses the image",
-}
+LIBRARY_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,12 @@ class Qcow2Image(Driver):
             raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
         if self.writable and header.corrupt:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        if header.nb_snapshots:
+            # QEMU's qcow2_do_open reads the snapshot table and refuses an
+            # image whose table is out of bounds; so do we.
+            from qimg.formats.qcow2.snapshot import read_snapshots
+
+            read_snapshots(self)
         # The refcount table and the L1 table are read on first use (numpy
         # too), so that `info` opens an image by its header alone.
         self._refcounts = None
