@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from qimg.errors import ImageIOError, QimgError
+
 # Extent kinds, as block_status reports them.
 DATA = 0  # host holds the data (host = host offset)
 ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
@@ -67,6 +69,17 @@ class Driver:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def _check_range(self, offset: int, length: int) -> None:
+        """Requests stay inside the virtual disk."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise QimgError(
+                f"Request out of range: offset {offset}, length {length}, image size {self.size}"
+            )
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ImageIOError(f"Image '{self.filename}' is opened read-only")
 
     def __enter__(self) -> Driver:
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from qimg.driver import DATA, ZERO, Driver, Extent
-from qimg.errors import ImageIOError, QimgError
 from qimg.storage import Storage
 
 
@@ -71,12 +70,3 @@ class RawImage(Driver):
     def close(self) -> None:
         self.storage.close()
 
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise QimgError(
-                f"Request out of range: offset {offset}, length {length}, image size {self.size}"
-            )
-
-    def _check_writable(self) -> None:
-        if not self.writable:
-            raise ImageIOError(f"Image '{self.filename}' is opened read-only")

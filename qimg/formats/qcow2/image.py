@@ -8,7 +8,7 @@ backing chain together. Everything user-visible goes through the methods of
 from __future__ import annotations
 
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
-from qimg.errors import CorruptImageError, ImageIOError, QimgError
+from qimg.errors import CorruptImageError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import Storage
@@ -70,6 +70,7 @@ class Qcow2Image(Driver):
         self._refcounts = None
         self._clusters = None
         self._decompressed: tuple[int, bytes] | None = None
+        self._decompressor = None  # ClusterDecompressor, made on first use
         self._marked_dirty = False
 
     @property
@@ -239,17 +240,58 @@ class Qcow2Image(Driver):
             dst[avail:] = bytes(n - avail)
 
     def _read_compressed(self, offset: int, view: memoryview, exts: list[Extent]) -> None:
-        from qimg.formats.qcow2.compress import decompress_many
-
         cs = self.geo.cluster_size
-        todo = []
-        for ext in exts:
-            todo.append((ext, self._compressed_bytes(ext.host)))
-        clusters = decompress_many([raw for _ext, raw in todo], self.header.compression_type, cs)
-        for (ext, _raw), plain in zip(todo, clusters):
+        raws = self._compressed_batch([ext.host for ext in exts])
+        if len(raws) == 1:
+            from qimg.formats.qcow2.compress import decompress_cluster
+
+            clusters = [decompress_cluster(raws[0], self.header.compression_type, cs)]
+        else:
+            if self._decompressor is None:
+                from qimg.formats.qcow2.compress import ClusterDecompressor
+
+                # One pool for the image's life (closed in close()), not one per read.
+                self._decompressor = ClusterDecompressor(self.header.compression_type, cs)
+            clusters = self._decompressor.decompress_many(raws)
+        for ext, plain in zip(exts, clusters):
             base = ext.offset & ~(cs - 1)
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             dst[:] = plain[ext.offset - base : ext.offset - base + ext.length]
+
+    def _compressed_batch(self, entries: list[int]) -> list[bytes]:
+        """The stored bytes of several compressed clusters, read with one
+        pread per run of nearby descriptors (QEMU packs them back to back)."""
+        geo = self.geo
+        size = self.data_storage.size()
+        spans = []
+        for entry in entries:
+            coffset = entry & geo.cluster_offset_mask
+            nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
+            csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+            if coffset >= size:
+                raise CorruptImageError(
+                    f"Compressed cluster at {coffset:#x} is past the end of the file", coffset
+                )
+            spans.append((coffset, min(coffset + csize, size)))
+        out: list[bytes] = []
+        i = 0
+        while i < len(spans):
+            lo, hi = spans[i]
+            j = i + 1
+            # Extend the run while the next descriptor starts at or near the
+            # end of this one, in increasing order, within 8 MiB.
+            while (
+                j < len(spans)
+                and hi - 4096 <= spans[j][0] <= hi + 4096
+                and spans[j][0] >= lo
+                and max(hi, spans[j][1]) - lo <= 8 << 20
+            ):
+                hi = max(hi, spans[j][1])
+                j += 1
+            buf = memoryview(self.data_storage.pread(lo, hi - lo))
+            out.extend(bytes(buf[a - lo : b - lo]) for a, b in spans[i:j])
+            i = j
+        return out
 
     def _compressed_bytes(self, entry: int) -> bytes:
         """The stored bytes of a compressed cluster (QEMU's parse_compressed_l2_entry)."""
@@ -392,6 +434,9 @@ class Qcow2Image(Driver):
     def close(self) -> None:
         if self._closed:
             return
+        if self._decompressor is not None:
+            self._decompressor.close()
+            self._decompressor = None
         try:
             if self.writable:
                 self.flush()
@@ -407,16 +452,6 @@ class Qcow2Image(Driver):
             self.storage.close()
 
     # --- helpers -------------------------------------------------------------------
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise QimgError(
-                f"Request out of range: offset {offset}, length {length}, image size {self.size}"
-            )
-
-    def _check_writable(self) -> None:
-        if not self.writable:
-            raise ImageIOError(f"Image '{self.filename}' is opened read-only")
 
     def _mark_dirty(self) -> None:
         """Lazy refcounts: the dirty bit is set before the first write."""
