@@ -18,15 +18,17 @@ QEMU's behaviour, which qimg keeps:
 - The compressor writes into a buffer of cluster_size - 1 bytes. When the
   result does not fit (-ENOMEM), QEMU writes the cluster uncompressed; that
   is `compress_cluster` returning None. Any other compression failure fails
-  the write.
+  the write. For zlib "fits" means at most cluster_size - 2 bytes: see
+  `max_compressed_size`.
 - The compressed descriptor counts 512-byte sectors, so the bytes read back
   may run past the end of the stream. qcow2_zlib_decompress and
   qcow2_zstd_decompress must produce exactly cluster_size bytes from a prefix
   of the input and ignore the rest.
 
 What qimg adds: a choice of speed ('fast' | 'default' | 'best') among the
-installed deflate libraries and zstd levels (measured in bench/codecs.py;
-the numbers are in comments by each choice), and thread pools
+installed deflate libraries and zstd levels (measured with bench/codecs.py;
+the numbers are in the comments by _ZLIB_CHOICES and _ZSTD_CHOICES), and
+thread pools
 (`ClusterCompressor`, `ClusterDecompressor`) since zlib, zlib-ng, isal and
 zstandard all release the GIL while they work.
 """
@@ -45,7 +47,6 @@ from typing import Generic, TypeVar
 
 from qimg.errors import CorruptImageError, UnsupportedFeatureError
 from qimg.formats.qcow2.layout import (
-    COMPRESSION_TYPE_NAMES,
     QCOW2_COMPRESSION_TYPE_ZLIB,
     QCOW2_COMPRESSION_TYPE_ZSTD,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "deflate_backends",
     "deflate_raw",
     "inflate_raw",
+    "max_compressed_size",
 ]
 
 COMPRESSION_LEVELS = ("fast", "default", "best")
@@ -69,7 +71,7 @@ COMPRESSION_LEVELS = ("fast", "default", "best")
 
 # qcow2_zlib_compress: deflateInit2(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, ...)
 ZLIB_WBITS = -12  # raw deflate (no header), 4 KiB window
-ZLIB_MEMLEVEL = 9
+ZLIB_MEMLEVEL = 9  # memLevel changes the output bytes, not the format
 
 # qcow2_zlib_decompress calls inflateInit2(-12) but then inflates the whole
 # cluster in one inflate(Z_FINISH) call into one cluster_size buffer. Within
@@ -84,8 +86,8 @@ ZLIB_MEMLEVEL = 9
 # start of the cluster, which is an error either way.
 ZLIB_INFLATE_WBITS = -15
 
-# Deflate libraries, fastest first where each is installed. The name is what
-# compressor_name() reports and what deflate_raw()/inflate_raw() accept.
+# The deflate libraries qimg can use. The name is what compressor_name()
+# reports and what deflate_raw()/inflate_raw() accept.
 _DEFLATE_MODULES = {
     "zlib": "zlib",  # CPython's stdlib: the same zlib QEMU links (byte-identical output)
     "zlib-ng": "zlib_ng.zlib_ng",  # python-zlib-ng
@@ -100,14 +102,39 @@ _DEFLATE_MODULES = {
 # window would not be allowed here: QEMU's own reader is lenient (see
 # ZLIB_INFLATE_WBITS) but the format is specified with a 4 KiB window.
 
-# Choices per qimg level name: (backend, level) candidates, the first
-# installed one wins. Measured by bench/codecs.py on 64 KiB clusters, one
-# core, sizes relative to stdlib zlib 6 (what qemu-img writes); see the bench
-# output quoted beside each choice.
-_ZLIB_CHOICES: dict[str, tuple[tuple[str, int], ...]] = {
-    "fast": (("isal", 1), ("zlib-ng", 1), ("zlib", 1)),
-    "default": (("zlib-ng", 9), ("zlib", 6)),
-    "best": (("zlib", 9),),
+# Choices per qimg level name: (backend, level, memLevel) candidates, the
+# first installed one wins. Measured with bench/codecs.py on 64 KiB clusters
+# of text / random / binaries (32 / 16 / 96 MiB): CPU-time MB/s on one core,
+# and stored size relative to stdlib zlib 6, memLevel 9 (qemu-img's output)
+# on text / binaries (random data is stored as is by every candidate):
+#
+#   zlib 6 (QEMU)     50 /  70 /  42 MB/s    +0.00% / +0.00%
+#   zlib 5, mem 8     68 /  73 /  60         +0.52% / +0.47%
+#   zlib-ng 6        109 / 118 / 116         -0.31% / +3.01%
+#   zlib-ng 9         64 / 111 /  51         -0.54% / -0.30%
+#   zlib 9            33 /  70 /  23         -0.54% / -0.30%
+#   zlib 1            76 /  73 /  71         +13.3% / +8.0%
+#   zlib-ng 1        293 / 175 / 304         +45.1% / +32.2%
+#   isal 0           534 / 425 / 566         +24.0% / +31.9%
+#   isal 1           504 / 669 / 501         +10.1% / +9.4%
+#   isal 2           479 / 667 / 481         +9.7% / +8.9%
+#
+# default: zlib-ng 9: 0.2..1.8% smaller than qemu-img's zlib 6 on every
+#   corpus tried (text, binaries, /usr/share, .pyc files, dpkg metadata,
+#   static libraries) and 1.2..1.6x its speed per core, so a default image
+#   is never larger than qemu-img's. stdlib zlib 5 with memLevel 8 was 37%
+#   faster still, but +0.5..0.8% in size (+1.01% with memLevel 9 on static
+#   libraries): too close to the 1% bound. Without zlib-ng: stdlib zlib 6,
+#   byte for byte what qemu-img writes.
+# fast: isal 1 (ISA-L's fast level; it honours the 4 KiB window), ~10x
+#   zlib 6 at +9..10% size; isal 0 gains little speed for +24..32%. Without
+#   isal, zlib-ng 1, then zlib 1.
+# best: the smallest: zlib-ng 9, the same sizes as stdlib zlib 9 at 2x its
+#   speed; stdlib zlib 9 where zlib-ng is not installed.
+_ZLIB_CHOICES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "fast": (("isal", 1, 9), ("zlib-ng", 1, 9), ("zlib", 1, 9)),
+    "default": (("zlib-ng", 9, 9), ("zlib", 6, 9)),
+    "best": (("zlib-ng", 9, 9), ("zlib", 9, 9)),
 }
 
 # Inflate: all three accept the same streams (tests check it); prefer the
@@ -117,11 +144,22 @@ _INFLATE_ORDER = ("isal", "zlib-ng", "zlib")
 # --- zstd --------------------------------------------------------------------
 
 ZSTD_DEFAULT_LEVEL = 3  # ZSTD_CLEVEL_DEFAULT, what QEMU uses
+# Measured as above: MB/s on text / binaries (random data is stored as is,
+# at 2-4 GB/s) and size relative to zlib 6:
+#   zstd 1   405 / 458 MB/s   -1.7% / +1.9%
+#   zstd 3   323 / 342        -6.3% / -3.1%   (QEMU's level)
+#   zstd 9    65 /  73        -14.8% / -10.0%
+#   zstd 15   11 /  12        -18.2% / -14.6%
+#   zstd 19  3.5 / 3.8        -18.8% / -16.2%
+# fast: 1, 25-35% faster than 3 for 5% more; negative levels grow 15-45%.
+# best: 19, the smallest; levels 20-22 only widen the window, which a
+#   64 KiB..2 MiB cluster cannot use. It is slow: ~4 MB/s per core.
 _ZSTD_CHOICES: dict[str, int] = {
     "fast": 1,
     "default": ZSTD_DEFAULT_LEVEL,
     "best": 19,
 }
+
 
 # --- backend loading (lazy, named when missing) --------------------------------
 
@@ -176,11 +214,12 @@ def _unsupported_type(compression_type: int) -> UnsupportedFeatureError:
     return UnsupportedFeatureError(f"unsupported qcow2 compression type {compression_type}")
 
 
-def _zlib_choice(level: str) -> tuple[str, int]:
+def _zlib_choice(level: str) -> tuple[str, int, int]:
+    """(backend, level, memLevel) that compresses zlib clusters at `level`."""
     _check_level(level)
-    for backend, backend_level in _ZLIB_CHOICES[level]:
-        if _deflate_module(backend) is not None:
-            return backend, backend_level
+    for choice in _ZLIB_CHOICES[level]:
+        if _deflate_module(choice[0]) is not None:
+            return choice
     raise AssertionError("stdlib zlib is always available")  # pragma: no cover
 
 
@@ -191,10 +230,10 @@ def _zstd_level(level: str) -> int:
 
 def compressor_name(compression_type: int, level: str = "default") -> str:
     """Which implementation compresses clusters of this type at this level,
-    e.g. ``"zlib-ng level 9 (raw deflate, 4 KiB window)"``; for reports."""
+    e.g. ``"zlib level 5, memLevel 8 (raw deflate, 4 KiB window)"``; for reports."""
     if compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
-        backend, backend_level = _zlib_choice(level)
-        return f"{backend} level {backend_level} (raw deflate, 4 KiB window)"
+        backend, backend_level, mem_level = _zlib_choice(level)
+        return f"{backend} level {backend_level}, memLevel {mem_level} (raw deflate, 4 KiB window)"
     if compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
         return f"zstd level {_zstd_level(level)}"
     raise _unsupported_type(compression_type)
@@ -203,16 +242,21 @@ def compressor_name(compression_type: int, level: str = "default") -> str:
 # --- one cluster ---------------------------------------------------------------
 
 
-def deflate_raw(data: bytes | memoryview, backend: str = "zlib", level: int = 6) -> bytes:
+def deflate_raw(
+    data: bytes | memoryview,
+    backend: str = "zlib",
+    level: int = 6,
+    mem_level: int = ZLIB_MEMLEVEL,
+) -> bytes:
     """Raw deflate of `data` with a 4 KiB window, as qcow2_zlib_compress makes it.
 
-    With backend "zlib" at level 6 the output is byte-identical to QEMU's
-    (same library, same parameters).
+    With backend "zlib" at level 6 and mem_level 9 the output is
+    byte-identical to QEMU's (same library, same parameters).
     """
     module = _deflate_module(backend)
     if module is None:
         raise UnsupportedFeatureError(f"deflate backend {backend!r} is not installed")
-    compressor = module.compressobj(level, module.DEFLATED, ZLIB_WBITS, ZLIB_MEMLEVEL)
+    compressor = module.compressobj(level, module.DEFLATED, ZLIB_WBITS, mem_level)
     return compressor.compress(data) + compressor.flush()
 
 
@@ -250,14 +294,8 @@ def inflate_raw(data: bytes | memoryview, cluster_size: int, backend: str | None
     return out
 
 
-_inflate_backend_name: str | None = None
-
-
 def _inflate_backend() -> str:
-    global _inflate_backend_name
-    if _inflate_backend_name is None:
-        _inflate_backend_name = next(b for b in _INFLATE_ORDER if _deflate_module(b) is not None)
-    return _inflate_backend_name
+    return next(b for b in _INFLATE_ORDER if _deflate_module(b) is not None)
 
 
 # zstandard's ZstdCompressor/ZstdDecompressor must not be shared between
@@ -329,29 +367,36 @@ def _zstd_decompress_frames(data: bytes | memoryview, cluster_size: int) -> byte
     which carries on into a following frame when one frame is short, then
     requires the last frame to be complete. Frames without a content size,
     skippable frames and such concatenations are legal input; no known
-    writer makes them, so this path favours bounded memory over speed. For
-    each frame a size-limited reader first shows the frame fits in the room
-    left (it stops at the end of a frame), then a decompressobj, now known to
-    produce no more than that, decodes it and says where it ends.
+    writer makes them, so this path favours bounded memory over speed. A
+    size-limited reader first shows the next frame fits in the room left,
+    then a decompressobj, now known to produce no more than that, decodes it
+    and says where it ends.
     Deviation: more than _ZSTD_MAX_FRAMES frames in one cluster is rejected.
     """
     zstandard = _zstandard()
     dctx = _zstd_decompressor()
     out = bytearray()
     rest = memoryview(data)
+    bounded = False  # whether the frame at `rest` is known to fit
     try:
         for _ in range(_ZSTD_MAX_FRAMES):
             room = cluster_size - len(out)
-            with dctx.stream_reader(rest, read_size=len(rest)) as reader:
-                bound = reader.read(room + 1)
-            if len(bound) > room:
-                raise CorruptImageError("zstd compressed cluster is larger than a cluster")
+            if not bounded:
+                # The reader decodes up to the end of the first frame with
+                # content (empty and skippable frames before it included).
+                with dctx.stream_reader(rest, read_size=len(rest)) as reader:
+                    if len(reader.read(room + 1)) > room:
+                        raise CorruptImageError("zstd compressed cluster is larger than a cluster")
+                bounded = True
             dobj = dctx.decompressobj()
-            out += dobj.decompress(rest)
+            frame = dobj.decompress(rest)
             if not dobj.eof:
                 raise CorruptImageError("zstd compressed cluster is truncated")
+            out += frame
             if len(out) == cluster_size:
                 return bytes(out)
+            if frame:
+                bounded = False
             consumed = len(rest) - len(dobj.unused_data)
             if len(out) > cluster_size or consumed <= 0 or consumed >= len(rest):
                 raise CorruptImageError(
@@ -366,12 +411,12 @@ def _zstd_decompress_frames(data: bytes | memoryview, cluster_size: int) -> byte
 def _compress_function(compression_type: int, level: str) -> Callable[[bytes | memoryview], bytes]:
     """The one place a compression_type (and level) becomes a compressor."""
     if compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
-        backend, backend_level = _zlib_choice(level)
+        backend, backend_level, mem_level = _zlib_choice(level)
         module = _deflate_module(backend)
         deflated = module.DEFLATED
 
         def compress(data: bytes | memoryview) -> bytes:
-            compressor = module.compressobj(backend_level, deflated, ZLIB_WBITS, ZLIB_MEMLEVEL)
+            compressor = module.compressobj(backend_level, deflated, ZLIB_WBITS, mem_level)
             return compressor.compress(data) + compressor.flush()
 
         return compress
@@ -393,23 +438,42 @@ def _decompress_function(compression_type: int) -> Callable[[bytes | memoryview,
     raise _unsupported_type(compression_type)
 
 
-def _stored_form(data: bytes | memoryview, compressed: bytes) -> bytes | None:
-    # qcow2_co_pwritev_compressed_task compresses into cluster_size - 1 bytes
-    # and writes the cluster uncompressed when that is not enough.
-    return compressed if len(compressed) < len(data) else None
+def max_compressed_size(compression_type: int, cluster_size: int) -> int:
+    """The longest compressed cluster QEMU stores compressed; a longer one
+    it writes uncompressed (qcow2_co_pwritev_compressed_task).
+
+    QEMU hands the compressor a buffer of cluster_size - 1 bytes. zstd
+    (ZSTD_compressStream2 returning 0) may fill it exactly. zlib may not:
+    when deflate(Z_FINISH) fills the output buffer exactly it returns Z_OK,
+    not Z_STREAM_END (it cannot tell it has finished until called again), and
+    qcow2_zlib_compress takes Z_OK as -ENOMEM. qemu-img 7.2 stores a cluster
+    whose zlib stream is cluster_size - 2 bytes compressed and one whose
+    stream is cluster_size - 1 bytes uncompressed (tests/test_compress.py).
+    """
+    if compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
+        return cluster_size - 2
+    return cluster_size - 1
+
+
+def _stored_form(
+    compression_type: int, data: bytes | memoryview, compressed: bytes
+) -> bytes | None:
+    if len(compressed) <= max_compressed_size(compression_type, len(data)):
+        return compressed
+    return None
 
 
 def compress_cluster(
     data: bytes | memoryview, compression_type: int, level: str = "default"
 ) -> bytes | None:
     """Compressed form of one cluster, or None where storing it compressed
-    would not save space (QEMU's rule: it must fit in cluster_size - 1 bytes).
+    would not save space: QEMU's rule, see `max_compressed_size`.
 
     `data` is one whole cluster; like QEMU, a caller zero-pads the last
     cluster of an image whose size is not a multiple of the cluster size.
     """
     compressed = _compress_function(compression_type, level)(data)
-    return _stored_form(data, compressed)
+    return _stored_form(compression_type, data, compressed)
 
 
 def decompress_cluster(data: bytes | memoryview, compression_type: int, cluster_size: int) -> bytes:
@@ -492,7 +556,7 @@ class ClusterCompressor(_OrderedPool["bytes | memoryview", "bytes | None"]):
         self.name = compressor_name(compression_type, level)
 
         def compress_one(data: bytes | memoryview) -> bytes | None:
-            return _stored_form(data, compress(data))
+            return _stored_form(compression_type, data, compress(data))
 
         super().__init__(compress_one, workers)
 
@@ -529,11 +593,3 @@ def decompress_many(
         workers = 1
     with ClusterDecompressor(compression_type, cluster_size, workers) as pool:
         return pool.decompress_many(items)
-
-
-def compression_type_name(compression_type: int) -> str:
-    """ "zlib" or "zstd"; UnsupportedFeatureError for any other type."""
-    try:
-        return COMPRESSION_TYPE_NAMES[compression_type]
-    except KeyError:
-        raise _unsupported_type(compression_type) from None
