@@ -63,6 +63,9 @@ def fail(message: str, code: int = 1) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    # qimg uses no BLAS: without this, importing numpy starts a pool of
+    # OpenBLAS threads, a third of a check's start-up on 2 cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         cli.main(args=argv, prog_name="qimg", standalone_mode=False)
     except QimgError as exc:

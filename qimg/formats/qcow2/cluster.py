@@ -240,7 +240,9 @@ class ClusterMap:
         for c in {c0, c1 - 1}:
             lo, hi = max(start, c << cb), min(end, (c + 1) << cb)
             if hi - lo < cs:
-                buf = bytearray(self.owner.read(c << cb, cs))
+                # The image's last cluster may lie partly past its end.
+                avail = min(cs, self.owner.size - (c << cb))
+                buf = bytearray(self.owner.read(c << cb, avail)).ljust(cs, b"\0")
                 buf[lo - (c << cb) : hi - (c << cb)] = data[lo - start : hi - start]
                 edges[c] = buf
         l2_offset, table = self.l2_for_write(l1_index)

@@ -233,6 +233,18 @@ class Refcounts:
                 pos = (bi + 1) << bits
                 continue
             block = self.blocks.get(block_offset)[first:]
+            if pos == self.free_cluster_index and block[0]:
+                # Clusters in use right at the index: move it past them
+                # (keeps "below the index is in use"), so that sequential
+                # allocation finds its run with the fast path below.
+                zeros = np.flatnonzero(block == 0)
+                skip = int(zeros[0]) if len(zeros) else len(block)
+                self.free_cluster_index = pos = run_start = pos + skip
+                continue
+            # Fast path for sequential allocation (convert): the run starts
+            # right here and this block holds all of it, free.
+            if run_start == pos and len(block) >= count and not block[:count].any():
+                return pos
             used = np.flatnonzero(block)
             if len(used) == 0:
                 if pos - run_start + len(block) >= count:

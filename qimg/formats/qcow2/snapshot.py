@@ -35,6 +35,11 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
     snapshots = []
     pos = offset
     for _ in range(h.nb_snapshots):
+        # Each entry starts 8-aligned; the last one is not padded (QEMU's
+        # qcow2_read_snapshots), so the table may end unaligned at EOF.
+        pos = (pos + 7) & ~7
+        if pos + L.SNAPSHOT_HEADER.size > file_size:
+            raise CorruptImageError("Snapshot table lies past the end of the file", offset)
         head = image.storage.pread(pos, L.SNAPSHOT_HEADER.size)
         (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
             L.SNAPSHOT_HEADER.unpack(head)
@@ -48,7 +53,6 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
         pos += id_len
         name = image.storage.pread(pos, name_len).decode("utf-8", "replace")
         pos += name_len
-        pos = (pos + 7) & ~7
         if pos - offset > L.QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImageError("Snapshot table is too big")
         if pos > file_size:
@@ -71,3 +75,60 @@ def snapshot_table_size(image) -> int:
         return read_snapshots(image)[1]
     except (InvalidImageError, CorruptImageError):
         return image.header.nb_snapshots * L.SNAPSHOT_HEADER.size
+
+
+def find_snapshot(image, snapshot_id: str | None, name: str | None) -> Snapshot:
+    """QEMU's bdrv_snapshot_load_tmp lookup: by id and/or name; a bare
+    name also matches an id (bdrv_snapshot_load_tmp_by_id_or_name)."""
+    snapshots, _size = read_snapshots(image)
+    for snap in snapshots:
+        if snapshot_id is not None and name is not None:
+            if snap.id_str == snapshot_id and snap.name == name:
+                return snap
+        elif snapshot_id is not None:
+            if snap.id_str == snapshot_id:
+                return snap
+        elif snap.name == name:
+            return snap
+    if snapshot_id is None and name is not None:
+        for snap in snapshots:
+            if snap.id_str == name:
+                return snap
+    raise InvalidImageError("Can't find snapshot")
+
+
+def open_snapshot_view(image, snapshot_id: str | None, name: str | None):
+    """A read-only driver over an internal snapshot of `image`: the image's
+    files and backing chain, mapped through the snapshot's L1 table.
+
+    The view shares `image`'s storage and caches except the L2 cache;
+    closing it does nothing (close `image` instead).
+    """
+    from qimg.formats.qcow2.cluster import ClusterMap
+    from qimg.formats.qcow2.image import Qcow2Image
+
+    snap = find_snapshot(image, snapshot_id, name)
+    geo = image.geo
+    if snap.l1_size * L.L1_ENTRY_SIZE > L.QCOW_MAX_L1_SIZE:
+        raise InvalidImageError("Snapshot L1 table too large")
+    if snap.l1_table_offset % geo.cluster_size or (
+        snap.l1_size and snap.l1_table_offset + snap.l1_size * 8 > image.storage.size()
+    ):
+        raise CorruptImageError("Snapshot L1 table offset invalid", snap.l1_table_offset)
+
+    class SnapshotView(Qcow2Image):
+        def close(self) -> None:
+            # The files belong to `image`; only the view's own pool goes.
+            pool = self.__dict__.get("_decompressor")
+            if pool is not None and pool is not image.__dict__.get("_decompressor"):
+                pool.close()
+            self._decompressor = None
+
+    view = SnapshotView.__new__(SnapshotView)
+    view.__dict__.update(image.__dict__)
+    view.writable = False
+    view.size = snap.disk_size if snap.disk_size is not None else image.size
+    view.clusters = ClusterMap(
+        image, geo, snap.l1_table_offset, snap.l1_size, image.header.has_data_file
+    )
+    return view

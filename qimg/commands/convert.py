@@ -1,0 +1,168 @@
+"""qimg convert: copy images between formats (qemu-img convert)."""
+
+from __future__ import annotations
+
+from qimg.commands._click import click
+from qimg.commands.common import quiet_option, share_option
+from qimg.errors import BadOptionError
+
+
+def _sparse_size(ctx, param, value):
+    if value is None:
+        return 4096
+    from qimg.options import parse_size
+
+    try:
+        return parse_size(value)
+    except (ValueError, OverflowError):
+        raise BadOptionError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+        ) from None
+
+
+def _coroutines(ctx, param, value):
+    if value is None:
+        return 8
+    try:
+        return int(value)
+    except ValueError:
+        raise BadOptionError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+        ) from None
+
+
+@click.command("convert")
+@click.option("-f", "--format", "fmt", metavar="FMT", help="Source format (probed when omitted).")
+@click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Target format (default raw).")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPTIONS",
+    help="Target creation options, as for create; '-o help' lists them.",
+)
+@click.option("-B", "backing", metavar="BACKING", help="Backing file of the target.")
+@click.option("-F", "backing_fmt", metavar="FMT", help="Format of the backing file.")
+@click.option("-c", "compress", is_flag=True, help="Compress the target's clusters (qcow2).")
+@click.option(
+    "--compression-level",
+    type=click.Choice(["fast", "default", "best"]),
+    default="default",
+    help="qimg only: trade size for speed with -c. 'default' stays within 1% of "
+    "qemu-img's size; 'fast' is several times faster and somewhat larger; 'best' "
+    "is slower and smaller.",
+)
+@click.option("-p", "show_progress", is_flag=True, help="Show progress.")
+@quiet_option
+@click.option("-n", "skip_create", is_flag=True, help="Write into an existing target.")
+@click.option(
+    "-S",
+    "sparse",
+    callback=_sparse_size,
+    metavar="SIZE",
+    help="Zero detection granularity (default 4k); 0 writes every byte.",
+)
+@click.option(
+    "-m",
+    "coroutines",
+    callback=_coroutines,
+    metavar="N",
+    help="Parallel workers (1-16, default 8).",
+)
+@click.option("-W", "out_of_order", is_flag=True, help="Allow out of order writes.")
+@click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
+@click.option("-T", "src_cache", default="writeback", metavar="CACHE", help="Source cache mode.")
+@share_option
+@click.option("-C", "copy_offload", is_flag=True, help="Accepted for compatibility.")
+@click.option("-r", "rate_limit", metavar="RATE", help="Accepted for compatibility (ignored).")
+@click.option(
+    "-l",
+    "snapshot_param",
+    metavar="SNAPSHOT_PARAM",
+    help="snapshot.id=ID,snapshot.name=NAME or a snapshot name.",
+)
+@click.option("-s", "snapshot", metavar="SNAPSHOT", help="Snapshot id or name to read.")
+@click.option("--target-is-zero", is_flag=True, help="The target (-n) reads as zeros already.")
+@click.option("--bitmaps", is_flag=True, help="Copy persistent bitmaps.")
+@click.option("--skip-broken-bitmaps", is_flag=True, help="Skip inconsistent bitmaps.")
+@click.option("--salvage", is_flag=True, help="Go on past read errors (zeros there).")
+@click.argument("files", nargs=-1)
+def command(
+    fmt,
+    out_fmt,
+    options,
+    backing,
+    backing_fmt,
+    compress,
+    compression_level,
+    show_progress,
+    quiet,
+    skip_create,
+    sparse,
+    coroutines,
+    out_of_order,
+    cache,
+    src_cache,
+    force_share,
+    copy_offload,
+    rate_limit,
+    snapshot_param,
+    snapshot,
+    target_is_zero,
+    bitmaps,
+    skip_broken_bitmaps,
+    salvage,
+    files,
+) -> None:
+    """Convert SOURCE... into TARGET (sources are concatenated)."""
+    from qimg.convert import ConvertOptions, convert, parse_snapshot_param
+    from qimg.options import parse_options
+    from qimg.progress import make_progress
+
+    opts = parse_options(options)
+    if "help" in opts:
+        from qimg.api import FORMATS
+        from qimg.create import options_help
+
+        if out_fmt not in FORMATS:
+            raise BadOptionError(f"Unknown file format '{out_fmt}'")
+        click.echo(options_help(out_fmt, with_protocol=False))
+        return
+    if len(files) < 1:
+        raise BadOptionError("Must specify image file name")
+    sid = sname = None
+    if snapshot_param is not None:
+        sid, sname = parse_snapshot_param(snapshot_param)
+    elif snapshot is not None:
+        sname = snapshot
+    o = ConvertOptions(
+        source_format=fmt,
+        target_format=out_fmt,
+        create_options=opts,
+        backing_file=backing,
+        backing_format=backing_fmt,
+        compress=compress,
+        compression_level=compression_level,
+        sparse_size=sparse,
+        coroutines=coroutines,
+        out_of_order=out_of_order,
+        cache=cache,
+        source_cache=src_cache,
+        force_share=force_share,
+        snapshot_id=sid,
+        snapshot_name=sname,
+        skip_create=skip_create,
+        target_is_zero=target_is_zero,
+        bitmaps=bitmaps,
+        skip_broken_bitmaps=skip_broken_bitmaps,
+        salvage=salvage,
+    )
+    o.validate(max(1, len(files) - 1))
+    if len(files) < 2:
+        raise BadOptionError("Expecting image file name")
+    reporter = make_progress(show_progress and not quiet)
+    try:
+        convert(list(files[:-1]), files[-1], o, progress=reporter.report)
+    finally:
+        reporter.close()

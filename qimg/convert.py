@@ -1,0 +1,822 @@
+"""The copy pipeline behind `qimg convert` (qemu-img convert).
+
+    from qimg.convert import convert
+    convert(["disk.raw"], "disk.qcow2", target_format="qcow2", compress=True)
+
+One pipeline for every direction, written against the driver interface:
+
+- a producer thread walks the sources' extents (data / zero runs through the
+  whole backing chain; raw files answer with SEEK_DATA/SEEK_HOLE), reads data
+  in large coalesced requests, and finds zero blocks of the -S granularity
+  with numpy (no Python loop per byte);
+- the calling thread writes: whole runs with one `write()` each (the qcow2
+  driver allocates contiguous host runs per L2 table), or, with -c, clusters
+  compressed by a thread pool, written in order;
+- holes are never written to a fresh target (a new raw or qcow2 image
+  without a backing file reads zeros); an existing target (-n) gets its zero
+  runs written as zeroes unless it is known to be zero (--target-is-zero).
+
+Memory is bounded whatever the image size: at most QUEUE_DEPTH chunks of
+CHUNK bytes sit between the threads, plus what the compressor keeps in flight.
+The engine never prints; it reports progress through a callback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qimg.driver import Driver
+from qimg.errors import BadOptionError, ImageIOError, QimgError, UnsupportedFeatureError
+
+__all__ = ["convert", "ConvertOptions", "parse_snapshot_param", "CHUNK"]
+
+CHUNK = 8 << 20  # bytes per read request (the producer coalesces up to this)
+QUEUE_DEPTH = 3  # chunks in flight between the producer and the writer
+PLAN_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
+MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
+MAX_COROUTINES = 16  # qemu-img's limit for -m
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+# Run kinds of the plan.
+DATA = 0  # read the source and write what it holds
+ZERO = 1  # reads as zeros
+SKIP = 2  # left to the target's backing file (same data there)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class ConvertOptions:
+    """Everything qemu-img convert takes, with its defaults."""
+
+    source_format: str | None = None
+    target_format: str = "raw"
+    create_options: dict[str, str] = field(default_factory=dict)
+    backing_file: str | None = None
+    backing_format: str | None = None
+    compress: bool = False
+    compression_level: str = "default"
+    sparse_size: int = 4096  # -S; 0: write every byte
+    coroutines: int = 8  # -m
+    out_of_order: bool = False  # -W
+    cache: str = "unsafe"  # -t (qemu-img convert defaults to unsafe: no fsync)
+    source_cache: str = "writeback"  # -T
+    force_share: bool = False  # -U
+    snapshot_id: str | None = None
+    snapshot_name: str | None = None
+    skip_create: bool = False  # -n
+    target_is_zero: bool = False
+    bitmaps: bool = False
+    skip_broken_bitmaps: bool = False
+    salvage: bool = False
+
+    def validate(self, nsources: int) -> None:
+        """qemu-img convert's checks on the options alone, in its words."""
+        if self.coroutines < 1 or self.coroutines > MAX_COROUTINES:
+            raise BadOptionError(
+                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+            )
+        s = self.sparse_size
+        if s < 0 or s % 512 or s > MAX_SPARSE:
+            raise BadOptionError(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples "
+                "of 512 up to 16777216. Select 0 to disable sparse detection (fully "
+                "allocates output)."
+            )
+        for mode in (self.cache, self.source_cache):
+            if mode not in CACHE_MODES:
+                raise BadOptionError(f"Invalid cache option: {mode}")
+        if self.target_is_zero and not self.skip_create:
+            raise BadOptionError("--target-is-zero requires use of -n flag")
+        if self.skip_broken_bitmaps and not self.bitmaps:
+            raise BadOptionError("Use of --skip-broken-bitmaps requires --bitmaps")
+        from qimg.formats.qcow2.compress import COMPRESSION_LEVELS
+
+        if self.compression_level not in COMPRESSION_LEVELS:
+            raise BadOptionError(
+                f"Invalid compression level '{self.compression_level}' "
+                f"(allowed: {', '.join(COMPRESSION_LEVELS)})"
+            )
+        if nsources < 1:
+            raise BadOptionError("Expecting image file name")
+        if nsources > 1 and self.backing_file:
+            raise BadOptionError(
+                "Having a backing file for the target makes no sense when concatenating "
+                "multiple input images"
+            )
+
+
+def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
+    """-l 'snapshot.id=ID,snapshot.name=NAME' or a bare NAME: (id, name)."""
+    if not text.startswith("snapshot."):
+        return None, text
+    from qimg.options import split_options
+
+    sid = name = None
+    for key, value in split_options(text):
+        if key == "snapshot.id":
+            sid = value
+        elif key == "snapshot.name":
+            name = value
+        else:
+            raise BadOptionError(f"Invalid parameter '{key}'")
+    return sid, name
+
+
+def convert(
+    sources: list[str],
+    target: str,
+    options: ConvertOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **kw,
+) -> None:
+    """Copy the concatenation of `sources` into `target`.
+
+    Options are those of `ConvertOptions`, given as an object or as keyword
+    arguments (e.g. ``target_format="qcow2", compress=True,
+    compression_level="fast"``). `progress(done, total)` is called with
+    guest bytes processed. A new target is removed again when the copy
+    fails; an existing one (skip_create, -n) is left as it is.
+    """
+    o = options or ConvertOptions()
+    for key, value in kw.items():
+        if not hasattr(o, key):
+            raise TypeError(f"convert() got an unexpected keyword argument '{key}'")
+        setattr(o, key, value)
+    o.validate(len(sources))
+    opened: list[Driver] = []
+    src: _Concat | None = None
+    try:
+        for path in sources:
+            opened.append(_open_source(path, o))
+        src = _Concat(opened)
+        if o.snapshot_id is not None or o.snapshot_name is not None:
+            # qemu-img loads the snapshot in every source.
+            src = _Concat([_snapshot_view(d, o.snapshot_id, o.snapshot_name) for d in opened])
+        _check_target_options(o)
+        created = False
+        if not o.skip_create:
+            _create_target(target, src.size, o)
+            created = True
+        try:
+            _copy_into(src, target, opened, o, progress)
+        except BaseException:
+            if created:
+                _remove(target)
+            raise
+    finally:
+        if src is not None and src.parts and src.parts[0][1] not in opened:
+            for _start, view in src.parts:
+                view.close()
+        for img in opened:
+            img.close()
+
+
+# --- opening ---------------------------------------------------------------------
+
+
+def _open_source(path: str, o: ConvertOptions) -> Driver:
+    from qimg.api import open_image
+
+    try:
+        return open_image(
+            path, o.source_format, force_share=o.force_share, cache_unsafe=True, lock=True
+        )
+    except QimgError as exc:
+        # qemu-img: "Could not open 'X': " before what the opener said,
+        # which for a file that cannot be opened names it once more.
+        exc.args = (f"Could not open '{path}': {exc}",)
+        raise
+
+
+def _prefix(exc: QimgError, prefix: str) -> None:
+    msg = str(exc)
+    if not msg.startswith(prefix):
+        exc.args = (prefix + msg,)
+
+
+def _snapshot_view(image: Driver, sid: str | None, name: str | None) -> Driver:
+    if image.format_name != "qcow2":
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{image.format_name}' used by device "
+            "'' does not support internal snapshots"
+        )
+    from qimg.formats.qcow2.snapshot import open_snapshot_view
+
+    try:
+        return open_snapshot_view(image, sid, name)
+    except QimgError as exc:
+        _prefix(exc, "Failed to load snapshot: ")
+        raise
+
+
+def _check_target_options(o: ConvertOptions) -> None:
+    """The checks qemu-img makes before creating the target."""
+    from qimg.api import FORMATS
+
+    if o.target_format not in FORMATS:
+        raise BadOptionError(f"Unknown file format '{o.target_format}'")
+    if o.skip_create:
+        return
+    # Unknown or malformed -o options fail before anything is created
+    # (qemu_opts_do_parse), unwrapped; validation failures come later.
+    from qimg.create import _typed, option_list
+
+    descs = {d.name: d for d in option_list(o.target_format)}
+    for key, text in o.create_options.items():
+        if key not in descs:
+            raise BadOptionError(f"Invalid parameter '{key}'")
+        _typed(descs[key], text)
+    if o.compress and o.target_format != "qcow2":
+        raise BadOptionError("Compression not supported for this file format")
+    if o.backing_file and o.target_format != "qcow2":
+        raise BadOptionError(f"Backing file not supported for file format '{o.target_format}'")
+    if o.compress and o.create_options.get("preallocation", "off") != "off":
+        raise BadOptionError("Compression and preallocation not supported at the same time")
+    if o.bitmaps and o.target_format != "qcow2":
+        raise BadOptionError(f"Format driver '{o.target_format}' does not support bitmaps")
+
+
+def _create_target(target: str, size: int, o: ConvertOptions) -> None:
+    from qimg.api import create_image
+
+    opts = dict(o.create_options)
+    if o.backing_format and not o.backing_file:
+        opts["backing_fmt"] = o.backing_format  # create rejects it with qemu's words
+    try:
+        create_image(
+            target,
+            o.target_format,
+            size,
+            opts,
+            backing_file=o.backing_file,
+            backing_fmt=o.backing_format if o.backing_file else None,
+            check_backing=True,
+        )
+    except QimgError as exc:
+        # Never remove anything here: a target that could not be created may
+        # be someone else's file (e.g. one of the sources, locked by us).
+        err: QimgError = exc
+        if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            err = ImageIOError(f"Could not create '{target}': No such file or directory")
+        msg = str(err).removeprefix(f"{target}: ")
+        err.args = (f"{target}: error while converting {o.target_format}: {msg}",)
+        raise err from None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _open_target(target: str, o: ConvertOptions) -> Driver:
+    from qimg.api import open_image
+
+    fmt = o.target_format
+    try:
+        return open_image(target, fmt, writable=True, cache_unsafe=o.cache == "unsafe")
+    except QimgError as exc:
+        _prefix(exc, f"Could not open '{target}': ")
+        raise
+
+
+# --- the copy ---------------------------------------------------------------------
+
+
+def _copy_into(
+    src: Driver,
+    target_path: str,
+    opened: list[Driver],
+    o: ConvertOptions,
+    progress: ProgressCallback | None,
+) -> None:
+    tgt = _open_target(target_path, o)
+    try:
+        if o.bitmaps:
+            _check_bitmaps(opened[0], tgt, o)
+        if o.skip_create and tgt.size < src.size:
+            raise QimgError("output file is smaller than input file")
+        if o.compress and tgt.format_name != "qcow2":
+            raise BadOptionError("Compression not supported for this file format")
+        writes = _async_writes(tgt)
+        job = _Job(src, tgt, o, progress)
+        job.run()
+        if writes is not None:
+            writes.drain()
+        if o.cache != "unsafe":
+            tgt.flush()
+    finally:
+        tgt.close()
+
+
+def _check_bitmaps(source: Driver, tgt: Driver, o: ConvertOptions) -> None:
+    if tgt.format_name != "qcow2":
+        raise BadOptionError(f"Format driver '{tgt.format_name}' does not support bitmaps")
+    if source.format_name != "qcow2":
+        return
+    from qimg.formats.qcow2.bitmap import read_bitmap_directory
+
+    if read_bitmap_directory(source):
+        raise UnsupportedFeatureError("Copying persistent bitmaps (--bitmaps) is not supported yet")
+
+
+class _AsyncWrites:
+    """A storage wrapper that runs large pwrites in a few threads.
+
+    Writing fresh pages costs the kernel about as much as reading them, and
+    qemu-img spreads it over threads; so does this. Invariant: anything other
+    than a pwrite first waits for every pending write (reads see what was
+    written, file sizes are final), and a write overlapping a pending one
+    waits for it, so writes to one place land in program order. Small writes
+    (metadata) are made at once, after the pending ones they overlap.
+    """
+
+    ASYNC_MIN = 256 << 10
+    MAX_PENDING = 4
+
+    def __init__(self, inner, workers: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._inner = inner
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qimg-write")
+        self._pending: deque = deque()  # (start, end, future)
+
+    def pwrite(self, offset: int, data) -> None:
+        end = offset + len(memoryview(data).cast("B"))
+        for start, stop, _fut in list(self._pending):
+            if start < end and offset < stop:
+                self.drain()
+                break
+        if end - offset < self.ASYNC_MIN:
+            self._inner.pwrite(offset, data)
+            return
+        while len(self._pending) >= self.MAX_PENDING:
+            self._pending.popleft()[2].result()
+        self._pending.append((offset, end, self._pool.submit(self._inner.pwrite, offset, data)))
+
+    def drain(self) -> None:
+        """Wait for every pending write; raise the first failure."""
+        while self._pending:
+            self._pending.popleft()[2].result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._inner.close()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kw):
+            self.drain()
+            return attr(*args, **kw)
+
+        return call
+
+
+def _async_writes(tgt: Driver) -> _AsyncWrites | None:
+    """Route the target's data writes through _AsyncWrites (same file only)."""
+    storage = getattr(tgt, "storage", None)
+    if storage is None:
+        return None
+    wrapper = _AsyncWrites(storage)
+    tgt.storage = wrapper
+    if getattr(tgt, "data_storage", None) is storage:
+        tgt.data_storage = wrapper
+    return wrapper
+
+
+class _Concat(Driver):
+    """Several sources end to end, each rounded up to 512 bytes as qemu-img
+    counts them (blk_nb_sectors); the padding reads as zeros."""
+
+    format_name = "concat"
+
+    def __init__(self, parts: list[Driver]):
+        self.parts = []
+        pos = 0
+        for d in parts:
+            self.parts.append((pos, d))
+            pos += -(-d.size // 512) * 512
+        self.size = pos
+        self.filename = parts[0].filename if parts else ""
+        self.writable = False
+
+    def _pieces(self, offset: int, length: int):
+        """(driver, local offset, length inside the driver, pad) per part."""
+        end = offset + length
+        for i, (start, d) in enumerate(self.parts):
+            stop = self.parts[i + 1][0] if i + 1 < len(self.parts) else self.size
+            lo, hi = max(offset, start), min(end, stop)
+            if lo >= hi:
+                continue
+            inside = max(0, min(hi, start + d.size) - lo)
+            yield d, lo - start, inside, hi - lo - inside, lo
+
+    def readinto(self, offset: int, buf) -> None:
+        view = memoryview(buf).cast("B")
+        for d, local, inside, pad, lo in self._pieces(offset, len(view)):
+            dst = view[lo - offset : lo - offset + inside + pad]
+            if inside:
+                d.readinto(local, dst[:inside])
+            if pad:
+                dst[inside:] = bytes(pad)
+
+    def allocated_extents(self, offset: int, length: int) -> list[tuple[int, int, bool, bool]]:
+        out = []
+        for d, local, inside, pad, lo in self._pieces(offset, length):
+            if inside:
+                for s, n, is_data, is_zero in d.allocated_extents(local, inside):
+                    out.append((s - local + lo, n, is_data, is_zero))
+            if pad:
+                out.append((lo + inside, pad, False, True))
+        return out
+
+    def top_extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(offset, length, kind) of the top image only: UNALLOCATED is SKIP."""
+        from qimg.formats.qcow2.cluster import COMPRESSED, UNALLOCATED
+        from qimg.formats.qcow2.cluster import DATA as X_DATA
+
+        out = []
+        for d, local, inside, pad, lo in self._pieces(offset, length):
+            if inside:
+                for e in d.block_status(local, inside):
+                    kind = (
+                        DATA
+                        if e.kind in (X_DATA, COMPRESSED)
+                        else SKIP
+                        if e.kind == UNALLOCATED
+                        else ZERO
+                    )
+                    out.append((e.offset - local + lo, e.length, kind))
+            if pad:
+                out.append((lo + inside, pad, ZERO))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _merge(runs) -> list[list[int]]:
+    """Merge adjacent (offset, length, kind) runs of one kind: [[start, end, kind]]."""
+    out: list[list[int]] = []
+    for s, n, kind in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][2] == kind and out[-1][1] == s:
+            out[-1][1] = s + n
+        else:
+            out.append([s, s + n, kind])
+    return out
+
+
+def _align_data(runs: list[list[int]], align: int, lo: int, hi: int) -> list[list[int]]:
+    """Grow DATA runs outwards to `align` (clipped to [lo, hi)); what they
+    swallow is read too (it reads as what the source holds there)."""
+    if align <= 1:
+        return runs
+    out: list[list[int]] = []
+    for s, e, kind in runs:
+        if kind == DATA:
+            s = max(lo, s // align * align)
+            e = min(hi, -(-e // align) * align)
+        if out and s < out[-1][1]:
+            prev = out[-1]
+            if kind == DATA:
+                if prev[2] == DATA:
+                    prev[1] = max(prev[1], e)
+                    continue
+                prev[1] = s  # a data run takes over the tail of a zero run
+                if prev[1] <= prev[0]:
+                    out.pop()
+            else:
+                s = out[-1][1]  # the previous data run took our head
+                if s >= e:
+                    continue
+        if out and out[-1][2] == kind and out[-1][1] == s:
+            out[-1][1] = e
+        else:
+            out.append([s, e, kind])
+    return out
+
+
+class _Job:
+    """One conversion: plan, produce (thread), write (this thread)."""
+
+    def __init__(self, src: _Concat, tgt: Driver, o: ConvertOptions, progress):
+        self.src = src
+        self.tgt = tgt
+        self.o = o
+        self.progress = progress
+        self.total = src.size
+        self.done = 0
+        self.qcow2 = tgt.format_name == "qcow2"
+        self.cluster_size = tgt.geo.cluster_size if self.qcow2 else 512
+        self.sparse = o.sparse_size > 0
+        # Zero detection granularity: -S, but never below a target cluster
+        # (a cluster is allocated whole anyway; a partial write would COW).
+        s = o.sparse_size or 512
+        if self.qcow2:
+            cs = self.cluster_size
+            self.block = cs if s <= cs else -(-s // cs) * cs
+        else:
+            self.block = s
+        self.compress = o.compress
+        if self.compress:
+            self.block = self.cluster_size
+        # Zero runs: a fresh target (no backing file) already reads zeros.
+        self.backing = None
+        self.skip_same_backing = False
+        if self.qcow2 and tgt.backing is not None:
+            self._setup_backing()
+        self.zero_init = (not o.skip_create or o.target_is_zero) and self.backing is None
+        self.chunk = max(self.block, CHUNK // self.block * self.block)
+
+    def _setup_backing(self) -> None:
+        """-B: only what differs from the target's backing file is written."""
+        from qimg.api import open_image
+
+        b = self.tgt.backing
+        self.backing = open_image(b.filename, b.format_name, force_share=True)
+        parts = self.src.parts
+        if len(parts) == 1 and not (self.o.snapshot_id or self.o.snapshot_name):
+            top = parts[0][1]
+            tb = getattr(top, "backing", None)
+            same = tb is not None and os.path.realpath(tb.filename) == os.path.realpath(b.filename)
+            self.skip_same_backing = same and tb.size == b.size
+
+    # --- planning (producer thread) ----------------------------------------------
+
+    def _plan(self) -> Iterator[list[int]]:
+        """[start, end, kind] runs covering the source, window by window."""
+        src = self.src
+        align = self.block
+        for lo in range(0, self.total, PLAN_WINDOW):
+            hi = min(self.total, lo + PLAN_WINDOW)
+            if not self.sparse and self.backing is None:
+                yield [lo, hi, DATA]
+                continue
+            if self.skip_same_backing:
+                runs = _merge(src.top_extents(lo, hi - lo))
+            else:
+                runs = _merge(
+                    (s, n, DATA if is_data else ZERO)
+                    for s, n, is_data, _z in src.allocated_extents(lo, hi - lo)
+                )
+            if not self.sparse:
+                runs = [[s, e, DATA if k == ZERO else k] for s, e, k in runs]
+            yield from _align_data(runs, align, lo, hi)
+
+    def _items(self) -> Iterator[tuple[int, int, memoryview | None]]:
+        """(offset, length, data or None for zeros) to write, in order;
+        SKIP runs become (offset, length, False) progress-only items."""
+        for s, e, kind in self._plan():
+            if kind == SKIP:
+                yield s, e - s, False
+            elif kind == ZERO:
+                yield from self._zero_run(s, e)
+            else:
+                pos = s
+                while pos < e:
+                    n = min(e - pos, self.chunk - pos % self.chunk)
+                    yield from self._data_chunk(pos, n)
+                    pos += n
+
+    def _zero_run(self, s: int, e: int):
+        if self.backing is None:
+            yield s, e - s, None
+            return
+        # Zeros hide backing data only where the backing has some.
+        bsize = self.backing.size
+        pos = s
+        if s < bsize:
+            for bs, bn, is_data, _z in self.backing.allocated_extents(s, min(e, bsize) - s):
+                yield bs, bn, None if is_data else False
+            pos = min(e, bsize)
+        if pos < e:
+            yield pos, e - pos, False
+
+    def _read(self, offset: int, length: int) -> np.ndarray:
+        # Uninitialized memory: readinto fills every byte (zeros where the
+        # source reads as zeros), and zero-filling 1 GiB first costs ~0.3 s.
+        buf = np.empty(length, dtype=np.uint8)
+        try:
+            self.src.readinto(offset, buf)
+        except QimgError as exc:
+            if not self.o.salvage:
+                raise ImageIOError(f"error while reading at byte {offset}: {exc}") from None
+            self._salvage(offset, buf)
+        return buf
+
+    def _salvage(self, offset: int, buf: np.ndarray) -> None:
+        """--salvage: read what can be read, 512 bytes at a time, zeros elsewhere."""
+        view = memoryview(buf)
+        step = 512
+        for pos in range(0, len(buf), step):
+            piece = view[pos : pos + step]
+            try:
+                self.src.readinto(offset + pos, piece)
+            except QimgError:
+                piece[:] = bytes(len(piece))
+
+    def _data_chunk(self, offset: int, length: int):
+        buf = self._read(offset, length)
+        view = memoryview(buf)
+        if not self.sparse and self.backing is None:
+            yield offset, length, view
+            return
+        B = self.block
+        nblocks = -(-length // B)
+        full = length // B
+        keep = np.empty(nblocks, dtype=bool)  # block must be written
+        zero = np.empty(nblocks, dtype=bool)  # block reads as zeros
+        words = np.frombuffer(buf, dtype=np.uint8)
+        if full:
+            w = words[: full * B].view(np.uint64).reshape(full, B // 8)
+            zero[:full] = w.max(axis=1) == 0
+        if nblocks > full:
+            zero[full] = not words[full * B :].any()
+        if self.backing is not None:
+            keep[:] = self._differs(offset, length, words, nblocks, full)
+        elif self.sparse:
+            keep[:] = True
+        else:
+            keep[:] = True
+            zero[:] = False
+        if not self.sparse:
+            zero[:] = False
+        # Runs of (keep, zero) states become one item each.
+        state = keep.astype(np.int8) * 2 + zero.astype(np.int8)
+        edges = np.flatnonzero(state[1:] != state[:-1]) + 1
+        starts = [0, *edges.tolist()]
+        stops = [*edges.tolist(), nblocks]
+        for a, b in zip(starts, stops):
+            lo, hi = a * B, min(length, b * B)
+            st = int(state[a])
+            if not st & 2:
+                yield offset + lo, hi - lo, False  # same as the backing file
+            elif st & 1:
+                yield offset + lo, hi - lo, None
+            else:
+                yield offset + lo, hi - lo, view[lo:hi]
+
+    def _differs(self, offset, length, words, nblocks, full) -> np.ndarray:
+        """Blocks whose source data differs from the target's backing file."""
+        B = self.block
+        other = bytearray(length)
+        avail = max(0, min(length, self.backing.size - offset))
+        if avail:
+            self.backing.readinto(offset, memoryview(other)[:avail])
+        theirs = np.frombuffer(other, dtype=np.uint8)
+        out = np.empty(nblocks, dtype=bool)
+        if full:
+            a = words[: full * B].view(np.uint64).reshape(full, B // 8)
+            b = theirs[: full * B].view(np.uint64).reshape(full, B // 8)
+            out[:full] = (a != b).any(axis=1)
+        if nblocks > full:
+            out[full] = bool((words[full * B :] != theirs[full * B :]).any())
+        return out
+
+    # --- the producer thread ----------------------------------------------------
+
+    def _batches(self) -> Iterator[list]:
+        """Items grouped so that each batch holds at most about CHUNK bytes of
+        data: the queue between the threads is bounded in bytes, not items."""
+        batch: list = []
+        held = 0
+        for item in self._items():
+            batch.append(item)
+            data = item[2]
+            if data is not None and data is not False:
+                held += item[1]
+            if held >= self.chunk or len(batch) >= 4096:
+                yield batch
+                batch, held = [], 0
+        if batch:
+            yield batch
+
+    def _start_producer(self) -> tuple[queue.Queue, threading.Event, threading.Thread]:
+        q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in self._batches():
+                    if not put(batch):
+                        return
+                put(done)
+            except BaseException as exc:  # handed to the writer thread
+                put(exc)
+
+        thread = threading.Thread(target=produce, name="qimg-convert-read", daemon=True)
+        thread.start()
+        self._done_marker = done
+        return q, stop, thread
+
+    def _consume(self, q: queue.Queue) -> Iterator[tuple[int, int, object]]:
+        while True:
+            batch = q.get()
+            if batch is self._done_marker:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            yield from batch
+
+    # --- the writer (calling thread) ---------------------------------------------
+
+    def run(self) -> None:
+        self._report(0)
+        q, stop, thread = self._start_producer()
+        try:
+            items = self._consume(q)
+            if self.compress:
+                self._write_compressed(items)
+            else:
+                for offset, length, data in items:
+                    self._write(offset, length, data)
+        finally:
+            stop.set()
+            thread.join()
+            if self.backing is not None:
+                self.backing.close()
+        self._report(self.total)
+
+    def _report(self, done: int) -> None:
+        self.done = done
+        if self.progress is not None:
+            self.progress(done, self.total)
+
+    def _write(self, offset: int, length: int, data) -> None:
+        if data is None:
+            if not self.zero_init:
+                self._write_zeroes(offset, length)
+        elif data is not False:
+            try:
+                self.tgt.write(offset, data)
+            except QimgError as exc:
+                raise ImageIOError(f"error while writing at byte {offset}: {exc}") from None
+        self._report(offset + length)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        # qemu-img: BDRV_REQ_MAY_UNMAP unless the target has a backing file.
+        self.tgt.write_zeroes(offset, length, unmap=self.backing is None)
+
+    def _write_compressed(self, items) -> None:
+        """-c: whole clusters through the compressor pool, written in order."""
+        from qimg.formats.qcow2.compress import ClusterCompressor
+
+        tgt = self.tgt
+        cs = self.cluster_size
+        workers = min(self.o.coroutines, os.cpu_count() or 1)
+        offsets: deque[tuple[int, int]] = deque()
+
+        def clusters():
+            for offset, length, data in items:
+                if data is None or data is False:
+                    if data is None and not self.zero_init:
+                        self._write_zeroes(offset, length)
+                    if not offsets:
+                        self._report(offset + length)
+                    continue
+                for pos in range(0, length, cs):
+                    piece = data[pos : pos + cs]
+                    n = len(piece)
+                    if n < cs:  # the image's last cluster, zero-padded as QEMU does
+                        piece = bytes(piece) + bytes(cs - n)
+                    offsets.append((offset + pos, n, piece))
+                    yield piece
+
+        with ClusterCompressor(
+            tgt.header.compression_type, self.o.compression_level, workers
+        ) as pool:
+            for compressed in pool.map(clusters()):
+                offset, n, piece = offsets.popleft()
+                if compressed is None:
+                    tgt.write(offset, piece[:n])
+                else:
+                    tgt.write_compressed(offset, compressed)
+                self._report(offset + n)

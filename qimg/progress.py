@@ -1,0 +1,91 @@
+"""Progress reporting for long commands (convert -p).
+
+On a terminal, a Rich bar on stderr (bytes done, rate, time left). Anywhere
+else, qemu-img's own lines, on stdout as qemu-img prints them
+(util/qemu-progress.c): ``"    (%3.2f/100%)\\r"`` each time the percentage
+moves by at least one point, and a newline at the end.
+
+The engine only calls `report(done, total)`; this module is the command
+layer's side of that callback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+class PlainProgress:
+    """qemu-img's progress lines (min_skip 1.0, as img_convert sets it)."""
+
+    def __init__(self, stream: TextIO | None = None, min_skip: float = 1.0):
+        self.stream = stream or sys.stdout
+        self.min_skip = min_skip
+        self.last: float | None = None
+
+    def report(self, done: int, total: int) -> None:
+        pct = 100.0 if total <= 0 else min(100.0, done * 100.0 / total)
+        if self.last is not None and pct - self.last < self.min_skip and pct < 100.0:
+            return
+        if self.last == 100.0 and pct == 100.0:
+            return
+        self.last = pct
+        self.stream.write(f"    ({pct:3.2f}/100%)\r")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+class RichProgress:
+    """A Rich progress bar on stderr."""
+
+    def __init__(self, description: str = "Converting"):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=None)
+        self._progress.start()
+
+    def report(self, done: int, total: int) -> None:
+        self._progress.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class NoProgress:
+    def report(self, done: int, total: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_progress(enabled: bool, description: str = "Converting"):
+    """The progress reporter for -p: Rich when stderr is a terminal."""
+    if not enabled:
+        return NoProgress()
+    if sys.stderr.isatty():
+        try:
+            return RichProgress(description)
+        except ImportError:
+            pass
+    return PlainProgress()
