@@ -9,8 +9,16 @@ disk above the computed one is a leak, below it a corruption; a cluster in
 use with a count of 0 on disk, or a broken refcount block, makes the whole
 refcount structure be rebuilt when errors are to be fixed.
 
-Counting works on arrays of cluster indices (np.bincount), never a Python
-loop per cluster; a Python loop runs only over what is wrong.
+Counting works on arrays of cluster indices, never a Python loop per
+cluster; a Python loop runs only over what is wrong. Memory: one array of
+computed counts and one of the stored refcounts, each of the image's
+refcount width (uint8 for widths below 8), over the clusters of the file;
+L2 tables are read in bounded batches (L2_BATCH_BYTES) into one reused
+buffer, adjacent tables in one read. A batch whose entries are all plain
+(no compressed, reserved or unaligned entry, none past the end of file)
+takes a short path: allocated entries as runs of adjacent clusters
+(preallocated images) are counted with slice additions, others with one
+fancy-indexed addition (sorted and grouped first when a cluster repeats).
 
 Where QEMU 7.2's repair leaves an image broken (an L2 entry that is unaligned
 or points past the end of the file, an L1 entry pointing at refcount
@@ -38,7 +46,11 @@ REFT_RESERVED_MASK = 0x1FF
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 
 _U64 = np.uint64
-_SMALL_DTYPES = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8, 4: np.uint16, 5: np.uint32}
+# Refcounts in memory, by refcount_order: the smallest dtype that holds
+# refcount_max (computed counts above the dtype's max are kept exactly,
+# aside; see _Checker.big).
+_COUNT_DTYPES = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8}
+_COUNT_DTYPES.update({4: np.uint16, 5: np.uint32, 6: np.uint64})
 
 OVERFLOW_HINT = (
     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
@@ -46,7 +58,11 @@ OVERFLOW_HINT = (
 )
 
 # How many L2 tables one numpy batch holds (bounded memory).
-L2_BATCH_BYTES = 8 << 20
+L2_BATCH_BYTES = 4 << 20
+# Entry bits that send an L2 batch to the general walk: compressed, reserved.
+_PLAIN_BAD_BITS = L.QCOW_OFLAG_COMPRESSED | L.L2E_STD_RESERVED_MASK
+# How many clusters one comparison of refcounts takes at once.
+COMPARE_CHUNK = 1 << 22
 
 
 class CheckFailed(QimgError):
@@ -242,15 +258,26 @@ def _mark_clean(image) -> None:
 
 
 class _OnDisk:
-    """Refcounts as stored, read whole blocks at a time (bounded cache)."""
+    """Refcounts as stored.
+
+    `full(n)` holds every refcount of clusters [0, n) in one native array
+    (the image's width; sub-byte widths widened to uint8), read in runs of
+    adjacent refcount blocks: the comparison and OFLAG_COPIED lookups index
+    it directly. Clusters past it go through `block()` (bounded cache).
+    """
 
     def __init__(self, image, max_bytes: int = 32 << 20):
         self.image = image
         self.geo = image.geo
         self.table = image.refcounts.table
-        self.dtype = _SMALL_DTYPES.get(self.geo.refcount_order, np.uint64)
+        self.dtype = _COUNT_DTYPES[self.geo.refcount_order]
         self.cache: dict[int, np.ndarray] = {}
         self.limit = max(8, max_bytes // self.geo.cluster_size)
+        # full(): values of whole blocks, and which blocks are unaligned
+        # (their values unknown, left zero).
+        self.values: np.ndarray | None = None
+        self.unaligned: np.ndarray | None = None
+        self.any_unaligned = False
 
     def block_offset(self, index: int) -> int:
         if index >= len(self.table):
@@ -275,14 +302,59 @@ class _OnDisk:
         self.cache[index] = values
         return values
 
-    def lookup(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def full(self, n: int) -> np.ndarray:
+        """Refcounts of clusters [0, n) at least (whole blocks), native dtype."""
+        if self.values is not None and len(self.values) >= n:
+            return self.values
+        geo = self.geo
+        cs = geo.cluster_size
+        per = geo.refcount_block_size
+        nb = max(1, -(-n // per))
+        offs = np.zeros(nb, dtype=np.uint64)
+        k = min(nb, len(self.table))
+        offs[:k] = self.table[:k] & _U64(L.REFT_OFFSET_MASK)
+        unaligned = (offs & _U64(cs - 1)) != 0
+        offs[unaligned] = 0
+        order = geo.refcount_order
+        if order >= 3:
+            # A numpy buffer, not a bytearray: large ones get huge pages.
+            buf = np.zeros(nb * cs, dtype=np.uint8)  # zeros where there is no block
+            _read_runs(self.image.storage, offs, cs, buf, skip_zero=True)
+            values = buf.view(_COUNT_DTYPES[order])
+            if order > 3:
+                values.byteswap(inplace=True)
+        else:
+            values = np.zeros(nb * per, dtype=np.uint8)
+            for bi in np.flatnonzero(offs).tolist():
+                raw = self.image.storage.pread(int(offs[bi]), cs)
+                values[bi * per : (bi + 1) * per] = decode_refcount_block(raw, order)
+        self.values = values
+        self.unaligned = unaligned
+        self.any_unaligned = bool(unaligned.any())
+        return values
+
+    def lookup(self, clusters: np.ndarray, runs: list[tuple[int, int]] | None = None):
         """(refcounts, ok) of cluster indices; ok is False where the
-        refcount cannot be read (unaligned refcount block)."""
+        refcount cannot be read (unaligned refcount block). `runs`, when
+        given, are `clusters` as runs [lo, hi) of adjacent clusters."""
+        if not len(clusters):
+            return np.zeros(0, dtype=np.uint64), np.ones(0, dtype=bool)
+        values = self.values
+        if values is not None and runs is not None and runs[-1][1] <= len(values):
+            refs = np.concatenate([values[lo:hi] for lo, hi in runs])
+        elif values is not None and int(clusters.max()) < len(values):
+            refs = values[clusters.astype(np.intp, copy=False)]
+        else:
+            return self._lookup_blocks(clusters)
+        if self.any_unaligned:
+            idx = clusters.astype(np.intp, copy=False)
+            return refs, ~self.unaligned[idx >> self.geo.refcount_block_bits]
+        return refs, np.ones(len(clusters), dtype=bool)
+
+    def _lookup_blocks(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         bits = self.geo.refcount_block_bits
         out = np.zeros(len(clusters), dtype=np.uint64)
         ok = np.ones(len(clusters), dtype=bool)
-        if not len(clusters):
-            return out, ok
         blocks = clusters >> _U64(bits)
         order = np.argsort(blocks, kind="stable")
         sorted_blocks = blocks[order]
@@ -304,7 +376,33 @@ class _OnDisk:
 
     def invalidate(self) -> None:
         self.cache.clear()
+        self.values = None
+        self.unaligned = None
+        self.any_unaligned = False
         self.table = self.image.refcounts.table
+
+
+def _read_runs(storage, offsets: np.ndarray, size: int, buf, skip_zero: bool) -> None:
+    """Read `size` bytes from each offset (but 0 where skip_zero) into
+    buf[k*size:], one read per run of adjacent offsets; what lies past the
+    end of the file reads as zeros. buf must be zero where nothing is read."""
+    n = len(offsets)
+    if not n:
+        return
+    offs = offsets.astype(np.uint64, copy=False)
+    present = offs != 0 if skip_zero else np.ones(n, dtype=bool)
+    # A run starts at k unless k-1 is present and ends where k starts.
+    follows = np.zeros(n, dtype=bool)
+    follows[1:] = present[:-1] & (offs[1:] == offs[:-1] + _U64(size))
+    starts = np.flatnonzero(present & ~follows)
+    # A run ends at the next index that does not follow its predecessor.
+    breaks = np.append(np.flatnonzero(~follows), n)
+    ends = breaks[np.searchsorted(breaks, starts, side="right")]
+    view = memoryview(buf)
+    for k, j in zip(starts.tolist(), ends.tolist()):
+        got = storage.preadv(int(offs[k]), view[k * size : j * size])
+        if got < (j - k) * size:
+            view[k * size + got : j * size] = bytes((j - k) * size - got)
 
 
 class _Unaligned(Exception):
@@ -336,9 +434,10 @@ class _Checker:
         self.oflag_messages: list[str] | None = None
         self.oflag_corruptions = 0
         self._snapshots = None
+        self._l2_buf: np.ndarray | None = None
 
     def close(self) -> None:
-        self.ondisk.cache.clear()
+        self.ondisk.invalidate()
 
     def say(self, line: str) -> None:
         self.res.messages.append(line)
@@ -387,7 +486,13 @@ class _Checker:
         self.file_len = img.storage.size()
         self.nb_clusters = -(-self.file_len // self.cs)
         # One cluster of slack: a reference may run up to a cluster past EOF.
-        self.counts = np.zeros(self.nb_clusters + 1, dtype=np.uint32)
+        dtype = _COUNT_DTYPES[self.geo.refcount_order]
+        self.counts = np.zeros(self.nb_clusters + 1, dtype=dtype)
+        self.cap = int(np.iinfo(dtype).max)
+        # Invariant: counts[c] == cap exactly where c is in `big`, which
+        # holds the true count (>= cap); `bound` >= counts.max().
+        self.big: dict[int, int] = {}
+        self.bound = 0
         self.overflow = 0
         self.in_file_limit = self.nb_clusters + 1
         self.inc_range(res, 0, self.cs)  # header
@@ -446,7 +551,7 @@ class _Checker:
             res.corruptions += 1
             return
         first, last = offset >> self.cb, (offset + size - 1) >> self.cb
-        self.counts[first : last + 1] += 1
+        self._bump_range(first, last - first + 1, 1)
 
     def inc_clusters(self, res: CheckResult, offsets: np.ndarray, sizes, weight: int = 1) -> None:
         """qcow2_inc_refcounts_imrt for many ranges at once (uint64 offsets)."""
@@ -474,17 +579,69 @@ class _Checker:
             more = last - first > 1
             if more.any():  # compressed data longer than a cluster: rare
                 for a, b in zip(first[more].tolist(), last[more].tolist()):
-                    self.counts[a + 1 : b] += weight
+                    self._bump_range(a + 1, b - a - 1, weight)
 
     def _add(self, idx: np.ndarray, weight: int) -> None:
+        """counts[idx] += weight for each index (int64, repeats allowed)."""
         if not len(idx):
             return
-        lo, hi = int(idx.min()), int(idx.max())
-        binned = np.bincount(idx - lo, minlength=hi - lo + 1)
-        if weight != 1:
-            binned *= weight
-        window = self.counts[lo : hi + 1]
-        window += binned.astype(np.uint32)
+        if len(idx) > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            idx = np.sort(idx)
+            new = np.empty(len(idx), dtype=bool)
+            new[0] = True
+            np.not_equal(idx[1:], idx[:-1], out=new[1:])
+            if not new.all():
+                starts = np.flatnonzero(new)
+                times = np.diff(np.append(starts, len(idx)))
+                self._bump_at(idx[starts], times * weight)
+                return
+        self._bump_at(idx, weight)
+
+    def _bump_at(self, idx, add) -> None:
+        """counts[idx] += add (idx: distinct indices or a slice); saturates
+        at cap, keeping the true count in `big`."""
+        top = int(add.max()) if isinstance(add, np.ndarray) else int(add)
+        if self.bound + top >= self.cap:
+            self.bound = int(self.counts.max())
+        if self.bound + top < self.cap:
+            self.counts[idx] += np.asarray(add).astype(self.counts.dtype)
+            self.bound += top
+            return
+        if isinstance(idx, slice):
+            idx = np.arange(idx.start, idx.stop, dtype=np.int64)
+        total = self.counts[idx].astype(object) + np.asarray(add).astype(object)
+        for j in np.flatnonzero(total >= self.cap).tolist():
+            c = int(idx[j])
+            if c in self.big:  # counts[c] is cap: add to the true count
+                self.big[c] += int(total[j]) - self.cap
+            else:
+                self.big[c] = int(total[j])
+        self.counts[idx] = np.minimum(total, self.cap).astype(self.counts.dtype)
+        self.bound = self.cap
+
+    def _bump_runs(self, runs: list[tuple[int, int]], add: int) -> None:
+        """counts[lo:hi] += add for disjoint runs [lo, hi) (so that the
+        bound grows by `add` only)."""
+        if self.bound + add >= self.cap:
+            self.bound = int(self.counts.max())
+        if self.bound + add >= self.cap:
+            for lo, hi in runs:
+                self._bump_at(slice(lo, hi), add)
+            return
+        value = self.counts.dtype.type(add)
+        for lo, hi in runs:
+            self.counts[lo:hi] += value
+        self.bound += add
+
+    def _bump_range(self, first: int, n: int, add: int) -> None:
+        """counts[first:first+n] += add."""
+        if n > 0:
+            self._bump_at(slice(first, first + n), add)
+
+    def count_of(self, c: int) -> int:
+        """The exact count of cluster c (before finish_counts)."""
+        v = int(self.counts[c])
+        return self.big[c] if v == self.cap and c in self.big else v
 
     # --- L1 and L2 tables ----------------------------------------------------------
 
@@ -495,9 +652,8 @@ class _Checker:
     def check_l1_tables(self, res: CheckResult, walks, fix: int) -> None:
         """check_refcounts_l1 for every walk; each L2 table is read once, its
         references weighted by how many L1 entries name it."""
-        # (l2 offset) -> [active walks, inactive walks]
-        uses: dict[int, list[int]] = {}
-        order: list[int] = []
+        named: list[np.ndarray] = []  # L2 offsets named by each walk
+        named_active: list[np.ndarray] = []
         for l1_offset, l1_size, active, _snap in walks:
             if not l1_size:
                 continue
@@ -519,16 +675,25 @@ class _Checker:
                     f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted"
                 )
             res.corruptions += len(unaligned)
-            for off in l2s.tolist():
-                u = uses.get(off)
-                if u is None:
-                    u = uses[off] = [0, 0]
-                    order.append(off)
-                u[0 if active else 1] += 1
+            named.append(l2s)
+            named_active.append(np.full(len(l2s), active))
+        if not named:
+            return
+        # Distinct tables in order of first naming, with how many active and
+        # inactive L1 entries name each.
+        offs = np.concatenate(named)
+        act = np.concatenate(named_active)
+        distinct, first, inverse = np.unique(offs, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        actives = np.bincount(inverse[act], minlength=len(distinct))[by_first]
+        inactives = np.bincount(inverse[~act], minlength=len(distinct))[by_first]
+        order = distinct[by_first]
+        if self.oflag_messages is not None:
+            self.ondisk.full(self.nb_clusters + 1)
         batch = max(1, L2_BATCH_BYTES // self.cs)
         for i in range(0, len(order), batch):
-            offs = order[i : i + batch]
-            self.check_l2_batch(res, offs, [uses[o] for o in offs], fix)
+            part = slice(i, i + batch)
+            self.check_l2_batch(res, order[part], actives[part], inactives[part], fix)
 
     def repair_l1(self, res: CheckResult, l1: np.ndarray, l1_offset: int, active: bool):
         """qimg's addition: clear L1 entries whose L2 table cannot be used
@@ -600,31 +765,121 @@ class _Checker:
         lost |= compressed & ((coff.astype(np.int64) + 512 - self.file_len) >= self.cs)
         return e != 0, lost
 
-    def check_l2_batch(self, res: CheckResult, offsets: list[int], uses, fix: int) -> None:
-        """check_refcounts_l2 for a batch of distinct L2 tables."""
+    def check_l2_batch(self, res: CheckResult, l2_offsets, actives, inactives, fix: int) -> None:
+        """check_refcounts_l2 for a batch of distinct L2 tables, named by
+        `actives` entries of the active L1 table and `inactives` of snapshots'."""
+        offsets = l2_offsets.tolist()
         cs = self.cs
-        buf = bytearray(len(offsets) * cs)  # zeros: reads past EOF stay zero
-        view = memoryview(buf)
-        storage = self.image.storage
-        for k, o in enumerate(offsets):
-            storage.preadv(o, view[k * cs : (k + 1) * cs])
-        tables = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
-        ext = self.geo.extended_l2
         n = len(offsets)
-        if ext:
+        # One buffer for every batch: fresh pages cost a fault each.
+        if self._l2_buf is None or len(self._l2_buf) < n * cs:
+            self._l2_buf = np.empty(n * cs, dtype=np.uint8)  # huge pages, unlike bytearray
+        buf = self._l2_buf[: n * cs]
+        # An L1 entry with flags but no offset names the header, as in QEMU.
+        _read_runs(self.image.storage, l2_offsets, cs, buf, skip_zero=False)
+        tables = buf.view(np.uint64)
+        tables.byteswap(inplace=True)  # big-endian on disk
+        actives = actives.astype(np.int64)
+        weights = actives + inactives
+        if self.geo.extended_l2:
             tables = tables.reshape(n, -1, 2)
             e = tables[:, :, 0].copy()
             bitmap = tables[:, :, 1].copy()
         else:
-            e = tables.reshape(n, -1).copy()
+            e = tables.reshape(n, -1)
             bitmap = None
-        weights = np.array([a + b for a, b in uses], dtype=np.int64)
-        actives = np.array([a for a, _b in uses], dtype=np.int64)
+            if not self.has_data_file and self.walk_l2_plain(res, e, weights, actives):
+                return
         if fix & FIX_ERRORS:
             self.repair_l2_batch(res, offsets, e, bitmap)
         self.walk_l2(res, offsets, e, bitmap, weights, actives, fix)
         if self.oflag_messages is not None:
             self.oflag_l2(res, offsets, e, actives)
+
+    def walk_l2_plain(self, res: CheckResult, e: np.ndarray, weights, actives) -> bool:
+        """walk_l2 (and oflag_l2) for a batch whose entries are all
+        standard, aligned, without reserved bits and inside the file: the
+        common case, with fewer passes and temporaries. Returns False, having
+        changed nothing, when the batch needs the general walk."""
+        flat = e.reshape(-1)
+        unaligned = (self.cs - 1) & L.L2E_OFFSET_MASK
+        if int(np.bitwise_or.reduce(flat)) & (_PLAIN_BAD_BITS | unaligned):
+            return False
+        off = flat & _U64(L.L2E_OFFSET_MASK)
+        if int(off.max()) >= self.file_len:
+            return False
+        normal = off != 0
+        del off
+        per_table = np.count_nonzero(normal.reshape(e.shape), axis=1)
+        if not per_table.any():
+            return True
+        # Allocated entries in table order, as cluster indices.
+        picked = flat[normal]
+        copied = picked.view(np.int64) < 0
+        np.bitwise_and(picked, _U64(L.L2E_OFFSET_MASK), out=picked)
+        np.right_shift(picked, _U64(self.cb), out=picked)
+        idx = picked.view(np.int64)
+        res.allocated_clusters += int((per_table * actives).sum())
+        # Fragmentation: a jump between neighbours of the same table.
+        jump = idx[1:] != idx[:-1] + 1
+        runs = self._runs(idx, jump)
+        starts = np.cumsum(per_table) - per_table
+        inner = starts[1:][(per_table[1:] > 0) & (starts[1:] > 0)] - 1
+        jump[inner] = False
+        uniform = bool((actives == actives[0]).all() and (weights == weights[0]).all())
+        if uniform:
+            res.fragmented_clusters += int(actives[0]) * int(np.count_nonzero(jump))
+        else:
+            res.fragmented_clusters += int(np.repeat(actives, per_table)[1:][jump].sum())
+        del jump
+        if uniform and runs is not None:
+            self._bump_runs(runs, int(weights[0]))
+        elif uniform:
+            self._add(idx, int(weights[0]))
+        else:
+            row_w = np.repeat(weights, per_table)
+            for w in np.unique(weights).tolist():
+                self._add(idx[row_w == w], w)
+        if self.oflag_messages is not None:
+            self._oflag_plain(res, flat, normal, idx, copied, per_table, actives, runs)
+        return True
+
+    @staticmethod
+    def _runs(idx: np.ndarray, jump: np.ndarray) -> list[tuple[int, int]] | None:
+        """idx as a few disjoint runs of adjacent clusters [lo, hi), in
+        idx's order; None when there are many (a preallocated image has one
+        per L2 table) or when runs overlap (a cluster named twice)."""
+        breaks = np.flatnonzero(jump)
+        if len(breaks) > len(idx) // 256:
+            return None
+        firsts = [0, *(breaks + 1).tolist()]
+        lasts = [*breaks.tolist(), len(idx) - 1]
+        runs = [(int(idx[a]), int(idx[b]) + 1) for a, b in zip(firsts, lasts)]
+        ordered = sorted(runs)
+        if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+            return None
+        return runs
+
+    def _oflag_plain(self, res, flat, normal, idx, copied, per_table, actives, runs) -> None:
+        """oflag_l2 for walk_l2_plain's allocated entries (`runs`: their
+        cluster indices as runs, when they are few)."""
+        refs, ok = self.ondisk.lookup(idx, runs)
+        bad = ok & ((refs == 1) != copied)
+        if not bool((actives > 0).all()):
+            bad &= np.repeat(actives > 0, per_table)
+        wrong = np.flatnonzero(bad)
+        if not len(wrong):
+            return
+        where = np.flatnonzero(normal)[wrong]
+        rows = np.repeat(np.arange(len(per_table)), per_table)[wrong]
+        for j, pos, t in zip(wrong.tolist(), where.tolist(), rows.tolist()):
+            line = (
+                f"ERROR OFLAG_COPIED data cluster: l2_entry={int(flat[pos]):x} "
+                f"refcount={int(refs[j])}"
+            )
+            for _ in range(int(actives[t])):
+                self.oflag_messages.append(line)
+                res.corruptions += 1
 
     def repair_l2_batch(self, res, offsets, e, bitmap) -> None:
         """qimg's addition to fix_l2_entry_by_zero: entries whose cluster is
@@ -957,13 +1212,13 @@ class _Checker:
                 continue
             if offset:
                 rmax = self.geo.refcount_max
-                if self.counts[cluster] >= rmax:
+                if self.count_of(cluster) >= rmax:
                     self.say(f"ERROR: overflow cluster offset={offset:#x}")
                     self.say(OVERFLOW_HINT)
                     res.corruptions += 1
                 else:
-                    self.counts[cluster] += 1
-                count = min(int(self.counts[cluster]), rmax)
+                    self._bump_range(cluster, 1, 1)
+                count = min(self.count_of(cluster), rmax)
                 if count != 1:
                     self.say(f"ERROR refcount block {i} refcount={count}")
                     res.corruptions += 1
@@ -975,21 +1230,26 @@ class _Checker:
         """Clamp to refcount_max, reporting overflows as QEMU does."""
         counts = self.counts
         rmax = self.geo.refcount_max
-        if rmax < 0xFFFFFFFF:
-            over = np.flatnonzero(counts > rmax)
-            for c in over.tolist():
-                n = int(counts[c]) - rmax
-                for _ in range(n):
-                    self.say(f"ERROR: overflow cluster offset={c << self.cb:#x}")
-                    self.say(OVERFLOW_HINT)
-                res.corruptions += n
-            if len(over):
-                counts = np.minimum(counts, rmax).astype(np.uint32)
-                self.counts = counts
+        over = np.flatnonzero(counts >= min(rmax + 1, self.cap))
+        for c in over.tolist():
+            n = self.count_of(c) - rmax
+            for _ in range(n):
+                self.say(f"ERROR: overflow cluster offset={c << self.cb:#x}")
+                self.say(OVERFLOW_HINT)
+            res.corruptions += max(n, 0)
+        if len(over) and rmax < self.cap:
+            np.minimum(counts, counts.dtype.type(rmax), out=counts)
+        self.big = {}
+        self.bound = min(self.bound, rmax)
         return counts
 
     def compare_refcounts(self, res: CheckResult, fix: int) -> int:
-        """QEMU's compare_refcounts; returns the highest cluster in use."""
+        """QEMU's compare_refcounts; returns the highest cluster in use.
+
+        Whole chunks of refcount blocks are compared at once; a chunk with
+        an unreadable (unaligned) block goes block by block, so that the
+        messages keep QEMU's cluster order.
+        """
         counts = self.counts
         # QEMU's array covers the file, plus a partly referenced cluster past it.
         limit = self.nb_clusters
@@ -997,45 +1257,59 @@ class _Checker:
             limit += 1
         bits = self.geo.refcount_block_bits
         per = 1 << bits
+        if self.fix:
+            self.ondisk.invalidate()
+        disk = self.ondisk.full(limit)
         highest = 0
-        self.ondisk.invalidate()
         repairs: list[tuple[int, int, int]] = []
-        for bi in range(0, -(-limit // per)):
-            lo = bi * per
-            hi = min(limit, lo + per)
-            computed = counts[lo:hi]
-            try:
-                block = self.ondisk.block(bi)
-            except _Unaligned:
-                for c in range(lo, hi):
-                    self.say(f"Can't get refcount for cluster {c}: Input/output error")
-                res.check_errors += hi - lo
+        chunk = max(per, (COMPARE_CHUNK // per) * per)
+        for lo in range(0, limit, chunk):
+            hi = min(limit, lo + chunk)
+            if (
+                self.ondisk.any_unaligned
+                and self.ondisk.unaligned[lo >> bits : ((hi - 1) >> bits) + 1].any()
+            ):
+                for blo in range(lo, hi, per):
+                    bhi = min(hi, blo + per)
+                    if self.ondisk.unaligned[blo >> bits]:
+                        for c in range(blo, bhi):
+                            self.say(f"Can't get refcount for cluster {c}: Input/output error")
+                        res.check_errors += bhi - blo
+                        continue
+                    highest = self._compare_span(res, fix, blo, bhi, disk, repairs, highest)
                 continue
-            disk = np.zeros(hi - lo, dtype=np.uint64) if block is None else block[: hi - lo]
-            used = np.flatnonzero((disk != 0) | (computed != 0))
-            if len(used):
-                highest = lo + int(used[-1])
-            diff = np.flatnonzero(disk != computed)
-            for j in diff.tolist():
-                r1, r2 = int(disk[j]), int(computed[j])
-                c = lo + j
-                fixed = False
-                if r1 == 0:
-                    self.rebuild = True
-                elif r1 > r2 and fix & FIX_LEAKS:
-                    fixed = True
-                elif r1 < r2 and fix & FIX_ERRORS:
-                    fixed = True
-                word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
-                self.say(f"{word} cluster {c} refcount={r1} reference={r2}")
-                if fixed:
-                    repairs.append((c, r1, r2))
-                elif r1 < r2:
-                    res.corruptions += 1
-                else:
-                    res.leaks += 1
+            highest = self._compare_span(res, fix, lo, hi, disk, repairs, highest)
         if repairs:
             self.apply_refcount_repairs(res, repairs)
+        return highest
+
+    def _compare_span(self, res, fix, lo: int, hi: int, disk, repairs, highest: int) -> int:
+        """compare_refcounts over clusters [lo, hi); returns the new highest."""
+        computed = self.counts[lo:hi]
+        stored = disk[lo:hi]
+        used = (stored != 0) | (computed != 0)
+        if used.any():
+            highest = lo + len(used) - 1 - int(np.argmax(used[::-1]))
+        del used
+        diff = np.flatnonzero(stored != computed)
+        for j in diff.tolist():
+            r1, r2 = int(stored[j]), int(computed[j])
+            c = lo + j
+            fixed = False
+            if r1 == 0:
+                self.rebuild = True
+            elif r1 > r2 and fix & FIX_LEAKS:
+                fixed = True
+            elif r1 < r2 and fix & FIX_ERRORS:
+                fixed = True
+            word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
+            self.say(f"{word} cluster {c} refcount={r1} reference={r2}")
+            if fixed:
+                repairs.append((c, r1, r2))
+            elif r1 < r2:
+                res.corruptions += 1
+            else:
+                res.leaks += 1
         return highest
 
     def apply_refcount_repairs(self, res: CheckResult, repairs) -> None:
@@ -1124,7 +1398,9 @@ class _Checker:
         else:
             repair = False
         img = self.image
-        self.ondisk.invalidate()
+        if self.fix:
+            self.ondisk.invalidate()
+        self.ondisk.full(self.nb_clusters + 1)
         l1 = img.clusters.l1
         nz = np.flatnonzero(l1 & _U64(L.L1E_OFFSET_MASK))
         if len(nz):
