@@ -14,7 +14,7 @@ def print_json(value) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def human_size(n: int) -> str:
@@ -121,7 +121,7 @@ def check_messages(lines: list[str]) -> None:
         return
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print("\n".join(lines), markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print("\n".join(lines), markup=False)
 
 
 def check_repaired_human(leaks_fixed: int, corruptions_fixed: int) -> str:
