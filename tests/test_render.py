@@ -7,7 +7,7 @@ import pytest
 from conftest import qimg
 
 
-@pytest.mark.parametrize("name", [":smile:.qcow2", "[bold]x[/bold].qcow2"])
+@pytest.mark.parametrize("name", [":smile:.qcow2", "[bold]x[red].qcow2"])
 def test_human_output_prints_file_names_verbatim(tmp_path, name):
     path = tmp_path / name
     qimg("create", "-q", "-f", "qcow2", path, "1M")
