@@ -73,7 +73,7 @@ class FileStorage(Storage):
         except OSError as exc:
             if exc.errno == errno.EISDIR or os.path.isdir(path):
                 raise ImageIOError(f"Could not open '{path}': Is a directory") from None
-            raise _os_error(path, "open", exc) from None
+            raise _os_error(path, "create" if create else "open", exc) from None
         self._closed = False
         self._locker = None
         try:

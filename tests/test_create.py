@@ -245,3 +245,10 @@ def test_create_quiet_prints_nothing(dirs):
     qp, mp = _both(dirs, ["create", "-q", "-f", "qcow2", "t.qcow2", "1M"])
     assert qp.returncode == mp.returncode == 0
     assert mp.stdout == qp.stdout == ""
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_in_a_missing_directory_fails_as_qemu_img_does(dirs, fmt):
+    qp, mp = _both(dirs, ["create", "-f", fmt, "nodir/t.img", "1M"])
+    assert qp.returncode == mp.returncode == 1
+    assert message(mp.stderr, "qimg") == message(qp.stderr, "qemu-img")
