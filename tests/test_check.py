@@ -353,3 +353,11 @@ def test_check_preallocated_image_matches_qemu(tmp_path, qemu_img, damage):
     assert {k: v for k, v in got.items() if k != "filename"} == {
         k: v for k, v in want.items() if k != "filename"
     }
+
+
+def test_check_of_a_missing_file_fails_as_qemu_img_does(tmp_path, qemu_img):
+    missing = str(tmp_path / "missing.qcow2")
+    ours = qimg("check", missing, check=False)
+    theirs = run([qemu_img, "check", missing], check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.removeprefix("qimg: ") == theirs.stderr.removeprefix("qemu-img: ")

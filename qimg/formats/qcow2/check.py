@@ -178,7 +178,10 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     from qimg.storage import FileStorage
 
     if not os.path.exists(path):
-        raise ImageIOError(f"Could not open '{path}': No such file or directory")
+        # qemu-img names the file twice here: bdrv_open's prefix and file-posix's.
+        raise ImageIOError(
+            f"Could not open '{path}': Could not open '{path}': No such file or directory"
+        )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
         with open_image(path, fmt, writable=bool(fix), force_share=force_share):
