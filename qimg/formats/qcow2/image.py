@@ -50,7 +50,7 @@ class Qcow2Image(Driver):
         self.size = header.size
         self.backing = backing
         self.data_storage = data_storage or storage
-        self._bitmap_dirty_hooks: list = []
+        self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)
         self._freed_pending = False
         self._closed = False
         if header.crypt_method != L.QCOW_CRYPT_NONE:
@@ -65,12 +65,17 @@ class Qcow2Image(Driver):
             from qimg.formats.qcow2.snapshot import read_snapshots
 
             read_snapshots(self)
+        if self.writable and header.autoclear_features & ~L.QCOW2_AUTOCLEAR_MASK:
+            # Unknown autoclear bits describe data we would not keep up to
+            # date: QEMU clears them on a read-write open, and so do we.
+            self.rewrite_header()
         # The refcount table and the L1 table are read on first use (numpy
         # too), so that `info` opens an image by its header alone.
         self._refcounts = None
         self._clusters = None
         self._decompressed: tuple[int, bytes] | None = None
         self._decompressor = None  # ClusterDecompressor, made on first use
+        self._ol_map: tuple | None = None  # see _overlap_map
         self._marked_dirty = False
 
     @property
@@ -128,8 +133,6 @@ class Qcow2Image(Driver):
             self.data_storage.pwrite(host, buffers[0])
         else:
             self.data_storage.pwrite(host, b"".join(bytes(b) for b in buffers))
-        for hook in self._bitmap_dirty_hooks:
-            hook(host, total)
 
     def flush_file(self) -> None:
         if not self.cache_unsafe:
@@ -166,9 +169,78 @@ class Qcow2Image(Driver):
 
     def check_overlap(self, offset: int, length: int, kind: str) -> None:
         """QEMU's qcow2_pre_write_overlap_check: refuse a write that would
-        land on other metadata, marking the image corrupt."""
+        land on other metadata, marking the image corrupt.
+
+        A write that misses every region in the cached metadata map
+        (`_overlap_map`) passes at once; anything else is checked in full
+        against the live tables, so a stale map never refuses a write.
+        """
         if length <= 0:
             return
+        if not self._overlaps_cached(offset, length, kind):
+            return
+        self._check_overlap_full(offset, length, kind)
+
+    def _overlap_map(self) -> tuple:
+        """(key, regions, sorted refcount-block clusters, sorted L2 clusters).
+
+        Rebuilt when the L1 or refcount table is replaced or changed by the
+        engine (their `generation` counters), or when the header's regions
+        move. Invariant: while the key matches, every metadata cluster the
+        live tables name is in the map.
+        """
+        import numpy as np
+
+        rc, cl, h = self.refcounts, self.clusters, self.header
+        key = (
+            id(rc.table),
+            getattr(rc, "generation", 0),
+            rc.table_offset,
+            rc.table_clusters,
+            id(cl.l1),
+            getattr(cl, "generation", 0),
+            cl.l1_offset,
+            cl.l1_size,
+            h.nb_snapshots,
+            h.snapshots_offset,
+            h.bitmaps_ext,
+        )
+        cached = self._ol_map
+        if cached is not None and cached[0] == key:
+            return cached
+        cb = np.uint64(self.geo.cluster_bits)
+        blocks = (rc.table & np.uint64(L.REFT_OFFSET_MASK)) >> cb
+        l2s = (cl.l1 & np.uint64(L.L1E_OFFSET_MASK)) >> cb
+        # The arrays are kept in the map so that their ids stay unique.
+        self._ol_map = (
+            key,
+            [r for r in self.metadata_regions() if r[1]],
+            np.unique(blocks[blocks != 0]).tolist(),
+            np.unique(l2s[l2s != 0]).tolist(),
+            rc.table,
+            cl.l1,
+        )
+        return self._ol_map
+
+    def _overlaps_cached(self, offset: int, length: int, kind: str) -> bool:
+        from bisect import bisect_left
+
+        _key, regions, blocks, l2s, _t, _l1 = self._overlap_map()
+        end = offset + length
+        for r_off, r_len, r_kind in regions:
+            if r_kind != kind and offset < r_off + r_len and r_off < end:
+                return True
+        cb = self.geo.cluster_bits
+        first, last = offset >> cb, (end - 1) >> cb
+        for kind_name, clusters in (("refcount-block", blocks), ("l2", l2s)):
+            if kind == kind_name:
+                continue
+            i = bisect_left(clusters, first)
+            if i < len(clusters) and clusters[i] <= last:
+                return True
+        return False
+
+    def _check_overlap_full(self, offset: int, length: int, kind: str) -> None:
         end = offset + length
         for r_off, r_len, r_kind in self.metadata_regions():
             if r_kind == kind or not r_len:
@@ -200,6 +272,19 @@ class Qcow2Image(Driver):
         if self.writable and self.header.version >= 3:
             self.header.incompatible_features |= L.QCOW2_INCOMPAT_CORRUPT
             self._write_incompatible_features()
+
+    def rewrite_header(self) -> None:
+        """Write the whole header cluster from self.header (Header.pack keeps
+        unknown extensions and compatible bits, drops unknown autoclear bits).
+
+        Ordering: everything the new header points at is already on disk; the
+        header is one write inside cluster 0, flushed before returning.
+        """
+        h = self.header
+        data = h.pack(self.geo.cluster_size)
+        h.autoclear_features &= L.QCOW2_AUTOCLEAR_MASK
+        self.storage.pwrite(0, data.ljust(self.geo.cluster_size, b"\0"))
+        self.storage.flush()
 
     def _write_incompatible_features(self) -> None:
         data = self.header.incompatible_features.to_bytes(8, "big")
@@ -252,7 +337,10 @@ class Qcow2Image(Driver):
 
                 # One pool for the image's life (closed in close()), not one per read.
                 self._decompressor = ClusterDecompressor(self.header.compression_type, cs)
-            clusters = self._decompressor.decompress_many(raws)
+            # A few large tasks per worker: one task per cluster costs more
+            # in scheduling than a small cluster takes to inflate.
+            per_task = -(-len(raws) // (2 * self._decompressor.workers))
+            clusters = self._decompressor.decompress_many(raws, batch=min(per_task, 64))
         for ext, plain in zip(exts, clusters):
             base = ext.offset & ~(cs - 1)
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
@@ -312,17 +400,28 @@ class Qcow2Image(Driver):
         self._check_range(offset, len(view))
         if len(view):
             self._mark_dirty()
+            self._bitmaps_written(offset, len(view))
             self.clusters.write(offset, view)
 
     def write_compressed(self, offset: int, compressed: bytes) -> None:
         """Store an already compressed cluster (see compress.compress_cluster)
         at the cluster-aligned guest `offset`, which must be unallocated."""
+        self.write_compressed_many(offset, [compressed])
+
+    def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
+        """Store already compressed clusters for consecutive guest clusters
+        from the cluster-aligned `offset` on (all unallocated), packed as
+        QEMU packs them one by one, with one data write per host run."""
+        if not compressed:
+            return
         self._check_writable()
-        self._check_range(offset, 1)
-        if offset % self.geo.cluster_size:
+        cs = self.geo.cluster_size
+        self._check_range(offset + (len(compressed) - 1) * cs, 1)
+        if offset % cs:
             raise QimgError("Compressed writes must be cluster aligned")
         self._mark_dirty()
-        self.clusters.write_compressed(offset, compressed)
+        self._bitmaps_written(offset, min(len(compressed) * cs, self.size - offset))
+        self.clusters.write_compressed_many(offset, compressed)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
@@ -330,6 +429,7 @@ class Qcow2Image(Driver):
         if not length:
             return
         self._mark_dirty()
+        self._bitmaps_written(offset, length)
         cs = self.geo.cluster_size
         head_end = min(offset + length, -(-offset // cs) * cs)
         tail_start = max(head_end, (offset + length) // cs * cs)
@@ -360,6 +460,8 @@ class Qcow2Image(Driver):
         clusters are left alone)."""
         self._check_writable()
         self._check_range(offset, length)
+        if length:
+            self._bitmaps_written(offset, length)  # QEMU marks the whole request
         cs = self.geo.cluster_size
         start = -(-offset // cs) * cs
         end = (offset + length) // cs * cs
@@ -439,7 +541,11 @@ class Qcow2Image(Driver):
             self._decompressor = None
         try:
             if self.writable:
-                self.flush()
+                try:
+                    if self._bitmaps is not None:
+                        self._bitmaps.store()  # persistent bitmaps back, in-use cleared
+                finally:
+                    self.flush()
                 if self._marked_dirty:
                     self.header.incompatible_features &= ~L.QCOW2_INCOMPAT_DIRTY
                     self._write_incompatible_features()
@@ -452,6 +558,17 @@ class Qcow2Image(Driver):
             self.storage.close()
 
     # --- helpers -------------------------------------------------------------------
+
+    def _bitmaps_written(self, offset: int, length: int) -> None:
+        """Persistent dirty bitmaps (bitmap.py): mark the guest range
+        [offset, offset + length) in enabled bitmaps before the write lands."""
+        if self._bitmaps is None:
+            if self.header.bitmaps_ext is None:
+                return
+            from qimg.formats.qcow2.bitmap import PersistentBitmaps
+
+            self._bitmaps = PersistentBitmaps(self)
+        self._bitmaps.mark_dirty(offset, length)
 
     def _mark_dirty(self) -> None:
         """Lazy refcounts: the dirty bit is set before the first write."""
