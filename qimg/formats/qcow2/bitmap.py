@@ -1,11 +1,48 @@
-"""Persistent dirty bitmaps (spec: "Bitmaps"): the bitmap directory."""
+"""Persistent dirty bitmaps (spec: "Bitmaps"; QEMU's block/qcow2-bitmap.c).
+
+- `read_bitmap_directory`: the directory as it is on disk (info, check).
+- `load_bitmap`: the bits of one bitmap, as QEMU loads them.
+- `PersistentBitmaps`: the bitmaps of an image open read-write. Guest writes
+  mark enabled (auto) bitmaps dirty; on close they are stored back.
+- `bitmaps_to_copy` / `copy_bitmaps`: `convert --bitmaps`.
+
+Bits in memory: a numpy uint8 array, one bit per granule, granule i at byte
+i // 8, bit i % 8 (LSB first): QEMU serializes its bitmaps as little-endian
+64-bit words, which is the same order. Bits past the last granule are zero.
+
+Crash safety, as QEMU keeps it: before the first write that a bitmap must
+record, the bitmap is flagged in-use on disk (an in-use bitmap is
+inconsistent: nobody trusts its bits). Storing writes the bitmap data and
+tables to new clusters, flushes, writes a new directory, flushes, then points
+the header at it (with the autoclear bit) and flushes; only then are the old
+directory, tables and data freed. A crash in between leaks clusters at worst.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from qimg.errors import InvalidImageError
+import numpy as np
+
+from qimg.errors import BadOptionError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
+
+__all__ = [
+    "BitmapEntry",
+    "Bitmap",
+    "PersistentBitmaps",
+    "read_bitmap_directory",
+    "load_bitmap",
+    "load_bitmaps",
+    "bitmaps_of",
+    "bitmaps_to_copy",
+    "copy_bitmaps",
+]
+
+log = logging.getLogger(__name__)
+
+_FLAGS_OFFSET = 12  # of `flags` in BITMAP_DIRECTORY_ENTRY (>QIIBBHI)
 
 
 @dataclass
@@ -31,6 +68,21 @@ class BitmapEntry:
         return names
 
 
+@dataclass
+class Bitmap:
+    """A bitmap in memory: what `convert --bitmaps` copies."""
+
+    name: str
+    granularity_bits: int
+    enabled: bool  # BME_FLAG_AUTO: tracks writes
+    bits: np.ndarray | None  # None: inconsistent (found in-use), data not loaded
+    size: int  # guest bytes covered
+
+    @property
+    def inconsistent(self) -> bool:
+        return self.bits is None
+
+
 def read_bitmap_directory(image) -> list[BitmapEntry]:
     """The bitmap directory, bounded by QEMU's limits; [] without bitmaps."""
     h = image.header
@@ -45,19 +97,426 @@ def read_bitmap_directory(image) -> list[BitmapEntry]:
         raise InvalidImageError("bitmaps_ext: Invalid bitmap directory offset")
     raw = image.storage.pread(offset, size)
     entries = []
+    for pos, end in _entry_spans(raw, nb, size):
+        (table_offset, table_size, flags, btype, gran, name_size, extra_size) = (
+            L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
+        )
+        start = pos + L.BITMAP_DIRECTORY_ENTRY.size
+        extra = raw[start : start + extra_size]
+        name = raw[start + extra_size : end].decode("utf-8", "replace")
+        entries.append(BitmapEntry(name, table_offset, table_size, flags, btype, gran, extra))
+    return entries
+
+
+def _entry_spans(raw: bytes, nb: int, size: int) -> list[tuple[int, int]]:
+    """(start, end of name) of each of the `nb` directory entries in `raw`."""
+    spans = []
     pos = 0
     for _ in range(nb):
         if pos + L.BITMAP_DIRECTORY_ENTRY.size > size:
             raise InvalidImageError("Bitmap directory is corrupt")
-        (table_offset, table_size, flags, btype, gran, name_size, extra_size) = (
-            L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
-        )
-        pos += L.BITMAP_DIRECTORY_ENTRY.size
-        end = pos + extra_size + name_size
+        *_, name_size, extra_size = L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
+        end = pos + L.BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size
         if end > size or name_size > L.BME_MAX_NAME_SIZE:
             raise InvalidImageError("Bitmap directory is corrupt")
-        extra = raw[pos : pos + extra_size]
-        name = raw[pos + extra_size : end].decode("utf-8", "replace")
+        spans.append((pos, end))
         pos = (end + 7) & ~7
-        entries.append(BitmapEntry(name, table_offset, table_size, flags, btype, gran, extra))
+    return spans
+
+
+# --- geometry -----------------------------------------------------------------------
+
+
+def _granules(size: int, granularity_bits: int) -> int:
+    return (size + (1 << granularity_bits) - 1) >> granularity_bits
+
+
+def _bitmap_bytes(size: int, granularity_bits: int) -> int:
+    """Bytes of bits for a guest of `size` bytes (QEMU's get_bitmap_bytes_needed)."""
+    return (_granules(size, granularity_bits) + 7) >> 3
+
+
+def _table_size(size: int, granularity_bits: int, cluster_size: int) -> int:
+    """Bitmap table entries: one per cluster of bits."""
+    return -(-_bitmap_bytes(size, granularity_bits) // cluster_size)
+
+
+def _dir_entry_size(name: bytes, extra: bytes) -> int:
+    return (L.BITMAP_DIRECTORY_ENTRY.size + len(name) + len(extra) + 7) & ~7
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def _check_dir_entry(image, e: BitmapEntry) -> None:
+    """QEMU's check_dir_entry, and its refusal of unknown extra data."""
+    cs = image.geo.cluster_size
+    bad = (
+        e.table_size == 0
+        or e.table_offset == 0
+        or e.table_offset % cs
+        or e.table_size > L.BME_MAX_TABLE_SIZE
+        or not L.BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= L.BME_MAX_GRANULARITY_BITS
+        or e.flags & L.BME_RESERVED_FLAGS
+        or e.type != L.BT_DIRTY_TRACKING
+    )
+    phys = e.table_size * cs
+    if not bad and phys > L.BME_MAX_PHYS_SIZE:
+        bad = True
+    if not bad and not e.flags & L.BME_FLAG_IN_USE:
+        bad = image.size > (phys * 8) << e.granularity_bits
+    if bad:
+        raise InvalidImageError(f"Bitmap '{e.name}' doesn't satisfy the constraints")
+    if e.extra_data and not e.flags & L.BME_FLAG_EXTRA_DATA_COMPATIBLE:
+        raise InvalidImageError("Bitmap extra data is not supported")
+
+
+def _pread_padded(image, offset: int, length: int) -> bytes:
+    """Bytes at offset; past the end of the file they read as zeros (as QEMU's file driver)."""
+    data = image.storage.pread(offset, length)
+    return data if len(data) == length else data.ljust(length, b"\0")
+
+
+def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
+    """The bitmap table of `e` (uint64), each entry checked (QEMU's bitmap_table_load)."""
+    raw = _pread_padded(image, e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE)
+    table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+    bad = (table & np.uint64(L.BME_TABLE_ENTRY_RESERVED_MASK)) != 0
+    bad |= (offsets != 0) & ((table & np.uint64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+    bad |= offsets % np.uint64(image.geo.cluster_size) != 0
+    if bad.any():
+        raise InvalidImageError(
+            f"Could not read bitmap_table table from image for bitmap '{e.name}': Invalid argument"
+        )
+    return table
+
+
+def load_bitmap(image, e: BitmapEntry, table: np.ndarray | None = None) -> np.ndarray:
+    """The bits of a consistent bitmap (QEMU's load_bitmap_data)."""
+    cs = image.geo.cluster_size
+    if table is None:
+        table = load_bitmap_table(image, e)
+    if len(table) != _table_size(image.size, e.granularity_bits, cs):
+        raise InvalidImageError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+    bits = np.zeros(len(table) * cs, dtype=np.uint8)
+    offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+    ones = (offsets == 0) & ((table & np.uint64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+    for i in np.flatnonzero(ones):
+        bits[i * cs : (i + 1) * cs] = 0xFF
+    for i in np.flatnonzero(offsets):
+        raw = _pread_padded(image, int(offsets[i]), cs)
+        bits[i * cs : (i + 1) * cs] = np.frombuffer(raw, dtype=np.uint8)
+    return _trimmed(bits, image.size, e.granularity_bits)
+
+
+def _trimmed(bits: np.ndarray, size: int, granularity_bits: int) -> np.ndarray:
+    """`bits` cut to the guest size, bits past the last granule cleared."""
+    n = _granules(size, granularity_bits)
+    out = bits[: (n + 7) >> 3].copy()
+    if n & 7:
+        out[-1] &= (1 << (n & 7)) - 1
+    return out
+
+
+def _validated_directory(image) -> list[BitmapEntry]:
+    entries = read_bitmap_directory(image)
+    names = set()
+    for e in entries:
+        _check_dir_entry(image, e)
+        if e.name in names:
+            raise InvalidImageError(f"Bitmap '{e.name}' is duplicated in the bitmap directory")
+        names.add(e.name)
     return entries
+
+
+def load_bitmaps(image) -> list[Bitmap]:
+    """Every persistent bitmap, in directory order, as QEMU loads them: a
+    bitmap found in-use is inconsistent and its data is not read."""
+    out = []
+    for e in _validated_directory(image):
+        in_use = bool(e.flags & L.BME_FLAG_IN_USE)
+        bits = None if in_use else load_bitmap(image, e)
+        out.append(
+            Bitmap(e.name, e.granularity_bits, bool(e.flags & L.BME_FLAG_AUTO), bits, image.size)
+        )
+    return out
+
+
+# --- marking ------------------------------------------------------------------------
+
+
+def set_bits(bits: np.ndarray, start: int, end: int) -> None:
+    """Set bits [start, end) of an LSB-first bit array (no loop per bit)."""
+    if end <= start:
+        return
+    b0, b1 = start >> 3, (end - 1) >> 3
+    head = (0xFF << (start & 7)) & 0xFF
+    tail = (1 << (((end - 1) & 7) + 1)) - 1
+    if b0 == b1:
+        bits[b0] |= head & tail
+        return
+    bits[b0] |= head
+    bits[b0 + 1 : b1] = 0xFF
+    bits[b1] |= tail
+
+
+def _mark(bits: np.ndarray, granularity_bits: int, offset: int, length: int) -> None:
+    g0 = offset >> granularity_bits
+    g1 = (offset + length + (1 << granularity_bits) - 1) >> granularity_bits
+    set_bits(bits, g0, min(g1, len(bits) * 8))
+
+
+# --- the bitmaps of an image open read-write -----------------------------------------
+
+
+class PersistentBitmaps:
+    """The persistent bitmaps of a writable qcow2 image (one per image, made
+    on first use by Qcow2Image's write hook or by `bitmaps_of`).
+
+    Enabled bitmaps start tracking on the first guest write: they are loaded
+    and flagged in-use on disk before that write lands. `store()` (on close)
+    writes every tracked or added bitmap back and clears the flag.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.entries: list[BitmapEntry] = read_bitmap_directory(image)
+        # entry index -> (bits, old table); None until tracking starts.
+        self._tracked: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._live: list[tuple[np.ndarray, int]] = []  # (bits, granularity_bits) marked by writes
+        self.added: list[Bitmap] = []
+
+    # -- tracking --
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Guest range [offset, offset + length) is about to be written."""
+        if self._tracked is None:
+            self._start_tracking()
+        for bits, gb in self._live:
+            _mark(bits, gb, offset, length)
+
+    def _start_tracking(self) -> None:
+        """Load the enabled, consistent bitmaps and flag them in-use on disk
+        (durably) before any write they must record (QEMU does this on open)."""
+        image = self.image
+        tracked = {}
+        if self.entries:
+            self.entries = _validated_directory(image)
+            for i, e in enumerate(self.entries):
+                if e.flags & L.BME_FLAG_AUTO and not e.flags & L.BME_FLAG_IN_USE:
+                    table = load_bitmap_table(image, e)
+                    tracked[i] = (load_bitmap(image, e, table), table)
+        if tracked:
+            self._write_flags_in_place(
+                {i: self.entries[i].flags | L.BME_FLAG_IN_USE for i in tracked}
+            )
+        self._tracked = tracked
+        self._live = [(bits, self.entries[i].granularity_bits) for i, (bits, _t) in tracked.items()]
+        self._live += [(bm.bits, bm.granularity_bits) for bm in self.added if bm.enabled]
+
+    def _write_flags_in_place(self, flags: dict[int, int]) -> None:
+        """Rewrite the directory where it is with new flags (only 4-byte flag
+        fields change, so a torn write still leaves a valid directory)."""
+        image = self.image
+        nb, size, offset = image.header.bitmaps_ext
+        raw = bytearray(image.storage.pread(offset, size))
+        spans = _entry_spans(raw, nb, size)
+        for i, value in flags.items():
+            pos = spans[i][0] + _FLAGS_OFFSET
+            raw[pos : pos + 4] = value.to_bytes(4, "big")
+            self.entries[i].flags = value
+        image.write_metadata(offset, bytes(raw), "bitmap-directory")
+        image.flush_file()
+
+    # -- adding (convert --bitmaps) --
+
+    def add(self, bm: Bitmap) -> None:
+        """A new persistent bitmap with the contents of `bm`, stored on close
+        (QEMU's block-dirty-bitmap-add with persistent=on, then a merge)."""
+        image = self.image
+        name = bm.name
+        if any(e.name == name for e in self.entries) or any(b.name == name for b in self.added):
+            raise QimgError(f"Failed to create bitmap {name}: Bitmap already exists: {name}")
+        reason = self._cannot_store(bm)
+        if reason:
+            raise QimgError(
+                f"Failed to create bitmap {name}: Can't make bitmap '{name}' persistent in "
+                f"'{image.filename}': {reason}"
+            )
+        if bm.size != image.size:
+            raise QimgError(
+                f"Failed to populate bitmap {name}: Bitmaps are of different sizes (destination "
+                f"size is {image.size}, source size is {bm.size}) and can't be merged"
+            )
+        copy = Bitmap(name, bm.granularity_bits, bm.enabled, bm.bits.copy(), image.size)
+        self.added.append(copy)
+        if copy.enabled and self._tracked is not None:
+            self._live.append((copy.bits, copy.granularity_bits))
+
+    def _cannot_store(self, bm: Bitmap) -> str | None:
+        """QEMU's qcow2_co_can_store_new_dirty_bitmap and check_constraints_on_bitmap."""
+        image = self.image
+        gb = bm.granularity_bits
+        if gb > L.BME_MAX_GRANULARITY_BITS:
+            return f"Granularity exceeds maximum ({1 << L.BME_MAX_GRANULARITY_BITS} bytes)"
+        if gb < L.BME_MIN_GRANULARITY_BITS:
+            return f"Granularity is under minimum ({1 << L.BME_MIN_GRANULARITY_BITS} bytes)"
+        nbytes = _bitmap_bytes(image.size, gb)
+        if nbytes > L.BME_MAX_PHYS_SIZE or nbytes > L.BME_MAX_TABLE_SIZE * image.geo.cluster_size:
+            return "Too much space will be occupied by the bitmap. Use larger granularity"
+        name = bm.name.encode()
+        if len(name) > L.BME_MAX_NAME_SIZE:
+            return f"Name length exceeds maximum ({L.BME_MAX_NAME_SIZE} characters)"
+        if len(self.entries) + len(self.added) >= L.QCOW2_MAX_BITMAPS:
+            return "Maximum number of persistent bitmaps is already reached"
+        dir_size = sum(_dir_entry_size(e.name.encode(), e.extra_data) for e in self.entries)
+        dir_size += sum(_dir_entry_size(b.name.encode(), b"") for b in self.added)
+        if dir_size + _dir_entry_size(name, b"") > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+            return "Not enough space in the bitmap directory"
+        return None
+
+    # -- storing --
+
+    def store(self) -> None:
+        """Write tracked and added bitmaps back (QEMU's
+        qcow2_store_persistent_dirty_bitmaps); nothing when none changed."""
+        tracked = self._tracked or {}
+        if not tracked and not self.added:
+            return
+        image = self.image
+        old_dir = image.header.bitmaps_ext if self.entries else None
+        rows: list[tuple[BitmapEntry, bytes]] = []
+        frees: list[tuple[int, int]] = []
+        for i, e in enumerate(self.entries):
+            if i in tracked:
+                bits, old_table = tracked[i]
+                offset, size = _write_bitmap(image, bits, e.granularity_bits)
+                frees += _table_clusters(e, old_table)
+                e = BitmapEntry(
+                    e.name, offset, size, e.flags & ~L.BME_FLAG_IN_USE, e.type,
+                    e.granularity_bits, e.extra_data,
+                )  # fmt: skip
+            rows.append((e, e.extra_data))
+        # QEMU lists its bitmaps newest first; new ones join the directory so.
+        for bm in reversed(self.added):
+            offset, size = _write_bitmap(image, bm.bits, bm.granularity_bits)
+            flags = L.BME_FLAG_AUTO if bm.enabled else 0
+            e = BitmapEntry(bm.name, offset, size, flags, L.BT_DIRTY_TRACKING, bm.granularity_bits)
+            rows.append((e, b""))
+        image.flush()  # data, tables and their refcounts durable before the directory
+        directory = _pack_directory(rows)
+        cs = image.geo.cluster_size
+        dir_offset = image.refcounts.alloc(-(-len(directory) // cs))
+        image.write_metadata(dir_offset, directory, "bitmap")
+        image.flush()  # the directory durable before the header points at it
+        _write_bitmaps_extension(image, (len(rows), len(directory), dir_offset))
+        if old_dir is not None and old_dir[1]:
+            frees.append((old_dir[2], old_dir[1]))
+        for offset, length in frees:
+            image.refcounts.free(offset, length)
+        self.entries = [e for e, _x in rows]
+        self.added = []
+        self._tracked = None
+        self._live = []
+
+
+def _write_bitmap(image, bits: np.ndarray, granularity_bits: int) -> tuple[int, int]:
+    """Data clusters (only where some bit is set, as QEMU's store_bitmap) and
+    the bitmap table, in new clusters; (table offset, table size)."""
+    cs = image.geo.cluster_size
+    size = _table_size(image.size, granularity_bits, cs)
+    padded = np.zeros(size * cs, dtype=np.uint8)
+    padded[: len(bits)] = bits
+    clusters = padded.reshape(size, cs)
+    used = np.flatnonzero(clusters.any(axis=1))
+    table = np.zeros(size, dtype=np.uint64)
+    if len(used):
+        data = image.refcounts.alloc(len(used))
+        table[used] = np.uint64(data) + np.arange(len(used), dtype=np.uint64) * np.uint64(cs)
+        image.write_metadata(data, clusters[used].tobytes(), "bitmap")
+    raw = table.astype(">u8").tobytes()
+    raw += bytes(-len(raw) % cs)
+    offset = image.refcounts.alloc(len(raw) // cs)
+    image.write_metadata(offset, raw, "bitmap")
+    return offset, size
+
+
+def _table_clusters(e: BitmapEntry, table: np.ndarray) -> list[tuple[int, int]]:
+    """(offset, length) of the table of `e` and every data cluster it points at."""
+    offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+    out = [(int(o), 1) for o in offsets[offsets != 0]]
+    out.append((e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE))
+    return out
+
+
+def _pack_directory(rows: list[tuple[BitmapEntry, bytes]]) -> bytes:
+    out = bytearray()
+    for e, extra in rows:
+        name = e.name.encode()
+        out += L.BITMAP_DIRECTORY_ENTRY.pack(
+            e.table_offset, e.table_size, e.flags, e.type, e.granularity_bits, len(name), len(extra)
+        )
+        out += extra + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def _write_bitmaps_extension(image, ext: tuple[int, int, int]) -> None:
+    """Point the header at a new bitmap directory and set the autoclear bit
+    (QEMU's update_header_sync: the whole header cluster, then a flush)."""
+    h = image.header
+    h.bitmaps_ext = ext
+    h.autoclear_features |= L.QCOW2_AUTOCLEAR_BITMAPS
+    image.rewrite_header()
+
+
+# --- convert --bitmaps ----------------------------------------------------------------
+
+
+def bitmaps_of(image) -> PersistentBitmaps:
+    """The PersistentBitmaps of a writable qcow2 image (made on first use)."""
+    if image._bitmaps is None:
+        image._bitmaps = PersistentBitmaps(image)
+    return image._bitmaps
+
+
+def supports_bitmaps(image) -> bool:
+    """QEMU's bdrv_supports_persistent_dirty_bitmap: qcow2 version 3."""
+    return image.format_name == "qcow2" and image.header.version >= 3
+
+
+def bitmaps_to_copy(sources: list, skip_broken: bool) -> list[Bitmap]:
+    """The source's persistent bitmaps, checked as qemu-img's
+    convert_check_bitmaps does (before anything is copied)."""
+    if len(sources) > 1:
+        raise BadOptionError("Copying bitmaps only possible with single source")
+    source = sources[0]
+    if not supports_bitmaps(source):
+        raise BadOptionError("Source lacks bitmap support")
+    bitmaps = load_bitmaps(source)
+    # QEMU walks its bitmap list newest first: the last one in the directory.
+    for bm in reversed(bitmaps):
+        if bm.inconsistent and not skip_broken:
+            raise QimgError(
+                f"Cannot copy inconsistent bitmap '{bm.name}' (try --skip-broken-bitmaps, "
+                "or remove it with 'qemu-img bitmap --remove')"
+            )
+    return bitmaps
+
+
+def copy_bitmaps(target, bitmaps: list[Bitmap]) -> list[str]:
+    """Add `bitmaps` to the target (stored when it is closed), skipping
+    inconsistent ones with a warning; the names skipped (convert_copy_bitmaps)."""
+    if not supports_bitmaps(target):
+        raise BadOptionError(f"Format driver '{target.format_name}' does not support bitmaps")
+    store = bitmaps_of(target)
+    skipped = []
+    # Newest first, as QEMU walks them; a failure keeps the ones added so far.
+    for bm in reversed(bitmaps):
+        if bm.inconsistent:
+            log.warning("Skipping inconsistent bitmap '%s'", bm.name)
+            skipped.append(bm.name)
+        else:
+            store.add(bm)
+    return skipped
