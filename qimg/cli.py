@@ -61,8 +61,21 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def _warnings_to_stderr() -> None:
+    """Engine warnings (logging) print as qemu-img's warn_report does."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("qimg: warning: %(message)s"))
+    root = logging.getLogger("qimg")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    _warnings_to_stderr()
     # qimg uses no BLAS: without this, importing numpy starts a pool of
     # OpenBLAS threads, a third of a check's start-up on 2 cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
