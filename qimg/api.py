@@ -11,11 +11,12 @@ Everything the command line does goes through these functions.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from qimg.driver import Driver
 from qimg.errors import BackingChainError, BadOptionError, ImageIOError, QimgError
 from qimg.formats.qcow2 import layout as L
-from qimg.storage import FileStorage
+from qimg.storage import FileStorage, Storage
 
 FORMATS = ("qcow2", "raw")
 MAX_BACKING_DEPTH = 1000
@@ -54,6 +55,7 @@ def open_image(
     cache_unsafe: bool = False,
     lock: bool = True,
     data_file: bool = True,
+    storage_wrapper: Callable[[Storage], Storage] | None = None,
     _chain: tuple[str, ...] = (),
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
@@ -61,6 +63,9 @@ def open_image(
     Raises a QimgError subclass with qemu-img's wording on failure.
     `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
     `info` does): an external data file is not opened.
+    `storage_wrapper`, when given, wraps this image's own storage (not its
+    backing files or data file) before the driver sees it: the place to
+    inject crashes (qimg.faults.FaultyStorage) or observe I/O.
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
@@ -79,6 +84,8 @@ def open_image(
         lock=lock,
         **_raw_masks(fmt, writable, force_share),
     )
+    if storage_wrapper is not None:
+        storage = storage_wrapper(storage)
     try:
         if fmt == "raw":
             from qimg.formats.raw import RawImage

@@ -41,6 +41,10 @@ class TableCache:
         self.tables: OrderedDict[int, np.ndarray] = OrderedDict()
         self.dirty: set[int] = set()
         self.depends: TableCache | None = None
+        # Tables written since this cache last had the file flushed behind
+        # them (see _flush_dependency); may stay True after a flush made
+        # elsewhere, which costs at most one extra flush.
+        self.written = False
 
     def get(self, offset: int) -> np.ndarray:
         """The table at host `offset`, read from disk on a miss."""
@@ -86,6 +90,7 @@ class TableCache:
         self._flush_dependency()
         for offset in sorted(self.dirty):
             self._write(offset, self.tables[offset])
+            self.written = True
         self.dirty.clear()
 
     def invalidate(self) -> None:
@@ -99,8 +104,17 @@ class TableCache:
             self.depends = None
             if dep.dirty:
                 dep.flush()
-                # Ordering: the tables we depend on must be durable first.
+            if dep.written:
+                # Ordering: the tables we depend on must be durable first,
+                # also when they were written before (by their own flush or
+                # an eviction) with no file flush since: as in QEMU's
+                # qcow2_cache_flush_dependency, which always flushes the file.
+                # Without it, Qcow2Image.flush wrote L2 tables and then the
+                # refcount blocks that depend on them in one flush window,
+                # and power loss could keep a lowered refcount but lose the
+                # L2 entry that stopped pointing at the cluster.
                 self._flush_file()
+                dep.written = False
 
     def _insert(self, offset: int, table: np.ndarray) -> None:
         self.tables[offset] = table
@@ -110,5 +124,6 @@ class TableCache:
             if victim in self.dirty:
                 self._flush_dependency()
                 self._write(victim, self.tables[victim])
+                self.written = True
                 self.dirty.discard(victim)
             del self.tables[victim]
