@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from qimg.errors import BadOptionError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "BitmapEntry",
@@ -179,6 +181,8 @@ def _pread_padded(image, offset: int, length: int) -> bytes:
 
 def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
     """The bitmap table of `e` (uint64), each entry checked (QEMU's bitmap_table_load)."""
+    import numpy as np
+
     raw = _pread_padded(image, e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE)
     table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
@@ -194,6 +198,8 @@ def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
 
 def load_bitmap(image, e: BitmapEntry, table: np.ndarray | None = None) -> np.ndarray:
     """The bits of a consistent bitmap (QEMU's load_bitmap_data)."""
+    import numpy as np
+
     cs = image.geo.cluster_size
     if table is None:
         table = load_bitmap_table(image, e)
@@ -424,6 +430,8 @@ class PersistentBitmaps:
 def _write_bitmap(image, bits: np.ndarray, granularity_bits: int) -> tuple[int, int]:
     """Data clusters (only where some bit is set, as QEMU's store_bitmap) and
     the bitmap table, in new clusters; (table offset, table size)."""
+    import numpy as np
+
     cs = image.geo.cluster_size
     size = _table_size(image.size, granularity_bits, cs)
     padded = np.zeros(size * cs, dtype=np.uint8)
@@ -444,6 +452,8 @@ def _write_bitmap(image, bits: np.ndarray, granularity_bits: int) -> tuple[int, 
 
 def _table_clusters(e: BitmapEntry, table: np.ndarray) -> list[tuple[int, int]]:
     """(offset, length) of the table of `e` and every data cluster it points at."""
+    import numpy as np
+
     offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
     out = [(int(o), 1) for o in offsets[offsets != 0]]
     out.append((e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE))
