@@ -153,6 +153,8 @@ def main() -> None:
         if os.path.exists(ext4) or make_ext4(ext4):
             workloads.append(("ext4 -c zlib", ["-O", "qcow2", "-c", ext4], 1))
 
+    # The ratios only mean something on an idle machine: say how busy it was.
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     sizes = []
     for name, cmd, n in workloads:
@@ -186,6 +188,7 @@ def main() -> None:
         print_table([r])
 
     print()
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print_table(rows)
     print()
     print(f"{'compressed target':<44}{'qimg bytes':>14}{'qemu bytes':>14}{'size ratio':>12}")

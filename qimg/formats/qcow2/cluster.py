@@ -54,6 +54,7 @@ class ClusterMap:
         self.has_data_file = has_data_file
         raw = owner.read_metadata(l1_offset, l1_size * L.L1_ENTRY_SIZE) if l1_size else b""
         self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.generation = 0  # bumped whenever an L1 entry gets a new L2 table
         self.l2_cache = TableCache(
             "l2",
             geo.cluster_size,
@@ -203,6 +204,7 @@ class ClusterMap:
         self.l2_cache.put_new(new, table)
         self.l2_cache.dirty.discard(new)
         self.l1[l1_index] = _U64(new | L.QCOW_OFLAG_COPIED)
+        self.generation += 1  # the image's overlap map is stale
         self.write_l1_entry(l1_index)
         if old:
             owner.flush_file()
@@ -255,6 +257,16 @@ class ClusterMap:
         flips = np.flatnonzero(reusable[1:] != reusable[:-1]) + 1
         bounds = np.concatenate(([0], flips, [len(reusable)])).tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
+            # Ordering: the table is dirty before each run changes entries
+            # (QEMU marks the slice dirty before linking) and again after
+            # the last (a flush inside a run, e.g. the allocator's, cleans
+            # it). A run that makes the L2 cache depend on refcounts first
+            # flushes refcount blocks holding an earlier run's frees; those
+            # must wait on this table, and set_dependency writes it first
+            # only if it is dirty. Marked only at the end, a crash could
+            # keep a lowered refcount (a cluster shared with a snapshot:
+            # refcount 1, two references) with the old entry.
+            self.l2_cache.mark_dirty(l2_offset)
             if reusable[a]:
                 self._write_in_place(table, i0, c0 + a, c0 + b, start, end, data, edges)
             else:
@@ -393,32 +405,61 @@ class ClusterMap:
             owner.refcounts.free(coffset, csize)
 
     def write_compressed(self, offset: int, compressed: bytes) -> None:
-        """Store one compressed cluster at guest `offset` (cluster aligned).
+        """Store one compressed cluster at guest `offset` (cluster aligned)."""
+        self.write_compressed_many(offset, [compressed])
 
-        QEMU's qcow2_alloc_compressed_cluster_offset: only an unallocated
-        cluster may be written compressed. Ordering: data, then the L2 entry,
-        which depends on the refcounts of the bytes it points at.
+    def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
+        """Store compressed clusters for consecutive guest clusters from
+        `offset` (cluster aligned) on.
+
+        QEMU's qcow2_alloc_compressed_cluster_offset, once per cluster: only
+        an unallocated cluster may be written compressed, and the bytes are
+        placed by qcow2_alloc_bytes in order (Refcounts.alloc_bytes_many).
+        Ordering: data, then the L2 entries, which depend on the refcounts
+        of the bytes they point at.
         """
         geo = self.geo
+        cb = geo.cluster_bits
+        done = 0
+        for l1_index, start, end in self._chunks(offset, len(compressed) << cb):
+            n = (end - start) >> cb
+            self._write_compressed_run(l1_index, start, compressed[done : done + n])
+            done += n
+
+    def _write_compressed_run(self, l1_index: int, start: int, compressed: list[bytes]) -> None:
+        """write_compressed_many for clusters within one L2 table."""
+        geo = self.geo
         owner = self.owner
-        l1_index = geo.offset_to_l1_index(offset)
         l2_offset, table = self.l2_for_write(l1_index)
-        i = geo.offset_to_l2_index(offset)
-        entry = int(table[i, 0] if geo.extended_l2 else table[i])
-        if entry & (L.L2E_OFFSET_MASK | L.QCOW_OFLAG_COMPRESSED):
+        i0 = geo.offset_to_l2_index(start)
+        n = len(compressed)
+        rows = table[i0 : i0 + n]
+        entries = rows[:, 0] if geo.extended_l2 else rows
+        taken = np.flatnonzero(entries & _U64(L.L2E_OFFSET_MASK | L.QCOW_OFLAG_COMPRESSED))
+        if len(taken):
+            guest = start + (int(taken[0]) << geo.cluster_bits)
             raise CorruptImageError(
-                f"Compressed write to an allocated cluster at guest offset {offset:#x}"
+                f"Compressed write to an allocated cluster at guest offset {guest:#x}"
             )
-        host = owner.refcounts.alloc_bytes(len(compressed))
-        owner.write_data(host, [compressed])
-        nb_sectors = ((host + len(compressed) - 1) >> 9) - (host >> 9)
-        new = host | (nb_sectors << geo.csize_shift) | L.QCOW_OFLAG_COMPRESSED
+        sizes = [len(c) for c in compressed]
+        hosts = owner.refcounts.alloc_bytes_many(sizes)
+        # One data write per run of back-to-back placements.
+        a = 0
+        for b in range(1, n + 1):
+            if b == n or hosts[b] != hosts[b - 1] + sizes[b - 1]:
+                pieces = compressed[a:b]
+                owner.write_data(hosts[a], [pieces[0] if len(pieces) == 1 else b"".join(pieces)])
+                a = b
+        host = np.array(hosts, dtype=np.uint64)
+        last = host + np.array(sizes, dtype=np.uint64) - _U64(1)
+        nb_sectors = (last >> _U64(9)) - (host >> _U64(9))
+        new = host | (nb_sectors << _U64(geo.csize_shift)) | _U64(L.QCOW_OFLAG_COMPRESSED)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         if geo.extended_l2:
-            table[i, 0] = _U64(new)
-            table[i, 1] = _U64(0)
+            rows[:, 0] = new
+            rows[:, 1] = _U64(0)
         else:
-            table[i] = _U64(new)
+            rows[:] = new
         self.l2_cache.mark_dirty(l2_offset)
 
     # --- zeroes and discard ------------------------------------------------------

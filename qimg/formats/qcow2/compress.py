@@ -530,6 +530,31 @@ class _OrderedPool(Generic[_In, _Out]):
             for future in pending:
                 future.cancel()
 
+    def map_batches(self, batches: Iterable[list[_In]]) -> Iterator[list[_Out]]:
+        """Like `map`, one task per batch: ``[f(x) for x in batch]`` for each
+        batch, in order. Fewer, larger tasks cost less scheduling per item;
+        at most 4 * workers batches are in flight."""
+        function = self._function
+
+        def apply(batch: list[_In]) -> list[_Out]:
+            return [function(item) for item in batch]
+
+        if self._pool is None:
+            yield from map(apply, batches)
+            return
+        submit = self._pool.submit
+        pending: deque[Future[list[_Out]]] = deque()
+        try:
+            for batch in batches:
+                pending.append(submit(apply, batch))
+                if len(pending) >= self._max_in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -575,9 +600,13 @@ class ClusterDecompressor(_OrderedPool["bytes | memoryview", bytes]):
         self.cluster_size = cluster_size
         super().__init__(lambda data: decompress(data, cluster_size), workers)
 
-    def decompress_many(self, items: Iterable[bytes | memoryview]) -> list[bytes]:
-        """All of `items` decompressed, in order."""
-        return list(self.map(items))
+    def decompress_many(self, items: Iterable[bytes | memoryview], batch: int = 1) -> list[bytes]:
+        """All of `items` decompressed, in order; `batch` clusters per task."""
+        if batch <= 1:
+            return list(self.map(items))
+        items = list(items)
+        batches = (items[i : i + batch] for i in range(0, len(items), batch))
+        return [plain for done in self.map_batches(batches) for plain in done]
 
 
 def decompress_many(

@@ -68,6 +68,7 @@ class Refcounts:
         self.table_clusters = table_clusters
         raw = io.read_metadata(table_offset, table_clusters * geo.cluster_size)
         self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.generation = 0  # bumped whenever a table entry gets a new block
         self.blocks = TableCache(
             "refcount-block",
             geo.cluster_size,
@@ -332,29 +333,70 @@ class Refcounts:
         self.update(start, count, 1)
 
     def alloc_bytes(self, size: int) -> int:
-        """Allocate `size` bytes (at most one cluster) for compressed data.
+        """Allocate `size` bytes (at most one cluster) for compressed data."""
+        return self.alloc_bytes_many([size])[0]
 
-        QEMU's qcow2_alloc_bytes: compressed clusters are packed one after
-        another; one may run on into the next host cluster when that is the
-        next one allocated. Every host cluster a descriptor touches counts
-        one reference per descriptor.
+    def alloc_bytes_many(self, sizes: list[int]) -> list[int]:
+        """Offsets of `sizes` bytes each (at most one cluster), allocated one
+        after another for compressed data.
+
+        QEMU's qcow2_alloc_bytes, once per size: compressed clusters are
+        packed one after another; one may run on into the next host cluster
+        when that is the next one allocated. Every host cluster a descriptor
+        touches counts one reference per descriptor. The extra references to
+        clusters already in use are added together at the end: every such
+        cluster has a refcount of at least 1 already, so no allocation in
+        between can take it.
         """
         cs = self.geo.cluster_size
         cb = self.geo.cluster_bits
+        refcount_max = self.geo.refcount_max
+        extra: dict[int, int] = {}  # cluster -> references to add
+        known: dict[int, int] = {}  # cluster -> refcount before `extra`
+        out = []
         offset = self.free_byte_offset
-        if offset and self.get(offset >> cb) >= self.geo.refcount_max:
-            offset = 0
-        if offset and cs - (offset % cs) >= size:
-            self.update(offset >> cb, 1, 1)  # one more descriptor in this cluster
-        else:
-            new = self.alloc(1)
-            if offset and -(-offset // cs) * cs == new:
-                self.update(offset >> cb, 1, 1)  # straddles into `new`
+        for size in sizes:
+            if offset:
+                c = offset >> cb
+                base = known.get(c)
+                if base is None:
+                    base = known[c] = self.get(c)
+                if base + extra.get(c, 0) >= refcount_max:
+                    offset = 0
+            if offset and cs - (offset % cs) >= size:
+                extra[c] = extra.get(c, 0) + 1  # one more descriptor in this cluster
             else:
-                offset = new
-        end = offset + size
-        self.free_byte_offset = end if end % cs else 0
-        return offset
+                new = self.alloc(1)
+                known[new >> cb] = 1
+                if offset and -(-offset // cs) * cs == new:
+                    extra[c] = extra.get(c, 0) + 1  # straddles into `new`
+                else:
+                    offset = new
+            out.append(offset)
+            end = offset + size
+            offset = end if end % cs else 0
+        self.free_byte_offset = offset
+        self._add_references(extra)
+        return out
+
+    def _add_references(self, extra: dict[int, int]) -> None:
+        """Add extra[c] to the refcount of each cluster c (blocks exist)."""
+        bits = self.geo.refcount_block_bits
+        mask = (1 << bits) - 1
+        by_block: dict[int, list[tuple[int, int]]] = {}
+        for c, k in extra.items():
+            by_block.setdefault(c >> bits, []).append((c & mask, k))
+        for bi, pairs in by_block.items():
+            block_offset = self._block_offset(bi)
+            if not block_offset:
+                raise CorruptImageError(f"Refcount block {bi} is missing")
+            block = self.blocks.get(block_offset)
+            idx = np.fromiter((i for i, _k in pairs), dtype=np.intp, count=len(pairs))
+            add = np.fromiter((k for _i, k in pairs), dtype=np.uint64, count=len(pairs))
+            if np.any(block[idx] > np.uint64(self.geo.refcount_max) - add):
+                raise QimgError("Reference count overflow")
+            block[idx] += add
+            self.blocks.mark_dirty(block_offset)
 
     def free(self, offset: int, length: int) -> None:
         """Drop one reference to every cluster touched by [offset, offset+length)."""
@@ -390,6 +432,7 @@ class Refcounts:
         for i, bi in enumerate(indices):
             offset = (start + i) << cb
             self.table[bi] = offset
+            self.generation += 1  # the image's overlap map is stale
             self.blocks.put_new(offset, new[bi])
             self.blocks.dirty.discard(offset)
             self._write_table_entry(bi)
