@@ -115,3 +115,28 @@ def test_overlap_check_refuses_data_on_metadata_made_after_the_map(tmp_path):
             img.write_data(0, [b"c" * 512])
     finally:
         img.close()
+
+
+def test_compressed_data_is_never_packed_into_a_freed_and_reused_cluster(tmp_path, qemu_img):
+    """A host cluster that held compressed data, was freed and then reused
+    as a normal data cluster must not receive the next compressed cluster
+    (found by tests/test_crash.py's workloads)."""
+    path = tmp_path / "t.qcow2"
+    cs = 65536
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "4M"])
+    model = bytearray(4 << 20)
+    text = b"".join(b"line %d of text\n" % i for i in range(8000))[:cs]
+    with open_image(str(path), writable=True) as img:
+        img.write_compressed(0, compress_cluster(text, 0))  # starts packing a host cluster
+        model[0:cs] = text
+        img.write(0, b"A" * cs)  # COW frees the compressed bytes: refcount 0
+        model[0:cs] = b"A" * cs
+        img.flush()
+        for c in (1, 2, 3):  # one cluster each: the first reuses the freed one
+            img.write(c * cs, b"B" * cs)
+            model[c * cs : (c + 1) * cs] = b"B" * cs
+        img.flush()
+        img.write_compressed(8 * cs, compress_cluster(text, 0))
+        model[8 * cs : 9 * cs] = text
+    qemu_check_clean(path)
+    assert qemu_read_raw(path, tmp_path) == bytes(model)

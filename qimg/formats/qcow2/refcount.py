@@ -181,6 +181,13 @@ class Refcounts:
                     )
                 seg -= np.uint64(-delta)
                 zeros = np.flatnonzero(seg == 0)
+                fbo_cluster = self.free_byte_offset >> self.geo.cluster_bits
+                if self.free_byte_offset and pos <= fbo_cluster < pos + n:
+                    if seg[fbo_cluster - pos] == 0:
+                        # The cluster compressed data was being packed into
+                        # is free now and may become anything: never pack
+                        # into it again.
+                        self.free_byte_offset = 0
                 if len(zeros):
                     # The hint is lowered only once the free is durable
                     # (frees_committed): see _reuses_pending_free.
