@@ -41,8 +41,14 @@ def measure(cmd: list[str], repeat: int = 3, setup=None, cwd: str | None = None)
     return {"wall": statistics.median(walls), "peak_mib": peak, "runs": walls}
 
 
-def compare(name: str, qimg_cmd: list[str], qemu_cmd: list[str], repeat: int = 3,
-            setup=None, cwd: str | None = None) -> dict:
+def compare(
+    name: str,
+    qimg_cmd: list[str],
+    qemu_cmd: list[str],
+    repeat: int = 3,
+    setup=None,
+    cwd: str | None = None,
+) -> dict:
     """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img."""
     a = measure(qimg_cmd, repeat, setup, cwd)
     b = measure(qemu_cmd, repeat, setup, cwd)

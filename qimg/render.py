@@ -121,7 +121,9 @@ def check_messages(lines: list[str]) -> None:
         return
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print("\n".join(lines), markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print(
+        "\n".join(lines), markup=False
+    )
 
 
 def check_repaired_human(leaks_fixed: int, corruptions_fixed: int) -> str:

@@ -46,7 +46,9 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def run(args: list[str], check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], check: bool = True, timeout: float = 120, **kw
+) -> subprocess.CompletedProcess:
     """Run a command (bounded in memory and time), capturing text output."""
     proc = subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, preexec_fn=_limit_memory, **kw
@@ -70,7 +72,9 @@ def qemu_json(*args: str) -> dict | list:
 def qemu_check_clean(path, fmt: str = "qcow2") -> None:
     """Assert that `qemu-img check` finds the image clean (exit 0)."""
     proc = run(["qemu-img", "check", "-f", fmt, str(path)], check=False)
-    assert proc.returncode == 0, f"qemu-img check {path}: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"qemu-img check {path}: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    )
 
 
 def qemu_read_raw(path, tmp_path, fmt: str | None = None) -> bytes:

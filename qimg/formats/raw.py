@@ -69,4 +69,3 @@ class RawImage(Driver):
 
     def close(self) -> None:
         self.storage.close()
-
