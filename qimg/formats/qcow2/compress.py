@@ -513,22 +513,7 @@ class _OrderedPool(Generic[_In, _Out]):
     def map(self, items: Iterable[_In]) -> Iterator[_Out]:
         """Results in input order. Reads ahead of the consumer by at most
         4 * workers items."""
-        if self._pool is None:
-            yield from map(self._function, items)
-            return
-        submit = self._pool.submit
-        function = self._function
-        pending: deque[Future[_Out]] = deque()
-        try:
-            for item in items:
-                pending.append(submit(function, item))
-                if len(pending) >= self._max_in_flight:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        return self._ordered(self._function, items)
 
     def map_batches(self, batches: Iterable[list[_In]]) -> Iterator[list[_Out]]:
         """Like `map`, one task per batch: ``[f(x) for x in batch]`` for each
@@ -539,14 +524,19 @@ class _OrderedPool(Generic[_In, _Out]):
         def apply(batch: list[_In]) -> list[_Out]:
             return [function(item) for item in batch]
 
+        return self._ordered(apply, batches)
+
+    def _ordered(self, function: Callable, items: Iterable) -> Iterator:
+        """function(item) for each item, in order, with a bounded number of
+        tasks in flight; unfinished tasks are cancelled if the consumer stops."""
         if self._pool is None:
-            yield from map(apply, batches)
+            yield from map(function, items)
             return
         submit = self._pool.submit
-        pending: deque[Future[list[_Out]]] = deque()
+        pending: deque[Future] = deque()
         try:
-            for batch in batches:
-                pending.append(submit(apply, batch))
+            for item in items:
+                pending.append(submit(function, item))
                 if len(pending) >= self._max_in_flight:
                     yield pending.popleft().result()
             while pending:

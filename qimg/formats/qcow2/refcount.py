@@ -119,18 +119,23 @@ class Refcounts:
     def get_range(self, start: int, count: int) -> np.ndarray:
         """Refcounts of clusters [start, start+count) as one array."""
         out = np.zeros(count, dtype=np.uint64)
-        bits = self.geo.refcount_block_bits
-        per_block = 1 << bits
-        pos = start
-        while pos < start + count:
-            bi = pos >> bits
-            first = pos & (per_block - 1)
-            n = min(per_block - first, start + count - pos)
+        for pos, bi, first, n in self._spans(start, count):
             block = self._block_offset(bi)
             if block:
                 out[pos - start : pos - start + n] = self.blocks.get(block)[first : first + n]
-            pos += n
         return out
+
+    def _spans(self, start: int, count: int):
+        """(cluster, block index, index in block, length) for each refcount
+        block's share of clusters [start, start+count)."""
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pos, end = start, start + count
+        while pos < end:
+            first = pos & (per_block - 1)
+            n = min(per_block - first, end - pos)
+            yield pos, pos >> bits, first, n
+            pos += n
 
     def covered_clusters(self) -> int:
         """Clusters the refcount table can describe without growing."""
@@ -156,14 +161,7 @@ class Refcounts:
         Ordering: a caller dropping references first makes the refcount cache
         depend on the L2 cache (see cache.py).
         """
-        bits = self.geo.refcount_block_bits
-        per_block = 1 << bits
-        pos = start
-        end = start + count
-        while pos < end:
-            bi = pos >> bits
-            first = pos & (per_block - 1)
-            n = min(per_block - first, end - pos)
+        for pos, bi, first, n in self._spans(start, count):
             block_offset = self._block_offset(bi)
             if not block_offset:
                 if delta < 0:
@@ -201,21 +199,13 @@ class Refcounts:
                     raise QimgError("Reference count overflow")
                 seg += np.uint64(delta)
             self.blocks.mark_dirty(block_offset)
-            pos += n
 
     def set_range(self, start: int, count: int, value: int) -> None:
         """Set clusters [start, start+count) to `value` (creating blocks)."""
-        bits = self.geo.refcount_block_bits
-        per_block = 1 << bits
-        pos = start
-        while pos < start + count:
-            bi = pos >> bits
-            first = pos & (per_block - 1)
-            n = min(per_block - first, start + count - pos)
+        for _pos, bi, first, n in self._spans(start, count):
             block_offset = self._block_offset(bi) or self._create_block(bi)
             self.blocks.get(block_offset)[first : first + n] = value
             self.blocks.mark_dirty(block_offset)
-            pos += n
 
     # --- allocation ----------------------------------------------------------
 
