@@ -260,5 +260,9 @@ def _create_raw(path: str, values: dict) -> None:
 
             write_zeros(storage, 0, size)
         storage.truncate(size)
+        if prealloc == "off" and size:
+            # QEMU's allocate_first_block: the first block of a new raw file
+            # is written (zeros), so probing its allocation stays cheap.
+            storage.pwrite(0, bytes(min(size, 4096)))
     finally:
         storage.close()

@@ -252,3 +252,13 @@ def test_create_in_a_missing_directory_fails_as_qemu_img_does(dirs, fmt):
     qp, mp = _both(dirs, ["create", "-f", fmt, "nodir/t.img", "1M"])
     assert qp.returncode == mp.returncode == 1
     assert message(mp.stderr, "qimg") == message(qp.stderr, "qemu-img")
+
+
+@pytest.mark.parametrize("size", ["100", "1M"])
+def test_raw_create_allocates_the_first_block_as_qemu_img_does(dirs, size):
+    q, m = dirs
+    _both(dirs, ["create", "-q", "-f", "raw", "t.raw", size])
+    maps = [
+        qemu_in(d, "qemu-img", "map", "--output=json", "t.raw", check=True).stdout for d in (q, m)
+    ]
+    assert maps[0] == maps[1]
