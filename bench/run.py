@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     groups = args.groups or list(GROUPS)
     rows: list[dict] = []
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qimg-bench-", dir=args.workdir) as tmp:
         workdir = args.workdir or tmp
         for group in groups:
