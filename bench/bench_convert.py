@@ -108,15 +108,22 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def main() -> None:
+def workloads(workdir: str) -> list[dict]:
+    """bench/run.py's protocol: every workload at full size, rows returned."""
+    return main([], workdir)
+
+
+def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir in /dev/shm)")
     ap.add_argument("--quick", action="store_true", help="1 GiB image, one repetition")
     ap.add_argument("--only", nargs="*", default=None, help="workload names to run")
     ap.add_argument("--no-ext4", action="store_true", help="skip the real-data workload")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    work = args.dir or tempfile.mkdtemp(prefix="qimg-bench-convert-", dir=_default_parent())
+    work = (
+        workdir or args.dir or tempfile.mkdtemp(prefix="qimg-bench-convert-", dir=_default_parent())
+    )
     os.makedirs(work, exist_ok=True)
     size = GiB if args.quick else 4 * GiB
     rep = 1 if args.quick else 3
@@ -195,6 +202,7 @@ def main() -> None:
     for name, a, b in sizes:
         print(f"{name:<44}{a:>14}{b:>14}{a / b:>12.4f}")
     _rm(out_q, out_e)
+    return rows
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ class Qcow2Image(Driver):
         # too), so that `info` opens an image by its header alone.
         self._refcounts = None
         self._clusters = None
-        self._decompressed: tuple[int, bytes] | None = None
         self._decompressor = None  # ClusterDecompressor, made on first use
+        self._compressed_buf: bytearray | None = None  # reused by _read_compressed
         self._ol_map: tuple | None = None  # see _overlap_map
         self._marked_dirty = False
 
@@ -325,30 +325,38 @@ class Qcow2Image(Driver):
             dst[avail:] = bytes(n - avail)
 
     def _read_compressed(self, offset: int, view: memoryview, exts: list[Extent]) -> None:
+        """Fill the parts of `view` (guest bytes from `offset`) that `exts`,
+        compressed clusters, cover. Each worker decompresses a share of them
+        straight into `view` (the calling thread takes one share)."""
         cs = self.geo.cluster_size
-        raws = self._compressed_batch([ext.host for ext in exts])
-        if len(raws) == 1:
-            from qimg.formats.qcow2.compress import decompress_cluster
-
-            clusters = [decompress_cluster(raws[0], self.header.compression_type, cs)]
-        else:
+        spans = self._compressed_spans([ext.host for ext in exts])
+        runs = _compressed_runs(spans)
+        need = sum(hi - lo for lo, hi, _i, _j in runs)
+        # A buffer kept between reads: fresh memory costs a page fault per
+        # page. Taken off the image while in use, so no two reads share it.
+        buf, self._compressed_buf = self._compressed_buf, None
+        if buf is None or len(buf) < need:
+            buf = bytearray(need)
+        try:
+            raws = self._read_runs(memoryview(buf), spans, runs)
+            jobs = []
+            for ext, raw in zip(exts, raws):
+                dst = view[ext.offset - offset : ext.offset - offset + ext.length]
+                jobs.append((raw, dst, ext.offset & (cs - 1)))
             if self._decompressor is None:
                 from qimg.formats.qcow2.compress import ClusterDecompressor
 
                 # One pool for the image's life (closed in close()), not one per read.
                 self._decompressor = ClusterDecompressor(self.header.compression_type, cs)
-            # A few large tasks per worker: one task per cluster costs more
-            # in scheduling than a small cluster takes to inflate.
-            per_task = -(-len(raws) // (2 * self._decompressor.workers))
-            clusters = self._decompressor.decompress_many(raws, batch=min(per_task, 64))
-        for ext, plain in zip(exts, clusters):
-            base = ext.offset & ~(cs - 1)
-            dst = view[ext.offset - offset : ext.offset - offset + ext.length]
-            dst[:] = plain[ext.offset - base : ext.offset - base + ext.length]
+            self._decompressor.decompress_into(jobs)
+            del raws, jobs
+        finally:
+            if len(buf) <= _COMPRESSED_BUF_KEEP:
+                self._compressed_buf = buf
 
-    def _compressed_batch(self, entries: list[int]) -> list[bytes]:
-        """The stored bytes of several compressed clusters, read with one
-        pread per run of nearby descriptors (QEMU packs them back to back)."""
+    def _compressed_spans(self, entries: list[int]) -> list[tuple[int, int]]:
+        """[start, end) host bytes of each compressed cluster descriptor,
+        clamped to the end of the file (QEMU's parse_compressed_l2_entry)."""
         geo = self.geo
         size = self.data_storage.size()
         spans = []
@@ -361,38 +369,20 @@ class Qcow2Image(Driver):
                     f"Compressed cluster at {coffset:#x} is past the end of the file", coffset
                 )
             spans.append((coffset, min(coffset + csize, size)))
-        out: list[bytes] = []
-        i = 0
-        while i < len(spans):
-            lo, hi = spans[i]
-            j = i + 1
-            # Extend the run while the next descriptor starts at or near the
-            # end of this one, in increasing order, within 8 MiB.
-            while (
-                j < len(spans)
-                and hi - 4096 <= spans[j][0] <= hi + 4096
-                and spans[j][0] >= lo
-                and max(hi, spans[j][1]) - lo <= 8 << 20
-            ):
-                hi = max(hi, spans[j][1])
-                j += 1
-            buf = memoryview(self.data_storage.pread(lo, hi - lo))
-            out.extend(bytes(buf[a - lo : b - lo]) for a, b in spans[i:j])
-            i = j
-        return out
+        return spans
 
-    def _compressed_bytes(self, entry: int) -> bytes:
-        """The stored bytes of a compressed cluster (QEMU's parse_compressed_l2_entry)."""
-        geo = self.geo
-        coffset = entry & geo.cluster_offset_mask
-        nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
-        csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-        size = self.data_storage.size()
-        if coffset >= size:
-            raise CorruptImageError(
-                f"Compressed cluster at {coffset:#x} is past the end of the file", coffset
-            )
-        return self.data_storage.pread(coffset, min(csize, size - coffset))
+    def _read_runs(self, buf: memoryview, spans: list, runs: list) -> list[memoryview]:
+        """Each span's bytes as a view into `buf`, filled with one read per run."""
+        out: list[memoryview] = []
+        pos = 0
+        for lo, hi, i, j in runs:
+            piece = buf[pos : pos + hi - lo]
+            got = self.data_storage.preadv(lo, piece)
+            if got < len(piece):
+                piece[got:] = bytes(len(piece) - got)  # the file shrank: zeros, as pread
+            out.extend(piece[a - lo : b - lo] for a, b in spans[i:j])
+            pos += hi - lo
+        return out
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
@@ -583,3 +573,31 @@ class Qcow2Image(Driver):
         if self.data_storage is not self.storage and hasattr(self.data_storage, "allocated_size"):
             total += self.data_storage.allocated_size()
         return total
+
+
+# Largest read buffer _read_compressed keeps between reads (convert reads at
+# most 8 MiB of guest data at a time, so its compressed bytes fit).
+_COMPRESSED_BUF_KEEP = 16 << 20
+
+
+def _compressed_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(lo, hi, i, j): host ranges to read, one per run of nearby spans
+    spans[i:j] (QEMU packs compressed clusters back to back)."""
+    runs = []
+    i = 0
+    while i < len(spans):
+        lo, hi = spans[i]
+        j = i + 1
+        # Extend the run while the next descriptor starts at or near the
+        # end of this one, in increasing order, within 8 MiB.
+        while (
+            j < len(spans)
+            and hi - 4096 <= spans[j][0] <= hi + 4096
+            and spans[j][0] >= lo
+            and max(hi, spans[j][1]) - lo <= 8 << 20
+        ):
+            hi = max(hi, spans[j][1])
+            j += 1
+        runs.append((lo, hi, i, j))
+        i = j
+    return runs
