@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Header
 
+# Snapshot table entry fields: (offset in the entry, struct format).
+SNAPSHOT_FIELDS = {
+    "l1_table_offset": (0, ">Q"),
+    "l1_size": (8, ">I"),
+    "id_str_size": (12, ">H"),
+    "name_size": (14, ">H"),
+    "extra_data_size": (36, ">I"),
+}
+
 
 def read_u64(path, offset: int) -> int:
     with open(path, "rb") as f:
@@ -131,19 +140,38 @@ class Layout:
 
     # --- snapshots and bitmaps ----------------------------------------------
 
-    def snapshot_l1_offsets(self) -> list[int]:
-        """l1_table_offset of every snapshot, in table order."""
+    def snapshot_entries(self) -> list[int]:
+        """File offset of every snapshot table entry, in table order."""
         out = []
         pos = self.header.snapshots_offset
         with open(self.path, "rb") as f:
             for _ in range(self.header.nb_snapshots):
+                out.append(pos)
                 f.seek(pos)
                 fields = L.SNAPSHOT_HEADER.unpack(f.read(L.SNAPSHOT_HEADER.size))
-                out.append(fields[0])
                 id_len, name_len, extra_len = fields[2], fields[3], fields[8]
                 pos += L.SNAPSHOT_HEADER.size + extra_len + id_len + name_len
                 pos = (pos + 7) & ~7
         return out
+
+    def snapshot_l1_offsets(self) -> list[int]:
+        """l1_table_offset of every snapshot, in table order."""
+        return [read_u64(self.path, pos) for pos in self.snapshot_entries()]
+
+    def set_snapshot_field(self, index: int, name: str, value: int) -> None:
+        """Overwrite one field of snapshot table entry `index` (big-endian)."""
+        where, fmt = SNAPSHOT_FIELDS[name]
+        with open(self.path, "r+b") as f:
+            f.seek(self.snapshot_entries()[index] + where)
+            f.write(struct.pack(fmt, value))
+
+    def set_snapshot_table(self, nb_snapshots: int, offset: int | None = None) -> None:
+        """Overwrite the header's snapshot count (and table offset)."""
+        with open(self.path, "r+b") as f:
+            f.seek(L.HEADER_OFF_NB_SNAPSHOTS)
+            f.write(struct.pack(">I", nb_snapshots))
+            if offset is not None:
+                f.write(struct.pack(">Q", offset))
 
     def bitmap_tables(self) -> list[tuple[int, int]]:
         """(table offset, table size) of every bitmap in the directory."""

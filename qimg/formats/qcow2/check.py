@@ -189,7 +189,11 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     storage = FileStorage(path, bool(fix), force_share=force_share)
     try:
         size = storage.size()
-        header = Header.parse(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)), size)
+        # qcow2_do_open discards the snapshot table pointer in check mode:
+        # the check reads (and repairs) the table itself.
+        head = bytearray(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)))
+        head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
+        header = Header.parse(bytes(head), size)
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
         image = Qcow2Image(storage, header=header)
@@ -232,7 +236,10 @@ def _check_once(image, fix: int) -> CheckResult:
     res = CheckResult(filename=image.filename)
     checker = _Checker(image, res, fix)
     try:
+        table = _SnapshotTable.check_read(image, res, fix)
+        checker.set_snapshots(table, res)
         checker.check_refcounts()
+        table.fix(image, res, fix)
     except CheckFailed as exc:
         exc.result = res
         raise
@@ -436,7 +443,8 @@ class _Checker:
         self.rebuild = False
         self.oflag_messages: list[str] | None = None
         self.oflag_corruptions = 0
-        self._snapshots = None
+        self._snapshots: tuple[list, int] = ([], 0)
+        self.snap_table = _SnapshotTable()
         self._l2_buf: np.ndarray | None = None
 
     def close(self) -> None:
@@ -526,8 +534,8 @@ class _Checker:
                 continue
             walks.append((sn.l1_table_offset, sn.l1_size, False, i))
         self.check_l1_tables(res, walks, fix)
-        if h.nb_snapshots:
-            self.inc_range(res, h.snapshots_offset, snap_size)
+        if snapshots or self.snap_table.size:
+            self.inc_range(res, self.snap_table.offset, snap_size)
         self.inc_range(res, img.refcounts.table_offset, img.refcounts.table_clusters * self.cs)
         if h.crypto_ext is not None and h.crypto_ext[1]:
             self.inc_range(res, h.crypto_ext[0], h.crypto_ext[1])
@@ -536,11 +544,32 @@ class _Checker:
         self.finish_counts(res)
 
     def snapshots(self):
-        if self._snapshots is None:
-            from qimg.formats.qcow2.snapshot import read_snapshots
-
-            self._snapshots = read_snapshots(self.image)
         return self._snapshots
+
+    def set_snapshots(self, table: _SnapshotTable, res: CheckResult) -> None:
+        """Use the snapshot table read by the check; under -r all, snapshots
+        whose L1 table cannot be used are discarded first (qimg's addition:
+        QEMU reports them and keeps them), so that their clusters are freed
+        by this very pass."""
+        self.snap_table = table
+        if self.fix & FIX_ERRORS:
+            kept = []
+            for sn in table.snapshots:
+                why = None
+                if self.has_data_file:
+                    why = "in image with data file"
+                elif sn.l1_table_offset % self.cs:
+                    why = f"l1_offset={sn.l1_table_offset:#x}: L1 table is not cluster aligned"
+                elif sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
+                    why = f"l1_size={sn.l1_size:#x}: L1 table is too large"
+                if why is None:
+                    kept.append(sn)
+                    continue
+                self.say(f"Repairing snapshot {sn.id_str} ({sn.name}) {why}; snapshot discarded")
+                res.corruptions_fixed += 1
+                table.rewrite = True
+            table.snapshots = kept
+        self._snapshots = (table.snapshots, table.size)
 
     def inc_range(self, res: CheckResult, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt for one byte range."""
@@ -763,6 +792,11 @@ class _Checker:
         std = ~compressed & (off != 0)
         lost = ~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0)
         lost |= std & ((off & _U64(self.cs - 1)) != 0)
+        if self.has_data_file:
+            # Data clusters lie in the data file (not bounded by this one's
+            # end); compressed clusters cannot exist there.
+            lost |= compressed
+            return e != 0, lost
         lost |= std & ((off.astype(np.int64) + self.cs - self.file_len) >= self.cs)
         coff = e & _U64(self.geo.cluster_offset_mask)
         lost |= compressed & ((coff.astype(np.int64) + 512 - self.file_len) >= self.cs)
@@ -888,6 +922,8 @@ class _Checker:
         """qimg's addition to fix_l2_entry_by_zero: entries whose cluster is
         lost (unaligned data, past EOF, reserved bits) become zero (v3) or
         unallocated (v2), where the table may be written."""
+        if bitmap is not None:
+            self.repair_bitmaps(res, offsets, e, bitmap)
         _any, lost = self.unsavable(e)
         if not lost.any():
             return
@@ -913,6 +949,51 @@ class _Checker:
                     data += b.to_bytes(8, "big")
                 self.image.write_metadata(l2_offset + i * esize, data, "l2")
                 res.corruptions_fixed += 1
+        self.image.clusters.l2_cache.invalidate()
+        self.image.flush_file()
+
+    def repair_bitmaps(self, res, offsets, e, bitmap) -> None:
+        """qimg's addition (QEMU only reports these): subcluster bitmaps
+        that QEMU cannot read are made valid, keeping what can be kept.
+        An allocated subcluster also marked zero stays allocated (its data
+        was written); an unallocated cluster loses its allocation bits; a
+        compressed cluster's bitmap becomes 0 (the spec's only value)."""
+        compressed = (e & _U64(L.QCOW_OFLAG_COMPRESSED)) != 0
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        alloc = bitmap & _U64(L.QCOW_L2_BITMAP_ALL_ALLOC)
+        normal = ~compressed & (off != 0)
+        both = normal & (((bitmap >> _U64(32)) & bitmap) != 0)
+        stray = ~compressed & ~normal & (alloc != 0)
+        cbad = compressed & (bitmap != 0)
+        if not (both.any() or stray.any() or cbad.any()):
+            return
+        fixed = bitmap.copy()
+        fixed[both] &= ~(alloc[both] << _U64(32))
+        fixed[stray] &= ~_U64(L.QCOW_L2_BITMAP_ALL_ALLOC)
+        fixed[cbad] = 0
+        esize = self.geo.l2_entry_size
+        for t, i in zip(*(a.tolist() for a in np.nonzero(both | stray | cbad))):
+            l2_offset = offsets[t]
+            if self.overlaps(l2_offset, self.cs):
+                continue
+            v = int(e[t, i])
+            if both[t, i]:
+                line = (
+                    f"Repairing offset={v & L.L2E_OFFSET_MASK:x}: Allocated cluster has "
+                    "corrupted subcluster allocation bitmap"
+                )
+            elif stray[t, i]:
+                line = "Repairing: Unallocated cluster has non-zero subcluster allocation map"
+            else:
+                line = (
+                    f"Repairing compressed cluster {i} with non-zero subcluster "
+                    f"allocation bitmap, entry={v:#x}"
+                )
+            self.say(line)
+            bitmap[t, i] = fixed[t, i]
+            data = int(fixed[t, i]).to_bytes(8, "big")
+            self.image.write_metadata(l2_offset + i * esize + 8, data, "l2")
+            res.corruptions_fixed += 1
         self.image.clusters.l2_cache.invalidate()
         self.image.flush_file()
 
@@ -1536,3 +1617,218 @@ def _copy_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
 
 def _restore_counts(res: CheckResult, saved) -> None:
     (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed, res.leaks_fixed) = saved
+
+
+# --- the snapshot table (block/qcow2-snapshot.c) -------------------------------------
+
+_SNAPSHOT_LIMIT_HINT = (
+    "You can force-remove all {n} overhanging snapshots with qemu-img check -r all"
+)
+
+
+@dataclass
+class _Snap:
+    """One snapshot table entry as QEMU keeps it in memory."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int
+    icount: int
+    extra_data_size: int
+    unknown_extra: bytes
+
+
+def _c_string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass
+class _SnapshotTable:
+    """qcow2_check_read_snapshot_table's state: what was read, what to fix."""
+
+    offset: int = 0
+    size: int = 0
+    snapshots: list = field(default_factory=list)
+    # Corruptions that rewriting the table fixes (qcow2_check_fix_snapshot_table).
+    corruptions: int = 0
+    rewrite: bool = False
+
+    @classmethod
+    def check_read(cls, image, res: CheckResult, fix: int) -> _SnapshotTable:
+        """qcow2_check_read_snapshot_table; raises CheckFailed where QEMU's fails."""
+        import struct
+
+        storage = image.storage
+        cs = image.geo.cluster_size
+        repair = bool(fix & FIX_ERRORS)
+        nb, offset = struct.unpack(">IQ", storage.pread(L.HEADER_OFF_NB_SNAPSHOTS, 12))
+        table = cls(offset=offset)
+        reduced = 0
+        if nb > L.QCOW_MAX_SNAPSHOTS and repair:
+            res.messages.append(f"Discarding {nb - L.QCOW_MAX_SNAPSHOTS} overhanging snapshots")
+            reduced += nb - L.QCOW_MAX_SNAPSHOTS
+            nb = L.QCOW_MAX_SNAPSHOTS
+        if nb > L.QCOW_MAX_SNAPSHOTS:
+            res.check_errors += 1
+            res.messages.append("qimg: ERROR snapshot table too large")
+            res.messages.append(_SNAPSHOT_LIMIT_HINT.format(n=nb - L.QCOW_MAX_SNAPSHOTS))
+            raise CheckFailed("Check failed: File too large")
+        if (1 << 63) - 1 - nb * L.SNAPSHOT_HEADER.size < offset or offset % cs:
+            res.check_errors += 1
+            res.messages.append("qimg: ERROR snapshot table offset invalid")
+            raise CheckFailed("Check failed: Invalid argument")
+        file_len = storage.size()
+
+        def pread(pos: int, n: int) -> bytes:
+            if n <= 0 or pos >= file_len:
+                return bytes(max(n, 0))
+            return storage.pread(pos, n).ljust(n, b"\0")
+
+        def fail(message: str, hint: str) -> None:
+            res.check_errors += 1
+            res.messages.append(f"qimg: ERROR failed to read the snapshot table: {message}")
+            res.messages.append(hint)
+            raise CheckFailed("Check failed: File too large")
+
+        pos, length, dropped = offset, 0, 0
+        for i in range(nb):
+            pre = pos
+            length = (length + 7) & ~7
+            pos = (pos + 7) & ~7
+            (
+                l1_off,
+                l1_size,
+                id_len,
+                name_len,
+                date_sec,
+                date_nsec,
+                vm_clock,
+                vm_state,
+                extra_len,
+            ) = L.SNAPSHOT_HEADER.unpack(pread(pos, L.SNAPSHOT_HEADER.size))
+            pos += L.SNAPSHOT_HEADER.size
+            truncate = False
+            if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
+                if not repair:
+                    fail(
+                        f"Too much extra metadata in snapshot table entry {i}",
+                        "You can force-remove this extra metadata with qemu-img check -r all",
+                    )
+                res.messages.append(
+                    f"Discarding too much extra metadata in snapshot table entry {i} "
+                    f"({extra_len} > {L.SNAPSHOT_EXTRA_DATA_SIZE_MAX})"
+                )
+                dropped += 1
+                truncate = True
+            known = min(L.SNAPSHOT_EXTRA_V3.size, extra_len)
+            vm_large, disk_size, icount = L.SNAPSHOT_EXTRA_V3.unpack(
+                pread(pos, known).ljust(L.SNAPSHOT_EXTRA_V3.size, b"\0")
+            )
+            pos += known
+            if extra_len >= 8:
+                vm_state = vm_large
+            if extra_len < 16:
+                disk_size = image.size
+            if extra_len < 24:
+                icount = (1 << 64) - 1
+            kept = extra_len
+            unknown = b""
+            if extra_len > L.SNAPSHOT_EXTRA_V3.size:
+                end = pos + extra_len - L.SNAPSHOT_EXTRA_V3.size
+                if truncate:
+                    kept = L.SNAPSHOT_EXTRA_DATA_SIZE_MAX
+                unknown = pread(pos, kept - L.SNAPSHOT_EXTRA_V3.size)
+                pos = end
+            id_str = _c_string(pread(pos, id_len))
+            pos += id_len
+            name = _c_string(pread(pos, name_len))
+            pos += name_len
+            length += L.SNAPSHOT_HEADER.size + kept + id_len + name_len
+            if length > L.QCOW_MAX_SNAPSHOTS_SIZE or pos - offset > (1 << 31) - 1:
+                if not repair:
+                    fail("Snapshot table is too big", _SNAPSHOT_LIMIT_HINT.format(n=nb - i))
+                res.messages.append(
+                    f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)"
+                )
+                reduced += nb - i
+                nb = i
+                pos = pre
+                break
+            table.snapshots.append(
+                _Snap(
+                    l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock,
+                    vm_state, disk_size, icount, kept, unknown,
+                )
+            )  # fmt: skip
+        table.size = pos - offset if nb else 0
+        res.corruptions += dropped
+        table.corruptions += dropped
+        if reduced:
+            # The header must say what the refcount check will count.
+            storage.pwrite(L.HEADER_OFF_NB_SNAPSHOTS, struct.pack(">I", nb))
+            storage.flush()
+            res.corruptions_fixed += reduced
+        if image.header.version >= 3:
+            word = "Repairing" if repair else "ERROR"
+            for i, sn in enumerate(table.snapshots):
+                if sn.extra_data_size < 16:
+                    res.corruptions += 1
+                    table.corruptions += 1
+                    res.messages.append(f"{word} snapshot table entry {i} is incomplete")
+        image.header.nb_snapshots = nb
+        image.header.snapshots_offset = offset if nb else image.header.snapshots_offset
+        return table
+
+    def fix(self, image, res: CheckResult, fix: int) -> None:
+        """qcow2_check_fix_snapshot_table: rewrite the table when it was
+        repaired in memory (after the refcounts were made whole)."""
+        if not fix & FIX_ERRORS or not (self.corruptions or self.rewrite):
+            return
+        self._write(image, res.messages)
+        res.corruptions_fixed += self.corruptions
+        res.corruptions -= self.corruptions
+        self.corruptions = 0
+
+    def _write(self, image, messages: list[str]) -> None:
+        """qcow2_write_snapshots. Ordering: the new table is written and
+        flushed in new clusters before the header names it; the old table
+        is freed last (a crash leaks it, never loses the table)."""
+        import struct
+
+        out = bytearray()
+        for sn in self.snapshots:
+            out += bytes(-len(out) % 8)
+            id_b, name_b = sn.id_str.encode(), sn.name.encode()
+            extra_size = max(L.SNAPSHOT_EXTRA_V3.size, sn.extra_data_size)
+            out += L.SNAPSHOT_HEADER.pack(
+                sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec,
+                sn.date_nsec, sn.vm_clock_nsec,
+                sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0, extra_size,
+            )  # fmt: skip
+            out += L.SNAPSHOT_EXTRA_V3.pack(sn.vm_state_size, sn.disk_size, sn.icount)
+            out += sn.unknown_extra + id_b + name_b
+        cs = image.geo.cluster_size
+        new = 0
+        if out:
+            new = image.refcounts.alloc(-(-len(out) // cs))
+            image.flush()
+            image.storage.pwrite(new, bytes(out))
+        image.storage.flush()
+        nb = len(self.snapshots)
+        image.storage.pwrite(L.HEADER_OFF_NB_SNAPSHOTS, struct.pack(">IQ", nb, new))
+        image.storage.flush()
+        image.header.nb_snapshots, image.header.snapshots_offset = nb, new
+        old, size = self.offset, self.size
+        if size and old + size <= image.storage.size():
+            image.refcounts.free(old, size)
+            image.flush()
+        elif size:
+            # QEMU's qcow2_free_clusters refuses a range past the end of file.
+            messages.append("qcow2_free_clusters failed: Invalid argument")
+        self.offset, self.size = new, len(out)
