@@ -910,13 +910,7 @@ class _Checker:
         where = np.flatnonzero(normal)[wrong]
         rows = np.repeat(np.arange(len(per_table)), per_table)[wrong]
         for j, pos, t in zip(wrong.tolist(), where.tolist(), rows.tolist()):
-            line = (
-                f"ERROR OFLAG_COPIED data cluster: l2_entry={int(flat[pos]):x} "
-                f"refcount={int(refs[j])}"
-            )
-            for _ in range(int(actives[t])):
-                self.oflag_messages.append(line)
-                res.corruptions += 1
+            self._report_oflag(res, int(flat[pos]), int(refs[j]), int(actives[t]))
 
     def repair_l2_batch(self, res, offsets, e, bitmap) -> None:
         """qimg's addition to fix_l2_entry_by_zero: entries whose cluster is
@@ -1426,13 +1420,15 @@ class _Checker:
         width = sub.shape[1]
         for j in bad.tolist():
             t = int(rows[idx[j] // width])
-            line = (
-                f"ERROR OFLAG_COPIED data cluster: l2_entry={int(flat[idx[j]]):x} "
-                f"refcount={int(refs[j])}"
-            )
-            for _ in range(int(actives[t])):
-                self.oflag_messages.append(line)
-                res.corruptions += 1
+            self._report_oflag(res, int(flat[idx[j]]), int(refs[j]), int(actives[t]))
+
+    def _report_oflag(self, res, entry: int, refcount: int, times: int) -> None:
+        """One OFLAG_COPIED error per active L1 reaching the entry, as QEMU
+        walks a shared L2 table once per L1 that points at it."""
+        line = f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+        for _ in range(times):
+            self.oflag_messages.append(line)
+            res.corruptions += 1
 
     def _oflag_entries(self, e: np.ndarray):
         compressed = (e & _U64(L.QCOW_OFLAG_COMPRESSED)) != 0
