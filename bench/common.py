@@ -17,28 +17,19 @@ import time
 QIMG = [sys.executable, "-m", "qimg"]
 
 
-def measure(cmd: list[str], repeat: int = 3, setup=None, cwd: str | None = None) -> dict:
-    """Median wall seconds and max peak RSS (MiB) of `cmd` over `repeat` runs.
-
-    `setup` (a callable) runs before each repetition, untimed (e.g. to remove
-    a previous output file).
-    """
-    walls = []
-    peak = 0.0
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if proc.returncode not in (0, 2, 3):
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
-        walls.append(wall)
-        peak = max(peak, usage.ru_maxrss / 1024.0)
-    return {"wall": statistics.median(walls), "peak_mib": peak, "runs": walls}
+def _run_once(cmd: list[str], setup, cwd: str | None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one run of `cmd`."""
+    if setup is not None:
+        setup()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode not in (0, 2, 3):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
+    return wall, usage.ru_maxrss / 1024.0
 
 
 def compare(
@@ -49,16 +40,24 @@ def compare(
     setup=None,
     cwd: str | None = None,
 ) -> dict:
-    """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img."""
-    a = measure(qimg_cmd, repeat, setup, cwd)
-    b = measure(qemu_cmd, repeat, setup, cwd)
+    """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img.
+
+    The two tools run alternately (qimg, qemu-img, qimg, ...), so a change in
+    the machine's load during the workload weighs on both medians alike.
+    """
+    ours, theirs = [], []
+    for _ in range(repeat):
+        ours.append(_run_once(qimg_cmd, setup, cwd))
+        theirs.append(_run_once(qemu_cmd, setup, cwd))
+    a = statistics.median(w for w, _ in ours)
+    b = statistics.median(w for w, _ in theirs)
     return {
         "workload": name,
-        "qimg_s": a["wall"],
-        "qemu_s": b["wall"],
-        "ratio": a["wall"] / b["wall"] if b["wall"] else float("inf"),
-        "qimg_peak_mib": a["peak_mib"],
-        "qemu_peak_mib": b["peak_mib"],
+        "qimg_s": a,
+        "qemu_s": b,
+        "ratio": a / b if b else float("inf"),
+        "qimg_peak_mib": max(p for _, p in ours),
+        "qemu_peak_mib": max(p for _, p in theirs),
     }
 
 

@@ -6,10 +6,11 @@
 One pipeline for every direction, written against the driver interface:
 
 - a producer thread walks the sources' extents (data / zero runs through the
-  whole backing chain; raw files answer with SEEK_DATA/SEEK_HOLE), maps the
-  data of a raw source or a qcow2 source's data clusters read-only (mmap:
-  no copy into user space) or else reads it in large coalesced requests into
-  reused buffers, and finds zero blocks of the -S granularity with numpy,
+  whole backing chain; raw files answer with SEEK_DATA/SEEK_HOLE), reads the
+  data in large coalesced requests into reused buffers (hot pages: the
+  writer's copy out of them costs no page faults; mmap'd source windows
+  measured 10-50% slower end to end and risked SIGBUS on a truncated
+  source), and finds zero blocks of the -S granularity with numpy,
   stopping at a block's first non-zero word as qemu's buffer_is_zero does;
 - the calling thread writes: whole runs with one `write()` each (the qcow2
   driver allocates contiguous host runs per L2 table), or, with -c, clusters
@@ -19,9 +20,8 @@ One pipeline for every direction, written against the driver interface:
   runs written as zeroes unless it is known to be zero (--target-is-zero).
 
 Memory is bounded whatever the image size: at most QUEUE_DEPTH chunks of
-CHUNK bytes sit between the threads, plus what the compressor keeps in flight,
-the READ_BUFFERS reused read buffers and the few MAP_WINDOW source windows
-whose views are still in use.
+CHUNK bytes sit between the threads, plus what the compressor keeps in flight
+and the READ_BUFFERS reused read buffers.
 The engine never prints; it reports progress through a callback.
 """
 
@@ -46,7 +46,6 @@ CHUNK = 8 << 20  # bytes per read request (the producer coalesces up to this)
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
 QUEUE_DEPTH = 3  # chunks in flight between the producer and the writer
 READ_BUFFERS = 8  # reused read buffers of CHUNK bytes (_Job._buffer)
-MAP_WINDOW = 16 << 20  # bytes of a source file mapped at once (_SourceMap)
 PLAN_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
@@ -527,139 +526,6 @@ def _align_data(runs: list[list[int]], align: int, lo: int, hi: int) -> list[lis
     return out
 
 
-class _SourceMap:
-    """Source data seen through read-only mmap windows instead of read copies.
-
-    A raw source, or the host runs of a qcow2 source's DATA clusters, is
-    mapped MAP_WINDOW bytes at a time; zero detection reads the mapping and
-    the target's pwrite copies from it, so the data crosses into user space
-    zero times instead of once. Invariants: only ranges inside the file that
-    SEEK_DATA reports as data are mapped (a read fault in a tmpfs hole would
-    allocate it in the source); every piece boundary inside a chunk is a
-    multiple of the zero-detection block; everything else is read as before.
-    A window lives as long as the views taken from it (the writer may still
-    hold them), so at most a few windows are resident.
-    """
-
-    def __init__(self, image: Driver):
-        self.image = image
-        self.qcow2 = image.format_name == "qcow2"
-        self.storage = image.data_storage if self.qcow2 else image.storage
-        self.fsize = self.storage.size()
-        self.windows: dict[int, object] = {}
-        # [lo, hi) known to hold no hole: the whole file when it is fully
-        # allocated, else the data run found last (SEEK_HOLE costs as much
-        # as the run it walks, so each run is walked once).
-        st = os.fstat(self.storage.fd)
-        self.known = (0, self.fsize) if st.st_blocks * 512 >= self.fsize else (0, 0)
-
-    def _learn(self, host: int) -> bool:
-        """Whether `host` is in a data run; if so that run becomes `known`."""
-        fd = self.storage.fd
-        try:
-            if os.lseek(fd, host, os.SEEK_DATA) != host:
-                return False
-            self.known = (host, min(self.fsize, os.lseek(fd, host, os.SEEK_HOLE)))
-        except OSError:
-            return False
-        return True
-
-    @classmethod
-    def for_source(cls, src: _Concat, o: ConvertOptions) -> _SourceMap | None:
-        """A map for a single raw or qcow2 source in a regular file, else None."""
-        import stat
-
-        from qimg.storage import FileStorage
-
-        if o.salvage or o.force_share or len(src.parts) != 1 or not hasattr(os, "SEEK_DATA"):
-            return None
-        image = src.parts[0][1]
-        if image.format_name == "qcow2":
-            storage = getattr(image, "data_storage", None)
-        elif image.format_name == "raw":
-            storage = getattr(image, "storage", None)
-        else:
-            return None
-        if type(storage) is not FileStorage:
-            return None
-        if not stat.S_ISREG(os.fstat(storage.fd).st_mode):
-            return None
-        return cls(image)
-
-    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int | None]]:
-        """(guest offset, length, host offset or None) of [offset, +length)."""
-        if not self.qcow2:
-            return [(offset, length, offset)]
-        from qimg.formats.qcow2.cluster import DATA as X_DATA
-
-        out: list[tuple[int, int, int | None]] = []
-        for e in self.image.clusters.extents(offset, length):
-            host = e.host if e.kind == X_DATA else None
-            if out and host is not None and out[-1][2] is not None:
-                g, n, h = out[-1]
-                if h + n == host and g + n == e.offset:
-                    out[-1] = (g, n + e.length, h)
-                    continue
-            out.append((e.offset, e.length, host))
-        return out
-
-    def pieces(self, offset: int, length: int, block: int) -> list:
-        out: list[list] = []
-        end = offset + length
-        inside = min(length, self.image.size - offset)
-        if inside <= 0:  # all padding past the image's end
-            return [(offset, length, None)]
-        for g, n, h in self._runs(offset, inside):
-            while n:
-                if h is None:
-                    take, view = n, None
-                else:
-                    w = h // MAP_WINDOW
-                    take = min(n, (w + 1) * MAP_WINDOW - h)
-                    view = self._view(w, h, take)
-                if out and (view is None) and out[-1][2] is None:
-                    out[-1][1] += take
-                else:
-                    out.append([g, take, view])
-                g += take
-                n -= take
-                if h is not None:
-                    h += take
-        if out and out[-1][0] + out[-1][1] < end:  # past the image's end: padding
-            if out[-1][2] is None:
-                out[-1][1] = end - out[-1][0]
-            else:
-                out.append([out[-1][0] + out[-1][1], end - out[-1][0] - out[-1][1], None])
-        if any((p[0] - offset) % block for p in out[1:]):
-            return [(offset, length, None)]
-        return [tuple(p) for p in out]
-
-    def _view(self, w: int, host: int, length: int) -> memoryview | None:
-        if host + length > self.fsize:
-            return None
-        lo, hi = self.known
-        if not (lo <= host and host + length <= hi):
-            if not self._learn(host) or host + length > self.known[1]:
-                return None
-        m = self.windows.get(w)
-        if m is None:
-            import mmap
-
-            base = w * MAP_WINDOW
-            m = mmap.mmap(
-                self.storage.fd,
-                min(MAP_WINDOW, self.fsize - base),
-                flags=mmap.MAP_SHARED,
-                prot=mmap.PROT_READ,
-                offset=base,
-            )
-            if len(self.windows) >= 2:
-                del self.windows[next(iter(self.windows))]  # unmapped with its last view
-            self.windows[w] = m
-        base = w * MAP_WINDOW
-        return memoryview(m)[host - base : host - base + length]
-
-
 class _Job:
     """One conversion: plan, produce (thread), write (this thread)."""
 
@@ -691,7 +557,6 @@ class _Job:
             self._setup_backing()
         self.zero_init = (not o.skip_create or o.target_is_zero) and self.backing is None
         self.chunk = max(self.block, CHUNK // self.block * self.block)
-        self.maps = _SourceMap.for_source(src, o)
         self.pool: list[np.ndarray] = []  # see _buffer
 
     def _setup_backing(self) -> None:
@@ -741,8 +606,7 @@ class _Job:
                 pos = s
                 while pos < e:
                     n = min(e - pos, self.chunk - pos % self.chunk)
-                    for off, length, mapped in self._pieces(pos, n):
-                        yield from self._data_chunk(off, length, mapped)
+                    yield from self._data_chunk(pos, n)
                     pos += n
 
     def _zero_run(self, s: int, e: int):
@@ -800,15 +664,8 @@ class _Job:
             except QimgError:
                 piece[:] = bytes(len(piece))
 
-    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, memoryview | None]]:
-        """Split a data chunk into (offset, length, mapped view or None to read)
-        pieces; see _SourceMap."""
-        if self.maps is None:
-            return [(offset, length, None)]
-        return self.maps.pieces(offset, length, self.block)
-
-    def _data_chunk(self, offset: int, length: int, mapped: memoryview | None = None):
-        buf = self._read(offset, length) if mapped is None else mapped
+    def _data_chunk(self, offset: int, length: int):
+        buf = self._read(offset, length)
         view = memoryview(buf)
         if not self.sparse and self.backing is None:
             yield offset, length, view
