@@ -45,7 +45,9 @@ __all__ = ["convert", "ConvertOptions", "parse_snapshot_param", "CHUNK"]
 CHUNK = 8 << 20  # bytes per read request (the producer coalesces up to this)
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
 QUEUE_DEPTH = 3  # chunks in flight between the producer and the writer
-READ_BUFFERS = 8  # reused read buffers of CHUNK bytes (_Job._buffer)
+READERS = 2  # threads that read and scan data chunks ahead of the writer
+READ_AHEAD = 4  # data chunks being read at once
+READ_BUFFERS = 12  # reused read buffers of CHUNK bytes (_Job._buffer)
 PLAN_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
@@ -558,6 +560,7 @@ class _Job:
         self.zero_init = (not o.skip_create or o.target_is_zero) and self.backing is None
         self.chunk = max(self.block, CHUNK // self.block * self.block)
         self.pool: list[np.ndarray] = []  # see _buffer
+        self.readers = None  # ThreadPoolExecutor of READERS threads, while running
 
     def _setup_backing(self) -> None:
         """-B: only what differs from the target's backing file is written."""
@@ -596,17 +599,34 @@ class _Job:
 
     def _items(self) -> Iterator[tuple[int, int, memoryview | None]]:
         """(offset, length, data or None for zeros) to write, in order;
-        SKIP runs become (offset, length, False) progress-only items."""
+        SKIP runs become (offset, length, False) progress-only items.
+
+        Data chunks are read and scanned by the reader threads, up to
+        READ_AHEAD of them ahead of the one being handed on, so that reads
+        and decompression of one chunk overlap those of the next."""
+        ahead: deque = deque()  # lists of items, or futures of them, in order
+        for piece in self._pieces():
+            if isinstance(piece, tuple):
+                offset, length = piece
+                piece = self.readers.submit(self._data_items, offset, self._buffer(length))
+            ahead.append(piece)
+            if len(ahead) > READ_AHEAD:
+                yield from _resolved(ahead.popleft())
+        while ahead:
+            yield from _resolved(ahead.popleft())
+
+    def _pieces(self) -> Iterator[list | tuple[int, int]]:
+        """Ready lists of items, and (offset, length) data chunks to read."""
         for s, e, kind in self._plan():
             if kind == SKIP:
-                yield s, e - s, False
+                yield [(s, e - s, False)]
             elif kind == ZERO:
-                yield from self._zero_run(s, e)
+                yield list(self._zero_run(s, e))
             else:
                 pos = s
                 while pos < e:
                     n = min(e - pos, self.chunk - pos % self.chunk)
-                    yield from self._data_chunk(pos, n)
+                    yield pos, n
                     pos += n
 
     def _zero_run(self, s: int, e: int):
@@ -623,15 +643,13 @@ class _Job:
         if pos < e:
             yield pos, e - pos, False
 
-    def _read(self, offset: int, length: int) -> np.ndarray:
-        buf = self._buffer(length)
+    def _read(self, offset: int, buf: np.ndarray) -> None:
         try:
             self.src.readinto(offset, buf)
         except QimgError as exc:
             if not self.o.salvage:
                 raise ImageIOError(f"error while reading at byte {offset}: {exc}") from None
             self._salvage(offset, buf)
-        return buf
 
     def _buffer(self, length: int) -> np.ndarray:
         """A read buffer, reused once nothing refers to it any more.
@@ -640,8 +658,10 @@ class _Job:
         the kernel a fault and a zero-fill per page (~0.3 s a GiB), so up to
         READ_BUFFERS chunk buffers are kept. Invariant: a pooled array is
         handed out again only when its sole references are the pool's own
-        (every view, slice or memoryview of it holds one more), and only this
-        thread makes new views, so no reader or pending write still uses it.
+        (every view, slice or memoryview of it holds one more), and only the
+        producer thread takes slices of pooled arrays (reader threads and
+        writes use the slice they are handed, which holds its reference), so
+        no reader or pending write still uses it.
         """
         if length <= self.chunk:
             for arr in self.pool:
@@ -664,8 +684,13 @@ class _Job:
             except QimgError:
                 piece[:] = bytes(len(piece))
 
-    def _data_chunk(self, offset: int, length: int):
-        buf = self._read(offset, length)
+    def _data_items(self, offset: int, buf: np.ndarray) -> list:
+        """The items of one data chunk, read into `buf` (a reader thread)."""
+        self._read(offset, buf)
+        return list(self._data_chunk(offset, buf))
+
+    def _data_chunk(self, offset: int, buf: np.ndarray):
+        length = len(buf)
         view = memoryview(buf)
         if not self.sparse and self.backing is None:
             yield offset, length, view
@@ -786,7 +811,14 @@ class _Job:
     # --- the writer (calling thread) ---------------------------------------------
 
     def run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self._report(0)
+        readers = min(READERS, os.cpu_count() or 1)
+        if readers > 1:
+            for image in _chain(self.src):
+                image.read_workers = 1  # the readers are the parallelism
+        self.readers = ThreadPoolExecutor(readers, thread_name_prefix="qimg-convert-read")
         q, stop, thread = self._start_producer()
         try:
             items = self._consume(q)
@@ -798,6 +830,7 @@ class _Job:
         finally:
             stop.set()
             thread.join()
+            self.readers.shutdown(wait=True, cancel_futures=True)
             if self.backing is not None:
                 self.backing.close()
         self._report(self.total)
@@ -875,3 +908,17 @@ class _Job:
             else:
                 tgt.write_compressed_many(offset + a * cs, results[a:b])
             a = b
+
+
+def _resolved(piece) -> list:
+    """A list of items, or the list a reader's future holds."""
+    return piece if isinstance(piece, list) else piece.result()
+
+
+def _chain(src: _Concat) -> Iterator[Driver]:
+    """Every qcow2 image the sources read from, backing files included."""
+    for _start, image in src.parts:
+        while image is not None:
+            if hasattr(image, "read_workers"):
+                yield image
+            image = getattr(image, "backing", None)

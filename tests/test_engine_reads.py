@@ -9,6 +9,7 @@ build the image; qimg's read of the whole disk must equal what
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,47 @@ def test_qimg_reads_what_qemu_io_wrote(cs, opts, backing, qemu_img, qemu_io, tmp
             off = rnd.randrange(size)
             n = rnd.randrange(1, min(size - off, 3 * cs) + 1)
             assert img.read(off, n) == expected[off : off + n]
+
+
+@pytest.mark.parametrize("opts", ["", "compression_type=zstd"], ids=["zlib", "zstd"])
+def test_reads_from_several_threads_at_once_match_qemu(opts, qemu_img, qemu_io, tmp_path: Path):
+    """convert reads one image from several threads: with a tiny L2 cache
+    (tables loaded and evicted all the time) every read still returns what
+    qemu-img reads."""
+    import threading
+
+    cs, size = 512, 4 * MiB  # 64 entries per L2 table: 128 tables
+    path = tmp_path / "disk.qcow2"
+    o = f"cluster_size={cs}" + (f",{opts}" if opts else "")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", o, str(path), str(size)])
+    rnd = random.Random(7)
+    cmds = qemu_io_commands(rnd, size, cs, 60, compress=True)
+    cmds += [f"write -c -P {i % 200 + 1} {i * 64 * KiB} {cs}" for i in range(size // (64 * KiB))]
+    run(["qemu-io", "-f", "qcow2"] + [a for c in cmds for a in ("-c", c)] + [str(path)], check=False)
+    expected = qemu_read_raw(path, tmp_path, "qcow2")
+    failures: list[str] = []
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(150):
+            off = r.randrange(size)
+            n = r.randrange(1, min(size - off, 96 * KiB) + 1)
+            try:
+                if img.read(off, n) != expected[off : off + n]:
+                    failures.append(f"read({off}, {n}) returned other bytes")
+            except Exception as exc:  # noqa: BLE001 - a thread's failure is the test's
+                failures.append(f"read({off}, {n}) raised {exc!r}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between any two bytecodes
+    try:
+        with open_image(str(path)) as img:
+            img.clusters.l2_cache.capacity = 2
+            threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -7,6 +7,8 @@ backing chain together. Everything user-visible goes through the methods of
 
 from __future__ import annotations
 
+import threading
+
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
 from qimg.errors import CorruptImageError, QimgError
 from qimg.formats.qcow2 import layout as L
@@ -73,8 +75,15 @@ class Qcow2Image(Driver):
         # too), so that `info` opens an image by its header alone.
         self._refcounts = None
         self._clusters = None
+        # Threads one read decompresses with (None: one per CPU); a caller
+        # that reads in several threads of its own sets 1 before reading.
+        self.read_workers: int | None = None
         self._decompressor = None  # ClusterDecompressor, made on first use
         self._compressed_buf: bytearray | None = None  # reused by _read_compressed
+        # readinto may run in several threads at once (convert's readers):
+        # metadata lookups and the shared read state above are taken under
+        # this lock; data I/O and decompression run outside it.
+        self._read_lock = threading.Lock()
         self._ol_map: tuple | None = None  # see _overlap_map
         self._marked_dirty = False
 
@@ -299,7 +308,7 @@ class Qcow2Image(Driver):
         if not len(view):
             return
         compressed: list[Extent] = []
-        for ext in self.clusters.extents(offset, len(view)):
+        for ext in self._extents(offset, len(view)):
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             if ext.kind == DATA:
                 got = self.data_storage.preadv(ext.host, dst)
@@ -334,7 +343,9 @@ class Qcow2Image(Driver):
         need = sum(hi - lo for lo, hi, _i, _j in runs)
         # A buffer kept between reads: fresh memory costs a page fault per
         # page. Taken off the image while in use, so no two reads share it.
-        buf, self._compressed_buf = self._compressed_buf, None
+        with self._read_lock:
+            buf, self._compressed_buf = self._compressed_buf, None
+            decompressor = self._decompressor_for_reads()
         if buf is None or len(buf) < need:
             buf = bytearray(need)
         try:
@@ -343,16 +354,22 @@ class Qcow2Image(Driver):
             for ext, raw in zip(exts, raws):
                 dst = view[ext.offset - offset : ext.offset - offset + ext.length]
                 jobs.append((raw, dst, ext.offset & (cs - 1)))
-            if self._decompressor is None:
-                from qimg.formats.qcow2.compress import ClusterDecompressor
-
-                # One pool for the image's life (closed in close()), not one per read.
-                self._decompressor = ClusterDecompressor(self.header.compression_type, cs)
-            self._decompressor.decompress_into(jobs)
+            decompressor.decompress_into(jobs)
             del raws, jobs
         finally:
             if len(buf) <= _COMPRESSED_BUF_KEEP:
-                self._compressed_buf = buf
+                with self._read_lock:
+                    self._compressed_buf = buf
+
+    def _decompressor_for_reads(self):
+        """One ClusterDecompressor for the image's life (closed in close())."""
+        if self._decompressor is None:
+            from qimg.formats.qcow2.compress import ClusterDecompressor
+
+            self._decompressor = ClusterDecompressor(
+                self.header.compression_type, self.geo.cluster_size, self.read_workers
+            )
+        return self._decompressor
 
     def _compressed_spans(self, entries: list[int]) -> list[tuple[int, int]]:
         """[start, end) host bytes of each compressed cluster descriptor,
@@ -477,12 +494,16 @@ class Qcow2Image(Driver):
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_range(offset, length)
-        return self.clusters.extents(offset, length)
+        return self._extents(offset, length)
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
+        with self._read_lock:
+            return self.clusters.extents(offset, length)
 
     def allocated_extents(self, offset: int, length: int) -> list[tuple[int, int, bool, bool]]:
         """(offset, length, is_data, is_zero) runs, with backing resolved."""
         out = []
-        for ext in self.clusters.extents(offset, length):
+        for ext in self._extents(offset, length):
             if ext.kind in (DATA, COMPRESSED):
                 out.append((ext.offset, ext.length, True, False))
             elif ext.kind == ZERO:
