@@ -11,8 +11,7 @@
    guest order, as sequential qemu-io writes would.
 
 Both commands print human output to /dev/null; wall time includes start-up.
-qimg's modules are byte-compiled first: this sandbox sets
-PYTHONDONTWRITEBYTECODE, and an installed qimg has its .pyc files.
+qimg's modules are byte-compiled first (bench/common.py).
 
 Run: python bench/bench_check.py [workdir]   or   python bench/run.py check
 """
@@ -64,23 +63,12 @@ def scattered_image(path: str) -> None:
         os.unlink(raw)
 
 
-def _compile_qimg() -> None:
-    import qimg
-
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", os.path.dirname(qimg.__file__)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-
-
 def workloads(workdir: str) -> list[dict]:
     """bench/run.py protocol: rows for the check group."""
     a = os.path.join(workdir, "prealloc-1t.qcow2")
     b = os.path.join(workdir, "scattered-250k-4k.qcow2")
     prealloc_image(a)
     scattered_image(b)
-    _compile_qimg()
     return [
         compare(
             "check: 1 TiB preallocated metadata", QIMG + ["check", a], ["qemu-img", "check", a], 5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qimg import __version__
+from qimg import __version__, errors
 from qimg.commands._click import click
 from qimg.errors import QimgError
 
@@ -61,21 +61,14 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _warnings_to_stderr() -> None:
-    """Engine warnings (logging) print as qemu-img's warn_report does."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("qimg: warning: %(message)s"))
-    root = logging.getLogger("qimg")
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    root.propagate = False
+def _warning_to_stderr(message: str) -> None:
+    """Engine warnings print as qemu-img's warn_report does."""
+    sys.stderr.write(f"qimg: warning: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    _warnings_to_stderr()
+    errors.warning_sink = _warning_to_stderr
     # qimg uses no BLAS: without this, importing numpy starts a pool of
     # OpenBLAS threads, a third of a check's start-up on 2 cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -6,6 +6,23 @@ and the exception's `exit_code`; nothing below the command layer prints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+# Where engine warnings go: None sends them to the "qimg" logger (a library
+# user's logging set-up decides); the command layer sets a function that
+# prints them, so a command never imports logging.
+warning_sink: Callable[[str], None] | None = None
+
+
+def warn(message: str) -> None:
+    """Report a warning (qemu-img's warn_report) without stopping."""
+    if warning_sink is not None:
+        warning_sink(message)
+        return
+    import logging
+
+    logging.getLogger("qimg").warning(message)
+
 
 class QimgError(Exception):
     """Base of every error qimg reports to a user.

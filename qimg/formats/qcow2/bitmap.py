@@ -20,11 +20,10 @@ directory, tables and data freed. A crash in between leaks clusters at worst.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qimg.errors import BadOptionError, InvalidImageError, QimgError
+from qimg.errors import BadOptionError, InvalidImageError, QimgError, warn
 from qimg.formats.qcow2 import layout as L
 
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ __all__ = [
     "copy_bitmaps",
 ]
 
-log = logging.getLogger(__name__)
 
 _FLAGS_OFFSET = 12  # of `flags` in BITMAP_DIRECTORY_ENTRY (>QIIBBHI)
 
@@ -525,7 +523,7 @@ def copy_bitmaps(target, bitmaps: list[Bitmap]) -> list[str]:
     # Newest first, as QEMU walks them; a failure keeps the ones added so far.
     for bm in reversed(bitmaps):
         if bm.inconsistent:
-            log.warning("Skipping inconsistent bitmap '%s'", bm.name)
+            warn(f"Skipping inconsistent bitmap '{bm.name}'")
             skipped.append(bm.name)
         else:
             store.add(bm)

@@ -224,8 +224,8 @@ class Qcow2Image(Driver):
         self._ol_map = (
             key,
             [r for r in self.metadata_regions() if r[1]],
-            np.unique(blocks[blocks != 0]).tolist(),
-            np.unique(l2s[l2s != 0]).tolist(),
+            sorted(set(blocks[blocks != 0].tolist())),  # not np.unique: it imports numpy.ma
+            sorted(set(l2s[l2s != 0].tolist())),
             rc.table,
             cl.l1,
         )
