@@ -75,6 +75,8 @@ class ConvertOptions:
     sparse_size: int = 4096  # -S; 0: write every byte
     coroutines: int = 8  # -m
     out_of_order: bool = False  # -W
+    copy_range: bool = False  # -C: data is copied as it is, no zero detection in it
+    sparse_given: bool = False  # -S was on the command line (qemu-img's explict_min_sparse)
     cache: str = "unsafe"  # -t (qemu-img convert defaults to unsafe: no fsync)
     source_cache: str = "writeback"  # -T
     force_share: bool = False  # -U
@@ -99,6 +101,13 @@ class ConvertOptions:
                 "of 512 up to 16777216. Select 0 to disable sparse detection (fully "
                 "allocates output)."
             )
+        if self.copy_range:
+            if self.compress:
+                raise BadOptionError("Cannot enable copy offloading when -c is used")
+            if self.sparse_given:
+                raise BadOptionError("Cannot enable copy offloading when -S is used")
+            if self.salvage:
+                raise BadOptionError("Cannot use copy offloading in salvaging mode")
         for mode in (self.cache, self.source_cache):
             if mode not in CACHE_MODES:
                 raise BadOptionError(f"Invalid cache option: {mode}")
@@ -541,6 +550,9 @@ class _Job:
         self.qcow2 = tgt.format_name == "qcow2"
         self.cluster_size = tgt.geo.cluster_size if self.qcow2 else 512
         self.sparse = o.sparse_size > 0
+        # -C copies data as it is (qemu-img's copy_range): zero blocks in
+        # data are written, only holes are skipped.
+        self.detect_zeros = self.sparse and not o.copy_range
         # Zero detection granularity: -S, but never below a target cluster
         # (a cluster is allocated whole anyway; a partial write would COW).
         s = o.sparse_size or 512
@@ -692,35 +704,29 @@ class _Job:
     def _data_chunk(self, offset: int, buf: np.ndarray):
         length = len(buf)
         view = memoryview(buf)
-        if not self.sparse and self.backing is None:
+        if not self.detect_zeros and self.backing is None:
             yield offset, length, view
             return
         B = self.block
         nblocks = -(-length // B)
         full = length // B
-        keep = np.empty(nblocks, dtype=bool)  # block must be written
-        zero = np.empty(nblocks, dtype=bool)  # block reads as zeros
         words = np.frombuffer(buf, dtype=np.uint8)
-        if full:
-            w = words[: full * B].view(np.uint64).reshape(full, B // 8)
-            # Like qemu's buffer_is_zero, stop at the first non-zero word: a
-            # block whose first or last word is non-zero is data (one cache
-            # line read per block); only the others are scanned in full.
-            cand = np.flatnonzero((w[:, 0] | w[:, -1]) == 0)
-            zero[:full] = False
-            if len(cand):
-                zero[cand] = w[cand].max(axis=1) == 0
-        if nblocks > full:
-            zero[full] = not words[full * B :].any()
-        if self.backing is not None:
-            keep[:] = self._differs(offset, length, words, nblocks, full)
-        elif self.sparse:
-            keep[:] = True
+        zero = np.zeros(nblocks, dtype=bool)  # block reads as zeros
+        if self.detect_zeros:
+            if full:
+                w = words[: full * B].view(np.uint64).reshape(full, B // 8)
+                # Like qemu's buffer_is_zero, stop at the first non-zero word:
+                # a block whose first or last word is non-zero is data (one
+                # cache line read per block); only the others are scanned in full.
+                cand = np.flatnonzero((w[:, 0] | w[:, -1]) == 0)
+                if len(cand):
+                    zero[cand] = w[cand].max(axis=1) == 0
+            if nblocks > full:
+                zero[full] = not words[full * B :].any()
+        if self.backing is not None:  # block must be written
+            keep = self._differs(offset, length, words, nblocks, full)
         else:
-            keep[:] = True
-            zero[:] = False
-        if not self.sparse:
-            zero[:] = False
+            keep = np.ones(nblocks, dtype=bool)
         # Runs of (keep, zero) states become one item each.
         state = keep.astype(np.int8) * 2 + zero.astype(np.int8)
         edges = np.flatnonzero(state[1:] != state[:-1]) + 1

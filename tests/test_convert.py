@@ -121,6 +121,22 @@ def test_convert_sparse_size_zero_allocates_everything(tmp_path, qemu_img):
     assert os.stat(raw).st_blocks * 512 >= 4 * MiB
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_convert_copy_offload_copies_zero_data_as_qemu_img_does(tmp_path, qemu_img, fmt):
+    """-C copies data as it is: a zero block inside data is allocated, holes are not."""
+    src = mixed_raw(tmp_path / "src.raw", 8 * MiB)
+    with open(src, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(bytes(MiB))  # data that reads as zeros
+    ours, theirs = tmp_path / f"ours.{fmt}", tmp_path / f"theirs.{fmt}"
+    qimg("convert", "-C", "-f", "raw", "-O", fmt, src, ours)
+    run(["qemu-img", "convert", "-C", "-f", "raw", "-O", fmt, str(src), str(theirs)])
+    compare(ours, theirs, fmt, fmt)
+    assert qemu_json("map", "--output=json", "-f", fmt, ours) == qemu_json(
+        "map", "--output=json", "-f", fmt, theirs
+    )
+
+
 # --- sources with every kind of cluster -------------------------------------------------
 
 
@@ -378,6 +394,11 @@ BAD_COMBINATIONS = [
     ["--bitmaps", "-O", "raw"],
     ["-O", "qcow2", "-o", "foo=1"],
     ["-c", "-O", "qcow2", "-o", "preallocation=full"],
+    ["-C", "-c", "-O", "qcow2"],
+    ["-C", "-S", "4k", "-O", "raw"],
+    ["-C", "-S", "0", "-O", "raw"],
+    ["-C", "--salvage", "-O", "raw"],
+    ["-C", "-c", "-S", "4k", "--salvage", "-O", "qcow2"],
 ]
 
 

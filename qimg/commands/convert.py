@@ -74,7 +74,9 @@ def _coroutines(ctx, param, value):
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option("-T", "src_cache", default="writeback", metavar="CACHE", help="Source cache mode.")
 @share_option
-@click.option("-C", "copy_offload", is_flag=True, help="Accepted for compatibility.")
+@click.option(
+    "-C", "copy_offload", is_flag=True, help="Copy data as it is (no zero detection in it)."
+)
 @click.option("-r", "rate_limit", metavar="RATE", help="Accepted for compatibility (ignored).")
 @click.option(
     "-l",
@@ -120,6 +122,8 @@ def command(
     from qimg.options import parse_options
     from qimg.progress import make_progress
 
+    ctx = click.get_current_context()
+    sparse_given = ctx.get_parameter_source("sparse") is click.core.ParameterSource.COMMANDLINE
     opts = parse_options(options)
     if "help" in opts:
         from qimg.api import FORMATS
@@ -147,6 +151,8 @@ def command(
         sparse_size=sparse,
         coroutines=coroutines,
         out_of_order=out_of_order,
+        copy_range=copy_offload,
+        sparse_given=sparse_given,
         cache=cache,
         source_cache=src_cache,
         force_share=force_share,
