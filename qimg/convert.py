@@ -31,6 +31,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class ConvertOptions:
     coroutines: int = 8  # -m
     out_of_order: bool = False  # -W
     copy_range: bool = False  # -C: data is copied as it is, no zero detection in it
+    rate_limit: int = 0  # -r: bytes of data a second, 0 for no limit
     sparse_given: bool = False  # -S was on the command line (qemu-img's explict_min_sparse)
     cache: str = "unsafe"  # -t (qemu-img convert defaults to unsafe: no fsync)
     source_cache: str = "writeback"  # -T
@@ -573,6 +575,7 @@ class _Job:
         self.chunk = max(self.block, CHUNK // self.block * self.block)
         self.pool: list[np.ndarray] = []  # see _buffer
         self.readers = None  # ThreadPoolExecutor of READERS threads, while running
+        self.limit = _RateLimit(o.rate_limit)
 
     def _setup_backing(self) -> None:
         """-B: only what differs from the target's backing file is written."""
@@ -855,6 +858,7 @@ class _Job:
                 self.tgt.write(offset, data)
             except QimgError as exc:
                 raise ImageIOError(f"error while writing at byte {offset}: {exc}") from None
+            self.limit.account(length)
         self._report(offset + length)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
@@ -897,6 +901,7 @@ class _Job:
             for results in pool.map_batches(batches()):
                 offset, n, piece = pending.popleft()
                 self._store_batch(offset, n, piece, results)
+                self.limit.account(n)
                 self._report(offset + n)
 
     def _store_batch(self, offset: int, n: int, piece: memoryview, results: list) -> None:
@@ -914,6 +919,32 @@ class _Job:
             else:
                 tgt.write_compressed_many(offset + a * cs, results[a:b])
             a = b
+
+
+class _RateLimit:
+    """-r: guest data is written at `rate` bytes a second at most, measured
+    from the first write; the writes may run ahead of that by one SLICE (as
+    QEMU's ratelimit slices). A rate of 0 sets no limit."""
+
+    SLICE = 0.1
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.start: float | None = None
+        self.done = 0
+
+    def account(self, length: int) -> None:
+        """Count `length` bytes just written; wait while the writes are
+        more than a SLICE ahead of the rate."""
+        if not self.rate:
+            return
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        self.done += length
+        ahead = self.done / self.rate - (now - self.start) - self.SLICE
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 def _resolved(piece) -> list:

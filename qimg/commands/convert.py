@@ -21,6 +21,20 @@ def _sparse_size(ctx, param, value):
         ) from None
 
 
+def _rate_limit(ctx, param, value):
+    if value is None:
+        return 0
+    from qimg.options import parse_size
+
+    try:
+        return parse_size(value)
+    except (ValueError, OverflowError):
+        raise BadOptionError(
+            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
+
+
 def _coroutines(ctx, param, value):
     if value is None:
         return 8
@@ -77,7 +91,13 @@ def _coroutines(ctx, param, value):
 @click.option(
     "-C", "copy_offload", is_flag=True, help="Copy data as it is (no zero detection in it)."
 )
-@click.option("-r", "rate_limit", metavar="RATE", help="Accepted for compatibility (ignored).")
+@click.option(
+    "-r",
+    "rate_limit",
+    callback=_rate_limit,
+    metavar="RATE",
+    help="Copy at most RATE bytes of data a second (k, M, G suffixes).",
+)
 @click.option(
     "-l",
     "snapshot_param",
@@ -152,6 +172,7 @@ def command(
         coroutines=coroutines,
         out_of_order=out_of_order,
         copy_range=copy_offload,
+        rate_limit=rate_limit,
         sparse_given=sparse_given,
         cache=cache,
         source_cache=src_cache,
