@@ -7,43 +7,42 @@ from qimg.commands.common import quiet_option, share_option
 from qimg.errors import BadOptionError
 
 
-def _sparse_size(ctx, param, value):
-    if value is None:
-        return 4096
+def _parsed(default, parse, message: str):
+    """A Click callback: `default` when the option is absent, else
+    `parse(value)`, with qemu-img's `message` when that fails."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, OverflowError):
+            raise BadOptionError(message) from None
+
+    return callback
+
+
+def _size(text: str) -> int:
     from qimg.options import parse_size
 
-    try:
-        return parse_size(value)
-    except (ValueError, OverflowError):
-        raise BadOptionError(
-            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
-            "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
-        ) from None
+    return parse_size(text)
 
 
-def _rate_limit(ctx, param, value):
-    if value is None:
-        return 0
-    from qimg.options import parse_size
-
-    try:
-        return parse_size(value)
-    except (ValueError, OverflowError):
-        raise BadOptionError(
-            "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
-            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
-        ) from None
-
-
-def _coroutines(ctx, param, value):
-    if value is None:
-        return 8
-    try:
-        return int(value)
-    except ValueError:
-        raise BadOptionError(
-            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-        ) from None
+_sparse_size = _parsed(
+    4096,
+    _size,
+    "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+    "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+)
+_rate_limit = _parsed(
+    0,
+    _size,
+    "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
+    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+)
+_coroutines = _parsed(
+    8, int, "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+)
 
 
 @click.command("convert")
