@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QIMG, compare, print_table  # noqa: E402
+from common import compare_command, print_table  # noqa: E402
 
 SCATTERED_CLUSTERS = 250_000
 SCATTERED_VIRTUAL = 4 << 30
@@ -70,15 +70,8 @@ def workloads(workdir: str) -> list[dict]:
     prealloc_image(a)
     scattered_image(b)
     return [
-        compare(
-            "check: 1 TiB preallocated metadata", QIMG + ["check", a], ["qemu-img", "check", a], 5
-        ),
-        compare(
-            "check: 250k scattered 4 KiB clusters",
-            QIMG + ["check", b],
-            ["qemu-img", "check", b],
-            5,
-        ),
+        compare_command("check: 1 TiB preallocated metadata", ["check", a], repeat=5),
+        compare_command("check: 250k scattered 4 KiB clusters", ["check", b], repeat=5),
     ]
 
 

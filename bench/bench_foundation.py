@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from common import QIMG, compare
+from common import compare, compare_command
 
 GiB = 1 << 30
 
@@ -69,31 +69,21 @@ def workloads(workdir: str) -> list[dict]:
             os.unlink(big)
 
     rows.append(
-        compare(
-            "create qcow2 1 TiB",
-            QIMG + ["create", "-q", "-f", "qcow2", big, "1T"],
-            ["qemu-img", "create", "-q", "-f", "qcow2", big, "1T"],
-            repeat=5,
-            setup=rm_big,
+        compare_command(
+            "create qcow2 1 TiB", ["create", "-q", "-f", "qcow2", big, "1T"], repeat=5, setup=rm_big
         )
     )
     small = os.path.join(workdir, "small.qcow2")
     _run(["qemu-img", "create", "-q", "-f", "qcow2", small, "1G"])
     rows.append(
-        compare(
-            "info --output=json small (start-up)",
-            QIMG + ["info", "--output=json", small],
-            ["qemu-img", "info", "--output=json", small],
-            repeat=21,
+        compare_command(
+            "info --output=json small (start-up)", ["info", "--output=json", small], repeat=21
         )
     )
     full = _full_image(workdir)
     rows.append(
-        compare(
-            "info --output=json 1 GiB allocated",
-            QIMG + ["info", "--output=json", full],
-            ["qemu-img", "info", "--output=json", full],
-            repeat=11,
+        compare_command(
+            "info --output=json 1 GiB allocated", ["info", "--output=json", full], repeat=11
         )
     )
     out = os.path.join(workdir, "read-out.raw")

@@ -80,6 +80,11 @@ def compare(
     }
 
 
+def compare_command(name: str, args: list[str], **kw) -> dict:
+    """`compare` of `qimg ARGS...` against `qemu-img ARGS...`."""
+    return compare(name, QIMG + args, ["qemu-img", *args], **kw)
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'workload':<44}{'qimg s':>9}{'qemu s':>9}{'ratio':>8}{'qimg MiB':>10}{'qemu MiB':>10}")
     for r in rows:
