@@ -75,9 +75,9 @@ class Qcow2Image(Driver):
         # too), so that `info` opens an image by its header alone.
         self._refcounts = None
         self._clusters = None
-        # Threads one read decompresses with (None: one per CPU); a caller
-        # that reads in several threads of its own sets 1 before reading.
-        self.read_workers: int | None = None
+        # Whether a read has met compressed clusters (convert reads such
+        # sources in parallel: decompression, not copying, is the work).
+        self.read_compressed = False
         self._decompressor = None  # ClusterDecompressor, made on first use
         self._compressed_buf: bytearray | None = None  # reused by _read_compressed
         # readinto may run in several threads at once (convert's readers):
@@ -346,6 +346,7 @@ class Qcow2Image(Driver):
         with self._read_lock:
             buf, self._compressed_buf = self._compressed_buf, None
             decompressor = self._decompressor_for_reads()
+            self.read_compressed = True
         if buf is None or len(buf) < need:
             buf = bytearray(need)
         try:
@@ -367,7 +368,7 @@ class Qcow2Image(Driver):
             from qimg.formats.qcow2.compress import ClusterDecompressor
 
             self._decompressor = ClusterDecompressor(
-                self.header.compression_type, self.geo.cluster_size, self.read_workers
+                self.header.compression_type, self.geo.cluster_size
             )
         return self._decompressor
 
