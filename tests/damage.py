@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Header
+from qimg.formats.qcow2.snapshot import parse_entry
 
 # Snapshot table entry fields: (offset in the entry, struct format).
 SNAPSHOT_FIELDS = {
@@ -145,13 +146,14 @@ class Layout:
         out = []
         pos = self.header.snapshots_offset
         with open(self.path, "rb") as f:
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
             for _ in range(self.header.nb_snapshots):
                 out.append(pos)
-                f.seek(pos)
-                fields = L.SNAPSHOT_HEADER.unpack(f.read(L.SNAPSHOT_HEADER.size))
-                id_len, name_len, extra_len = fields[2], fields[3], fields[8]
-                pos += L.SNAPSHOT_HEADER.size + extra_len + id_len + name_len
-                pos = (pos + 7) & ~7
+                pos = (parse_entry(read, pos)[2] + 7) & ~7
         return out
 
     def snapshot_l1_offsets(self) -> list[int]:

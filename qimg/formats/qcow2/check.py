@@ -36,6 +36,7 @@ import numpy as np
 from qimg.errors import QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.refcount import decode_refcount_block, encode_refcount_block
+from qimg.formats.qcow2.snapshot import Snapshot, parse_entry
 
 # BdrvCheckMode
 FIX_LEAKS = 1
@@ -553,23 +554,85 @@ class _Checker:
         by this very pass."""
         self.snap_table = table
         if self.fix & FIX_ERRORS:
-            kept = []
+            why = {id(sn): self.unusable_snapshot(sn) for sn in table.snapshots}
+            kept = [sn for sn in table.snapshots if why[id(sn)] is None]
+            for sn in self.misplaced_l1_tables(table, kept):
+                why[id(sn)] = (
+                    f"l1_offset={sn.l1_table_offset:#x}: damaged L1 table shares "
+                    "clusters with other data"
+                )
             for sn in table.snapshots:
-                why = None
-                if self.has_data_file:
-                    why = "in image with data file"
-                elif sn.l1_table_offset % self.cs:
-                    why = f"l1_offset={sn.l1_table_offset:#x}: L1 table is not cluster aligned"
-                elif sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
-                    why = f"l1_size={sn.l1_size:#x}: L1 table is too large"
-                if why is None:
-                    kept.append(sn)
-                    continue
-                self.say(f"Repairing snapshot {sn.id_str} ({sn.name}) {why}; snapshot discarded")
-                res.corruptions_fixed += 1
-                table.rewrite = True
-            table.snapshots = kept
+                if why[id(sn)] is not None:
+                    self.say(
+                        f"Repairing snapshot {sn.id_str} ({sn.name}) {why[id(sn)]}; "
+                        "snapshot discarded"
+                    )
+                    res.corruptions_fixed += 1
+                    table.rewrite = True
+            table.snapshots = [sn for sn in table.snapshots if why[id(sn)] is None]
         self._snapshots = (table.snapshots, table.size)
+
+    def unusable_snapshot(self, sn) -> str | None:
+        """Why the snapshot's L1 table cannot be used at all (None: it can)."""
+        if self.has_data_file:
+            return "in image with data file"
+        if sn.l1_table_offset % self.cs:
+            return f"l1_offset={sn.l1_table_offset:#x}: L1 table is not cluster aligned"
+        if sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
+            return f"l1_size={sn.l1_size:#x}: L1 table is too large"
+        if sn.l1_table_offset + sn.l1_size * 8 - self.file_len >= self.cs:
+            return f"l1_size={sn.l1_size:#x}: L1 table lies past the end of the file"
+        return None
+
+    def misplaced_l1_tables(self, table: _SnapshotTable, kept: list) -> list:
+        """Snapshots of `kept` whose tables need repair where those tables
+        share a cluster with anything else the image references: the entry
+        points at the wrong place (often at data in use), and repairing "its"
+        L1 or L2 tables would overwrite what lies there. Found by a counting
+        pass that writes nothing, run only when some snapshot needs repair.
+
+        An L1 table is referenced by itself only; an L2 table once per L1
+        entry naming it. More references mean the clusters are shared.
+        """
+        mask = _U64(L.L1E_OFFSET_MASK)
+        active = self.image.clusters.l1 & mask
+        named = [active[active != 0]]
+        damaged = []
+        for sn in kept:
+            if not sn.l1_size:
+                continue
+            entries = self.read_l1(sn.l1_table_offset, sn.l1_size)
+            entries = entries[entries != 0]
+            bad = self.unusable_l1_entries(entries)
+            l2s = entries[~bad] & mask
+            named.append(l2s)
+            repaired = [
+                t for t in np.setdiff1d(l2s, active).tolist() if self.l2_table_is_garbage(t)
+            ]
+            if bad.any() or repaired:
+                damaged.append((sn, repaired))
+        if not damaged:
+            return []
+        probe = _Checker(self.image, CheckResult(), 0)
+        probe._snapshots = (kept, table.size)
+        probe.snap_table = table
+        try:
+            probe.calculate_refcounts(probe.res, 0)
+        except QimgError:
+            return []
+        finally:
+            probe.close()
+        tables, naming = np.unique(np.concatenate(named), return_counts=True)
+        times = dict(zip(tables.tolist(), naming.tolist()))
+        out = []
+        for sn, repaired in damaged:
+            first = sn.l1_table_offset >> self.cb
+            last = (sn.l1_table_offset + sn.l1_size * 8 - 1) >> self.cb
+            shared = int(probe.counts[first : last + 1].max(initial=0)) > 1
+            shared |= any(probe.count_of(t >> self.cb) > times[t] for t in repaired)
+            if shared:
+                out.append(sn)
+        return out
 
     def inc_range(self, res: CheckResult, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt for one byte range."""
@@ -731,17 +794,8 @@ class _Checker:
         """qimg's addition: clear L1 entries whose L2 table cannot be used
         (reserved bits, unaligned, past EOF, or metadata that is no L2 table)."""
         nz = np.flatnonzero(l1)
-        if not len(nz):
-            return l1
         entries = l1[nz]
-        offs = entries & _U64(L.L1E_OFFSET_MASK)
-        bad = (entries & _U64(L.L1E_RESERVED_MASK)) != 0
-        bad |= (offs & _U64(self.cs - 1)) != 0
-        bad |= (offs.astype(np.int64) + self.cs - self.file_len) >= self.cs
-        meta = self.refcount_metadata_clusters()
-        on_meta = np.isin(offs >> _U64(self.cb), meta) & ~bad
-        for j in np.flatnonzero(on_meta).tolist():
-            bad[j] = self.l2_table_is_garbage(int(offs[j]))
+        bad = self.unusable_l1_entries(entries)
         if not bad.any():
             return l1
         l1 = l1.copy()
@@ -759,6 +813,22 @@ class _Checker:
             res.corruptions_fixed += 1
         self.image.flush_file()
         return l1
+
+    def unusable_l1_entries(self, entries: np.ndarray) -> np.ndarray:
+        """Mask of the (non-zero) L1 entries whose L2 table cannot be used:
+        reserved bits, unaligned, past EOF, or refcount metadata that is no
+        L2 table."""
+        offs = entries & _U64(L.L1E_OFFSET_MASK)
+        bad = (entries & _U64(L.L1E_RESERVED_MASK)) != 0
+        bad |= (offs & _U64(self.cs - 1)) != 0
+        bad |= (offs.astype(np.int64) + self.cs - self.file_len) >= self.cs
+        if not len(entries):
+            return bad
+        meta = self.refcount_metadata_clusters()
+        on_meta = np.isin(offs >> _U64(self.cb), meta) & ~bad
+        for j in np.flatnonzero(on_meta).tolist():
+            bad[j] = self.l2_table_is_garbage(int(offs[j]))
+        return bad
 
     def refcount_metadata_clusters(self) -> np.ndarray:
         """Cluster indices of the header, refcount table and blocks, active L1."""
@@ -1622,26 +1692,18 @@ _SNAPSHOT_LIMIT_HINT = (
 )
 
 
-@dataclass
-class _Snap:
-    """One snapshot table entry as QEMU keeps it in memory."""
-
-    l1_table_offset: int
-    l1_size: int
-    id_str: str
-    name: str
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int
-    icount: int
-    extra_data_size: int
-    unknown_extra: bytes
-
-
-def _c_string(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+def _as_qemu_keeps(sn: Snapshot, extra_len: int, image_size: int) -> None:
+    """The entry as qcow2_read_snapshots keeps it in memory: names end at
+    their first NUL, the large VM state size counts from 8 bytes of extra
+    data, and absent fields take their defaults."""
+    sn.id_str = sn.id_str.split("\0", 1)[0]
+    sn.name = sn.name.split("\0", 1)[0]
+    if extra_len >= 8:
+        sn.vm_state_size = int.from_bytes(sn.extra_data[:8].ljust(8, b"\0"), "big")
+    if sn.disk_size is None:
+        sn.disk_size = image_size
+    if sn.icount is None:
+        sn.icount = (1 << 64) - 1
 
 
 @dataclass
@@ -1697,19 +1759,8 @@ class _SnapshotTable:
             pre = pos
             length = (length + 7) & ~7
             pos = (pos + 7) & ~7
-            (
-                l1_off,
-                l1_size,
-                id_len,
-                name_len,
-                date_sec,
-                date_nsec,
-                vm_clock,
-                vm_state,
-                extra_len,
-            ) = L.SNAPSHOT_HEADER.unpack(pread(pos, L.SNAPSHOT_HEADER.size))
-            pos += L.SNAPSHOT_HEADER.size
-            truncate = False
+            start = pos
+            sn, extra_len, pos = parse_entry(pread, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
             if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
                 if not repair:
                     fail(
@@ -1721,31 +1772,8 @@ class _SnapshotTable:
                     f"({extra_len} > {L.SNAPSHOT_EXTRA_DATA_SIZE_MAX})"
                 )
                 dropped += 1
-                truncate = True
-            known = min(L.SNAPSHOT_EXTRA_V3.size, extra_len)
-            vm_large, disk_size, icount = L.SNAPSHOT_EXTRA_V3.unpack(
-                pread(pos, known).ljust(L.SNAPSHOT_EXTRA_V3.size, b"\0")
-            )
-            pos += known
-            if extra_len >= 8:
-                vm_state = vm_large
-            if extra_len < 16:
-                disk_size = image.size
-            if extra_len < 24:
-                icount = (1 << 64) - 1
-            kept = extra_len
-            unknown = b""
-            if extra_len > L.SNAPSHOT_EXTRA_V3.size:
-                end = pos + extra_len - L.SNAPSHOT_EXTRA_V3.size
-                if truncate:
-                    kept = L.SNAPSHOT_EXTRA_DATA_SIZE_MAX
-                unknown = pread(pos, kept - L.SNAPSHOT_EXTRA_V3.size)
-                pos = end
-            id_str = _c_string(pread(pos, id_len))
-            pos += id_len
-            name = _c_string(pread(pos, name_len))
-            pos += name_len
-            length += L.SNAPSHOT_HEADER.size + kept + id_len + name_len
+            _as_qemu_keeps(sn, extra_len, image.size)
+            length += pos - start - extra_len + len(sn.extra_data)
             if length > L.QCOW_MAX_SNAPSHOTS_SIZE or pos - offset > (1 << 31) - 1:
                 if not repair:
                     fail("Snapshot table is too big", _SNAPSHOT_LIMIT_HINT.format(n=nb - i))
@@ -1756,12 +1784,7 @@ class _SnapshotTable:
                 nb = i
                 pos = pre
                 break
-            table.snapshots.append(
-                _Snap(
-                    l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock,
-                    vm_state, disk_size, icount, kept, unknown,
-                )
-            )  # fmt: skip
+            table.snapshots.append(sn)
         table.size = pos - offset if nb else 0
         res.corruptions += dropped
         table.corruptions += dropped
@@ -1773,7 +1796,7 @@ class _SnapshotTable:
         if image.header.version >= 3:
             word = "Repairing" if repair else "ERROR"
             for i, sn in enumerate(table.snapshots):
-                if sn.extra_data_size < 16:
+                if len(sn.extra_data) < 16:
                     res.corruptions += 1
                     table.corruptions += 1
                     res.messages.append(f"{word} snapshot table entry {i} is incomplete")
@@ -1801,16 +1824,22 @@ class _SnapshotTable:
         for sn in self.snapshots:
             out += bytes(-len(out) % 8)
             id_b, name_b = sn.id_str.encode(), sn.name.encode()
-            extra_size = max(L.SNAPSHOT_EXTRA_V3.size, sn.extra_data_size)
+            extra_size = max(L.SNAPSHOT_EXTRA_V3.size, len(sn.extra_data))
             out += L.SNAPSHOT_HEADER.pack(
                 sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec,
                 sn.date_nsec, sn.vm_clock_nsec,
                 sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0, extra_size,
             )  # fmt: skip
             out += L.SNAPSHOT_EXTRA_V3.pack(sn.vm_state_size, sn.disk_size, sn.icount)
-            out += sn.unknown_extra + id_b + name_b
+            out += sn.extra_data[L.SNAPSHOT_EXTRA_V3.size :] + id_b + name_b
         cs = image.geo.cluster_size
         new = 0
+        # The old table is no longer metadata to protect: it is in memory,
+        # and its clusters in the file keep their refcounts until freed
+        # below, so no allocation can take them. What a damaged header
+        # claims past the end of the file is not a table at all, and new
+        # clusters (refcount blocks included) may be placed there.
+        image.header.nb_snapshots = 0
         if out:
             new = image.refcounts.alloc(-(-len(out) // cs))
             image.flush()

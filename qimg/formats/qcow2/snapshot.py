@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qimg.errors import CorruptImageError, InvalidImageError
@@ -23,8 +24,45 @@ class Snapshot:
     extra_data: bytes = b""
 
 
+def parse_entry(
+    read: Callable[[int, int], bytes], pos: int, extra_limit: int | None = None
+) -> tuple[Snapshot, int, int]:
+    """One snapshot table entry at `pos`: (snapshot, extra_data_size as
+    stored, position just past the entry, unpadded).
+
+    `read(offset, n)` returns the file's bytes there. At most `extra_limit`
+    bytes of extra data are read and kept in `extra_data` (the rest is
+    skipped); the spec's optional extra fields are taken from what is kept.
+    Names are decoded as UTF-8, undecodable bytes replaced.
+    """
+    (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
+        L.SNAPSHOT_HEADER.unpack(read(pos, L.SNAPSHOT_HEADER.size))
+    )
+    pos += L.SNAPSHOT_HEADER.size
+    kept = extra_len if extra_limit is None else min(extra_len, extra_limit)
+    extra = read(pos, kept) if kept else b""
+    pos += extra_len
+    id_str = read(pos, id_len).decode("utf-8", "replace") if id_len else ""
+    pos += id_len
+    name = read(pos, name_len).decode("utf-8", "replace") if name_len else ""
+    pos += name_len
+    snap = Snapshot(
+        l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state, extra_data=extra
+    )
+    vm_large, disk_size, icount = L.SNAPSHOT_EXTRA_V3.unpack_from(
+        extra[: L.SNAPSHOT_EXTRA_V3.size].ljust(L.SNAPSHOT_EXTRA_V3.size, b"\0")
+    )
+    if len(extra) >= 16:
+        snap.vm_state_size = vm_large
+        snap.disk_size = disk_size
+    if len(extra) >= 24:
+        snap.icount = icount
+    return snap, extra_len, pos
+
+
 def read_snapshots(image) -> tuple[list[Snapshot], int]:
-    """All snapshots of `image` and the table's size in bytes."""
+    """All snapshots of `image` and the table's size in bytes (strict: a
+    table that breaks QEMU's limits or runs past the file's end raises)."""
     h = image.header
     if not h.nb_snapshots:
         return [], 0
@@ -40,32 +78,13 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
         pos = (pos + 7) & ~7
         if pos + L.SNAPSHOT_HEADER.size > file_size:
             raise CorruptImageError("Snapshot table lies past the end of the file", offset)
-        head = image.storage.pread(pos, L.SNAPSHOT_HEADER.size)
-        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
-            L.SNAPSHOT_HEADER.unpack(head)
-        )
+        snap, extra_len, pos = parse_entry(image.storage.pread, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
         if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
             raise InvalidImageError("Too much extra metadata in snapshot table entry")
-        pos += L.SNAPSHOT_HEADER.size
-        extra = image.storage.pread(pos, extra_len)
-        pos += extra_len
-        id_str = image.storage.pread(pos, id_len).decode("utf-8", "replace")
-        pos += id_len
-        name = image.storage.pread(pos, name_len).decode("utf-8", "replace")
-        pos += name_len
         if pos - offset > L.QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImageError("Snapshot table is too big")
         if pos > file_size:
             raise CorruptImageError("Snapshot table lies past the end of the file", offset)
-        snap = Snapshot(
-            l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state, extra_data=extra
-        )
-        if extra_len >= 16:
-            vm_large, disk_size = L.SNAPSHOT_EXTRA_V3.unpack_from(extra.ljust(24, b"\0"))[:2]
-            snap.vm_state_size = vm_large
-            snap.disk_size = disk_size
-        if extra_len >= 24:
-            snap.icount = L.SNAPSHOT_EXTRA_V3.unpack_from(extra)[2]
         snapshots.append(snap)
     return snapshots, pos - offset
 
