@@ -54,7 +54,7 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
                 + "\n"
                 + text
             )
-        render.print_human(text)
+        render.print_human(text, render.CHECK_STYLES)
     if result.check_errors:
         sys.stderr.write("qimg: Check failed\n")
     sys.exit(result.exit_code)
