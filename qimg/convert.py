@@ -12,6 +12,8 @@ One pipeline for every direction, written against the driver interface:
   measured 10-50% slower end to end and risked SIGBUS on a truncated
   source), and finds zero blocks of the -S granularity with numpy,
   stopping at a block's first non-zero word as qemu's buffer_is_zero does;
+  where the source holds compressed clusters, READERS threads read and
+  decompress chunks ahead instead (see _Job._items);
 - the calling thread writes: whole runs with one `write()` each (the qcow2
   driver allocates contiguous host runs per L2 table), or, with -c, clusters
   compressed by a thread pool, written in order;
@@ -19,9 +21,10 @@ One pipeline for every direction, written against the driver interface:
   without a backing file reads zeros); an existing target (-n) gets its zero
   runs written as zeroes unless it is known to be zero (--target-is-zero).
 
-Memory is bounded whatever the image size: at most QUEUE_DEPTH chunks of
-CHUNK bytes sit between the threads, plus what the compressor keeps in flight
-and the READ_BUFFERS reused read buffers.
+Memory is bounded whatever the image size: at most QUEUE_DEPTH batches of
+about CHUNK bytes sit between the threads, READ_AHEAD chunks are being read,
+and the compressor keeps a bounded number of batches in flight; reads go into
+READ_BUFFERS reused buffers (more are allocated only while all are in use).
 The engine never prints; it reports progress through a callback.
 """
 
