@@ -14,14 +14,34 @@ from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Header
 from qimg.formats.qcow2.snapshot import parse_entry
 
-# Snapshot table entry fields: (offset in the entry, struct format).
-SNAPSHOT_FIELDS = {
-    "l1_table_offset": (0, ">Q"),
-    "l1_size": (8, ">I"),
-    "id_str_size": (12, ">H"),
-    "name_size": (14, ">H"),
-    "extra_data_size": (36, ">I"),
-}
+
+def struct_fields(layout: struct.Struct, names: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+    """{name: (offset in the structure, struct format)} of each field of
+    `layout`, named in its order (one format code per field, no padding)."""
+    byte_order, codes = layout.format[0], layout.format[1:]
+    assert byte_order in "<>!=" and codes.isalpha() and len(codes) == len(names), layout.format
+    return {
+        name: (struct.calcsize(byte_order + codes[:k]), byte_order + code)
+        for k, (name, code) in enumerate(zip(names, codes))
+    }
+
+
+# Snapshot table entry fields (spec: "Snapshots"), laid out by
+# layout.SNAPSHOT_HEADER: (offset in the entry, struct format).
+SNAPSHOT_FIELDS = struct_fields(
+    L.SNAPSHOT_HEADER,
+    (
+        "l1_table_offset",
+        "l1_size",
+        "id_str_size",
+        "name_size",
+        "date_sec",
+        "date_nsec",
+        "vm_clock_nsec",
+        "vm_state_size",
+        "extra_data_size",
+    ),
+)
 
 
 def read_u64(path, offset: int) -> int:

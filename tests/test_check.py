@@ -45,6 +45,22 @@ def qemu_check(path, *extra):
     return proc.returncode, data
 
 
+def qemu_check_stderr(path, *extra) -> str:
+    return run(["qemu-img", "check", "--output=json", *extra, str(path)], check=False).stderr
+
+
+def same_lines(got: str, want: str) -> None:
+    """got == want line for line ("qimg: " read as "qemu-img: "), failing on
+    the first differing line: pytest's diff of long texts is quadratic."""
+    a, b = got.replace("qimg: ", "qemu-img: ").splitlines(), want.splitlines()
+    if a != b:
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        pytest.fail(
+            f"stderr differs at line {i} ({len(a)} vs {len(b)} lines): "
+            f"{a[i] if i < len(a) else None!r} != {b[i] if i < len(b) else None!r}"
+        )
+
+
 def qimg_check(path, *extra):
     proc = qimg("check", "--output=json", *extra, str(path), check=False)
     data = json.loads(proc.stdout) if proc.stdout.strip() else {}
@@ -93,6 +109,12 @@ def l1_copied_missing(lay):
 
 def l2_on_refblock(lay):
     lay.set_l1_entry(0, COPIED | lay.refblock(0))
+
+
+def l1_on_data(lay):
+    # The "L2 table" is a data cluster: every entry is garbage (reserved
+    # bits, unaligned, past the end), each reported in QEMU's walk order.
+    lay.set_l1_entry(0, COPIED | lay.data_cluster(1 << 20) * lay.cluster_size)
 
 
 def refblock_past_eof(lay):
@@ -186,6 +208,7 @@ def test_check_matches_qemu_and_repair_leaves_image_clean(
         assert {k: v for k, v in got.items() if k != "filename"} == {
             k: v for k, v in want.items() if k != "filename"
         }
+        same_lines(err, qemu_check_stderr(path))
     else:
         assert not got and err.startswith("qimg: ") and len(err.strip().splitlines()) == 1
 
@@ -225,6 +248,30 @@ def test_repair_leaks_matches_qemu(tmp_path, qemu_img, qemu_io, name):
     for key in COUNTS + ("leaks-fixed", "corruptions-fixed"):
         assert got.get(key, 0) == want.get(key, 0), (key, got, want)
     assert qemu_check(ours)[0] == qemu_check(theirs)[0]
+
+
+@pytest.mark.parametrize("cs,twice", [(65536, False), (512, False), (512, True)])
+def test_check_of_l1_entry_on_data_reports_garbage_entries_in_qemu_order(
+    tmp_path, qemu_img, qemu_io, cs, twice
+):
+    # twice: a second L1 entry names the same garbage table, whose messages
+    # QEMU prints again when its walk reaches that entry (after the message
+    # about the L1 entry between them).
+    path = tmp_path / "g.qcow2"
+    make(path, qemu_img, qemu_io, cs, 16)
+    lay = Layout.read(path)
+    l1_on_data(lay)
+    if twice:
+        span = cs * lay.l2_entries  # guest bytes per L1 entry
+        lay.set_l1_entry(3 * span, read_u64(lay.path, lay.l1_entry_offset(0)))
+        lay.set_l1_entry(span, read_u64(lay.path, lay.l1_entry_offset(span)) | 0x2)
+    want = run(["qemu-img", "check", "--output=json", str(path)], check=False)
+    got_rc, got, err = qimg_check(path)
+    assert got_rc == want.returncode
+    assert {k: v for k, v in got.items() if k != "filename"} == {
+        k: v for k, v in json.loads(want.stdout).items() if k != "filename"
+    }
+    same_lines(err, want.stderr)
 
 
 def test_check_clean_images_equal_json(tmp_path, qemu_img, qemu_io):

@@ -416,6 +416,23 @@ def _read_runs(storage, offsets: np.ndarray, size: int, buf, skip_zero: bool) ->
             view[k * size + got : j * size] = bytes((j - k) * size - got)
 
 
+class _LazyKeys:
+    """Keys (w, l1_index, k) of a walk's L1 entries, made only when asked."""
+
+    def __init__(self, w: int, indices: np.ndarray, k: int):
+        self.w, self.indices, self.k = w, indices, k
+
+    def __getitem__(self, j: int) -> tuple[int, int, int]:
+        return (self.w, int(self.indices[j]), self.k)
+
+
+def _past_end_line(offset: int, size: int) -> str:
+    return (
+        "ERROR: counting reference for region exceeding the end of the file by "
+        f"one cluster or more: offset {offset:#x} size {size:#x}"
+    )
+
+
 class _Unaligned(Exception):
     def __init__(self, offset: int):
         self.offset = offset
@@ -447,12 +464,44 @@ class _Checker:
         self._snapshots: tuple[list, int] = ([], 0)
         self.snap_table = _SnapshotTable()
         self._l2_buf: np.ndarray | None = None
+        # See say_at: the walk's keyed messages, and those of the L2 tables
+        # of the current batch, (table, l2 index, check, line, once) with
+        # `once` for repairs (done at the first L1 entry naming the table).
+        self.walk_messages: list[tuple[tuple, str]] | None = None
+        self.table_messages: list[tuple[int, int, int, str, bool]] = []
+        self._batch_base = 0
+        self._namings = None
+        self._naming_groups = None
 
     def close(self) -> None:
         self.ondisk.invalidate()
 
     def say(self, line: str) -> None:
         self.res.messages.append(line)
+
+    # Messages of the L1/L2 walk are collected with a sort key and printed in
+    # the order QEMU's entry-by-entry walk meets them, while the tables are
+    # handled whole (by kind of problem, each shared L2 table once):
+    #   (w, -3) data file with snapshots   (w, -2) snapshot entry unusable
+    #   (w, -1) the L1 table itself        (w, l1_index, k) L1 entry, k 0..2
+    #   (w, l1_index, 3, l2_index, check)  L2 entry, checks in QEMU's order
+    # where w is the walk (0 active, i + 1 snapshot i). Python's sort is
+    # stable: messages with equal keys keep the order they were made in.
+    L2_RESERVED, L2_FLAGS, L2_LAYOUT, L2_PAST_END, L2_UNALLOC = range(5)
+
+    def say_at(self, key: tuple, line: str) -> None:
+        if self.walk_messages is None:
+            self.say(line)
+        else:
+            self.walk_messages.append((key, line))
+
+    def flush_walk_messages(self) -> None:
+        """Print the walk's messages in QEMU's order (also on failure)."""
+        self.expand_table_messages()
+        pending, self.walk_messages = self.walk_messages, None
+        if pending:
+            pending.sort(key=lambda m: m[0])
+            self.res.messages.extend(line for _key, line in pending)
 
     # --- qcow2_check_refcounts --------------------------------------------------
 
@@ -512,29 +561,37 @@ class _Checker:
         # OFLAG_COPIED check, so it runs during the walk.
         self.oflag_messages = [] if not self.fix else None
         self.oflag_corruptions = 0
-        walks: list[tuple[int, int, bool, int]] = []  # (l1 offset, size, active, snap idx)
-        walks.append((img.clusters.l1_offset, img.clusters.l1_size, True, -1))
+        # Walk w: 0 the active L1 table, i + 1 snapshot i's (QEMU's order).
+        walks: list[tuple[int, int, bool, int]] = []  # (l1 offset, size, active, walk)
+        walks.append((img.clusters.l1_offset, img.clusters.l1_size, True, 0))
         snapshots, snap_size = self.snapshots()
-        if self.has_data_file and snapshots:
-            self.say(f"ERROR {len(snapshots)} snapshots in image with data file")
-            res.corruptions += 1
-        for i, sn in enumerate(snapshots):
-            if sn.l1_table_offset % self.cs:
-                self.say(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
-                    "L1 table is not cluster aligned; snapshot table entry corrupted"
-                )
+        self.walk_messages = []
+        try:
+            if self.has_data_file and snapshots:
+                self.say_at((1, -3), f"ERROR {len(snapshots)} snapshots in image with data file")
                 res.corruptions += 1
-                continue
-            if sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
-                self.say(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
-                    "L1 table is too large; snapshot table entry corrupted"
-                )
-                res.corruptions += 1
-                continue
-            walks.append((sn.l1_table_offset, sn.l1_size, False, i))
-        self.check_l1_tables(res, walks, fix)
+            for i, sn in enumerate(snapshots):
+                if sn.l1_table_offset % self.cs:
+                    self.say_at(
+                        (i + 1, -2),
+                        f"ERROR snapshot {sn.id_str} ({sn.name}) "
+                        f"l1_offset={sn.l1_table_offset:#x}: "
+                        "L1 table is not cluster aligned; snapshot table entry corrupted",
+                    )
+                    res.corruptions += 1
+                    continue
+                if sn.l1_size > L.QCOW_MAX_L1_SIZE // 8:
+                    self.say_at(
+                        (i + 1, -2),
+                        f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                        "L1 table is too large; snapshot table entry corrupted",
+                    )
+                    res.corruptions += 1
+                    continue
+                walks.append((sn.l1_table_offset, sn.l1_size, False, i + 1))
+            self.check_l1_tables(res, walks, fix)
+        finally:
+            self.flush_walk_messages()
         if snapshots or self.snap_table.size:
             self.inc_range(res, self.snap_table.offset, snap_size)
         self.inc_range(res, img.refcounts.table_offset, img.refcounts.table_clusters * self.cs)
@@ -634,34 +691,33 @@ class _Checker:
                 out.append(sn)
         return out
 
-    def inc_range(self, res: CheckResult, offset: int, size: int) -> None:
-        """qcow2_inc_refcounts_imrt for one byte range."""
+    def inc_range(self, res: CheckResult, offset: int, size: int, key=None) -> None:
+        """qcow2_inc_refcounts_imrt for one byte range (`key`: see say_at)."""
         if size <= 0:
             return
         if offset + size - self.file_len >= self.cs:
-            self.say(
-                "ERROR: counting reference for region exceeding the end of the file by "
-                f"one cluster or more: offset {offset:#x} size {size:#x}"
-            )
+            line = _past_end_line(offset, size)
+            self.say(line) if key is None else self.say_at(key, line)
             res.corruptions += 1
             return
         first, last = offset >> self.cb, (offset + size - 1) >> self.cb
         self._bump_range(first, last - first + 1, 1)
 
-    def inc_clusters(self, res: CheckResult, offsets: np.ndarray, sizes, weight: int = 1) -> None:
-        """qcow2_inc_refcounts_imrt for many ranges at once (uint64 offsets)."""
+    def inc_clusters(
+        self, res: CheckResult, offsets: np.ndarray, sizes, weight: int = 1, keys=None
+    ) -> None:
+        """qcow2_inc_refcounts_imrt for many ranges at once (uint64 offsets);
+        `keys`, one per range, place the messages of a walk (see say_at)."""
         if not len(offsets) or weight <= 0:
             return
         ends = offsets + _U64(sizes) if np.isscalar(sizes) else offsets + sizes
         past = (ends.astype(np.int64) - self.file_len) >= self.cs
         if past.any():
             sz = np.broadcast_to(np.asarray(sizes, dtype=np.uint64), offsets.shape)
-            for off, size in zip(offsets[past].tolist(), sz[past].tolist()):
+            for j in np.flatnonzero(past).tolist():
+                line = _past_end_line(int(offsets[j]), int(sz[j]))
                 for _ in range(weight):
-                    self.say(
-                        "ERROR: counting reference for region exceeding the end of the file "
-                        f"by one cluster or more: offset {off:#x} size {size:#x}"
-                    )
+                    self.say(line) if keys is None else self.say_at(keys[j], line)
             res.corruptions += int(past.sum()) * weight
             keep = ~past
             offsets, ends = offsets[keep], ends[keep]
@@ -748,49 +804,96 @@ class _Checker:
         """check_refcounts_l1 for every walk; each L2 table is read once, its
         references weighted by how many L1 entries name it."""
         named: list[np.ndarray] = []  # L2 offsets named by each walk
-        named_active: list[np.ndarray] = []
-        for l1_offset, l1_size, active, _snap in walks:
+        named_walk: list[np.ndarray] = []  # ... the walk naming them
+        named_index: list[np.ndarray] = []  # ... and the L1 index
+        for l1_offset, l1_size, active, w in walks:
             if not l1_size:
                 continue
-            self.inc_range(res, l1_offset, l1_size * 8)
+            self.inc_range(res, l1_offset, l1_size * 8, key=(w, -1))
             l1 = self.read_l1(l1_offset, l1_size)
             if fix & FIX_ERRORS:
-                l1 = self.repair_l1(res, l1, l1_offset, active)
+                l1 = self.repair_l1(res, l1, l1_offset, active, w)
             nz = np.flatnonzero(l1)
             entries = l1[nz]
             bad = np.flatnonzero(entries & _U64(L.L1E_RESERVED_MASK))
-            for e in entries[bad].tolist():
-                self.say(f"ERROR found L1 entry with reserved bits set: {e:x}")
+            for j, e in zip(bad.tolist(), entries[bad].tolist()):
+                self.say_at(
+                    (w, int(nz[j]), 0), f"ERROR found L1 entry with reserved bits set: {e:x}"
+                )
             res.corruptions += len(bad)
             l2s = entries & _U64(L.L1E_OFFSET_MASK)
-            self.inc_clusters(res, l2s, self.cs)
-            unaligned = l2s[(l2s & _U64(self.cs - 1)) != 0]
-            for off in unaligned.tolist():
-                self.say(
-                    f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted"
+            keys = _LazyKeys(w, nz, 1)
+            self.inc_clusters(res, l2s, self.cs, keys=keys)
+            unaligned = np.flatnonzero((l2s & _U64(self.cs - 1)) != 0)
+            for j in unaligned.tolist():
+                self.say_at(
+                    (w, int(nz[j]), 2),
+                    f"ERROR l2_offset={int(l2s[j]):x}: Table is not cluster aligned; "
+                    "L1 entry corrupted",
                 )
             res.corruptions += len(unaligned)
             named.append(l2s)
-            named_active.append(np.full(len(l2s), active))
+            named_walk.append(np.full(len(l2s), w))
+            named_index.append(nz)
         if not named:
             return
         # Distinct tables in order of first naming, with how many active and
         # inactive L1 entries name each.
         offs = np.concatenate(named)
-        act = np.concatenate(named_active)
+        walk = np.concatenate(named_walk)
+        act = walk == 0
         distinct, first, inverse = np.unique(offs, return_index=True, return_inverse=True)
         by_first = np.argsort(first, kind="stable")
         actives = np.bincount(inverse[act], minlength=len(distinct))[by_first]
         inactives = np.bincount(inverse[~act], minlength=len(distinct))[by_first]
         order = distinct[by_first]
+        # Which L1 entries name each table: worked out when a table has messages.
+        self._namings = (inverse.reshape(-1), by_first, walk, np.concatenate(named_index))
+        self._naming_groups = None
         if self.oflag_messages is not None:
             self.ondisk.full(self.nb_clusters + 1)
         batch = max(1, L2_BATCH_BYTES // self.cs)
         for i in range(0, len(order), batch):
             part = slice(i, i + batch)
+            self._batch_base = i
             self.check_l2_batch(res, order[part], actives[part], inactives[part], fix)
+            self.expand_table_messages()
 
-    def repair_l1(self, res: CheckResult, l1: np.ndarray, l1_offset: int, active: bool):
+    def namings(self, table: int) -> tuple[np.ndarray, np.ndarray]:
+        """(walks, L1 indices) of the L1 entries naming distinct table
+        `table` (check_l1_tables' order), in QEMU's walk order."""
+        inverse, by_first, walk, index = self._namings
+        if self._naming_groups is None:
+            rank = np.empty(len(by_first), dtype=np.int64)
+            rank[by_first] = np.arange(len(by_first))
+            of_naming = rank[inverse]
+            by_table = np.argsort(of_naming, kind="stable")
+            bounds = np.searchsorted(of_naming[by_table], np.arange(len(by_first) + 1))
+            self._naming_groups = (by_table, bounds)
+        by_table, bounds = self._naming_groups
+        sel = by_table[bounds[table] : bounds[table + 1]]
+        return walk[sel], index[sel]
+
+    def table_message(self, t: int, i: int, check: int, line: str, once: bool = False) -> None:
+        """A message about entry i of table t of the current batch, printed
+        once per L1 entry naming the table (`once`: at the first only)."""
+        self.table_messages.append((self._batch_base + t, i, check, line, once))
+
+    def expand_table_messages(self) -> None:
+        """Key the current batch's table messages by the L1 entries naming
+        each table, as QEMU walks a table once per naming."""
+        pending, self.table_messages = self.table_messages, []
+        if self.walk_messages is None:
+            self.res.messages.extend(m[3] for m in pending)
+            return
+        for table, i, check, line, once in pending:
+            walks, indices = self.namings(table)
+            for w, l1i in zip(walks.tolist(), indices.tolist()):
+                self.walk_messages.append(((w, l1i, 3, i, check), line))
+                if once:
+                    break
+
+    def repair_l1(self, res: CheckResult, l1: np.ndarray, l1_offset: int, active: bool, w: int):
         """qimg's addition: clear L1 entries whose L2 table cannot be used
         (reserved bits, unaligned, past EOF, or metadata that is no L2 table)."""
         nz = np.flatnonzero(l1)
@@ -801,9 +904,10 @@ class _Checker:
         l1 = l1.copy()
         for j in np.flatnonzero(bad).tolist():
             index = int(nz[j])
-            self.say(
+            self.say_at(
+                (w, index, 0),
                 f"Repairing L1 entry {index} (l1_entry={int(entries[j]):x}): "
-                "L2 table unusable; made unallocated"
+                "L2 table unusable; made unallocated",
             )
             l1[index] = 0
             data = b"\0" * 8
@@ -978,9 +1082,9 @@ class _Checker:
         if not len(wrong):
             return
         where = np.flatnonzero(normal)[wrong]
-        rows = np.repeat(np.arange(len(per_table)), per_table)[wrong]
-        for j, pos, t in zip(wrong.tolist(), where.tolist(), rows.tolist()):
-            self._report_oflag(res, int(flat[pos]), int(refs[j]), int(actives[t]))
+        width = len(flat) // len(per_table)
+        for j, pos in zip(wrong.tolist(), where.tolist()):
+            self._report_oflag(res, pos // width, pos % width, int(flat[pos]), int(refs[j]))
 
     def repair_l2_batch(self, res, offsets, e, bitmap) -> None:
         """qimg's addition to fix_l2_entry_by_zero: entries whose cluster is
@@ -999,10 +1103,14 @@ class _Checker:
                 continue
             for i in np.flatnonzero(lost[t]).tolist():
                 old = int(e[t, i])
-                self.say(
+                self.table_message(
+                    t,
+                    i,
+                    self.L2_RESERVED,
                     f"Repairing offset={old & L.L2E_OFFSET_MASK:x}: cluster lost "
                     f"(l2_entry={old:x}, L2 offset {l2_offset:#x}, index {i}); "
-                    "made unallocated"
+                    "made unallocated",
+                    once=True,
                 )
                 e[t, i] = zero
                 data = int(zero).to_bytes(8, "big")
@@ -1053,7 +1161,7 @@ class _Checker:
                     f"Repairing compressed cluster {i} with non-zero subcluster "
                     f"allocation bitmap, entry={v:#x}"
                 )
-            self.say(line)
+            self.table_message(t, i, self.L2_FLAGS, line, once=True)
             bitmap[t, i] = fixed[t, i]
             data = int(fixed[t, i]).to_bytes(8, "big")
             self.image.write_metadata(l2_offset + i * esize + 8, data, "l2")
@@ -1095,6 +1203,7 @@ class _Checker:
                 reserved,
                 weights,
                 lambda v, i: f"ERROR found l2 entry with reserved bits set: {v:x}",
+                self.L2_RESERVED,
             )
 
         # Compressed clusters.
@@ -1111,6 +1220,7 @@ class _Checker:
                         f"ERROR: coffset={v & cmask:#x}: copied flag must never be "
                         "set for compressed clusters"
                     ),
+                    self.L2_FLAGS,
                 )
             usable = compressed.copy()
             if self.has_data_file:
@@ -1120,6 +1230,7 @@ class _Checker:
                     compressed,
                     weights,
                     lambda v, i: f"ERROR compressed cluster {i} with data file, entry={v:#x}",
+                    self.L2_LAYOUT,
                 )
                 usable[:] = False
             elif bitmap is not None:
@@ -1134,6 +1245,7 @@ class _Checker:
                             f"ERROR compressed cluster {i} with non-zero subcluster "
                             f"allocation bitmap, entry={v:#x}"
                         ),
+                        self.L2_LAYOUT,
                     )
                     usable &= ~badmap
             ce = e[usable] & ~_U64(L.QCOW_OFLAG_COPIED)
@@ -1141,6 +1253,9 @@ class _Checker:
             nb = ((ce >> _U64(geo.csize_shift)) & _U64(geo.csize_mask)) + _U64(1)
             csize = nb * _U64(512) - (coff & _U64(511))
             wts = np.broadcast_to(w_rows, e.shape)[usable]
+            inside = self._report_past_end(res, np.nonzero(usable), coff, csize, weights)
+            if inside is not None:
+                coff, csize, wts = coff[inside], csize[inside], wts[inside]
             self._inc_weighted(res, coff, csize, wts)
             a = np.broadcast_to(actives[:, None], e.shape)[usable]
             nact = int(a.sum())
@@ -1162,6 +1277,7 @@ class _Checker:
                             f"ERROR offset={v:x}: Allocated cluster has corrupted "
                             "subcluster allocation bitmap"
                         ),
+                        self.L2_FLAGS,
                     )
             unaligned = normal & ((off & _U64(cs - 1)) != 0)
             skip = np.zeros_like(normal)
@@ -1182,6 +1298,7 @@ class _Checker:
                             f"ERROR offset={v:x}: Data cluster is not properly "
                             "aligned; L2 entry corrupted."
                         ),
+                        self.L2_LAYOUT,
                     )
                 if prealloc.any():
                     skip = self._fix_prealloc(res, offsets, e, bitmap, prealloc, weights, fix)
@@ -1196,7 +1313,11 @@ class _Checker:
                 jump = offs[1:] != offs[:-1] + _U64(cs)
                 res.fragmented_clusters += int((act[1:] * (same & jump)).sum())
             if not self.has_data_file:
-                self._inc_weighted(res, offs, cs, weights[t_idx])
+                wts = weights[t_idx]
+                inside = self._report_past_end(res, (t_idx, i_idx), offs, _U64(cs), weights)
+                if inside is not None:
+                    offs, wts = offs[inside], wts[inside]
+                self._inc_weighted(res, offs, cs, wts)
 
         # Unallocated entries with a subcluster allocation map.
         if bitmap is not None:
@@ -1210,17 +1331,35 @@ class _Checker:
                     lambda v, i: (
                         "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                     ),
+                    self.L2_UNALLOC,
                 )
         del w_rows
 
-    def _report_rows(self, res, values, mask, weights, fmt) -> None:
+    def _report_rows(self, res, values, mask, weights, fmt, check: int) -> None:
+        """One message per masked entry (values[t, i] formatted), counted
+        once per L1 entry naming its table."""
         t_idx, i_idx = np.nonzero(mask)
         for t, i in zip(t_idx.tolist(), i_idx.tolist()):
-            w = int(weights[t])
-            line = fmt(int(values[t, i]), i)
-            for _ in range(w):
-                self.say(line)
-            res.corruptions += w
+            self.table_message(t, i, check, fmt(int(values[t, i]), i))
+            res.corruptions += int(weights[t])
+
+    def _report_past_end(self, res, where, offsets, sizes, weights) -> np.ndarray | None:
+        """qcow2_inc_refcounts_imrt's check for the ranges of entries
+        `where` (table, index arrays): those reaching a cluster or more
+        past the end of the file are reported at their entry. Returns the
+        mask of the others, None when all are inside."""
+        ends = offsets + sizes
+        past = (ends.astype(np.int64) - self.file_len) >= self.cs
+        if not past.any():
+            return None
+        t_idx, i_idx = where
+        sz = np.broadcast_to(np.asarray(sizes, dtype=np.uint64), offsets.shape)
+        for j in np.flatnonzero(past).tolist():
+            t = int(t_idx[j])
+            line = _past_end_line(int(offsets[j]), int(sz[j]))
+            self.table_message(t, int(i_idx[j]), self.L2_PAST_END, line)
+            res.corruptions += int(weights[t])
+        return ~past
 
     def _inc_weighted(self, res, offsets: np.ndarray, sizes, weights: np.ndarray) -> None:
         if not len(offsets):
@@ -1243,20 +1382,26 @@ class _Checker:
             v = int(off[t, i])
             res.corruptions += 1
             if not fix & FIX_ERRORS:
-                for _ in range(int(weights[t])):
-                    self.say(
-                        f"ERROR offset={v:x}: Preallocated cluster is not properly aligned; "
-                        "L2 entry corrupted."
-                    )
+                self.table_message(
+                    t,
+                    i,
+                    self.L2_LAYOUT,
+                    f"ERROR offset={v:x}: Preallocated cluster is not properly aligned; "
+                    "L2 entry corrupted.",
+                )
                 res.corruptions += int(weights[t]) - 1
                 continue
-            self.say(
+            self.table_message(
+                t,
+                i,
+                self.L2_LAYOUT,
                 f"Repairing offset={v:x}: Preallocated cluster is not properly aligned; "
-                "L2 entry corrupted."
+                "L2 entry corrupted.",
+                once=True,
             )
             l2_offset = offsets[t]
             if self.overlaps(l2_offset, self.cs):
-                self.say("ERROR: Overlap check failed")
+                self.table_message(t, i, self.L2_LAYOUT, "ERROR: Overlap check failed", once=True)
                 res.check_errors += 1
                 raise CheckFailed("Check failed: Input/output error")
             if bitmap is not None:
@@ -1490,14 +1635,16 @@ class _Checker:
         width = sub.shape[1]
         for j in bad.tolist():
             t = int(rows[idx[j] // width])
-            self._report_oflag(res, int(flat[idx[j]]), int(refs[j]), int(actives[t]))
+            self._report_oflag(res, t, int(idx[j] % width), int(flat[idx[j]]), int(refs[j]))
 
-    def _report_oflag(self, res, entry: int, refcount: int, times: int) -> None:
-        """One OFLAG_COPIED error per active L1 reaching the entry, as QEMU
-        walks a shared L2 table once per L1 that points at it."""
+    def _report_oflag(self, res, t: int, i: int, entry: int, refcount: int) -> None:
+        """One OFLAG_COPIED error for entry i of table t of the batch per
+        active L1 entry naming the table, as QEMU walks a shared L2 table
+        once per L1 entry; keyed (l1_index, 1, i) for check_oflag_copied."""
         line = f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
-        for _ in range(times):
-            self.oflag_messages.append(line)
+        walks, indices = self.namings(self._batch_base + t)
+        for l1i in indices[walks == 0].tolist():
+            self.oflag_messages.append(((l1i, 1, i), line))
             res.corruptions += 1
 
     def _oflag_entries(self, e: np.ndarray):
@@ -1522,12 +1669,9 @@ class _Checker:
         if not len(bad):
             return None
         word = "Repairing" if repair else "ERROR"
-        lines = self.oflag_messages if self.oflag_messages is not None else self.res.messages
         for j in bad.tolist():
             v = int(e[idx[j]])
-            lines.append(
-                f"{word} OFLAG_COPIED data cluster: l2_entry={v:x} refcount={int(refs[j])}"
-            )
+            self.say(f"{word} OFLAG_COPIED data cluster: l2_entry={v:x} refcount={int(refs[j])}")
         res.corruptions += len(bad)
         if not repair:
             return None
@@ -1537,6 +1681,25 @@ class _Checker:
         fixed[sel[one]] |= _U64(L.QCOW_OFLAG_COPIED)
         fixed[sel[~one]] &= ~_U64(L.QCOW_OFLAG_COPIED)
         return fixed, len(bad)
+
+    def _oflag_l1_entry(self, res: CheckResult, i: int, refcount: int, repair: bool) -> None:
+        """check_oflag_copied's L1 part for active L1 entry i (flag wrong)."""
+        l1 = self.image.clusters.l1
+        entry = int(l1[i])
+        word = "Repairing" if repair else "ERROR"
+        self.say(
+            f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} refcount={refcount}"
+        )
+        if not repair:
+            res.corruptions += 1
+            return
+        if refcount == 1:
+            l1[i] = entry | L.QCOW_OFLAG_COPIED
+        else:
+            l1[i] = entry & ~L.QCOW_OFLAG_COPIED
+        self.image.clusters.write_l1_entry(i)
+        self.image.flush_file()
+        res.corruptions_fixed += 1
 
     def check_oflag_copied(self, res: CheckResult) -> None:
         """QEMU's check_oflag_copied over the active L1 table."""
@@ -1553,36 +1716,31 @@ class _Checker:
         self.ondisk.full(self.nb_clusters + 1)
         l1 = img.clusters.l1
         nz = np.flatnonzero(l1 & _U64(L.L1E_OFFSET_MASK))
+        wrong_l1: dict[int, int] = {}  # L1 index -> refcount of its L2 table
         if len(nz):
             l2s = (l1[nz] & _U64(L.L1E_OFFSET_MASK)) >> _U64(self.cb)
             refs, ok = self.ondisk.lookup(l2s)
             copied = (l1[nz] >> _U64(63)) != 0
             wrong = np.flatnonzero(ok & ((refs == 1) != copied))
-            word = "Repairing" if repair else "ERROR"
-            for j in wrong.tolist():
-                i = int(nz[j])
-                entry = int(l1[i])
-                self.say(
-                    f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} "
-                    f"refcount={int(refs[j])}"
-                )
-                res.corruptions += 1
-                if repair:
-                    if int(refs[j]) == 1:
-                        l1[i] = entry | L.QCOW_OFLAG_COPIED
-                    else:
-                        l1[i] = entry & ~L.QCOW_OFLAG_COPIED
-                    img.clusters.write_l1_entry(i)
-                    res.corruptions -= 1
-                    res.corruptions_fixed += 1
-            if len(wrong) and repair:
-                img.flush_file()
+            wrong_l1 = dict(zip(nz[wrong].tolist(), refs[wrong].tolist()))
+        word = "Repairing" if repair else "ERROR"
         if self.oflag_messages is not None:
-            # The L2 part was done during the walk (nothing was repaired).
-            self.res.messages.extend(self.oflag_messages)
+            # The L2 part was done during the walk (nothing is repaired):
+            # each L1 entry's message goes before those of its table.
+            for i, refcount in wrong_l1.items():
+                line = (
+                    f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={int(l1[i]):x} "
+                    f"refcount={refcount}"
+                )
+                self.oflag_messages.append(((i, 0), line))
+                res.corruptions += 1
+            self.oflag_messages.sort(key=lambda m: m[0])
+            self.res.messages.extend(line for _key, line in self.oflag_messages)
             self.oflag_messages = None
             return
         for i in nz.tolist():
+            if i in wrong_l1:
+                self._oflag_l1_entry(res, i, wrong_l1[i], repair)
             l2_offset = int(l1[i]) & L.L1E_OFFSET_MASK
             raw = img.storage.pread(l2_offset, self.cs)
             table = self.decode_l2(raw)
