@@ -274,6 +274,27 @@ def test_check_of_l1_entry_on_data_reports_garbage_entries_in_qemu_order(
     same_lines(err, want.stderr)
 
 
+def test_repair_of_l1_entry_on_data_in_use_keeps_that_data(tmp_path, qemu_img, qemu_io):
+    """An active L1 entry names a data cluster still in use as data: -r all
+    drops the L1 entry instead of "repairing" the garbage entries in place
+    (which would overwrite the data); qemu-img then finds the image clean and
+    everything outside that entry's guest range reads as before."""
+    cs = 512
+    path = tmp_path / "g.qcow2"
+    make(path, qemu_img, qemu_io, cs, 16)
+    before = qemu_read_raw(path, tmp_path, "qcow2")
+    lay = Layout.read(path)
+    l1_on_data(lay)
+    rc, _got, err = qimg_check(path, "-r", "all")
+    assert rc == 0, err
+    assert "Repairing L1 entry 0 " in err
+    assert qemu_check(path)[0] == 0
+    span = cs * lay.l2_entries  # guest bytes under L1 entry 0
+    after = qemu_read_raw(path, tmp_path, "qcow2")
+    assert after[span:] == before[span:]
+    assert after[:span] == bytes(span)
+
+
 def test_check_clean_images_equal_json(tmp_path, qemu_img, qemu_io):
     theirs = tmp_path / "q.qcow2"
     make(theirs, qemu_img, qemu_io, snapshot=True)

@@ -463,6 +463,9 @@ class _Checker:
         self.oflag_corruptions = 0
         self._snapshots: tuple[list, int] = ([], 0)
         self.snap_table = _SnapshotTable()
+        # Active L2 tables that need repair but share their cluster with
+        # other data (see misplaced_l1_tables): -r all drops the L1 entries.
+        self.misplaced_active: set[int] = set()
         self._l2_buf: np.ndarray | None = None
         # See say_at: the walk's keyed messages, and those of the L2 tables
         # of the current batch, (table, l2 index, check, line, once) with
@@ -613,7 +616,8 @@ class _Checker:
         if self.fix & FIX_ERRORS:
             why = {id(sn): self.unusable_snapshot(sn) for sn in table.snapshots}
             kept = [sn for sn in table.snapshots if why[id(sn)] is None]
-            for sn in self.misplaced_l1_tables(table, kept):
+            misplaced, self.misplaced_active = self.misplaced_l1_tables(table, kept)
+            for sn in misplaced:
                 why[id(sn)] = (
                     f"l1_offset={sn.l1_table_offset:#x}: damaged L1 table shares "
                     "clusters with other data"
@@ -641,18 +645,23 @@ class _Checker:
             return f"l1_size={sn.l1_size:#x}: L1 table lies past the end of the file"
         return None
 
-    def misplaced_l1_tables(self, table: _SnapshotTable, kept: list) -> list:
-        """Snapshots of `kept` whose tables need repair where those tables
-        share a cluster with anything else the image references: the entry
-        points at the wrong place (often at data in use), and repairing "its"
-        L1 or L2 tables would overwrite what lies there. Found by a counting
-        pass that writes nothing, run only when some snapshot needs repair.
+    def misplaced_l1_tables(self, table: _SnapshotTable, kept: list) -> tuple[list, set]:
+        """(snapshots of `kept`, active L2 table offsets) whose tables need
+        repair where those tables share a cluster with anything else the
+        image references: the entry points at the wrong place (often at data
+        in use), and repairing "its" L1 or L2 tables would overwrite what
+        lies there. Found by a counting pass that writes nothing, run only
+        when some table needs repair.
 
         An L1 table is referenced by itself only; an L2 table once per L1
         entry naming it. More references mean the clusters are shared.
         """
         mask = _U64(L.L1E_OFFSET_MASK)
-        active = self.image.clusters.l1 & mask
+        l1 = self.image.clusters.l1
+        usable = l1[l1 != 0]
+        active = l1 & mask
+        usable = usable[~self.unusable_l1_entries(usable)] & mask
+        active_repaired = [t for t in np.unique(usable).tolist() if self.l2_table_is_garbage(t)]
         named = [active[active != 0]]
         damaged = []
         for sn in kept:
@@ -668,15 +677,15 @@ class _Checker:
             ]
             if bad.any() or repaired:
                 damaged.append((sn, repaired))
-        if not damaged:
-            return []
+        if not damaged and not active_repaired:
+            return [], set()
         probe = _Checker(self.image, CheckResult(), 0)
         probe._snapshots = (kept, table.size)
         probe.snap_table = table
         try:
             probe.calculate_refcounts(probe.res, 0)
         except QimgError:
-            return []
+            return [], set()
         finally:
             probe.close()
         tables, naming = np.unique(np.concatenate(named), return_counts=True)
@@ -689,7 +698,11 @@ class _Checker:
             shared |= any(probe.count_of(t >> self.cb) > times[t] for t in repaired)
             if shared:
                 out.append(sn)
-        return out
+        times_active = dict(zip(*(a.tolist() for a in np.unique(named[0], return_counts=True))))
+        shared_active = {
+            t for t in active_repaired if probe.count_of(t >> self.cb) > times_active[t]
+        }
+        return out, shared_active
 
     def inc_range(self, res: CheckResult, offset: int, size: int, key=None) -> None:
         """qcow2_inc_refcounts_imrt for one byte range (`key`: see say_at)."""
@@ -899,15 +912,20 @@ class _Checker:
         nz = np.flatnonzero(l1)
         entries = l1[nz]
         bad = self.unusable_l1_entries(entries)
-        if not bad.any():
+        shared = np.zeros(len(entries), dtype=bool)
+        if active and self.misplaced_active:
+            offs = entries & _U64(L.L1E_OFFSET_MASK)
+            shared = np.isin(offs, list(self.misplaced_active)) & ~bad
+        if not (bad.any() or shared.any()):
             return l1
         l1 = l1.copy()
-        for j in np.flatnonzero(bad).tolist():
+        for j in np.flatnonzero(bad | shared).tolist():
             index = int(nz[j])
+            why = "shares clusters with other data" if shared[j] else "unusable"
             self.say_at(
                 (w, index, 0),
                 f"Repairing L1 entry {index} (l1_entry={int(entries[j]):x}): "
-                "L2 table unusable; made unallocated",
+                f"L2 table {why}; made unallocated",
             )
             l1[index] = 0
             data = b"\0" * 8
