@@ -83,7 +83,9 @@ _coroutines = _parsed(
     metavar="N",
     help="Parallel workers (1-16, default 8).",
 )
-@click.option("-W", "out_of_order", is_flag=True, help="Allow out of order writes.")
+@click.option(
+    "-W", "out_of_order", is_flag=True, help="Accepted for compatibility (writes stay in order)."
+)
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
 @click.option("-T", "src_cache", default="writeback", metavar="CACHE", help="Source cache mode.")
 @share_option
