@@ -698,10 +698,7 @@ class _Checker:
             shared |= any(probe.count_of(t >> self.cb) > times[t] for t in repaired)
             if shared:
                 out.append(sn)
-        times_active = dict(zip(*(a.tolist() for a in np.unique(named[0], return_counts=True))))
-        shared_active = {
-            t for t in active_repaired if probe.count_of(t >> self.cb) > times_active[t]
-        }
+        shared_active = {t for t in active_repaired if probe.count_of(t >> self.cb) > times[t]}
         return out, shared_active
 
     def inc_range(self, res: CheckResult, offset: int, size: int, key=None) -> None:
