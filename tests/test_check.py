@@ -10,6 +10,7 @@ both copies must read back the same bytes.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 
@@ -439,3 +440,77 @@ def test_check_of_a_missing_file_fails_as_qemu_img_does(tmp_path, qemu_img):
     theirs = run([qemu_img, "check", missing], check=False)
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.removeprefix("qimg: ") == theirs.stderr.removeprefix("qemu-img: ")
+
+
+# --- refcount overflow: messages at the reference that overflows --------------------
+
+
+def narrow_refcounts_to_one_bit(path) -> None:
+    """Rewrite an image's refcounts (one refcount block) as 1-bit ones,
+    keeping min(count, 1): how an image whose clusters are shared gets
+    refcount_bits=1 (QEMU itself never shares clusters it cannot count)."""
+    lay = Layout.read(path)
+    n = -(-path.stat().st_size // lay.cluster_size)
+    counts = [lay.refcount(c) for c in range(n)]
+    with open(path, "r+b") as f:
+        f.seek(96)  # refcount_order
+        f.write((0).to_bytes(4, "big"))
+        f.seek(lay.refblock(0))
+        f.write(bytes(lay.cluster_size))
+    lay = Layout.read(path)
+    for c, v in enumerate(counts):
+        lay.set_refcount(c, min(v, 1))
+
+
+def compressed_shared(tmp_path, qemu_img, snapshot: bool, damage: str | None = None):
+    """refcount_bits=1, 4 KiB clusters, 24 compressed clusters sharing a
+    few host clusters (about four each); with a snapshot, every one is
+    referenced twice more."""
+    raw = tmp_path / "src.raw"
+    rng = random.Random(7)
+    raw.write_bytes(b"".join(rng.randbytes(900) + bytes(4096 - 900) for _ in range(24)))
+    path = tmp_path / "over.qcow2"
+    opts = "refcount_bits=16,cluster_size=4096"
+    run([qemu_img, "convert", "-c", "-O", "qcow2", "-o", opts, str(raw), str(path)])
+    if snapshot:
+        run([qemu_img, "snapshot", "-c", "s1", str(path)])
+    lay = Layout.read(path)
+    if damage == "data_on_metadata":  # entries name the refcount block and an L2 table
+        write_u64(path, lay.l2_table(0) + 5 * 8, lay.refblock(0) | COPIED)
+        write_u64(path, lay.l2_table(0) + 9 * 8, lay.l2_table(0))
+    narrow_refcounts_to_one_bit(path)
+    return path
+
+
+def same_check_as_qemu(path, *extra) -> None:
+    """Exit code, JSON counts and stderr (line for line) of qimg and
+    qemu-img, each on its own copy; after a repair, qemu-img finds the
+    same in both copies."""
+    mine, theirs = path.with_suffix(".qimg"), path.with_suffix(".qemu")
+    shutil.copyfile(path, mine)
+    shutil.copyfile(path, theirs)
+    want = run(["qemu-img", "check", "--output=json", *extra, str(theirs)], check=False)
+    got_rc, got, err = qimg_check(mine, *extra)
+    assert got_rc == want.returncode, err
+    assert without_filename(got) == without_filename(json.loads(want.stdout))
+    same_lines(err, want.stderr)
+    if extra:
+        (mine_rc, mine_json), (theirs_rc, theirs_json) = qemu_check(mine), qemu_check(theirs)
+        assert (mine_rc, without_filename(mine_json)) == (theirs_rc, without_filename(theirs_json))
+
+
+def without_filename(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "filename"}
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+@pytest.mark.parametrize("damage", [None, "data_on_metadata"])
+def test_check_reports_refcount_overflow_at_qemus_reference(tmp_path, qemu_img, snapshot, damage):
+    path = compressed_shared(tmp_path, qemu_img, snapshot, damage)
+    same_check_as_qemu(path)
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_repair_of_refcount_overflow_matches_qemu(tmp_path, qemu_img, snapshot):
+    path = compressed_shared(tmp_path, qemu_img, snapshot)
+    same_check_as_qemu(path, "-r", "all")

@@ -475,6 +475,14 @@ class _Checker:
         self._batch_base = 0
         self._namings = None
         self._naming_groups = None
+        # Overflow (see report_walk_overflows): `trace` (sorted cluster
+        # indices) makes the walk record its references to those clusters
+        # in `traced` as (key, cluster); after the walk, `checked` makes
+        # each reference report overflow where it is made, as QEMU does.
+        self.trace: np.ndarray | None = None
+        self.traced: list[tuple[tuple, int]] = []
+        self.checked = False
+        self.locate_overflows = True
 
     def close(self) -> None:
         self.ondisk.invalidate()
@@ -558,6 +566,7 @@ class _Checker:
         self.big: dict[int, int] = {}
         self.bound = 0
         self.overflow = 0
+        self.checked = False
         self.in_file_limit = self.nb_clusters + 1
         self.inc_range(res, 0, self.cs)  # header
         # Without repairs the refcounts on disk cannot change before the
@@ -593,8 +602,10 @@ class _Checker:
                     continue
                 walks.append((sn.l1_table_offset, sn.l1_size, False, i + 1))
             self.check_l1_tables(res, walks, fix)
+            self.report_walk_overflows(res, walks)
         finally:
             self.flush_walk_messages()
+        self.checked = True
         if snapshots or self.snap_table.size:
             self.inc_range(res, self.snap_table.offset, snap_size)
         self.inc_range(res, img.refcounts.table_offset, img.refcounts.table_clusters * self.cs)
@@ -682,6 +693,7 @@ class _Checker:
         probe = _Checker(self.image, CheckResult(), 0)
         probe._snapshots = (kept, table.size)
         probe.snap_table = table
+        probe.locate_overflows = False  # its messages are not printed
         try:
             probe.calculate_refcounts(probe.res, 0)
         except QimgError:
@@ -711,6 +723,11 @@ class _Checker:
             res.corruptions += 1
             return
         first, last = offset >> self.cb, (offset + size - 1) >> self.cb
+        if self.trace is not None and key is not None:
+            self._trace_ref(first, last, key)
+        if self.checked and int(self.counts[first : last + 1].max()) >= self.geo.refcount_max:
+            self._inc_checked(first, last)
+            return
         self._bump_range(first, last - first + 1, 1)
 
     def inc_clusters(
@@ -722,6 +739,14 @@ class _Checker:
             return
         ends = offsets + _U64(sizes) if np.isscalar(sizes) else offsets + sizes
         past = (ends.astype(np.int64) - self.file_len) >= self.cs
+        if self.checked and self._may_overflow(offsets, ends, past, weight):
+            self._inc_each(res, offsets, ends, past, weight)
+            return
+        if self.trace is not None and keys is not None:
+            first = (offsets >> _U64(self.cb)).astype(np.int64)
+            last = ((ends - _U64(1)) >> _U64(self.cb)).astype(np.int64)
+            for j in self._trace_hits(first, last, ~past):
+                self._trace_ref(int(first[j]), int(last[j]), keys[j])
         if past.any():
             sz = np.broadcast_to(np.asarray(sizes, dtype=np.uint64), offsets.shape)
             for j in np.flatnonzero(past).tolist():
@@ -741,6 +766,115 @@ class _Checker:
             if more.any():  # compressed data longer than a cluster: rare
                 for a, b in zip(first[more].tolist(), last[more].tolist()):
                     self._bump_range(a + 1, b - a - 1, weight)
+
+    # --- refcount overflow ---------------------------------------------------------
+
+    def report_walk_overflows(self, res: CheckResult, walks) -> None:
+        """QEMU reports an overflow at each reference found after a cluster's
+        count reached refcount_max, during the walk. The walk counts whole
+        tables at once; for the (rare) overflowing clusters a second walk,
+        which writes nothing, lists their references in walk order, and the
+        excess ones get the messages. The counts are then clamped, and the
+        references after the walk are checked one by one (`checked`)."""
+        rmax = self.geo.refcount_max
+        if self.bound < min(rmax + 1, self.cap):  # bound >= counts.max()
+            return
+        over = np.flatnonzero(self.counts >= min(rmax + 1, self.cap))
+        over = np.array([c for c in over.tolist() if self.count_of(c) > rmax], dtype=np.int64)
+        if not len(over):
+            return
+        excess = {c: self.count_of(c) - rmax for c in over.tolist()}
+        seen = dict.fromkeys(excess, 0)
+        if 0 in seen:
+            seen[0] = 1  # the header, counted before the walk
+        refs = self.trace_walk(over, walks) if self.locate_overflows else []
+        refs.sort(key=lambda r: r[0])
+        for key, c in refs:
+            seen[c] += 1
+            if seen[c] > rmax and excess[c] > 0:
+                self.say_overflow(key, c)
+                excess[c] -= 1
+        for c, n in excess.items():  # not found again: after the walk
+            for _ in range(n):
+                self.say_overflow((float("inf"),), c)
+        res.corruptions += sum(self.count_of(c) - rmax for c in over.tolist())
+        self.counts[over] = min(rmax, self.cap)
+        for c in over.tolist():
+            self.big.pop(c, None)
+
+    def say_overflow(self, key: tuple | None, c: int) -> None:
+        for line in (f"ERROR: overflow cluster offset={c << self.cb:#x}", OVERFLOW_HINT):
+            self.say(line) if key is None else self.say_at(key, line)
+
+    def trace_walk(self, clusters: np.ndarray, walks) -> list[tuple[tuple, int]]:
+        """(key, cluster) of the walk's references to `clusters` (sorted)."""
+        probe = _Checker(self.image, CheckResult(), 0)
+        probe._snapshots = self._snapshots
+        probe.snap_table = self.snap_table
+        probe.file_len, probe.nb_clusters = self.file_len, self.nb_clusters
+        probe.counts = np.zeros_like(self.counts)
+        probe.cap, probe.big, probe.bound = self.cap, {}, 0
+        probe.in_file_limit = self.in_file_limit
+        probe.trace = clusters
+        probe.walk_messages = []
+        try:
+            probe.check_l1_tables(probe.res, walks, 0)
+        finally:
+            probe.close()
+        return probe.traced
+
+    def _trace_hits(self, first: np.ndarray, last: np.ndarray, keep=None) -> list[int]:
+        """Indices j whose range [first[j], last[j]] holds a traced cluster."""
+        pos = np.searchsorted(self.trace, first)
+        hit = pos < len(self.trace)
+        hit[hit] = self.trace[pos[hit]] <= last[hit]
+        if keep is not None:
+            hit &= keep
+        return np.flatnonzero(hit).tolist()
+
+    def _trace_ref(self, first: int, last: int, key: tuple) -> None:
+        t = self.trace
+        for c in t[(t >= first) & (t <= last)].tolist():
+            self.traced.append(((*key, c), c))
+
+    def _trace_entries(self, first, last, t_idx, i_idx, keep=None) -> None:
+        """Trace references of L2 entries (table t_idx[j] of the batch,
+        index i_idx[j]) to clusters first[j]..last[j], once per naming."""
+        for j in self._trace_hits(first, last, keep):
+            walks, indices = self.namings(self._batch_base + int(t_idx[j]))
+            for w, l1i in zip(walks.tolist(), indices.tolist()):
+                key = (w, l1i, 3, int(i_idx[j]), self.L2_PAST_END)
+                self._trace_ref(int(first[j]), int(last[j]), key)
+
+    def _may_overflow(self, offsets, ends, past, weight: int) -> bool:
+        keep = ~past
+        first = (offsets[keep] >> _U64(self.cb)).astype(np.int64)
+        last = ((ends[keep] - _U64(1)) >> _U64(self.cb)).astype(np.int64)
+        if not len(first):
+            return False
+        top = int(np.maximum(self.counts[first], self.counts[last]).max())
+        return top + weight * (2 * len(first)) > self.geo.refcount_max
+
+    def _inc_each(self, res, offsets, ends, past, weight: int) -> None:
+        """inc_clusters reference by reference, as QEMU (after the walk)."""
+        for j in range(len(offsets)):
+            off, end = int(offsets[j]), int(ends[j])
+            for _ in range(weight):
+                if past[j]:
+                    self.say(_past_end_line(off, end - off))
+                    res.corruptions += 1
+                else:
+                    self._inc_checked(off >> self.cb, (end - 1) >> self.cb)
+
+    def _inc_checked(self, first: int, last: int) -> None:
+        """One reference to clusters first..last, reporting overflow."""
+        rmax = self.geo.refcount_max
+        for c in range(first, last + 1):
+            if self.count_of(c) >= rmax:
+                self.say_overflow(None, c)
+                self.res.corruptions += 1
+            else:
+                self._bump_range(c, 1, 1)
 
     def _add(self, idx: np.ndarray, weight: int) -> None:
         """counts[idx] += weight for each index (int64, repeats allowed)."""
@@ -1045,6 +1179,10 @@ class _Checker:
         np.bitwise_and(picked, _U64(L.L2E_OFFSET_MASK), out=picked)
         np.right_shift(picked, _U64(self.cb), out=picked)
         idx = picked.view(np.int64)
+        if self.trace is not None:
+            pos = np.flatnonzero(normal)
+            width = e.shape[1]
+            self._trace_entries(idx, idx, pos // width, pos % width)
         res.allocated_clusters += int((per_table * actives).sum())
         # Fragmentation: a jump between neighbours of the same table.
         jump = idx[1:] != idx[:-1] + 1
@@ -1269,6 +1407,10 @@ class _Checker:
             csize = nb * _U64(512) - (coff & _U64(511))
             wts = np.broadcast_to(w_rows, e.shape)[usable]
             inside = self._report_past_end(res, np.nonzero(usable), coff, csize, weights)
+            if self.trace is not None:
+                first = (coff >> _U64(self.cb)).astype(np.int64)
+                last = ((coff + csize - _U64(1)) >> _U64(self.cb)).astype(np.int64)
+                self._trace_entries(first, last, *np.nonzero(usable), inside)
             if inside is not None:
                 coff, csize, wts = coff[inside], csize[inside], wts[inside]
             self._inc_weighted(res, coff, csize, wts)
@@ -1330,6 +1472,10 @@ class _Checker:
             if not self.has_data_file:
                 wts = weights[t_idx]
                 inside = self._report_past_end(res, (t_idx, i_idx), offs, _U64(cs), weights)
+                if self.trace is not None:
+                    first = (offs >> _U64(self.cb)).astype(np.int64)
+                    last = ((offs + _U64(cs - 1)) >> _U64(self.cb)).astype(np.int64)
+                    self._trace_entries(first, last, t_idx, i_idx, inside)
                 if inside is not None:
                     offs, wts = offs[inside], wts[inside]
                 self._inc_weighted(res, offs, cs, wts)
@@ -1535,9 +1681,14 @@ class _Checker:
     # --- comparison ---------------------------------------------------------------------
 
     def finish_counts(self, res: CheckResult) -> np.ndarray:
-        """Clamp to refcount_max, reporting overflows as QEMU does."""
+        """Clamp to refcount_max. Overflows were reported at their
+        references (report_walk_overflows, `checked`); any left here are
+        reported after everything else."""
         counts = self.counts
         rmax = self.geo.refcount_max
+        if self.bound < min(rmax + 1, self.cap):  # the usual case: nothing to clamp
+            self.big = {}
+            return counts
         over = np.flatnonzero(counts >= min(rmax + 1, self.cap))
         for c in over.tolist():
             n = self.count_of(c) - rmax
