@@ -1667,8 +1667,7 @@ class _Checker:
             if offset:
                 rmax = self.geo.refcount_max
                 if self.count_of(cluster) >= rmax:
-                    self.say(f"ERROR: overflow cluster offset={offset:#x}")
-                    self.say(OVERFLOW_HINT)
+                    self.say_overflow(None, cluster)
                     res.corruptions += 1
                 else:
                     self._bump_range(cluster, 1, 1)
@@ -1693,8 +1692,7 @@ class _Checker:
         for c in over.tolist():
             n = self.count_of(c) - rmax
             for _ in range(n):
-                self.say(f"ERROR: overflow cluster offset={c << self.cb:#x}")
-                self.say(OVERFLOW_HINT)
+                self.say_overflow(None, c)
             res.corruptions += max(n, 0)
         if len(over) and rmax < self.cap:
             np.minimum(counts, counts.dtype.type(rmax), out=counts)
