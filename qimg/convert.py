@@ -46,7 +46,10 @@ from qimg.errors import BadOptionError, ImageIOError, QimgError, UnsupportedFeat
 
 __all__ = ["convert", "ConvertOptions", "parse_snapshot_param", "CHUNK"]
 
-CHUNK = 8 << 20  # bytes per read request (the producer coalesces up to this)
+# Bytes per read request (the producer coalesces up to this): small enough
+# that a chunk is still in the CPU cache when the writer copies it out
+# (8 MiB measured 7-10% slower end to end on every uncompressed direction).
+CHUNK = 2 << 20
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
 QUEUE_DEPTH = 3  # chunks in flight between the producer and the writer
 READERS = 2  # threads that read and scan data chunks ahead of the writer
@@ -504,6 +507,7 @@ class _Job:
         self.pool: list[np.ndarray] = []  # see _buffer
         self.readers = None  # ThreadPoolExecutor of READERS threads, while running
         self.compressing_sources: list[Driver] = []  # see _decompressing
+        self.use_readers = False  # chunks are read by the reader threads (_decompressing)
         self.limit = _RateLimit(o.rate_limit)
 
     def _setup_backing(self) -> None:
@@ -567,7 +571,16 @@ class _Job:
             yield from _resolved(ahead.popleft())
 
     def _decompressing(self) -> bool:
-        return any(image.read_compressed for image in self.compressing_sources)
+        """Whether chunks go to the reader threads: once a source has met
+        compressed clusters. From then on each reader decompresses its own
+        chunk's clusters; the image does not split them over more threads."""
+        if self.use_readers:
+            return True
+        if any(image.read_compressed for image in self.compressing_sources):
+            for image in self.compressing_sources:
+                image.split_decompression = False
+            self.use_readers = True
+        return self.use_readers
 
     def _pieces(self) -> Iterator[list | tuple[int, int]]:
         """Ready lists of items, and (offset, length) data chunks to read."""

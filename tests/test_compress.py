@@ -408,6 +408,32 @@ def test_decompressor_map_raises_corrupt_at_the_bad_cluster():
             next(results)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_decompress_into_fills_every_destination_in_its_threads(monkeypatch, split):
+    """With split, a large batch is shared with the pool's threads; without,
+    the calling thread does it all (convert's readers already run in parallel)."""
+    monkeypatch.setattr(compress, "_MIN_TASK_BYTES", 4096)
+    plain = [text_cluster(4096, seed=i) for i in range(16)]
+    datas = [compress_cluster(p, ZSTD) for p in plain]
+    out = bytearray(16 * 4096)
+    view = memoryview(out)
+    threads = set()
+    with ClusterDecompressor(ZSTD, 4096, 2) as pool:
+        inner = pool._into.decompress
+
+        def traced(data, cs):
+            threads.add(threading.get_ident())
+            return inner(data, cs)
+
+        pool._into.decompress = traced
+        jobs = [(d, view[i * 4096 : (i + 1) * 4096], 0) for i, d in enumerate(datas)]
+        pool.decompress_into(jobs, split=split)
+    assert bytes(out) == b"".join(plain)
+    assert (len(threads) > 1) == split
+    if not split:
+        assert threads == {threading.get_ident()}
+
+
 def test_pool_rejects_zero_workers():
     with pytest.raises(ValueError):
         ClusterCompressor(ZLIB, "default", 0)

@@ -599,14 +599,17 @@ class ClusterDecompressor(_OrderedPool["bytes | memoryview", bytes]):
         batches = (items[i : i + batch] for i in range(0, len(items), batch))
         return [plain for done in self.map_batches(batches) for plain in done]
 
-    def decompress_into(self, jobs: list[tuple[bytes | memoryview, memoryview, int]]) -> None:
+    def decompress_into(
+        self, jobs: list[tuple[bytes | memoryview, memoryview, int]], split: bool = True
+    ) -> None:
         """Fill each `dst` with bytes [skip, skip + len(dst)) of the cluster
         its `data` holds. The calling thread takes one share of the work and
-        the pool the others; returns when every `dst` is written (or, after
-        every task has finished, raises the first error in job order)."""
+        the pool the others (all of it without `split`); returns when every
+        `dst` is written (or, after every task has finished, raises the
+        first error in job order)."""
         run = self._into
         total = sum(len(dst) for _data, dst, _skip in jobs)
-        parts = min(self.workers, len(jobs), max(1, total // _MIN_TASK_BYTES))
+        parts = min(self.workers, len(jobs), max(1, total // _MIN_TASK_BYTES)) if split else 1
         if parts <= 1 or self._pool is None:
             run(jobs)
             return

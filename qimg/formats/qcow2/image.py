@@ -78,8 +78,13 @@ class Qcow2Image(Driver):
         # Whether a read has met compressed clusters (convert reads such
         # sources in parallel: decompression, not copying, is the work).
         self.read_compressed = False
+        # Whether one read spreads its clusters' decompression over the
+        # decompressor's threads; a caller that already reads from several
+        # threads (convert's readers) turns it off: nested hand-offs only
+        # cost wake-ups there.
+        self.split_decompression = True
         self._decompressor = None  # ClusterDecompressor, made on first use
-        self._compressed_buf: bytearray | None = None  # reused by _read_compressed
+        self._compressed_bufs: list[bytearray] = []  # reused by _read_compressed
         # readinto may run in several threads at once (convert's readers):
         # metadata lookups and the shared read state above are taken under
         # this lock; data I/O and decompression run outside it.
@@ -341,13 +346,17 @@ class Qcow2Image(Driver):
         spans = self._compressed_spans([ext.host for ext in exts])
         runs = _compressed_runs(spans)
         need = sum(hi - lo for lo, hi, _i, _j in runs)
-        # A buffer kept between reads: fresh memory costs a page fault per
-        # page. Taken off the image while in use, so no two reads share it.
+        # Buffers kept between reads: fresh memory costs a page fault per
+        # page. One is taken off the image while in use, so no two reads
+        # share it.
         with self._read_lock:
-            buf, self._compressed_buf = self._compressed_buf, None
+            bufs = self._compressed_bufs
+            buf = next((b for b in bufs if len(b) >= need), None)
+            if buf is not None:
+                bufs.remove(buf)
             decompressor = self._decompressor_for_reads()
             self.read_compressed = True
-        if buf is None or len(buf) < need:
+        if buf is None:
             buf = bytearray(need)
         try:
             raws = self._read_runs(memoryview(buf), spans, runs)
@@ -355,12 +364,13 @@ class Qcow2Image(Driver):
             for ext, raw in zip(exts, raws):
                 dst = view[ext.offset - offset : ext.offset - offset + ext.length]
                 jobs.append((raw, dst, ext.offset & (cs - 1)))
-            decompressor.decompress_into(jobs)
+            decompressor.decompress_into(jobs, split=self.split_decompression)
             del raws, jobs
         finally:
             if len(buf) <= _COMPRESSED_BUF_KEEP:
                 with self._read_lock:
-                    self._compressed_buf = buf
+                    if len(self._compressed_bufs) < _COMPRESSED_BUFS_KEPT:
+                        self._compressed_bufs.append(buf)
 
     def _decompressor_for_reads(self):
         """One ClusterDecompressor for the image's life (closed in close())."""
@@ -598,8 +608,10 @@ class Qcow2Image(Driver):
 
 
 # Largest read buffer _read_compressed keeps between reads (convert reads at
-# most 8 MiB of guest data at a time, so its compressed bytes fit).
+# most 2 MiB of guest data at a time, so its compressed bytes fit), and how
+# many it keeps (one per reader thread of convert's, and spares).
 _COMPRESSED_BUF_KEEP = 16 << 20
+_COMPRESSED_BUFS_KEPT = 4
 
 
 def _compressed_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
