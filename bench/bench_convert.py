@@ -11,7 +11,7 @@ Workloads (issue 4):
 Prints wall-time ratios (qimg / qemu-img, median), peak memory and the
 compressed sizes of both tools. Usage:
 
-    python bench/bench_convert.py [--dir DIR] [--quick] [--only NAME ...]
+    python bench/bench_convert.py [--dir DIR] [--quick] [--repeat N] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
     ap.add_argument("--quick", action="store_true", help="1 GiB image, one repetition")
     ap.add_argument("--only", nargs="*", default=None, help="workload names to run")
     ap.add_argument("--no-ext4", action="store_true", help="skip the real-data workload")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs per tool of the shorter workloads (default 3)"
+    )
     args = ap.parse_args(argv)
 
     work = (
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
     )
     os.makedirs(work, exist_ok=True)
     size = GiB if args.quick else 4 * GiB
-    rep = 1 if args.quick else 3
+    rep = 1 if args.quick else args.repeat
 
     def p(name: str) -> str:
         return os.path.join(work, name)
