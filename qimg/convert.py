@@ -42,7 +42,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qimg.driver import Driver
-from qimg.errors import BadOptionError, ImageIOError, QimgError, UnsupportedFeatureError
+from qimg.errors import (
+    BadOptionError,
+    ImageIOError,
+    ImageLockedError,
+    QimgError,
+    UnsupportedFeatureError,
+)
 
 __all__ = ["convert", "ConvertOptions", "parse_snapshot_param", "CHUNK"]
 
@@ -132,7 +138,7 @@ class ConvertOptions:
             )
         if nsources < 1:
             raise BadOptionError("Expecting image file name")
-        if nsources > 1 and self.backing_file:
+        if nsources > 1 and (self.backing_file or self.create_options.get("backing_file")):
             raise BadOptionError(
                 "Having a backing file for the target makes no sense when concatenating "
                 "multiple input images"
@@ -261,10 +267,14 @@ def _check_target_options(o: ConvertOptions) -> None:
         if key not in descs:
             raise BadOptionError(f"Invalid parameter '{key}'")
         _typed(descs[key], text)
-    if o.compress and o.target_format != "qcow2":
-        raise BadOptionError("Compression not supported for this file format")
     if o.backing_file and o.target_format != "qcow2":
         raise BadOptionError(f"Backing file not supported for file format '{o.target_format}'")
+    # -B and -F are -o backing_file and backing_fmt under other names.
+    backing = o.backing_file or o.create_options.get("backing_file")
+    if backing and not (o.backing_format or o.create_options.get("backing_fmt")):
+        raise BadOptionError("Use of backing file requires explicit backing format")
+    if o.compress and o.target_format != "qcow2":
+        raise BadOptionError("Compression not supported for this file format")
     if o.compress and o.create_options.get("preallocation", "off") != "off":
         raise BadOptionError("Compression and preallocation not supported at the same time")
     if o.bitmaps and o.target_format != "qcow2":
@@ -275,6 +285,7 @@ def _create_target(target: str, size: int, o: ConvertOptions) -> None:
     from qimg.api import create_image
 
     opts = dict(o.create_options)
+    opts.pop("size", None)  # qemu-img convert sizes the target after its sources
     if o.backing_format and not o.backing_file:
         opts["backing_fmt"] = o.backing_format  # create rejects it with qemu's words
     try:
@@ -285,7 +296,10 @@ def _create_target(target: str, size: int, o: ConvertOptions) -> None:
             opts,
             backing_file=o.backing_file,
             backing_fmt=o.backing_format if o.backing_file else None,
-            check_backing=True,
+            # As qemu-img: the backing file is first opened with the new
+            # target ("Could not open 'T': Could not open backing file: ..."),
+            # which is then removed again.
+            check_backing=False,
         )
     except QimgError as exc:
         # Never remove anything here: a target that could not be created may
@@ -311,8 +325,12 @@ def _open_target(target: str, o: ConvertOptions) -> Driver:
     fmt = o.target_format
     try:
         return open_image(target, fmt, writable=True, cache_unsafe=o.cache == "unsafe")
+    except ImageLockedError:
+        raise  # already in the words qemu-img prints ("Could not open 'T': ...")
     except QimgError as exc:
-        _prefix(exc, f"Could not open '{target}': ")
+        # qemu-img names the target before what the opener said, which for
+        # a file that cannot be opened names it once more.
+        exc.args = (f"Could not open '{target}': {exc}",)
         raise
 
 

@@ -435,6 +435,10 @@ BAD_COMBINATIONS = [
     ["-C", "-c", "-S", "4k", "--salvage", "-O", "qcow2"],
     ["-r", "abc", "-O", "raw"],
     ["-r", "-5", "-O", "raw"],
+    ["-B", "SRC", "-O", "qcow2"],
+    ["-O", "qcow2", "-o", "backing_file=base.qcow2"],
+    ["-c", "-B", "SRC", "-O", "qcow2", "-o", "preallocation=full"],
+    ["-c", "-B", "SRC", "-O", "raw"],
 ]
 
 
@@ -455,6 +459,45 @@ def test_convert_rejects_bad_combinations_like_qemu(tmp_path, qemu_img, args):
         == theirs_text
     )
     assert not (tmp_path / "t2").exists()
+
+
+def test_convert_with_one_file_asks_for_a_target_like_qemu(tmp_path, qemu_img):
+    src = make_qcow2(tmp_path / "src.qcow2", "1M")
+    theirs = run(["qemu-img", "convert", str(src)], check=False)
+    ours = qimg("convert", src, check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qimg:", "qemu-img:") == theirs.stderr
+
+
+def test_convert_unopenable_backing_fails_like_qemu_and_leaves_no_target(tmp_path, qemu_img):
+    src = make_qcow2(tmp_path / "src.qcow2", "1M")
+    args = ["-O", "qcow2", "-B", "missing.qcow2", "-F", "qcow2", str(src)]
+    theirs = run(["qemu-img", "convert", *args, str(tmp_path / "t1")], check=False)
+    ours = qimg("convert", *args, tmp_path / "t2", check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qimg:", "qemu-img:").replace("t2", "t1") == theirs.stderr
+    assert "Could not open backing file" in ours.stderr
+    assert not (tmp_path / "t2").exists()  # qemu-img leaves its new target behind
+
+
+def test_convert_sizes_the_target_after_its_sources_whatever_o_size_says(tmp_path, qemu_img):
+    src = make_qcow2(tmp_path / "src.qcow2", "8M", writes=("write -P 7 7M 64k",))
+    for fmt in ("qcow2", "raw"):
+        ours, theirs = tmp_path / f"ours.{fmt}", tmp_path / f"theirs.{fmt}"
+        run(["qemu-img", "convert", "-O", fmt, "-o", "size=4M", str(src), str(theirs)])
+        qimg("convert", "-O", fmt, "-o", "size=4M", src, ours)
+        for image in (ours, theirs):
+            info = qemu_json("info", "--output=json", "-f", fmt, image)
+            assert info["virtual-size"] == 8 * MiB
+        compare(src, ours, fmt_b=fmt)
+
+
+def test_convert_into_missing_existing_target_fails_like_qemu(tmp_path, qemu_img):
+    src = make_qcow2(tmp_path / "src.qcow2", "1M")
+    theirs = run(["qemu-img", "convert", "-n", str(src), str(tmp_path / "t1")], check=False)
+    ours = qimg("convert", "-n", src, tmp_path / "t2", check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qimg:", "qemu-img:").replace("t2", "t1") == theirs.stderr
 
 
 def test_convert_missing_target_directory_fails_cleanly(tmp_path, qemu_img):

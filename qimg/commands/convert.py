@@ -188,7 +188,7 @@ def command(
     )
     o.validate(max(1, len(files) - 1))
     if len(files) < 2:
-        raise BadOptionError("Expecting image file name")
+        raise BadOptionError("Must specify image file name")
     reporter = make_progress(show_progress and not quiet)
     try:
         convert(list(files[:-1]), files[-1], o, progress=reporter.report)
