@@ -504,15 +504,25 @@ class _Job:
         # -C copies data as it is (qemu-img's copy_range): zero blocks in
         # data are written, only holes are skipped.
         self.detect_zeros = self.sparse and not o.copy_range
-        # Zero detection granularity: -S, but never below a target cluster
-        # (a cluster is allocated whole anyway; a partial write would COW).
-        s = o.sparse_size or 512
-        if self.qcow2:
-            cs = self.cluster_size
-            self.block = cs if s <= cs else -(-s // cs) * cs
-        else:
-            self.block = s
         self.compress = o.compress
+        # grain: what the target allocates at once; data runs are read and
+        # written in whole grains (a partial cluster would be COWed anyway).
+        # block: zero-detection granularity, qemu-img's alignment: -S rounded
+        # down to a power of two, at least a grain. Like qemu-img, a data
+        # run is rounded out to grains but never to blocks beyond what the
+        # source holds, and a zero gap after data shorter than -S is written
+        # as data (min_zero, qemu-img's is_allocated_sectors_min).
+        if not self.qcow2:
+            self.grain = 512
+        elif self.compress:
+            self.grain = self.cluster_size
+        elif not o.skip_create and o.create_options.get("preallocation", "off") != "off":
+            self.grain = 512  # clusters exist already: written in place
+        else:
+            self.grain = tgt.geo.subcluster_size if tgt.geo.extended_l2 else self.cluster_size
+        s = o.sparse_size or 512
+        self.min_zero = s
+        self.block = max(self.grain, 1 << (s.bit_length() - 1))
         if self.compress:
             self.block = self.cluster_size
         # Zero runs: a fresh target (no backing file) already reads zeros.
@@ -546,7 +556,7 @@ class _Job:
     def _plan(self) -> Iterator[list[int]]:
         """[start, end, kind] runs covering the source, window by window."""
         src = self.src
-        align = self.block
+        align = self.grain
         for lo in range(0, self.total, PLAN_WINDOW):
             hi = min(self.total, lo + PLAN_WINDOW)
             if not self.sparse and self.backing is None:
@@ -681,23 +691,34 @@ class _Job:
             yield offset, length, view
             return
         B = self.block
-        nblocks = -(-length // B)
-        full = length // B
+        # Blocks lie on multiples of B in the guest; a chunk that starts or
+        # ends inside one (at a data run's edge) has a part-block there.
+        head = min(length, (-offset) % B)
+        full = (length - head) // B
+        tail = length - head - full * B
+        sizes = ([head] if head else []) + [B] * full + ([tail] if tail else [])
+        bounds = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).tolist()
+        nblocks = len(sizes)
+        first = 1 if head else 0  # index of the first whole block
         words = np.frombuffer(buf, dtype=np.uint8)
         zero = np.zeros(nblocks, dtype=bool)  # block reads as zeros
         if self.detect_zeros:
             if full:
-                w = words[: full * B].view(np.uint64).reshape(full, B // 8)
+                w = words[head : head + full * B].view(np.uint64).reshape(full, B // 8)
                 # Like qemu's buffer_is_zero, stop at the first non-zero word:
                 # a block whose first or last word is non-zero is data (one
                 # cache line read per block); only the others are scanned in full.
                 cand = np.flatnonzero((w[:, 0] | w[:, -1]) == 0)
                 if len(cand):
-                    zero[cand] = w[cand].max(axis=1) == 0
-            if nblocks > full:
-                zero[full] = not words[full * B :].any()
+                    zero[first + cand] = w[cand].max(axis=1) == 0
+            if head:
+                zero[0] = not words[:head].any()
+            if tail:
+                zero[-1] = not words[length - tail :].any()
+            if self.min_zero > B:
+                _absorb_short_gaps(zero, bounds, self.min_zero)
         if self.backing is not None:  # block must be written
-            keep = self._differs(offset, length, words, nblocks, full)
+            keep = self._differs(offset, words, bounds, head, full, tail)
         else:
             keep = np.ones(nblocks, dtype=bool)
         # Runs of (keep, zero) states become one item each.
@@ -706,7 +727,7 @@ class _Job:
         starts = [0, *edges.tolist()]
         stops = [*edges.tolist(), nblocks]
         for a, b in zip(starts, stops):
-            lo, hi = a * B, min(length, b * B)
+            lo, hi = bounds[a], bounds[b]
             st = int(state[a])
             if not st & 2:
                 yield offset + lo, hi - lo, False  # same as the backing file
@@ -715,21 +736,26 @@ class _Job:
             else:
                 yield offset + lo, hi - lo, view[lo:hi]
 
-    def _differs(self, offset, length, words, nblocks, full) -> np.ndarray:
-        """Blocks whose source data differs from the target's backing file."""
+    def _differs(self, offset, words, bounds, head, full, tail) -> np.ndarray:
+        """Blocks (as _data_chunk cuts them) whose source data differs from
+        the target's backing file."""
         B = self.block
+        length = len(words)
         other = bytearray(length)
         avail = max(0, min(length, self.backing.size - offset))
         if avail:
             self.backing.readinto(offset, memoryview(other)[:avail])
         theirs = np.frombuffer(other, dtype=np.uint8)
-        out = np.empty(nblocks, dtype=bool)
+        out = np.empty(len(bounds) - 1, dtype=bool)
+        first = 1 if head else 0
         if full:
-            a = words[: full * B].view(np.uint64).reshape(full, B // 8)
-            b = theirs[: full * B].view(np.uint64).reshape(full, B // 8)
-            out[:full] = (a != b).any(axis=1)
-        if nblocks > full:
-            out[full] = bool((words[full * B :] != theirs[full * B :]).any())
+            a = words[head : head + full * B].view(np.uint64).reshape(full, B // 8)
+            b = theirs[head : head + full * B].view(np.uint64).reshape(full, B // 8)
+            out[first : first + full] = (a != b).any(axis=1)
+        if head:
+            out[0] = bool((words[:head] != theirs[:head]).any())
+        if tail:
+            out[-1] = bool((words[length - tail :] != theirs[length - tail :]).any())
         return out
 
     # --- the producer thread ----------------------------------------------------
@@ -913,6 +939,15 @@ class _RateLimit:
         ahead = self.done / self.rate - (now - self.start) - self.SLICE
         if ahead > 0:
             time.sleep(ahead)
+
+
+def _absorb_short_gaps(zero: np.ndarray, bounds: list[int], min_zero: int) -> None:
+    """Runs of zero blocks that follow data and hold fewer than `min_zero`
+    bytes become data (zero[i] covers bytes bounds[i]:bounds[i+1])."""
+    edges = np.diff(np.concatenate(([0], zero.astype(np.int8), [0])))
+    for a, b in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+        if a > 0 and bounds[b] - bounds[a] < min_zero:
+            zero[a:b] = False
 
 
 def _resolved(piece) -> list:
