@@ -131,6 +131,7 @@ ALLOCATION_CASES = [
     ["-O", "qcow2", "-o", "cluster_size=4k", "-S", "12k"],
     ["-O", "qcow2", "-o", "preallocation=metadata"],
     ["-O", "qcow2", "-o", "extended_l2=on"],
+    ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "-S", "8k"],
 ]
 
 
@@ -171,6 +172,24 @@ def test_convert_allocates_what_qemu_img_allocates(tmp_path, qemu_img, args):
         ]
 
     assert extents(ours) == extents(theirs)
+    # ...and the host files hold data in the same places (a subcluster
+    # the write does not touch stays a hole).
+    assert host_data(ours) == host_data(theirs)
+
+
+def host_data(path) -> list[tuple[int, int]]:
+    """[start, end) of each run of data in the file (SEEK_DATA / SEEK_HOLE)."""
+    runs = []
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, pos))
+    return runs
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

@@ -231,3 +231,50 @@ def test_refcount_table_grows_many_times(qemu_img, tmp_path) -> None:
             model[offset : offset + len(data)] = data
         assert img.refcounts.table_offset != first_table
     check_against_qemu(cfg, path, model, tmp_path)
+
+
+def test_extended_l2_write_stores_only_the_subclusters_it_touches(qemu_img, tmp_path) -> None:
+    """As QEMU: a 4 KiB write into a new 64 KiB cluster (2 KiB subclusters)
+    writes 4 KiB to the host file; a later write to other subclusters of
+    that cluster writes only those; the rest stays a hole."""
+    import os
+
+    paths = {}
+    for tool in ("qemu", "qimg"):
+        path = tmp_path / f"{tool}.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(path), "1M"])
+        writes = [(b"\x01" * 4096, 0), (b"\x02" * 8192, 40 * KiB), (b"\x03" * 3000, 200 * KiB)]
+        if tool == "qemu":
+            for data, off in writes:
+                run(
+                    [
+                        "qemu-io",
+                        "-f",
+                        "qcow2",
+                        "-c",
+                        f"write -P {data[0]} {off} {len(data)}",
+                        str(path),
+                    ]
+                )
+        else:
+            with open_image(str(path), "qcow2", writable=True) as img:
+                for data, off in writes:
+                    img.write(off, data)
+        qemu_check_clean(path)
+        paths[tool] = path
+
+    def host_data(path):
+        runs, pos = [], 0
+        with open(path, "rb") as f:
+            fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                pos = os.lseek(fd, start, os.SEEK_HOLE)
+                runs.append((start, pos))
+        return runs
+
+    assert host_data(paths["qimg"]) == host_data(paths["qemu"])
+    assert qemu_read_raw(paths["qimg"], tmp_path) == qemu_read_raw(paths["qemu"], tmp_path)

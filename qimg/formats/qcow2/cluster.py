@@ -315,7 +315,13 @@ class ClusterMap:
             zero_edges = not geo.extended_l2 and any(
                 int(entries[j]) & L.QCOW_OFLAG_ZERO for j in range(run_start, k)
             )
-            if geo.extended_l2 or zero_edges:
+            if geo.extended_l2:
+                # Only the touched subclusters: the others keep what they
+                # hold (or, unallocated, hold nothing that is read).
+                bufs = self._cluster_buffers(ga, gb, start, end, data, edges)
+                a, b = self._subcluster_span(ga, gb, start, end)
+                self.owner.write_data(hosts[run_start] + a, _sliced(bufs, a, b))
+            elif zero_edges:
                 bufs = self._cluster_buffers(ga, gb, start, end, data, edges)
                 self.owner.write_data(hosts[run_start], bufs)
             else:
@@ -327,6 +333,15 @@ class ClusterMap:
                 rows[j, 1] = _U64(self._touched_bitmap(int(rows[j, 1]), c, start, end))
         else:
             rows &= ~_ZERO
+
+    def _subcluster_span(self, ca: int, cb_: int, start: int, end: int) -> tuple[int, int]:
+        """Bytes of clusters [ca, cb_) that the write [start, end) touches,
+        rounded out to subclusters, relative to cluster ca."""
+        geo = self.geo
+        base, sub = ca << geo.cluster_bits, geo.subcluster_size
+        lo = max(start, base) // sub * sub
+        hi = min(-(-end // sub) * sub, cb_ << geo.cluster_bits)
+        return lo - base, hi - base
 
     def _touched_bitmap(self, bitmap: int, cluster: int, start: int, end: int) -> int:
         """Extended L2 bitmap with the subclusters [start, end) touches allocated."""
@@ -356,9 +371,20 @@ class ClusterMap:
         else:
             host = owner.refcounts.alloc(n)
         bufs = self._cluster_buffers(ca, cb_, start, end, data, edges)
-        owner.write_data(host, bufs)
         rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
         entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+        if (
+            geo.extended_l2
+            and not self.has_data_file
+            and not (entries & (_OFFSET_MASK | _COMPRESSED)).any()
+        ):
+            # New clusters in place of ones without data: only the
+            # subclusters the write touches are allocated (below), so only
+            # they are written; the rest of the host clusters stays a hole.
+            lo, hi = self._subcluster_span(ca, cb_, start, end)
+            owner.write_data(host + lo, _sliced(bufs, lo, hi))
+        else:
+            owner.write_data(host, bufs)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         new_entries = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(n, dtype=np.uint64) * _U64(cs)
         if geo.extended_l2:
@@ -511,6 +537,19 @@ class ClusterMap:
                 rows[:] = np.where(keep, (entries & (_OFFSET_MASK | _COPIED)) | flag, flag)
             self.l2_cache.mark_dirty(l2_offset)
             self._free_entries(entries[~keep])
+
+
+def _sliced(buffers: list, lo: int, hi: int) -> list:
+    """Bytes [lo, hi) of the concatenation of `buffers`, as views."""
+    out = []
+    pos = 0
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        a, z = max(lo, pos), min(hi, pos + len(view))
+        if a < z:
+            out.append(view[a - pos : z - pos])
+        pos += len(view)
+    return out
 
 
 def _append(out: list[Extent], ext: Extent) -> None:
