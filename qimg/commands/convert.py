@@ -74,7 +74,10 @@ _coroutines = _parsed(
     "sparse",
     callback=_sparse_size,
     metavar="SIZE",
-    help="Zero detection granularity (default 4k); 0 writes every byte.",
+    help=(
+        "Zeros must run SIZE bytes (default 4k) to be left sparse; shorter zero "
+        "gaps after data are written. 0 writes every byte."
+    ),
 )
 @click.option(
     "-m",
