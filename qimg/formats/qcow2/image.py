@@ -512,10 +512,18 @@ class Qcow2Image(Driver):
             return self.clusters.extents(offset, length)
 
     def allocated_extents(self, offset: int, length: int) -> list[tuple[int, int, bool, bool]]:
-        """(offset, length, is_data, is_zero) runs, with backing resolved."""
+        """(offset, length, is_data, is_zero) runs, with backing resolved.
+
+        As QEMU's block status does, a data cluster's bytes that are a hole
+        in the host file read as zeros without being read (qemu-img convert
+        then leaves them sparse too)."""
         out = []
+        holes = self._host_has_holes()
         for ext in self._extents(offset, length):
-            if ext.kind in (DATA, COMPRESSED):
+            if ext.kind == DATA and holes:
+                for host, n, is_data in self.data_storage.data_extents(ext.host, ext.length):
+                    out.append((ext.offset + host - ext.host, n, is_data, not is_data))
+            elif ext.kind in (DATA, COMPRESSED):
                 out.append((ext.offset, ext.length, True, False))
             elif ext.kind == ZERO:
                 out.append((ext.offset, ext.length, False, True))
@@ -527,6 +535,17 @@ class Qcow2Image(Driver):
             else:
                 out.append((ext.offset, ext.length, False, True))
         return out
+
+    def _host_has_holes(self) -> bool:
+        """Whether the file holding data may have holes (fewer bytes
+        allocated than its size); if not, no data cluster needs a look."""
+        storage = self.data_storage
+        if not hasattr(storage, "data_extents") or not hasattr(storage, "allocated_size"):
+            return False
+        try:
+            return storage.allocated_size() < storage.size()
+        except (OSError, QimgError):
+            return False
 
     def flush(self) -> None:
         """Write every dirty table and make the file durable.
