@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import qemu_read_raw, run
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qimg.api import open_image
 
@@ -128,3 +130,26 @@ def test_reads_from_several_threads_at_once_match_qemu(opts, qemu_img, qemu_io, 
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+@given(
+    st.lists(st.integers(0, 64), min_size=0, max_size=12),
+    st.integers(0, 300),
+    st.integers(1, 300),
+)
+def test_data_extent_splits_into_host_data_and_holes(cuts, host, length):
+    """_split_by_runs tiles the extent; a byte is data iff a run covers it."""
+    from qimg.driver import DATA, Extent
+    from qimg.formats.qcow2.image import _split_by_runs
+
+    edges = sorted(set(c * 5 for c in cuts))
+    runs = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
+    pieces = _split_by_runs(Extent(DATA, 1000, length, host), runs)
+    pos = 1000
+    for offset, n, is_data, is_zero in pieces:
+        assert offset == pos and n > 0 and is_data != is_zero
+        for byte in (offset, offset + n - 1):
+            h = host + byte - 1000
+            assert is_data == any(a <= h < b for a, b in runs)
+        pos += n
+    assert pos == 1000 + length

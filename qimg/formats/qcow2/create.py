@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
-
 from qimg.errors import BadOptionError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
@@ -162,6 +160,10 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
             # QEMU creates the data file by the name as given (relative to
             # the working directory) and opens it the same way.
             data_storage = FileStorage(o.data_file, create=True)
+        # numpy loads only now: opening the file above may first free an
+        # existing target's pages (convert loads numpy meanwhile).
+        import numpy as np
+
         # Ordering: refcount structures, then the header that points at them.
         block = np.zeros(geo.refcount_block_size, dtype=np.uint64)
         block[:3] = 1
@@ -206,6 +208,8 @@ def _remove(path: str) -> None:
 
 def _allocate_l1(image, l1_size: int) -> None:
     """Allocate and write a zeroed L1 table, then point the header at it."""
+    import numpy as np
+
     h = image.header
     cs = image.geo.cluster_size
     if l1_size * 8 > L.QCOW_MAX_L1_SIZE:
@@ -232,6 +236,8 @@ def _allocate_l1(image, l1_size: int) -> None:
 def _preallocate(image, mode: str) -> None:
     """Map every cluster (QEMU's preallocate_co): per L2 table, the table
     and then its data clusters, so they alternate in the file."""
+    import numpy as np
+
     geo = image.geo
     cs = geo.cluster_size
     clusters = geo.size_to_clusters(image.size)

@@ -7,6 +7,7 @@ backing chain together. Everything user-visible goes through the methods of
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
@@ -518,11 +519,12 @@ class Qcow2Image(Driver):
         in the host file read as zeros without being read (qemu-img convert
         then leaves them sparse too)."""
         out = []
-        holes = self._host_has_holes()
-        for ext in self._extents(offset, length):
-            if ext.kind == DATA and holes:
-                for host, n, is_data in self.data_storage.data_extents(ext.host, ext.length):
-                    out.append((ext.offset + host - ext.host, n, is_data, not is_data))
+        exts = self._extents(offset, length)
+        data = [ext for ext in exts if ext.kind == DATA]
+        runs = self._host_data_runs(data) if data and self._host_has_holes() else None
+        for ext in exts:
+            if ext.kind == DATA and runs is not None:
+                out.extend(_split_by_runs(ext, runs))
             elif ext.kind in (DATA, COMPRESSED):
                 out.append((ext.offset, ext.length, True, False))
             elif ext.kind == ZERO:
@@ -535,6 +537,19 @@ class Qcow2Image(Driver):
             else:
                 out.append((ext.offset, ext.length, False, True))
         return out
+
+    def _host_data_runs(self, data: list[Extent]) -> list[tuple[int, int]]:
+        """[start, end) runs of data in the host file across the span that
+        `data` extents map to: one scan (SEEK_DATA / SEEK_HOLE), whose cost
+        grows with the span, where one per extent could scan the same
+        data many times over."""
+        lo = min(ext.host for ext in data)
+        hi = max(ext.host + ext.length for ext in data)
+        return [
+            (start, start + n)
+            for start, n, is_data in self.data_storage.data_extents(lo, hi - lo)
+            if is_data
+        ]
 
     def _host_has_holes(self) -> bool:
         """Whether the file holding data may have holes (fewer bytes
@@ -631,6 +646,30 @@ class Qcow2Image(Driver):
 # many it keeps (one per reader thread of convert's, and spares).
 _COMPRESSED_BUF_KEEP = 16 << 20
 _COMPRESSED_BUFS_KEPT = 4
+
+
+def _split_by_runs(ext: Extent, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool, bool]]:
+    """A data extent as (offset, length, is_data, is_zero) pieces: its host
+    bytes inside `runs` (sorted [start, end) data runs) are data, the
+    others a hole that reads as zeros."""
+    out = []
+    pos, end = ext.host, ext.host + ext.length
+    i = bisect.bisect_right(runs, (pos, float("inf"))) - 1
+    i = max(i, 0)
+    while pos < end:
+        while i < len(runs) and runs[i][1] <= pos:
+            i += 1
+        if i == len(runs) or runs[i][0] >= end:
+            out.append((ext.offset + pos - ext.host, end - pos, False, True))
+            break
+        start, stop = runs[i]
+        if start > pos:
+            out.append((ext.offset + pos - ext.host, start - pos, False, True))
+            pos = start
+        n = min(stop, end) - pos
+        out.append((ext.offset + pos - ext.host, n, True, False))
+        pos += n
+    return out
 
 
 def _compressed_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
