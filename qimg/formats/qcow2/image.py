@@ -91,6 +91,7 @@ class Qcow2Image(Driver):
         # this lock; data I/O and decompression run outside it.
         self._read_lock = threading.Lock()
         self._ol_map: tuple | None = None  # see _overlap_map
+        self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
 
     @property
@@ -539,12 +540,21 @@ class Qcow2Image(Driver):
         return out
 
     def _host_data_runs(self, data: list[Extent]) -> list[tuple[int, int]]:
-        """[start, end) runs of data in the host file across the span that
-        `data` extents map to: one scan (SEEK_DATA / SEEK_HOLE), whose cost
-        grows with the span, where one per extent could scan the same
-        data many times over."""
+        """[start, end) runs of data in the host file, at least across the
+        span that `data` extents map to. One scan (SEEK_DATA / SEEK_HOLE)
+        costs as much as the data it passes on tmpfs, so a read-only image
+        scans its whole file once and keeps the runs (its file does not
+        change: no writer can hold it); a writable one scans the span."""
+        if not self.writable:
+            with self._read_lock:
+                if self._host_runs is None:
+                    self._host_runs = self._scan_host(0, self.data_storage.size())
+                return self._host_runs
         lo = min(ext.host for ext in data)
         hi = max(ext.host + ext.length for ext in data)
+        return self._scan_host(lo, hi)
+
+    def _scan_host(self, lo: int, hi: int) -> list[tuple[int, int]]:
         return [
             (start, start + n)
             for start, n, is_data in self.data_storage.data_extents(lo, hi - lo)
