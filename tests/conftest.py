@@ -87,3 +87,18 @@ def qemu_read_raw(path, tmp_path, fmt: str | None = None) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def host_data(path) -> list[tuple[int, int]]:
+    """[start, end) of each run of data in a file (SEEK_DATA / SEEK_HOLE)."""
+    runs = []
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, pos))
+    return runs

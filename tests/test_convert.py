@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import qemu_check_clean, qemu_json, qimg, run
+from tests.conftest import host_data, qemu_check_clean, qemu_json, qimg, run
 
 MiB = 1 << 20
 
@@ -205,21 +205,6 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     assert libc.fallocate(fd, 0x02 | 0x01, offset, length) == 0, os.strerror(ctypes.get_errno())
-
-
-def host_data(path) -> list[tuple[int, int]]:
-    """[start, end) of each run of data in the file (SEEK_DATA / SEEK_HOLE)."""
-    runs = []
-    with open(path, "rb") as f:
-        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            runs.append((start, pos))
-    return runs
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import host_data, run
 
 from qimg.api import open_image
 from qimg.faults import FaultyStorage, SimulatedCrash
@@ -152,19 +152,11 @@ def read_windows(raw_path: str) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     with open(raw_path, "rb") as f:
         fd = f.fileno()
-        end = os.fstat(fd).st_size
-        pos = 0
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        for data, hole in host_data(raw_path):
             for w in range(data // W, -(-hole // W)):
                 buf = os.pread(fd, W, w * W).ljust(W, b"\0")
-                if any(buf):
+                if w not in out and any(buf):
                     out[w] = buf
-            pos = max(hole, (hole // W + 1) * W if hole % W else hole)
     return out
 
 

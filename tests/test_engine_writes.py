@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import qemu_check_clean, qemu_read_raw, run
+from conftest import host_data, qemu_check_clean, qemu_read_raw, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,8 +237,6 @@ def test_extended_l2_write_stores_only_the_subclusters_it_touches(qemu_img, tmp_
     """As QEMU: a 4 KiB write into a new 64 KiB cluster (2 KiB subclusters)
     writes 4 KiB to the host file; a later write to other subclusters of
     that cluster writes only those; the rest stays a hole."""
-    import os
-
     paths = {}
     for tool in ("qemu", "qimg"):
         path = tmp_path / f"{tool}.qcow2"
@@ -262,19 +260,6 @@ def test_extended_l2_write_stores_only_the_subclusters_it_touches(qemu_img, tmp_
                     img.write(off, data)
         qemu_check_clean(path)
         paths[tool] = path
-
-    def host_data(path):
-        runs, pos = [], 0
-        with open(path, "rb") as f:
-            fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                pos = os.lseek(fd, start, os.SEEK_HOLE)
-                runs.append((start, pos))
-        return runs
 
     assert host_data(paths["qimg"]) == host_data(paths["qemu"])
     assert qemu_read_raw(paths["qimg"], tmp_path) == qemu_read_raw(paths["qemu"], tmp_path)
