@@ -251,11 +251,15 @@ class ClusterMap:
         i0 = c0 & (geo.l2_size - 1)
         rows = table[i0 : i0 + (c1 - c0)]
         entries = rows[:, 0] if geo.extended_l2 else rows
-        off = entries & _OFFSET_MASK
-        has_host = (off != 0) | ((entries & _COPIED) != 0 if self.has_data_file else False)
-        reusable = has_host & ((entries & _COPIED) != 0) & ((entries & _COMPRESSED) == 0)
-        flips = np.flatnonzero(reusable[1:] != reusable[:-1]) + 1
-        bounds = np.concatenate(([0], flips, [len(reusable)])).tolist()
+        if entries.any():
+            off = entries & _OFFSET_MASK
+            has_host = (off != 0) | ((entries & _COPIED) != 0 if self.has_data_file else False)
+            reusable = has_host & ((entries & _COPIED) != 0) & ((entries & _COMPRESSED) == 0)
+            flips = np.flatnonzero(reusable[1:] != reusable[:-1]) + 1
+            bounds = np.concatenate(([0], flips, [len(reusable)])).tolist()
+        else:  # all unallocated (a new image): one allocating run
+            reusable = (False,)
+            bounds = [0, len(entries)]
         for a, b in zip(bounds[:-1], bounds[1:]):
             # Ordering: the table is dirty before each run changes entries
             # (QEMU marks the slice dirty before linking) and again after
@@ -412,7 +416,7 @@ class ClusterMap:
         cluster (a crash leaks, never frees a cluster in use), and the freed
         clusters are not reused before a flush (refcount.py's pending_free).
         """
-        if self.has_data_file:
+        if self.has_data_file or not entries.any():
             return
         geo = self.geo
         owner = self.owner
