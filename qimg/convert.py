@@ -64,6 +64,7 @@ READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
 READ_BUFFERS = 12  # reused read buffers of CHUNK bytes (_Job._buffer)
 PLAN_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
+MAX_PLAN_WINDOW = 1 << 50  # the same, across stretches without data (_Job._plan)
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
@@ -495,6 +496,11 @@ def _merge(runs) -> list[list[int]]:
     return out
 
 
+def _clip(runs: list[list[int]], lo: int, hi: int) -> list[list[int]]:
+    """The parts of [start, end, kind] runs inside [lo, hi)."""
+    return [[max(s, lo), min(e, hi), k] for s, e, k in runs if s < hi and e > lo]
+
+
 def _align_data(runs: list[list[int]], align: int, lo: int, hi: int) -> list[list[int]]:
     """Grow DATA runs outwards to `align` (clipped to [lo, hi)); what they
     swallow is read too (it reads as what the source holds there)."""
@@ -591,13 +597,20 @@ class _Job:
     # --- planning (producer thread) ----------------------------------------------
 
     def _plan(self) -> Iterator[list[int]]:
-        """[start, end, kind] runs covering the source, window by window."""
+        """[start, end, kind] runs covering the source, window by window.
+
+        A window that holds no data makes the next one twice as large (up
+        to MAX_PLAN_WINDOW), so a sparse image of petabytes takes a few
+        dozen calls, not one per GiB; data is planned in PLAN_WINDOW
+        windows, which bounds the runs held at once."""
         src = self.src
         align = self.grain
-        for lo in range(0, self.total, PLAN_WINDOW):
-            hi = min(self.total, lo + PLAN_WINDOW)
+        lo, window = 0, PLAN_WINDOW
+        while lo < self.total:
+            hi = min(self.total, lo + window)
             if not self.sparse and self.backing is None:
                 yield [lo, hi, DATA]
+                lo = hi
                 continue
             if self.skip_same_backing:
                 runs = _merge(src.top_extents(lo, hi - lo))
@@ -608,7 +621,17 @@ class _Job:
                 )
             if not self.sparse:
                 runs = [[s, e, DATA if k == ZERO else k] for s, e, k in runs]
+            first_data = next((r[0] for r in runs if r[2] == DATA), None)
+            if first_data is not None and window > PLAN_WINDOW:
+                # Only the data-free head of a large window is kept; the
+                # data is planned again in small windows.
+                cut = max(lo, first_data // PLAN_WINDOW * PLAN_WINDOW)
+                yield from _clip(runs, lo, cut)
+                lo, window = cut, PLAN_WINDOW
+                continue
             yield from _align_data(runs, align, lo, hi)
+            lo = hi
+            window = PLAN_WINDOW if first_data is not None else min(2 * window, MAX_PLAN_WINDOW)
 
     def _items(self) -> Iterator[tuple[int, int, memoryview | None]]:
         """(offset, length, data or None for zeros) to write, in order;

@@ -15,11 +15,19 @@ The steps and their order decide which error a user sees, and whether the
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import NamedTuple
 
-from qimg.errors import BackingChainError, BadOptionError, QimgError, UnsupportedFeatureError
+from qimg.errors import (
+    BackingChainError,
+    BadOptionError,
+    FileTooLargeError,
+    ImageIOError,
+    QimgError,
+    UnsupportedFeatureError,
+)
 from qimg.options import parse_bool, parse_number, parse_size
 
 
@@ -251,6 +259,7 @@ def _create_raw(path: str, values: dict) -> None:
     if prealloc not in ("off", "falloc", "full"):
         raise BadOptionError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     size = -(-values["size"] // 512) * 512
+    existed = os.path.lexists(path)
     storage = FileStorage(path, create=True)
     try:
         if prealloc == "falloc":
@@ -259,10 +268,18 @@ def _create_raw(path: str, values: dict) -> None:
             from qimg.formats.qcow2.create import write_zeros
 
             write_zeros(storage, 0, size)
-        storage.truncate(size)
+        try:
+            os.ftruncate(storage.fd, size)
+        except OSError as exc:
+            error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
+            raise error(f"Could not resize file: {exc.strerror}") from None
         if prealloc == "off" and size:
             # QEMU's allocate_first_block: the first block of a new raw file
             # is written (zeros), so probing its allocation stays cheap.
             storage.pwrite(0, bytes(min(size, 4096)))
-    finally:
+    except BaseException:
         storage.close()
+        if not existed:  # (QEMU leaves the empty file behind)
+            os.unlink(path)
+        raise
+    storage.close()

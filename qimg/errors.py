@@ -78,6 +78,10 @@ class ImageIOError(QimgError):
     cannot be opened or created."""
 
 
+class FileTooLargeError(ImageIOError):
+    """The file system refused the file's size (EFBIG)."""
+
+
 class NoCheckError(QimgError):
     """Raised when: `check` is asked of a format that has no consistency check."""
 

@@ -586,6 +586,41 @@ def test_convert_into_missing_existing_target_fails_like_qemu(tmp_path, qemu_img
     assert ours.stderr.replace("qimg:", "qemu-img:").replace("t2", "t1") == theirs.stderr
 
 
+def test_convert_of_a_huge_sparse_image_plans_in_growing_windows(tmp_path, qemu_img):
+    """16 PiB with one cluster of data: the plan asks for ever larger
+    windows across the empty stretches (one call per GiB would take
+    hours), and the copy holds exactly the data."""
+    src = make_qcow2(tmp_path / "src.qcow2", "16P", opts="cluster_size=2M")
+    qemu_io(src, "write -P 7 15P 1M")
+    out = tmp_path / "out.qcow2"
+    qimg("convert", "-O", "qcow2", "-o", "cluster_size=2M", src, out, timeout=60)
+    qemu_check_clean(out)
+    assert qemu_json("info", "--output=json", out)["virtual-size"] == 16 << 50
+    qemu_io(out, "read -P 7 15P 1M", "read -P 0 16895M 1M", "read -P 0 0 2M")
+    assert os.path.getsize(out) < 16 * MiB
+
+
+def test_convert_to_a_raw_file_too_large_fails_like_qemu_and_leaves_nothing(tmp_path, qemu_img):
+    src = make_qcow2(tmp_path / "src.qcow2", "16P", opts="cluster_size=2M")
+    theirs = run(["qemu-img", "convert", "-O", "raw", str(src), str(tmp_path / "t1")], check=False)
+    ours = qimg("convert", "-O", "raw", src, tmp_path / "t2", check=False)
+    if theirs.returncode == 0:
+        pytest.skip("this file system takes a 16 PiB file")
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qimg:", "qemu-img:").replace("t2", "t1") == theirs.stderr
+    assert not (tmp_path / "t2").exists()  # qemu-img leaves an empty file
+
+
+def test_create_of_a_raw_file_too_large_fails_like_qemu(tmp_path, qemu_img):
+    theirs = run(["qemu-img", "create", "-f", "raw", str(tmp_path / "t1"), "16P"], check=False)
+    ours = qimg("create", "-f", "raw", tmp_path / "t2", "16P", check=False)
+    if theirs.returncode == 0:
+        pytest.skip("this file system takes a 16 PiB file")
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qimg:", "qemu-img:").replace("t2", "t1") == theirs.stderr
+    assert not (tmp_path / "t2").exists()
+
+
 def test_convert_missing_target_directory_fails_cleanly(tmp_path, qemu_img):
     src = make_qcow2(tmp_path / "src.qcow2", "1M")
     target = tmp_path / "nope" / "out.qcow2"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qimg.commands._click import click
 from qimg.commands.common import need_filename, quiet_option
-from qimg.errors import QimgError
+from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 
 
 @click.command("create")
@@ -49,6 +49,12 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -
             check_backing=not unsafe,
             on_formatting=echo,
         )
+    except FileTooLargeError:
+        # qemu-img create's (bdrv_img_create's) words for EFBIG
+        hint = " (try using a larger cluster size)" if "cluster_size" in opts else ""
+        raise ImageIOError(
+            f"{filename}: The image size is too large for file format '{fmt}'{hint}"
+        ) from None
     except QimgError as exc:
         exc.args = (f"{filename}: {exc}",)
         raise
