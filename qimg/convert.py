@@ -335,8 +335,12 @@ def _create_while_loading(target: str, size: int, o: ConvertOptions) -> None:
     thread.start()
     try:
         _load_pipeline()
-    finally:
+    except BaseException:
         thread.join()
+        if not failure:
+            _remove(target)  # made here, and no copy will follow
+        raise
+    thread.join()
     if failure:
         raise failure[0]
 
@@ -767,8 +771,8 @@ class _Job:
         words = np.frombuffer(buf, dtype=np.uint8)
         zero = np.zeros(nblocks, dtype=bool)  # block reads as zeros
         if self.detect_zeros:
+            part0, w, part1 = _cut(words, head, full, B)
             if full:
-                w = words[head : head + full * B].view(np.uint64).reshape(full, B // 8)
                 # Like qemu's buffer_is_zero, stop at the first non-zero word:
                 # a block whose first or last word is non-zero is data (one
                 # cache line read per block); only the others are scanned in full.
@@ -776,9 +780,9 @@ class _Job:
                 if len(cand):
                     zero[first + cand] = w[cand].max(axis=1) == 0
             if head:
-                zero[0] = not words[:head].any()
+                zero[0] = not part0.any()
             if tail:
-                zero[-1] = not words[length - tail :].any()
+                zero[-1] = not part1.any()
             if self.min_zero > B:
                 _absorb_short_gaps(zero, bounds, self.min_zero)
         if self.backing is not None:  # block must be written
@@ -811,17 +815,16 @@ class _Job:
         avail = max(0, min(length, self.backing.size - offset))
         if avail:
             self.backing.readinto(offset, memoryview(other)[:avail])
-        theirs = np.frombuffer(other, dtype=np.uint8)
+        mine = _cut(words, head, full, B)
+        theirs = _cut(np.frombuffer(other, dtype=np.uint8), head, full, B)
         out = np.empty(len(bounds) - 1, dtype=bool)
         first = 1 if head else 0
         if full:
-            a = words[head : head + full * B].view(np.uint64).reshape(full, B // 8)
-            b = theirs[head : head + full * B].view(np.uint64).reshape(full, B // 8)
-            out[first : first + full] = (a != b).any(axis=1)
+            out[first : first + full] = (mine[1] != theirs[1]).any(axis=1)
         if head:
-            out[0] = bool((words[:head] != theirs[:head]).any())
+            out[0] = bool((mine[0] != theirs[0]).any())
         if tail:
-            out[-1] = bool((words[length - tail :] != theirs[length - tail :]).any())
+            out[-1] = bool((mine[2] != theirs[2]).any())
         return out
 
     # --- the producer thread ----------------------------------------------------
@@ -1005,6 +1008,14 @@ class _RateLimit:
         ahead = self.done / self.rate - (now - self.start) - self.SLICE
         if ahead > 0:
             time.sleep(ahead)
+
+
+def _cut(words: np.ndarray, head: int, full: int, block: int) -> tuple:
+    """A chunk's bytes as (the part-block before the first block boundary,
+    the `full` whole blocks as rows of 64-bit words, the part-block after)."""
+    end = head + full * block
+    rows = words[head:end].view("<u8").reshape(full, block // 8)
+    return words[:head], rows, words[end:]
 
 
 def _absorb_short_gaps(zero: np.ndarray, bounds: list[int], min_zero: int) -> None:

@@ -522,7 +522,7 @@ class Qcow2Image(Driver):
         out = []
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
-        runs = self._host_data_runs(data) if data and self._host_has_holes() else None
+        runs = self._host_data_runs(data) if data else None
         for ext in exts:
             if ext.kind == DATA and runs is not None:
                 out.extend(_split_by_runs(ext, runs))
@@ -539,17 +539,21 @@ class Qcow2Image(Driver):
                 out.append((ext.offset, ext.length, False, True))
         return out
 
-    def _host_data_runs(self, data: list[Extent]) -> list[tuple[int, int]]:
+    def _host_data_runs(self, data: list[Extent]) -> list[tuple[int, int]] | None:
         """[start, end) runs of data in the host file, at least across the
-        span that `data` extents map to. One scan (SEEK_DATA / SEEK_HOLE)
-        costs as much as the data it passes on tmpfs, so a read-only image
-        scans its whole file once and keeps the runs (its file does not
-        change: no writer can hold it); a writable one scans the span."""
+        span that `data` extents map to; None if the file has no holes.
+        One scan (SEEK_DATA / SEEK_HOLE) costs as much as the data it passes
+        on tmpfs, so a read-only image scans its whole file once and keeps
+        the runs (its file does not change: no writer can hold it); a
+        writable one scans the span."""
         if not self.writable:
             with self._read_lock:
                 if self._host_runs is None:
-                    self._host_runs = self._scan_host(0, self.data_storage.size())
-                return self._host_runs
+                    size = self.data_storage.size()
+                    self._host_runs = self._scan_host(0, size) if self._host_has_holes() else []
+                return self._host_runs or None
+        if not self._host_has_holes():
+            return None
         lo = min(ext.host for ext in data)
         hi = max(ext.host + ext.length for ext in data)
         return self._scan_host(lo, hi)
