@@ -102,7 +102,9 @@ def test_reads_from_several_threads_at_once_match_qemu(opts, qemu_img, qemu_io, 
     rnd = random.Random(7)
     cmds = qemu_io_commands(rnd, size, cs, 60, compress=True)
     cmds += [f"write -c -P {i % 200 + 1} {i * 64 * KiB} {cs}" for i in range(size // (64 * KiB))]
-    run(["qemu-io", "-f", "qcow2"] + [a for c in cmds for a in ("-c", c)] + [str(path)], check=False)
+    run(
+        ["qemu-io", "-f", "qcow2"] + [a for c in cmds for a in ("-c", c)] + [str(path)], check=False
+    )
     expected = qemu_read_raw(path, tmp_path, "qcow2")
     failures: list[str] = []
 
