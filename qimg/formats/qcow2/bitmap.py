@@ -54,6 +54,7 @@ class BitmapEntry:
     type: int
     granularity_bits: int
     extra_data: bytes = b""
+    name_size: int | None = None  # as on disk, where a NUL ends the name early
 
     @property
     def granularity(self) -> int:
@@ -83,44 +84,93 @@ class Bitmap:
         return self.bits is None
 
 
-def read_bitmap_directory(image) -> list[BitmapEntry]:
-    """The bitmap directory, bounded by QEMU's limits; [] without bitmaps."""
-    h = image.header
-    if h.bitmaps_ext is None or not (h.autoclear_features & L.QCOW2_AUTOCLEAR_BITMAPS):
-        return []
-    nb, size, offset = h.bitmaps_ext
+# QEMU 7.2 knows flags in-use and auto only: bit 2 (the spec's
+# extra_data_compatible) is reserved to it, like every other bit.
+_RESERVED_FLAGS = 0xFFFFFFFF & ~(L.BME_FLAG_IN_USE | L.BME_FLAG_AUTO)
+
+
+def check_extension(header, nb: int, reserved: int, dir_size: int, dir_offset: int) -> None:
+    """QEMU's checks of the bitmaps extension (qcow2_read_extensions), in its
+    order. Without the autoclear bit the extension is ignored (open_bitmaps warns)."""
+    if not header.autoclear_features & L.QCOW2_AUTOCLEAR_BITMAPS:
+        return
+    if reserved:
+        raise InvalidImageError("bitmaps_ext: Reserved field is not zero")
     if nb > L.QCOW2_MAX_BITMAPS:
-        raise InvalidImageError("bitmaps_ext: Image has too many bitmaps")
-    if size > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-        raise InvalidImageError("bitmaps_ext: Bitmap directory is too large")
-    if offset % image.geo.cluster_size or offset + size > image.storage.size():
-        raise InvalidImageError("bitmaps_ext: Invalid bitmap directory offset")
-    raw = image.storage.pread(offset, size)
-    entries = []
-    for pos, end in _entry_spans(raw, nb, size):
-        (table_offset, table_size, flags, btype, gran, name_size, extra_size) = (
-            L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
+        raise InvalidImageError(
+            f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum "
+            f"of {L.QCOW2_MAX_BITMAPS}"
         )
-        start = pos + L.BITMAP_DIRECTORY_ENTRY.size
-        extra = raw[start : start + extra_size]
-        name = raw[start + extra_size : end].decode("utf-8", "replace")
-        entries.append(BitmapEntry(name, table_offset, table_size, flags, btype, gran, extra))
+    if nb == 0:
+        raise InvalidImageError("found bitmaps extension with zero bitmaps")
+    if dir_offset % (1 << header.cluster_bits):
+        raise InvalidImageError("bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        raise InvalidImageError(
+            f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum supported "
+            f"size ({L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE})"
+        )
+
+
+def has_bitmaps(image) -> bool:
+    """Whether QEMU reads the image's bitmaps: an extension, and the
+    autoclear bit saying no program unaware of them wrote the image since."""
+    h = image.header
+    return h.bitmaps_ext is not None and bool(h.autoclear_features & L.QCOW2_AUTOCLEAR_BITMAPS)
+
+
+def read_bitmap_directory(image) -> list[BitmapEntry]:
+    """The bitmap directory, checked as QEMU's bitmap_list_load checks it
+    (every entry, in order; then the count); [] without bitmaps."""
+    if not has_bitmaps(image):
+        return []
+    nb, size, offset = image.header.bitmaps_ext
+    if size == 0:
+        raise InvalidImageError("Requested bitmap directory size is zero")
+    raw = pread_padded(image, offset, size)
+    entries = []
+    pos = 0
+    while pos < size:
+        if pos + L.BITMAP_DIRECTORY_ENTRY.size > size:
+            raise InvalidImageError("Broken bitmap directory")
+        if len(entries) == nb:
+            raise InvalidImageError("More bitmaps found than specified in header extension")
+        e, end = _parse_entry(raw, pos)
+        if end > size:
+            raise InvalidImageError("Broken bitmap directory")
+        if e.extra_data:
+            raise InvalidImageError("Bitmap extra data is not supported")
+        _check_dir_entry(image, e)
+        entries.append(e)
+        pos = end
+    if len(entries) != nb:
+        raise InvalidImageError("Less bitmaps found than specified in header extension")
     return entries
 
 
+def _parse_entry(raw: bytes, pos: int) -> tuple[BitmapEntry, int]:
+    """The entry at `pos` and where the next one starts (8-byte aligned);
+    the name ends at its first NUL, as QEMU copies it (g_strndup)."""
+    (table_offset, table_size, flags, btype, gran, name_size, extra_size) = (
+        L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
+    )
+    start = pos + L.BITMAP_DIRECTORY_ENTRY.size
+    extra = raw[start : start + extra_size]
+    name = raw[start + extra_size : start + extra_size + name_size].split(b"\0", 1)[0]
+    end = (start + extra_size + name_size + 7) & ~7
+    name = name.decode("utf-8", "replace")
+    return BitmapEntry(name, table_offset, table_size, flags, btype, gran, extra, name_size), end
+
+
 def _entry_spans(raw: bytes, nb: int, size: int) -> list[tuple[int, int]]:
-    """(start, end of name) of each of the `nb` directory entries in `raw`."""
+    """(start, end) of each of the `nb` directory entries in `raw` (a
+    directory read_bitmap_directory accepted)."""
     spans = []
     pos = 0
     for _ in range(nb):
-        if pos + L.BITMAP_DIRECTORY_ENTRY.size > size:
-            raise InvalidImageError("Bitmap directory is corrupt")
-        *_, name_size, extra_size = L.BITMAP_DIRECTORY_ENTRY.unpack_from(raw, pos)
-        end = pos + L.BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size
-        if end > size or name_size > L.BME_MAX_NAME_SIZE:
-            raise InvalidImageError("Bitmap directory is corrupt")
+        _e, end = _parse_entry(raw, pos)
         spans.append((pos, end))
-        pos = (end + 7) & ~7
+        pos = end
     return spans
 
 
@@ -149,7 +199,8 @@ def _dir_entry_size(name: bytes, extra: bytes) -> int:
 
 
 def _check_dir_entry(image, e: BitmapEntry) -> None:
-    """QEMU's check_dir_entry, and its refusal of unknown extra data."""
+    """QEMU's check_dir_entry. An in-use bitmap may be too small for the
+    image (it was not stored after a resize): nobody reads its bits."""
     cs = image.geo.cluster_size
     bad = (
         e.table_size == 0
@@ -157,7 +208,8 @@ def _check_dir_entry(image, e: BitmapEntry) -> None:
         or e.table_offset % cs
         or e.table_size > L.BME_MAX_TABLE_SIZE
         or not L.BME_MIN_GRANULARITY_BITS <= e.granularity_bits <= L.BME_MAX_GRANULARITY_BITS
-        or e.flags & L.BME_RESERVED_FLAGS
+        or e.flags & _RESERVED_FLAGS
+        or _name_size(e) > L.BME_MAX_NAME_SIZE
         or e.type != L.BT_DIRTY_TRACKING
     )
     phys = e.table_size * cs
@@ -167,11 +219,13 @@ def _check_dir_entry(image, e: BitmapEntry) -> None:
         bad = image.size > (phys * 8) << e.granularity_bits
     if bad:
         raise InvalidImageError(f"Bitmap '{e.name}' doesn't satisfy the constraints")
-    if e.extra_data and not e.flags & L.BME_FLAG_EXTRA_DATA_COMPATIBLE:
-        raise InvalidImageError("Bitmap extra data is not supported")
 
 
-def _pread_padded(image, offset: int, length: int) -> bytes:
+def _name_size(e: BitmapEntry) -> int:
+    return len(e.name.encode()) if e.name_size is None else e.name_size
+
+
+def pread_padded(image, offset: int, length: int) -> bytes:
     """Bytes at offset; past the end of the file they read as zeros (as QEMU's file driver)."""
     data = image.storage.pread(offset, length)
     return data if len(data) == length else data.ljust(length, b"\0")
@@ -181,7 +235,7 @@ def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
     """The bitmap table of `e` (uint64), each entry checked (QEMU's bitmap_table_load)."""
     import numpy as np
 
-    raw = _pread_padded(image, e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE)
+    raw = pread_padded(image, e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE)
     table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
     bad = (table & np.uint64(L.BME_TABLE_ENTRY_RESERVED_MASK)) != 0
@@ -194,6 +248,12 @@ def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
     return table
 
 
+def _check_table_size(image, e: BitmapEntry, table: np.ndarray) -> None:
+    """QEMU's load_bitmap_data: one table entry per cluster of bits."""
+    if len(table) != _table_size(image.size, e.granularity_bits, image.geo.cluster_size):
+        raise InvalidImageError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+
+
 def load_bitmap(image, e: BitmapEntry, table: np.ndarray | None = None) -> np.ndarray:
     """The bits of a consistent bitmap (QEMU's load_bitmap_data)."""
     import numpy as np
@@ -201,15 +261,14 @@ def load_bitmap(image, e: BitmapEntry, table: np.ndarray | None = None) -> np.nd
     cs = image.geo.cluster_size
     if table is None:
         table = load_bitmap_table(image, e)
-    if len(table) != _table_size(image.size, e.granularity_bits, cs):
-        raise InvalidImageError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+    _check_table_size(image, e, table)
     bits = np.zeros(len(table) * cs, dtype=np.uint8)
     offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
     ones = (offsets == 0) & ((table & np.uint64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
     for i in np.flatnonzero(ones):
         bits[i * cs : (i + 1) * cs] = 0xFF
     for i in np.flatnonzero(offsets):
-        raw = _pread_padded(image, int(offsets[i]), cs)
+        raw = pread_padded(image, int(offsets[i]), cs)
         bits[i * cs : (i + 1) * cs] = np.frombuffer(raw, dtype=np.uint8)
     return _trimmed(bits, image.size, e.granularity_bits)
 
@@ -224,21 +283,64 @@ def _trimmed(bits: np.ndarray, size: int, granularity_bits: int) -> np.ndarray:
 
 
 def _validated_directory(image) -> list[BitmapEntry]:
+    """The directory, after every check QEMU makes as it loads the bitmaps on
+    open (qcow2_load_dirty_bitmaps): names are unique, but an in-use bitmap
+    named like one loaded before it is skipped; a consistent bitmap's table
+    is readable and of the size the image needs."""
     entries = read_bitmap_directory(image)
     names = set()
     for e in entries:
-        _check_dir_entry(image, e)
+        in_use = e.flags & L.BME_FLAG_IN_USE
         if e.name in names:
-            raise InvalidImageError(f"Bitmap '{e.name}' is duplicated in the bitmap directory")
+            if in_use:
+                continue
+            raise InvalidImageError(f"Bitmap already exists: {e.name}")
         names.add(e.name)
+        if not in_use:
+            _check_table_size(image, e, load_bitmap_table(image, e))
     return entries
+
+
+def _loaded(entries: list[BitmapEntry]) -> list[BitmapEntry]:
+    """The entries QEMU makes bitmaps of: not an in-use one named like an
+    earlier one (see _validated_directory)."""
+    names: set[str] = set()
+    out = []
+    for e in entries:
+        if e.name not in names:
+            out.append(e)
+        names.add(e.name)
+    return out
+
+
+def open_bitmaps(image) -> None:
+    """What opening a qcow2 image does with its bitmaps in QEMU: refuse it
+    where they cannot be loaded; warn where the extension is ignored."""
+    h = image.header
+    if h.bitmaps_ext is None:
+        return
+    if has_bitmaps(image):
+        _validated_directory(image)
+    elif h.version < 3:
+        warn(
+            "This qcow2 v2 image contains bitmaps, but they may have been modified by a "
+            "program without persistent bitmap support; so now they must all be considered "
+            "inconsistent\nSome clusters may be leaked, run 'qemu-img check -r' on the image "
+            "file to fix."
+        )
+    else:
+        warn(
+            "a program lacking bitmap support modified this file, so all bitmaps are now "
+            "considered inconsistent\nSome clusters may be leaked, run 'qemu-img check -r' "
+            "on the image file to fix."
+        )
 
 
 def load_bitmaps(image) -> list[Bitmap]:
     """Every persistent bitmap, in directory order, as QEMU loads them: a
     bitmap found in-use is inconsistent and its data is not read."""
     out = []
-    for e in _validated_directory(image):
+    for e in _loaded(_validated_directory(image)):
         in_use = bool(e.flags & L.BME_FLAG_IN_USE)
         bits = None if in_use else load_bitmap(image, e)
         out.append(
@@ -340,6 +442,8 @@ class PersistentBitmaps:
         (QEMU's block-dirty-bitmap-add with persistent=on, then a merge)."""
         image = self.image
         name = bm.name
+        if not name:  # QEMU's block-dirty-bitmap-add (an image may hold such a name)
+            raise QimgError(f"Failed to create bitmap {name}: Bitmap name cannot be empty")
         if any(e.name == name for e in self.entries) or any(b.name == name for b in self.added):
             raise QimgError(f"Failed to create bitmap {name}: Bitmap already exists: {name}")
         reason = self._cannot_store(bm)
@@ -507,8 +611,8 @@ def bitmaps_to_copy(sources: list, skip_broken: bool) -> list[Bitmap]:
     for bm in reversed(bitmaps):
         if bm.inconsistent and not skip_broken:
             raise QimgError(
-                f"Cannot copy inconsistent bitmap '{bm.name}' (try --skip-broken-bitmaps, "
-                "or remove it with 'qemu-img bitmap --remove')"
+                f"Cannot copy inconsistent bitmap '{bm.name}'\nTry --skip-broken-bitmaps, "
+                "or use 'qemu-img bitmap --remove' to delete it"
             )
     return bitmaps
 

@@ -207,7 +207,10 @@ class Header:
             elif ext_type == L.QCOW2_EXT_MAGIC_BITMAPS:
                 if ext_len != L.BITMAPS_EXTENSION.size:
                     raise InvalidImageError("bitmaps_ext: Invalid extension length")
-                nb, _reserved, dir_size, dir_offset = L.BITMAPS_EXTENSION.unpack(data)
+                nb, reserved, dir_size, dir_offset = L.BITMAPS_EXTENSION.unpack(data)
+                from qimg.formats.qcow2.bitmap import check_extension
+
+                check_extension(self, nb, reserved, dir_size, dir_offset)
                 self.bitmaps_ext = (nb, dir_size, dir_offset)
             elif ext_type == L.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
                 if ext_len != L.CRYPTO_HEADER_EXTENSION.size:

@@ -68,6 +68,12 @@ class Qcow2Image(Driver):
             from qimg.formats.qcow2.snapshot import read_snapshots
 
             read_snapshots(self)
+        if header.bitmaps_ext is not None:
+            # QEMU loads the bitmaps on open: a directory it cannot load
+            # refuses the image, whatever the command.
+            from qimg.formats.qcow2.bitmap import open_bitmaps
+
+            open_bitmaps(self)
         if self.writable and header.autoclear_features & ~L.QCOW2_AUTOCLEAR_MASK:
             # Unknown autoclear bits describe data we would not keep up to
             # date: QEMU clears them on a read-write open, and so do we.
