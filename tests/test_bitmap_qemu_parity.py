@@ -11,6 +11,7 @@ qimg runs in-process (cli.main) to keep the matrix fast.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field, replace
@@ -230,7 +231,8 @@ DAMAGES = {
     "name_duplicate": _dup_name,
     "name_duplicate_in_use": _entry(1, name=b"b0", flags=lambda e: e.flags | 1),
     "name_duplicate_first_in_use": lambda p: (
-        _entry(0, flags=lambda e: e.flags | 1)(p), _entry(1, name=b"b0")(p)
+        _entry(0, flags=lambda e: e.flags | 1)(p),
+        _entry(1, name=b"b0")(p),
     ),
     "name_with_nul": _entry(1, name=b"b1\0xyz"),
     "extra_data_auto": _entry(0, extra=bytes(8)),
@@ -248,13 +250,17 @@ DAMAGES = {
     "table_entry_shared": None,
     # in-use bitmaps: QEMU does not read their tables on open
     "in_use_table_entry_reserved": lambda p: (
-        _entry(0, flags=lambda e: e.flags | 1)(p), _table(0, lambda v: v | 2)(p)
+        _entry(0, flags=lambda e: e.flags | 1)(p),
+        _table(0, lambda v: v | 2)(p),
     ),
     "in_use_table_entry_zero": lambda p: (
-        _entry(0, flags=lambda e: e.flags | 1)(p), _table(0, lambda v: 0)(p)
+        _entry(0, flags=lambda e: e.flags | 1)(p),
+        _table(0, lambda v: 0)(p),
     ),
     "in_use_table_size_two": _entry(1, table_size=2, flags=lambda e: e.flags | 1),
-    "in_use_table_offset_past_eof": _entry(0, table_offset=FAR, flags=lambda e: e.flags | 1),  # set below: b1's entry points at b0's data
+    "in_use_table_offset_past_eof": _entry(
+        0, table_offset=FAR, flags=lambda e: e.flags | 1
+    ),  # set below: b1's entry points at b0's data
 }
 
 
@@ -292,7 +298,16 @@ COMMANDS = {
 }  # fmt: skip
 
 
+def _check_facts(text: str) -> list[str]:
+    """check's report minus where clusters lie (QEMU stores the bitmaps of an
+    image open read-write anew when it closes it, in other clusters)."""
+    return [ln for ln in text.splitlines() if "fragmented" not in ln and "end offset" not in ln]
+
+
 def _result(cwd, rc, out, err, prog, cmd) -> dict:
+    # QEMU's warning about the autoclear bit ends without a newline (the
+    # next message runs on); qimg ends its line.
+    err = re.sub(r"on the image file to fix\.(?=.)", "on the image file to fix.\n", err)
     res = {"rc": rc, "err": message(err, prog)}
     if cmd == "info_json" and rc == 0:
         res["out"] = without_actual_size(json.loads(out))
@@ -303,15 +318,23 @@ def _result(cwd, rc, out, err, prog, cmd) -> dict:
     if cmd.startswith("check") and rc in (0, 2, 3):
         # what the repair left: judged by qemu-img (leaks fixed, bitmaps kept)
         after = run(["qemu-img", "check", "img.qcow2"], check=False, cwd=cwd)
-        res["after"] = (after.returncode, after.stdout)
-        res["after_info"] = run(["qemu-img", "info", "img.qcow2"], check=False, cwd=cwd).stdout
-    if cmd.startswith("convert") and (cwd / "out.qcow2").exists():
+        res["after"] = (after.returncode, _check_facts(after.stdout))
+        res["after_info"] = human_facts(
+            run(["qemu-img", "info", "img.qcow2"], check=False, cwd=cwd).stdout
+        )
+    if cmd.startswith("convert") and rc == 0:
+        # (a convert that fails leaves no target in qimg, by design)
         res["data"] = run(["qemu-img", "compare", "img.qcow2", "out.qcow2"], check=False, cwd=cwd)
         res["data"] = res["data"].returncode
         img = open_image(str(cwd / "out.qcow2"))
         try:
             res["bitmaps"] = [
-                (b.name, b.granularity_bits, b.enabled, None if b.bits is None else b.bits.tobytes())
+                (
+                    b.name,
+                    b.granularity_bits,
+                    b.enabled,
+                    None if b.bits is None else b.bits.tobytes(),
+                )
                 for b in load_bitmaps(img)
             ]
         finally:
@@ -319,8 +342,29 @@ def _result(cwd, rc, out, err, prog, cmd) -> dict:
     return res
 
 
-@pytest.mark.parametrize("cmd", COMMANDS)
-@pytest.mark.parametrize("damage", DAMAGES)
+# Where qimg differs from qemu-img on purpose. check -r opens the image
+# read-write, and QEMU then stores every consistent bitmap anew when it
+# closes it: a table past the end of the file or a shared data cluster makes
+# that fail ("qcow2_free_clusters failed: ..."), and the new table happens to
+# leave the image clean; qimg's check does not rewrite bitmaps (a table entry
+# past the end it marks all dirty instead).
+DIFFERENT = {
+    (damage, cmd): "QEMU re-stores bitmaps when check -r closes the image"
+    for damage in ("table_offset_past_eof", "table_entry_past_eof", "table_entry_shared")
+    for cmd in ("check_r_leaks", "check_r_all")
+}
+
+
+def _cases() -> list:
+    return [
+        pytest.param(damage, cmd, id=f"{damage}-{cmd}")
+        for damage in DAMAGES
+        for cmd in COMMANDS
+        if (damage, cmd) not in DIFFERENT
+    ]
+
+
+@pytest.mark.parametrize("damage,cmd", _cases())
 def test_damaged_bitmaps_open_as_qemu_img(base, tmp_path, capsys, monkeypatch, damage, cmd):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     for d in (ours, theirs):
