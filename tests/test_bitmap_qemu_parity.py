@@ -185,6 +185,18 @@ def _dup_name(path):
     _entry(1, name=b"b0")(path)
 
 
+def _virtual_size(size: int):
+    """The header's virtual size becomes `size` (as a program resizing the
+    image without bitmap support would leave it; one L1 entry still covers it)."""
+
+    def damage(path):
+        with open(path, "r+b") as f:
+            f.seek(24)
+            f.write(struct.pack(">Q", size))
+
+    return damage
+
+
 FAR = 1 << 40  # cluster aligned, far past the end of the file
 
 DAMAGES = {
@@ -239,6 +251,14 @@ DAMAGES = {
     "extra_data_disabled": _entry(1, extra=bytes(8)),
     "extra_data_compatible": _entry(1, extra=bytes(8), flags=lambda e: e.flags | 4),
     "extra_size_past_dir": _entry(1, extra_data_size=4000),
+    # the image resized under the bitmaps: b1's one table cluster covers
+    # 256 MiB of guest at 512-byte granules
+    "virtual_size_grown": _virtual_size(512 << 20),
+    "virtual_size_grown_b1_in_use": lambda p: (
+        _virtual_size(512 << 20)(p),
+        _entry(1, flags=lambda e: e.flags | 1)(p),
+    ),
+    "virtual_size_shrunk": _virtual_size(SIZE // 2),
     # bitmap tables
     "table_entry_reserved_low": _table(0, lambda v: v | 2),
     "table_entry_reserved_high": _table(1, lambda v: v | 1 << 56),
@@ -355,11 +375,31 @@ DIFFERENT = {
 }
 
 
+# Damages qemu-img 7.2 opens the image with: every command is compared.
+# Where it refuses the image at open (the rest), every command opens it the
+# same way, so three commands, rotating, are enough to keep the run short.
+# (This only chooses what runs; qemu-img judges every case.)
+OPENED = {
+    "autoclear_bit_clear", "table_offset_past_eof", "flags_in_use", "flags_in_use_disabled",
+    "granularity_coarser", "name_empty", "name_1023", "name_duplicate_in_use", "name_with_nul",
+    "table_entry_all_ones", "table_entry_zero", "table_entry_past_eof", "table_entry_shared",
+    "in_use_table_entry_reserved", "in_use_table_entry_zero", "in_use_table_size_two",
+    "in_use_table_offset_past_eof", "virtual_size_grown_b1_in_use", "virtual_size_shrunk",
+}  # fmt: skip
+
+
+def _commands(i: int, damage: str) -> list[str]:
+    names = list(COMMANDS)
+    if damage in OPENED:
+        return names
+    return [names[i % 8], names[(i + 3) % 8], names[(i + 6) % 8]]
+
+
 def _cases() -> list:
     return [
         pytest.param(damage, cmd, id=f"{damage}-{cmd}")
-        for damage in DAMAGES
-        for cmd in COMMANDS
+        for i, damage in enumerate(DAMAGES)
+        for cmd in _commands(i, damage)
         if (damage, cmd) not in DIFFERENT
     ]
 
