@@ -218,6 +218,12 @@ DAMAGES = {
     "ext_dir_offset_zero": _ext(dir_offset=0),
     "ext_dir_offset_past_eof": _ext(dir_offset=FAR),
     "autoclear_bit_clear": _autoclear_off,
+    # which check comes first
+    "ext_zero_bitmaps_reserved_set": _ext(nb_bitmaps=0, reserved=1),
+    "ext_zero_bitmaps_offset_unaligned": _ext(nb_bitmaps=0, dir_offset=8),
+    "ext_offset_unaligned_dir_size_over_max": _ext(dir_offset=8, dir_size=1 << 30),
+    "ext_length_16_autoclear_bit_clear": lambda p: (_ext(ext_len=16)(p), _autoclear_off(p)),
+    "ext_reserved_set_autoclear_bit_clear": lambda p: (_ext(reserved=1)(p), _autoclear_off(p)),
     # directory entries
     "table_offset_zero": _entry(0, table_offset=0),
     "table_offset_unaligned": _entry(0, table_offset=lambda e: e.table_offset + 512),
@@ -380,7 +386,7 @@ DIFFERENT = {
 # same way, so three commands, rotating, are enough to keep the run short.
 # (This only chooses what runs; qemu-img judges every case.)
 OPENED = {
-    "autoclear_bit_clear", "table_offset_past_eof", "flags_in_use", "flags_in_use_disabled",
+    "autoclear_bit_clear", "ext_reserved_set_autoclear_bit_clear", "table_offset_past_eof", "flags_in_use", "flags_in_use_disabled",
     "granularity_coarser", "name_empty", "name_1023", "name_duplicate_in_use", "name_with_nul",
     "table_entry_all_ones", "table_entry_zero", "table_entry_past_eof", "table_entry_shared",
     "in_use_table_entry_reserved", "in_use_table_entry_zero", "in_use_table_size_two",
