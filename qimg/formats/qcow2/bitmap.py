@@ -1,5 +1,8 @@
 """Persistent dirty bitmaps (spec: "Bitmaps"; QEMU's block/qcow2-bitmap.c).
 
+- `check_extension` (header parsing) and `open_bitmaps` (every open): the
+  extension, directory and tables checked as QEMU 7.2 loads them on open, in
+  its words; an image it would refuse is refused whatever the command.
 - `read_bitmap_directory`: the directory as it is on disk (info, check).
 - `load_bitmap`: the bits of one bitmap, as QEMU loads them.
 - `PersistentBitmaps`: the bitmaps of an image open read-write. Guest writes
