@@ -240,6 +240,22 @@ def test_man_page_renders_and_names_every_command_and_option(which, tmp_path):
         assert not missing, f"qimg {name}: the man page does not name {missing}"
 
 
+# --- help -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_names_every_command_and_option(command):
+    # Help is rendered by rich-click: whatever its version, --help works and
+    # shows what the man page shows.
+    args = [sys.executable, "-m", "qimg", *([command] if command else []), "--help"]
+    env = dict(os.environ, COLUMNS="250", TERM="dumb")
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    names = command_options()[command] if command else list(COMMANDS)
+    missing = [n for n in names if not re.search(rf"(?<![\w-]){n}(?![\w-])", proc.stdout)]
+    assert not missing, f"--help does not name {missing}"
+
+
 def test_readme_names_every_command():
     readme = (ROOT / "README.md").read_text()
     for name in COMMANDS:
