@@ -34,8 +34,10 @@ class QimgGroup(click.Group):
         return self._load(name)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
-        if args and self._load(args[0]) is None and not args[0].startswith("-"):
-            raise click.UsageError(f"Command not found: {args[0]}")
+        """An unknown command is qemu-img's usage error (not while completing)."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and not self._load(name):
+            raise click.UsageError(f"Command not found: {name}")
         return super().resolve_command(ctx, args)
 
     def _load(self, name: str):
