@@ -6,6 +6,7 @@ qemu-img prints, byte for byte, for bad command lines and failed commands.
 from __future__ import annotations
 
 import pathlib
+import struct
 import sys
 
 import pytest
@@ -107,3 +108,17 @@ def test_qimg_named_qemu_img_warns_in_qemu_img_words(tmp_path, qemu_img):
     got = outcome([str(ours), *args, str(tmp_path / "ours.qcow2")])
     assert "qemu-img: warning: Skipping inconsistent bitmap 'b0'" in expected[2]
     assert got == expected
+
+
+def test_qimg_named_qemu_img_reports_check_errors_in_qemu_img_words(tmp_path, qemu_img):
+    # One snapshot whose table offset is not cluster-aligned: check prints
+    # "ERROR snapshot table offset invalid" and "Check failed", both prefixed.
+    image = tmp_path / "bad-snapshot-offset.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "1M"])
+    with open(image, "r+b") as f:
+        f.seek(60)  # nb_snapshots, snapshots_offset
+        f.write(struct.pack(">IQ", 1, 0x10001))
+    ours = console_script(tmp_path / "bin", "qemu-img")
+    expected = outcome([qemu_img, "check", str(image)])
+    assert "qemu-img: ERROR snapshot table offset invalid" in expected[2]
+    assert outcome([str(ours), "check", str(image)]) == expected
