@@ -1,5 +1,9 @@
 """Write man/qimg.1 from the Click command tree, so the page never drifts
-from --help. Run: python man/make_manpage.py > man/qimg.1"""
+from --help. Run: python man/make_manpage.py > man/qimg.1
+
+tests/test_docs.py renders the shipped page and checks that it names every
+command and option; it does not compare the text with this script's output,
+which may differ in details from one Click release to another."""
 
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def manpage() -> str:
         ".SH DESCRIPTION",
         _esc(
             "qimg is a qemu-img work-alike: the same commands and options, the same "
-            "JSON output and exit codes. Errors are one line starting with 'qimg:'."
+            "JSON output and exit codes. Errors are one line starting with the name the "
+            "program was run by ('qimg:'; 'qemu-img:' where qimg is installed as qemu-img)."
         ),
         ".SH COMMANDS",
     ]
@@ -57,8 +62,10 @@ def manpage() -> str:
                 out.append(_esc(help_text))
     out += [
         ".SH EXIT STATUS",
-        _esc("0 on success; 1 on error. check: 2 corruptions found, 3 leaks only, "
-             "63 the format has no check."),
+        _esc(
+            "0 on success; 1 on error. check: 2 corruptions found, 3 leaks only, "
+            "63 the format has no check."
+        ),
         ".SH SEE ALSO",
         "qemu-img(1)",
     ]

@@ -1,8 +1,10 @@
 """The root command group: global options and the error -> exit code map.
 
-Every QimgError becomes one `qimg: message` on stderr and its exit code; a
-usage error exits 1, as qemu-img's do. No traceback reaches the user unless
-QIMG_DEBUG is set.
+Every QimgError becomes one `PROG: message` on stderr and its exit code; a
+usage error adds qemu-img's "Try 'PROG --help'" line and exits 1, as
+qemu-img's do. PROG is the program's name as invoked (qemu-img's error_init:
+the basename of argv[0]; `python -m qimg` is qimg). No traceback reaches the
+user unless QIMG_DEBUG is set.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from qimg.errors import QimgError
 
 COMMANDS = ("create", "info", "check", "convert")
 
+# The completion scripts' variable (qimg.completion), whatever the program's name.
+COMPLETE_VAR = "_QIMG_COMPLETE"
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
@@ -27,6 +32,13 @@ class QimgGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str):
         return self._load(name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """An unknown command is qemu-img's usage error (not while completing)."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and not self._load(name):
+            raise click.UsageError(f"Command not found: {name}")
+        return super().resolve_command(ctx, args)
 
     def _load(self, name: str):
         if name not in COMMANDS:
@@ -55,25 +67,59 @@ def cli() -> None:
     """
 
 
+def program_name(argv0: str) -> str:
+    """The name messages begin with: argv[0]'s basename, qimg for `python -m qimg`."""
+    name = os.path.basename(argv0)
+    if not name or name.endswith(".py") or name.startswith("-"):
+        return "qimg"
+    return name
+
+
 def fail(message: str, code: int = 1) -> None:
-    """Print `qimg: message` on stderr and exit with `code`."""
-    sys.stderr.write(f"qimg: {message}\n")
+    """Print `PROG: message` on stderr and exit with `code`."""
+    sys.stderr.write(errors.relabel(f"qimg: {message}") + "\n")
     sys.exit(code)
+
+
+def usage_error(message: str) -> None:
+    """qemu-img's error_exit: the message, then where to find help; exit 1."""
+    prog = errors.program_name
+    sys.stderr.write(
+        errors.relabel(f"qimg: {message}") + f"\nTry '{prog} --help' for more information\n"
+    )
+    sys.exit(1)
+
+
+def _usage_message(exc: click.UsageError) -> str:
+    """Click's usage errors in qemu-img's (getopt's) words where they differ."""
+    if isinstance(exc, click.NoSuchOption):
+        return f"unrecognized option '{exc.option_name}'"
+    if isinstance(exc, click.BadOptionUsage) and "requires" in exc.message:
+        return f"missing argument for option '{exc.option_name}'"
+    return exc.format_message()
 
 
 def _warning_to_stderr(message: str) -> None:
     """Engine warnings print as qemu-img's warn_report does."""
-    sys.stderr.write(f"qimg: warning: {message}\n")
+    sys.stderr.write(errors.relabel(f"qimg: warning: {message}") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     errors.warning_sink = _warning_to_stderr
+    errors.program_name = prog = program_name(sys.argv[0])
+    args = sys.argv[1:] if argv is None else argv
+    if COMPLETE_VAR in os.environ:
+        from qimg.completion import register
+
+        register()
+    elif not args:
+        usage_error("Not enough arguments")
     # qimg uses no BLAS: without this, importing numpy starts a pool of
     # OpenBLAS threads, a third of a check's start-up on 2 cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        cli.main(args=argv, prog_name="qimg", standalone_mode=False)
+        cli.main(args=args, prog_name=prog, complete_var=COMPLETE_VAR, standalone_mode=False)
     except QimgError as exc:
         fail(str(exc), exc.exit_code)
     except click.exceptions.Exit as exc:
@@ -81,11 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         fail("Interrupted", 1)
     except click.ClickException as exc:
-        msg = exc.format_message()
         if isinstance(exc, click.UsageError):
-            sys.stderr.write(f"qimg: {msg}\nTry 'qimg --help' for more information\n")
-            sys.exit(1)
-        fail(msg, 1)
+            usage_error(_usage_message(exc))
+        fail(exc.format_message(), 1)
     except KeyboardInterrupt:
         fail("Interrupted", 130)
     except BrokenPipeError:

@@ -13,6 +13,22 @@ from collections.abc import Callable
 # prints them, so a command never imports logging.
 warning_sink: Callable[[str], None] | None = None
 
+# The name every printed message begins with: the basename of argv[0] as the
+# program was invoked (qemu-img's error_init), so qimg installed as qemu-img
+# speaks as qemu-img. The command layer sets it; library text that names the
+# program says "qimg: " and goes through relabel() where it is printed.
+program_name = "qimg"
+
+
+def relabel(text: str) -> str:
+    """`text` with the "qimg: " that begins any of its lines replaced by
+    program_name's."""
+    if program_name == "qimg":
+        return text
+    lines = text.split("\n")
+    prefix = f"{program_name}: "
+    return "\n".join(prefix + ln[6:] if ln.startswith("qimg: ") else ln for ln in lines)
+
 
 def warn(message: str) -> None:
     """Report a warning (qemu-img's warn_report) without stopping."""

@@ -144,7 +144,9 @@ def check_messages(lines: list[str]) -> None:
     """What qemu-img check prints on stderr while it runs (ERROR, Leaked,
     Repairing lines)."""
     if lines:
-        _emit("\n".join(lines), sys.stderr, CHECK_MESSAGE_STYLES)
+        from qimg.errors import relabel
+
+        _emit(relabel("\n".join(lines)), sys.stderr, CHECK_MESSAGE_STYLES)
 
 
 def check_repaired_human(leaks_fixed: int, corruptions_fixed: int) -> str:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import host_data, qemu_check_clean, qemu_json, qimg, run
+from tests.conftest import host_data, qemu_check_clean, qemu_json, qemu_read_raw, qimg, run
 
 MiB = 1 << 20
 
@@ -411,13 +411,59 @@ def test_convert_into_existing_target_overwrites_everything(tmp_path, qemu_img):
             qemu_check_clean(out)
 
 
-def test_convert_target_is_zero_skips_zeroing(tmp_path, qemu_img):
-    src = make_qcow2(tmp_path / "src.qcow2", writes=("write -P 3 0 64k",))
-    out = tmp_path / "out.qcow2"
-    run(["qemu-img", "create", "-f", "qcow2", str(out), "8M"])
-    qimg("convert", "-n", "--target-is-zero", "-O", "qcow2", src, out)
-    compare(src, out)
-    qemu_check_clean(out)
+def convert_onto_prefilled(tmp_path, fmt: str, writes: tuple[str, ...], args: list[str]):
+    """Each tool converts a qcow2 source made of `writes` onto an 8M target
+    full of 0xaa (`-n`); returns what (qemu-img, qimg) left in the targets."""
+    src = make_qcow2(tmp_path / "src.qcow2", writes=writes)
+    outs = {}
+    for tool in ("qemu-img", "qimg"):
+        outs[tool] = tmp_path / f"{tool}.{fmt}"
+        run(["qemu-img", "create", "-q", "-f", fmt, str(outs[tool]), "8M"])
+        qemu_io(outs[tool], "write -P 0xaa 0 8M", fmt=fmt)
+    args = ["convert", "-n", *args, "-O", fmt, str(src)]
+    run(["qemu-img", *args, str(outs["qemu-img"])])
+    qimg(*args, outs["qimg"])
+    if fmt == "qcow2":
+        qemu_check_clean(outs["qimg"])
+    return tuple(qemu_read_raw(outs[tool], tmp_path, fmt) for tool in ("qemu-img", "qimg"))
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_convert_target_is_zero_skips_zeroing(tmp_path, qemu_img, fmt):
+    # The target is not zero: what the flag makes convert skip (unallocated,
+    # zeroed and all-zero source clusters) keeps the target's 0xaa.
+    writes = ("write -P 3 0 64k", "write -z 1M 64k", "write -P 0 2M 64k")
+    theirs, ours = convert_onto_prefilled(tmp_path, fmt, writes, ["--target-is-zero"])
+    assert ours == theirs
+    assert ours[:65536] == b"\x03" * 65536
+    assert ours[MiB : MiB + 65536] == b"\xaa" * 65536  # not zeroed: the flag was taken
+    # Without the flag both tools zero the target where the source reads zeros.
+    theirs, ours = convert_onto_prefilled(tmp_path, fmt, writes, [])
+    assert ours == theirs and ours[MiB : MiB + 65536] == bytes(65536)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        pytest.param(
+            "qcow2",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="qimg writes the whole cluster into a qcow2 target; qemu-img "
+                "skips the 4k zero runs after the data (convert.py, not yet fixed)",
+            ),
+        ),
+        "raw",
+    ],
+)
+def test_convert_target_is_zero_skips_zero_runs_inside_a_cluster(tmp_path, qemu_img, fmt):
+    # A cluster with 512 bytes of data: qemu-img writes the first 4k (-S 4k)
+    # and leaves the rest of the target's cluster as it was.
+    theirs, ours = convert_onto_prefilled(
+        tmp_path, fmt, ("write -P 4 3M 512",), ["--target-is-zero"]
+    )
+    assert theirs[3 * MiB + 4096 : 3 * MiB + 65536] == b"\xaa" * 61440
+    assert ours == theirs
 
 
 @pytest.mark.parametrize(
@@ -432,14 +478,19 @@ def test_convert_target_is_zero_skips_zeroing(tmp_path, qemu_img):
     ],
 )
 def test_convert_preallocation_modes(tmp_path, qemu_img, fmt, mode):
+    # Judged against qemu-img's target: the same file size, the same clusters
+    # preallocated (map), the same space taken on the host (within 64 KiB).
     src = make_qcow2(tmp_path / "src.qcow2", "4M", writes=("write -P 9 64k 1M",))
-    out = tmp_path / f"out.{fmt}"
+    out, theirs = tmp_path / f"out.{fmt}", tmp_path / f"theirs.{fmt}"
     qimg("convert", "-O", fmt, "-o", f"preallocation={mode}", src, out)
+    run(["qemu-img", "convert", "-O", fmt, "-o", f"preallocation={mode}", str(src), str(theirs)])
     compare(src, out, "qcow2", fmt)
+    assert os.stat(out).st_size == os.stat(theirs).st_size
+    assert abs(os.stat(out).st_blocks - os.stat(theirs).st_blocks) * 512 <= 64 * 1024
     if fmt == "qcow2":
         qemu_check_clean(out)
-    if mode == "full":
-        assert os.stat(out).st_blocks * 512 >= 4 * MiB
+        mapped = [qemu_json("map", "--output=json", path) for path in (out, theirs)]
+        assert mapped[0] == mapped[1]
 
 
 def test_convert_concatenates_several_sources(tmp_path, qemu_img):
@@ -679,9 +730,20 @@ def test_convert_salvage_goes_on_past_a_corrupt_region(tmp_path, qemu_img):
 
 def test_convert_bitmaps_without_bitmaps_is_a_no_op(tmp_path, qemu_img):
     src = make_qcow2(tmp_path / "src.qcow2", "1M", writes=("write -P 1 0 64k",))
-    out = tmp_path / "out.qcow2"
-    qimg("convert", "--bitmaps", "-O", "qcow2", src, out)
-    compare(src, out)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qimg("convert", "--bitmaps", "-O", "qcow2", src, ours)
+    run(["qemu-img", "convert", "--bitmaps", "-O", "qcow2", str(src), str(theirs)])
+    compare(src, ours)
+
+    def described(path):
+        data = qemu_json("info", "--output=json", path)
+        return {k: v for k, v in data.items() if k not in ("filename", "actual-size")}
+
+    assert described(ours) == described(theirs)
+    assert "bitmaps" not in described(ours)["format-specific"]["data"]
+    # No bitmaps extension, no autoclear "bitmaps" bit (header bytes 72..96:
+    # incompatible, compatible, autoclear features), as in qemu-img's target.
+    assert ours.read_bytes()[72:96] == theirs.read_bytes()[72:96] == bytes(24)
 
 
 def test_convert_bitmaps_with_bitmaps_copies_them(tmp_path, qemu_img):

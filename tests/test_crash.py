@@ -572,5 +572,46 @@ def test_power_loss_keeps_flushed_writes_and_a_subset_of_the_rest(tmp_path):
     assert len(seen) == 4  # every subset of the two un-flushed writes occurs
 
 
-def test_simulated_crash_is_not_an_exception():
-    assert not issubclass(SimulatedCrash, Exception)
+def test_a_crash_reaches_the_caller_and_nothing_is_written_after_it(tmp_path):
+    """At every crash point of a workload touching every write path (data,
+    zeros, discard, compressed, flush, close), the crash propagates out of
+    the engine: no handler in it (except Exception, except QimgError, the
+    cleanup on close) swallows it and carries on. After it the file stays
+    exactly as the crash left it, close() included."""
+    from qimg.api import create_image
+
+    base = str(tmp_path / "base.qcow2")
+    create_image(base, "qcow2", 4 * MiB, {"cluster_size": "4096"})
+    steps = [
+        ("write", 0, b"\x01" * 6000),
+        ("zero", 64 * KiB, 8192, True),
+        ("write", MiB, b"\x02" * 4096),
+        ("flush",),
+        ("discard", MiB, 4096),
+        ("compress", 2 * MiB, b"\x03" * 4096),
+        ("zero", 0, 4096, False),
+    ]
+    shutil.copyfile(base, tmp_path / "dry.qcow2")
+    dry = run_workload(str(tmp_path / "dry.qcow2"), steps, {})
+    assert dry.closed and dry.faulty.op_count > len(steps)
+    for point in range(dry.faulty.op_count):
+        work = str(tmp_path / f"crash-{point}.qcow2")
+        shutil.copyfile(base, work)
+        holder = {}
+
+        def wrap(storage, holder=holder, point=point):
+            holder["faulty"] = FaultyStorage(storage, crash_at=point, sync=False)
+            return holder["faulty"]
+
+        img = open_image(work, "qcow2", writable=True, storage_wrapper=wrap)
+        with pytest.raises(SimulatedCrash):
+            for step in steps:
+                apply_image(img, step)
+            img.close()
+        after_crash = open(work, "rb").read()
+        try:
+            img.close()
+        except SimulatedCrash:
+            pass
+        assert len(holder["faulty"].log) == point, f"crash at {point}: operations went on"
+        assert open(work, "rb").read() == after_crash, f"crash at {point}: close wrote"

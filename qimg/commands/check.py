@@ -10,7 +10,6 @@ from qimg.commands.common import (
     quiet_option,
     share_option,
 )
-from qimg.errors import BadOptionError
 
 _REPAIR = {"leaks": 1, "all": 3}
 
@@ -33,7 +32,8 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
     fix = 0
     if repair is not None:
         if repair not in _REPAIR:
-            raise BadOptionError(
+            # qemu-img's error_exit: a usage error (with its "Try" line)
+            raise click.UsageError(
                 f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
             )
         fix = _REPAIR[repair]
@@ -56,5 +56,7 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
             )
         render.print_human(text, render.CHECK_STYLES)
     if result.check_errors:
-        sys.stderr.write("qimg: Check failed\n")
+        from qimg.errors import relabel
+
+        sys.stderr.write(relabel("qimg: Check failed") + "\n")
     sys.exit(result.exit_code)
