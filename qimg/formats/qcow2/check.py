@@ -172,7 +172,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     corrupt may be opened read-write to be repaired; no backing file."""
     import os
 
-    from qimg.api import open_image, probe_format
+    from qimg.api import open_backing_chain, open_data_file, open_image, probe_format
     from qimg.errors import ImageIOError, NoCheckError
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
@@ -197,7 +197,16 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         header = Header.parse(bytes(head), size)
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
-        image = Qcow2Image(storage, header=header)
+        # As qemu-img check, the data file and the backing chain are opened
+        # too (and their errors are the check's), though neither is read.
+        data_storage = open_data_file(header, bool(fix), force_share)
+        try:
+            backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
+            image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
+        except BaseException:
+            if data_storage is not None:
+                data_storage.close()
+            raise
         image.header.incompatible_features |= corrupt
         return image
     except QimgError as exc:
