@@ -1,0 +1,190 @@
+"""Backing chains, data files and pseudo-filenames opened as qemu-img 7.2 opens them.
+
+qemu-img is the judge: exit codes, messages (program name taken off) and
+JSON are compared with what it prints on the same image, at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from infotools import message, qemu_in, qimg_in, without_actual_size
+
+import qimg
+from qimg.api import open_image
+
+KiB = 1024
+DEPTH = 1000
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(autouse=True)
+def this_trees_qimg(monkeypatch):
+    """`python -m qimg` run from an image's directory imports this tree's
+    qimg, not another one installed."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    )
+
+
+def make(cwd: Path, name: str, *extra: str, size: str = "1M") -> None:
+    qemu_in(cwd, "qemu-img", "create", "-q", "-f", "qcow2", *extra, name, size, check=True)
+
+
+def write(cwd: Path, name: str, pattern: int, offset: int, length: int = 4 * KiB) -> None:
+    qemu_in(cwd, "qemu-io", "-c", f"write -P {pattern} {offset} {length}", name, check=True)
+
+
+def both(cwd: Path, *args: str):
+    """(qemu-img's, qimg's) CompletedProcess of the same command in `cwd`."""
+    return qemu_in(cwd, "qemu-img", *args), qimg_in(cwd, *args)
+
+
+def assert_same_failure(cwd: Path, *args: str) -> str:
+    q, m = both(cwd, *args)
+    assert q.returncode == 1 and m.returncode == 1, (q.stderr, m.stderr)
+    assert m.stderr.count("\n") == 1 and "Traceback" not in m.stderr
+    assert message(m.stderr, "qimg") == message(q.stderr, "qemu-img")
+    return message(m.stderr, "qimg")
+
+
+# --- a chain of 1000 images -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_chain(tmp_path_factory) -> Path:
+    """c0000 <- c0001 <- ... <- c1000 (1 MiB each), with data in c0000 at 0
+    and in c0500 at 64 KiB. Made with qimg's library: one overlay header,
+    copied with the backing name changed (names of one length)."""
+    cwd = tmp_path_factory.mktemp("deep")
+    qimg.create_image(str(cwd / "c0000.qcow2"), "qcow2", 1 << 20)
+    qimg.create_image(
+        str(cwd / "c0001.qcow2"),
+        "qcow2",
+        1 << 20,
+        backing_file="c0000.qcow2",
+        backing_fmt="qcow2",
+        check_backing=False,
+    )
+    overlay = (cwd / "c0001.qcow2").read_bytes()
+    assert overlay.count(b"c0000.qcow2") == 1
+    for i in range(2, DEPTH + 1):
+        name = f"c{i - 1:04}.qcow2".encode()
+        (cwd / f"c{i:04}.qcow2").write_bytes(overlay.replace(b"c0000.qcow2", name))
+    with open_image(str(cwd / "c0000.qcow2"), writable=True) as img:
+        img.write(0, b"\x11" * (4 * KiB))
+    with open_image(str(cwd / "c0500.qcow2"), writable=True) as img:
+        img.write(64 * KiB, b"\x22" * (4 * KiB))
+    return cwd
+
+
+def test_convert_reads_through_a_chain_of_1000_images(deep_chain):
+    top = f"c{DEPTH:04}.qcow2"
+    qimg_in(deep_chain, "convert", "-O", "raw", top, "out.raw", check=True)
+    data = (deep_chain / "out.raw").read_bytes()
+    expected = bytearray(1 << 20)
+    expected[0 : 4 * KiB] = b"\x11" * (4 * KiB)
+    expected[64 * KiB : 68 * KiB] = b"\x22" * (4 * KiB)
+    assert data == expected
+
+
+def test_library_reads_and_maps_a_chain_of_1000_images(deep_chain):
+    with open_image(str(deep_chain / f"c{DEPTH:04}.qcow2")) as img:
+        assert img.read(0, 2) == b"\x11\x11"
+        assert img.read(64 * KiB, 2) == b"\x22\x22"
+        runs = [(s, n) for s, n, is_data, _z in img.allocated_extents(0, img.size) if is_data]
+        assert runs == [(0, 64 * KiB), (64 * KiB, 64 * KiB)]  # whole clusters
+
+
+def test_info_backing_chain_of_1000_images_matches_qemu(deep_chain, qemu_img):
+    q, m = both(deep_chain, "info", "--backing-chain", "--output=json", f"c{DEPTH:04}.qcow2")
+    assert q.returncode == m.returncode == 0, m.stderr
+    assert without_actual_size(json.loads(m.stdout)) == without_actual_size(json.loads(q.stdout))
+    assert len(json.loads(m.stdout)) == DEPTH + 1
+
+
+def test_check_opens_a_chain_of_1000_images(deep_chain, qemu_img):
+    q, m = both(deep_chain, "check", f"c{DEPTH:04}.qcow2")
+    assert (
+        (m.returncode, m.stdout, m.stderr)
+        == (q.returncode, q.stdout, q.stderr)
+        == (
+            0,
+            q.stdout,
+            "",
+        )
+    )
+
+
+# --- check opens the backing chain and the data file ---------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("command", ["check", "convert"])
+def test_missing_backing_file_fails_check_and_convert_as_qemu(tmp_path, qemu_img, depth, command):
+    make(tmp_path, "i0.qcow2")
+    for i in range(1, depth + 1):
+        make(tmp_path, f"i{i}.qcow2", "-b", f"i{i - 1}.qcow2", "-F", "qcow2")
+    (tmp_path / "i0.qcow2").unlink()
+    args = [command, f"i{depth}.qcow2"] + (["out.raw"] if command == "convert" else [])
+    text = assert_same_failure(tmp_path, *args)
+    assert text.count("Could not open backing file: ") == depth
+
+
+@pytest.mark.parametrize("repair", [[], ["-r", "all"]])
+def test_check_fails_on_a_missing_data_file_as_qemu(tmp_path, qemu_img, repair):
+    make(tmp_path, "img.qcow2", "-o", "data_file=img.data")
+    (tmp_path / "img.data").unlink()
+    assert_same_failure(tmp_path, "check", *repair, "img.qcow2")
+
+
+def test_check_with_data_file_present_matches_qemu(tmp_path, qemu_img):
+    make(tmp_path, "img.qcow2", "-o", "data_file=img.data")
+    write(tmp_path, "img.qcow2", 0x33, 0)
+    q, m = both(tmp_path, "check", "--output=json", "img.qcow2")
+    assert q.returncode == m.returncode == 0
+    assert json.loads(m.stdout) == json.loads(q.stdout)
+
+
+def loop(cwd: Path) -> None:
+    """a.qcow2 -> b.qcow2 -> a.qcow2."""
+    make(cwd, "a.qcow2")
+    make(cwd, "b.qcow2", "-b", "a.qcow2", "-F", "qcow2")
+    qemu_in(cwd, "qemu-img", "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2", check=True)
+
+
+@pytest.mark.parametrize("command", ["check", "convert"])
+def test_backing_loop_is_one_clean_error_where_qemu_runs_out_of_memory(tmp_path, qemu_img, command):
+    loop(tmp_path)
+    args = [command, "a.qcow2"] + (["out.raw"] if command == "convert" else [])
+    # qemu-img recurses until the memory limit of run() stops it.
+    q = qemu_in(tmp_path, "qemu-img", *args, timeout=300)
+    assert q.returncode != 0
+    m = qimg_in(tmp_path, *args)
+    assert m.returncode == 1
+    assert m.stderr.count("\n") == 1 and "Traceback" not in m.stderr
+    # The words are those of qemu-img info --backing-chain on the same loop.
+    chain = qemu_in(tmp_path, "qemu-img", "info", "--backing-chain", "a.qcow2")
+    assert chain.returncode == 1
+    assert message(m.stderr, "qimg") == (
+        "Could not open 'a.qcow2': Could not open backing file: "
+        + message(chain.stderr, "qemu-img")
+    )
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_info_backing_chain_on_a_loop_matches_qemu(tmp_path, qemu_img):
+    loop(tmp_path)
+    q, m = both(tmp_path, "info", "--backing-chain", "a.qcow2")
+    assert q.returncode == m.returncode == 1
+    assert message(m.stderr, "qimg") == message(q.stderr, "qemu-img")
+
+
+def test_image_naming_itself_as_raw_backing_file_is_not_a_loop(tmp_path, qemu_img):
+    make(tmp_path, "a.qcow2")
+    qemu_in(tmp_path, "qemu-img", "rebase", "-u", "-b", "a.qcow2", "-F", "raw", "a.qcow2")
+    q, m = both(tmp_path, "check", "a.qcow2")
+    assert (m.returncode, m.stdout) == (q.returncode, q.stdout)
