@@ -66,9 +66,14 @@ def _warning_to_stderr(message: str) -> None:
     sys.stderr.write(f"qimg: warning: {message}\n")
 
 
+def _notice_to_stderr(message: str) -> None:
+    sys.stderr.write(f"{message}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     errors.warning_sink = _warning_to_stderr
+    errors.notice_sink = _notice_to_stderr
     # qimg uses no BLAS: without this, importing numpy starts a pool of
     # OpenBLAS threads, a third of a check's start-up on 2 cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

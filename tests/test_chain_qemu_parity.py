@@ -200,3 +200,64 @@ def test_image_naming_itself_as_raw_backing_file_is_not_a_loop(tmp_path, qemu_im
     qemu_in(tmp_path, "qemu-img", "rebase", "-u", "-b", "a.qcow2", "-F", "raw", "a.qcow2")
     q, m = both(tmp_path, "check", "a.qcow2")
     assert (m.returncode, m.stdout) == (q.returncode, q.stdout)
+
+
+# --- compressed clusters in an image with an external data file --------------
+
+
+@pytest.fixture
+def compressed_with_data_file(tmp_path, qemu_img) -> Path:
+    """An image with a data file whose L2 entry for guest 128 KiB says
+    "compressed" (QEMU never writes one: a corruption)."""
+    from damage import Layout
+
+    from qimg.formats.qcow2 import layout as L
+
+    make(tmp_path, "img.qcow2", "-o", "data_file=img.data")
+    write(tmp_path, "img.qcow2", 0x55, 0, 64 * KiB)
+    write(tmp_path, "img.qcow2", 0x66, 128 * KiB, 64 * KiB)
+    lay = Layout.read(tmp_path / "img.qcow2")
+    entry = lay.l2_entry(128 * KiB)
+    lay.set_l2_entry(128 * KiB, L.QCOW_OFLAG_COMPRESSED | (entry & L.L2E_OFFSET_MASK))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-O", "raw"], ["-O", "qcow2"], ["-S", "0", "-O", "raw"], ["-c", "-O", "qcow2"]],
+    ids=["raw", "qcow2", "S0", "compress"],
+)
+def test_convert_fails_on_compressed_cluster_with_data_file_as_qemu(
+    compressed_with_data_file, args
+):
+    cwd = compressed_with_data_file
+    q = qemu_in(cwd, "qemu-img", "convert", *args, "img.qcow2", "q.out")
+    m = qimg_in(cwd, "convert", *args, "img.qcow2", "m.out")
+    assert q.returncode == m.returncode == 1
+    # Two lines in both: the qcow2 driver's corruption event, then the error.
+    assert message(m.stderr, "qimg") == message(q.stderr, "qemu-img")
+    assert "Compressed cluster entry found" in m.stderr
+    assert "Traceback" not in m.stderr
+
+
+def test_convert_salvage_reads_compressed_cluster_with_data_file_as_qemu(
+    compressed_with_data_file,
+):
+    cwd = compressed_with_data_file
+    q = qemu_in(cwd, "qemu-img", "convert", "--salvage", "-O", "raw", "img.qcow2", "q.raw")
+    m = qimg_in(cwd, "convert", "--salvage", "-O", "raw", "img.qcow2", "m.raw")
+    assert q.returncode == m.returncode == 0
+    assert (cwd / "m.raw").read_bytes() == (cwd / "q.raw").read_bytes()
+
+
+def test_check_and_info_on_compressed_cluster_with_data_file_match_qemu(
+    compressed_with_data_file,
+):
+    cwd = compressed_with_data_file
+    q, m = both(cwd, "check", "--output=json", "img.qcow2")
+    assert q.returncode == m.returncode == 2
+    assert json.loads(m.stdout) == json.loads(q.stdout)
+    assert message(m.stderr, "qimg") == message(q.stderr, "qemu-img")
+    q, m = both(cwd, "info", "--output=json", "img.qcow2")
+    assert q.returncode == m.returncode == 0
+    assert without_actual_size(json.loads(m.stdout)) == without_actual_size(json.loads(q.stdout))

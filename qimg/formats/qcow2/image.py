@@ -93,6 +93,7 @@ class Qcow2Image(Driver):
         self._ol_map: tuple | None = None  # see _overlap_map
         self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
+        self._signaled_corruption = False  # see signal_corruption
 
     @property
     def refcounts(self):
@@ -283,6 +284,26 @@ class Qcow2Image(Driver):
             f"image marked as corrupt",
             offset,
         )
+
+    def signal_corruption(self, message: str) -> None:
+        """QEMU's qcow2_signal_corruption: report a corruption found while
+        mapping, once per image; a writable image is marked corrupt."""
+        if self._signaled_corruption:
+            return
+        self._signaled_corruption = True
+        from qimg.errors import notice
+
+        if self.writable and self.header.version >= 3:
+            notice(
+                f"qcow2: Marking image as corrupt: {message}; "
+                "further corruption events will be suppressed"
+            )
+            self.mark_corrupt()
+        else:
+            notice(
+                f"qcow2: Image is corrupt: {message}; "
+                "further non-fatal corruption events will be suppressed"
+            )
 
     def mark_corrupt(self) -> None:
         if self.writable and self.header.version >= 3:
