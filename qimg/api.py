@@ -37,10 +37,11 @@ def probe_format(path: str) -> str:
 
 def resolve_backing_path(image_path: str, backing: str) -> str:
     """QEMU's bdrv_get_full_backing_filename: a relative backing file name
-    is relative to the directory of the image that names it."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(image_path), backing)
+    is relative to the directory of the image that names it (`json:` and
+    `file:` names are taken as they are; see qimg.filenames)."""
+    from qimg.filenames import full_backing_filename, parse_filename
+
+    return full_backing_filename(parse_filename(image_path).path, backing)
 
 
 def open_image(
@@ -70,9 +71,9 @@ def open_image(
     node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
     try:
         below = None
-        if backing and node.header is not None:
+        if backing and node.open_backing and node.header is not None:
             below = open_backing_chain(
-                path,
+                node.path,
                 node.header,
                 writable=writable,
                 force_share=force_share,
@@ -106,8 +107,10 @@ def open_backing_chain(
     in the chain is a loop, refused with qemu-img info --backing-chain's
     words (qemu-img check and convert recurse until memory runs out).
     """
+    from qimg.filenames import parse_filename
+
     nodes: list[_Node] = []
-    seen = {os.path.realpath(image_path)}
+    seen = {os.path.realpath(parse_filename(image_path).path)}
     parent_path, parent = image_path, header
     # Backing files are opened read-only and shared, as QEMU's
     # bdrv_backing_options does, unless the top is opened with -U anyway.
@@ -122,14 +125,14 @@ def open_backing_chain(
                 raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
             nodes.append(node)
             if node.header is not None:
-                real = os.path.realpath(path)
+                real = os.path.realpath(node.path)
                 if real in seen:
                     raise BackingChainError(
                         _backing_prefix(depth - 1)
                         + f"Backing file '{path}' creates an infinite loop."
                     )
                 seen.add(real)
-            parent_path, parent = path, node.header
+            parent_path, parent = node.path, node.header if node.open_backing else None
         below = None
         while nodes:
             below = nodes[-1].build(below, False, cache_unsafe)
@@ -149,8 +152,11 @@ class _Node:
     """One image of a chain, opened but not yet tied to its backing file:
     its storage, its qcow2 header (None for raw) and its data file."""
 
-    def __init__(self, path: str, fmt: str, storage: Storage, header, data_storage):
-        self.path = path
+    def __init__(
+        self, path: str, fmt: str, storage: Storage, header, data_storage, open_backing=True
+    ):
+        self.path = path  # the host file (a json: or file: name resolved)
+        self.open_backing = open_backing  # false where a json: name says "backing": null
         self.fmt = fmt
         self.storage = storage
         self.header = header
@@ -200,7 +206,12 @@ def _open_node(
     data_file: bool,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
 ) -> _Node:
-    """Open one image file (and its data file), not its backing file."""
+    """Open one image file (and its data file), not its backing file.
+    `path` may be a `file:` or `json:` name (qimg.filenames)."""
+    from qimg.filenames import parse_filename
+
+    name = parse_filename(path)
+    path, fmt = name.path, fmt or name.fmt
     if not os.path.exists(path):
         raise ImageIOError(f"Could not open '{path}': No such file or directory")
     fmt = fmt or probe_format(path)
@@ -214,14 +225,14 @@ def _open_node(
     if storage_wrapper is not None:
         storage = storage_wrapper(storage)
     if fmt == "raw":
-        return _Node(path, fmt, storage, None, None)
+        return _Node(path, fmt, storage, None, None, name.open_backing)
     try:
         header = _read_header(storage)
         data_storage = open_data_file(header, writable, force_share, lock) if data_file else None
     except BaseException:
         storage.close()
         raise
-    return _Node(path, fmt, storage, header, data_storage)
+    return _Node(path, fmt, storage, header, data_storage, name.open_backing)
 
 
 def _read_header(storage: Storage):

@@ -287,7 +287,9 @@ def _check_target_options(o: ConvertOptions) -> None:
 
 def _create_target(target: str, size: int, o: ConvertOptions) -> None:
     from qimg.api import create_image
+    from qimg.filenames import create_path
 
+    create_path(target)  # an unknown protocol fails before creation, unprefixed
     opts = dict(o.create_options)
     opts.pop("size", None)  # qemu-img convert sizes the target after its sources
     if o.backing_format and not o.backing_file:
@@ -356,9 +358,11 @@ def _load_pipeline() -> None:
 
 
 def _remove(path: str) -> None:
+    from qimg.filenames import create_path
+
     try:
-        os.unlink(path)
-    except OSError:
+        os.unlink(create_path(path))
+    except (OSError, QimgError):
         pass
 
 

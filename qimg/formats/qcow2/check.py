@@ -174,14 +174,22 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
 
     from qimg.api import open_backing_chain, open_data_file, open_image, probe_format
     from qimg.errors import ImageIOError, NoCheckError
+    from qimg.filenames import parse_filename
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.storage import FileStorage
 
+    given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
+    try:
+        name = parse_filename(given)
+    except QimgError as exc:
+        exc.args = (f"Could not open '{given}': {exc}",)
+        raise
+    path, fmt = name.path, fmt or name.fmt
     if not os.path.exists(path):
         # qemu-img names the file twice here: bdrv_open's prefix and file-posix's.
         raise ImageIOError(
-            f"Could not open '{path}': Could not open '{path}': No such file or directory"
+            f"Could not open '{given}': Could not open '{path}': No such file or directory"
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
@@ -201,7 +209,11 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         # too (and their errors are the check's), though neither is read.
         data_storage = open_data_file(header, bool(fix), force_share)
         try:
-            backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
+            backing = None
+            if name.open_backing:
+                backing = open_backing_chain(
+                    path, header, writable=bool(fix), force_share=force_share
+                )
             image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
         except BaseException:
             if data_storage is not None:
@@ -212,8 +224,8 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     except QimgError as exc:
         storage.close()
         msg = str(exc)
-        if not msg.startswith(f"Could not open '{path}'"):
-            exc.args = (f"Could not open '{path}': {msg}",)
+        if not msg.startswith(f"Could not open '{given}'"):
+            exc.args = (f"Could not open '{given}': {msg}",)
         raise
     except BaseException:
         storage.close()
