@@ -261,3 +261,138 @@ def test_check_and_info_on_compressed_cluster_with_data_file_match_qemu(
     q, m = both(cwd, "info", "--output=json", "img.qcow2")
     assert q.returncode == m.returncode == 0
     assert without_actual_size(json.loads(m.stdout)) == without_actual_size(json.loads(q.stdout))
+
+
+# --- file: and json: names ---------------------------------------------------------
+
+JSON_TOP = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"}}'
+JSON_BASE = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"base.qcow2"}}'
+
+
+@pytest.fixture
+def named(tmp_path, qemu_img) -> Path:
+    """base.qcow2 <- top.qcow2, and overlays of base named "file:base.qcow2"
+    (t_file.qcow2) and by a json: name (t_json.qcow2)."""
+    make(tmp_path, "base.qcow2")
+    write(tmp_path, "base.qcow2", 0x42, 0)
+    make(tmp_path, "top.qcow2", "-b", "base.qcow2", "-F", "qcow2")
+    write(tmp_path, "top.qcow2", 0x43, 64 * KiB)
+    for name, backing in (("t_file.qcow2", "file:base.qcow2"), ("t_json.qcow2", JSON_BASE)):
+        make(tmp_path, name, "-u", "-b", backing, "-F", "qcow2")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "file:top.qcow2",
+        JSON_TOP,
+        'json:{"file.driver":"file","file.filename":"top.qcow2"}',
+        'json:{"file":{"filename":"top.qcow2"}}',
+        'json:{"driver":"qcow2","file":{"filename":"top.qcow2"},"backing":null}',
+    ],
+)
+def test_file_and_json_names_open_as_in_qemu(named, name):
+    q, m = both(named, "info", "--backing-chain", "--output=json", name)
+    assert q.returncode == m.returncode == 0, m.stderr
+    assert without_actual_size(json.loads(m.stdout)) == without_actual_size(json.loads(q.stdout))
+
+
+@pytest.mark.parametrize("name", ["file:top.qcow2", JSON_TOP])
+def test_check_and_convert_take_file_and_json_names_as_qemu(named, name):
+    q, m = both(named, "check", "--output=json", name)
+    assert q.returncode == m.returncode == 0
+    assert json.loads(m.stdout) == json.loads(q.stdout)
+    qemu_in(named, "qemu-img", "convert", "-O", "raw", name, "q.raw", check=True)
+    qimg_in(named, "convert", "-O", "raw", name, "m.raw", check=True)
+    assert (named / "m.raw").read_bytes() == (named / "q.raw").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        'json:{"filename":"top.qcow2"}',
+        'json:{"driver":"qcow2","filename":"top.qcow2"}',
+        'json:{"driver":"qcow2","file":"top.qcow2"}',
+        'json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"},"foo":1}',
+        'json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2","bar":1}}',
+        'json:{"driver":"qcow2","file":{"filename":"nope.qcow2"}}',
+        "json:[1]",
+        "file:nope.qcow2",
+        "nope:top.qcow2",
+    ],
+)
+def test_bad_file_and_json_names_fail_in_qemus_words(named, name):
+    assert_same_failure(named, "info", name)
+    if name.startswith(("file:", "nope:")):
+        assert_same_failure(named, "check", name)
+
+
+@pytest.mark.parametrize("overlay", ["t_file.qcow2", "t_json.qcow2", "top.qcow2"])
+@pytest.mark.parametrize("where", ["here", "parent"])
+def test_backing_names_with_file_or_json_prefix_match_qemu(named, overlay, where):
+    """A file: or json: backing name is taken as it is (relative to the
+    working directory), a plain one relative to the overlay; human info
+    prints "(actual path: ...)" where the two differ, as qemu-img does."""
+    cwd = named if where == "here" else named.parent
+    name = overlay if where == "here" else f"{named.name}/{overlay}"
+    for args in (["info"], ["info", "--output=json"], ["check"]):
+        q, m = both(cwd, *args, name)
+        assert (m.returncode, message(m.stderr, "qimg")) == (
+            q.returncode,
+            message(q.stderr, "qemu-img"),
+        )
+        if args == ["info"]:
+            assert [ln for ln in m.stdout.splitlines() if not ln.startswith("disk size")] == [
+                ln for ln in q.stdout.splitlines() if not ln.startswith("disk size")
+            ]
+        elif args == ["check"]:
+            assert m.stdout == q.stdout
+        else:
+            assert without_actual_size(json.loads(m.stdout)) == without_actual_size(
+                json.loads(q.stdout)
+            )
+    if where == "here":
+        qemu_in(cwd, "qemu-img", "convert", "-O", "raw", name, "q.raw", check=True)
+        qimg_in(cwd, "convert", "-O", "raw", name, "m.raw", check=True)
+        assert (cwd / "m.raw").read_bytes() == (cwd / "q.raw").read_bytes()
+
+
+def test_self_referencing_json_backing_name_fails_cleanly(tmp_path, qemu_img):
+    make(tmp_path, "a.qcow2")
+    self_name = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"a.qcow2"}}'
+    qemu_in(tmp_path, "qemu-img", "rebase", "-u", "-b", self_name, "-F", "qcow2", "a.qcow2")
+    chain = qemu_in(tmp_path, "qemu-img", "info", "--backing-chain", "a.qcow2")
+    assert chain.returncode == 1
+    for args in (["check", "a.qcow2"], ["convert", "a.qcow2", "out.raw"]):
+        q = subprocess.run(
+            ["qemu-img", *args], cwd=tmp_path, capture_output=True, timeout=300, preexec_fn=_limit
+        )
+        assert q.returncode != 0
+        m = qimg_in(tmp_path, *args)
+        assert m.returncode == 1 and m.stderr.count("\n") == 1
+        assert message(m.stderr, "qimg") == "Could not open 'a.qcow2': " + message(
+            chain.stderr, "qemu-img"
+        )
+    assert not (tmp_path / "out.raw").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "-q", "-f", "qcow2", "file:out.qcow2", "1M"],
+        ["convert", "-O", "qcow2", "top.qcow2", "file:out.qcow2"],
+        ["convert", "-O", "raw", "top.qcow2", 'json:{"driver":"raw","file":{"filename":"out"}}'],
+        ["create", "-f", "raw", 'json:{"driver":"raw","file":{"filename":"out"}}', "1M"],
+    ],
+)
+def test_targets_named_with_file_or_json_prefix_as_qemu(named, args):
+    runs = {}
+    for tool in ("qemu-img", "qimg"):
+        cwd = named / tool
+        cwd.mkdir()
+        for name in ("base.qcow2", "top.qcow2"):
+            (cwd / name).write_bytes((named / name).read_bytes())
+        proc = qemu_in(cwd, "qemu-img", *args) if tool == "qemu-img" else qimg_in(cwd, *args)
+        runs[tool] = (proc.returncode, message(proc.stderr, tool), sorted(os.listdir(cwd)))
+    assert runs["qimg"] == runs["qemu-img"]
