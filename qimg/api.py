@@ -59,7 +59,9 @@ def open_image(
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
-    Raises a QimgError subclass with qemu-img's wording on failure.
+    `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
+    `json:{...}` pseudo-filename (qimg.filenames); so are backing file
+    names read from images. Raises a QimgError subclass with qemu-img's wording on failure.
     `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
     `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its

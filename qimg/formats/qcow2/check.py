@@ -169,7 +169,8 @@ def check_image(image, fix: int = 0) -> CheckResult:
 def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
-    corrupt may be opened read-write to be repaired; no backing file."""
+    corrupt may be opened read-write to be repaired; the data file and the
+    backing chain are opened (not read)."""
     import os
 
     from qimg.api import open_backing_chain, open_data_file, open_image, probe_format
