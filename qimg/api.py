@@ -19,7 +19,6 @@ from qimg.formats.qcow2 import layout as L
 from qimg.storage import FileStorage, Storage
 
 FORMATS = ("qcow2", "raw")
-MAX_BACKING_DEPTH = 1000
 
 
 def probe_format(path: str) -> str:
@@ -38,10 +37,11 @@ def probe_format(path: str) -> str:
 
 def resolve_backing_path(image_path: str, backing: str) -> str:
     """QEMU's bdrv_get_full_backing_filename: a relative backing file name
-    is relative to the directory of the image that names it."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(image_path), backing)
+    is relative to the directory of the image that names it (`json:` and
+    `file:` names are taken as they are; see qimg.filenames)."""
+    from qimg.filenames import full_backing_filename, parse_filename
+
+    return full_backing_filename(parse_filename(image_path).path, backing)
 
 
 def open_image(
@@ -56,11 +56,12 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
-    _chain: tuple[str, ...] = (),
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
-    Raises a QimgError subclass with qemu-img's wording on failure.
+    `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
+    `json:{...}` pseudo-filename (qimg.filenames); so are backing file
+    names read from images. Raises a QimgError subclass with qemu-img's wording on failure.
     `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
     `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
@@ -69,15 +70,154 @@ def open_image(
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
+    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
+    try:
+        below = None
+        if backing and node.open_backing and node.header is not None:
+            below = open_backing_chain(
+                node.path,
+                node.header,
+                writable=writable,
+                force_share=force_share,
+                cache_unsafe=cache_unsafe,
+                lock=lock,
+                data_file=data_file,
+            )
+        return node.build(below, writable, cache_unsafe)
+    except BaseException:
+        node.close()
+        raise
+
+
+def open_backing_chain(
+    image_path: str,
+    header,
+    *,
+    writable: bool = False,
+    force_share: bool = False,
+    cache_unsafe: bool = False,
+    lock: bool = True,
+    data_file: bool = True,
+) -> Driver | None:
+    """Open the backing chain below the qcow2 image at `image_path` whose
+    header is `header`; None if it names no backing file.
+
+    The chain is walked iteratively (no recursion per element: qemu-img
+    opens chains of thousands), then built bottom-up. An error opening the
+    image k levels down reads as qemu-img's does: k times "Could not open
+    backing file: " before what went wrong there. A qcow2 image met twice
+    in the chain is a loop, refused with qemu-img info --backing-chain's
+    words (qemu-img check and convert recurse until memory runs out).
+    """
+    from qimg.filenames import parse_filename
+
+    nodes: list[_Node] = []
+    seen = {os.path.realpath(parse_filename(image_path).path)}
+    parent_path, parent = image_path, header
+    # Backing files are opened read-only and shared, as QEMU's
+    # bdrv_backing_options does, unless the top is opened with -U anyway.
+    share = True if not writable else force_share
+    try:
+        while parent is not None and parent.backing_file:
+            depth = len(nodes) + 1
+            path = resolve_backing_path(parent_path, parent.backing_file)
+            try:
+                node = _open_node(path, parent.backing_format, False, share, lock, data_file)
+            except QimgError as exc:
+                raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
+            nodes.append(node)
+            if node.header is not None:
+                real = os.path.realpath(node.path)
+                if real in seen:
+                    raise BackingChainError(
+                        _backing_prefix(depth - 1)
+                        + f"Backing file '{path}' creates an infinite loop."
+                    )
+                seen.add(real)
+            parent_path, parent = node.path, node.header if node.open_backing else None
+        below = None
+        while nodes:
+            below = nodes[-1].build(below, False, cache_unsafe)
+            nodes.pop()
+        return below
+    except BaseException:
+        for node in nodes:
+            node.close()
+        raise
+
+
+def _backing_prefix(depth: int) -> str:
+    return "Could not open backing file: " * depth
+
+
+class _Node:
+    """One image of a chain, opened but not yet tied to its backing file:
+    its storage, its qcow2 header (None for raw) and its data file."""
+
+    def __init__(
+        self, path: str, fmt: str, storage: Storage, header, data_storage, open_backing=True
+    ):
+        self.path = path  # the host file (a json: or file: name resolved)
+        self.open_backing = open_backing  # false where a json: name says "backing": null
+        self.fmt = fmt
+        self.storage = storage
+        self.header = header
+        self.data_storage = data_storage
+
+    def build(self, backing: Driver | None, writable: bool, cache_unsafe: bool) -> Driver:
+        """The driver over this node, reading through `backing`. On failure
+        `backing` is closed (the caller closes this node)."""
+        try:
+            if self.header is None:
+                from qimg.formats.raw import RawImage
+
+                return RawImage(self.storage)
+            from qimg.formats.qcow2.image import Qcow2Image
+
+            image = Qcow2Image(
+                self.storage,
+                backing=backing,
+                data_storage=self.data_storage,
+                header=self.header,
+                cache_unsafe=cache_unsafe,
+            )
+            if writable and self.header.dirty:
+                # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
+                # refcounts repaired, then the dirty bit cleared.
+                from qimg.formats.qcow2.check import repair_dirty
+
+                repair_dirty(image)
+            return image
+        except BaseException:
+            if backing is not None:
+                backing.close()
+            raise
+
+    def close(self) -> None:
+        if self.data_storage is not None:
+            self.data_storage.close()
+        self.storage.close()
+
+
+def _open_node(
+    path: str,
+    fmt: str | None,
+    writable: bool,
+    force_share: bool,
+    lock: bool,
+    data_file: bool,
+    storage_wrapper: Callable[[Storage], Storage] | None = None,
+) -> _Node:
+    """Open one image file (and its data file), not its backing file.
+    `path` may be a `file:` or `json:` name (qimg.filenames)."""
+    from qimg.filenames import parse_filename
+
+    name = parse_filename(path)
+    path, fmt = name.path, fmt or name.fmt
     if not os.path.exists(path):
         raise ImageIOError(f"Could not open '{path}': No such file or directory")
-    real = os.path.realpath(path)
-    if real in _chain:
-        raise BackingChainError(f"Backing file '{path}' creates a loop in the backing chain")
-    if len(_chain) > MAX_BACKING_DEPTH:
-        raise BackingChainError("Backing chain is too deep")
     fmt = fmt or probe_format(path)
-    storage = FileStorage(
+    storage: Storage = FileStorage(
         path,
         writable,
         force_share=force_share,
@@ -86,25 +226,37 @@ def open_image(
     )
     if storage_wrapper is not None:
         storage = storage_wrapper(storage)
+    if fmt == "raw":
+        return _Node(path, fmt, storage, None, None, name.open_backing)
     try:
-        if fmt == "raw":
-            from qimg.formats.raw import RawImage
-
-            return RawImage(storage)
-        return _open_qcow2(
-            storage,
-            path,
-            writable,
-            force_share,
-            backing,
-            cache_unsafe,
-            lock,
-            _chain + (real,),
-            data_file,
-        )
+        header = _read_header(storage)
+        data_storage = open_data_file(header, writable, force_share, lock) if data_file else None
     except BaseException:
         storage.close()
         raise
+    return _Node(path, fmt, storage, header, data_storage, name.open_backing)
+
+
+def _read_header(storage: Storage):
+    from qimg.formats.qcow2.header import Header
+
+    size = storage.size()
+    first = storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS))
+    return Header.parse(first, size)
+
+
+def open_data_file(
+    header, writable: bool = False, force_share: bool = False, lock: bool = True
+) -> Storage | None:
+    """The external data file a qcow2 header names, opened; None if none.
+
+    QEMU opens the data file by the name as written (relative to the
+    working directory, not to the image)."""
+    if not header.has_data_file:
+        return None
+    if header.data_file is None:
+        raise QimgError("Could not open image: data-file is required for this image")
+    return FileStorage(header.data_file, writable, force_share=force_share, lock=lock)
 
 
 def _raw_masks(fmt: str, writable: bool, force_share: bool) -> dict:
@@ -114,63 +266,6 @@ def _raw_masks(fmt: str, writable: bool, force_share: bool) -> dict:
 
     perm, shared = image_perms(writable, force_share, metadata=False)
     return {"perm": perm, "shared": shared}
-
-
-def _open_qcow2(
-    storage, path, writable, force_share, backing, cache_unsafe, lock, chain, open_data_file=True
-):
-    from qimg.formats.qcow2.header import Header
-    from qimg.formats.qcow2.image import Qcow2Image
-
-    size = storage.size()
-    first = storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS))
-    header = Header.parse(first, size)
-    data_storage = None
-    backing_image = None
-    try:
-        if header.has_data_file and open_data_file:
-            if header.data_file is None:
-                raise QimgError("Could not open image: data-file is required for this image")
-            # QEMU opens the data file by the name as written (relative to
-            # the working directory, not to the image).
-            data_path = header.data_file
-            data_storage = FileStorage(data_path, writable, force_share=force_share, lock=lock)
-        if backing and header.backing_file:
-            backing_path = resolve_backing_path(path, header.backing_file)
-            try:
-                backing_image = open_image(
-                    backing_path,
-                    header.backing_format,
-                    force_share=True if not writable else force_share,
-                    cache_unsafe=cache_unsafe,
-                    lock=lock,
-                    data_file=open_data_file,
-                    _chain=chain,
-                )
-            except BackingChainError:
-                raise
-            except QimgError as exc:
-                raise BackingChainError(f"Could not open backing file: {exc}") from None
-        image = Qcow2Image(
-            storage,
-            backing=backing_image,
-            data_storage=data_storage,
-            header=header,
-            cache_unsafe=cache_unsafe,
-        )
-        if writable and header.dirty:
-            # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
-            # refcounts repaired, then the dirty bit cleared.
-            from qimg.formats.qcow2.check import repair_dirty
-
-            repair_dirty(image)
-        return image
-    except BaseException:
-        if backing_image is not None:
-            backing_image.close()
-        if data_storage is not None:
-            data_storage.close()
-        raise
 
 
 def create_image(

@@ -104,9 +104,14 @@ def _warning_to_stderr(message: str) -> None:
     sys.stderr.write(errors.relabel(f"qimg: warning: {message}") + "\n")
 
 
+def _notice_to_stderr(message: str) -> None:
+    sys.stderr.write(f"{message}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     errors.warning_sink = _warning_to_stderr
+    errors.notice_sink = _notice_to_stderr
     errors.program_name = prog = program_name(sys.argv[0])
     args = sys.argv[1:] if argv is None else argv
     if COMPLETE_VAR in os.environ:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from qimg.driver import Driver
 from qimg.errors import (
     BadOptionError,
+    CorruptImageError,
     ImageIOError,
     ImageLockedError,
     QimgError,
@@ -286,7 +287,9 @@ def _check_target_options(o: ConvertOptions) -> None:
 
 def _create_target(target: str, size: int, o: ConvertOptions) -> None:
     from qimg.api import create_image
+    from qimg.filenames import create_path
 
+    create_path(target)  # an unknown protocol fails before creation, unprefixed
     opts = dict(o.create_options)
     opts.pop("size", None)  # qemu-img convert sizes the target after its sources
     if o.backing_format and not o.backing_file:
@@ -355,9 +358,11 @@ def _load_pipeline() -> None:
 
 
 def _remove(path: str) -> None:
+    from qimg.filenames import create_path
+
     try:
-        os.unlink(path)
-    except OSError:
+        os.unlink(create_path(path))
+    except (OSError, QimgError):
         pass
 
 
@@ -485,6 +490,24 @@ class _Concat(Driver):
 
     def close(self) -> None:
         pass
+
+
+def _block_status(
+    src, offset: int, length: int, salvage: bool
+) -> list[tuple[int, int, bool, bool]]:
+    """src.allocated_extents; a mapping that fails as QEMU's block status
+    fails (EIO at a guest offset) is reported in qemu-img convert's words,
+    or with --salvage, the range is read (what fails to read is zeros)."""
+    try:
+        return src.allocated_extents(offset, length)
+    except CorruptImageError as exc:
+        if exc.guest_offset is None:
+            raise
+        if salvage:
+            return [(offset, length, True, False)]
+        raise ImageIOError(
+            f"error while reading block status at offset {exc.guest_offset}: {exc}"
+        ) from None
 
 
 def _merge(runs) -> list[list[int]]:
@@ -621,7 +644,7 @@ class _Job:
             else:
                 runs = _merge(
                     (s, n, DATA if is_data else ZERO)
-                    for s, n, is_data, _z in src.allocated_extents(lo, hi - lo)
+                    for s, n, is_data, _z in _block_status(src, lo, hi - lo, self.o.salvage)
                 )
             if not self.sparse:
                 runs = [[s, e, DATA if k == ZERO else k] for s, e, k in runs]
@@ -706,6 +729,12 @@ class _Job:
         try:
             self.src.readinto(offset, buf)
         except QimgError as exc:
+            if not self.o.salvage and getattr(exc, "guest_offset", None) is not None:
+                # qemu-img asks for block status before any read, even
+                # with -S 0: a mapping that fails, fails there.
+                raise ImageIOError(
+                    f"error while reading block status at offset {exc.guest_offset}: {exc}"
+                ) from None
             if not self.o.salvage:
                 raise ImageIOError(f"error while reading at byte {offset}: {exc}") from None
             self._salvage(offset, buf)

@@ -154,9 +154,13 @@ def formatting_line(path: str, fmt: str, given: dict[str, str], descs) -> str:
 
 
 def full_backing_filename(path: str, backing: str) -> str:
-    """QEMU's bdrv_get_full_backing_filename_from_filename."""
-    if os.path.isabs(backing) or "/" not in path:
+    """QEMU's bdrv_get_full_backing_filename_from_filename (json: and
+    file: names are taken as they are: qimg.filenames)."""
+    from qimg.filenames import full_backing_filename as full
+
+    if "/" not in path:
         return backing
+    return full(path, backing)
     return os.path.join(os.path.dirname(path), backing)
 
 
@@ -176,6 +180,9 @@ def create(
     `options` hold the -o values as typed. `on_formatting` receives the
     line at the point qemu-img prints it (before the format's own checks).
     """
+    from qimg.filenames import create_path
+
+    file_path = create_path(path)  # "file:" dropped; other protocols refused
     if any(k == "encryption" or k.startswith("encrypt.") for k in options):
         raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
     descs = option_list(fmt)
@@ -207,6 +214,7 @@ def create(
     if on_formatting is not None:
         on_formatting(line)
     values = {k: _typed(by_name[k], v) for k, v in given.items()}
+    path = file_path  # the Formatting line keeps the name as typed
     if fmt == "raw":
         _create_raw(path, values)
     else:

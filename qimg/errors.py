@@ -40,6 +40,22 @@ def warn(message: str) -> None:
     logging.getLogger("qimg").warning(message)
 
 
+# Where a driver's own notices go, printed as they are (QEMU's qcow2 driver
+# prints its corruption events with fprintf, "qcow2: ..."): None sends them
+# to the "qimg" logger; the command layer sets a function that prints them.
+notice_sink: Callable[[str], None] | None = None
+
+
+def notice(message: str) -> None:
+    """Report a driver notice (e.g. "qcow2: Image is corrupt: ...") as is."""
+    if notice_sink is not None:
+        notice_sink(message)
+        return
+    import logging
+
+    logging.getLogger("qimg").warning(message)
+
+
 class QimgError(Exception):
     """Base of every error qimg reports to a user.
 
@@ -58,12 +74,15 @@ class CorruptImageError(QimgError):
     """Raised when: metadata contradicts itself (a table past the end of the
     file, an overlap with other metadata, a bad compressed descriptor).
 
-    `offset` is the host offset involved where one is known.
+    `offset` is the host offset involved where one is known; `guest_offset`
+    the guest offset whose mapping failed, where the failure is QEMU's EIO
+    from a mapping (block status) request.
     """
 
-    def __init__(self, message: str, offset: int | None = None):
+    def __init__(self, message: str, offset: int | None = None, guest_offset: int | None = None):
         super().__init__(message)
         self.offset = offset
+        self.guest_offset = guest_offset
 
 
 class UnsupportedFeatureError(QimgError):

@@ -51,7 +51,7 @@ def describe(
     seen_real: set[str] = set()
     name: str | None = filename
     while name is not None:
-        real = os.path.realpath(name)
+        real = _real_path(name)
         if name in seen or real in seen_real:
             raise BackingChainError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
@@ -73,6 +73,19 @@ def describe(
         name = resolve_backing_path(name, backing) if backing else None
         fmt = info.get("backing-filename-format", fmt)
     return infos
+
+
+def _real_path(name: str) -> str:
+    """The real path of the file an image name opens (a json: or file:
+    name resolved); the name itself if it cannot be parsed (opening it
+    then fails with the parser's message)."""
+    from qimg.errors import QimgError
+    from qimg.filenames import parse_filename
+
+    try:
+        return os.path.realpath(parse_filename(name).path)
+    except QimgError:
+        return name
 
 
 def chain_info(img: Driver) -> list[dict]:

@@ -169,19 +169,28 @@ def check_image(image, fix: int = 0) -> CheckResult:
 def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
-    corrupt may be opened read-write to be repaired; no backing file."""
+    corrupt may be opened read-write to be repaired; the data file and the
+    backing chain are opened (not read)."""
     import os
 
-    from qimg.api import open_image, probe_format
+    from qimg.api import open_backing_chain, open_data_file, open_image, probe_format
     from qimg.errors import ImageIOError, NoCheckError
+    from qimg.filenames import parse_filename
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.storage import FileStorage
 
+    given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
+    try:
+        name = parse_filename(given)
+    except QimgError as exc:
+        exc.args = (f"Could not open '{given}': {exc}",)
+        raise
+    path, fmt = name.path, fmt or name.fmt
     if not os.path.exists(path):
         # qemu-img names the file twice here: bdrv_open's prefix and file-posix's.
         raise ImageIOError(
-            f"Could not open '{path}': Could not open '{path}': No such file or directory"
+            f"Could not open '{given}': Could not open '{path}': No such file or directory"
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
@@ -197,14 +206,27 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         header = Header.parse(bytes(head), size)
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
-        image = Qcow2Image(storage, header=header)
+        # As qemu-img check, the data file and the backing chain are opened
+        # too (and their errors are the check's), though neither is read.
+        data_storage = open_data_file(header, bool(fix), force_share)
+        try:
+            backing = None
+            if name.open_backing:
+                backing = open_backing_chain(
+                    path, header, writable=bool(fix), force_share=force_share
+                )
+            image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
+        except BaseException:
+            if data_storage is not None:
+                data_storage.close()
+            raise
         image.header.incompatible_features |= corrupt
         return image
     except QimgError as exc:
         storage.close()
         msg = str(exc)
-        if not msg.startswith(f"Could not open '{path}'"):
-            exc.args = (f"Could not open '{path}': {msg}",)
+        if not msg.startswith(f"Could not open '{given}'"):
+            exc.args = (f"Could not open '{given}': {msg}",)
         raise
     except BaseException:
         storage.close()

@@ -104,9 +104,32 @@ class ClusterMap:
             if not l2:
                 _append(out, Extent(UNALLOCATED, pos, chunk_end - pos, 0))
             else:
-                self._map_l2(self.l2_cache.get(l2), pos, chunk_end, out)
+                table = self.l2_cache.get(l2)
+                if self.has_data_file:
+                    self._refuse_compressed(l2, table, pos, chunk_end)
+                self._map_l2(table, pos, chunk_end, out)
             pos = chunk_end
         return out
+
+    def _refuse_compressed(self, l2: int, table: np.ndarray, start: int, end: int) -> None:
+        """QEMU's qcow2_get_host_offset: a compressed cluster in an image
+        with an external data file is a corruption, and its mapping an EIO."""
+        geo = self.geo
+        first = geo.offset_to_l2_index(start)
+        rows = table[first : geo.offset_to_l2_index(end - 1) + 1]
+        entries = rows[:, 0] if geo.extended_l2 else rows
+        hits = np.flatnonzero((entries & _COMPRESSED) != 0)
+        if not len(hits):
+            return
+        index = first + int(hits[0])
+        # C's "%#x" prints 0 as "0".
+        self.owner.signal_corruption(
+            "Compressed cluster entry found in image with external data file "
+            f"(L2 offset: {l2:#x}, L2 index: {index:#x})".replace(": 0x0)", ": 0)")
+        )
+        span_bits = geo.cluster_bits + geo.l2_bits
+        guest = max(start, (start >> span_bits << span_bits) + (index << geo.cluster_bits))
+        raise CorruptImageError("Input/output error", l2, guest_offset=guest)
 
     def _map_l2(self, table: np.ndarray, start: int, end: int, out: list[Extent]) -> None:
         geo = self.geo

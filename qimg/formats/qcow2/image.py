@@ -99,6 +99,7 @@ class Qcow2Image(Driver):
         self._ol_map: tuple | None = None  # see _overlap_map
         self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
+        self._signaled_corruption = False  # see signal_corruption
 
     @property
     def refcounts(self):
@@ -290,6 +291,26 @@ class Qcow2Image(Driver):
             offset,
         )
 
+    def signal_corruption(self, message: str) -> None:
+        """QEMU's qcow2_signal_corruption: report a corruption found while
+        mapping, once per image; a writable image is marked corrupt."""
+        if self._signaled_corruption:
+            return
+        self._signaled_corruption = True
+        from qimg.errors import notice
+
+        if self.writable and self.header.version >= 3:
+            notice(
+                f"qcow2: Marking image as corrupt: {message}; "
+                "further corruption events will be suppressed"
+            )
+            self.mark_corrupt()
+        else:
+            notice(
+                f"qcow2: Image is corrupt: {message}; "
+                "further non-fatal corruption events will be suppressed"
+            )
+
     def mark_corrupt(self) -> None:
         if self.writable and self.header.version >= 3:
             self.header.incompatible_features |= L.QCOW2_INCOMPAT_CORRUPT
@@ -318,9 +339,33 @@ class Qcow2Image(Driver):
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
+        # The backing chain is walked image by image, not recursively (a
+        # chain may be thousands of images deep): each qcow2 image reads
+        # what it holds and hands its unallocated runs down.
+        pending = self._read_layer(offset, view)
+        node = self.backing
+        while pending:
+            below: list[tuple[int, memoryview]] = []
+            for off, dst in pending:
+                avail = 0 if node is None else max(0, min(len(dst), node.size - off))
+                if avail < len(dst):
+                    dst[avail:] = bytes(len(dst) - avail)
+                if not avail:
+                    continue
+                if isinstance(node, Qcow2Image):
+                    below += node._read_layer(off, dst[:avail])
+                else:
+                    node.readinto(off, dst[:avail])
+            pending = below
+            node = node.backing if isinstance(node, Qcow2Image) else None
+
+    def _read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
+        """Read what this image holds of guest [offset, offset+len(view))
+        into `view`; the (offset, part of view) runs left to its backing file."""
         if not len(view):
-            return
+            return []
         compressed: list[Extent] = []
+        pending: list[tuple[int, memoryview]] = []
         for ext in self._extents(offset, len(view)):
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             if ext.kind == DATA:
@@ -330,21 +375,12 @@ class Qcow2Image(Driver):
             elif ext.kind == ZERO:
                 dst[:] = bytes(ext.length)
             elif ext.kind == UNALLOCATED:
-                self._read_backing(ext.offset, dst)
+                pending.append((ext.offset, dst))
             else:
                 compressed.append(ext)
         if compressed:
             self._read_compressed(offset, view, compressed)
-
-    def _read_backing(self, offset: int, dst: memoryview) -> None:
-        n = len(dst)
-        if self.backing is None or offset >= self.backing.size:
-            dst[:] = bytes(n)
-            return
-        avail = min(n, self.backing.size - offset)
-        self.backing.readinto(offset, dst[:avail])
-        if avail < n:
-            dst[avail:] = bytes(n - avail)
+        return pending
 
     def _read_compressed(self, offset: int, view: memoryview, exts: list[Extent]) -> None:
         """Fill the parts of `view` (guest bytes from `offset`) that `exts`,
@@ -524,8 +560,35 @@ class Qcow2Image(Driver):
 
         As QEMU's block status does, a data cluster's bytes that are a hole
         in the host file read as zeros without being read (qemu-img convert
-        then leaves them sparse too)."""
+        then leaves them sparse too). The backing chain is walked image by
+        image, not recursively."""
+        out, pending = self._allocated_layer(offset, length)
+        node = self.backing
+        while pending:
+            below: list[tuple[int, int]] = []
+            for off, n in pending:
+                avail = 0 if node is None else max(0, min(n, node.size - off))
+                if avail < n:
+                    out.append((off + avail, n - avail, False, True))
+                if not avail:
+                    continue
+                if isinstance(node, Qcow2Image):
+                    got, rest = node._allocated_layer(off, avail)
+                    out += got
+                    below += rest
+                else:
+                    out += node.allocated_extents(off, avail)
+            pending = below
+            node = node.backing if isinstance(node, Qcow2Image) else None
+        if self.backing is not None:
+            out.sort()
+        return out
+
+    def _allocated_layer(self, offset: int, length: int) -> tuple[list, list[tuple[int, int]]]:
+        """This image's allocated_extents runs, and the (offset, length)
+        runs it leaves to its backing file."""
         out = []
+        pending = []
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
         runs = self._host_data_runs(data) if data else None
@@ -536,14 +599,11 @@ class Qcow2Image(Driver):
                 out.append((ext.offset, ext.length, True, False))
             elif ext.kind == ZERO:
                 out.append((ext.offset, ext.length, False, True))
-            elif self.backing is not None and ext.offset < self.backing.size:
-                avail = min(ext.length, self.backing.size - ext.offset)
-                out.extend(self.backing.allocated_extents(ext.offset, avail))
-                if avail < ext.length:
-                    out.append((ext.offset + avail, ext.length - avail, False, True))
+            elif self.backing is not None:
+                pending.append((ext.offset, ext.length))
             else:
                 out.append((ext.offset, ext.length, False, True))
-        return out
+        return out, pending
 
     def _host_data_runs(self, data: list[Extent]) -> list[tuple[int, int]] | None:
         """[start, end) runs of data in the host file, at least across the
@@ -627,11 +687,12 @@ class Qcow2Image(Driver):
                     self._write_incompatible_features()
         finally:
             self._closed = True
-            if self.backing is not None:
-                self.backing.close()
-            if self.data_storage is not self.storage:
-                self.data_storage.close()
-            self.storage.close()
+            try:
+                if self.data_storage is not self.storage:
+                    self.data_storage.close()
+                self.storage.close()
+            finally:
+                _close_chain(self.backing)
 
     # --- helpers -------------------------------------------------------------------
 
@@ -666,6 +727,23 @@ class Qcow2Image(Driver):
 # many it keeps (one per reader thread of convert's, and spares).
 _COMPRESSED_BUF_KEEP = 16 << 20
 _COMPRESSED_BUFS_KEPT = 4
+
+
+def _close_chain(node: Driver | None) -> None:
+    """Close a backing chain image by image, not recursively: each qcow2
+    image is detached from its backing file before it is closed."""
+    error: BaseException | None = None
+    while node is not None:
+        below = node.backing if isinstance(node, Qcow2Image) else None
+        if isinstance(node, Qcow2Image):
+            node.backing = None
+        try:
+            node.close()
+        except BaseException as exc:  # the rest of the chain is closed first
+            error = error or exc
+        node = below
+    if error is not None:
+        raise error
 
 
 def _split_by_runs(ext: Extent, runs: list[tuple[int, int]]) -> list[tuple[int, int, bool, bool]]:
