@@ -37,6 +37,7 @@ from qimg.errors import QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.refcount import decode_refcount_block, encode_refcount_block
 from qimg.formats.qcow2.snapshot import Snapshot, parse_entry
+from qimg.storage import MAX_REQUEST_END, sector_length
 
 # BdrvCheckMode
 FIX_LEAKS = 1
@@ -284,11 +285,12 @@ class _OnDisk:
         self.dtype = _COUNT_DTYPES[self.geo.refcount_order]
         self.cache: dict[int, np.ndarray] = {}
         self.limit = max(8, max_bytes // self.geo.cluster_size)
-        # full(): values of whole blocks, and which blocks are unaligned
-        # (their values unknown, left zero).
+        # full(): values of whole blocks, and which blocks cannot be read
+        # (unaligned, or where QEMU's block layer refuses the read: their
+        # values unknown, left zero).
         self.values: np.ndarray | None = None
-        self.unaligned: np.ndarray | None = None
-        self.any_unaligned = False
+        self.unreadable: np.ndarray | None = None
+        self.any_unreadable = False
 
     def block_offset(self, index: int) -> int:
         if index >= len(self.table):
@@ -297,15 +299,16 @@ class _OnDisk:
 
     def block(self, index: int) -> np.ndarray | None:
         """Decoded refcount block `index`; None where there is none; raises
-        _Unaligned where the table entry is not cluster aligned."""
+        _Unreadable where QEMU's qcow2_get_refcount fails (an unaligned
+        block, or one QEMU's block layer refuses to read)."""
         cached = self.cache.get(index)
         if cached is not None:
             return cached
         offset = self.block_offset(index)
         if not offset:
             return None
-        if offset % self.geo.cluster_size:
-            raise _Unaligned(offset)
+        if offset % self.geo.cluster_size or offset > MAX_REQUEST_END - self.geo.cluster_size:
+            raise _Unreadable(offset)
         raw = self.image.storage.pread(offset, self.geo.cluster_size)
         values = decode_refcount_block(raw, self.geo.refcount_order).astype(self.dtype)
         if len(self.cache) >= self.limit:
@@ -324,8 +327,8 @@ class _OnDisk:
         offs = np.zeros(nb, dtype=np.uint64)
         k = min(nb, len(self.table))
         offs[:k] = self.table[:k] & _U64(L.REFT_OFFSET_MASK)
-        unaligned = (offs & _U64(cs - 1)) != 0
-        offs[unaligned] = 0
+        unreadable = ((offs & _U64(cs - 1)) != 0) | (offs > _U64(MAX_REQUEST_END - cs))
+        offs[unreadable] = 0
         order = geo.refcount_order
         if order >= 3:
             # A numpy buffer, not a bytearray: large ones get huge pages.
@@ -340,13 +343,13 @@ class _OnDisk:
                 raw = self.image.storage.pread(int(offs[bi]), cs)
                 values[bi * per : (bi + 1) * per] = decode_refcount_block(raw, order)
         self.values = values
-        self.unaligned = unaligned
-        self.any_unaligned = bool(unaligned.any())
+        self.unreadable = unreadable
+        self.any_unreadable = bool(unreadable.any())
         return values
 
     def lookup(self, clusters: np.ndarray, runs: list[tuple[int, int]] | None = None):
         """(refcounts, ok) of cluster indices; ok is False where the
-        refcount cannot be read (unaligned refcount block). `runs`, when
+        refcount cannot be read (see block()). `runs`, when
         given, are `clusters` as runs [lo, hi) of adjacent clusters."""
         if not len(clusters):
             return np.zeros(0, dtype=np.uint64), np.ones(0, dtype=bool)
@@ -357,9 +360,9 @@ class _OnDisk:
             refs = values[clusters.astype(np.intp, copy=False)]
         else:
             return self._lookup_blocks(clusters)
-        if self.any_unaligned:
+        if self.any_unreadable:
             idx = clusters.astype(np.intp, copy=False)
-            return refs, ~self.unaligned[idx >> self.geo.refcount_block_bits]
+            return refs, ~self.unreadable[idx >> self.geo.refcount_block_bits]
         return refs, np.ones(len(clusters), dtype=bool)
 
     def _lookup_blocks(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -378,7 +381,7 @@ class _OnDisk:
             sel = order[s:e]
             try:
                 block = self.block(bi)
-            except _Unaligned:
+            except _Unreadable:
                 ok[sel] = False
                 continue
             if block is not None:
@@ -388,8 +391,8 @@ class _OnDisk:
     def invalidate(self) -> None:
         self.cache.clear()
         self.values = None
-        self.unaligned = None
-        self.any_unaligned = False
+        self.unreadable = None
+        self.any_unreadable = False
         self.table = self.image.refcounts.table
 
 
@@ -433,7 +436,7 @@ def _past_end_line(offset: int, size: int) -> str:
     )
 
 
-class _Unaligned(Exception):
+class _Unreadable(Exception):
     def __init__(self, offset: int):
         self.offset = offset
 
@@ -451,7 +454,7 @@ class _Checker:
         self.geo = image.geo
         self.cs = self.geo.cluster_size
         self.cb = self.geo.cluster_bits
-        self.file_len = image.storage.size()
+        self.file_len = sector_length(image.storage)
         self.nb_clusters = -(-self.file_len // self.cs)
         self.has_data_file = image.header.has_data_file
         self.v3 = image.header.version >= 3
@@ -555,7 +558,7 @@ class _Checker:
         """QEMU's calculate_refcounts, with every reference counted at once."""
         img = self.image
         h = img.header
-        self.file_len = img.storage.size()
+        self.file_len = sector_length(img.storage)
         self.nb_clusters = -(-self.file_len // self.cs)
         # One cluster of slack: a reference may run up to a cluster past EOF.
         dtype = _COUNT_DTYPES[self.geo.refcount_order]
@@ -1141,6 +1144,9 @@ class _Checker:
         tables.byteswap(inplace=True)  # big-endian on disk
         actives = actives.astype(np.int64)
         weights = actives + inactives
+        # check_oflag_copied skips L1 entries without an offset (the walk
+        # reads the header as their table; see _read_runs above).
+        oflag_actives = np.where(l2_offsets == 0, 0, actives)
         if self.geo.extended_l2:
             tables = tables.reshape(n, -1, 2)
             e = tables[:, :, 0].copy()
@@ -1148,15 +1154,19 @@ class _Checker:
         else:
             e = tables.reshape(n, -1)
             bitmap = None
-            if not self.has_data_file and self.walk_l2_plain(res, e, weights, actives):
+            if not self.has_data_file and self.walk_l2_plain(
+                res, e, weights, actives, oflag_actives
+            ):
                 return
         if fix & FIX_ERRORS:
             self.repair_l2_batch(res, offsets, e, bitmap)
         self.walk_l2(res, offsets, e, bitmap, weights, actives, fix)
         if self.oflag_messages is not None:
-            self.oflag_l2(res, offsets, e, actives)
+            self.oflag_l2(res, offsets, e, oflag_actives)
 
-    def walk_l2_plain(self, res: CheckResult, e: np.ndarray, weights, actives) -> bool:
+    def walk_l2_plain(
+        self, res: CheckResult, e: np.ndarray, weights, actives, oflag_actives
+    ) -> bool:
         """walk_l2 (and oflag_l2) for a batch whose entries are all
         standard, aligned, without reserved bits and inside the file: the
         common case, with fewer passes and temporaries. Returns False, having
@@ -1205,7 +1215,7 @@ class _Checker:
             for w in np.unique(weights).tolist():
                 self._add(idx[row_w == w], w)
         if self.oflag_messages is not None:
-            self._oflag_plain(res, flat, normal, idx, copied, per_table, actives, runs)
+            self._oflag_plain(res, flat, normal, idx, copied, per_table, oflag_actives, runs)
         return True
 
     @staticmethod
@@ -1704,7 +1714,7 @@ class _Checker:
         """QEMU's compare_refcounts; returns the highest cluster in use.
 
         Whole chunks of refcount blocks are compared at once; a chunk with
-        an unreadable (unaligned) block goes block by block, so that the
+        an unreadable block (see _OnDisk.block) goes block by block, so that the
         messages keep QEMU's cluster order.
         """
         counts = self.counts
@@ -1723,12 +1733,12 @@ class _Checker:
         for lo in range(0, limit, chunk):
             hi = min(limit, lo + chunk)
             if (
-                self.ondisk.any_unaligned
-                and self.ondisk.unaligned[lo >> bits : ((hi - 1) >> bits) + 1].any()
+                self.ondisk.any_unreadable
+                and self.ondisk.unreadable[lo >> bits : ((hi - 1) >> bits) + 1].any()
             ):
                 for blo in range(lo, hi, per):
                     bhi = min(hi, blo + per)
-                    if self.ondisk.unaligned[blo >> bits]:
+                    if self.ondisk.unreadable[blo >> bits]:
                         for c in range(blo, bhi):
                             self.say(f"Can't get refcount for cluster {c}: Input/output error")
                         res.check_errors += bhi - blo
