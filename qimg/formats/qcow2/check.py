@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qimg.errors import QimgError
+from qimg.errors import ImageIOError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.refcount import decode_refcount_block, encode_refcount_block
 from qimg.formats.qcow2.snapshot import Snapshot, parse_entry
-from qimg.storage import MAX_REQUEST_END, sector_length
+from qimg.storage import MAX_REQUEST_END, check_request, sector_length
 
 # BdrvCheckMode
 FIX_LEAKS = 1
@@ -195,7 +195,12 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         # the check reads (and repairs) the table itself.
         head = bytearray(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)))
         head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
+        # ... and accepts a refcount table of zero clusters (the check finds
+        # every cluster's refcount missing).
+        no_reftable = _allow_empty_reftable(head)
         header = Header.parse(bytes(head), size)
+        if no_reftable:
+            header.refcount_table_offset, header.refcount_table_clusters = no_reftable[0], 0
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
         image = Qcow2Image(storage, header=header)
@@ -210,6 +215,22 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     except BaseException:
         storage.close()
         raise
+
+
+def _allow_empty_reftable(head: bytearray) -> tuple[int] | None:
+    """Where the header has a refcount table of zero clusters, make it one
+    cluster at offset 0 in `head` so that it parses (QEMU's open in check
+    mode allows zero clusters; only the table's alignment is validated) and
+    return (the real offset,); None otherwise."""
+    off_at, n_at = L.HEADER_OFF_REFCOUNT_TABLE_OFFSET, L.HEADER_OFF_REFCOUNT_TABLE_CLUSTERS
+    if len(head) < n_at + 4 or head[n_at : n_at + 4] != bytes(4):
+        return None
+    offset = int.from_bytes(head[off_at : off_at + 8], "big")
+    cluster_bits = L.HEADER_V2.unpack_from(head, 0)[4]
+    head[n_at : n_at + 4] = (1).to_bytes(4, "big")
+    if cluster_bits <= L.MAX_CLUSTER_BITS and offset % (1 << cluster_bits) == 0:
+        head[off_at : off_at + 8] = bytes(8)  # an unaligned offset still fails
+    return (offset,)
 
 
 def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
@@ -2076,6 +2097,15 @@ class _SnapshotTable:
         file_len = storage.size()
 
         def pread(pos: int, n: int) -> bytes:
+            try:
+                check_request(pos, n)
+            except ImageIOError as exc:
+                res.check_errors += 1
+                res.messages.append(
+                    f"qimg: ERROR failed to read the snapshot table: "
+                    f"Failed to read snapshot table: {exc}"
+                )
+                raise CheckFailed(f"Check failed: {exc}") from None
             if n <= 0 or pos >= file_len:
                 return bytes(max(n, 0))
             return storage.pread(pos, n).ljust(n, b"\0")
