@@ -223,8 +223,8 @@ def _allow_empty_reftable(head: bytearray) -> tuple[int] | None:
     mode allows zero clusters; only the table's alignment is validated) and
     return (the real offset,); None otherwise."""
     off_at, n_at = L.HEADER_OFF_REFCOUNT_TABLE_OFFSET, L.HEADER_OFF_REFCOUNT_TABLE_CLUSTERS
-    if len(head) < n_at + 4 or head[n_at : n_at + 4] != bytes(4):
-        return None
+    if len(head) < L.HEADER_V2.size or head[n_at : n_at + 4] != bytes(4):
+        return None  # a cut header: Header.parse reports it
     offset = int.from_bytes(head[off_at : off_at + 8], "big")
     cluster_bits = L.HEADER_V2.unpack_from(head, 0)[4]
     head[n_at : n_at + 4] = (1).to_bytes(4, "big")
