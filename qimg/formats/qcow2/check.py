@@ -457,6 +457,11 @@ def _past_end_line(offset: int, size: int) -> str:
     )
 
 
+def _c_hex(value: int) -> str:
+    """C's "%#" PRIx64: like Python's "#x", but 0 prints as "0"."""
+    return f"{value:#x}" if value else "0"
+
+
 class _Unreadable(Exception):
     def __init__(self, offset: int):
         self.offset = offset
@@ -480,6 +485,7 @@ class _Checker:
         self.has_data_file = image.header.has_data_file
         self.v3 = image.header.version >= 3
         self.ondisk = _OnDisk(image)
+        self.signaled = False  # see signal_unaligned_block
         self.counts: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.overflow = 0
         self.rebuild = False
@@ -1760,6 +1766,7 @@ class _Checker:
                 for blo in range(lo, hi, per):
                     bhi = min(hi, blo + per)
                     if self.ondisk.unreadable[blo >> bits]:
+                        self.signal_unaligned_block(blo >> bits)
                         for c in range(blo, bhi):
                             self.say(f"Can't get refcount for cluster {c}: Input/output error")
                         res.check_errors += bhi - blo
@@ -1770,6 +1777,20 @@ class _Checker:
         if repairs:
             self.apply_refcount_repairs(res, repairs)
         return highest
+
+    def signal_unaligned_block(self, index: int) -> None:
+        """qcow2_get_refcount's qcow2_signal_corruption for an unaligned
+        refcount block: printed once per open (read-only: not fatal; under
+        repair QEMU marks the image corrupt, where qimg rebuilds instead)."""
+        offset = self.ondisk.block_offset(index)
+        if self.fix or self.signaled or not offset % self.cs:
+            return
+        self.signaled = True
+        self.say(
+            f"qcow2: Image is corrupt: Refblock offset {offset:#x} unaligned "
+            f"(reftable index: {_c_hex(index)}); further non-fatal corruption events "
+            "will be suppressed"
+        )
 
     def _compare_span(self, res, fix, lo: int, hi: int, disk, repairs, highest: int) -> int:
         """compare_refcounts over clusters [lo, hi); returns the new highest."""
