@@ -1986,6 +1986,42 @@ class _Checker:
 
     # --- rebuild -------------------------------------------------------------------------
 
+    def uncounted_tables(self) -> list[tuple[int, int]]:
+        """(first, last) clusters of the tables the header names (active L1,
+        snapshot table, bitmap directory) that lie a cluster or more past
+        the end of the file: inc_range did not count them."""
+        img = self.image
+        regions = [(img.clusters.l1_offset, img.clusters.l1_size * 8)]
+        regions.append((self.snap_table.offset, self.snap_table.size))
+        ext = img.header.bitmaps_ext
+        if ext is not None:
+            regions.append((ext[2], ext[1]))
+        return sorted(
+            (off >> self.cb, (off + size - 1) >> self.cb)
+            for off, size in regions
+            if size > 0 and off + size - self.file_len >= self.cs
+        )
+
+    def _reftable_area(self, end: int, used: np.ndarray) -> tuple[int, int, int, set]:
+        """(blocks, table clusters, blocks needed in all, indices of the
+        blocks written) of a new refcount structure placed at cluster `end`,
+        covering itself and the `used` clusters (a fixed point)."""
+        per = self.geo.refcount_block_size
+        entries_per_cluster = self.cs // 8
+        nblocks, tclusters = 0, 1
+        while True:
+            total = end + nblocks + tclusters
+            needed_blocks = -(-total // per)
+            # Blocks that hold a non-zero count: those with a used cluster, and
+            # every block covering the new area.
+            blocks_used = set((used // per).tolist()) | set(
+                range(end // per, (total - 1) // per + 1)
+            )
+            want_t = -(-needed_blocks // entries_per_cluster)
+            if len(blocks_used) == nblocks and want_t == tclusters:
+                return nblocks, tclusters, needed_blocks, blocks_used
+            nblocks, tclusters = len(blocks_used), want_t
+
     def rebuild_refcount_structure(self) -> None:
         """A new refcount table and blocks, from the computed counts, placed
         past everything in use; the header is then pointed at them.
@@ -2014,23 +2050,29 @@ class _Checker:
         counts = np.minimum(counts, _U64(geo.refcount_max))
         used = np.flatnonzero(counts)
         end = max(self.nb_clusters, int(used[-1]) + 1 if len(used) else 1)
+        # Tables the header names a cluster or more past the end of the file
+        # were not counted (they read as zeros). The new area must not land
+        # on one (QEMU's rebuild fails its overlap check there): a table it
+        # would overlap or end at is counted as used and the area moves past
+        # it, so that the grown file holds it with a refcount of 1.
+        uncounted = self.uncounted_tables()
+        while True:
+            nblocks, tclusters, needed_blocks, blocks_used = self._reftable_area(end, used)
+            area_end = end + nblocks + tclusters
+            # A table at the new end of the file would be counted too.
+            hit = [(a, b) for a, b in uncounted if a <= area_end and b >= end]
+            if not hit:
+                break
+            last = max(b for _a, b in hit)
+            if last >= len(counts):
+                counts = np.concatenate((counts, np.zeros(last + 1 - len(counts), np.uint64)))
+            for a, b in hit:
+                counts[a : b + 1] = np.maximum(counts[a : b + 1], _U64(1))
+            uncounted = [r for r in uncounted if r not in hit]
+            used = np.flatnonzero(counts)
+            end = last + 1
         per = geo.refcount_block_size
         entries_per_cluster = cs // 8
-        # Fixed point: area of `nblocks` blocks and `tclusters` table clusters
-        # at cluster `end`, all covered by the blocks.
-        nblocks, tclusters = 0, 1
-        while True:
-            total = end + nblocks + tclusters
-            needed_blocks = -(-total // per)
-            # Blocks that hold a non-zero count: those with a used cluster, and
-            # every block covering the new area.
-            blocks_used = set((used // per).tolist()) | set(
-                range(end // per, (total - 1) // per + 1)
-            )
-            want_t = -(-needed_blocks // entries_per_cluster)
-            if len(blocks_used) == nblocks and want_t == tclusters:
-                break
-            nblocks, tclusters = len(blocks_used), want_t
         full = np.zeros(needed_blocks * per, dtype=np.uint64)
         full[: len(counts)] = counts
         full[end : end + nblocks + tclusters] = 1
