@@ -81,13 +81,13 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
 
     snapshots = []
     pos = offset
-    for _ in range(h.nb_snapshots):
+    for i in range(h.nb_snapshots):
         # Each entry starts 8-aligned; the last one is not padded (QEMU's
         # qcow2_read_snapshots), so the table may end unaligned at EOF.
         pos = (pos + 7) & ~7
         snap, extra_len, pos = parse_entry(read, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
         if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
-            raise InvalidImageError("Too much extra metadata in snapshot table entry")
+            raise InvalidImageError(f"Too much extra metadata in snapshot table entry {i}")
         if pos - offset > L.QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImageError("Snapshot table is too big")
         snapshots.append(snap)
