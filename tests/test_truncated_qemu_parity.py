@@ -313,3 +313,15 @@ def test_largest_tables_past_the_end_are_read_in_bounded_memory(base, tmp_path):
         theirs = run(["qemu-img", *args], check=False)
         assert _text(ours) == _text(theirs)
     assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "theirs.raw").read_bytes()
+
+
+def test_snapshot_entry_with_too_much_extra_data_is_named_as_qemu_img_names_it(
+    with_snapshot, tmp_path
+):
+    path, lay = _copy(with_snapshot, tmp_path)
+    lay.set_snapshot_field(0, "extra_data_size", 5000)
+    want = run(["qemu-img", "info", str(path)], check=False)
+    got = qimg("info", path, check=False)
+    assert got.returncode == want.returncode == 1
+    # qemu-img adds a hint on a second line; qimg's error is its first line.
+    assert _text(got)[2] == _text(want)[2].splitlines(keepends=True)[0]
