@@ -325,3 +325,16 @@ def test_snapshot_entry_with_too_much_extra_data_is_named_as_qemu_img_names_it(
     assert got.returncode == want.returncode == 1
     # qemu-img adds a hint on a second line; qimg's error is its first line.
     assert _text(got)[2] == _text(want)[2].splitlines(keepends=True)[0]
+
+
+@pytest.mark.parametrize("options", ["extended_l2=on", "cluster_size=4k,refcount_bits=1"])
+def test_truncated_image_of_other_geometries_checks_as_qemu_img(tmp_path, options):
+    path = tmp_path / "g.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path), "4M"])
+    writes = ["write -P 0x11 0 128k", "write -c -P 0x22 1M 64k", "write -P 0x33 2M 64k"]
+    run(["qemu-io", *(x for w in writes for x in ("-c", w)), str(path)])
+    truncate(path, path.stat().st_size // 2)
+    assert_info_as_qemu(path)
+    assert_check_as_qemu(path)
+    # One reader, so that qemu-img reports one failed request, as qimg does.
+    assert_convert_as_qemu(path, tmp_path, "-m", "1")
