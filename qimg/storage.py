@@ -12,6 +12,20 @@ import os
 
 from qimg.errors import ImageIOError
 
+# QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to BDRV_MAX_ALIGNMENT, 1 GiB):
+# the block layer fails any request that ends past it with EIO, before the
+# file is touched; a read below it but past the end of the file returns
+# zeros. Offsets read from an image (a refcount table entry may hold any
+# 64-bit value) therefore never reach os.pread unchecked.
+MAX_REQUEST_END = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
+
+def check_request(offset: int, length: int) -> None:
+    """QEMU's bdrv_check_request: raise ImageIOError("Input/output error")
+    for a request QEMU's block layer refuses."""
+    if offset < 0 or length < 0 or offset + length > MAX_REQUEST_END:
+        raise ImageIOError("Input/output error")
+
 
 class Storage:
     """The interface every storage backend offers."""
@@ -36,6 +50,12 @@ class Storage:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+def sector_length(storage: Storage) -> int:
+    """QEMU's bdrv_getlength of a file: its size rounded up to whole
+    512-byte sectors (the length QEMU's checks compare offsets with)."""
+    return -(-storage.size() // 512) * 512
 
 
 def _os_error(path: str, action: str, exc: OSError) -> ImageIOError:
@@ -103,30 +123,32 @@ class FileStorage(Storage):
         )
 
     def pread(self, offset: int, length: int) -> bytes:
-        """Read up to `length` bytes; bytes past the end of file are zero."""
+        """Read `length` bytes; bytes past the end of file are zero (a
+        request QEMU refuses raises ImageIOError, see check_request)."""
+        check_request(offset, length)
+        parts = []
+        got = 0
         try:
-            data = os.pread(self.fd, length, offset)
-        except OSError as exc:
-            raise _os_error(self.path, "read", exc) from None
-        if len(data) < length:
-            # Short reads only happen at EOF for regular files; loop otherwise.
-            parts = [data]
-            got = len(data)
+            # Short reads happen at EOF for regular files; loop otherwise.
             while got < length:
                 more = os.pread(self.fd, length - got, offset + got)
                 if not more:
                     break
                 parts.append(more)
                 got += len(more)
-            data = b"".join(parts)
-            if len(data) < length:
-                data += bytes(length - len(data))
+        except OSError as exc:
+            raise _os_error(self.path, "read", exc) from None
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if got < length:
+            data += bytes(length - got)
         return data
 
     def preadv(self, offset: int, buffer: memoryview) -> int:
-        """Read into `buffer`; returns bytes read (the rest is left alone)."""
+        """Read into `buffer`; returns bytes read (the rest, past the end of
+        file, is left alone). A request QEMU refuses raises ImageIOError."""
         total = 0
         n = len(buffer)
+        check_request(offset, n)
         try:
             while total < n:
                 got = os.preadv(self.fd, [buffer[total:]], offset + total)

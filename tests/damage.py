@@ -216,3 +216,41 @@ class Layout:
         """Set the dirty incompatible bit (lazy refcounts left unflushed)."""
         off = L.HEADER_OFF_INCOMPATIBLE_FEATURES
         write_u64(self.path, off, read_u64(self.path, off) | L.QCOW2_INCOMPAT_DIRTY)
+
+    # --- truncation and far-away tables (test_truncated_qemu_parity.py) -------
+
+    def compressed_offset(self, guest: int) -> int:
+        """Host offset of the compressed data of the cluster holding `guest`."""
+        entry = self.l2_entry(guest)
+        assert entry & L.QCOW_OFLAG_COMPRESSED, f"guest offset {guest:#x} is not compressed"
+        csize_shift = 62 - (self.header.cluster_bits - 8)
+        return entry & ((1 << csize_shift) - 1)
+
+    def snapshot_entry_size(self, index: int) -> int:
+        """Bytes of snapshot table entry `index`, unpadded."""
+        with open(self.path, "rb") as f:
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            start = self.snapshot_entries()[index]
+            return parse_entry(read, start)[2] - start
+
+    def set_header_u64(self, offset: int, value: int) -> None:
+        write_u64(self.path, offset, value)
+
+    def set_header_u32(self, offset: int, value: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack(">I", value))
+
+
+def truncate(path, size: int) -> None:
+    """Cut the file at `size` bytes."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+# QEMU's BDRV_MAX_LENGTH: reads that end past it fail with EIO.
+BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)

@@ -337,16 +337,26 @@ def test_check_raw_gives_63(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [0, 50, 200])
-def test_check_truncated_image_one_line_error(tmp_path, qemu_img, cut):
+def test_check_truncated_image_as_qemu_img(tmp_path, qemu_img, cut):
+    # Cut inside the header: one error line. Cut after it: qemu-img reads
+    # the tables past the end of the file as zeros and checks the image;
+    # qimg must report what it reports, and write nothing.
     path = tmp_path / "t.qcow2"
     run([qemu_img, "create", "-q", "-f", "qcow2", str(path), "1M"])
     data = path.read_bytes()
     path.write_bytes(data[: 4 + cut] if cut else data[:4])
     before = path.read_bytes()
     proc = qimg("check", path, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("qimg: ") and len(proc.stderr.strip().splitlines()) == 1
     assert path.read_bytes() == before
+    if not cut:
+        # Version 0 (magic only): qemu-img probes raw; not this test's concern.
+        assert proc.returncode != 0 and proc.stderr.startswith("qimg: ")
+        assert len(proc.stderr.strip().splitlines()) == 1
+        return
+    want = run([qemu_img, "check", str(path)], check=False)
+    assert proc.returncode == want.returncode
+    assert proc.stdout == want.stdout
+    assert proc.stderr.replace("qimg: ", "") == want.stderr.replace("qemu-img: ", "")
 
 
 def test_dirty_image_repaired_when_opened_writable(tmp_path, qemu_img, qemu_io):

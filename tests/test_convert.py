@@ -695,9 +695,11 @@ def test_convert_missing_source_fails_like_qemu(tmp_path, qemu_img):
 def test_convert_hostile_source_leaves_no_target(tmp_path, qemu_img):
     src = make_qcow2(tmp_path / "src.qcow2", "8M", writes=("write -P 1 0 1M",))
     data = bytearray(src.read_bytes())
-    # Point the L1 table's first entry far past the end of the file.
+    # Point the L1 table's first entry at an unaligned L2 table far past the
+    # end of the file (one past the end but aligned reads as zeros, as QEMU
+    # reads it: see test_truncated_qemu_parity.py).
     l1_offset = int.from_bytes(data[40:48], "big")
-    data[l1_offset : l1_offset + 8] = (0x8000_0000_0000_0000 | (1 << 40)).to_bytes(8, "big")
+    data[l1_offset : l1_offset + 8] = (0x8000_0000_0000_0000 | (1 << 40) | 512).to_bytes(8, "big")
     src.write_bytes(data)
     for fmt in ("raw", "qcow2"):
         out = tmp_path / f"out.{fmt}"

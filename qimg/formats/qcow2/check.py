@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qimg.errors import QimgError
+from qimg.errors import ImageIOError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.refcount import decode_refcount_block, encode_refcount_block
 from qimg.formats.qcow2.snapshot import Snapshot, parse_entry
+from qimg.storage import MAX_REQUEST_END, check_request, sector_length
 
 # BdrvCheckMode
 FIX_LEAKS = 1
@@ -203,7 +204,12 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         # the check reads (and repairs) the table itself.
         head = bytearray(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)))
         head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
+        # ... and accepts a refcount table of zero clusters (the check finds
+        # every cluster's refcount missing).
+        no_reftable = _allow_empty_reftable(head)
         header = Header.parse(bytes(head), size)
+        if no_reftable:
+            header.refcount_table_offset, header.refcount_table_clusters = no_reftable[0], 0
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
         # As qemu-img check, the data file and the backing chain are opened
@@ -231,6 +237,22 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     except BaseException:
         storage.close()
         raise
+
+
+def _allow_empty_reftable(head: bytearray) -> tuple[int] | None:
+    """Where the header has a refcount table of zero clusters, make it one
+    cluster at offset 0 in `head` so that it parses (QEMU's open in check
+    mode allows zero clusters; only the table's alignment is validated) and
+    return (the real offset,); None otherwise."""
+    off_at, n_at = L.HEADER_OFF_REFCOUNT_TABLE_OFFSET, L.HEADER_OFF_REFCOUNT_TABLE_CLUSTERS
+    if len(head) < L.HEADER_V2.size or head[n_at : n_at + 4] != bytes(4):
+        return None  # a cut header: Header.parse reports it
+    offset = int.from_bytes(head[off_at : off_at + 8], "big")
+    cluster_bits = L.HEADER_V2.unpack_from(head, 0)[4]
+    head[n_at : n_at + 4] = (1).to_bytes(4, "big")
+    if cluster_bits <= L.MAX_CLUSTER_BITS and offset % (1 << cluster_bits) == 0:
+        head[off_at : off_at + 8] = bytes(8)  # an unaligned offset still fails
+    return (offset,)
 
 
 def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
@@ -306,11 +328,12 @@ class _OnDisk:
         self.dtype = _COUNT_DTYPES[self.geo.refcount_order]
         self.cache: dict[int, np.ndarray] = {}
         self.limit = max(8, max_bytes // self.geo.cluster_size)
-        # full(): values of whole blocks, and which blocks are unaligned
-        # (their values unknown, left zero).
+        # full(): values of whole blocks, and which blocks cannot be read
+        # (unaligned, or where QEMU's block layer refuses the read: their
+        # values unknown, left zero).
         self.values: np.ndarray | None = None
-        self.unaligned: np.ndarray | None = None
-        self.any_unaligned = False
+        self.unreadable: np.ndarray | None = None
+        self.any_unreadable = False
 
     def block_offset(self, index: int) -> int:
         if index >= len(self.table):
@@ -319,15 +342,16 @@ class _OnDisk:
 
     def block(self, index: int) -> np.ndarray | None:
         """Decoded refcount block `index`; None where there is none; raises
-        _Unaligned where the table entry is not cluster aligned."""
+        _Unreadable where QEMU's qcow2_get_refcount fails (an unaligned
+        block, or one QEMU's block layer refuses to read)."""
         cached = self.cache.get(index)
         if cached is not None:
             return cached
         offset = self.block_offset(index)
         if not offset:
             return None
-        if offset % self.geo.cluster_size:
-            raise _Unaligned(offset)
+        if offset % self.geo.cluster_size or offset > MAX_REQUEST_END - self.geo.cluster_size:
+            raise _Unreadable(offset)
         raw = self.image.storage.pread(offset, self.geo.cluster_size)
         values = decode_refcount_block(raw, self.geo.refcount_order).astype(self.dtype)
         if len(self.cache) >= self.limit:
@@ -346,8 +370,8 @@ class _OnDisk:
         offs = np.zeros(nb, dtype=np.uint64)
         k = min(nb, len(self.table))
         offs[:k] = self.table[:k] & _U64(L.REFT_OFFSET_MASK)
-        unaligned = (offs & _U64(cs - 1)) != 0
-        offs[unaligned] = 0
+        unreadable = ((offs & _U64(cs - 1)) != 0) | (offs > _U64(MAX_REQUEST_END - cs))
+        offs[unreadable] = 0
         order = geo.refcount_order
         if order >= 3:
             # A numpy buffer, not a bytearray: large ones get huge pages.
@@ -362,13 +386,13 @@ class _OnDisk:
                 raw = self.image.storage.pread(int(offs[bi]), cs)
                 values[bi * per : (bi + 1) * per] = decode_refcount_block(raw, order)
         self.values = values
-        self.unaligned = unaligned
-        self.any_unaligned = bool(unaligned.any())
+        self.unreadable = unreadable
+        self.any_unreadable = bool(unreadable.any())
         return values
 
     def lookup(self, clusters: np.ndarray, runs: list[tuple[int, int]] | None = None):
         """(refcounts, ok) of cluster indices; ok is False where the
-        refcount cannot be read (unaligned refcount block). `runs`, when
+        refcount cannot be read (see block()). `runs`, when
         given, are `clusters` as runs [lo, hi) of adjacent clusters."""
         if not len(clusters):
             return np.zeros(0, dtype=np.uint64), np.ones(0, dtype=bool)
@@ -379,9 +403,9 @@ class _OnDisk:
             refs = values[clusters.astype(np.intp, copy=False)]
         else:
             return self._lookup_blocks(clusters)
-        if self.any_unaligned:
+        if self.any_unreadable:
             idx = clusters.astype(np.intp, copy=False)
-            return refs, ~self.unaligned[idx >> self.geo.refcount_block_bits]
+            return refs, ~self.unreadable[idx >> self.geo.refcount_block_bits]
         return refs, np.ones(len(clusters), dtype=bool)
 
     def _lookup_blocks(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -400,7 +424,7 @@ class _OnDisk:
             sel = order[s:e]
             try:
                 block = self.block(bi)
-            except _Unaligned:
+            except _Unreadable:
                 ok[sel] = False
                 continue
             if block is not None:
@@ -410,8 +434,8 @@ class _OnDisk:
     def invalidate(self) -> None:
         self.cache.clear()
         self.values = None
-        self.unaligned = None
-        self.any_unaligned = False
+        self.unreadable = None
+        self.any_unreadable = False
         self.table = self.image.refcounts.table
 
 
@@ -455,7 +479,12 @@ def _past_end_line(offset: int, size: int) -> str:
     )
 
 
-class _Unaligned(Exception):
+def _c_hex(value: int) -> str:
+    """C's "%#" PRIx64: like Python's "#x", but 0 prints as "0"."""
+    return f"{value:#x}" if value else "0"
+
+
+class _Unreadable(Exception):
     def __init__(self, offset: int):
         self.offset = offset
 
@@ -473,11 +502,12 @@ class _Checker:
         self.geo = image.geo
         self.cs = self.geo.cluster_size
         self.cb = self.geo.cluster_bits
-        self.file_len = image.storage.size()
+        self.file_len = sector_length(image.storage)
         self.nb_clusters = -(-self.file_len // self.cs)
         self.has_data_file = image.header.has_data_file
         self.v3 = image.header.version >= 3
         self.ondisk = _OnDisk(image)
+        self.signaled = False  # see signal_unaligned_block
         self.counts: np.ndarray = np.zeros(0, dtype=np.uint32)
         self.overflow = 0
         self.rebuild = False
@@ -577,7 +607,7 @@ class _Checker:
         """QEMU's calculate_refcounts, with every reference counted at once."""
         img = self.image
         h = img.header
-        self.file_len = img.storage.size()
+        self.file_len = sector_length(img.storage)
         self.nb_clusters = -(-self.file_len // self.cs)
         # One cluster of slack: a reference may run up to a cluster past EOF.
         dtype = _COUNT_DTYPES[self.geo.refcount_order]
@@ -1163,6 +1193,9 @@ class _Checker:
         tables.byteswap(inplace=True)  # big-endian on disk
         actives = actives.astype(np.int64)
         weights = actives + inactives
+        # check_oflag_copied skips L1 entries without an offset (the walk
+        # reads the header as their table; see _read_runs above).
+        oflag_actives = np.where(l2_offsets == 0, 0, actives)
         if self.geo.extended_l2:
             tables = tables.reshape(n, -1, 2)
             e = tables[:, :, 0].copy()
@@ -1170,15 +1203,19 @@ class _Checker:
         else:
             e = tables.reshape(n, -1)
             bitmap = None
-            if not self.has_data_file and self.walk_l2_plain(res, e, weights, actives):
+            if not self.has_data_file and self.walk_l2_plain(
+                res, e, weights, actives, oflag_actives
+            ):
                 return
         if fix & FIX_ERRORS:
             self.repair_l2_batch(res, offsets, e, bitmap)
         self.walk_l2(res, offsets, e, bitmap, weights, actives, fix)
         if self.oflag_messages is not None:
-            self.oflag_l2(res, offsets, e, actives)
+            self.oflag_l2(res, offsets, e, oflag_actives)
 
-    def walk_l2_plain(self, res: CheckResult, e: np.ndarray, weights, actives) -> bool:
+    def walk_l2_plain(
+        self, res: CheckResult, e: np.ndarray, weights, actives, oflag_actives
+    ) -> bool:
         """walk_l2 (and oflag_l2) for a batch whose entries are all
         standard, aligned, without reserved bits and inside the file: the
         common case, with fewer passes and temporaries. Returns False, having
@@ -1227,7 +1264,7 @@ class _Checker:
             for w in np.unique(weights).tolist():
                 self._add(idx[row_w == w], w)
         if self.oflag_messages is not None:
-            self._oflag_plain(res, flat, normal, idx, copied, per_table, actives, runs)
+            self._oflag_plain(res, flat, normal, idx, copied, per_table, oflag_actives, runs)
         return True
 
     @staticmethod
@@ -1724,7 +1761,7 @@ class _Checker:
         """QEMU's compare_refcounts; returns the highest cluster in use.
 
         Whole chunks of refcount blocks are compared at once; a chunk with
-        an unreadable (unaligned) block goes block by block, so that the
+        an unreadable block (see _OnDisk.block) goes block by block, so that the
         messages keep QEMU's cluster order.
         """
         counts = self.counts
@@ -1743,12 +1780,13 @@ class _Checker:
         for lo in range(0, limit, chunk):
             hi = min(limit, lo + chunk)
             if (
-                self.ondisk.any_unaligned
-                and self.ondisk.unaligned[lo >> bits : ((hi - 1) >> bits) + 1].any()
+                self.ondisk.any_unreadable
+                and self.ondisk.unreadable[lo >> bits : ((hi - 1) >> bits) + 1].any()
             ):
                 for blo in range(lo, hi, per):
                     bhi = min(hi, blo + per)
-                    if self.ondisk.unaligned[blo >> bits]:
+                    if self.ondisk.unreadable[blo >> bits]:
+                        self.signal_unaligned_block(blo >> bits)
                         for c in range(blo, bhi):
                             self.say(f"Can't get refcount for cluster {c}: Input/output error")
                         res.check_errors += bhi - blo
@@ -1759,6 +1797,20 @@ class _Checker:
         if repairs:
             self.apply_refcount_repairs(res, repairs)
         return highest
+
+    def signal_unaligned_block(self, index: int) -> None:
+        """qcow2_get_refcount's qcow2_signal_corruption for an unaligned
+        refcount block: printed once per open (read-only: not fatal; under
+        repair QEMU marks the image corrupt, where qimg rebuilds instead)."""
+        offset = self.ondisk.block_offset(index)
+        if self.fix or self.signaled or not offset % self.cs:
+            return
+        self.signaled = True
+        self.say(
+            f"qcow2: Image is corrupt: Refblock offset {offset:#x} unaligned "
+            f"(reftable index: {_c_hex(index)}); further non-fatal corruption events "
+            "will be suppressed"
+        )
 
     def _compare_span(self, res, fix, lo: int, hi: int, disk, repairs, highest: int) -> int:
         """compare_refcounts over clusters [lo, hi); returns the new highest."""
@@ -1954,6 +2006,42 @@ class _Checker:
 
     # --- rebuild -------------------------------------------------------------------------
 
+    def uncounted_tables(self) -> list[tuple[int, int]]:
+        """(first, last) clusters of the tables the header names (active L1,
+        snapshot table, bitmap directory) that lie a cluster or more past
+        the end of the file: inc_range did not count them."""
+        img = self.image
+        regions = [(img.clusters.l1_offset, img.clusters.l1_size * 8)]
+        regions.append((self.snap_table.offset, self.snap_table.size))
+        ext = img.header.bitmaps_ext
+        if ext is not None:
+            regions.append((ext[2], ext[1]))
+        return sorted(
+            (off >> self.cb, (off + size - 1) >> self.cb)
+            for off, size in regions
+            if size > 0 and off + size - self.file_len >= self.cs
+        )
+
+    def _reftable_area(self, end: int, used: np.ndarray) -> tuple[int, int, int, set]:
+        """(blocks, table clusters, blocks needed in all, indices of the
+        blocks written) of a new refcount structure placed at cluster `end`,
+        covering itself and the `used` clusters (a fixed point)."""
+        per = self.geo.refcount_block_size
+        entries_per_cluster = self.cs // 8
+        nblocks, tclusters = 0, 1
+        while True:
+            total = end + nblocks + tclusters
+            needed_blocks = -(-total // per)
+            # Blocks that hold a non-zero count: those with a used cluster, and
+            # every block covering the new area.
+            blocks_used = set((used // per).tolist()) | set(
+                range(end // per, (total - 1) // per + 1)
+            )
+            want_t = -(-needed_blocks // entries_per_cluster)
+            if len(blocks_used) == nblocks and want_t == tclusters:
+                return nblocks, tclusters, needed_blocks, blocks_used
+            nblocks, tclusters = len(blocks_used), want_t
+
     def rebuild_refcount_structure(self) -> None:
         """A new refcount table and blocks, from the computed counts, placed
         past everything in use; the header is then pointed at them.
@@ -1982,23 +2070,29 @@ class _Checker:
         counts = np.minimum(counts, _U64(geo.refcount_max))
         used = np.flatnonzero(counts)
         end = max(self.nb_clusters, int(used[-1]) + 1 if len(used) else 1)
+        # Tables the header names a cluster or more past the end of the file
+        # were not counted (they read as zeros). The new area must not land
+        # on one (QEMU's rebuild fails its overlap check there): a table it
+        # would overlap or end at is counted as used and the area moves past
+        # it, so that the grown file holds it with a refcount of 1.
+        uncounted = self.uncounted_tables()
+        while True:
+            nblocks, tclusters, needed_blocks, blocks_used = self._reftable_area(end, used)
+            area_end = end + nblocks + tclusters
+            # A table at the new end of the file would be counted too.
+            hit = [(a, b) for a, b in uncounted if a <= area_end and b >= end]
+            if not hit:
+                break
+            last = max(b for _a, b in hit)
+            if last >= len(counts):
+                counts = np.concatenate((counts, np.zeros(last + 1 - len(counts), np.uint64)))
+            for a, b in hit:
+                counts[a : b + 1] = np.maximum(counts[a : b + 1], _U64(1))
+            uncounted = [r for r in uncounted if r not in hit]
+            used = np.flatnonzero(counts)
+            end = last + 1
         per = geo.refcount_block_size
         entries_per_cluster = cs // 8
-        # Fixed point: area of `nblocks` blocks and `tclusters` table clusters
-        # at cluster `end`, all covered by the blocks.
-        nblocks, tclusters = 0, 1
-        while True:
-            total = end + nblocks + tclusters
-            needed_blocks = -(-total // per)
-            # Blocks that hold a non-zero count: those with a used cluster, and
-            # every block covering the new area.
-            blocks_used = set((used // per).tolist()) | set(
-                range(end // per, (total - 1) // per + 1)
-            )
-            want_t = -(-needed_blocks // entries_per_cluster)
-            if len(blocks_used) == nblocks and want_t == tclusters:
-                break
-            nblocks, tclusters = len(blocks_used), want_t
         full = np.zeros(needed_blocks * per, dtype=np.uint64)
         full[: len(counts)] = counts
         full[end : end + nblocks + tclusters] = 1
@@ -2086,6 +2180,15 @@ class _SnapshotTable:
         file_len = storage.size()
 
         def pread(pos: int, n: int) -> bytes:
+            try:
+                check_request(pos, n)
+            except ImageIOError as exc:
+                res.check_errors += 1
+                res.messages.append(
+                    f"qimg: ERROR failed to read the snapshot table: "
+                    f"Failed to read snapshot table: {exc}"
+                )
+                raise CheckFailed(f"Check failed: {exc}") from None
             if n <= 0 or pos >= file_len:
                 return bytes(max(n, 0))
             return storage.pread(pos, n).ljust(n, b"\0")

@@ -11,10 +11,10 @@ import bisect
 import threading
 
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
-from qimg.errors import CorruptImageError, QimgError
+from qimg.errors import CorruptImageError, ImageIOError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
-from qimg.storage import Storage
+from qimg.storage import Storage, check_request
 
 # Metadata regions named as QEMU's metadata_ol_names.
 OL_NAMES = {
@@ -62,6 +62,7 @@ class Qcow2Image(Driver):
             raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
         if self.writable and header.corrupt:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        _check_table_reads(header)
         if header.nb_snapshots:
             # QEMU's qcow2_do_open reads the snapshot table and refuses an
             # image whose table is out of bounds; so do we.
@@ -136,10 +137,9 @@ class Qcow2Image(Driver):
     # --- metadata I/O (used by refcount.py and cluster.py) -----------------------
 
     def read_metadata(self, offset: int, length: int) -> bytes:
-        if offset + length > self.storage.size():
-            raise CorruptImageError(
-                f"Metadata at {offset:#x} (+{length:#x}) lies past the end of the file", offset
-            )
+        """Metadata bytes as QEMU reads them: past the end of the file they
+        are zeros (a truncated image opens and converts); `length` is
+        bounded by the caller (a cluster, or a table within QEMU's limits)."""
         return self.storage.pread(offset, length)
 
     def write_metadata(self, offset: int, data: bytes, kind: str) -> None:
@@ -408,7 +408,11 @@ class Qcow2Image(Driver):
             for ext, raw in zip(exts, raws):
                 dst = view[ext.offset - offset : ext.offset - offset + ext.length]
                 jobs.append((raw, dst, ext.offset & (cs - 1)))
-            decompressor.decompress_into(jobs, split=self.split_decompression)
+            try:
+                decompressor.decompress_into(jobs, split=self.split_decompression)
+            except CorruptImageError:
+                # qcow2_co_preadv_compressed: any decompression failure is EIO.
+                raise ImageIOError("Input/output error") from None
             del raws, jobs
         finally:
             if len(buf) <= _COMPRESSED_BUF_KEEP:
@@ -427,20 +431,17 @@ class Qcow2Image(Driver):
         return self._decompressor
 
     def _compressed_spans(self, entries: list[int]) -> list[tuple[int, int]]:
-        """[start, end) host bytes of each compressed cluster descriptor,
-        clamped to the end of the file (QEMU's parse_compressed_l2_entry)."""
+        """[start, end) host bytes of each compressed cluster descriptor
+        (QEMU's qcow2_parse_compressed_l2_entry). Not clamped to the end of
+        the file: QEMU decompresses what lies there as zeros, and a stream
+        cut short may still fill its cluster from them."""
         geo = self.geo
-        size = self.data_storage.size()
         spans = []
         for entry in entries:
             coffset = entry & geo.cluster_offset_mask
             nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
             csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-            if coffset >= size:
-                raise CorruptImageError(
-                    f"Compressed cluster at {coffset:#x} is past the end of the file", coffset
-                )
-            spans.append((coffset, min(coffset + csize, size)))
+            spans.append((coffset, coffset + csize))
         return spans
 
     def _read_runs(self, buf: memoryview, spans: list, runs: list) -> list[memoryview]:
@@ -451,7 +452,7 @@ class Qcow2Image(Driver):
             piece = buf[pos : pos + hi - lo]
             got = self.data_storage.preadv(lo, piece)
             if got < len(piece):
-                piece[got:] = bytes(len(piece) - got)  # the file shrank: zeros, as pread
+                piece[got:] = bytes(len(piece) - got)  # past the end of file: zeros
             out.extend(piece[a - lo : b - lo] for a, b in spans[i:j])
             pos += hi - lo
         return out
@@ -720,6 +721,22 @@ class Qcow2Image(Driver):
         if self.data_storage is not self.storage and hasattr(self.data_storage, "allocated_size"):
             total += self.data_storage.allocated_size()
         return total
+
+
+def _check_table_reads(h: Header) -> None:
+    """qcow2_do_open reads the L1 table, then the refcount table (qimg
+    reads them on first use): fail the open where QEMU's block layer
+    refuses those reads. Past the end of the file they read as zeros."""
+    try:
+        if h.l1_size:
+            check_request(h.l1_table_offset, h.l1_size * L.L1_ENTRY_SIZE)
+    except ImageIOError as exc:
+        raise ImageIOError(f"Could not read L1 table: {exc}") from None
+    try:
+        if h.refcount_table_clusters:
+            check_request(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
+    except ImageIOError as exc:
+        raise ImageIOError(f"Could not initialize refcount handling: {exc}") from None
 
 
 # Largest read buffer _read_compressed keeps between reads (convert reads at

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qimg.errors import CorruptImageError, InvalidImageError
+from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError
 from qimg.formats.qcow2 import layout as L
+from qimg.storage import check_request
 
 
 @dataclass
@@ -61,30 +62,34 @@ def parse_entry(
 
 
 def read_snapshots(image) -> tuple[list[Snapshot], int]:
-    """All snapshots of `image` and the table's size in bytes (strict: a
-    table that breaks QEMU's limits or runs past the file's end raises)."""
+    """All snapshots of `image` and the table's size in bytes, read as
+    QEMU's qcow2_read_snapshots reads them: past the end of the file the
+    table reads as zeros; a table that breaks QEMU's limits, or a read QEMU's
+    block layer refuses, raises."""
     h = image.header
     if not h.nb_snapshots:
         return [], 0
-    file_size = image.storage.size()
     offset = h.snapshots_offset
-    if offset % image.geo.cluster_size or offset >= file_size:
+    if offset % image.geo.cluster_size:
         raise InvalidImageError("Snapshot table offset invalid")
+
+    def read(pos: int, n: int) -> bytes:
+        try:
+            return image.storage.pread(pos, n)
+        except ImageIOError as exc:
+            raise ImageIOError(f"Failed to read snapshot table: {exc}") from None
+
     snapshots = []
     pos = offset
-    for _ in range(h.nb_snapshots):
+    for i in range(h.nb_snapshots):
         # Each entry starts 8-aligned; the last one is not padded (QEMU's
         # qcow2_read_snapshots), so the table may end unaligned at EOF.
         pos = (pos + 7) & ~7
-        if pos + L.SNAPSHOT_HEADER.size > file_size:
-            raise CorruptImageError("Snapshot table lies past the end of the file", offset)
-        snap, extra_len, pos = parse_entry(image.storage.pread, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
+        snap, extra_len, pos = parse_entry(read, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
         if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
-            raise InvalidImageError("Too much extra metadata in snapshot table entry")
+            raise InvalidImageError(f"Too much extra metadata in snapshot table entry {i}")
         if pos - offset > L.QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImageError("Snapshot table is too big")
-        if pos > file_size:
-            raise CorruptImageError("Snapshot table lies past the end of the file", offset)
         snapshots.append(snap)
     return snapshots, pos - offset
 
@@ -92,7 +97,7 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
 def snapshot_table_size(image) -> int:
     try:
         return read_snapshots(image)[1]
-    except (InvalidImageError, CorruptImageError):
+    except (InvalidImageError, CorruptImageError, ImageIOError):
         return image.header.nb_snapshots * L.SNAPSHOT_HEADER.size
 
 
@@ -130,10 +135,15 @@ def open_snapshot_view(image, snapshot_id: str | None, name: str | None):
     geo = image.geo
     if snap.l1_size * L.L1_ENTRY_SIZE > L.QCOW_MAX_L1_SIZE:
         raise InvalidImageError("Snapshot L1 table too large")
-    if snap.l1_table_offset % geo.cluster_size or (
-        snap.l1_size and snap.l1_table_offset + snap.l1_size * 8 > image.storage.size()
-    ):
+    # qcow2_validate_table: no bound by the file's size; past its end the
+    # table reads as zeros.
+    l1_bytes = snap.l1_size * L.L1_ENTRY_SIZE
+    if snap.l1_table_offset % geo.cluster_size or snap.l1_table_offset + l1_bytes > (1 << 63) - 1:
         raise CorruptImageError("Snapshot L1 table offset invalid", snap.l1_table_offset)
+    try:
+        check_request(snap.l1_table_offset, l1_bytes)
+    except ImageIOError:
+        raise ImageIOError("Failed to read l1 table for snapshot") from None
 
     class SnapshotView(Qcow2Image):
         def close(self) -> None:
