@@ -23,17 +23,25 @@ MAX_BACKING_DEPTH = 1000
 
 
 def probe_format(path: str) -> str:
-    """'qcow2' where the file starts with the qcow2 magic, else 'raw'."""
+    """'qcow2' where the file starts with the qcow2 magic and a version
+    other than 0, else 'raw'.
+
+    Version 1 is QEMU's older "qcow" format, which qimg does not read: it
+    is taken as qcow2 so that opening it fails rather than reading its
+    metadata as guest data.
+    """
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(8)
     except IsADirectoryError:
         raise ImageIOError(f"Could not open '{path}': Is a directory") from None
     except OSError as exc:
         raise ImageIOError(f"Could not open '{path}': {exc.strerror}") from None
-    if len(magic) == 4 and int.from_bytes(magic, "big") == L.QCOW_MAGIC:
-        return "qcow2"
-    return "raw"
+    if len(head) < 8 or int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
+        return "raw"
+    # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
+    # version 0 no driver claims the file and it is raw.
+    return "raw" if int.from_bytes(head[4:], "big") == 0 else "qcow2"
 
 
 def resolve_backing_path(image_path: str, backing: str) -> str:
@@ -72,11 +80,13 @@ def open_image(
     if not os.path.exists(path):
         raise ImageIOError(f"Could not open '{path}': No such file or directory")
     real = os.path.realpath(path)
-    if real in _chain:
-        raise BackingChainError(f"Backing file '{path}' creates a loop in the backing chain")
     if len(_chain) > MAX_BACKING_DEPTH:
         raise BackingChainError("Backing chain is too deep")
     fmt = fmt or probe_format(path)
+    # A raw image has no backing file, so opening one already in the chain
+    # (an image naming itself as a raw backing file) cannot loop.
+    if real in _chain and fmt != "raw":
+        raise BackingChainError(f"Backing file '{path}' creates a loop in the backing chain")
     storage = FileStorage(
         path,
         writable,
@@ -128,13 +138,8 @@ def _open_qcow2(
     data_storage = None
     backing_image = None
     try:
-        if header.has_data_file and open_data_file:
-            if header.data_file is None:
-                raise QimgError("Could not open image: data-file is required for this image")
-            # QEMU opens the data file by the name as written (relative to
-            # the working directory, not to the image).
-            data_path = header.data_file
-            data_storage = FileStorage(data_path, writable, force_share=force_share, lock=lock)
+        if open_data_file:
+            data_storage = _open_data_file(header, writable, force_share, lock)
         if backing and header.backing_file:
             backing_path = resolve_backing_path(path, header.backing_file)
             try:
@@ -171,6 +176,22 @@ def _open_qcow2(
         if data_storage is not None:
             data_storage.close()
         raise
+
+
+def _open_data_file(header, writable: bool, force_share: bool, lock: bool) -> Storage | None:
+    """The external data file, checked as QEMU's qcow2_do_open does when it
+    opens one (not for `info`, which opens no data)."""
+    if not header.has_data_file:
+        if header.data_file_raw:
+            raise QimgError("data-file-raw requires a data file")
+        return None
+    if header.data_file is None:
+        raise QimgError("'data-file' is required for this image")
+    if not header.data_file:
+        raise QimgError("The 'file' block driver requires a file name")
+    # QEMU opens the data file by the name as written (relative to the
+    # working directory, not to the image).
+    return FileStorage(header.data_file, writable, force_share=force_share, lock=lock)
 
 
 def create_image(

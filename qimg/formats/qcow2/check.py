@@ -173,7 +173,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     import os
 
     from qimg.api import open_image, probe_format
-    from qimg.errors import ImageIOError, NoCheckError
+    from qimg.errors import ImageIOError, InvalidImageError, NoCheckError
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.storage import FileStorage
@@ -194,7 +194,9 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         # the check reads (and repairs) the table itself.
         head = bytearray(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)))
         head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
-        header = Header.parse(bytes(head), size)
+        header = Header.parse(bytes(head), size, check=True)
+        if not header.has_data_file and header.data_file_raw:
+            raise InvalidImageError("data-file-raw requires a data file")
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
         image = Qcow2Image(storage, header=header)

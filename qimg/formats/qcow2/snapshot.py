@@ -33,7 +33,8 @@ def parse_entry(
     `read(offset, n)` returns the file's bytes there. At most `extra_limit`
     bytes of extra data are read and kept in `extra_data` (the rest is
     skipped); the spec's optional extra fields are taken from what is kept.
-    Names are decoded as UTF-8, undecodable bytes replaced.
+    Names are C strings to QEMU (qcow2_read_snapshots): each ends at its
+    first NUL byte; they are decoded as UTF-8, undecodable bytes replaced.
     """
     (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
         L.SNAPSHOT_HEADER.unpack(read(pos, L.SNAPSHOT_HEADER.size))
@@ -42,9 +43,9 @@ def parse_entry(
     kept = extra_len if extra_limit is None else min(extra_len, extra_limit)
     extra = read(pos, kept) if kept else b""
     pos += extra_len
-    id_str = read(pos, id_len).decode("utf-8", "replace") if id_len else ""
+    id_str = _c_string(read(pos, id_len)) if id_len else ""
     pos += id_len
-    name = read(pos, name_len).decode("utf-8", "replace") if name_len else ""
+    name = _c_string(read(pos, name_len)) if name_len else ""
     pos += name_len
     snap = Snapshot(
         l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state, extra_data=extra
@@ -60,6 +61,10 @@ def parse_entry(
     return snap, extra_len, pos
 
 
+def _c_string(data: bytes) -> str:
+    return bytes(data).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def read_snapshots(image) -> tuple[list[Snapshot], int]:
     """All snapshots of `image` and the table's size in bytes (strict: a
     table that breaks QEMU's limits or runs past the file's end raises)."""
@@ -72,7 +77,7 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
         raise InvalidImageError("Snapshot table offset invalid")
     snapshots = []
     pos = offset
-    for _ in range(h.nb_snapshots):
+    for i in range(h.nb_snapshots):
         # Each entry starts 8-aligned; the last one is not padded (QEMU's
         # qcow2_read_snapshots), so the table may end unaligned at EOF.
         pos = (pos + 7) & ~7
@@ -80,7 +85,7 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
             raise CorruptImageError("Snapshot table lies past the end of the file", offset)
         snap, extra_len, pos = parse_entry(image.storage.pread, pos, L.SNAPSHOT_EXTRA_DATA_SIZE_MAX)
         if extra_len > L.SNAPSHOT_EXTRA_DATA_SIZE_MAX:
-            raise InvalidImageError("Too much extra metadata in snapshot table entry")
+            raise InvalidImageError(f"Too much extra metadata in snapshot table entry {i}")
         if pos - offset > L.QCOW_MAX_SNAPSHOTS_SIZE:
             raise InvalidImageError("Snapshot table is too big")
         if pos > file_size:
