@@ -139,7 +139,7 @@ def _open_qcow2(
     backing_image = None
     try:
         if open_data_file:
-            data_storage = _open_data_file(header, writable, force_share, lock)
+            data_storage = open_external_data_file(header, writable, force_share, lock)
         if backing and header.backing_file:
             backing_path = resolve_backing_path(path, header.backing_file)
             try:
@@ -178,7 +178,9 @@ def _open_qcow2(
         raise
 
 
-def _open_data_file(header, writable: bool, force_share: bool, lock: bool) -> Storage | None:
+def open_external_data_file(
+    header, writable: bool, force_share: bool, lock: bool
+) -> Storage | None:
     """The external data file, checked as QEMU's qcow2_do_open does when it
     opens one (not for `info`, which opens no data)."""
     if not header.has_data_file:

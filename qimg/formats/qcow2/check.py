@@ -172,8 +172,8 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     corrupt may be opened read-write to be repaired; no backing file."""
     import os
 
-    from qimg.api import open_image, probe_format
-    from qimg.errors import ImageIOError, InvalidImageError, NoCheckError
+    from qimg.api import open_external_data_file, open_image, probe_format
+    from qimg.errors import ImageIOError, NoCheckError
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.storage import FileStorage
@@ -195,11 +195,16 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         head = bytearray(storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS)))
         head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
         header = Header.parse(bytes(head), size, check=True)
-        if not header.has_data_file and header.data_file_raw:
-            raise InvalidImageError("data-file-raw requires a data file")
+        # qcow2_do_open opens (and checks) the external data file in check mode too.
+        data_storage = open_external_data_file(header, bool(fix), force_share, True)
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
-        image = Qcow2Image(storage, header=header)
+        try:
+            image = Qcow2Image(storage, header=header, data_storage=data_storage)
+        except BaseException:
+            if data_storage is not None:
+                data_storage.close()
+            raise
         image.header.incompatible_features |= corrupt
         return image
     except QimgError as exc:
