@@ -10,8 +10,13 @@ opens the image, on the info JSON and the data read back.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
 import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,18 +38,55 @@ END = L.HEADER_EXTENSION.pack(L.QCOW2_EXT_MAGIC_END, 0)
 INCOMPAT = "incompatible_features"
 
 
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory) -> Path:
+    """A qemu-img-made 1 MiB image with its first 64 KiB written (0x41)."""
+    d = tmp_path_factory.mktemp("base")
+    qemu_in(d, "qemu-img", "create", "-q", "-f", "qcow2", "t.qcow2", "1M", check=True)
+    qemu_in(d, "qemu-io", "-c", "write -P 0x41 0 64k", "t.qcow2", check=True)
+    return d / "t.qcow2"
+
+
+@pytest.fixture(autouse=True)
+def _base_source(base_image) -> None:
+    global _BASE
+    _BASE = base_image
+
+
+_BASE: Path | None = None
+
+
 def _base(d: Path, name: str = "t.qcow2") -> Path:
-    """A 1 MiB image with its first 64 KiB written (0x41)."""
-    qemu_in(d, "qemu-img", "create", "-q", "-f", "qcow2", name, "1M", check=True)
-    qemu_in(d, "qemu-io", "-c", "write -P 0x41 0 64k", name, check=True)
+    """A copy of the module's base image (see base_image) as d/name."""
+    assert _BASE is not None
+    shutil.copyfile(_BASE, d / name)
     return d / name
+
+
+def qimg_here(d: Path, *args: str) -> subprocess.CompletedProcess:
+    """The qimg command line run in this process from directory `d` (a
+    subprocess per command would make these tests slow): exit code, stdout
+    and stderr as a user would see them."""
+    from qimg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _outcome(d: Path, label: str, name: str, cmd: str, fmt: tuple[str, ...]) -> tuple:
     """(exit code, message, result) of one command run by `label` (qemu-img
     or qimg): info's JSON minus actual-size, check's output, convert's bytes."""
-    run = qemu_in if label == "qemu-img" else qimg_in
-    tool = ("qemu-img",) if label == "qemu-img" else ()
     out = d / f"{label}.raw"
     out.unlink(missing_ok=True)
     args = {
@@ -52,7 +94,10 @@ def _outcome(d: Path, label: str, name: str, cmd: str, fmt: tuple[str, ...]) -> 
         "check": ("check", *fmt, name),
         "convert": ("convert", *fmt, "-O", "raw", name, out.name),
     }[cmd]
-    proc = run(d, *tool, *args, timeout=60)
+    if label == "qemu-img":
+        proc = qemu_in(d, "qemu-img", *args, timeout=60)
+    else:
+        proc = qimg_here(d, *args)
     result = None
     if proc.returncode == 0:
         if cmd == "info":
