@@ -452,3 +452,12 @@ def test_snapshot_id_ends_at_nul(tmp_path):
         f.write(b"1\0s")  # id "1", NUL, then the one-byte name
     theirs = assert_like_qemu_img(tmp_path, cmds=("info",))
     assert theirs["info"][2]["snapshots"][0]["id"] == "1"
+
+
+def test_snapshot_found_by_name_cut_at_nul_when_converting(tmp_path):
+    _snapshot_with_nul_names(tmp_path)
+    args = ("convert", "-O", "raw", "-l", "snapshot.name=snap", "t.qcow2")
+    q = qemu_in(tmp_path, "qemu-img", *args, "q.raw", check=True)
+    m = qimg_here(tmp_path, *args, "m.raw")
+    assert (m.returncode, message(m.stderr, "qimg")) == (q.returncode, "")
+    assert (tmp_path / "m.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
