@@ -38,7 +38,6 @@ class Header:
     backing_file: str | None = None
     backing_format: str | None = None
     data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     bitmaps_ext: tuple[int, int, int] | None = None  # nb_bitmaps, directory size, offset
     crypto_ext: tuple[int, int] | None = None  # offset, length
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
@@ -82,7 +81,6 @@ class Header:
     def copy(self) -> Header:
         return dataclasses.replace(
             self,
-            feature_names=dict(self.feature_names),
             unknown_extensions=list(self.unknown_extensions),
         )
 
