@@ -461,3 +461,10 @@ def test_snapshot_found_by_name_cut_at_nul_when_converting(tmp_path):
     m = qimg_here(tmp_path, *args, "m.raw")
     assert (m.returncode, message(m.stderr, "qimg")) == (q.returncode, "")
     assert (tmp_path / "m.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+@pytest.mark.parametrize("nb_snapshots", [1, 4])
+def test_snapshot_table_past_end_of_file_reads_as_zeros(tmp_path, nb_snapshots):
+    # (moved here from test_hostile: qemu-img opens it, listing empty snapshots)
+    theirs = _run_case(tmp_path, _fields(nb_snapshots=nb_snapshots, snapshots_offset=0x10000000))
+    assert len(theirs["info"][2]["snapshots"]) == nb_snapshots
