@@ -28,7 +28,7 @@ from damage import (
     set_header_extensions,
     set_header_field,
 )
-from infotools import human_facts, message, qemu_in, qimg_in, without_actual_size
+from infotools import human_facts, message, qemu_in, without_actual_size
 
 from qimg.formats.qcow2 import layout as L
 
@@ -433,7 +433,8 @@ def test_snapshot_name_ends_at_nul_in_info_json_and_human(tmp_path):
     theirs = assert_like_qemu_img(tmp_path)
     assert [s["name"] for s in theirs["info"][2]["snapshots"]] == ["snap"]
     q = qemu_in(tmp_path, "qemu-img", "info", "t.qcow2", check=True)
-    m = qimg_in(tmp_path, "info", "t.qcow2", check=True)
+    m = qimg_here(tmp_path, "info", "t.qcow2")
+    assert m.returncode == 0, m.stderr
     assert human_facts(m.stdout) == human_facts(q.stdout)
 
 
