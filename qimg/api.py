@@ -22,17 +22,25 @@ FORMATS = ("qcow2", "raw")
 
 
 def probe_format(path: str) -> str:
-    """'qcow2' where the file starts with the qcow2 magic, else 'raw'."""
+    """'qcow2' where the file starts with the qcow2 magic and a version
+    other than 0, else 'raw'.
+
+    Version 1 is QEMU's older "qcow" format, which qimg does not read: it
+    is taken as qcow2 so that opening it fails rather than reading its
+    metadata as guest data.
+    """
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(8)
     except IsADirectoryError:
         raise ImageIOError(f"Could not open '{path}': Is a directory") from None
     except OSError as exc:
         raise ImageIOError(f"Could not open '{path}': {exc.strerror}") from None
-    if len(magic) == 4 and int.from_bytes(magic, "big") == L.QCOW_MAGIC:
-        return "qcow2"
-    return "raw"
+    if len(head) < 8 or int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
+        return "raw"
+    # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
+    # version 0 no driver claims the file and it is raw.
+    return "raw" if int.from_bytes(head[4:], "big") == 0 else "qcow2"
 
 
 def resolve_backing_path(image_path: str, backing: str) -> str:
@@ -253,9 +261,13 @@ def open_data_file(
     QEMU opens the data file by the name as written (relative to the
     working directory, not to the image)."""
     if not header.has_data_file:
+        if header.data_file_raw:
+            raise QimgError("data-file-raw requires a data file")
         return None
     if header.data_file is None:
-        raise QimgError("Could not open image: data-file is required for this image")
+        raise QimgError("'data-file' is required for this image")
+    if not header.data_file:
+        raise QimgError("The 'file' block driver requires a file name")
     return FileStorage(header.data_file, writable, force_share=force_share, lock=lock)
 
 

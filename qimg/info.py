@@ -13,7 +13,8 @@ def image_info(img: Driver) -> dict:
     info: dict = {}
     if img.format_name == "qcow2":
         h = img.header
-        if h.backing_format:
+        if h.backing_format and h.backing_file:
+            # QEMU shows the format only beside a backing file name.
             info["backing-filename-format"] = h.backing_format
         snapshots = _snapshots(img)
         if snapshots:

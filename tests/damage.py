@@ -254,3 +254,75 @@ def truncate(path, size: int) -> None:
 
 # QEMU's BDRV_MAX_LENGTH: reads that end past it fail with EIO.
 BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
+# --- header fields and extensions ---------------------------------------------
+
+# Header fields (spec: "Header"): name -> (offset, struct format).
+HEADER_FIELDS = struct_fields(
+    L.HEADER_V2,
+    (
+        "magic",
+        "version",
+        "backing_file_offset",
+        "backing_file_size",
+        "cluster_bits",
+        "size",
+        "crypt_method",
+        "l1_size",
+        "l1_table_offset",
+        "refcount_table_offset",
+        "refcount_table_clusters",
+        "nb_snapshots",
+        "snapshots_offset",
+    ),
+)
+HEADER_FIELDS.update(
+    (name, (L.HEADER_V2_SIZE + offset, fmt))
+    for name, (offset, fmt) in struct_fields(
+        L.HEADER_V3_EXTRA,
+        (
+            "incompatible_features",
+            "compatible_features",
+            "autoclear_features",
+            "refcount_order",
+            "header_length",
+        ),
+    ).items()
+)
+HEADER_FIELDS["compression_type"] = (L.HEADER_COMPRESSION_TYPE_OFFSET, ">B")
+
+
+def header_extension(ext_type: int, data: bytes, pad: bool = True) -> bytes:
+    """One header extension (spec: "Header extensions"): type, length, data,
+    padded to 8 bytes unless `pad` is false."""
+    out = L.HEADER_EXTENSION.pack(ext_type, len(data)) + data
+    return out + bytes(-len(data) % 8) if pad else out
+
+
+def set_header_extensions(path, blob: bytes) -> None:
+    """Write `blob` where the image's header extensions start (header_length),
+    over what was there; `blob` should end with an end marker."""
+    with open(path, "r+b") as f:
+        head = f.read(L.HEADER_V3_MIN_SIZE)
+        version = struct.unpack_from(">I", head, 4)[0]
+        start = L.HEADER_V2_SIZE if version == 2 else struct.unpack_from(">I", head, 100)[0]
+        f.seek(start)
+        f.write(blob)
+
+
+def set_header_field(path, name: str, value: int) -> None:
+    """Overwrite one header field, named as in HEADER_FIELDS."""
+    offset, fmt = HEADER_FIELDS[name]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def set_backing_file_name(path, name: bytes, offset: int = 0x300) -> None:
+    """Put `name` (raw bytes, NULs and all) at `offset` in the first cluster
+    and point the header's backing_file_offset/size at it."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(name)
+        f.seek(8)
+        f.write(struct.pack(">QI", offset, len(name)))

@@ -112,7 +112,6 @@ HOSTILE = {
     "huge-refcount-table-clusters": _patch((">I", 56, 0xFFFFFF)),
     "refcount-table-unaligned": _patch((">Q", 48, 0x10008)),
     "huge-nb-snapshots": _patch((">I", 60, 0xFFFFFFFF)),
-    "snapshot-table-past-eof": _patch((">I", 60, 4), (">Q", 64, 0x10000000)),
     "header-length-too-small": _patch((">I", 100, 50)),
     "header-length-too-big": _patch((">I", 100, 0x20000)),
     "backing-offset-out-of-range": _patch((">Q", 8, 0x100000)),

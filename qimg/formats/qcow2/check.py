@@ -206,10 +206,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         head[L.HEADER_OFF_NB_SNAPSHOTS : L.HEADER_OFF_SNAPSHOTS_OFFSET + 8] = bytes(12)
         # ... and accepts a refcount table of zero clusters (the check finds
         # every cluster's refcount missing).
-        no_reftable = _allow_empty_reftable(head)
-        header = Header.parse(bytes(head), size)
-        if no_reftable:
-            header.refcount_table_offset, header.refcount_table_clusters = no_reftable[0], 0
+        header = Header.parse(bytes(head), size, check=True)
         corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
         header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
         # As qemu-img check, the data file and the backing chain are opened
@@ -237,22 +234,6 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     except BaseException:
         storage.close()
         raise
-
-
-def _allow_empty_reftable(head: bytearray) -> tuple[int] | None:
-    """Where the header has a refcount table of zero clusters, make it one
-    cluster at offset 0 in `head` so that it parses (QEMU's open in check
-    mode allows zero clusters; only the table's alignment is validated) and
-    return (the real offset,); None otherwise."""
-    off_at, n_at = L.HEADER_OFF_REFCOUNT_TABLE_OFFSET, L.HEADER_OFF_REFCOUNT_TABLE_CLUSTERS
-    if len(head) < L.HEADER_V2.size or head[n_at : n_at + 4] != bytes(4):
-        return None  # a cut header: Header.parse reports it
-    offset = int.from_bytes(head[off_at : off_at + 8], "big")
-    cluster_bits = L.HEADER_V2.unpack_from(head, 0)[4]
-    head[n_at : n_at + 4] = (1).to_bytes(4, "big")
-    if cluster_bits <= L.MAX_CLUSTER_BITS and offset % (1 << cluster_bits) == 0:
-        head[off_at : off_at + 8] = bytes(8)  # an unaligned offset still fails
-    return (offset,)
 
 
 def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):

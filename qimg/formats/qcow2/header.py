@@ -38,7 +38,6 @@ class Header:
     backing_file: str | None = None
     backing_format: str | None = None
     data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     bitmaps_ext: tuple[int, int, int] | None = None  # nb_bitmaps, directory size, offset
     crypto_ext: tuple[int, int] | None = None  # offset, length
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
@@ -82,22 +81,25 @@ class Header:
     def copy(self) -> Header:
         return dataclasses.replace(
             self,
-            feature_names=dict(self.feature_names),
             unknown_extensions=list(self.unknown_extensions),
         )
 
     # --- parse -------------------------------------------------------------
 
     @classmethod
-    def parse(cls, buf: bytes, file_size: int | None = None) -> Header:
+    def parse(cls, buf: bytes, file_size: int | None = None, *, check: bool = False) -> Header:
         """Parse and validate the header found at the start of `buf`.
 
         `buf` holds at least the first cluster of the file, or the whole file
-        where it is shorter. Raises InvalidImageError or
-        UnsupportedFeatureError with QEMU's wording.
+        where it is shorter (QEMU reads past the end of the file as zeros).
+        The checks run in the order of QEMU's qcow2_do_open, so an image with
+        several faults is refused for the one qemu-img names. `check` is
+        QEMU's BDRV_O_CHECK (qemu-img check): the refcount table may be empty
+        and the snapshot table is not validated. Raises InvalidImageError or
+        UnsupportedFeatureError with QEMU's wording. `file_size` is not
+        used: QEMU does not bound the tables by the file's size at open.
         """
         if len(buf) < L.HEADER_V3_MIN_SIZE:
-            # QEMU reads past the end of a short file as zeros.
             buf = bytes(buf).ljust(L.HEADER_V3_MIN_SIZE, b"\0")
         (
             magic,
@@ -136,13 +138,12 @@ class Header:
         )
         cluster_size = 1 << cluster_bits
         if len(buf) < cluster_size:
-            buf = bytes(buf).ljust(cluster_size, b"\0")  # zeros past EOF, as QEMU reads
+            buf = bytes(buf).ljust(cluster_size, b"\0")
         if version == 2:
+            # Version 2 has no such fields; QEMU ignores bytes 72-103.
             h.refcount_order = 4
             h.header_length = L.HEADER_V2_SIZE
         else:
-            if len(buf) < L.HEADER_V3_MIN_SIZE:
-                raise InvalidImageError("Could not read qcow2 header: Input/output error")
             (
                 h.incompatible_features,
                 h.compatible_features,
@@ -154,146 +155,179 @@ class Header:
                 raise InvalidImageError("qcow2 header too short")
             if h.header_length > cluster_size:
                 raise InvalidImageError("qcow2 header exceeds cluster size")
-            if h.header_length > len(buf):
-                raise InvalidImageError("Could not read qcow2 header: Input/output error")
             if h.header_length > L.HEADER_COMPRESSION_TYPE_OFFSET:
                 h.compression_type = buf[L.HEADER_COMPRESSION_TYPE_OFFSET]
             known_end = min(h.header_length, L.HEADER_V3_SIZE)
             h.extra_header = bytes(buf[known_end : h.header_length])
-
-        ext_end = cluster_size
-        if h.backing_file_offset:
-            if h.backing_file_offset > cluster_size:
-                raise InvalidImageError("Invalid backing file offset")
-            ext_end = h.backing_file_offset
-        h._parse_extensions(buf, h.header_length, min(ext_end, len(buf)))
-        h._check_features()
-        h._validate_fields(file_size)
-
-        if h.backing_file_offset:
-            if h.backing_file_size > L.QCOW_MAX_BACKING_FILE_NAME or h.backing_file_size > (
-                cluster_size - h.backing_file_offset
-            ):
-                raise InvalidImageError("Backing file name too long")
-            end = h.backing_file_offset + h.backing_file_size
-            if end > len(buf):
-                raise InvalidImageError("Could not read backing file name: Input/output error")
-            h.backing_file = bytes(buf[h.backing_file_offset : end]).decode("utf-8", "replace")
+        if h.backing_file_offset > cluster_size:
+            raise InvalidImageError("Invalid backing file offset")
+        # Extensions run from header_length to the backing file name, or to
+        # the end of the first cluster.
+        ext_end = h.backing_file_offset or cluster_size
+        h._validate_compression_type()
+        h._check_features(buf, ext_end)
+        h._validate_fields(check)
+        h._parse_extensions(buf, h.header_length, ext_end)
+        h._read_backing_file_name(buf)
+        if h.size // L.BDRV_SECTOR_SIZE * L.BDRV_SECTOR_SIZE > L.BDRV_MAX_LENGTH:
+            # bdrv_open_driver, once the driver has opened the image.
+            raise InvalidImageError("Could not refresh total sector count: File too large")
         return h
 
+    def _validate_compression_type(self) -> None:
+        """QEMU's validate_compression_type."""
+        if self.compression_type not in L.COMPRESSION_TYPE_NAMES:
+            raise UnsupportedFeatureError(
+                f"qcow2: unknown compression type: {self.compression_type}"
+            )
+        bit = bool(self.incompatible_features & L.QCOW2_INCOMPAT_COMPRESSION)
+        if self.compression_type == L.QCOW2_COMPRESSION_TYPE_ZLIB and bit:
+            raise InvalidImageError(
+                "qcow2: Compression type incompatible feature bit must not be set"
+            )
+        if self.compression_type != L.QCOW2_COMPRESSION_TYPE_ZLIB and not bit:
+            raise InvalidImageError("qcow2: Compression type incompatible feature bit must be set")
+
     def _parse_extensions(self, buf: bytes, start: int, end: int) -> None:
+        """QEMU's qcow2_read_extensions: every extension from `start` up to an
+        end marker or `end`; a header that claims more room than is left
+        (the end marker too) is refused before its type is looked at."""
         offset = start
-        # Extensions end at an end marker or where the room for one runs out.
-        while offset + L.HEADER_EXTENSION.size <= end:
+        while offset < end:
             ext_type, ext_len = L.HEADER_EXTENSION.unpack_from(buf, offset)
             offset += L.HEADER_EXTENSION.size
+            if offset > end or ext_len > end - offset:
+                raise InvalidImageError("Header extension too large")
             if ext_type == L.QCOW2_EXT_MAGIC_END:
                 return
-            if ext_len > end - offset:
-                raise InvalidImageError("Header extension too large")
-            data = bytes(buf[offset : offset + ext_len])
-            if ext_type == L.QCOW2_EXT_MAGIC_BACKING_FORMAT:
-                if ext_len > 1023:
-                    raise InvalidImageError(f"ERROR: ext_backing_format: len={ext_len} too large")
-                self.backing_format = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif ext_type == L.QCOW2_EXT_MAGIC_FEATURE_TABLE:
-                for i in range(ext_len // L.FEATURE_TABLE_ENTRY.size):
-                    ftype, bit, name = L.FEATURE_TABLE_ENTRY.unpack_from(
-                        data, i * L.FEATURE_TABLE_ENTRY.size
-                    )
-                    self.feature_names[(ftype, bit)] = name.split(b"\0", 1)[0].decode(
-                        "utf-8", "replace"
-                    )
-            elif ext_type == L.QCOW2_EXT_MAGIC_BITMAPS:
-                if ext_len != L.BITMAPS_EXTENSION.size:
-                    raise InvalidImageError("bitmaps_ext: Invalid extension length")
-                nb, reserved, dir_size, dir_offset = L.BITMAPS_EXTENSION.unpack(data)
-                from qimg.formats.qcow2.bitmap import check_extension
-
-                check_extension(self, nb, reserved, dir_size, dir_offset)
-                self.bitmaps_ext = (nb, dir_size, dir_offset)
-            elif ext_type == L.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
-                if ext_len != L.CRYPTO_HEADER_EXTENSION.size:
-                    raise InvalidImageError("Invalid encryption header extension length")
-                self.crypto_ext = L.CRYPTO_HEADER_EXTENSION.unpack(data)
-            elif ext_type == L.QCOW2_EXT_MAGIC_DATA_FILE:
-                self.data_file = data.decode("utf-8", "replace")
-            else:
-                self.unknown_extensions.append((ext_type, data))
+            self._parse_extension(ext_type, bytes(buf[offset : offset + ext_len]))
             offset += (ext_len + 7) & ~7
 
-    def _check_features(self) -> None:
-        unknown = self.incompatible_features & ~L.QCOW2_INCOMPAT_MASK
-        if unknown:
-            names = []
-            for bit in range(64):
-                if unknown & (1 << bit):
-                    name = self.feature_names.get((L.QCOW2_FEATURE_TYPE_INCOMPATIBLE, bit))
-                    names.append(name or f"Unknown incompatible feature: {1 << bit:x}")
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(names))
+    def _parse_extension(self, ext_type: int, data: bytes) -> None:
+        ext_len = len(data)
+        if ext_type == L.QCOW2_EXT_MAGIC_BACKING_FORMAT:
+            if ext_len >= L.BACKING_FORMAT_MAX:
+                raise InvalidImageError(
+                    f"ERROR: ext_backing_format: len={ext_len} too large (>={L.BACKING_FORMAT_MAX})"
+                )
+            # A C string: it ends at the first NUL; empty means "probe".
+            self.backing_format = _c_string(data) or None
+        elif ext_type == L.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            # Read only to name unknown incompatible bits (_check_features).
+            pass
+        elif ext_type == L.QCOW2_EXT_MAGIC_BITMAPS:
+            if ext_len != L.BITMAPS_EXTENSION.size:
+                raise InvalidImageError("bitmaps_ext: Invalid extension length")
+            nb, reserved, dir_size, dir_offset = L.BITMAPS_EXTENSION.unpack(data)
+            from qimg.formats.qcow2.bitmap import check_extension
 
-    def _validate_fields(self, file_size: int | None) -> None:
+            check_extension(self, nb, reserved, dir_size, dir_offset)
+            self.bitmaps_ext = (nb, dir_size, dir_offset)
+        elif ext_type == L.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
+            if self.crypt_method != L.QCOW_CRYPT_LUKS:
+                raise InvalidImageError(
+                    "CRYPTO header extension only expected with LUKS encryption method"
+                )
+            if ext_len != L.CRYPTO_HEADER_EXTENSION.size:
+                raise InvalidImageError(
+                    f"CRYPTO header extension size {ext_len}, but expected size "
+                    f"{L.CRYPTO_HEADER_EXTENSION.size}"
+                )
+            self.crypto_ext = L.CRYPTO_HEADER_EXTENSION.unpack(data)
+            if self.crypto_ext[0] % self.cluster_size:
+                raise InvalidImageError(
+                    f"Encryption header offset '{self.crypto_ext[0]}' is not a multiple of "
+                    f"cluster size '{self.cluster_size}'"
+                )
+        elif ext_type == L.QCOW2_EXT_MAGIC_DATA_FILE:
+            self.data_file = _c_string(data)
+        else:
+            self.unknown_extensions.append((ext_type, data))
+
+    def _check_features(self, buf: bytes, ext_end: int) -> None:
+        """QEMU's report_unsupported_feature: unknown incompatible bits are
+        named from the image's feature name table, the rest listed as one
+        mask. The extensions are read leniently for it: the table as far as
+        they can be read is used, and a broken extension is not reported."""
+        unknown = self.incompatible_features & ~L.QCOW2_INCOMPAT_MASK
+        if not unknown:
+            return
+        table = _read_feature_table(self, buf, ext_end)
+        names = []
+        for i in range(0, len(table), L.FEATURE_TABLE_ENTRY.size):
+            ftype, bit, name = L.FEATURE_TABLE_ENTRY.unpack_from(table, i)
+            if not name[0]:
+                break  # the table ends at an entry with an empty name
+            # QEMU shifts by the stored bit number; x86 takes it modulo 64.
+            mask = 1 << (bit & 63)
+            if ftype == L.QCOW2_FEATURE_TYPE_INCOMPATIBLE and unknown & mask:
+                names.append(_c_string(name))
+                unknown &= ~mask
+        if unknown:
+            names.append(f"Unknown incompatible feature: {unknown:x}")
+        raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(names))
+
+    def _validate_fields(self, check: bool) -> None:
+        """The field checks of QEMU's qcow2_do_open, in its order."""
         cs = self.cluster_size
+        if self.extended_l2 and cs // L.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER < L.BDRV_SECTOR_SIZE:
+            subcluster = cs // L.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
+            raise InvalidImageError(f"Unsupported subcluster size: {subcluster}")
         if self.refcount_order > L.MAX_REFCOUNT_ORDER:
             raise InvalidImageError("Reference count entry width too large; may not exceed 64 bits")
-        if self.version == 2 and self.refcount_order != 4:
-            raise InvalidImageError("Invalid refcount order for version 2")
-        if self.crypt_method > L.QCOW_CRYPT_LUKS:
-            raise InvalidImageError(f"Unsupported encryption method: {self.crypt_method}")
-        if self.compression_type not in L.COMPRESSION_TYPE_NAMES:
-            raise UnsupportedFeatureError(f"Unknown compression type '{self.compression_type}'")
-        if self.compression_type != L.QCOW2_COMPRESSION_TYPE_ZLIB and not (
-            self.incompatible_features & L.QCOW2_INCOMPAT_COMPRESSION
-        ):
-            raise InvalidImageError(
-                "Compression type incompatible feature bit must be set if compression type is not zlib"
-            )
-        if self.extended_l2 and self.cluster_bits < 14:
-            raise InvalidImageError(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
-            )
-        # Refcount table: QEMU's bound is 8 MiB of entries.
-        if self.refcount_table_clusters * cs > L.QCOW_MAX_REFTABLE_SIZE:
-            raise InvalidImageError("Reference count table too large")
-        if self.refcount_table_clusters == 0:
+        if self.refcount_table_clusters == 0 and not check:
             raise InvalidImageError("Image does not contain a reference count table")
-        _check_table_offset(
+        _validate_table(
             self.refcount_table_offset,
-            self.refcount_table_clusters * cs,
+            self.refcount_table_clusters,
+            cs,
+            L.QCOW_MAX_REFTABLE_SIZE,
             cs,
             "Reference count table",
-            file_size,
         )
-        if self.nb_snapshots > L.QCOW_MAX_SNAPSHOTS:
-            raise InvalidImageError("Snapshot table too large")
-        _check_table_offset(
-            self.snapshots_offset,
-            self.nb_snapshots * 40,
+        if not check:
+            _validate_table(
+                self.snapshots_offset,
+                self.nb_snapshots,
+                L.SNAPSHOT_HEADER.size,
+                L.SNAPSHOT_HEADER.size * L.QCOW_MAX_SNAPSHOTS,
+                cs,
+                "Snapshot table",
+            )
+        _validate_table(
+            self.l1_table_offset,
+            self.l1_size,
+            L.L1_ENTRY_SIZE,
+            L.QCOW_MAX_L1_SIZE,
             cs,
-            "Snapshot table",
-            file_size if self.nb_snapshots else None,
+            "Active L1 table",
         )
-        if self.l1_size > L.QCOW_MAX_L1_SIZE // L.L1_ENTRY_SIZE:
-            raise InvalidImageError("Active L1 table too large")
         entry_size = L.L2_ENTRY_SIZE_EXTENDED if self.extended_l2 else L.L2_ENTRY_SIZE_NORMAL
-        l2_bits = self.cluster_bits - (entry_size.bit_length() - 1)
-        shift = self.cluster_bits + l2_bits
-        if self.size > (1 << 63) - 1:
+        shift = 2 * self.cluster_bits - (entry_size.bit_length() - 1)
+        # QEMU's size_to_l1, in uint64_t: a size near 2^64 wraps to few entries.
+        l1_needed = ((self.size + (1 << shift) - 1) & L.UINT64_MAX) >> shift
+        if l1_needed > L.INT_MAX:
             raise InvalidImageError("Image is too big")
-        l1_needed = -(-self.size // (1 << shift)) if self.size else 0
         if self.l1_size < l1_needed:
             raise InvalidImageError("L1 table is too small")
-        if self.l1_size:
-            _check_table_offset(
-                self.l1_table_offset,
-                self.l1_size * L.L1_ENTRY_SIZE,
-                cs,
-                "Active L1 table",
-                file_size,
-            )
-        if not self.has_data_file and self.data_file_raw:
-            # QEMU ignores the autoclear bit without a data file.
-            self.autoclear_features &= ~L.QCOW2_AUTOCLEAR_DATA_FILE_RAW
+        if self.l1_size and self.l1_table_offset + self.l1_size * 8 > L.BDRV_MAX_LENGTH:
+            raise InvalidImageError("Could not read L1 table: Input/output error")
+        if self.crypt_method > L.QCOW_CRYPT_LUKS:
+            raise InvalidImageError(f"Unsupported encryption method {self.crypt_method}")
+        reftable_end = self.refcount_table_offset + self.refcount_table_clusters * cs
+        if self.refcount_table_clusters and reftable_end > L.BDRV_MAX_LENGTH:
+            raise InvalidImageError("Could not initialize refcount handling: Input/output error")
+
+    def _read_backing_file_name(self, buf: bytes) -> None:
+        if not self.backing_file_offset:
+            return
+        if self.backing_file_size > min(
+            L.QCOW_MAX_BACKING_FILE_NAME, self.cluster_size - self.backing_file_offset
+        ):
+            raise InvalidImageError("Backing file name too long")
+        end = self.backing_file_offset + self.backing_file_size
+        # A C string: it ends at the first NUL, and an empty name is no backing file.
+        self.backing_file = _c_string(buf[self.backing_file_offset : end]) or None
 
     # --- serialize ---------------------------------------------------------
 
@@ -392,14 +426,46 @@ class Header:
         return bytes(out)
 
 
-def _check_table_offset(
-    offset: int, length: int, cluster_size: int, what: str, file_size: int | None
+def _c_string(data: bytes) -> str:
+    """Bytes read as QEMU reads a name: up to the first NUL, as UTF-8."""
+    return bytes(data).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _validate_table(
+    offset: int, entries: int, entry_len: int, max_bytes: int, cluster_size: int, what: str
 ) -> None:
-    """QEMU's qcow2_validate_table: aligned, and ending below 2^63. The
-    file's size is no bound: QEMU reads a table past the end of the file as
-    zeros (its size is bounded by QEMU's constants, checked by the caller)."""
-    if offset % cluster_size or offset + length > (1 << 63) - 1:
+    """QEMU's qcow2_validate_table: not too many entries, cluster aligned,
+    and the table's end within INT64_MAX. Where it lies against the end of
+    the file is for the reads to find (QEMU reads past it as zeros)."""
+    if entries > max_bytes // entry_len:
+        raise InvalidImageError(f"{what} too large")
+    if L.INT64_MAX - entries * entry_len < offset or offset % cluster_size:
         raise InvalidImageError(f"{what} offset invalid")
+
+
+def _read_feature_table(h: Header, buf: bytes, ext_end: int) -> bytes:
+    """The feature name table as QEMU's lenient extension pass leaves it: the
+    last table read before the extensions end or break, padded with a zeroed
+    entry that ends it."""
+    table = b""
+    offset = h.header_length
+    probe = h.copy()
+    try:
+        while offset < ext_end:
+            ext_type, ext_len = L.HEADER_EXTENSION.unpack_from(buf, offset)
+            offset += L.HEADER_EXTENSION.size
+            if offset > ext_end or ext_len > ext_end - offset or ext_type == L.QCOW2_EXT_MAGIC_END:
+                break
+            data = bytes(buf[offset : offset + ext_len])
+            if ext_type == L.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+                table = data
+            else:
+                probe._parse_extension(ext_type, data)
+            offset += (ext_len + 7) & ~7
+    except InvalidImageError:
+        pass
+    entry = L.FEATURE_TABLE_ENTRY.size
+    return table + bytes(-len(table) % entry + entry)
 
 
 @dataclass(frozen=True)

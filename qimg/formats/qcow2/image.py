@@ -50,7 +50,9 @@ class Qcow2Image(Driver):
             header = Header.parse(first[: max(0, min(len(first), storage.size()))], storage.size())
         self.header = header
         self.geo = Geometry.from_header(header)
-        self.size = header.size
+        # QEMU counts the virtual size in 512-byte sectors, rounded down
+        # (bs->total_sectors = size / BDRV_SECTOR_SIZE).
+        self.size = header.size // L.BDRV_SECTOR_SIZE * L.BDRV_SECTOR_SIZE
         self.backing = backing
         self.data_storage = data_storage or storage
         self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)

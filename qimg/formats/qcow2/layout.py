@@ -171,4 +171,11 @@ BT_DIRTY_TRACKING = 1
 
 BDRV_SECTOR_SIZE = 512
 QCOW_MAX_BACKING_FILE_NAME = 1023
+BACKING_FORMAT_MAX = 16  # sizeof(BlockDriverState.backing_format), NUL included
+INT_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+# QEMU's BDRV_MAX_LENGTH: no request may reach past it (INT64_MAX aligned
+# down to BDRV_MAX_ALIGNMENT, 1 GiB).
+BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 QCOW_MAX_DATA_FILE_NAME = 1023

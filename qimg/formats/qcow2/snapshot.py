@@ -34,7 +34,8 @@ def parse_entry(
     `read(offset, n)` returns the file's bytes there. At most `extra_limit`
     bytes of extra data are read and kept in `extra_data` (the rest is
     skipped); the spec's optional extra fields are taken from what is kept.
-    Names are decoded as UTF-8, undecodable bytes replaced.
+    Names are C strings to QEMU (qcow2_read_snapshots): each ends at its
+    first NUL byte; they are decoded as UTF-8, undecodable bytes replaced.
     """
     (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
         L.SNAPSHOT_HEADER.unpack(read(pos, L.SNAPSHOT_HEADER.size))
@@ -43,9 +44,9 @@ def parse_entry(
     kept = extra_len if extra_limit is None else min(extra_len, extra_limit)
     extra = read(pos, kept) if kept else b""
     pos += extra_len
-    id_str = read(pos, id_len).decode("utf-8", "replace") if id_len else ""
+    id_str = _c_string(read(pos, id_len)) if id_len else ""
     pos += id_len
-    name = read(pos, name_len).decode("utf-8", "replace") if name_len else ""
+    name = _c_string(read(pos, name_len)) if name_len else ""
     pos += name_len
     snap = Snapshot(
         l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state, extra_data=extra
@@ -59,6 +60,10 @@ def parse_entry(
     if len(extra) >= 24:
         snap.icount = icount
     return snap, extra_len, pos
+
+
+def _c_string(data: bytes) -> str:
+    return bytes(data).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def read_snapshots(image) -> tuple[list[Snapshot], int]:
