@@ -15,7 +15,9 @@ def image_info(img: Driver) -> dict:
         h = img.header
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
-        snapshots = _snapshots(img)
+        # QEMU's qcow2_snapshot_list refuses an image whose data lies in an
+        # external file: info lists no snapshots there (the incompatible bit).
+        snapshots = [] if h.has_data_file else _snapshots(img)
         if snapshots:
             info["snapshots"] = snapshots
     info["virtual-size"] = img.size
@@ -104,12 +106,23 @@ def _qcow2_specific(img) -> dict:
             {"flags": b.flag_names(), "name": b.name, "granularity": b.granularity} for b in bitmaps
         ]
     data["refcount-bits"] = h.refcount_bits
-    if h.has_data_file:
+    # The name comes from the header extension, whether or not the
+    # incompatible bit is set; data-file-raw is reported with the bit.
+    if h.data_file is not None:
         data["data-file"] = h.data_file
+    if h.has_data_file:
         data["data-file-raw"] = h.data_file_raw
     data["corrupt"] = h.corrupt
     data["extended-l2"] = h.extended_l2
     return data
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _signed64(value: int) -> int:
+    """A uint64 read as C's int64."""
+    return value - (1 << 64) if value >> 63 else value
 
 
 def _snapshots(img) -> list[dict]:
@@ -118,8 +131,11 @@ def _snapshots(img) -> list[dict]:
     out = []
     for s in read_snapshots(img)[0]:
         entry = {}
-        if s.icount is not None:
-            entry["icount"] = s.icount
+        # QEMUSnapshotInfo holds icount and vm_state_size as uint64 and the
+        # QAPI SnapshotInfo as int: all ones is "no icount" (the key is
+        # omitted), other values wrap to signed.
+        if s.icount is not None and s.icount != _U64_MAX:
+            entry["icount"] = _signed64(s.icount)
         entry.update(
             {
                 "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
@@ -128,7 +144,7 @@ def _snapshots(img) -> list[dict]:
                 "date-nsec": s.date_nsec,
                 "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
                 "id": s.id_str,
-                "vm-state-size": s.vm_state_size,
+                "vm-state-size": _signed64(s.vm_state_size),
             }
         )
         out.append(entry)
