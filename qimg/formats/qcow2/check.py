@@ -531,13 +531,21 @@ class _Checker:
             res.leaks = 0
             self.rebuild = False
             self.calculate_refcounts(res, 0)
-            highest = self.compare_refcounts(res, 0)
+            # The old structure is leaked now: fix that, as QEMU does, in a
+            # comparison whose counts are dropped except the leaks it could
+            # not fix (those the rebuild itself introduced).
+            saved = _copy_counts(res)
+            _restore_counts(res, (0, 0, 0, 0, 0))
+            highest = self.compare_refcounts(res, FIX_LEAKS)
             if self.rebuild:
                 self.say("ERROR rebuilt refcount structure is still broken")
+            fresh_leaks = res.leaks
+            _restore_counts(res, saved)
             if res.corruptions < old[1]:
                 res.corruptions_fixed += old[1] - res.corruptions
             if res.leaks < old[2]:
                 res.leaks_fixed += old[2] - res.leaks
+            res.leaks += fresh_leaks
         elif self.fix:
             if self.rebuild:
                 self.say("ERROR need to rebuild refcount structures")
@@ -1782,6 +1790,14 @@ class _Checker:
         rc.blocks.flush()
         self.image.flush_file()
         self.ondisk.invalidate()
+        # A cluster freed here is discarded (QCOW2_DISCARD_ALWAYS), after the
+        # refcounts naming it free are on disk: it reads as zeros, and the
+        # host file gives its blocks back, as after qemu-img's repair.
+        storage = self.image.storage
+        file_len = storage.size()
+        for c, _r1, r2 in repairs:
+            if r2 == 0 and (c << self.cb) < file_len:
+                storage.punch_hole(c << self.cb, min(self.cs, file_len - (c << self.cb)))
 
     # --- OFLAG_COPIED ---------------------------------------------------------------------
 
@@ -1935,68 +1951,115 @@ class _Checker:
     # --- rebuild -------------------------------------------------------------------------
 
     def rebuild_refcount_structure(self) -> None:
-        """A new refcount table and blocks, from the computed counts, placed
-        past everything in use; the header is then pointed at them.
+        """QEMU's rebuild_refcount_structure: new refblocks and a new
+        reftable, allocated first-fit in the in-memory refcounts (which still
+        count the old structure), then the header is pointed at them.
 
-        Ordering: blocks and table are written and flushed before the header
-        names them; the old structure is simply no longer referenced, so a
-        crash leaves either the old (broken) or the new (whole) structure.
+        The old structure stays counted in the new refblocks: it is leaked,
+        and the leak-fixing comparison that follows frees it (printing its
+        "Repairing cluster" lines, as qemu-img does). Allocations are made
+        where the in-memory counts are zero, so nothing in use is
+        overwritten; the header is written last, after a flush.
         """
         img = self.image
-        geo = self.geo
         cs = self.cs
-        # Counts without the old refcount structure.
-        counts = self.counts.astype(np.uint64)
-        t0 = img.refcounts.table_offset >> self.cb
-        tn = img.refcounts.table_clusters
-        if t0 < len(counts):
-            seg = counts[t0 : t0 + tn]
-            seg -= np.minimum(seg, 1)
-        for raw in img.refcounts.table.tolist():
-            off = raw & L.REFT_OFFSET_MASK
-            if raw & REFT_RESERVED_MASK or not off or off % cs:
-                continue
-            c = off >> self.cb
-            if c < self.nb_clusters and counts[c]:
-                counts[c] -= 1
-        counts = np.minimum(counts, _U64(geo.refcount_max))
-        used = np.flatnonzero(counts)
-        end = max(self.nb_clusters, int(used[-1]) + 1 if len(used) else 1)
-        per = geo.refcount_block_size
-        entries_per_cluster = cs // 8
-        # Fixed point: area of `nblocks` blocks and `tclusters` table clusters
-        # at cluster `end`, all covered by the blocks.
-        nblocks, tclusters = 0, 1
+        limit = self.nb_clusters
+        if len(self.counts) > limit and self.counts[limit]:
+            limit += 1
+        rmax = _U64(self.geo.refcount_max)
+        imrt = _Imrt(np.minimum(self.counts[:limit].astype(np.uint64), rmax))
+        reftable: list[int] = []
+        self._write_refblocks(imrt, reftable, 0, imrt.size)
         while True:
-            total = end + nblocks + tclusters
-            needed_blocks = -(-total // per)
-            # Blocks that hold a non-zero count: those with a used cluster, and
-            # every block covering the new area.
-            blocks_used = set((used // per).tolist()) | set(
-                range(end // per, (total - 1) // per + 1)
-            )
-            want_t = -(-needed_blocks // entries_per_cluster)
-            if len(blocks_used) == nblocks and want_t == tclusters:
+            clusters = -(-len(reftable) * 8 // cs)
+            table_cluster = imrt.alloc(clusters, 0)[0]
+            if not self._write_refblocks(imrt, reftable, table_cluster, table_cluster + clusters):
                 break
-            nblocks, tclusters = len(blocks_used), want_t
-        full = np.zeros(needed_blocks * per, dtype=np.uint64)
-        full[: len(counts)] = counts
-        full[end : end + nblocks + tclusters] = 1
-        table = np.zeros(tclusters * entries_per_cluster, dtype=np.uint64)
-        for k, bi in enumerate(sorted(blocks_used)):
-            where = (end + k) * cs
-            table[bi] = where
-            data = encode_refcount_block(full[bi * per : (bi + 1) * per], geo.refcount_order)
-            img.storage.pwrite(where, data)
-        table_offset = (end + nblocks) * cs
-        img.storage.pwrite(table_offset, table.astype(">u8").tobytes())
+        table = np.array(reftable, dtype=">u8").tobytes()
+        img.storage.pwrite(table_cluster * cs, table)
         img.storage.flush()
-        img.set_refcount_table(table_offset, tclusters)
+        img.set_refcount_table(table_cluster * cs, clusters)
         img.storage.flush()
         from qimg.formats.qcow2.refcount import Refcounts
 
-        img.refcounts = Refcounts(img, geo, table_offset, tclusters)
+        img.refcounts = Refcounts(img, self.geo, table_cluster * cs, clusters)
         self.ondisk = _OnDisk(img)
+
+    def _write_refblocks(self, imrt: _Imrt, reftable: list[int], first: int, end: int) -> bool:
+        """rebuild_refcounts_write_refblocks: write the refblock of every
+        block of clusters in [first, end) holding a non-zero count (a
+        slice of `imrt`), allocating those the reftable lacks; returns
+        whether the reftable grew."""
+        bits = self.geo.refcount_block_bits
+        per = 1 << bits
+        entries_per_cluster = self.cs // 8
+        first_free = 0
+        grown = False
+        cluster = first
+        while cluster < end:
+            nz = np.flatnonzero(imrt.values[cluster : min(end, imrt.size)])
+            if not len(nz):
+                break
+            cluster += int(nz[0])
+            index = cluster >> bits
+            start = index << bits
+            if index >= len(reftable) or not reftable[index]:
+                where, first_free = imrt.alloc(1, max(first_free, start))
+                # The refblock holding the new refblock's count is written too.
+                end = max(end, where + 1)
+                if index >= len(reftable):
+                    n = -(-(index + 1) // entries_per_cluster) * entries_per_cluster
+                    reftable.extend([0] * (n - len(reftable)))
+                    grown = True
+                reftable[index] = where * self.cs
+            block = imrt.values[start : start + per]
+            if len(block) < per:
+                block = np.concatenate([block, np.zeros(per - len(block), np.uint64)])
+            data = encode_refcount_block(block, self.geo.refcount_order)
+            self.image.storage.pwrite(reftable[index], data)
+            cluster = start + per
+        return grown
+
+
+class _Imrt:
+    """QEMU's in-memory refcount table during a rebuild: one count per
+    cluster, `size` of them (QEMU's *nb_clusters); entries past `size` are
+    zero."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.size = len(values)
+
+    def alloc(self, count: int, first_free: int) -> tuple[int, int]:
+        """alloc_clusters_imrt: the first run of `count` free clusters at or
+        after `first_free` (growing the table past its end if none), each
+        set to 1. Returns (first cluster, the updated first_free)."""
+        zeros = np.flatnonzero(self.values[first_free : self.size] == 0) + first_free
+        if not len(zeros):
+            # Nothing free: append after the end (or at first_free past it).
+            start = max(self.size, first_free)
+            self.grow(start + count)
+            self.values[start : start + count] = 1
+            return start, first_free
+        # Runs of free clusters [run_starts[k], run_ends[k]).
+        breaks = np.flatnonzero(np.diff(zeros) != 1)
+        run_starts = np.concatenate([zeros[:1], zeros[breaks + 1]])
+        run_ends = np.concatenate([zeros[breaks], zeros[-1:]]) + 1
+        fits = np.flatnonzero(run_ends - run_starts >= count)
+        if len(fits):
+            start = int(run_starts[fits[0]])
+        else:
+            # The run that ends the table (if any) is extended past its end.
+            start = int(run_starts[-1]) if int(run_ends[-1]) == self.size else self.size
+            self.grow(start + count)
+        self.values[start : start + count] = 1
+        return start, int(zeros[0])
+
+    def grow(self, size: int) -> None:
+        if size > self.size:
+            extra = np.zeros(size - self.size, np.uint64)
+            self.values = np.concatenate([self.values[: self.size], extra])
+            self.size = size
 
 
 def _copy_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
