@@ -157,6 +157,7 @@ def _open_qcow2(
             data_storage=data_storage,
             header=header,
             cache_unsafe=cache_unsafe,
+            metadata_only=not open_data_file,
         )
         if writable and header.dirty:
             # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its

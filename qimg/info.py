@@ -32,6 +32,9 @@ def image_info(img: Driver) -> dict:
             from qimg.api import resolve_backing_path
 
             info["full-backing-filename"] = resolve_backing_path(img.filename, h.backing_file)
+        if h.crypt_method:
+            info["encrypted"] = True
+        if h.backing_file:
             info["backing-filename"] = h.backing_file
         info["dirty-flag"] = h.dirty
     else:
@@ -94,6 +97,8 @@ def _qcow2_specific(img) -> dict:
         data["compat"] = "0.10"
         data["compression-type"] = L.COMPRESSION_TYPE_NAMES[h.compression_type]
         data["refcount-bits"] = h.refcount_bits
+        if h.crypt_method:
+            data["encrypt"] = _encrypt_info(img)
         return data
     from qimg.formats.qcow2.bitmap import read_bitmap_directory
 
@@ -106,6 +111,8 @@ def _qcow2_specific(img) -> dict:
             {"flags": b.flag_names(), "name": b.name, "granularity": b.granularity} for b in bitmaps
         ]
     data["refcount-bits"] = h.refcount_bits
+    if h.crypt_method:
+        data["encrypt"] = _encrypt_info(img)
     # The name comes from the header extension, whether or not the
     # incompatible bit is set; data-file-raw is reported with the bit.
     if h.data_file is not None:
@@ -149,3 +156,52 @@ def _snapshots(img) -> list[dict]:
         )
         out.append(entry)
     return out
+
+
+def _encrypt_info(img) -> dict:
+    """QCryptoBlockInfo of an encrypted image, in qemu-img's key order:
+    legacy AES has none but the format; LUKS is read from the header in
+    the crypto header extension (no key needed)."""
+    h = img.header
+    if h.crypt_method == L.QCOW_CRYPT_AES:
+        return {"format": "aes"}
+    from qimg.errors import InvalidImageError
+
+    offset, length = h.crypto_ext
+    need = L.LUKS_HEADER.size + L.LUKS_NUM_KEY_SLOTS * L.LUKS_KEYSLOT.size
+    raw = img.storage.pread(offset, min(length, need)) if length else b""
+    if len(raw) < need or not raw.startswith(L.LUKS_MAGIC):
+        raise InvalidImageError("Volume is not in LUKS format")
+    (_magic, _version, cipher, mode, hash_spec, payload, key_bytes, _d, _s, mk_iters, uuid) = (
+        L.LUKS_HEADER.unpack_from(raw)
+    )
+    cipher, mode, hash_spec, uuid = (_c_str(v) for v in (cipher, mode, hash_spec, uuid))
+    mode, _, ivgen = mode.partition("-")
+    ivgen, _, ivgen_hash = ivgen.partition(":")
+    # XTS keys hold two cipher keys (qcrypto_block_luks_cipher_name_lookup).
+    key_bits = key_bytes * 8 // (2 if mode == "xts" else 1)
+    out: dict = {"ivgen-alg": ivgen, "hash-alg": hash_spec, "cipher-alg": f"{cipher}-{key_bits}"}
+    out["uuid"] = uuid
+    if ivgen_hash:
+        out["ivgen-hash-alg"] = ivgen_hash
+    out.update({"format": "luks", "cipher-mode": mode})
+    slots = []
+    for i in range(L.LUKS_NUM_KEY_SLOTS):
+        active, iters, _salt, key_offset, stripes = L.LUKS_KEYSLOT.unpack_from(
+            raw, L.LUKS_HEADER.size + i * L.LUKS_KEYSLOT.size
+        )
+        slot: dict = {"active": active == L.LUKS_KEY_SLOT_ENABLED}
+        if slot["active"]:
+            slot["iters"] = iters
+        slot["key-offset"] = key_offset * L.BDRV_SECTOR_SIZE
+        if slot["active"]:
+            slot["stripes"] = stripes
+        slots.append(slot)
+    out["slots"] = slots
+    out["payload-offset"] = payload * L.BDRV_SECTOR_SIZE
+    out["master-key-iters"] = mk_iters
+    return out
+
+
+def _c_str(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")

@@ -126,6 +126,8 @@ def info_human(info: dict) -> str:
         f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {human_size(info['actual-size'])}",
     ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:

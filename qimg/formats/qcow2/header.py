@@ -236,7 +236,7 @@ class Header:
         if self.version == 2 and self.refcount_order != 4:
             raise InvalidImageError("Invalid refcount order for version 2")
         if self.crypt_method > L.QCOW_CRYPT_LUKS:
-            raise InvalidImageError(f"Unsupported encryption method: {self.crypt_method}")
+            raise InvalidImageError(f"Unsupported encryption method {self.crypt_method}")
         if self.compression_type not in L.COMPRESSION_TYPE_NAMES:
             raise UnsupportedFeatureError(f"Unknown compression type '{self.compression_type}'")
         if self.compression_type != L.QCOW2_COMPRESSION_TYPE_ZLIB and not (

@@ -172,3 +172,14 @@ BT_DIRTY_TRACKING = 1
 BDRV_SECTOR_SIZE = 512
 QCOW_MAX_BACKING_FILE_NAME = 1023
 QCOW_MAX_DATA_FILE_NAME = 1023
+
+# --- LUKS1 (the payload of the crypto header extension) --------------------------
+
+LUKS_MAGIC = b"LUKS\xba\xbe"
+# magic, version, cipher_name, cipher_mode, hash_spec, payload_offset (sectors),
+# key_bytes, mk_digest, mk_digest_salt, mk_digest_iterations, uuid
+LUKS_HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")
+# active, iterations, salt, key_offset (sectors), stripes
+LUKS_KEYSLOT = struct.Struct(">II32sII")
+LUKS_NUM_KEY_SLOTS = 8
+LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
