@@ -20,7 +20,11 @@ def image_info(img: Driver) -> dict:
         snapshots = [] if h.has_data_file else _snapshots(img)
         if snapshots:
             info["snapshots"] = snapshots
-    info["virtual-size"] = img.size
+    # QEMU counts a raw file's length in whole sectors (refresh_total_sectors
+    # rounds up): a 1000-byte file is 1024 bytes to qemu-img, as convert
+    # copies it.
+    size = img.size if img.format_name == "qcow2" else -(-img.size // 512) * 512
+    info["virtual-size"] = size
     info["filename"] = img.filename
     if img.format_name == "qcow2":
         info["cluster-size"] = img.geo.cluster_size

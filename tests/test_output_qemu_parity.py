@@ -374,3 +374,10 @@ def test_luks_method_without_crypto_extension_fails_cleanly(snapshot_image, tmp_
         got = qimg_in(tmp_path, command, path.name)
         assert got.returncode == 1, got.stderr
         assert message(got.stderr, "qimg") == message(want.stderr, "qemu-img")
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 70000])
+def test_info_counts_a_raw_file_in_whole_sectors(tmp_path, size):
+    """qemu-img reports a raw file's size rounded up to 512 bytes."""
+    (tmp_path / "img.raw").write_bytes(b"\x01" * size)
+    assert_same_info(tmp_path, "img.raw")
