@@ -13,7 +13,8 @@ def image_info(img: Driver) -> dict:
     info: dict = {}
     if img.format_name == "qcow2":
         h = img.header
-        if h.backing_format:
+        # bdrv_query_image_info: the format only beside a backing file name.
+        if h.backing_format and h.backing_file:
             info["backing-filename-format"] = h.backing_format
         # QEMU's qcow2_snapshot_list refuses an image whose data lies in an
         # external file: info lists no snapshots there (the incompatible bit).

@@ -381,3 +381,49 @@ def test_info_counts_a_raw_file_in_whole_sectors(tmp_path, size):
     """qemu-img reports a raw file's size rounded up to 512 bytes."""
     (tmp_path / "img.raw").write_bytes(b"\x01" * size)
     assert_same_info(tmp_path, "img.raw")
+
+
+def test_info_omits_backing_format_without_a_backing_file(snapshot_image, tmp_path):
+    """A backing-format extension in an image whose backing name was cleared."""
+    shutil.copy(snapshot_image, tmp_path / "base.qcow2")
+    qemu_in(
+        tmp_path,
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        check=True,
+    )
+    with open(tmp_path / "top.qcow2", "r+b") as f:
+        f.seek(8)  # backing_file_offset, backing_file_size
+        f.write(struct.pack(">QI", 0, 0))
+    assert_same_info(tmp_path, "top.qcow2")
+
+
+def test_info_prints_backing_paths_as_qemu(snapshot_image, tmp_path):
+    """From another directory: "(actual path: ...)" in text, the full name
+    in JSON; a non-ASCII backing name escaped in JSON."""
+    sub = tmp_path / "d\u00e9p\u00f4t"
+    sub.mkdir()
+    shutil.copy(snapshot_image, sub / "b\u00e4se.qcow2")
+    qemu_in(
+        sub,
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b\u00e4se.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        check=True,
+    )
+    assert_same_info(tmp_path, f"{sub.name}/top.qcow2")
