@@ -427,3 +427,19 @@ def test_info_prints_backing_paths_as_qemu(snapshot_image, tmp_path):
         check=True,
     )
     assert_same_info(tmp_path, f"{sub.name}/top.qcow2")
+
+
+@pytest.mark.parametrize("kind", ["refcount_zero", "refblock_lost"])
+def test_check_repair_json_after_rebuild_matches_qemu(check_image, tmp_path, kind):
+    """--output=json after a rebuild: the fixed counts (the old structure's
+    freed clusters not counted as leaks fixed), messages, exit code."""
+    damaged = tmp_path / "damaged.qcow2"
+    shutil.copy(check_image, damaged)
+    _damage(damaged, kind)
+    results = []
+    for tool in ("qemu-img", "qimg"):
+        shutil.copy(damaged, tmp_path / "img.qcow2")
+        args = ("check", "--output=json", "-r", "all", "img.qcow2")
+        run_tool = qimg_in(tmp_path, *args) if tool == "qimg" else qemu_in(tmp_path, tool, *args)
+        results.append((run_tool.returncode, run_tool.stdout, message(run_tool.stderr, tool)))
+    assert results[1] == results[0]
