@@ -443,3 +443,46 @@ def test_check_repair_json_after_rebuild_matches_qemu(check_image, tmp_path, kin
         run_tool = qimg_in(tmp_path, *args) if tool == "qimg" else qemu_in(tmp_path, tool, *args)
         results.append((run_tool.returncode, run_tool.stdout, message(run_tool.stderr, tool)))
     assert results[1] == results[0]
+
+
+@pytest.fixture(scope="module")
+def luks_image(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("luks")
+    _create_encrypted(d, "luks.qcow2", ENCRYPTED_CASES["luks_xts_plain64"])
+    return d / "luks.qcow2"
+
+
+_SLOTS = L.LUKS_HEADER.size  # key slot 0; each slot is L.LUKS_KEYSLOT.size bytes
+# (offset in the LUKS header, bytes written there)
+LUKS_HEADER_CASES = {
+    "bad_magic": [(0, b"XXXX")],
+    "version_2": [(6, b"\0\x02")],
+    "unknown_cipher_mode": [(40, b"foo-plain64\0")],
+    "mode_without_ivgen": [(40, b"xts\0")],
+    "unknown_ivgen": [(40, b"xts-bar\0")],
+    "unknown_hash": [(72, b"md7\0")],
+    "essiv_without_hash": [(8, b"aes\0"), (40, b"cbc-essiv\0"), (108, struct.pack(">I", 32))],
+    "essiv_hash_too_long_for_aes": [(40, b"cbc-essiv:sha512\0"), (108, struct.pack(">I", 32))],
+    "plain64_ignores_its_hash": [(40, b"xts-plain64:sha1\0")],
+    "unknown_cipher": [(8, b"foo\0")],
+    "key_size_unusable": [(108, struct.pack(">I", 7))],
+    "name_not_terminated": [(8, b"a" * 32)],
+    "payload_over_header": [(104, struct.pack(">I", 4))],
+    "stripes": [(_SLOTS + 44, struct.pack(">I", 5))],
+    "slot_state": [(_SLOTS, struct.pack(">I", 7))],
+    "slot_over_payload": [(_SLOTS + 7 * L.LUKS_KEYSLOT.size + 40, struct.pack(">I", 100000))],
+    "slots_overlap": [(_SLOTS + L.LUKS_KEYSLOT.size + 40, struct.pack(">I", 8))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(LUKS_HEADER_CASES))
+def test_info_checks_luks_header_as_qemu(luks_image, tmp_path, case):
+    """qcrypto_block_luks_open's checks without a key: the same refusal, in
+    the same words, or the same description."""
+    path = _copy(luks_image, tmp_path)
+    header = path.read_bytes().find(L.LUKS_MAGIC)
+    with open(path, "r+b") as f:
+        for offset, data in LUKS_HEADER_CASES[case]:
+            f.seek(header + offset)
+            f.write(data)
+    assert_same_info(tmp_path, path.name)
