@@ -1795,9 +1795,10 @@ class _Checker:
         # host file gives its blocks back, as after qemu-img's repair.
         storage = self.image.storage
         file_len = storage.size()
-        for c, _r1, r2 in repairs:
-            if r2 == 0 and (c << self.cb) < file_len:
-                storage.punch_hole(c << self.cb, min(self.cs, file_len - (c << self.cb)))
+        freed = [c for c, _r1, r2 in repairs if r2 == 0 and (c << self.cb) < file_len]
+        for first, n in _runs_of(freed):
+            offset = first << self.cb
+            storage.punch_hole(offset, min(n << self.cb, file_len - offset))
 
     # --- OFLAG_COPIED ---------------------------------------------------------------------
 
@@ -1996,10 +1997,13 @@ class _Checker:
         first_free = 0
         grown = False
         cluster = first
-        while cluster < end:
-            nz = np.flatnonzero(imrt.values[cluster : min(end, imrt.size)])
+        while cluster < min(end, imrt.size):
+            # The next cluster in use, looked for a refblock's span at a time.
+            span = imrt.values[cluster : min(end, imrt.size, ((cluster >> bits) + 1) << bits)]
+            nz = np.flatnonzero(span)
             if not len(nz):
-                break
+                cluster += len(span)
+                continue
             cluster += int(nz[0])
             index = cluster >> bits
             start = index << bits
@@ -2029,11 +2033,48 @@ class _Imrt:
     def __init__(self, values: np.ndarray):
         self.values = values
         self.size = len(values)
+        # Clusters [dense_from, dense_to) are known in use. Counts only go
+        # from zero to one here (and the table grows only by clusters it
+        # then allocates), so what is in use stays in use.
+        self.dense_from = self.dense_to = 0
+
+    _SCAN = 1 << 16
+
+    def _first_free(self, pos: int) -> int | None:
+        """The first cluster at or after `pos` with count zero, if any."""
+        start = pos
+        while pos < self.size:
+            if self.dense_from <= pos < self.dense_to:
+                pos = self.dense_to
+                continue
+            window = self.values[pos : min(self.size, pos + self._SCAN)]
+            zeros = np.flatnonzero(window == 0)
+            if len(zeros):
+                return pos + int(zeros[0])
+            pos += len(window)
+        if start <= self.dense_to and start < self.size:
+            self.dense_from = min(start, self.dense_from)
+        elif start < self.size:
+            self.dense_from = start
+        self.dense_to = max(self.size, self.dense_to)
+        return None
 
     def alloc(self, count: int, first_free: int) -> tuple[int, int]:
         """alloc_clusters_imrt: the first run of `count` free clusters at or
         after `first_free` (growing the table past its end if none), each
         set to 1. Returns (first cluster, the updated first_free)."""
+        if count == 1:
+            # A refblock: the first free cluster, or one appended past the end.
+            start = self._first_free(first_free)
+            if start is not None:
+                self.values[start] = 1
+                return start, start
+            start = max(self.size, first_free)
+            self.grow(start + 1)
+            self.values[start] = 1
+            if self.dense_to == start:
+                self.dense_to = start + 1
+            return start, first_free
         zeros = np.flatnonzero(self.values[first_free : self.size] == 0) + first_free
         if not len(zeros):
             # Nothing free: append after the end (or at first_free past it).
@@ -2060,6 +2101,17 @@ class _Imrt:
             extra = np.zeros(size - self.size, np.uint64)
             self.values = np.concatenate([self.values[: self.size], extra])
             self.size = size
+
+
+def _runs_of(clusters: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in sorted `clusters`."""
+    runs: list[tuple[int, int]] = []
+    for c in clusters:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
 
 
 def _copy_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
