@@ -2027,8 +2027,8 @@ class _Checker:
 
 class _Imrt:
     """QEMU's in-memory refcount table during a rebuild: one count per
-    cluster, `size` of them (QEMU's *nb_clusters); entries past `size` are
-    zero."""
+    cluster, `size` of them (QEMU's *nb_clusters); `values` may be longer,
+    its entries past `size` are zero."""
 
     def __init__(self, values: np.ndarray):
         self.values = values
@@ -2097,10 +2097,12 @@ class _Imrt:
         return start, int(zeros[0])
 
     def grow(self, size: int) -> None:
-        if size > self.size:
-            extra = np.zeros(size - self.size, np.uint64)
-            self.values = np.concatenate([self.values[: self.size], extra])
-            self.size = size
+        """`size` clusters; the array's room doubles (appends stay linear)."""
+        if size > len(self.values):
+            values = np.zeros(max(size, 2 * len(self.values)), np.uint64)
+            values[: self.size] = self.values[: self.size]
+            self.values = values
+        self.size = max(self.size, size)
 
 
 def _runs_of(clusters: list[int]) -> list[tuple[int, int]]:
