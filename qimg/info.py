@@ -183,10 +183,14 @@ def _encrypt_info(img) -> dict:
     h = img.header
     if h.crypt_method == L.QCOW_CRYPT_AES:
         return {"format": "aes"}
+    from qimg.errors import InvalidImageError
+
     offset, length = h.crypto_ext
     need = L.LUKS_HEADER.size + L.LUKS_NUM_KEY_SLOTS * L.LUKS_KEYSLOT.size
-    raw = img.storage.pread(offset, min(length, need)) if length else b""
-    return _luks_info(raw.ljust(need, b"\0"))
+    if length < need:  # qcow2_crypto_hdr_read_func
+        raise InvalidImageError("Request for data outside of extension header")
+    # Past the end of the file QEMU reads zeros.
+    return _luks_info(img.storage.pread(offset, need).ljust(need, b"\0"))
 
 
 # QEMU 7.2's names (crypto/block-luks.c): cipher name -> usable key sizes.

@@ -486,3 +486,14 @@ def test_info_checks_luks_header_as_qemu(luks_image, tmp_path, case):
             f.seek(header + offset)
             f.write(data)
     assert_same_info(tmp_path, path.name)
+
+
+@pytest.mark.parametrize("length", [0, 100])
+def test_info_refuses_crypto_extension_shorter_than_the_luks_header(luks_image, tmp_path, length):
+    path = _copy(luks_image, tmp_path)
+    data = path.read_bytes()
+    ext = data.find(struct.pack(">I", L.QCOW2_EXT_MAGIC_CRYPTO_HEADER))
+    with open(path, "r+b") as f:
+        f.seek(ext + 8 + 8)  # type, length, then offset and length of the header
+        f.write(struct.pack(">Q", length))
+    assert_same_info(tmp_path, path.name)
