@@ -171,6 +171,9 @@ class _Node:
         self.storage = storage
         self.header = header
         self.data_storage = data_storage
+        # Opened for metadata only (QEMU's BDRV_O_NO_IO, as info opens):
+        # no data file, and an encrypted image opens without its key.
+        self.metadata_only = False
 
     def build(self, backing: Driver | None, writable: bool, cache_unsafe: bool) -> Driver:
         """The driver over this node, reading through `backing`. On failure
@@ -188,6 +191,7 @@ class _Node:
                 data_storage=self.data_storage,
                 header=self.header,
                 cache_unsafe=cache_unsafe,
+                metadata_only=self.metadata_only,
             )
             if writable and self.header.dirty:
                 # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
@@ -242,7 +246,9 @@ def _open_node(
     except BaseException:
         storage.close()
         raise
-    return _Node(path, fmt, storage, header, data_storage, name.open_backing)
+    node = _Node(path, fmt, storage, header, data_storage, name.open_backing)
+    node.metadata_only = not data_file
+    return node
 
 
 def _read_header(storage: Storage):

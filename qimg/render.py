@@ -8,7 +8,68 @@ import sys
 
 def print_json(value) -> None:
     """qemu-img's JSON layout: four-space indent, one value per line."""
-    sys.stdout.write(json.dumps(value, indent=4, ensure_ascii=False) + "\n")
+    sys.stdout.write(to_json(value) + "\n")
+
+
+def to_json(value, depth: int = 0) -> str:
+    """QEMU's pretty JSON writer (qobject/json-writer.c): every member on a
+    line of its own, an empty container's brackets on two lines, strings
+    ASCII-only with \\uXXXX escapes in upper-case hex."""
+    if isinstance(value, dict):
+        items = [f"{_json_str(k)}: {to_json(v, depth + 1)}" for k, v in value.items()]
+        return _container("{", items, "}", depth)
+    if isinstance(value, (list, tuple)):
+        return _container("[", [to_json(v, depth + 1) for v in value], "]", depth)
+    if isinstance(value, str):
+        return _json_str(value)
+    return json.dumps(value)
+
+
+def _container(open_: str, items: list[str], close: str, depth: int) -> str:
+    inner = "\n" + "    " * (depth + 1)
+    return (
+        open_
+        + "".join(
+            inner + item + ("," if i < len(items) - 1 else "") for i, item in enumerate(items)
+        )
+        + "\n"
+        + "    " * depth
+        + close
+    )
+
+
+_JSON_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def _json_str(text: str) -> str:
+    """quoted_str: code points QEMU's modified UTF-8 decoder rejects
+    (surrogates, noncharacters) become U+FFFD; outside printable ASCII,
+    \\uXXXX (a surrogate pair beyond the BMP)."""
+    out = ['"']
+    for ch in text:
+        cp = ord(ch)
+        if ch in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[ch])
+            continue
+        if 0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
+            cp = 0xFFFD
+        if cp > 0xFFFF:
+            cp -= 0x10000
+            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
 
 
 # Human text is laid out here, line for line as qemu-img prints it. On a
@@ -65,6 +126,8 @@ def info_human(info: dict) -> str:
         f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {human_size(info['actual-size'])}",
     ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
@@ -94,8 +157,9 @@ def info_human(info: dict) -> str:
                 f"{s['vm-clock-nsec'] // 1000000:03d}"
             )
             icount = s.get("icount")
+            size = human_size(s["vm-state-size"] & _U64_MAX)
             lines.append(
-                f"{s['id']:<9} {s['name']:<16} {human_size(s['vm-state-size']):>8}"
+                f"{_ljust_bytes(s['id'], 9)} {_ljust_bytes(s['name'], 16)} {size:>8}"
                 f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
             )
     fs = info.get("format-specific")
@@ -103,6 +167,14 @@ def info_human(info: dict) -> str:
         lines.append("Format specific information:")
         lines.extend(_tree(fs["data"], 1))
     return "\n".join(lines)
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _ljust_bytes(text: str, width: int) -> str:
+    """printf's "%-Ns": padded to `width` bytes of UTF-8, not characters."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def _tree(value, depth: int) -> list[str]:

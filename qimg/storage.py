@@ -8,6 +8,7 @@ same methods.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 from qimg.errors import ImageIOError
@@ -269,11 +270,19 @@ def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+@functools.cache
+def _libc():
+    """The C library, looked up once (find_library runs ldconfig)."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = _libc()
     falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
     ret = libc.fallocate(
         ctypes.c_int(fd),

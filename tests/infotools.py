@@ -4,6 +4,7 @@ tools side by side in one directory and compare what they print."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from itertools import combinations
@@ -11,10 +12,17 @@ from pathlib import Path
 
 from conftest import run
 
+# The checkout under test: `python -m qimg` run from another directory would
+# otherwise import whatever qimg is installed.
+_REPO = str(Path(__file__).resolve().parent.parent)
+
 
 def qimg_in(cwd: Path, *args: str, check: bool = False, **kw):
-    """`qimg ARGS` run from `cwd` (relative names resolve as a user's would)."""
-    return run([sys.executable, "-m", "qimg", *map(str, args)], check=check, cwd=cwd, **kw)
+    """`qimg ARGS` run from `cwd` (relative names resolve as a user's would),
+    with this checkout's qimg."""
+    env = dict(kw.pop("env", None) or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, env.get("PYTHONPATH")]))
+    return run([sys.executable, "-m", "qimg", *map(str, args)], check=check, cwd=cwd, env=env, **kw)
 
 
 def qemu_in(cwd: Path, tool: str, *args: str, check: bool = False, **kw):

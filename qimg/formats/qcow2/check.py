@@ -564,13 +564,21 @@ class _Checker:
             res.leaks = 0
             self.rebuild = False
             self.calculate_refcounts(res, 0)
-            highest = self.compare_refcounts(res, 0)
+            # The old structure is leaked now: fix that, as QEMU does, in a
+            # comparison whose counts are dropped except the leaks it could
+            # not fix (those the rebuild itself introduced).
+            saved = _copy_counts(res)
+            _restore_counts(res, (0, 0, 0, 0, 0))
+            highest = self.compare_refcounts(res, FIX_LEAKS)
             if self.rebuild:
                 self.say("ERROR rebuilt refcount structure is still broken")
+            fresh_leaks = res.leaks
+            _restore_counts(res, saved)
             if res.corruptions < old[1]:
                 res.corruptions_fixed += old[1] - res.corruptions
             if res.leaks < old[2]:
                 res.leaks_fixed += old[2] - res.leaks
+            res.leaks += fresh_leaks
         elif self.fix:
             if self.rebuild:
                 self.say("ERROR need to rebuild refcount structures")
@@ -1835,6 +1843,15 @@ class _Checker:
         rc.blocks.flush()
         self.image.flush_file()
         self.ondisk.invalidate()
+        # A cluster freed here is discarded (QCOW2_DISCARD_ALWAYS), after the
+        # refcounts naming it free are on disk: it reads as zeros, and the
+        # host file gives its blocks back, as after qemu-img's repair.
+        storage = self.image.storage
+        file_len = storage.size()
+        freed = [c for c, _r1, r2 in repairs if r2 == 0 and (c << self.cb) < file_len]
+        for first, n in _runs_of(freed):
+            offset = first << self.cb
+            storage.punch_hole(offset, min(n << self.cb, file_len - offset))
 
     # --- OFLAG_COPIED ---------------------------------------------------------------------
 
@@ -2003,95 +2020,178 @@ class _Checker:
             if size > 0 and off + size - self.file_len >= self.cs
         )
 
-    def _reftable_area(self, end: int, used: np.ndarray) -> tuple[int, int, int, set]:
-        """(blocks, table clusters, blocks needed in all, indices of the
-        blocks written) of a new refcount structure placed at cluster `end`,
-        covering itself and the `used` clusters (a fixed point)."""
-        per = self.geo.refcount_block_size
-        entries_per_cluster = self.cs // 8
-        nblocks, tclusters = 0, 1
-        while True:
-            total = end + nblocks + tclusters
-            needed_blocks = -(-total // per)
-            # Blocks that hold a non-zero count: those with a used cluster, and
-            # every block covering the new area.
-            blocks_used = set((used // per).tolist()) | set(
-                range(end // per, (total - 1) // per + 1)
-            )
-            want_t = -(-needed_blocks // entries_per_cluster)
-            if len(blocks_used) == nblocks and want_t == tclusters:
-                return nblocks, tclusters, needed_blocks, blocks_used
-            nblocks, tclusters = len(blocks_used), want_t
-
     def rebuild_refcount_structure(self) -> None:
-        """A new refcount table and blocks, from the computed counts, placed
-        past everything in use; the header is then pointed at them.
+        """QEMU's rebuild_refcount_structure: new refblocks and a new
+        reftable, allocated first-fit in the in-memory refcounts (which still
+        count the old structure), then the header is pointed at them.
 
-        Ordering: blocks and table are written and flushed before the header
-        names them; the old structure is simply no longer referenced, so a
-        crash leaves either the old (broken) or the new (whole) structure.
+        The old structure stays counted in the new refblocks: it is leaked,
+        and the leak-fixing comparison that follows frees it (printing its
+        "Repairing cluster" lines, as qemu-img does). Allocations are made
+        where the in-memory counts are zero, so nothing in use is
+        overwritten; the header is written last, after a flush.
         """
         img = self.image
-        geo = self.geo
         cs = self.cs
-        # Counts without the old refcount structure.
-        counts = self.counts.astype(np.uint64)
-        t0 = img.refcounts.table_offset >> self.cb
-        tn = img.refcounts.table_clusters
-        if t0 < len(counts):
-            seg = counts[t0 : t0 + tn]
-            seg -= np.minimum(seg, 1)
-        for raw in img.refcounts.table.tolist():
-            off = raw & L.REFT_OFFSET_MASK
-            if raw & REFT_RESERVED_MASK or not off or off % cs:
-                continue
-            c = off >> self.cb
-            if c < self.nb_clusters and counts[c]:
-                counts[c] -= 1
-        counts = np.minimum(counts, _U64(geo.refcount_max))
-        used = np.flatnonzero(counts)
-        end = max(self.nb_clusters, int(used[-1]) + 1 if len(used) else 1)
+        limit = self.nb_clusters
+        if len(self.counts) > limit and self.counts[limit]:
+            limit += 1
+        rmax = _U64(self.geo.refcount_max)
+        counts = np.minimum(self.counts[:limit].astype(np.uint64), rmax)
         # Tables the header names a cluster or more past the end of the file
-        # were not counted (they read as zeros). The new area must not land
-        # on one (QEMU's rebuild fails its overlap check there): a table it
-        # would overlap or end at is counted as used and the area moves past
-        # it, so that the grown file holds it with a refcount of 1.
-        uncounted = self.uncounted_tables()
-        while True:
-            nblocks, tclusters, needed_blocks, blocks_used = self._reftable_area(end, used)
-            area_end = end + nblocks + tclusters
-            # A table at the new end of the file would be counted too.
-            hit = [(a, b) for a, b in uncounted if a <= area_end and b >= end]
-            if not hit:
-                break
-            last = max(b for _a, b in hit)
+        # were not counted (they read as zeros). The new structure must not
+        # land on one (QEMU's rebuild fails its overlap check there): each is
+        # counted as in use, so the grown file holds it with a refcount of 1.
+        for first, last in self.uncounted_tables():
             if last >= len(counts):
                 counts = np.concatenate((counts, np.zeros(last + 1 - len(counts), np.uint64)))
-            for a, b in hit:
-                counts[a : b + 1] = np.maximum(counts[a : b + 1], _U64(1))
-            uncounted = [r for r in uncounted if r not in hit]
-            used = np.flatnonzero(counts)
-            end = last + 1
-        per = geo.refcount_block_size
-        entries_per_cluster = cs // 8
-        full = np.zeros(needed_blocks * per, dtype=np.uint64)
-        full[: len(counts)] = counts
-        full[end : end + nblocks + tclusters] = 1
-        table = np.zeros(tclusters * entries_per_cluster, dtype=np.uint64)
-        for k, bi in enumerate(sorted(blocks_used)):
-            where = (end + k) * cs
-            table[bi] = where
-            data = encode_refcount_block(full[bi * per : (bi + 1) * per], geo.refcount_order)
-            img.storage.pwrite(where, data)
-        table_offset = (end + nblocks) * cs
-        img.storage.pwrite(table_offset, table.astype(">u8").tobytes())
+            counts[first : last + 1] = np.maximum(counts[first : last + 1], _U64(1))
+        imrt = _Imrt(counts)
+        reftable: list[int] = []
+        self._write_refblocks(imrt, reftable, 0, imrt.size)
+        while True:
+            clusters = -(-len(reftable) * 8 // cs)
+            table_cluster = imrt.alloc(clusters, 0)[0]
+            if not self._write_refblocks(imrt, reftable, table_cluster, table_cluster + clusters):
+                break
+        table = np.array(reftable, dtype=">u8").tobytes()
+        img.storage.pwrite(table_cluster * cs, table)
         img.storage.flush()
-        img.set_refcount_table(table_offset, tclusters)
+        img.set_refcount_table(table_cluster * cs, clusters)
         img.storage.flush()
         from qimg.formats.qcow2.refcount import Refcounts
 
-        img.refcounts = Refcounts(img, geo, table_offset, tclusters)
+        img.refcounts = Refcounts(img, self.geo, table_cluster * cs, clusters)
         self.ondisk = _OnDisk(img)
+
+    def _write_refblocks(self, imrt: _Imrt, reftable: list[int], first: int, end: int) -> bool:
+        """rebuild_refcounts_write_refblocks: write the refblock of every
+        block of clusters in [first, end) holding a non-zero count (a
+        slice of `imrt`), allocating those the reftable lacks; returns
+        whether the reftable grew."""
+        bits = self.geo.refcount_block_bits
+        per = 1 << bits
+        entries_per_cluster = self.cs // 8
+        first_free = 0
+        grown = False
+        cluster = first
+        while cluster < min(end, imrt.size):
+            # The next cluster in use, looked for a refblock's span at a time.
+            span = imrt.values[cluster : min(end, imrt.size, ((cluster >> bits) + 1) << bits)]
+            nz = np.flatnonzero(span)
+            if not len(nz):
+                cluster += len(span)
+                continue
+            cluster += int(nz[0])
+            index = cluster >> bits
+            start = index << bits
+            if index >= len(reftable) or not reftable[index]:
+                where, first_free = imrt.alloc(1, max(first_free, start))
+                # The refblock holding the new refblock's count is written too.
+                end = max(end, where + 1)
+                if index >= len(reftable):
+                    n = -(-(index + 1) // entries_per_cluster) * entries_per_cluster
+                    reftable.extend([0] * (n - len(reftable)))
+                    grown = True
+                reftable[index] = where * self.cs
+            block = imrt.values[start : start + per]
+            if len(block) < per:
+                block = np.concatenate([block, np.zeros(per - len(block), np.uint64)])
+            data = encode_refcount_block(block, self.geo.refcount_order)
+            self.image.storage.pwrite(reftable[index], data)
+            cluster = start + per
+        return grown
+
+
+class _Imrt:
+    """QEMU's in-memory refcount table during a rebuild: one count per
+    cluster, `size` of them (QEMU's *nb_clusters); `values` may be longer,
+    its entries past `size` are zero."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.size = len(values)
+        # Clusters [dense_from, dense_to) are known in use. Counts only go
+        # from zero to one here (and the table grows only by clusters it
+        # then allocates), so what is in use stays in use.
+        self.dense_from = self.dense_to = 0
+
+    _SCAN = 1 << 16
+
+    def _first_free(self, pos: int) -> int | None:
+        """The first cluster at or after `pos` with count zero, if any."""
+        start = pos
+        while pos < self.size:
+            if self.dense_from <= pos < self.dense_to:
+                pos = self.dense_to
+                continue
+            window = self.values[pos : min(self.size, pos + self._SCAN)]
+            zeros = np.flatnonzero(window == 0)
+            if len(zeros):
+                return pos + int(zeros[0])
+            pos += len(window)
+        if start <= self.dense_to and start < self.size:
+            self.dense_from = min(start, self.dense_from)
+        elif start < self.size:
+            self.dense_from = start
+        self.dense_to = max(self.size, self.dense_to)
+        return None
+
+    def alloc(self, count: int, first_free: int) -> tuple[int, int]:
+        """alloc_clusters_imrt: the first run of `count` free clusters at or
+        after `first_free` (growing the table past its end if none), each
+        set to 1. Returns (first cluster, the updated first_free)."""
+        if count == 1:
+            # A refblock: the first free cluster, or one appended past the end.
+            start = self._first_free(first_free)
+            if start is not None:
+                self.values[start] = 1
+                return start, start
+            start = max(self.size, first_free)
+            self.grow(start + 1)
+            self.values[start] = 1
+            if self.dense_to == start:
+                self.dense_to = start + 1
+            return start, first_free
+        zeros = np.flatnonzero(self.values[first_free : self.size] == 0) + first_free
+        if not len(zeros):
+            # Nothing free: append after the end (or at first_free past it).
+            start = max(self.size, first_free)
+            self.grow(start + count)
+            self.values[start : start + count] = 1
+            return start, first_free
+        # Runs of free clusters [run_starts[k], run_ends[k]).
+        breaks = np.flatnonzero(np.diff(zeros) != 1)
+        run_starts = np.concatenate([zeros[:1], zeros[breaks + 1]])
+        run_ends = np.concatenate([zeros[breaks], zeros[-1:]]) + 1
+        fits = np.flatnonzero(run_ends - run_starts >= count)
+        if len(fits):
+            start = int(run_starts[fits[0]])
+        else:
+            # The run that ends the table (if any) is extended past its end.
+            start = int(run_starts[-1]) if int(run_ends[-1]) == self.size else self.size
+            self.grow(start + count)
+        self.values[start : start + count] = 1
+        return start, int(zeros[0])
+
+    def grow(self, size: int) -> None:
+        """`size` clusters; the array's room doubles (appends stay linear)."""
+        if size > len(self.values):
+            values = np.zeros(max(size, 2 * len(self.values)), np.uint64)
+            values[: self.size] = self.values[: self.size]
+            self.values = values
+        self.size = max(self.size, size)
+
+
+def _runs_of(clusters: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in sorted `clusters`."""
+    runs: list[tuple[int, int]] = []
+    for c in clusters:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
 
 
 def _copy_counts(res: CheckResult) -> tuple[int, int, int, int, int]:

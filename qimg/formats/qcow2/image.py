@@ -11,7 +11,7 @@ import bisect
 import threading
 
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
-from qimg.errors import CorruptImageError, ImageIOError, QimgError
+from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import Storage, check_request
@@ -40,6 +40,7 @@ class Qcow2Image(Driver):
         data_storage: Storage | None = None,
         header: Header | None = None,
         cache_unsafe: bool = False,
+        metadata_only: bool = False,
     ):
         self.storage = storage
         self.filename = storage.path
@@ -58,7 +59,11 @@ class Qcow2Image(Driver):
         self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)
         self._freed_pending = False
         self._closed = False
-        if header.crypt_method != L.QCOW_CRYPT_NONE:
+        if header.crypt_method == L.QCOW_CRYPT_LUKS and header.crypto_ext is None:
+            raise InvalidImageError("Missing CRYPTO header for crypt method 2")
+        # An encrypted image is opened for its metadata only (info): its
+        # data is never read or written.
+        if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
             from qimg.errors import UnsupportedFeatureError
 
             raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
