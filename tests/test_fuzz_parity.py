@@ -13,7 +13,6 @@ replayed every run; then a bounded random run with a fixed seed.
 from __future__ import annotations
 
 import pytest
-
 from fuzzing import (
     SEEDS,
     RecipeError,
