@@ -808,6 +808,14 @@ def _message(text: str) -> list[str]:
     return out
 
 
+def _error_lines(command: str, stderr: str) -> int:
+    """How many lines the error message takes. check's report of each
+    problem found (lines without the program name) is not an error message."""
+    if command == "check":
+        return len(_message(stderr))
+    return len(_lines(stderr))
+
+
 def _json(text: str, cwd: Path) -> object:
     try:
         value = json.loads(text.replace(str(cwd), "<dir>"))
@@ -858,7 +866,7 @@ def judge(command: str, q: Outcome, m: Outcome, qdir: Path, mdir: Path) -> list[
     if m.hung:
         add("both-hang" if q.hung else "qimg-hang", both)
         return out
-    if m.rc != 0 and len(_lines(m.stderr)) > max(1, len(_lines(q.stderr or ""))):
+    if m.rc != 0 and _error_lines(command, m.stderr) > max(1, _error_lines(command, q.stderr)):
         add("multi-line-error", both)
     if q.hung or _qemu_broke(q):
         if not q.hung:
@@ -902,9 +910,11 @@ class Result:
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if f.failing]
 
-    def report(self) -> str:
+    def report(self, all_findings: bool = False) -> str:
+        """One message for the mutant: its recipe, then each failing
+        finding's class, command and both tools' results."""
         lines = [f"recipe: {json.dumps(self.recipe)}"]
-        for f in self.failures():
+        for f in self.findings if all_findings else self.failures():
             cmd = " ".join(COMMANDS[f.command])
             lines.append(f"[{f.cls}] {cmd}\n  {f.detail}")
         return "\n".join(lines)
@@ -921,6 +931,21 @@ def run_mutant(seed: Seed, recipe: dict, work: Path, timeout: float = TIMEOUT) -
         findings += judge(command, q, m, qdir, mdir)
     shutil.rmtree(work, ignore_errors=True)
     return Result(recipe, findings)
+
+
+def shrink(seed: Seed, recipe: dict, cls: str, command: str, work: Path) -> dict:
+    """The smallest sub-recipe (mutations dropped one at a time) that still
+    shows finding `cls` on `command`."""
+    muts = list(recipe["mutations"])
+    i = 0
+    while len(muts) > 1 and i < len(muts):
+        trial = {**recipe, "mutations": muts[:i] + muts[i + 1 :]}
+        found = run_mutant(seed, trial, work).findings
+        if any(f.cls == cls and f.command == command for f in found):
+            muts = trial["mutations"]
+        else:
+            i += 1
+    return {**recipe, "mutations": muts}
 
 
 # --- Corpus ------------------------------------------------------------------------------
