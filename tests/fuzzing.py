@@ -311,8 +311,8 @@ def read_seed(name: str, directory: Path) -> Seed:
             ),
         )
     ext_l2 = version >= 3 and seed.value("header.incompatible_features") & L.QCOW2_INCOMPAT_EXTL2
-    _read_l1(seed, "l1", "l2", seed.value("header.l1_table_offset"), seed.value("header.l1_size"))
-    _read_l2_bitmaps(seed, bool(ext_l2))
+    _read_l1(seed, "l1", seed.value("header.l1_table_offset"), seed.value("header.l1_size"))
+    _read_l2(seed, bool(ext_l2))
     _read_refcounts(seed, cs)
     _read_snapshots(seed)
     _read_bitmaps(seed)
@@ -321,7 +321,6 @@ def read_seed(name: str, directory: Path) -> Seed:
 
 def _read_extensions(seed: Seed, header_length: int) -> None:
     pos, end = header_length, seed.cluster_size
-    index = 0
     while pos + L.HEADER_EXTENSION.size <= end:
         ext_type, length = L.HEADER_EXTENSION.unpack_from(seed.data, pos)
         tag = EXT_NAMES.get(ext_type, f"0x{ext_type:08x}")
@@ -335,28 +334,27 @@ def _read_extensions(seed: Seed, header_length: int) -> None:
             for fname, (where, fmt) in BITMAPS_EXT_FIELDS.items():
                 seed.locs[f"bitmaps_ext.{fname}"] = Loc(data + where, _fmt_width(fmt))
         pos = data + ((length + 7) & ~7)
-        index += 1
 
 
-def _read_l1(seed: Seed, l1_name: str, l2_name: str, l1_offset: int, l1_size: int) -> None:
-    """Name the L1 entries (all, up to 64) and the entries of each L2 table
-    they point at (k-th distinct table in L1 order)."""
-    cs = seed.cluster_size
+def _read_l1(seed: Seed, prefix: str, l1_offset: int, l1_size: int) -> None:
+    """Name the entries of an L1 table (the first 64)."""
     for i in range(min(l1_size, 64)):
-        seed.locs[f"{l1_name}.{i}"] = Loc(l1_offset + 8 * i, 8)
-    if l2_name in ("l2",):
-        seen: list[int] = []
-        for i in range(min(l1_size, 64)):
-            l2 = seed.value(f"{l1_name}.{i}") & L.L1E_OFFSET_MASK
-            if l2 and l2 not in seen and l2 + cs <= seed.file_size:
-                seen.append(l2)
-        seed.l2_tables = seen  # type: ignore[attr-defined]
+        seed.locs[f"{prefix}.{i}"] = Loc(l1_offset + 8 * i, 8)
 
 
-def _read_l2_bitmaps(seed: Seed, ext_l2: bool) -> None:
+def _read_l2(seed: Seed, ext_l2: bool) -> None:
+    """Name the entries of each L2 table of the active L1 table ("l2.k.i":
+    entry i of the k-th distinct table in L1 order): the used ones and the
+    first two."""
+    cs = seed.cluster_size
     width = L.L2_ENTRY_SIZE_EXTENDED if ext_l2 else L.L2_ENTRY_SIZE_NORMAL
-    for k, table in enumerate(getattr(seed, "l2_tables", [])):
-        for i in range(seed.cluster_size // width):
+    tables: list[int] = []
+    for name in (n for n in seed.locs if n.startswith("l1.")):
+        table = seed.value(name) & L.L1E_OFFSET_MASK
+        if table and table not in tables and table + cs <= seed.file_size:
+            tables.append(table)
+    for k, table in enumerate(tables):
+        for i in range(cs // width):
             pos = table + i * width
             if seed.u(Loc(pos, 8)) or i < 2 or (ext_l2 and seed.u(Loc(pos + 8, 8))):
                 seed.locs[f"l2.{k}.{i}"] = Loc(pos, 8)
@@ -397,7 +395,7 @@ def _read_snapshots(seed: Seed) -> None:
         seed.locs[f"snapshot.{s}.id"] = Loc(p, id_size, True)
         seed.locs[f"snapshot.{s}.name"] = Loc(p + id_size, name_size, True)
         l1 = seed.value(f"snapshot.{s}.l1_table_offset")
-        _read_l1(seed, f"snapshot.{s}.l1", "", l1, seed.value(f"snapshot.{s}.l1_size"))
+        _read_l1(seed, f"snapshot.{s}.l1", l1, seed.value(f"snapshot.{s}.l1_size"))
         pos = (p + id_size + name_size + 7) & ~7
 
 
