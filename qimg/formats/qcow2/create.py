@@ -184,9 +184,6 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
         if prealloc != "off":
             _preallocate(image, prealloc)
         image.flush()
-        end = image.refcounts.last_used_cluster() * cs
-        if storage.size() < end:
-            storage.truncate(end)
         if data_storage is not None and data_storage.size() < size:
             data_storage.truncate(size)
     except BaseException:
