@@ -213,17 +213,18 @@ def parse_bool(name: str, value: str) -> bool:
     raise BadOptionError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
-_NUMBER_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
+_NUMBER_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
 
 
 def parse_number(name: str, value: str) -> int:
-    """A QEMU_OPT_NUMBER value (strtoull, base 0), with QemuOpts' message."""
+    """A QEMU_OPT_NUMBER value (qemu_strtou64, base 0: a '-' wraps modulo
+    2^64, as strtoull), with QemuOpts' messages."""
     m = _NUMBER_RE.match(value)
     if not m:
         raise BadOptionError(f"Parameter '{name}' expects a number")
-    text = m.group(1)
+    sign, text = m.groups()
     octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"
     number = int(text, 8) if octal else int(text, 0)
-    if number >= 1 << 64:
-        raise BadOptionError(f"Parameter '{name}' expects a number")
-    return number
+    if number >= _U64:
+        raise BadOptionError(f"Value '{value}' is too large for parameter '{name}'")
+    return -number % _U64 if sign == "-" else number
