@@ -199,5 +199,6 @@ def command(
     reporter = make_progress(show_progress and not quiet)
     try:
         convert(list(files[:-1]), files[-1], o, progress=reporter.report)
+        reporter.finish()
     finally:
         reporter.close()
