@@ -228,3 +228,20 @@ def test_create_size_help_value_escaped_comma_is_not_help(qemu_img, tmp_path):
     q, m, qfile, mfile = _both(tmp_path, ["-f", "qcow2", "-o", "size=1k,,help", "FILE"])
     assert (m.returncode, _text(m, mfile)) == (q.returncode, _text(q, qfile))
     assert os.path.exists(qfile) == os.path.exists(mfile)
+
+
+@pytest.mark.parametrize("options", ["preallocation=falloc", "preallocation=falloc,data_file=DATA"])
+def test_create_falloc_past_free_space_fails_in_qemu_img_words(qemu_img, tmp_path, options):
+    import shutil
+
+    if shutil.disk_usage(tmp_path).free >= 3 << 40:
+        pytest.skip("needs a file system with less than 3 TiB free")
+    texts = []
+    for tool in ("q", "m"):
+        d = tmp_path / tool
+        d.mkdir()
+        args = ["create", "-f", "qcow2", "-o", options.replace("DATA", str(d / "data"))]
+        args += [str(d / "t.qcow2"), "3T"]
+        proc = run(["qemu-img", *args], check=False) if tool == "q" else qimg(*args, check=False)
+        texts.append((proc.returncode, _text(proc, d), (d / "t.qcow2").exists()))
+    assert texts[1] == texts[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from qimg.errors import BadOptionError
+from qimg.errors import BadOptionError, ImageIOError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import FileStorage
@@ -259,12 +259,32 @@ def _preallocate(image, mode: str) -> None:
         image.clusters.l2_cache.mark_dirty(l2_offset)
         target = image.data_storage
         end = host + n * cs
-        if mode == "falloc":
-            target.fallocate(host, n * cs)
-        elif mode == "full":
-            write_zeros(target, host, n * cs)
+        try:
+            if mode == "falloc":
+                target.fallocate(host, n * cs)
+            elif mode == "full":
+                write_zeros(target, host, n * cs)
+        except ImageIOError as exc:
+            raise _prealloc_error(exc, mode, has_data_file) from None
         if target.size() < end:
             target.truncate(end)
+
+
+def _prealloc_error(exc: ImageIOError, mode: str, has_data_file: bool) -> ImageIOError:
+    """qcow2_co_truncate's words for a host file that cannot take the data
+    (file-posix's, wrapped once more when the data lives in the image file)."""
+    os_error = exc.__context__
+    if not isinstance(os_error, OSError) or not os_error.strerror:
+        return exc
+    what = (
+        "Could not preallocate new data"
+        if mode == "falloc"
+        else ("Could not write zeros for preallocation")
+    )
+    inner = f"{what}: {os_error.strerror}"
+    if not has_data_file:
+        inner = f"Failed to resize underlying file: {inner}"
+    return ImageIOError(f"Could not resize image: {inner}")
 
 
 def write_zeros(storage, offset: int, length: int) -> None:
