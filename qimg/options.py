@@ -103,8 +103,10 @@ def parse_size(text: str) -> int:
     return value
 
 
-def cvtnum(name: str, text: str) -> int:
-    """qemu-img's cvtnum: a size argument named `name` in its messages."""
+def cvtnum(name: str, text: str, two_lines: bool = True) -> int:
+    """qemu-img's cvtnum: a size argument named `name` in its messages.
+    qemu-img reports bad syntax as two lines; `two_lines=False` joins them
+    (convert's options keep each error on one line)."""
     try:
         return parse_size(text)
     except OverflowError:
@@ -112,9 +114,10 @@ def cvtnum(name: str, text: str) -> int:
             f"Invalid {name} specified. Must be between 0 and {MAX_SIZE}."
         ) from None
     except ValueError:
+        joint = "\nqimg: " if two_lines else " "
         raise BadOptionError(
-            f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n"
-            "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+            f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for{joint}"
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
         ) from None
 
 

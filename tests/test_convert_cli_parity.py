@@ -35,6 +35,8 @@ def _both(tmp, args: list[str]):
         proc = run(["qemu-img", *argv], check=False) if tool == "q" else qimg(*argv, check=False)
         text = proc.stdout + "|" + proc.stderr
         text = text.replace("qemu-img:", "PROG:").replace("qimg:", "PROG:").replace(str(d), "DIR")
+        # qemu-img splits the suffix hint over two lines; qimg's convert keeps one.
+        text = text.replace(" for\nPROG: ", " for ")
         out.append((proc.returncode, text, (d / "new.qcow2").exists()))
     return out
 

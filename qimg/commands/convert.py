@@ -13,7 +13,7 @@ def _sparse_size(ctx, param, value):
 
     if value is None:
         return 4096
-    size = cvtnum("buffer size for sparse output", value)
+    size = cvtnum("buffer size for sparse output", value, two_lines=False)
     if size % 512 or size > 16 << 20:
         raise BadOptionError(
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
@@ -25,7 +25,7 @@ def _sparse_size(ctx, param, value):
 def _rate_limit(ctx, param, value):
     from qimg.options import cvtnum
 
-    return 0 if value is None else cvtnum("rate limit", value)
+    return 0 if value is None else cvtnum("rate limit", value, two_lines=False)
 
 
 def _coroutines(ctx, param, value):

@@ -8,6 +8,7 @@ the ordinary allocator.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -240,6 +241,8 @@ def _preallocate(image, mode: str) -> None:
     clusters = geo.size_to_clusters(image.size)
     per_l2 = geo.l2_size
     has_data_file = image.header.has_data_file
+    if mode in ("falloc", "full"):
+        _check_free_space(image.data_storage, clusters * cs, mode, has_data_file)
     for l1_index in range(-(-clusters // per_l2)):
         first = l1_index * per_l2
         n = min(per_l2, clusters - first)
@@ -268,6 +271,20 @@ def _preallocate(image, mode: str) -> None:
             raise _prealloc_error(exc, mode, has_data_file) from None
         if target.size() < end:
             target.truncate(end)
+
+
+def _check_free_space(storage, nbytes: int, mode: str, has_data_file: bool) -> None:
+    """Fail at once when the file system cannot hold the data, as QEMU's one
+    fallocate of the whole range does, instead of filling it table by table
+    (which would starve every other writer on it until the failure)."""
+    try:
+        st = os.statvfs(storage.path)
+    except (OSError, AttributeError):
+        return
+    if st.f_bavail * st.f_frsize < nbytes:
+        exc = ImageIOError("No space left on device")
+        exc.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise _prealloc_error(exc, mode, has_data_file)
 
 
 def _prealloc_error(exc: ImageIOError, mode: str, has_data_file: bool) -> ImageIOError:
