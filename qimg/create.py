@@ -28,7 +28,7 @@ from qimg.errors import (
     QimgError,
     UnsupportedFeatureError,
 )
-from qimg.options import parse_bool, parse_number, parse_size
+from qimg.options import parse_bool, parse_number, strtosz
 
 
 class OptDesc(NamedTuple):
@@ -123,9 +123,12 @@ def _typed(desc: OptDesc, text: str):
 
 
 def parse_size_option(name: str, text: str) -> int:
+    """QemuOpts' parse_option_size: any value below 2^64."""
     try:
-        return parse_size(text)
-    except (ValueError, OverflowError):
+        return strtosz(text)
+    except OverflowError:
+        raise BadOptionError(f"Value '{text}' is out of range for parameter '{name}'") from None
+    except ValueError:
         raise BadOptionError(
             f"Parameter '{name}' expects a non-negative number below 2^64\n"
             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
@@ -137,20 +140,30 @@ def _escaped(text: str) -> str:
     return text.replace(",", ",,")
 
 
-def formatting_line(path: str, fmt: str, given: dict[str, str], descs) -> str:
+def formatting_line(
+    path: str, fmt: str, given: dict[str, str], descs, typed: dict | None = None
+) -> str:
     """qemu-img's "Formatting ..." line (qemu_opts_print): every option that
-    was given or has a default, sizes and numbers as parsed numbers."""
+    was given or has a default, sizes and numbers as parsed numbers
+    (`typed` holds those already parsed)."""
     parts = [f"Formatting '{path}', fmt={fmt}"]
+    typed = typed or {}
     for d in descs:
         text = given.get(d.name, d.default)
         if text is None:
             continue
         if d.type in ("size", "num") and d.name in given:
-            text = str(_typed(d, text))
+            value = typed[d.name] if d.name in typed else _typed(d, text)
+            text = str(_as_int64(value))
         elif d.type == "str":
             text = _escaped(text)
         parts.append(f"{d.name}={text}")
     return " ".join(parts)
+
+
+def _as_int64(value: int) -> int:
+    """qemu_opts_print shows sizes as int64_t."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def full_backing_filename(path: str, backing: str) -> str:
@@ -161,7 +174,6 @@ def full_backing_filename(path: str, backing: str) -> str:
     if "/" not in path:
         return backing
     return full(path, backing)
-    return os.path.join(os.path.dirname(path), backing)
 
 
 def create(
@@ -188,16 +200,18 @@ def create(
     descs = option_list(fmt)
     by_name = {d.name: d for d in descs}
     given: dict[str, str] = {}
+    typed: dict = {}  # parsed once: a parse may warn (hex with a suffix)
     for key, text in options.items():
         if key not in by_name:
             raise BadOptionError(f"Invalid parameter '{key}'")
-        _typed(by_name[key], text)
+        typed[key] = _typed(by_name[key], text)
         given[key] = text
     if "size" in given:
         if size is not None:
             raise BadOptionError("The image size must be specified only once")
     elif size is not None:
         given["size"] = str(size)
+        typed["size"] = size
     if backing_file is not None:
         if "backing_file" not in by_name:
             raise BadOptionError(f"Backing file not supported for file format '{fmt}'")
@@ -206,14 +220,22 @@ def create(
         if "backing_fmt" not in by_name:
             raise BadOptionError(f"Backing file format not supported for file format '{fmt}'")
         given["backing_fmt"] = backing_fmt
+    if typed.get("size") == (1 << 64) - 1:
+        del given["size"], typed["size"]  # bdrv_img_create's "no size yet" value
     _check_backing(path, given, check_backing)
     if "size" not in given:
         raise BadOptionError("Image creation needs a size parameter")
 
-    line = formatting_line(path, fmt, given, descs)
+    line = formatting_line(path, fmt, given, descs, typed)
     if on_formatting is not None:
         on_formatting(line)
-    values = {k: _typed(by_name[k], v) for k, v in given.items()}
+    values = {k: typed[k] if k in typed else _typed(by_name[k], v) for k, v in given.items()}
+    # The driver's create parses its size options again (QAPI field order).
+    own = {d.name for d in FORMAT_OPTS[fmt]}
+    for key in ("size", "cluster_size"):
+        if key in options and key in own:
+            _typed(by_name[key], options[key])
+    _check_truncate(fmt, values["size"])
     path = file_path  # the Formatting line keeps the name as typed
     if fmt == "raw":
         _create_raw(path, values)
@@ -224,6 +246,24 @@ def create(
         o.validate()
         create_qcow2(path, o)
     return line
+
+
+# QEMU's BDRV_MAX_LENGTH: the largest offset a block request may reach.
+BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
+
+
+def _check_truncate(fmt: str, size: int) -> None:
+    """The checks of the truncate that sets a new image's size (QEMU's
+    bdrv_co_truncate), on the size rounded up to 512 bytes."""
+    rounded = -(-size // 512) * 512
+    if rounded > (1 << 63) - 1:
+        if fmt == "raw":
+            raise ImageIOError("Could not resize file: Invalid argument")
+        raise BadOptionError("Could not resize image: Image size cannot be negative")
+    if fmt != "raw" and rounded > BDRV_MAX_LENGTH:
+        raise BadOptionError(
+            f"Could not resize image: offset({rounded}) exceeds maximum({BDRV_MAX_LENGTH})"
+        )
 
 
 def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> None:

@@ -25,13 +25,22 @@ class PlainProgress:
 
     def report(self, done: int, total: int) -> None:
         pct = 100.0 if total <= 0 else min(100.0, done * 100.0 / total)
-        if self.last is not None and pct - self.last < self.min_skip and pct < 100.0:
-            return
-        if self.last == 100.0 and pct == 100.0:
-            return
-        self.last = pct
-        self.stream.write(f"    ({pct:3.2f}/100%)\r")
-        self.stream.flush()
+        if pct == self.last == 100.0:
+            return  # the engine's end of copy, reported once
+        self._print(pct)
+
+    def _print(self, pct: float) -> None:
+        """qemu_progress_print: a move of more than min_skip either way,
+        and 0 and 100 each time they are reached, are printed."""
+        last = 0.0 if self.last is None else self.last
+        if abs(pct - last) > self.min_skip or pct in (0.0, 100.0) or self.last is None:
+            self.last = pct
+            self.stream.write(f"    ({pct:3.2f}/100%)\r")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """A command that succeeded prints 100% once more (img_convert)."""
+        self._print(100.0)
 
     def close(self) -> None:
         self.stream.write("\n")
@@ -67,12 +76,18 @@ class RichProgress:
     def report(self, done: int, total: int) -> None:
         self._progress.update(self._task, completed=done, total=total)
 
+    def finish(self) -> None:
+        pass
+
     def close(self) -> None:
         self._progress.stop()
 
 
 class NoProgress:
     def report(self, done: int, total: int) -> None:
+        pass
+
+    def finish(self) -> None:
         pass
 
     def close(self) -> None:

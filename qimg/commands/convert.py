@@ -7,42 +7,42 @@ from qimg.commands.common import quiet_option, share_option
 from qimg.errors import BadOptionError
 
 
-def _parsed(default, parse, message: str):
-    """A Click callback: `default` when the option is absent, else
-    `parse(value)`, with qemu-img's `message` when that fails."""
+def _sparse_size(ctx, param, value):
+    """-S: cvtnum, then multiples of 512 up to 16 MiB (qemu-img's checks)."""
+    from qimg.options import cvtnum
 
-    def callback(ctx, param, value):
-        if value is None:
-            return default
-        try:
-            return parse(value)
-        except (ValueError, OverflowError):
-            raise BadOptionError(message) from None
-
-    return callback
-
-
-def _size(text: str) -> int:
-    from qimg.options import parse_size
-
-    return parse_size(text)
+    if value is None:
+        return 4096
+    size = cvtnum("buffer size for sparse output", value, two_lines=False)
+    if size % 512 or size > 16 << 20:
+        raise BadOptionError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output)."
+        )
+    return size
 
 
-_sparse_size = _parsed(
-    4096,
-    _size,
-    "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
-    "512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
-)
-_rate_limit = _parsed(
-    0,
-    _size,
-    "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for "
-    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
-)
-_coroutines = _parsed(
-    8, int, "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-)
+def _rate_limit(ctx, param, value):
+    from qimg.options import cvtnum
+
+    return 0 if value is None else cvtnum("rate limit", value, two_lines=False)
+
+
+def _coroutines(ctx, param, value):
+    """-m: qemu_strtoi, 1 to 16."""
+    from qimg.options import strtoi
+
+    if value is None:
+        return 8
+    try:
+        n = strtoi(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 16:
+        raise BadOptionError(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
+        )
+    return n
 
 
 @click.command("convert")
@@ -143,22 +143,12 @@ def command(
 ) -> None:
     """Convert SOURCE... into TARGET (sources are concatenated)."""
     from qimg.convert import ConvertOptions, convert, parse_snapshot_param
-    from qimg.options import parse_options
+    from qimg.options import has_help_option, parse_options
     from qimg.progress import make_progress
 
     ctx = click.get_current_context()
     sparse_given = ctx.get_parameter_source("sparse") is click.core.ParameterSource.COMMANDLINE
     opts = parse_options(options)
-    if "help" in opts:
-        from qimg.api import FORMATS
-        from qimg.create import options_help
-
-        if out_fmt not in FORMATS:
-            raise BadOptionError(f"Unknown file format '{out_fmt}'")
-        click.echo(options_help(out_fmt, with_protocol=False))
-        return
-    if len(files) < 1:
-        raise BadOptionError("Must specify image file name")
     sid = sname = None
     if snapshot_param is not None:
         sid, sname = parse_snapshot_param(snapshot_param)
@@ -190,10 +180,25 @@ def command(
         salvage=salvage,
     )
     o.validate(max(1, len(files) - 1))
+    # qemu-img's order: the option checks, -n with -o, help, the file names.
+    if skip_create and options:
+        raise BadOptionError("-o has no effect when skipping image creation")
+    if has_help_option(options):
+        from qimg.api import FORMATS
+        from qimg.create import options_help
+
+        if out_fmt not in FORMATS:
+            raise BadOptionError(f"Unknown file format '{out_fmt}'")
+        # The target's protocol options are listed when it is named.
+        click.echo(options_help(out_fmt, with_protocol=len(files) >= 2))
+        return
+    if len(files) < 1:
+        raise BadOptionError("Must specify image file name")
     if len(files) < 2:
         raise BadOptionError("Must specify image file name")
     reporter = make_progress(show_progress and not quiet)
     try:
         convert(list(files[:-1]), files[-1], o, progress=reporter.report)
+        reporter.finish()
     finally:
         reporter.close()

@@ -25,10 +25,10 @@ from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -> None:
     """Create FILENAME of SIZE bytes (suffixes k, M, G, T, P, E)."""
     from qimg import api
-    from qimg.options import parse_image_size, parse_options
+    from qimg.options import has_help_option, parse_image_size, parse_options
 
     opts = parse_options(options)
-    if "help" in opts:
+    if has_help_option(options):
         from qimg.create import options_help
 
         if fmt not in api.FORMATS:

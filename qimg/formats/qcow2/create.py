@@ -8,10 +8,11 @@ the ordinary allocator.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
-from qimg.errors import BadOptionError
+from qimg.errors import BadOptionError, ImageIOError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import FileStorage
@@ -184,9 +185,6 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
         if prealloc != "off":
             _preallocate(image, prealloc)
         image.flush()
-        end = image.refcounts.last_used_cluster() * cs
-        if storage.size() < end:
-            storage.truncate(end)
         if data_storage is not None and data_storage.size() < size:
             data_storage.truncate(size)
     except BaseException:
@@ -243,6 +241,8 @@ def _preallocate(image, mode: str) -> None:
     clusters = geo.size_to_clusters(image.size)
     per_l2 = geo.l2_size
     has_data_file = image.header.has_data_file
+    if mode in ("falloc", "full"):
+        _check_free_space(image.data_storage, clusters * cs, mode, has_data_file)
     for l1_index in range(-(-clusters // per_l2)):
         first = l1_index * per_l2
         n = min(per_l2, clusters - first)
@@ -262,12 +262,46 @@ def _preallocate(image, mode: str) -> None:
         image.clusters.l2_cache.mark_dirty(l2_offset)
         target = image.data_storage
         end = host + n * cs
-        if mode == "falloc":
-            target.fallocate(host, n * cs)
-        elif mode == "full":
-            write_zeros(target, host, n * cs)
+        try:
+            if mode == "falloc":
+                target.fallocate(host, n * cs)
+            elif mode == "full":
+                write_zeros(target, host, n * cs)
+        except ImageIOError as exc:
+            raise _prealloc_error(exc, mode, has_data_file) from None
         if target.size() < end:
             target.truncate(end)
+
+
+def _check_free_space(storage, nbytes: int, mode: str, has_data_file: bool) -> None:
+    """Fail at once when the file system cannot hold the data, as QEMU's one
+    fallocate of the whole range does, instead of filling it table by table
+    (which would starve every other writer on it until the failure)."""
+    try:
+        st = os.statvfs(storage.path)
+    except (OSError, AttributeError):
+        return
+    if st.f_bavail * st.f_frsize < nbytes:
+        exc = ImageIOError("No space left on device")
+        exc.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise _prealloc_error(exc, mode, has_data_file)
+
+
+def _prealloc_error(exc: ImageIOError, mode: str, has_data_file: bool) -> ImageIOError:
+    """qcow2_co_truncate's words for a host file that cannot take the data
+    (file-posix's, wrapped once more when the data lives in the image file)."""
+    os_error = exc.__context__
+    if not isinstance(os_error, OSError) or not os_error.strerror:
+        return exc
+    what = (
+        "Could not preallocate new data"
+        if mode == "falloc"
+        else ("Could not write zeros for preallocation")
+    )
+    inner = f"{what}: {os_error.strerror}"
+    if not has_data_file:
+        inner = f"Failed to resize underlying file: {inner}"
+    return ImageIOError(f"Could not resize image: {inner}")
 
 
 def write_zeros(storage, offset: int, length: int) -> None:

@@ -1,0 +1,127 @@
+"""convert's command line beside qemu-img 7.2: size options, option
+conflicts, -o help and -p output, each judged by running qemu-img."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import qimg, run
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A 1 MiB raw source full of data and an existing 1 MiB qcow2 target
+    (for -n), each once per tool."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(1 << 20))
+    for tool in ("q", "m"):
+        (tmp_path / tool).mkdir()
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / tool / "t.qcow2"), "1M"])
+    return tmp_path
+
+
+def _both(tmp, args: list[str]):
+    """Run `convert ARGS` with both tools; SRC, TGT (new) and EXIST (-n
+    target) name the files. Returns the two results, names made neutral."""
+    out = []
+    for tool in ("q", "m"):
+        d = tmp / tool
+        paths = {"SRC": tmp / "src.raw", "TGT": d / "new.qcow2", "EXIST": d / "t.qcow2"}
+        argv = ["convert", *[str(paths.get(a, a)) for a in args]]
+        proc = run(["qemu-img", *argv], check=False) if tool == "q" else qimg(*argv, check=False)
+        text = proc.stdout + "|" + proc.stderr
+        text = text.replace("qemu-img:", "PROG:").replace("qimg:", "PROG:").replace(str(d), "DIR")
+        # qemu-img splits the suffix hint over two lines; qimg's convert keeps one.
+        text = text.replace(" for\nPROG: ", " for ")
+        out.append((proc.returncode, text, (d / "new.qcow2").exists()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-n", "-o", "cluster_size=4k", "SRC", "EXIST"],
+        ["-n", "-O", "qcow2", "-o", "help", "SRC", "EXIST"],
+        ["-n", "-O", "qcow2", "-o", "?", "SRC", "EXIST"],
+        ["-n", "-B", "base", "-o", "x=y", "SRC", "EXIST"],
+        ["-c", "-n", "-o", "x=y", "SRC", "EXIST"],
+        ["--target-is-zero", "-n", "-o", "x=y"],
+        ["-n", "-o", ""],
+        ["-n", "-o", "a,"],
+        ["-C", "-c", "-O", "qcow2", "-o", "help"],
+        ["--target-is-zero", "-o", "help"],
+        ["--skip-broken-bitmaps", "-n", "-o", "x=y"],
+        ["-m", "0", "-o", "help"],
+        ["-O", "qcow2", "-o", "help=on", "SRC", "TGT"],
+        ["--target-is-zero", "-O", "qcow2", "SRC", "TGT"],
+        ["-O", "qcow2", "-c", "-o", "preallocation=full", "SRC", "TGT"],
+        ["-O", "qcow2", "-C", "-S", "0", "SRC", "TGT"],
+    ],
+)
+def test_convert_option_conflicts_match_qemu_img(qemu_img, images, args):
+    q, m = _both(images, args)
+    assert m == q
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-O", "qcow2", "-o", "?", "SRC"],
+        ["-O", "qcow2", "-o", "cluster_size=64k,help"],
+        ["-O", "qcow2", "-o", "cluster_size=64k,?", "SRC", "TGT"],
+        ["-O", "raw", "-o", "?", "SRC", "TGT"],
+        ["-O", "raw", "-o", "help"],
+    ],
+)
+def test_convert_question_mark_help_lists_qemu_img_options(qemu_img, images, args):
+    (qrc, qtext, qmade), (mrc, mtext, mmade) = _both(images, args)
+
+    def names(text):
+        lines = text.split("|")[0].splitlines()
+        opts = [line.split("=")[0].strip() for line in lines if line.startswith("  ")]
+        return lines[0], [n for n in opts if not n.startswith("encrypt")]
+
+    assert (mrc, names(mtext), mmade) == (qrc, names(qtext), qmade)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-S", "1024.0"],
+        ["-S", "1.5"],
+        ["-S", "1k5"],
+        ["-S", "100"],
+        ["-S", "32M"],
+        ["-S", "99999999999999999999"],
+        ["-S", "8E"],
+        ["-S", "0x10k"],
+        ["-r", "1.5"],
+        ["-r", "8E"],
+        ["-r", "1G"],
+        ["-m", "0x4"],
+        ["-m", "010"],
+        ["-m", "+4"],
+        ["-m", "4k"],
+        ["-m", "17"],
+    ],
+)
+def test_convert_size_and_number_options_match_qemu_img(qemu_img, images, args):
+    q, m = _both(images, ["-O", "qcow2", *args, "SRC", "TGT"])
+    assert m == q
+
+
+def test_convert_progress_lines_when_piped_match_qemu_img(qemu_img, images):
+    outs = []
+    for tool in ("q", "m"):
+        args = ["convert", "-p", "-O", "qcow2", str(images / "src.raw"), str(images / tool / "n")]
+        prog = ["qemu-img"] if tool == "q" else [sys.executable, "-m", "qimg"]
+        proc = subprocess.run(prog + args, capture_output=True, timeout=120)
+        assert proc.returncode == 0
+        outs.append((proc.stdout, proc.stderr))
+    # "    (N.NN/100%)\r" steps on stdout, 100% twice, then a newline.
+    assert outs[1] == outs[0]
+    assert outs[0][0].endswith(b"(100.00/100%)\r    (100.00/100%)\r\n")
