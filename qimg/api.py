@@ -226,6 +226,9 @@ def _open_node(
 
     name = parse_filename(path)
     path, fmt = name.path, fmt or name.fmt
+    if fmt is not None and fmt not in FORMATS:
+        # A backing format read from an image, or one a json: name gives.
+        raise BadOptionError(f"Unknown driver '{fmt}'")
     if not os.path.exists(path):
         raise ImageIOError(f"Could not open '{path}': No such file or directory")
     fmt = fmt or probe_format(path)

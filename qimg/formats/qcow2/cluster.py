@@ -105,31 +105,66 @@ class ClusterMap:
                 _append(out, Extent(UNALLOCATED, pos, chunk_end - pos, 0))
             else:
                 table = self.l2_cache.get(l2)
-                if self.has_data_file:
-                    self._refuse_compressed(l2, table, pos, chunk_end)
+                self._check_entries(l2, table, pos, chunk_end)
                 self._map_l2(table, pos, chunk_end, out)
             pos = chunk_end
         return out
 
-    def _refuse_compressed(self, l2: int, table: np.ndarray, start: int, end: int) -> None:
-        """QEMU's qcow2_get_host_offset: a compressed cluster in an image
-        with an external data file is a corruption, and its mapping an EIO."""
+    def _check_entries(self, l2: int, table: np.ndarray, start: int, end: int) -> None:
+        """The entry checks of QEMU's qcow2_get_host_offset over the clusters
+        of guest [start, end): the first entry that fails one is a
+        corruption (signalled once), and its mapping an EIO at that cluster.
+
+        - a zero flag in a version 2 image;
+        - a compressed cluster in an image with an external data file;
+        - an allocated (normal or zero) cluster whose host offset is not
+          cluster-aligned, or, with an external data file, not the guest
+          offset (data files map guest offsets 1:1).
+        """
         geo = self.geo
         first = geo.offset_to_l2_index(start)
         rows = table[first : geo.offset_to_l2_index(end - 1) + 1]
         entries = rows[:, 0] if geo.extended_l2 else rows
-        hits = np.flatnonzero((entries & _COMPRESSED) != 0)
+        compressed = (entries & _COMPRESSED) != 0
+        zero = ~compressed & ((entries & _ZERO) != 0) if not geo.extended_l2 else None
+        host = entries & _OFFSET_MASK
+        allocated = ~compressed & (host != 0)
+        if self.has_data_file:
+            # Offset 0 is a cluster of the data file where OFLAG_COPIED says so.
+            allocated |= ~compressed & (host == 0) & ((entries & _COPIED) != 0)
+        bad = allocated & ((host & _U64(geo.cluster_size - 1)) != 0)
+        if zero is not None and self.owner.header.version < 3:
+            bad |= zero
+        if self.has_data_file:
+            guest = (np.arange(len(entries), dtype=np.uint64) + _U64(first)) << _U64(
+                geo.cluster_bits
+            )
+            guest += _U64(
+                start >> (geo.cluster_bits + geo.l2_bits) << (geo.cluster_bits + geo.l2_bits)
+            )
+            bad |= compressed | (allocated & (host != guest))
+        hits = np.flatnonzero(bad)
         if not len(hits):
             return
-        index = first + int(hits[0])
-        # C's "%#x" prints 0 as "0".
-        self.owner.signal_corruption(
-            "Compressed cluster entry found in image with external data file "
-            f"(L2 offset: {l2:#x}, L2 index: {index:#x})".replace(": 0x0)", ": 0)")
-        )
+        k = int(hits[0])
+        index = first + k
+        entry, cluster_host = int(entries[k]), int(host[k])
         span_bits = geo.cluster_bits + geo.l2_bits
-        guest = max(start, (start >> span_bits << span_bits) + (index << geo.cluster_bits))
-        raise CorruptImageError("Input/output error", l2, guest_offset=guest)
+        guest_cluster = (start >> span_bits << span_bits) + (index << geo.cluster_bits)
+        where = f"(L2 offset: {_hex(l2)}, L2 index: {_hex(index)})"
+        if entry & L.QCOW_OFLAG_COMPRESSED:
+            message = f"Compressed cluster entry found in image with external data file {where}"
+        elif zero is not None and zero[k] and self.owner.header.version < 3:
+            message = f"Zero cluster entry found in pre-v3 image {where}"
+        elif cluster_host % geo.cluster_size:
+            message = f"Cluster allocation offset {_hex(cluster_host)} unaligned {where}"
+        else:
+            message = (
+                f"External data file host cluster offset {_hex(cluster_host)} does not match "
+                f"guest cluster offset: {_hex(guest_cluster)}, L2 index: {_hex(index)})"
+            )
+        self.owner.signal_corruption(message)
+        raise CorruptImageError("Input/output error", l2, guest_offset=max(start, guest_cluster))
 
     def _map_l2(self, table: np.ndarray, start: int, end: int, out: list[Extent]) -> None:
         geo = self.geo
@@ -593,3 +628,8 @@ def _append(out: list[Extent], ext: Extent) -> None:
                     out[-1] = Extent(prev.kind, prev.offset, prev.length + ext.length, prev.host)
                     return
     out.append(ext)
+
+
+def _hex(value: int) -> str:
+    """C's "%#x": 0 prints as "0"."""
+    return f"{value:#x}" if value else "0"
