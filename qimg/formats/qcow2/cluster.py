@@ -73,14 +73,20 @@ class ClusterMap:
     def _write_l2(self, offset: int, table: np.ndarray) -> None:
         self.owner.write_metadata(offset, encode_l2(table), "l2")
 
-    def l2_offset(self, l1_index: int) -> int:
+    def l2_offset(self, l1_index: int, guest: int | None = None) -> int:
+        """The L2 table of L1 entry `l1_index` (0: none). An unaligned one is
+        a corruption (QEMU's get_cluster_table): signalled, then an EIO at
+        guest offset `guest` (by default where the entry's range starts)."""
         if l1_index >= len(self.l1):
             return 0
         offset = int(self.l1[l1_index]) & L.L1E_OFFSET_MASK
         if offset % self.geo.cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})", offset
+            self.owner.signal_corruption(
+                f"L2 table offset {_hex(offset)} unaligned (L1 index: {_hex(l1_index)})"
             )
+            if guest is None:
+                guest = l1_index << (self.geo.cluster_bits + self.geo.l2_bits)
+            raise CorruptImageError("Input/output error", offset, guest_offset=guest)
         return offset
 
     def write_l1_entry(self, index: int) -> None:
@@ -100,7 +106,7 @@ class ClusterMap:
         while pos < end:
             l1_index = pos >> (geo.cluster_bits + geo.l2_bits)
             chunk_end = min(end, (l1_index + 1) * span)
-            l2 = self.l2_offset(l1_index)
+            l2 = self.l2_offset(l1_index, pos)
             if not l2:
                 _append(out, Extent(UNALLOCATED, pos, chunk_end - pos, 0))
             else:
