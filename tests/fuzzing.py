@@ -808,10 +808,13 @@ def _message(text: str) -> list[str]:
 
 def _error_lines(command: str, stderr: str) -> int:
     """How many lines the error message takes. check's report of each
-    problem found (lines without the program name) is not an error message."""
+    problem found (lines without the program name) is not an error message,
+    nor is a warning printed before it (qemu-img ends some without a newline,
+    so its warning and what follows can share a line)."""
+    lines = _lines(stderr)
     if command == "check":
-        return len(_message(stderr))
-    return len(_lines(stderr))
+        lines = _message(stderr)
+    return len([line for line in lines if "warning: " not in line])
 
 
 def _json(text: str, cwd: Path) -> object:
