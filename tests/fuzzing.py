@@ -807,14 +807,12 @@ def _message(text: str) -> list[str]:
 
 
 def _error_lines(command: str, stderr: str) -> int:
-    """How many lines the error message takes. check's report of each
-    problem found (lines without the program name) is not an error message,
-    nor is a warning printed before it (qemu-img ends some without a newline,
-    so its warning and what follows can share a line)."""
-    lines = _lines(stderr)
-    if command == "check":
-        lines = _message(stderr)
-    return len([line for line in lines if "warning: " not in line])
+    """How many lines the error message takes: the lines that carry the
+    program name (each line of a qemu-img message does), warnings left out.
+    check's report of each problem found, a driver's notice ("qcow2: ...")
+    and hints carry no program name and are not the error message."""
+    del command  # every command's message lines carry the program name
+    return len([line for line in _message(stderr) if not line.startswith("warning: ")])
 
 
 def _json(text: str, cwd: Path) -> object:
