@@ -806,12 +806,11 @@ def _message(text: str) -> list[str]:
     return out
 
 
-def _error_lines(command: str, stderr: str) -> int:
+def _error_lines(stderr: str) -> int:
     """How many lines the error message takes: the lines that carry the
     program name (each line of a qemu-img message does), warnings left out.
     check's report of each problem found, a driver's notice ("qcow2: ...")
     and hints carry no program name and are not the error message."""
-    del command  # every command's message lines carry the program name
     return len([line for line in _message(stderr) if not line.startswith("warning: ")])
 
 
@@ -865,7 +864,7 @@ def judge(command: str, q: Outcome, m: Outcome, qdir: Path, mdir: Path) -> list[
     if m.hung:
         add("both-hang" if q.hung else "qimg-hang", both)
         return out
-    if m.rc != 0 and _error_lines(command, m.stderr) > max(1, _error_lines(command, q.stderr)):
+    if m.rc != 0 and _error_lines(m.stderr) > max(1, _error_lines(q.stderr)):
         add("multi-line-error", both)
     if q.hung or _qemu_broke(q):
         if not q.hung:
