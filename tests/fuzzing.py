@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from conftest import host_data, run  # noqa: E402
-from damage import SNAPSHOT_FIELDS, struct_fields  # noqa: E402
+from damage import HEADER_FIELDS, SNAPSHOT_FIELDS, struct_fields  # noqa: E402
 
 from qimg.formats.qcow2 import layout as L  # noqa: E402
 
@@ -189,39 +189,6 @@ def make_seeds(root: Path) -> dict[str, Path]:
 
 # --- Locations: every mutable field of a seed, by name ---------------------------
 
-HEADER_FIELDS = {
-    **struct_fields(
-        L.HEADER_V2,
-        (
-            "magic",
-            "version",
-            "backing_file_offset",
-            "backing_file_size",
-            "cluster_bits",
-            "size",
-            "crypt_method",
-            "l1_size",
-            "l1_table_offset",
-            "refcount_table_offset",
-            "refcount_table_clusters",
-            "nb_snapshots",
-            "snapshots_offset",
-        ),
-    ),
-    **{
-        name: (L.HEADER_V2_SIZE + where, fmt)
-        for name, (where, fmt) in struct_fields(
-            L.HEADER_V3_EXTRA,
-            (
-                "incompatible_features",
-                "compatible_features",
-                "autoclear_features",
-                "refcount_order",
-                "header_length",
-            ),
-        ).items()
-    },
-}
 EXT_FIELDS = struct_fields(L.HEADER_EXTENSION, ("type", "length"))
 BITMAPS_EXT_FIELDS = struct_fields(
     L.BITMAPS_EXTENSION,
@@ -294,6 +261,8 @@ def read_seed(name: str, directory: Path) -> Seed:
     add = seed.locs.__setitem__
     version = int.from_bytes(seed.data[4:8], "big")
     for fname, (where, fmt) in HEADER_FIELDS.items():
+        if fname == "compression_type":
+            continue  # named below, where header_length leaves room for it
         if version >= 3 or where < L.HEADER_V2_SIZE:
             add(f"header.{fname}", Loc(where, _fmt_width(fmt)))
     header_length = seed.value("header.header_length") if version >= 3 else L.HEADER_V2_SIZE
