@@ -105,7 +105,9 @@ def describe(
             break
         backing = info.get("backing-filename")
         name = resolve_backing_path(name, backing) if backing else None
-        fmt = info.get("backing-filename-format", fmt)
+        # collect_image_info_list: the backing file's format is the one its
+        # parent names, else probed (not the format given for the top).
+        fmt = info.get("backing-filename-format")
     return infos
 
 

@@ -198,8 +198,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         try:
             image = open_image(path, fmt, writable=bool(fix), force_share=force_share)
         except QimgError as exc:
-            if not str(exc).startswith(f"Could not open '{given}'"):
-                exc.args = (f"Could not open '{given}': {exc}",)
+            exc.args = (f"Could not open '{given}': {exc}",)  # bdrv_open's prefix
             raise
         with image:
             raise NoCheckError("This image format does not support checks")
