@@ -243,7 +243,7 @@ def _snapshot_view(image: Driver, sid: str | None, name: str | None) -> Driver:
     if image.format_name != "qcow2":
         raise UnsupportedFeatureError(
             f"Failed to load snapshot: Block format '{image.format_name}' used by device "
-            "'' does not support internal snapshots"
+            "'' does not support temporarily loading internal snapshots"
         )
     from qimg.formats.qcow2.snapshot import open_snapshot_view
 

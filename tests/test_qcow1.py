@@ -151,6 +151,20 @@ def test_info_backing_chain_of_qcow_images_matches_qemu(images, name):
     assert _same(images, "info", "--backing-chain", "--output=json", name)[0] == 0
 
 
+def test_info_backing_chain_probes_backing_file_whose_parent_names_no_format(images):
+    # over.qcow (given as -f qcow) stores no backing format: base.raw is probed.
+    code, _msg, infos = _same(
+        images, "info", "--backing-chain", "--output=json", "-f", "qcow", "over.qcow"
+    )
+    assert code == 0 and infos[1]["format"] == "raw"
+
+
+@pytest.mark.parametrize("name", ("plain.qcow", "base.raw"))
+def test_convert_snapshot_of_format_without_snapshots_is_refused_in_qemus_words(images, name):
+    code, msg, _ = _same(images, "convert", "-l", "snap", "-O", "raw", name, "OUT")
+    assert code == 1 and "temporarily loading" in msg
+
+
 @pytest.mark.parametrize("name", NAMES[:4])
 def test_convert_qcow_to_raw_writes_qemus_bytes(images, name):
     code, _msg, data = _same(images, "convert", "-O", "raw", name, "OUT")
