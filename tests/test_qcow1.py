@@ -303,3 +303,16 @@ def test_damaged_qcow_tables_read_as_qemu_reads(images, tmp_path, case):
     _poke_u64(tmp_path / name, offset, value)
     _same(tmp_path, "convert", "-O", "raw", name, "OUT")
     _same(tmp_path, "convert", "-S", "0", "-O", "raw", name, "OUT")
+
+
+@pytest.mark.parametrize("cluster_size", ("512", "64k"))
+def test_qcow2_image_with_version_1_is_read_as_qcow_as_qemu_reads_it(tmp_path, cluster_size):
+    qemu_in(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o",
+            f"compat=0.10,cluster_size={cluster_size}", "t.qcow2", "1M", check=True)  # fmt: skip
+    qemu_in(tmp_path, "qemu-io", "-c", "write -P 0x41 0 64k", "t.qcow2", check=True)
+    with open(tmp_path / "t.qcow2", "r+b") as f:
+        f.seek(4)
+        f.write((1).to_bytes(4, "big"))
+    for args in (("info", "--output=json"), ("check",), ("convert", "-O", "raw")):
+        tail = ("t.qcow2", "OUT") if args[0] == "convert" else ("t.qcow2",)
+        _same(tmp_path, *args, *tail)
