@@ -316,3 +316,13 @@ def test_qcow2_image_with_version_1_is_read_as_qcow_as_qemu_reads_it(tmp_path, c
     for args in (("info", "--output=json"), ("check",), ("convert", "-O", "raw")):
         tail = ("t.qcow2", "OUT") if args[0] == "convert" else ("t.qcow2",)
         _same(tmp_path, *args, *tail)
+
+
+def test_compressed_qcow2_over_compressed_qcow_converts_to_qemus_bytes(images, tmp_path):
+    shutil.copyfile(images / "compressed.qcow", tmp_path / "compressed.qcow")
+    qemu_in(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
+            "-b", "compressed.qcow", "-F", "qcow", "t.qcow2", check=True)  # fmt: skip
+    writes = [f"write -c -P 0x{i + 1:02x} {i * 8}k 4k" for i in range(40)]
+    qemu_in(tmp_path, "qemu-io", *(a for w in writes for a in ("-c", w)), "t.qcow2", check=True)
+    code, _msg, data = _same(tmp_path, "convert", "-O", "raw", "t.qcow2", "OUT")
+    assert code == 0 and data.count(0x5A) == 32 * 1024

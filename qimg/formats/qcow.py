@@ -11,6 +11,7 @@ convert, as a backing file) but does not create or write them.
 from __future__ import annotations
 
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -153,25 +154,30 @@ class QcowImage(Driver):
         self.cluster_size = header.cluster_size
         self._l2_entries = 1 << header.l2_bits
         # Invariant: holds at most L2_CACHE_TABLES tables, keyed by L2 offset.
+        # A qcow2 image above may read this one from several threads: the
+        # caches are touched under the lock (the reads themselves are not).
         self._l2_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
         self._cluster_cache: tuple[int, bytes] | None = None  # (host offset, data)
 
     # --- mapping --------------------------------------------------------------
 
     def _l2_table(self, l2_offset: int, guest: int) -> tuple[int, ...]:
-        table = self._l2_cache.get(l2_offset)
-        if table is not None:
-            self._l2_cache.move_to_end(l2_offset)
-            return table
+        with self._lock:
+            table = self._l2_cache.get(l2_offset)
+            if table is not None:
+                self._l2_cache.move_to_end(l2_offset)
+                return table
         try:
             raw = self.storage.pread(l2_offset, self._l2_entries * QCOW_L1_ENTRY)
         except ImageIOError:
             # QEMU fails the block status (and the read) of this cluster.
             raise CorruptImageError(_EIO, l2_offset, guest_offset=guest) from None
         table = struct.unpack(f">{self._l2_entries}Q", raw)
-        self._l2_cache[l2_offset] = table
-        if len(self._l2_cache) > L2_CACHE_TABLES:
-            self._l2_cache.popitem(last=False)
+        with self._lock:
+            self._l2_cache[l2_offset] = table
+            if len(self._l2_cache) > L2_CACHE_TABLES:
+                self._l2_cache.popitem(last=False)
         return table
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
@@ -266,8 +272,9 @@ class QcowImage(Driver):
 
         cbits = self.header.cluster_bits
         host = entry & ((1 << (63 - cbits)) - 1)
-        if self._cluster_cache is not None and self._cluster_cache[0] == host:
-            return self._cluster_cache[1]
+        cached = self._cluster_cache  # one read of the attribute: (host, data)
+        if cached is not None and cached[0] == host:
+            return cached[1]
         csize = (entry >> (63 - cbits)) & (self.cluster_size - 1)
         try:
             data = inflate_raw(self.storage.pread(host, csize), self.cluster_size)
