@@ -260,6 +260,9 @@ def _check_target_options(o: ConvertOptions) -> None:
 
     if o.target_format not in FORMATS:
         raise BadOptionError(f"Unknown file format '{o.target_format}'")
+    if o.target_format == "qcow":  # qimg reads qcow (version 1) images only
+        verb = "written" if o.skip_create else "created"
+        raise BadOptionError(f"qcow images can be read but not {verb} by qimg")
     if o.skip_create:
         return
     # Unknown or malformed -o options fail before anything is created

@@ -214,6 +214,15 @@ def test_create_qcow_is_refused_in_one_line_and_writes_nothing(tmp_path):
         assert not (tmp_path / "n.qcow").exists()
 
 
+def test_convert_into_existing_qcow_is_refused_in_one_line_and_writes_nothing(images, tmp_path):
+    shutil.copyfile(images / "plain.qcow", tmp_path / "t.qcow")
+    before = (tmp_path / "t.qcow").read_bytes()
+    proc = qimg_here(tmp_path, "convert", "-n", "-O", "qcow", str(images / "base.raw"), "t.qcow")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["qimg: qcow images can be read but not written by qimg"]
+    assert (tmp_path / "t.qcow").read_bytes() == before
+
+
 def test_qcow_create_options_help_matches_qemu(tmp_path):
     q = qemu_in(tmp_path, "qemu-img", "create", "-f", "qcow", "-o", "help", check=True)
     m = qimg_here(tmp_path, "create", "-f", "qcow", "-o", "help")
