@@ -18,17 +18,13 @@ from qimg.errors import BackingChainError, BadOptionError, ImageIOError, QimgErr
 from qimg.formats.qcow2 import layout as L
 from qimg.storage import FileStorage, Storage
 
-FORMATS = ("qcow2", "raw")
+FORMATS = ("qcow2", "raw", "qcow")
 
 
 def probe_format(path: str) -> str:
-    """'qcow2' where the file starts with the qcow2 magic and a version
-    other than 0, else 'raw'.
-
-    Version 1 is QEMU's older "qcow" format, which qimg does not read: it
-    is taken as qcow2 so that opening it fails rather than reading its
-    metadata as guest data.
-    """
+    """'qcow' where the file starts with the qcow magic and version 1
+    (QEMU's older format), 'qcow2' where it starts with the same magic and
+    another version but 0, else 'raw'."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -40,7 +36,8 @@ def probe_format(path: str) -> str:
         return "raw"
     # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
     # version 0 no driver claims the file and it is raw.
-    return "raw" if int.from_bytes(head[4:], "big") == 0 else "qcow2"
+    version = int.from_bytes(head[4:], "big")
+    return "raw" if version == 0 else "qcow" if version == 1 else "qcow2"
 
 
 def resolve_backing_path(image_path: str, backing: str) -> str:
@@ -183,6 +180,10 @@ class _Node:
                 from qimg.formats.raw import RawImage
 
                 return RawImage(self.storage)
+            if self.fmt == "qcow":
+                from qimg.formats.qcow import QcowImage
+
+                return QcowImage(self.storage, self.header, backing)
             from qimg.formats.qcow2.image import Qcow2Image
 
             image = Qcow2Image(
@@ -243,6 +244,8 @@ def _open_node(
         storage = storage_wrapper(storage)
     if fmt == "raw":
         return _Node(path, fmt, storage, None, None, name.open_backing)
+    if fmt == "qcow":
+        return _qcow_node(path, storage, name.open_backing, not data_file)
     try:
         header = _read_header(storage)
         data_storage = open_data_file(header, writable, force_share, lock) if data_file else None
@@ -252,6 +255,19 @@ def _open_node(
     node = _Node(path, fmt, storage, header, data_storage, name.open_backing)
     node.metadata_only = not data_file
     return node
+
+
+def _qcow_node(path: str, storage: Storage, open_backing: bool, metadata_only: bool) -> _Node:
+    """A qcow (version 1) image: no data file; qimg reads it only (opened
+    writable, as check -r opens it, its driver refuses writes)."""
+    from qimg.formats.qcow import QcowHeader
+
+    try:
+        header = QcowHeader.read(storage, metadata_only)
+    except BaseException:
+        storage.close()
+        raise
+    return _Node(path, "qcow", storage, header, None, open_backing)
 
 
 def _read_header(storage: Storage):
@@ -309,6 +325,8 @@ def create_image(
     """
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
+    if fmt == "qcow":
+        raise BadOptionError("qcow images can be read but not created by qimg")
     from qimg.create import create
 
     return create(

@@ -243,7 +243,7 @@ def _snapshot_view(image: Driver, sid: str | None, name: str | None) -> Driver:
     if image.format_name != "qcow2":
         raise UnsupportedFeatureError(
             f"Failed to load snapshot: Block format '{image.format_name}' used by device "
-            "'' does not support internal snapshots"
+            "'' does not support temporarily loading internal snapshots"
         )
     from qimg.formats.qcow2.snapshot import open_snapshot_view
 
@@ -260,6 +260,9 @@ def _check_target_options(o: ConvertOptions) -> None:
 
     if o.target_format not in FORMATS:
         raise BadOptionError(f"Unknown file format '{o.target_format}'")
+    if o.target_format == "qcow":  # qimg reads qcow (version 1) images only
+        verb = "written" if o.skip_create else "created"
+        raise BadOptionError(f"qcow images can be read but not {verb} by qimg")
     if o.skip_create:
         return
     # Unknown or malformed -o options fail before anything is created

@@ -82,7 +82,24 @@ QCOW2_OPTS = (
 
 RAW_OPTS = (_SIZE,)
 
-FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS}
+# block/qcow.c's create options (for -o help: qimg does not create qcow images).
+QCOW_OPTS = (
+    _SIZE,
+    OptDesc("backing_file", "str", None, "File name of a base image"),
+    OptDesc("backing_fmt", "str", None, "Format of the backing image"),
+    OptDesc(
+        "encryption",
+        "bool",
+        None,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    OptDesc("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes'"),
+    OptDesc(
+        "encrypt.key-secret", "str", None, "ID of the secret that provides the AES encryption key"
+    ),
+)
+
+FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS, "qcow": QCOW_OPTS}
 
 
 def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:

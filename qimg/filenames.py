@@ -31,7 +31,7 @@ __all__ = [
     "parse_filename",
 ]
 
-_FORMATS = ("qcow2", "raw")
+_FORMATS = ("qcow2", "raw", "qcow")
 
 
 class ImageName(NamedTuple):

@@ -25,13 +25,17 @@ def image_info(img: Driver) -> dict:
     # QEMU counts a raw file's length in whole sectors (refresh_total_sectors
     # rounds up): a 1000-byte file is 1024 bytes to qemu-img, as convert
     # copies it.
-    size = img.size if img.format_name == "qcow2" else -(-img.size // 512) * 512
+    size = img.size if img.format_name in ("qcow2", "qcow") else -(-img.size // 512) * 512
     info["virtual-size"] = size
     info["filename"] = img.filename
     if img.format_name == "qcow2":
         info["cluster-size"] = img.geo.cluster_size
+    elif img.format_name == "qcow":
+        info["cluster-size"] = img.cluster_size
     info["format"] = img.format_name
     info["actual-size"] = img.storage.allocated_size()
+    if img.format_name == "qcow":
+        return _qcow_info(img, info)
     if img.format_name == "qcow2":
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
         if h.backing_file:
@@ -45,6 +49,22 @@ def image_info(img: Driver) -> dict:
         info["dirty-flag"] = h.dirty
     else:
         info["dirty-flag"] = False
+    return info
+
+
+def _qcow_info(img, info: dict) -> dict:
+    """The rest of a qcow (version 1) image's info: it has no
+    format-specific data and stores no backing format."""
+    h = img.header
+    if h.backing_file:
+        from qimg.api import resolve_backing_path
+
+        info["full-backing-filename"] = resolve_backing_path(img.filename, h.backing_file)
+    if h.crypt_method:
+        info["encrypted"] = True
+    if h.backing_file:
+        info["backing-filename"] = h.backing_file
+    info["dirty-flag"] = False
     return info
 
 
@@ -85,7 +105,9 @@ def describe(
             break
         backing = info.get("backing-filename")
         name = resolve_backing_path(name, backing) if backing else None
-        fmt = info.get("backing-filename-format", fmt)
+        # collect_image_info_list: the backing file's format is the one its
+        # parent names, else probed (not the format given for the top).
+        fmt = info.get("backing-filename-format")
     return infos
 
 

@@ -195,7 +195,12 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
-        with open_image(path, fmt, writable=bool(fix), force_share=force_share):
+        try:
+            image = open_image(path, fmt, writable=bool(fix), force_share=force_share)
+        except QimgError as exc:
+            exc.args = (f"Could not open '{given}': {exc}",)  # bdrv_open's prefix
+            raise
+        with image:
             raise NoCheckError("This image format does not support checks")
     storage = FileStorage(path, bool(fix), force_share=force_share)
     try:
