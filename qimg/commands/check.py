@@ -20,7 +20,7 @@ _REPAIR = {"leaks": 1, "all": 3}
 @click.option("-r", "--repair", metavar="leaks|all", help="Repair leaks, or all errors.")
 @share_option
 @quiet_option
-@click.argument("filename", required=False)
+@click.argument("filename", nargs=-1, metavar="FILENAME")
 def command(fmt, output, repair, force_share, quiet, filename) -> None:
     """Check FILENAME for consistency; with -r, repair what is found."""
     import sys
