@@ -9,7 +9,7 @@ import pathlib
 import shutil
 
 import pytest
-from conftest import run
+from conftest import host_data, qimg, run
 from test_cli_qemu_parity import console_script
 
 # Each line runs in a scratch directory holding a.qcow2 and b.qcow2 (1 MiB).
@@ -91,3 +91,53 @@ def test_unrecognized_option_names_the_word_qemu_img_names(tmp_path, qemu_img, l
     assert theirs[0] == 1
     assert "unrecognized option" in theirs[2]
     assert ours == theirs
+
+
+def _raw_target_layout(path: pathlib.Path) -> tuple:
+    """What a raw file looks like from outside: qemu-img's map, the host
+    file's data extents, its size and the blocks it takes."""
+    mapped = run(["qemu-img", "map", "--output=json", "-f", "raw", str(path)]).stdout
+    st = path.stat()
+    return mapped, host_data(path), st.st_size, st.st_blocks
+
+
+@pytest.mark.parametrize("mode", ["off", "falloc", "full"])
+@pytest.mark.parametrize("size", ["1M", "1k", "0"])
+def test_raw_create_preallocation_lays_out_the_file_as_qemu_img(tmp_path, qemu_img, mode, size):
+    # qemu's raw driver writes zeros into the first block of a new file (4
+    # KiB, or 512 bytes if the file is smaller) after fallocate too, so
+    # qemu-img map shows data there.
+    paths = {tool: tmp_path / f"{tool}.raw" for tool in ("theirs", "ours")}
+    run(
+        [
+            qemu_img,
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            "-o",
+            f"preallocation={mode}",
+            str(paths["theirs"]),
+            size,
+        ]
+    )
+    qimg("create", "-q", "-f", "raw", "-o", f"preallocation={mode}", paths["ours"], size)
+    assert _raw_target_layout(paths["ours"]) == _raw_target_layout(paths["theirs"])
+
+
+@pytest.mark.parametrize("mode", ["off", "falloc"])
+@pytest.mark.parametrize(
+    "writes", [(), ("write -P 1 1M 64k", "write -z 2M 64k")], ids=["zero", "data"]
+)
+def test_raw_convert_preallocation_lays_out_the_target_as_qemu_img(
+    tmp_path, qemu_img, mode, writes
+):
+    src = tmp_path / "src.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(src), "4M"])
+    for w in writes:
+        run(["qemu-io", "-f", "qcow2", "-c", w, str(src)])
+    paths = {tool: tmp_path / f"{tool}.raw" for tool in ("theirs", "ours")}
+    args = ["convert", "-O", "raw", "-o", f"preallocation={mode}", str(src)]
+    run([qemu_img, *args, str(paths["theirs"])])
+    qimg(*args, paths["ours"])
+    assert _raw_target_layout(paths["ours"]) == _raw_target_layout(paths["theirs"])
