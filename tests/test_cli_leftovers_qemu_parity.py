@@ -56,6 +56,24 @@ OPTION_LINES = [
     ["info", "-f", "qcow2", "-Zx", "a.qcow2"],
     ["info", "--foo=bar", "a.qcow2"],
     ["info", "--foo", "a.qcow2"],
+    ["info", "--force-share=1", "a.qcow2"],
+    ["convert", "--target-is=1", "a.qcow2", "new.raw"],
+    ["info", "--o=json", "a.qcow2"],
+    ["check", "--q", "a.qcow2"],
+    ["create", "--f", "qcow2", "new.qcow2", "1M"],
+    ["convert", "--t", "-n", "a.qcow2", "b.qcow2"],
+    ["convert", "--s", "a.qcow2", "new.raw"],
+]
+
+# getopt_long takes an unambiguous prefix of one of qemu-img's long options.
+ABBREVIATED_LINES = [
+    ["info", "--b", "a.qcow2"],
+    ["info", "--out=json", "a.qcow2"],
+    ["info", "--outp"],
+    ["check", "--rep=leaks", "a.qcow2"],
+    ["check", "--outp", "json", "a.qcow2"],
+    ["convert", "--target-is", "-n", "a.qcow2", "b.qcow2"],
+    ["convert", "--sa", "a.qcow2", "new.raw"],
 ]
 
 
@@ -141,3 +159,9 @@ def test_raw_convert_preallocation_lays_out_the_target_as_qemu_img(
     run([qemu_img, *args, str(paths["theirs"])])
     qimg(*args, paths["ours"])
     assert _raw_target_layout(paths["ours"]) == _raw_target_layout(paths["theirs"])
+
+
+@pytest.mark.parametrize("line", ABBREVIATED_LINES, ids=" ".join)
+def test_abbreviated_long_options_are_taken_as_qemu_img_takes_them(tmp_path, qemu_img, line):
+    theirs, ours = both(tmp_path, qemu_img, line)
+    assert ours == theirs
