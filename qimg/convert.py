@@ -229,6 +229,7 @@ def _open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
 
     try:
+        _need_name(path)
         return open_image(
             path, o.source_format, force_share=o.force_share, cache_unsafe=True, lock=True
         )
@@ -237,6 +238,12 @@ def _open_source(path: str, o: ConvertOptions) -> Driver:
         # which for a file that cannot be opened names it once more.
         exc.args = (f"Could not open '{path}': {exc}",)
         raise
+
+
+def _need_name(path: str) -> None:
+    """An empty file name is refused by QEMU's file driver before any open."""
+    if not path:
+        raise QimgError("The 'file' block driver requires a file name")
 
 
 def _prefix(exc: QimgError, prefix: str) -> None:
@@ -377,6 +384,7 @@ def _open_target(target: str, o: ConvertOptions) -> Driver:
 
     fmt = o.target_format
     try:
+        _need_name(target)
         return open_image(target, fmt, writable=True, cache_unsafe=o.cache == "unsafe")
     except ImageLockedError:
         raise  # already in the words qemu-img prints ("Could not open 'T': ...")

@@ -33,6 +33,11 @@ POSITIONAL_LINES = [
     ["convert", "a.qcow2"],
     ["convert", "a.qcow2", "new.raw"],
     ["convert", "a.qcow2", "b.qcow2", "new.raw"],
+    # An empty file name is one: QEMU's file driver refuses it.
+    ["info", ""],
+    ["check", ""],
+    ["convert", "", "new.raw"],
+    ["convert", "-n", "a.qcow2", ""],
 ]
 
 # getopt's "unrecognized option" names argv[optind - 1]: the whole word
@@ -97,7 +102,7 @@ def both(tmp_path: pathlib.Path, qemu_img: str, line: list[str]) -> tuple[tuple,
     return results[0], results[1]
 
 
-@pytest.mark.parametrize("line", POSITIONAL_LINES, ids=" ".join)
+@pytest.mark.parametrize("line", POSITIONAL_LINES, ids=lambda a: " ".join(map(repr, a)))
 def test_file_name_count_errors_match_qemu_img(tmp_path, qemu_img, line):
     theirs, ours = both(tmp_path, qemu_img, line)
     assert ours == theirs

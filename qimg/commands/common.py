@@ -35,6 +35,8 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
         filename = filename[0] if len(filename) == 1 else None
     if filename is None:
         raise click.UsageError("Expecting one image file name")
+    if not filename:  # QEMU's file driver refuses it before any open
+        raise QimgError("Could not open '': The 'file' block driver requires a file name")
     return filename
 
 
