@@ -186,7 +186,8 @@ def convert(
     qemu-img's progress units: bytes of data to copy (the source's
     allocated data, every byte with sparse_size 0), counted a copy request
     at a time as qemu-img counts them, so that the percentages printed are
-    qemu-img's. A new target is removed again when the copy fails; an existing one (skip_create, -n) is left as it is.
+    qemu-img's. A new target is removed again when the copy fails; an
+    existing one (skip_create, -n) is left as it is.
     """
     o = options or ConvertOptions()
     for key, value in kw.items():
@@ -569,6 +570,19 @@ def _align_data(runs: list[list[int]], align: int, lo: int, hi: int) -> list[lis
             out[-1][1] = e
         else:
             out.append([s, e, kind])
+    return out
+
+
+def _in_sectors(runs) -> list[tuple[int, int, int]]:
+    """(offset, length, kind) extents as qemu-img counts them, in whole
+    sectors (a partial sector at the end of a file belongs to the extent
+    before it). Not merged: each extent is one block-status answer."""
+    out: list[tuple[int, int, int]] = []
+    for s, n, kind in runs:
+        e = -(-(s + n) // 512) * 512
+        s = max(s, out[-1][1]) if out else s
+        if e > s:
+            out.append((s, e, kind))
     return out
 
 
@@ -1040,8 +1054,7 @@ class _Job:
                         self.src, start, end - start, self.o.salvage
                     )
                 )
-            # Not merged: each extent is one of qemu's block-status answers.
-            parts.append((start, end, align, [(s, s + n, k) for s, n, k in runs if n > 0]))
+            parts.append((start, end, align, _in_sectors(runs)))
         return _StatusSource(parts)
 
     def _write(self, offset: int, length: int, data) -> None:

@@ -124,12 +124,20 @@ PROGRESS_SOURCES = {
     "zero.qcow2": ("qcow2", ["write -z 1M 1M"]),
     "sparse.qcow2": ("qcow2", ["write -P 1 5M 64k", "write -z 6M 64k", "write -P 2 7M 512"]),
     "mixed.qcow2": ("qcow2", ["write -P 1 0 4k", "write -P 2 100k 300k", "write -P 3 3M 3M"]),
+    # A raw file whose size is not a multiple of 512, its last 1 MiB data.
+    "odd.raw": ("raw", []),
 }
 
 
 def _progress_source(tmp_path, name: str):
     fmt, writes = PROGRESS_SOURCES[name]
     path = tmp_path / name
+    if name == "odd.raw":
+        with open(path, "wb") as f:
+            f.truncate((7 << 20) + 1000)
+            f.seek(6 << 20)
+            f.write(b"z" * ((1 << 20) + 1000))
+        return path
     run(["qemu-img", "create", "-q", "-f", fmt, str(path), "8M"])
     for w in writes:
         run(["qemu-io", "-f", fmt, "-c", w, str(path)])
