@@ -93,6 +93,11 @@ def usage_error(message: str) -> None:
 def _getopt_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
     """A command's arguments with long options written out, as getopt_long
     reads abbreviations (qimg.commands.getopt), and how they were typed."""
+    if args and args[0].startswith("--") and args[0] != "--":
+        # qemu-img's own long options: --help, --version (and --trace)
+        matches = [n for n in ("help", "version", "trace") if n.startswith(args[0][2:])]
+        if len(matches) == 1 and matches[0] != "trace":
+            return [f"--{matches[0]}", *args[1:]], {}
     command = cli.get_command(None, args[0]) if args and args[0] in COMMANDS else None
     if command is None:
         return args, {}

@@ -170,3 +170,11 @@ def test_raw_convert_preallocation_lays_out_the_target_as_qemu_img(
 def test_abbreviated_long_options_are_taken_as_qemu_img_takes_them(tmp_path, qemu_img, line):
     theirs, ours = both(tmp_path, qemu_img, line)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("word", ["--vers", "--v", "--version"])
+def test_abbreviated_version_option_prints_the_version(tmp_path, qemu_img, word):
+    # Both print their own version line: compared are the outcome and stderr.
+    theirs, ours = both(tmp_path, qemu_img, [word])
+    assert (ours[0], ours[2]) == (theirs[0], theirs[2]) == (0, "")
+    assert "version" in ours[1]
