@@ -178,3 +178,16 @@ def test_abbreviated_version_option_prints_the_version(tmp_path, qemu_img, word)
     theirs, ours = both(tmp_path, qemu_img, [word])
     assert (ours[0], ours[2]) == (theirs[0], theirs[2]) == (0, "")
     assert "version" in ours[1]
+
+
+@pytest.mark.parametrize("args", [["-r", "leaks"], ["-r", "all", "-q"], ["-r", "all", "-f", "raw"]])
+def test_check_repair_of_a_probed_raw_image_warns_as_qemu_img(tmp_path, qemu_img, args):
+    # Opening a probed raw image read-write: QEMU's three-line WARNING, then
+    # "This image format does not support checks" (exit 63).
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    ours = console_script(tmp_path / "bin", "qemu-img")
+    results = [run([prog, "check", *args, str(image)], check=False) for prog in (qemu_img, ours)]
+    theirs, mine = ((p.returncode, p.stdout, p.stderr) for p in results)
+    assert theirs[0] == 63
+    assert mine == theirs
