@@ -90,12 +90,36 @@ def usage_error(message: str) -> None:
     sys.exit(1)
 
 
-def _usage_message(exc: click.UsageError) -> str:
+def _getopt_args(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """A command's arguments with long options written out, as getopt_long
+    reads abbreviations (qimg.commands.getopt), and how they were typed."""
+    if args and args[0].startswith("--") and args[0] != "--":
+        # qemu-img's own long options: --help, --version (and --trace)
+        matches = [n for n in ("help", "version", "trace") if n.startswith(args[0][2:])]
+        if len(matches) == 1 and matches[0] != "trace":
+            return [f"--{matches[0]}", *args[1:]], {}
+    command = cli.get_command(None, args[0]) if args and args[0] in COMMANDS else None
+    if command is None:
+        return args, {}
+    from qimg.commands.getopt import expand
+
+    rest, typed = expand(command, args[1:])
+    return [args[0], *rest], typed
+
+
+def _usage_message(exc: click.UsageError, args: list[str], typed: dict[str, str]) -> str:
     """Click's usage errors in qemu-img's (getopt's) words where they differ."""
-    if isinstance(exc, click.NoSuchOption):
-        return f"unrecognized option '{exc.option_name}'"
-    if isinstance(exc, click.BadOptionUsage) and "requires" in exc.message:
-        return f"missing argument for option '{exc.option_name}'"
+    if isinstance(exc, (click.NoSuchOption, click.BadOptionUsage)):
+        word = None
+        command = cli.get_command(None, args[0]) if args and args[0] in COMMANDS else None
+        if command is not None:
+            from qimg.commands.getopt import unrecognized
+
+            word = unrecognized(command, args[0], args[1:])
+        if word is not None or isinstance(exc, click.NoSuchOption):
+            return f"unrecognized option '{word or exc.option_name}'"
+        if "requires" in exc.message:
+            return f"missing argument for option '{typed.get(exc.option_name, exc.option_name)}'"
     return exc.format_message()
 
 
@@ -123,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     # qimg uses no BLAS: without this, importing numpy starts a pool of
     # OpenBLAS threads, a third of a check's start-up on 2 cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    typed: dict[str, str] = {}
+    typed_args = args  # as typed: messages name words as the user wrote them
     try:
+        if COMPLETE_VAR not in os.environ:
+            args, typed = _getopt_args(args)
         cli.main(args=args, prog_name=prog, complete_var=COMPLETE_VAR, standalone_mode=False)
     except QimgError as exc:
         fail(str(exc), exc.exit_code)
@@ -133,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("Interrupted", 1)
     except click.ClickException as exc:
         if isinstance(exc, click.UsageError):
-            usage_error(_usage_message(exc))
+            usage_error(_usage_message(exc, typed_args, typed))
         fail(exc.format_message(), 1)
     except KeyboardInterrupt:
         fail("Interrupted", 130)

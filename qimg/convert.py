@@ -68,6 +68,10 @@ PLAN_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
 MAX_PLAN_WINDOW = 1 << 50  # the same, across stretches without data (_Job._plan)
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
+# qemu-img convert's progress steps: a block-status request covers at most
+# BDRV_REQUEST_MAX_SECTORS, and each copy request at most IO_BUF_SIZE.
+QEMU_REQUEST_MAX = (2**31 - 1) // 512 * 512
+QEMU_IO_BUF = 2 << 20
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 # Run kinds of the plan.
@@ -179,8 +183,11 @@ def convert(
     Options are those of `ConvertOptions`, given as an object or as keyword
     arguments (e.g. ``target_format="qcow2", compress=True,
     compression_level="fast"``). `progress(done, total)` is called with
-    guest bytes processed. A new target is removed again when the copy
-    fails; an existing one (skip_create, -n) is left as it is.
+    qemu-img's progress units: bytes of data to copy (the source's
+    allocated data, every byte with sparse_size 0), counted a copy request
+    at a time as qemu-img counts them, so that the percentages printed are
+    qemu-img's. A new target is removed again when the copy fails; an
+    existing one (skip_create, -n) is left as it is.
     """
     o = options or ConvertOptions()
     for key, value in kw.items():
@@ -223,6 +230,7 @@ def _open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
 
     try:
+        _need_name(path)
         return open_image(
             path, o.source_format, force_share=o.force_share, cache_unsafe=True, lock=True
         )
@@ -231,6 +239,12 @@ def _open_source(path: str, o: ConvertOptions) -> Driver:
         # which for a file that cannot be opened names it once more.
         exc.args = (f"Could not open '{path}': {exc}",)
         raise
+
+
+def _need_name(path: str) -> None:
+    """An empty file name is refused by QEMU's file driver before any open."""
+    if not path:
+        raise QimgError("The 'file' block driver requires a file name")
 
 
 def _prefix(exc: QimgError, prefix: str) -> None:
@@ -374,6 +388,7 @@ def _open_target(target: str, o: ConvertOptions) -> Driver:
 
     fmt = o.target_format
     try:
+        _need_name(target)
         return open_image(target, fmt, writable=True, cache_unsafe=o.cache == "unsafe")
     except ImageLockedError:
         raise  # already in the words qemu-img prints ("Could not open 'T': ...")
@@ -561,6 +576,46 @@ def _align_data(runs: list[list[int]], align: int, lo: int, hi: int) -> list[lis
     return out
 
 
+def _in_sectors(runs) -> list[tuple[int, int, int]]:
+    """(offset, length, kind) extents as qemu-img counts them, in whole
+    sectors (a partial sector at the end of a file belongs to the extent
+    before it). Not merged: each extent is one block-status answer."""
+    out: list[tuple[int, int, int]] = []
+    for s, n, kind in runs:
+        e = -(-(s + n) // 512) * 512
+        s = max(s, out[-1][1]) if out else s
+        if e > s:
+            out.append((s, e, kind))
+    return out
+
+
+class _StatusSource:
+    """Block status as qemu-img asks for it (bdrv_block_status from a
+    guest offset), from each source's extents: (start, end, alignment,
+    [(start, end, kind)])."""
+
+    def __init__(self, parts: list[tuple[int, int, int, list[tuple[int, int, int]]]]):
+        self.parts = parts
+        self.part = 0
+        self.run = 0
+
+    def status(self, pos: int) -> tuple[int, int]:
+        """(kind, end) of the extent at `pos`, as qemu-img takes it: at most
+        QEMU_REQUEST_MAX long, its unaligned tail cut off when the rest is
+        longer (asked for again)."""
+        while self.parts[self.part][1] <= pos:
+            self.part, self.run = self.part + 1, 0
+        start, end, align, runs = self.parts[self.part]
+        while self.run < len(runs) and runs[self.run][1] <= pos:
+            self.run += 1
+        _s, e, kind = runs[self.run] if self.run < len(runs) else (pos, end, ZERO)
+        n = min(e - pos, QEMU_REQUEST_MAX)
+        tail = (pos - start + n) % align
+        if n > tail:
+            n -= tail
+        return kind, pos + n
+
+
 class _Job:
     """One conversion: plan, produce (thread), write (this thread)."""
 
@@ -570,7 +625,8 @@ class _Job:
         self.o = o
         self.progress = progress
         self.total = src.size
-        self.done = 0
+        self.marks: deque[tuple[int, int]] = deque()  # see _progress_plan
+        self.counted = 0
         self.qcow2 = tgt.format_name == "qcow2"
         self.cluster_size = tgt.geo.cluster_size if self.qcow2 else 512
         self.sparse = o.sparse_size > 0
@@ -589,8 +645,11 @@ class _Job:
             self.grain = 512
         elif self.compress:
             self.grain = self.cluster_size
-        elif not o.skip_create and o.create_options.get("preallocation", "off") != "off":
-            self.grain = 512  # clusters exist already: written in place
+        elif o.skip_create or o.create_options.get("preallocation", "off") != "off":
+            # Clusters may exist already (-n) or do (preallocation): written
+            # in place, at qemu-img's alignment (the target's request
+            # alignment), so what lies past -S's data in a cluster is kept.
+            self.grain = 512
         else:
             self.grain = tgt.geo.subcluster_size if tgt.geo.extended_l2 else self.cluster_size
         s = o.sparse_size or 512
@@ -919,7 +978,8 @@ class _Job:
     def run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._report(0)
+        if self.progress is not None:
+            self.marks, self.counted = self._progress_plan()
         self.compressing_sources = list(_chain(self.src))
         readers = min(READERS, os.cpu_count() or 1)
         self.readers = ThreadPoolExecutor(readers, thread_name_prefix="qimg-convert-read")
@@ -939,10 +999,66 @@ class _Job:
                 self.backing.close()
         self._report(self.total)
 
-    def _report(self, done: int) -> None:
-        self.done = done
-        if self.progress is not None:
-            self.progress(done, self.total)
+    def _report(self, pos: int) -> None:
+        """The copy has reached guest offset `pos`: report each of qemu-img's
+        copy requests that starts before it (qemu-img counts a request as
+        it starts it)."""
+        marks = self.marks
+        while marks and marks[0][0] < pos:
+            self.progress(marks.popleft()[1], self.counted)
+
+    def _progress_plan(self) -> tuple[deque[tuple[int, int]], int]:
+        """(start, bytes counted once the request is started) of each of
+        qemu-img convert's counted copy requests, and their total.
+
+        As qemu-img's convert_iteration_sectors steps through the sources:
+        block status is asked from where it is, up to QEMU_REQUEST_MAX; an
+        extent that ends off the source's alignment (its cluster) gives up
+        its tail, asked for again. A request is at most QEMU_IO_BUF of data
+        (one target cluster with -c, where a shorter extent is read as a
+        whole cluster of data). Data requests (and zero ones with -S 0; not
+        what the target's backing file provides with -B) are counted."""
+        marks: deque[tuple[int, int]] = deque()
+        done = 0
+        cs = self.cluster_size
+        io_buf = cs if self.compress else QEMU_IO_BUF
+        extents = self._extents()
+        pos = next_status = 0
+        kind = ZERO
+        while pos < self.total:
+            if next_status <= pos:
+                kind, next_status = extents.status(pos)
+            n = next_status - pos
+            if kind == DATA or (kind == ZERO and not self.sparse):
+                n = min(n, io_buf)
+            if self.compress:
+                if n < cs:
+                    n, kind = min(cs, self.total - pos), DATA
+                else:
+                    n = n // cs * cs
+            if kind == DATA or (kind == ZERO and not self.sparse):
+                done += n
+                marks.append((pos, done))
+            pos += n
+        return marks, done
+
+    def _extents(self) -> _StatusSource:
+        """qemu-img's block status answers over the sources."""
+        parts = []
+        for i, (start, d) in enumerate(self.src.parts):
+            end = self.src.parts[i + 1][0] if i + 1 < len(self.src.parts) else self.total
+            align = d.geo.cluster_size if d.format_name == "qcow2" else 512
+            if self.backing is not None or self.skip_same_backing:
+                runs = self.src.top_extents(start, end - start)
+            else:
+                runs = (
+                    (s, n, DATA if is_data else ZERO)
+                    for s, n, is_data, _z in _block_status(
+                        self.src, start, end - start, self.o.salvage
+                    )
+                )
+            parts.append((start, end, align, _in_sectors(runs)))
+        return _StatusSource(parts)
 
     def _write(self, offset: int, length: int, data) -> None:
         if data is None:

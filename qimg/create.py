@@ -338,10 +338,11 @@ def _create_raw(path: str, values: dict) -> None:
         except OSError as exc:
             error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
             raise error(f"Could not resize file: {exc.strerror}") from None
-        if prealloc == "off" and size:
-            # QEMU's allocate_first_block: the first block of a new raw file
-            # is written (zeros), so probing its allocation stays cheap.
-            storage.pwrite(0, bytes(min(size, 4096)))
+        if prealloc in ("off", "falloc") and size:
+            # QEMU's allocate_first_block (after fallocate too): the first
+            # block of a new raw file is written (zeros), so probing its
+            # alignment stays cheap: 4 KiB, or a sector if the file is smaller.
+            storage.pwrite(0, bytes(4096 if size >= 4096 else 512))
     except BaseException:
         storage.close()
         if not existed:  # (QEMU leaves the empty file behind)

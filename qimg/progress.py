@@ -11,6 +11,7 @@ layer's side of that callback.
 
 from __future__ import annotations
 
+import struct
 import sys
 from typing import TextIO
 
@@ -23,15 +24,24 @@ class PlainProgress:
         self.min_skip = min_skip
         self.last: float | None = None
 
+    def start(self) -> None:
+        """qemu-img convert's 0% (printed before the sources are opened)."""
+        self._print(0.0)
+
     def report(self, done: int, total: int) -> None:
-        pct = 100.0 if total <= 0 else min(100.0, done * 100.0 / total)
-        if pct == self.last == 100.0:
-            return  # the engine's end of copy, reported once
+        """Print `done` of `total` as qemu-img does (each call is one of
+        its qemu_progress_print calls; see convert's progress callback)."""
+        if total <= 0:
+            pct = 0.0 if done <= 0 else 100.0
+        else:
+            pct = min(100.0, done * 100.0 / total)
         self._print(pct)
 
     def _print(self, pct: float) -> None:
         """qemu_progress_print: a move of more than min_skip either way,
-        and 0 and 100 each time they are reached, are printed."""
+        and 0 and 100 each time they are reached, are printed. QEMU keeps
+        the percentage in a C float: so does this (rounding as %3.2f does)."""
+        pct = struct.unpack("f", struct.pack("f", pct))[0]
         last = 0.0 if self.last is None else self.last
         if abs(pct - last) > self.min_skip or pct in (0.0, 100.0) or self.last is None:
             self.last = pct
@@ -73,6 +83,9 @@ class RichProgress:
         self._task = self._progress.add_task(description, total=None)
         self._progress.start()
 
+    def start(self) -> None:
+        pass
+
     def report(self, done: int, total: int) -> None:
         self._progress.update(self._task, completed=done, total=total)
 
@@ -84,6 +97,9 @@ class RichProgress:
 
 
 class NoProgress:
+    def start(self) -> None:
+        pass
+
     def report(self, done: int, total: int) -> None:
         pass
 

@@ -442,20 +442,7 @@ def test_convert_target_is_zero_skips_zeroing(tmp_path, qemu_img, fmt):
     assert ours == theirs and ours[MiB : MiB + 65536] == bytes(65536)
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        pytest.param(
-            "qcow2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="qimg writes the whole cluster into a qcow2 target; qemu-img "
-                "skips the 4k zero runs after the data (convert.py, not yet fixed)",
-            ),
-        ),
-        "raw",
-    ],
-)
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_convert_target_is_zero_skips_zero_runs_inside_a_cluster(tmp_path, qemu_img, fmt):
     # A cluster with 512 bytes of data: qemu-img writes the first 4k (-S 4k)
     # and leaves the rest of the target's cluster as it was.

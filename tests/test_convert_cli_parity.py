@@ -114,14 +114,90 @@ def test_convert_size_and_number_options_match_qemu_img(qemu_img, images, args):
     assert m == q
 
 
-def test_convert_progress_lines_when_piped_match_qemu_img(qemu_img, images):
+# Progress sources (8 MiB): qemu-io writes into a qcow2 (or a raw file with
+# holes); "zero" ones hold no data, "full" ones nothing else.
+PROGRESS_SOURCES = {
+    "full.raw": ("raw", ["write -P 7 0 8M"]),
+    "zero.raw": ("raw", []),
+    "mixed.raw": ("raw", ["write -P 1 0 4k", "write -P 2 100k 300k", "write -P 3 3M 3M"]),
+    "full.qcow2": ("qcow2", ["write -P 7 0 8M"]),
+    "zero.qcow2": ("qcow2", ["write -z 1M 1M"]),
+    "sparse.qcow2": ("qcow2", ["write -P 1 5M 64k", "write -z 6M 64k", "write -P 2 7M 512"]),
+    "mixed.qcow2": ("qcow2", ["write -P 1 0 4k", "write -P 2 100k 300k", "write -P 3 3M 3M"]),
+    # A raw file whose size is not a multiple of 512, its last 1 MiB data.
+    "odd.raw": ("raw", []),
+}
+
+
+def _progress_source(tmp_path, name: str):
+    fmt, writes = PROGRESS_SOURCES[name]
+    path = tmp_path / name
+    if name == "odd.raw":
+        with open(path, "wb") as f:
+            f.truncate((7 << 20) + 1000)
+            f.seek(6 << 20)
+            f.write(b"z" * ((1 << 20) + 1000))
+        return path
+    run(["qemu-img", "create", "-q", "-f", fmt, str(path), "8M"])
+    for w in writes:
+        run(["qemu-io", "-f", fmt, "-c", w, str(path)])
+    return path
+
+
+def _progress_outputs(tmp_path, args: list[str]) -> list[tuple[int, bytes, bytes]]:
     outs = []
     for tool in ("q", "m"):
-        args = ["convert", "-p", "-O", "qcow2", str(images / "src.raw"), str(images / tool / "n")]
+        target = tmp_path / f"{tool}.out"
         prog = ["qemu-img"] if tool == "q" else [sys.executable, "-m", "qimg"]
-        proc = subprocess.run(prog + args, capture_output=True, timeout=120)
-        assert proc.returncode == 0
-        outs.append((proc.stdout, proc.stderr))
-    # "    (N.NN/100%)\r" steps on stdout, 100% twice, then a newline.
-    assert outs[1] == outs[0]
-    assert outs[0][0].endswith(b"(100.00/100%)\r    (100.00/100%)\r\n")
+        proc = subprocess.run(
+            prog + ["convert", *args, str(target)], capture_output=True, timeout=120
+        )
+        err = proc.stderr.replace(b"qemu-img: ", b"PROG: ").replace(b"qimg: ", b"PROG: ")
+        outs.append((proc.returncode, proc.stdout, err.replace(str(target).encode(), b"TGT")))
+        target.unlink(missing_ok=True)
+    return outs
+
+
+@pytest.mark.parametrize(
+    "source,args",
+    [
+        *[(name, ["-O", fmt]) for name in PROGRESS_SOURCES for fmt in ("raw", "qcow2")],
+        ("mixed.raw", ["-O", "qcow2", "-S", "0"]),
+        ("sparse.qcow2", ["-O", "raw", "-S", "0"]),
+        ("mixed.qcow2", ["-O", "qcow2", "-c"]),
+        ("sparse.qcow2", ["-O", "qcow2", "-c"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_convert_progress_lines_when_piped_match_qemu_img(tmp_path, qemu_img, source, args):
+    # qemu-img counts progress over the data it copies, a copy request at a
+    # time: "    (N.NN/100%)\r" steps on stdout, 100% twice, then a newline.
+    src = _progress_source(tmp_path, source)
+    theirs, ours = _progress_outputs(tmp_path, ["-p", *args, str(src)])
+    assert theirs[0] == 0
+    assert theirs[1].endswith(b"(100.00/100%)\r    (100.00/100%)\r\n") or source.startswith(
+        "zero.qcow2"
+    )
+    assert ours == theirs
+
+
+def test_convert_progress_of_sources_concatenated_matches_qemu_img(tmp_path, qemu_img):
+    srcs = [str(_progress_source(tmp_path, n)) for n in ("mixed.raw", "sparse.qcow2", "full.raw")]
+    theirs, ours = _progress_outputs(tmp_path, ["-p", "-O", "qcow2", *srcs])
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-O", "foo"], ["-n"], ["-O", "qcow2", "-o", "cluster_size=3"], ["-S", "3"], []],
+    ids=" ".join,
+)
+def test_convert_progress_before_a_failure_matches_qemu_img(tmp_path, qemu_img, args):
+    # qemu-img prints 0% once the command line is taken, before it opens
+    # anything; the line ends (newline) when the command ends.
+    src = _progress_source(tmp_path, "zero.raw")
+    theirs, ours = _progress_outputs(tmp_path, ["-p", *args, str(src)])
+    if not args:
+        theirs, ours = _progress_outputs(tmp_path, ["-p", str(tmp_path / "missing")])
+    assert theirs[0] == 1
+    assert ours == theirs

@@ -20,7 +20,7 @@ _REPAIR = {"leaks": 1, "all": 3}
 @click.option("-r", "--repair", metavar="leaks|all", help="Repair leaks, or all errors.")
 @share_option
 @quiet_option
-@click.argument("filename", required=False)
+@click.argument("filename", nargs=-1, metavar="FILENAME")
 def command(fmt, output, repair, force_share, quiet, filename) -> None:
     """Check FILENAME for consistency; with -r, repair what is found."""
     import sys
@@ -37,6 +37,8 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
                 f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
             )
         fix = _REPAIR[repair]
+        if fmt is None:
+            _warn_probed_raw(filename)
     try:
         result = check_file(filename, fmt, fix, force_share)
     except CheckFailed as exc:
@@ -60,3 +62,24 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
 
         sys.stderr.write(relabel("qimg: Check failed") + "\n")
     sys.exit(result.exit_code)
+
+
+def _warn_probed_raw(filename: str) -> None:
+    """QEMU's warning on opening a probed raw image read-write (printed as
+    it is, whatever the program's name, even with -q)."""
+    import sys
+
+    from qimg.api import probe_format
+    from qimg.errors import QimgError
+
+    try:
+        probed = probe_format(filename)
+    except QimgError:
+        return  # the open fails, in its own words
+    if probed == "raw":
+        sys.stderr.write(
+            f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
+            "         Automatically detecting the format is dangerous for raw images, "
+            "write operations on block 0 will be restricted.\n"
+            "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+        )

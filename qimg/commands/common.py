@@ -28,9 +28,15 @@ share_option = click.option(
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 
 
-def need_filename(filename: str | None) -> str:
-    if not filename:
+def need_filename(filename: str | tuple[str, ...] | None) -> str:
+    """The one file name of info and check (qemu-img's `optind != argc - 1`
+    test: none or more than one is the same usage error)."""
+    if isinstance(filename, tuple):
+        filename = filename[0] if len(filename) == 1 else None
+    if filename is None:
         raise click.UsageError("Expecting one image file name")
+    if not filename:  # QEMU's file driver refuses it before any open
+        raise QimgError("Could not open '': The 'file' block driver requires a file name")
     return filename
 
 

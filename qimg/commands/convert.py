@@ -197,8 +197,14 @@ def command(
     if len(files) < 2:
         raise BadOptionError("Must specify image file name")
     reporter = make_progress(show_progress and not quiet)
+    reporter.start()
     try:
         convert(list(files[:-1]), files[-1], o, progress=reporter.report)
-        reporter.finish()
-    finally:
-        reporter.close()
+    except BaseException:
+        # qemu-img ends its progress line after the error message is out.
+        import atexit
+
+        atexit.register(reporter.close)
+        raise
+    reporter.finish()
+    reporter.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import need_filename, quiet_option
+from qimg.commands.common import quiet_option
 from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 
 
@@ -20,13 +20,13 @@ from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 @click.option("-F", "--backing-format", "backing_fmt", metavar="FMT", help="Backing file format.")
 @click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file.")
 @quiet_option
-@click.argument("filename", required=False)
-@click.argument("size", required=False)
-def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -> None:
+@click.argument("args", nargs=-1, metavar="FILENAME [SIZE]")
+def command(fmt, options, backing, backing_fmt, unsafe, quiet, args) -> None:
     """Create FILENAME of SIZE bytes (suffixes k, M, G, T, P, E)."""
     from qimg import api
     from qimg.options import has_help_option, parse_image_size, parse_options
 
+    filename = args[0] if args else None
     opts = parse_options(options)
     if has_help_option(options):
         from qimg.create import options_help
@@ -35,8 +35,12 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, filename, size) -
             raise QimgError(f"Unknown file format '{fmt}'")
         click.echo(options_help(fmt, with_protocol=bool(filename)))
         return
-    filename = need_filename(filename)
-    nbytes = parse_image_size(size) if size is not None else None
+    # qemu-img's order: the file name, the size's syntax, then extra arguments.
+    if filename is None:
+        raise click.UsageError("Expecting image file name")
+    nbytes = parse_image_size(args[1]) if len(args) > 1 else None
+    if len(args) > 2:
+        raise click.UsageError(f"Unexpected argument: {args[2]}")
     echo = None if quiet else click.echo
     try:
         api.create_image(

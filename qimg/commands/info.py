@@ -11,7 +11,7 @@ from qimg.commands.common import format_option, output_option, share_option
 @output_option
 @click.option("--backing-chain", is_flag=True, help="Describe every image of the backing chain.")
 @share_option
-@click.argument("filename", required=False)
+@click.argument("filename", nargs=-1, metavar="FILENAME")
 def command(fmt, output, backing_chain, force_share, filename) -> None:
     """Show the format, size and metadata of FILENAME."""
     from qimg import render
