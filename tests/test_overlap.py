@@ -130,6 +130,7 @@ def _assert_map_matches_tables(img) -> None:
     l2s = sorted({(int(e) & L.L1E_OFFSET_MASK) >> cb for e in img.clusters.l1} - {0})
     blocks = sorted({(int(e) & L.REFT_OFFSET_MASK) >> cb for e in img.refcounts.table} - {0})
     img.overlap_map.sync()
+    assert img.overlap_map.fixed == [r for r in img.metadata_regions() if r[1]]
     assert img.overlap_map.l2s.sorted == l2s
     assert img.overlap_map.blocks.sorted == blocks
 
@@ -145,3 +146,18 @@ def test_a_write_onto_an_l2_table_made_a_moment_before_is_refused(tmp_path):
         with pytest.raises(CorruptImageError, match=r"overlaps with active L2 table\)"):
             img.write_data(newest, [b"z" * 512])
     assert "corrupt: true" in run(["qemu-img", "info", path]).stdout
+
+
+def test_a_moved_refcount_table_and_its_new_blocks_are_in_the_map(tmp_path):
+    path = str(tmp_path / "g.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "32M"])
+    data = bytes(range(256)) * (12 * MiB // 256)
+    with open_image(path, "qcow2", writable=True) as img:
+        img.write(0, b"a" * 512)  # the map is built before the table moves
+        old = img.refcounts.table_offset
+        img.write(512, data)  # 12 MiB of host clusters: past the first table's reach
+        assert img.refcounts.table_offset != old
+        _assert_map_matches_tables(img)
+        assert img.overlap_map.may_overlap(img.refcounts.table_offset, 512, "data")
+    qemu_check_clean(path)
+    assert qemu_read_raw(path, tmp_path)[: 512 + len(data)] == b"a" * 512 + data

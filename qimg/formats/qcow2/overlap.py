@@ -161,7 +161,7 @@ class OverlapMap:
         self.sync()
         end = offset + length
         for r_off, r_len, r_kind in self.fixed:
-            if not ignored(kind, r_kind) and offset < r_off + r_len and r_off < end:
+            if offset < r_off + r_len and r_off < end and not ignored(kind, r_kind):
                 return True
         cb = self.cluster_bits
         first, last = offset >> cb, (end - 1) >> cb
