@@ -54,7 +54,6 @@ class ClusterMap:
         self.has_data_file = has_data_file
         raw = owner.read_metadata(l1_offset, l1_size * L.L1_ENTRY_SIZE) if l1_size else b""
         self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-        self.generation = 0  # bumped whenever an L1 entry gets a new L2 table
         self.l2_cache = TableCache(
             "l2",
             geo.cluster_size,
@@ -268,7 +267,7 @@ class ClusterMap:
         self.l2_cache.put_new(new, table)
         self.l2_cache.dirty.discard(new)
         self.l1[l1_index] = _U64(new | L.QCOW_OFLAG_COPIED)
-        self.generation += 1  # the image's overlap map is stale
+        owner.overlap_map.l2_moved(self.l1, old, new)
         self.write_l1_entry(l1_index)
         if old:
             owner.flush_file()

@@ -104,7 +104,7 @@ class Qcow2Image(Driver):
         # metadata lookups and the shared read state above are taken under
         # this lock; data I/O and decompression run outside it.
         self._read_lock = threading.Lock()
-        self._ol_map: tuple | None = None  # see _overlap_map
+        self._overlap_map = None  # see overlap_map
         self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
         self._signaled_corruption = False  # see signal_corruption
@@ -190,7 +190,26 @@ class Qcow2Image(Driver):
             regions.append((h.snapshots_offset, self._snapshot_table_size(), "snapshot-table"))
         if h.bitmaps_ext is not None and h.bitmaps_ext[1]:
             regions.append((h.bitmaps_ext[2], h.bitmaps_ext[1], "bitmap-directory"))
+        regions.extend(self._inactive_l1_regions())
         return regions
+
+    def _inactive_l1_regions(self) -> list[tuple[int, int, str]]:
+        """QEMU's QCOW2_OL_INACTIVE_L1: each snapshot's L1 table, l1_size
+        entries long (none where the snapshot table cannot be read: such an
+        image is refused at open)."""
+        if not self.header.nb_snapshots:
+            return []
+        from qimg.formats.qcow2.snapshot import read_snapshots
+
+        try:
+            snapshots, _size = read_snapshots(self)
+        except QimgError:
+            return []
+        return [
+            (s.l1_table_offset, s.l1_size * L.L1_ENTRY_SIZE, "inactive-l1")
+            for s in snapshots
+            if s.l1_size
+        ]
 
     def _snapshot_table_size(self) -> int:
         from qimg.formats.qcow2.snapshot import snapshot_table_size
@@ -201,79 +220,32 @@ class Qcow2Image(Driver):
         """QEMU's qcow2_pre_write_overlap_check: refuse a write that would
         land on other metadata, marking the image corrupt.
 
-        A write that misses every region in the cached metadata map
-        (`_overlap_map`) passes at once; anything else is checked in full
-        against the live tables, so a stale map never refuses a write.
+        A write that misses every region in the metadata map
+        (`overlap_map`, kept up to date as tables come and go) passes at
+        once; a hit is confirmed in full against the live tables before the
+        write is refused.
         """
         if length <= 0:
             return
-        if not self._overlaps_cached(offset, length, kind):
+        if not self.overlap_map.may_overlap(offset, length, kind):
             return
         self._check_overlap_full(offset, length, kind)
 
-    def _overlap_map(self) -> tuple:
-        """(key, regions, sorted refcount-block clusters, sorted L2 clusters).
+    @property
+    def overlap_map(self):
+        """The OverlapMap (overlap.py) of this image, made on first use."""
+        if self._overlap_map is None:
+            from qimg.formats.qcow2.overlap import OverlapMap
 
-        Rebuilt when the L1 or refcount table is replaced or changed by the
-        engine (their `generation` counters), or when the header's regions
-        move. Invariant: while the key matches, every metadata cluster the
-        live tables name is in the map.
-        """
-        import numpy as np
-
-        rc, cl, h = self.refcounts, self.clusters, self.header
-        key = (
-            id(rc.table),
-            getattr(rc, "generation", 0),
-            rc.table_offset,
-            rc.table_clusters,
-            id(cl.l1),
-            getattr(cl, "generation", 0),
-            cl.l1_offset,
-            cl.l1_size,
-            h.nb_snapshots,
-            h.snapshots_offset,
-            h.bitmaps_ext,
-        )
-        cached = self._ol_map
-        if cached is not None and cached[0] == key:
-            return cached
-        cb = np.uint64(self.geo.cluster_bits)
-        blocks = (rc.table & np.uint64(L.REFT_OFFSET_MASK)) >> cb
-        l2s = (cl.l1 & np.uint64(L.L1E_OFFSET_MASK)) >> cb
-        # The arrays are kept in the map so that their ids stay unique.
-        self._ol_map = (
-            key,
-            [r for r in self.metadata_regions() if r[1]],
-            sorted(set(blocks[blocks != 0].tolist())),  # not np.unique: it imports numpy.ma
-            sorted(set(l2s[l2s != 0].tolist())),
-            rc.table,
-            cl.l1,
-        )
-        return self._ol_map
-
-    def _overlaps_cached(self, offset: int, length: int, kind: str) -> bool:
-        from bisect import bisect_left
-
-        _key, regions, blocks, l2s, _t, _l1 = self._overlap_map()
-        end = offset + length
-        for r_off, r_len, r_kind in regions:
-            if r_kind != kind and offset < r_off + r_len and r_off < end:
-                return True
-        cb = self.geo.cluster_bits
-        first, last = offset >> cb, (end - 1) >> cb
-        for kind_name, clusters in (("refcount-block", blocks), ("l2", l2s)):
-            if kind == kind_name:
-                continue
-            i = bisect_left(clusters, first)
-            if i < len(clusters) and clusters[i] <= last:
-                return True
-        return False
+            self._overlap_map = OverlapMap(self)
+        return self._overlap_map
 
     def _check_overlap_full(self, offset: int, length: int, kind: str) -> None:
         end = offset + length
+        from qimg.formats.qcow2.overlap import ignored
+
         for r_off, r_len, r_kind in self.metadata_regions():
-            if r_kind == kind or not r_len:
+            if ignored(kind, r_kind) or not r_len:
                 continue
             if offset < r_off + r_len and r_off < end:
                 self._overlap(r_kind, offset)
@@ -333,6 +305,8 @@ class Qcow2Image(Driver):
         h = self.header
         data = h.pack(self.geo.cluster_size)
         h.autoclear_features &= L.QCOW2_AUTOCLEAR_MASK
+        if self._overlap_map is not None:
+            self._overlap_map.invalidate_regions()  # the header may locate new regions
         self.storage.pwrite(0, data.ljust(self.geo.cluster_size, b"\0"))
         self.storage.flush()
 
