@@ -21,6 +21,7 @@ from qimg.errors import CorruptImageError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.cache import TableCache
 from qimg.formats.qcow2.header import Geometry
+from qimg.formats.qcow2.refcount import expand_runs
 
 _U64 = np.uint64
 _OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
@@ -489,13 +490,23 @@ class ClusterMap:
         if len(plain) == 0 and not compressed.any():
             return
         owner.refcounts.blocks.set_dependency(self.l2_cache)
-        for host in plain.tolist():
-            owner.refcounts.free(host, geo.cluster_size)
-        for entry in entries[compressed].tolist():
-            coffset = entry & geo.cluster_offset_mask
-            nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
-            csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-            owner.refcounts.free(coffset, csize)
+        clusters = [(plain >> _U64(geo.cluster_bits)).astype(np.int64)]
+        if compressed.any():
+            first, count = self._compressed_clusters(entries[compressed])
+            clusters.append(expand_runs(first, count))
+        owner.refcounts.change_many(np.concatenate(clusters), -1)
+
+    def _compressed_clusters(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First host cluster and number of host clusters each compressed
+        descriptor's bytes touch (each holds one reference to each)."""
+        geo = self.geo
+        coffset = (entries & _U64(geo.cluster_offset_mask)).astype(np.int64)
+        sectors = (entries >> _U64(geo.csize_shift)) & _U64(geo.csize_mask)
+        nb_sectors = sectors.astype(np.int64) + 1
+        csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
+        first = coffset >> geo.cluster_bits
+        last = (coffset + csize - 1) >> geo.cluster_bits
+        return first, last - first + 1
 
     def write_compressed(self, offset: int, compressed: bytes) -> None:
         """Store one compressed cluster at guest `offset` (cluster aligned)."""
@@ -567,8 +578,42 @@ class ClusterMap:
         self._retype(offset, length, unmap=unmap, zero=True)
 
     def discard_clusters(self, offset: int, length: int, backing: bool) -> None:
-        """Release whole clusters; they read as zeros (backing: zero flag)."""
-        self._retype(offset, length, unmap=True, zero=backing)
+        """Release whole clusters; afterwards they read as zeros.
+
+        QEMU 7.2's discard_in_l2_slice for a discard request: an allocated
+        cluster (data, compressed, or zero with an allocation), or any
+        cluster over a backing file, becomes a zero cluster (version 3;
+        extended L2: entry 0, every subcluster zero) or unallocated
+        (version 2), and its reference is dropped; an unallocated or plain
+        zero cluster without a backing file is left as it is.
+        Ordering: as _retype.
+        """
+        geo = self.geo
+        v3 = self.owner.header.version >= 3
+        dropped = []  # old entries whose references go, freed together at the end
+        for l1_index, start, end in self._chunks(offset, length):
+            if not backing and not self.l2_offset(l1_index):
+                continue  # nothing mapped, nothing to discard
+            l2_offset, table = self.l2_for_write(l1_index)
+            i0 = geo.offset_to_l2_index(start)
+            rows = table[i0 : i0 + ((end - start) >> geo.cluster_bits)]
+            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+            change = (entries & (_OFFSET_MASK | _COMPRESSED)) != 0
+            if self.has_data_file:
+                change |= (entries & _COPIED) != 0
+            if backing:
+                change[:] = True
+            if not change.any():
+                continue
+            if geo.extended_l2:
+                rows[change, 0] = _U64(0)
+                rows[change, 1] = _U64(L.QCOW_L2_BITMAP_ALL_ZEROES)
+            else:
+                rows[change] = _ZERO if v3 else _U64(0)
+            self.l2_cache.mark_dirty(l2_offset)
+            dropped.append(entries[change])
+        if dropped:
+            self._free_entries(np.concatenate(dropped))
 
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
         """Make whole clusters zero or unallocated, releasing their hosts.
@@ -579,6 +624,7 @@ class ClusterMap:
         """
         geo = self.geo
         cb = geo.cluster_bits
+        dropped = []  # old entries whose references go, freed together at the end
         for l1_index, start, end in self._chunks(offset, length):
             if not zero and not self.l2_offset(l1_index):
                 continue  # nothing mapped, nothing to discard
@@ -603,7 +649,9 @@ class ClusterMap:
                 flag = _ZERO if zero else _U64(0)
                 rows[:] = np.where(keep, (entries & (_OFFSET_MASK | _COPIED)) | flag, flag)
             self.l2_cache.mark_dirty(l2_offset)
-            self._free_entries(entries[~keep])
+            dropped.append(entries[~keep])
+        if dropped:
+            self._free_entries(np.concatenate(dropped))
 
 
 def _sliced(buffers: list, lo: int, hi: int) -> list:

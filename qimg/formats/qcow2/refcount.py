@@ -42,6 +42,18 @@ def encode_refcount_block(values: np.ndarray, refcount_order: int) -> bytes:
     return packed.astype(np.uint8).tobytes()
 
 
+def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The indices of runs [starts[i], starts[i]+counts[i]), in order, as one array."""
+    starts = np.asarray(starts, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    # Each run's first output position, then a ramp restarting at each run.
+    firsts = np.cumsum(counts) - counts
+    return np.repeat(starts - firsts, counts) + np.arange(total, dtype=np.int64)
+
+
 class MetadataIO(Protocol):
     """What the refcount layer needs from the image that owns it."""
 
@@ -152,6 +164,15 @@ class Refcounts:
                 return (int(bi) << bits) + int(used[-1]) + 1
         return 0
 
+    def all_counts(self) -> np.ndarray:
+        """Every refcount at once: an array indexed by cluster, covering the
+        clusters up to the end of the last refcount block that exists (every
+        cluster past it has refcount 0), zeros under missing blocks."""
+        present = np.flatnonzero(self.table & np.uint64(L.REFT_OFFSET_MASK))
+        if not len(present):
+            return np.zeros(0, dtype=np.uint64)
+        return self.get_range(0, (int(present[-1]) + 1) << self.geo.refcount_block_bits)
+
     # --- updates -------------------------------------------------------------
 
     def update(self, start: int, count: int, delta: int) -> None:
@@ -199,6 +220,98 @@ class Refcounts:
                     raise QimgError("Reference count overflow")
                 seg += np.uint64(delta)
             self.blocks.mark_dirty(block_offset)
+
+    def change_many(self, clusters: np.ndarray, delta: int) -> None:
+        """Add `delta` to the refcount of each cluster index in `clusters`; an
+        index given k times changes by k * delta.
+
+        Each refcount block touched is visited once. Every count is checked
+        before any changes: an overflow, or a count that would fall below
+        zero or has no block, raises with nothing changed. Raising counts
+        under a missing block creates the block first (as update does).
+        Ordering: as for update; counts falling to 0 join pending_free.
+        """
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if delta == 0 or not len(clusters):
+            return
+        if np.all(clusters[1:] > clusters[:-1]):
+            # Already sorted without repeats (an L2 table's worth of a
+            # sequential allocation): no need to sort.
+            index = clusters
+            steps = np.full(len(index), abs(delta), dtype=np.uint64)
+        else:
+            index, repeats = np.unique(clusters, return_counts=True)
+            steps = repeats.astype(np.uint64) * np.uint64(abs(delta))
+        groups = self._block_groups(index, create=delta > 0)
+        for block_offset, a, b in groups:
+            self._check_change(block_offset, index[a:b], steps[a:b], delta)
+        for block_offset, a, b in groups:
+            block = self.blocks.get(block_offset)
+            local = index[a:b] & ((1 << self.geo.refcount_block_bits) - 1)
+            if delta > 0:
+                block[local] += steps[a:b]
+            else:
+                block[local] -= steps[a:b]
+                self._note_freed(index[a:b][block[local] == 0])
+            self.blocks.mark_dirty(block_offset)
+
+    def change_runs(self, starts: np.ndarray, counts: np.ndarray, delta: int) -> None:
+        """change_many over the clusters of runs [starts[i], starts[i]+counts[i])."""
+        self.change_many(expand_runs(starts, counts), delta)
+
+    def free_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
+        """Drop one reference to every cluster of the runs (see change_many)."""
+        self.change_runs(starts, counts, -1)
+
+    def _block_groups(self, index: np.ndarray, create: bool) -> list[tuple[int, int, int]]:
+        """(block offset, a, b) for each refcount block's share index[a:b] of
+        the sorted cluster indices `index`."""
+        bits = self.geo.refcount_block_bits
+        block_index = index >> bits
+        cuts = np.flatnonzero(np.diff(block_index)) + 1
+        bounds = [0, *cuts.tolist(), len(index)]
+        groups = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            bi = int(block_index[a])
+            block_offset = self._block_offset(bi)
+            if not block_offset:
+                if not create:
+                    raise CorruptImageError(
+                        f"Cannot free cluster {int(index[a]):#x}: it has no refcount block"
+                    )
+                block_offset = self._create_block(bi)
+            groups.append((block_offset, a, b))
+        return groups
+
+    def _check_change(
+        self, block_offset: int, index: np.ndarray, steps: np.ndarray, delta: int
+    ) -> None:
+        """Raise if changing the counts of `index` (one block) by +/-steps
+        would overflow or fall below zero."""
+        block = self.blocks.get(block_offset)
+        values = block[index & ((1 << self.geo.refcount_block_bits) - 1)]
+        if delta > 0:
+            room = np.uint64(self.geo.refcount_max) - values  # never negative
+            if np.any(steps > room):
+                raise QimgError("Reference count overflow")
+            return
+        under = np.flatnonzero(values < steps)
+        if len(under):
+            raise CorruptImageError(
+                f"Cannot decrease refcount below zero (cluster {int(index[under[0]])})"
+            )
+
+    def _note_freed(self, freed: np.ndarray) -> None:
+        """Clusters `freed` (sorted) have just fallen to refcount 0."""
+        if not len(freed):
+            return
+        fbo_cluster = self.free_byte_offset >> self.geo.cluster_bits
+        if self.free_byte_offset and fbo_cluster in freed:
+            # As in update: never pack compressed data into a freed cluster.
+            self.free_byte_offset = 0
+        # The hint is lowered only once the free is durable (frees_committed).
+        lo, hi = self.pending_free
+        self.pending_free = (min(lo, int(freed[0])), max(hi, int(freed[-1]) + 1))
 
     def set_range(self, start: int, count: int, value: int) -> None:
         """Set clusters [start, start+count) to `value` (creating blocks)."""
