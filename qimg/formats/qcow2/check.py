@@ -1106,7 +1106,8 @@ class _Checker:
             )
             l1[index] = 0
             data = b"\0" * 8
-            self.image.write_metadata(l1_offset + index * 8, data, "l1")
+            kind = "l1" if active else "inactive-l1"
+            self.image.write_metadata(l1_offset + index * 8, data, kind)
             if active:
                 self.image.clusters.l1[index] = 0
             res.corruptions_fixed += 1

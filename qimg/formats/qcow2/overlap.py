@@ -30,13 +30,8 @@ from qimg.formats.qcow2 import layout as L
 
 def ignored(kind: str, region: str) -> bool:
     """Whether a write of `kind` may land on a region of kind `region`
-    (QEMU's `ign` mask: a structure is rewritten in place).
-
-    The check's repair rewrites snapshots' L1 tables as kind "l1" (check.py
-    repair_l1); until it names them "inactive-l1", an "l1" write passes
-    over inactive L1 tables too.
-    """
-    return region == kind or (kind == "l1" and region == "inactive-l1")
+    (QEMU's `ign` mask: a structure is rewritten in place)."""
+    return region == kind
 
 
 class ClusterSet:
