@@ -82,6 +82,7 @@ class Qcow2Image(Driver):
             from qimg.formats.qcow2.bitmap import open_bitmaps
 
             open_bitmaps(self)
+        self._overlap_map = None  # see overlap_map; rewrite_header needs it
         if self.writable and header.autoclear_features & ~L.QCOW2_AUTOCLEAR_MASK:
             # Unknown autoclear bits describe data we would not keep up to
             # date: QEMU clears them on a read-write open, and so do we.
@@ -104,7 +105,6 @@ class Qcow2Image(Driver):
         # metadata lookups and the shared read state above are taken under
         # this lock; data I/O and decompression run outside it.
         self._read_lock = threading.Lock()
-        self._overlap_map = None  # see overlap_map
         self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
         self._signaled_corruption = False  # see signal_corruption
