@@ -46,6 +46,13 @@ class Driver:
     def readinto(self, offset: int, buf) -> None:
         raise NotImplementedError
 
+    def read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
+        """Read what this image itself holds of guest [offset, offset+len(view))
+        into `view`; return the (offset, part of view) runs it leaves to its
+        backing file (read_through_chain). A driver without one reads all."""
+        self.readinto(offset, view)
+        return []
+
     def write(self, offset: int, data) -> None:
         raise NotImplementedError
 
@@ -86,3 +93,22 @@ class Driver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_through_chain(image: Driver, offset: int, view: memoryview) -> None:
+    """Guest [offset, offset+len(view)) of `image` read through its backing
+    chain image by image, never recursively (chains may be thousands deep):
+    each image reads what it holds and hands its runs down; past the end of
+    a shorter backing file, and below the last one, the runs read as zeros."""
+    pending = image.read_layer(offset, view)
+    node = image.backing
+    while pending:
+        below: list[tuple[int, memoryview]] = []
+        for off, dst in pending:
+            avail = 0 if node is None else max(0, min(len(dst), node.size - off))
+            if avail < len(dst):
+                dst[avail:] = bytes(len(dst) - avail)
+            if avail:
+                below += node.read_layer(off, dst[:avail])
+        pending = below
+        node = node.backing if node is not None else None

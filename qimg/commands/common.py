@@ -13,7 +13,11 @@ def _output(ctx, param, value):
 
 
 format_option = click.option(
-    "-f", "--format", "fmt", metavar="FMT", help="Image format (qcow2, qcow or raw); probed when omitted."
+    "-f",
+    "--format",
+    "fmt",
+    metavar="FMT",
+    help="Image format (qcow2, qcow or raw); probed when omitted.",
 )
 output_option = click.option(
     "--output", default="human", callback=_output, metavar="human|json", help="Output format."

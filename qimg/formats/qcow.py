@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from qimg.driver import COMPRESSED, DATA, UNALLOCATED, Driver, Extent
+from qimg.driver import COMPRESSED, DATA, UNALLOCATED, Driver, Extent, read_through_chain
 from qimg.errors import (
     CorruptImageError,
     ImageIOError,
@@ -226,25 +226,9 @@ class QcowImage(Driver):
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
-        # A chain of qcow images is walked image by image, not recursively.
-        pending = self._read_layer(offset, view)
-        node = self.backing
-        while pending:
-            below: list[tuple[int, memoryview]] = []
-            for off, dst in pending:
-                avail = 0 if node is None else max(0, min(len(dst), node.size - off))
-                if avail < len(dst):
-                    dst[avail:] = bytes(len(dst) - avail)
-                if not avail:
-                    continue
-                if isinstance(node, QcowImage):
-                    below += node._read_layer(off, dst[:avail])
-                else:
-                    node.readinto(off, dst[:avail])
-            pending = below
-            node = node.backing if isinstance(node, QcowImage) else None
+        read_through_chain(self, offset, view)
 
-    def _read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
+    def read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
         """Read what this image holds of guest [offset, offset+len(view));
         return the (offset, part of view) runs left to its backing file."""
         pending = []

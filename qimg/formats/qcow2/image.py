@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import threading
 
-from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent
+from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent, read_through_chain
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
@@ -320,27 +320,9 @@ class Qcow2Image(Driver):
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
-        # The backing chain is walked image by image, not recursively (a
-        # chain may be thousands of images deep): each qcow2 image reads
-        # what it holds and hands its unallocated runs down.
-        pending = self._read_layer(offset, view)
-        node = self.backing
-        while pending:
-            below: list[tuple[int, memoryview]] = []
-            for off, dst in pending:
-                avail = 0 if node is None else max(0, min(len(dst), node.size - off))
-                if avail < len(dst):
-                    dst[avail:] = bytes(len(dst) - avail)
-                if not avail:
-                    continue
-                if isinstance(node, Qcow2Image):
-                    below += node._read_layer(off, dst[:avail])
-                else:
-                    node.readinto(off, dst[:avail])
-            pending = below
-            node = node.backing if isinstance(node, Qcow2Image) else None
+        read_through_chain(self, offset, view)
 
-    def _read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
+    def read_layer(self, offset: int, view: memoryview) -> list[tuple[int, memoryview]]:
         """Read what this image holds of guest [offset, offset+len(view))
         into `view`; the (offset, part of view) runs left to its backing file."""
         if not len(view):
