@@ -34,10 +34,11 @@ def image_info(img: Driver) -> dict:
         info["cluster-size"] = img.cluster_size
     info["format"] = img.format_name
     info["actual-size"] = img.storage.allocated_size()
-    if img.format_name == "qcow":
-        return _qcow_info(img, info)
     if img.format_name == "qcow2":
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+    if img.format_name in ("qcow", "qcow2"):
+        # qcow (version 1) has no format-specific data and no dirty bit.
+        h = img.header
         if h.backing_file:
             from qimg.api import resolve_backing_path
 
@@ -46,25 +47,7 @@ def image_info(img: Driver) -> dict:
             info["encrypted"] = True
         if h.backing_file:
             info["backing-filename"] = h.backing_file
-        info["dirty-flag"] = h.dirty
-    else:
-        info["dirty-flag"] = False
-    return info
-
-
-def _qcow_info(img, info: dict) -> dict:
-    """The rest of a qcow (version 1) image's info: it has no
-    format-specific data and stores no backing format."""
-    h = img.header
-    if h.backing_file:
-        from qimg.api import resolve_backing_path
-
-        info["full-backing-filename"] = resolve_backing_path(img.filename, h.backing_file)
-    if h.crypt_method:
-        info["encrypted"] = True
-    if h.backing_file:
-        info["backing-filename"] = h.backing_file
-    info["dirty-flag"] = False
+    info["dirty-flag"] = img.format_name == "qcow2" and bool(img.header.dirty)
     return info
 
 
