@@ -3,9 +3,12 @@ tools side by side in one directory and compare what they print."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
+import subprocess
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -23,6 +26,27 @@ def qimg_in(cwd: Path, *args: str, check: bool = False, **kw):
     env = dict(kw.pop("env", None) or os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, env.get("PYTHONPATH")]))
     return run([sys.executable, "-m", "qimg", *map(str, args)], check=check, cwd=cwd, env=env, **kw)
+
+
+def qimg_here(d: Path, *args: str) -> subprocess.CompletedProcess:
+    """The qimg command line run in this process from directory `d` (a
+    subprocess per command would make these tests slow): exit code, stdout
+    and stderr as a user would see them."""
+    from qimg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def qemu_in(cwd: Path, tool: str, *args: str, check: bool = False, **kw):

@@ -10,13 +10,9 @@ opens the image, on the info JSON and the data read back.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +24,7 @@ from damage import (
     set_header_extensions,
     set_header_field,
 )
-from infotools import human_facts, message, qemu_in, without_actual_size
+from infotools import human_facts, message, qemu_in, qimg_here, without_actual_size
 
 from qimg.formats.qcow2 import layout as L
 
@@ -61,27 +57,6 @@ def _base(d: Path, name: str = "t.qcow2") -> Path:
     assert _BASE is not None
     shutil.copyfile(_BASE, d / name)
     return d / name
-
-
-def qimg_here(d: Path, *args: str) -> subprocess.CompletedProcess:
-    """The qimg command line run in this process from directory `d` (a
-    subprocess per command would make these tests slow): exit code, stdout
-    and stderr as a user would see them."""
-    from qimg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _outcome(d: Path, label: str, name: str, cmd: str, fmt: tuple[str, ...]) -> tuple:

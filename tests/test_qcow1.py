@@ -9,16 +9,12 @@ the data convert writes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from infotools import human_facts, message, qemu_in, without_actual_size
+from infotools import human_facts, message, qemu_in, qimg_here, without_actual_size
 
 from qimg.formats.qcow import QCOW_HEADER
 
@@ -28,26 +24,6 @@ FIELDS = (
     "magic version backing_file_offset backing_file_size mtime size"
     " cluster_bits l2_bits padding crypt_method l1_table_offset"
 ).split()
-
-
-def qimg_here(d: Path, *args: str) -> subprocess.CompletedProcess:
-    """The qimg command line run in this process from directory `d` (a
-    subprocess per command would make these tests slow)."""
-    from qimg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
