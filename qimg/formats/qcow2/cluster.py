@@ -586,54 +586,37 @@ class ClusterMap:
         extended L2: entry 0, every subcluster zero) or unallocated
         (version 2), and its reference is dropped; an unallocated or plain
         zero cluster without a backing file is left as it is.
-        Ordering: as _retype.
+        Ordering: as _rewrite_rows.
         """
         geo = self.geo
         v3 = self.owner.header.version >= 3
-        dropped = []  # old entries whose references go, freed together at the end
-        for l1_index, start, end in self._chunks(offset, length):
-            if not backing and not self.l2_offset(l1_index):
-                continue  # nothing mapped, nothing to discard
-            l2_offset, table = self.l2_for_write(l1_index)
-            i0 = geo.offset_to_l2_index(start)
-            rows = table[i0 : i0 + ((end - start) >> geo.cluster_bits)]
-            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+
+        def rewrite(rows: np.ndarray, entries: np.ndarray) -> np.ndarray | None:
             change = (entries & (_OFFSET_MASK | _COMPRESSED)) != 0
             if self.has_data_file:
                 change |= (entries & _COPIED) != 0
             if backing:
                 change[:] = True
             if not change.any():
-                continue
+                return None
             if geo.extended_l2:
                 rows[change, 0] = _U64(0)
                 rows[change, 1] = _U64(L.QCOW_L2_BITMAP_ALL_ZEROES)
             else:
                 rows[change] = _ZERO if v3 else _U64(0)
-            self.l2_cache.mark_dirty(l2_offset)
-            dropped.append(entries[change])
-        if dropped:
-            self._free_entries(np.concatenate(dropped))
+            return change
+
+        self._rewrite_rows(offset, length, backing, rewrite)
 
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
         """Make whole clusters zero or unallocated, releasing their hosts.
 
-        Ordering: the new entries go into the cached L2 table first; the
-        references are dropped after (_free_entries), with the refcount
-        cache depending on the L2 cache.
+        Ordering: as _rewrite_rows.
         """
         geo = self.geo
-        cb = geo.cluster_bits
-        dropped = []  # old entries whose references go, freed together at the end
-        for l1_index, start, end in self._chunks(offset, length):
-            if not zero and not self.l2_offset(l1_index):
-                continue  # nothing mapped, nothing to discard
-            l2_offset, table = self.l2_for_write(l1_index)
-            i0 = geo.offset_to_l2_index(start)
-            n = (end - start) >> cb
-            rows = table[i0 : i0 + n]
-            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
-            keep = np.zeros(n, dtype=bool)
+
+        def rewrite(rows: np.ndarray, entries: np.ndarray) -> np.ndarray:
+            keep = np.zeros(len(entries), dtype=bool)
             if not unmap and not self.has_data_file:
                 keep = (
                     ((entries & _COPIED) != 0)
@@ -648,8 +631,34 @@ class ClusterMap:
             else:
                 flag = _ZERO if zero else _U64(0)
                 rows[:] = np.where(keep, (entries & (_OFFSET_MASK | _COPIED)) | flag, flag)
+            return ~keep
+
+        self._rewrite_rows(offset, length, zero, rewrite)
+
+    def _rewrite_rows(self, offset: int, length: int, all_tables: bool, rewrite) -> None:
+        """Apply `rewrite(rows, entries)` to the L2 rows of the whole clusters
+        of [offset, offset+length): it changes `rows` in place and returns
+        the mask of the old `entries` whose references go (None: it changed
+        nothing). Unallocated L2 tables are skipped unless `all_tables`.
+
+        Ordering: the new entries go into the cached L2 table first; the
+        references are dropped after, all together (_free_entries), with the
+        refcount cache depending on the L2 cache.
+        """
+        geo = self.geo
+        dropped = []
+        for l1_index, start, end in self._chunks(offset, length):
+            if not all_tables and not self.l2_offset(l1_index):
+                continue  # nothing mapped, nothing to change
+            l2_offset, table = self.l2_for_write(l1_index)
+            i0 = geo.offset_to_l2_index(start)
+            rows = table[i0 : i0 + ((end - start) >> geo.cluster_bits)]
+            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+            gone = rewrite(rows, entries)
+            if gone is None:
+                continue
             self.l2_cache.mark_dirty(l2_offset)
-            dropped.append(entries[~keep])
+            dropped.append(entries[gone])
         if dropped:
             self._free_entries(np.concatenate(dropped))
 
