@@ -247,42 +247,27 @@ def find_snapshot(image, snapshot_id: str | None, name: str | None) -> Snapshot:
 
 
 def open_snapshot_view(image, snapshot_id: str | None, name: str | None):
-    """A read-only driver over an internal snapshot of `image`: the image's
-    files and backing chain, mapped through the snapshot's L1 table.
+    """A read-only driver over an internal snapshot of `image`: the same
+    image mapped through the snapshot's L1 table (Qcow2Image.over_l1), as
+    long as the image's current virtual size (qemu-img convert -l).
 
-    The view shares `image`'s storage and caches except the L2 cache;
-    closing it does nothing (close `image` instead).
+    Closing the view closes nothing of `image`'s (close `image` instead).
     """
-    from qimg.formats.qcow2.cluster import ClusterMap
-    from qimg.formats.qcow2.image import Qcow2Image
-
     snap = find_snapshot(image, snapshot_id, name)
-    geo = image.geo
+    validate_l1(image, snap, "Failed to read l1 table for snapshot")
+    return image.over_l1(snap.l1_table_offset, snap.l1_size)
+
+
+def validate_l1(image, snap: Snapshot, read_error: str) -> None:
+    """QEMU's qcow2_validate_table on a snapshot's L1 table: no bound by
+    the file's size (past its end the table reads as zeros)."""
     if snap.l1_size * L.L1_ENTRY_SIZE > L.QCOW_MAX_L1_SIZE:
         raise InvalidImageError("Snapshot L1 table too large")
-    # qcow2_validate_table: no bound by the file's size; past its end the
-    # table reads as zeros.
     l1_bytes = snap.l1_size * L.L1_ENTRY_SIZE
-    if snap.l1_table_offset % geo.cluster_size or snap.l1_table_offset + l1_bytes > (1 << 63) - 1:
-        raise CorruptImageError("Snapshot L1 table offset invalid", snap.l1_table_offset)
+    offset = snap.l1_table_offset
+    if offset % image.geo.cluster_size or offset + l1_bytes > L.INT64_MAX:
+        raise CorruptImageError("Snapshot L1 table offset invalid", offset)
     try:
-        check_request(snap.l1_table_offset, l1_bytes)
+        check_request(offset, l1_bytes)
     except ImageIOError:
-        raise ImageIOError("Failed to read l1 table for snapshot") from None
-
-    class SnapshotView(Qcow2Image):
-        def close(self) -> None:
-            # The files belong to `image`; only the view's own pool goes.
-            pool = self.__dict__.get("_decompressor")
-            if pool is not None and pool is not image.__dict__.get("_decompressor"):
-                pool.close()
-            self._decompressor = None
-
-    view = SnapshotView.__new__(SnapshotView)
-    view.__dict__.update(image.__dict__)
-    view.writable = False
-    view.size = snap.disk_size if snap.disk_size is not None else image.size
-    view.clusters = ClusterMap(
-        image, geo, snap.l1_table_offset, snap.l1_size, image.header.has_data_file
-    )
-    return view
+        raise ImageIOError(read_error) from None
