@@ -406,14 +406,9 @@ class Qcow2Image(Driver):
         (QEMU's qcow2_parse_compressed_l2_entry). Not clamped to the end of
         the file: QEMU decompresses what lies there as zeros, and a stream
         cut short may still fill its cluster from them."""
-        geo = self.geo
-        spans = []
-        for entry in entries:
-            coffset = entry & geo.cluster_offset_mask
-            nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
-            csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-            spans.append((coffset, coffset + csize))
-        return spans
+        from qimg.formats.qcow2.entries import compressed_span
+
+        return [compressed_span(entry, self.geo) for entry in entries]
 
     def _read_runs(self, buf: memoryview, spans: list, runs: list) -> list[memoryview]:
         """Each span's bytes as a view into `buf`, filled with one read per run."""
