@@ -655,6 +655,12 @@ class ClusterMap:
 
         self._rewrite_rows(offset, length, backing, rewrite)
 
+    def discard_full(self, offset: int, length: int) -> None:
+        """QEMU's qcow2_cluster_discard with full_discard (a shrink): whole
+        clusters [offset, offset+length) become unallocated, whatever they
+        were, and their references are dropped. Ordering: as _rewrite_rows."""
+        self._retype(offset, length, unmap=True, zero=False)
+
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
         """Make whole clusters zero or unallocated, releasing their hosts.
 
