@@ -42,20 +42,3 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
     if not filename:  # QEMU's file driver refuses it before any open
         raise QimgError("Could not open '': The 'file' block driver requires a file name")
     return filename
-
-
-def open_for_command(filename, fmt, *, writable=False, force_share=False, backing=True, **kw):
-    """open_image with qemu-img's "Could not open 'X': ..." wrapping."""
-    from qimg.api import open_image
-
-    filename = need_filename(filename)
-    try:
-        return open_image(
-            filename, fmt, writable=writable, force_share=force_share, backing=backing, **kw
-        )
-    except QimgError as exc:
-        msg = str(exc)
-        prefix = f"Could not open '{filename}': "
-        if not msg.startswith(prefix):
-            exc.args = (prefix + msg,)
-        raise

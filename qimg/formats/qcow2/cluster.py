@@ -508,10 +508,6 @@ class ClusterMap:
         last = (coffset + csize - 1) >> geo.cluster_bits
         return first, last - first + 1
 
-    def write_compressed(self, offset: int, compressed: bytes) -> None:
-        """Store one compressed cluster at guest `offset` (cluster aligned)."""
-        self.write_compressed_many(offset, [compressed])
-
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from
         `offset` (cluster aligned) on.
