@@ -86,6 +86,11 @@ class Storage(abc.ABC):
     def close(self) -> None:
         """Release the storage and its locks; idempotent."""
 
+    def available_space(self) -> int | None:
+        """Bytes the host can still take (for a quick refusal of a
+        preallocation that cannot fit); None where unknown (this default)."""
+        return None
+
     def lock(  # noqa: B027 (a deliberate no-op default)
         self,
         writable: bool,
@@ -238,6 +243,13 @@ class FileStorage(Storage):
             return os.fstat(self._fd).st_blocks * 512
         except OSError as exc:
             raise _os_error(self.path, "stat", exc) from None
+
+    def available_space(self) -> int | None:
+        try:
+            st = os.fstatvfs(self._fd)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def truncate(self, size: int) -> None:
         """file-posix's truncate, in its words ("Could not resize file");

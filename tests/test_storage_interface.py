@@ -182,3 +182,17 @@ def test_a_directory_is_refused_in_qemu_img_words(tmp_path, args):
     assert (m.returncode, m.stdout) == (q.returncode, q.stdout)
     assert message(m.stderr, "qimg") == message(q.stderr, "qemu-img")
     assert not (tmp_path / "out.raw").exists()
+
+
+def test_preallocation_past_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """The free-space test asks the storage (no path operation outside it);
+    the create fails at once and removes what it made."""
+    from qimg.api import create_image
+    from qimg.errors import ImageIOError
+
+    monkeypatch.setattr(FileStorage, "available_space", lambda self: 4096)
+    target = tmp_path / "big.qcow2"
+    with pytest.raises(ImageIOError) as err:
+        create_image(str(target), "qcow2", 64 * MiB, {"preallocation": "falloc"})
+    assert str(err.value).endswith("Could not preallocate new data: No space left on device")
+    assert not target.exists()

@@ -270,11 +270,8 @@ def _check_free_space(storage, nbytes: int, mode: str, has_data_file: bool) -> N
     """Fail at once when the file system cannot hold the data, as QEMU's one
     fallocate of the whole range does, instead of filling it table by table
     (which would starve every other writer on it until the failure)."""
-    try:
-        st = os.statvfs(storage.path)
-    except (OSError, AttributeError):
-        return
-    if st.f_bavail * st.f_frsize < nbytes:
+    free = storage.available_space()
+    if free is not None and free < nbytes:
         exc = ImageIOError("No space left on device")
         exc.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise _prealloc_error(exc, mode, has_data_file)
