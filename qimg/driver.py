@@ -17,8 +17,6 @@ ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
 UNALLOCATED = 2  # falls through to the backing file, or reads as zeros
 COMPRESSED = 3  # one compressed cluster (host = the raw L2 entry)
 
-KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
-
 
 class Extent(NamedTuple):
     """One run of `block_status`: guest [offset, offset+length) of one kind."""

@@ -12,7 +12,6 @@ import numpy as np
 from qimg.driver import (  # noqa: F401  (re-exported)
     COMPRESSED,
     DATA,
-    KIND_NAMES,
     UNALLOCATED,
     ZERO,
     Extent,
