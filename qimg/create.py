@@ -15,15 +15,12 @@ The steps and their order decide which error a user sees, and whether the
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 from qimg.errors import (
     BackingChainError,
     BadOptionError,
-    FileTooLargeError,
     ImageIOError,
     QimgError,
     UnsupportedFeatureError,
@@ -300,7 +297,7 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
         if not backing_fmt:
             raise BadOptionError("Backing file specified without backing format")
         return
-    from qimg.api import open_image
+    from qimg.opening import open_image
 
     full = full_backing_filename(path, backing)
     try:
@@ -318,14 +315,14 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
 
 
 def _create_raw(path: str, values: dict) -> None:
-    from qimg.storage import FileStorage
+    from qimg.storage import create_storage, delete_storage, storage_exists
 
     prealloc = values.get("preallocation", "off")
     if prealloc not in ("off", "falloc", "full"):
         raise BadOptionError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     size = -(-values["size"] // 512) * 512
-    existed = os.path.lexists(path)
-    storage = FileStorage(path, create=True)
+    existed = storage_exists(path)
+    storage = create_storage(path)
     try:
         if prealloc == "falloc":
             storage.fallocate(0, size)
@@ -333,11 +330,7 @@ def _create_raw(path: str, values: dict) -> None:
             from qimg.formats.qcow2.create import write_zeros
 
             write_zeros(storage, 0, size)
-        try:
-            os.ftruncate(storage.fd, size)
-        except OSError as exc:
-            error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
-            raise error(f"Could not resize file: {exc.strerror}") from None
+        storage.truncate(size)
         if prealloc in ("off", "falloc") and size:
             # QEMU's allocate_first_block (after fallocate too): the first
             # block of a new raw file is written (zeros), so probing its
@@ -346,6 +339,6 @@ def _create_raw(path: str, values: dict) -> None:
     except BaseException:
         storage.close()
         if not existed:  # (QEMU leaves the empty file behind)
-            os.unlink(path)
+            delete_storage(path)
         raise
     storage.close()

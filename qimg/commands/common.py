@@ -44,23 +44,6 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
     return filename
 
 
-def open_for_command(filename, fmt, *, writable=False, force_share=False, backing=True, **kw):
-    """open_image with qemu-img's "Could not open 'X': ..." wrapping."""
-    from qimg.api import open_image
-
-    filename = need_filename(filename)
-    try:
-        return open_image(
-            filename, fmt, writable=writable, force_share=force_share, backing=backing, **kw
-        )
-    except QimgError as exc:
-        msg = str(exc)
-        prefix = f"Could not open '{filename}': "
-        if not msg.startswith(prefix):
-            exc.args = (prefix + msg,)
-        raise
-
-
 def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
     """open_image for commands that take one image to change (resize,
     amend): with `image_opts`, `filename` is qemu-img's --image-opts option
@@ -94,13 +77,11 @@ def _image_opts_name(text: str) -> str:
 
 
 def warn_probed_raw(filename: str) -> None:
-    """QEMU's warning on opening a probed raw image read-write (printed as
-    it is, whatever the program's name, even with -q)."""
+    """QEMU's warning on opening a probed raw image read-write."""
     import sys
 
-    sys.stderr.write(
-        f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-        "         Automatically detecting the format is dangerous for raw images, "
-        "write operations on block 0 will be restricted.\n"
-        "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-    )
+    from qimg.api import probed_raw_warning
+
+    warning = probed_raw_warning(filename)
+    if warning:
+        sys.stderr.write(warning)

@@ -12,7 +12,6 @@ import numpy as np
 from qimg.driver import (  # noqa: F401  (re-exported)
     COMPRESSED,
     DATA,
-    KIND_NAMES,
     UNALLOCATED,
     ZERO,
     Extent,
@@ -508,9 +507,6 @@ class ClusterMap:
             clusters.append(expand_runs(first, count))
         owner.refcounts.change_many(np.concatenate(clusters), -1)
 
-    def write_compressed(self, offset: int, compressed: bytes) -> None:
-        """Store one compressed cluster at guest `offset` (cluster aligned)."""
-        self.write_compressed_many(offset, [compressed])
 
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from

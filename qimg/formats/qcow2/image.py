@@ -10,7 +10,16 @@ from __future__ import annotations
 import bisect
 import threading
 
-from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent, read_through_chain
+from qimg.driver import (
+    COMPRESSED,
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    Driver,
+    DriverInfo,
+    Extent,
+    read_through_chain,
+)
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
@@ -682,11 +691,14 @@ class Qcow2Image(Driver):
         self._write_incompatible_features()
         self._marked_dirty = True
 
-    def actual_size(self) -> int:
-        total = self.storage.allocated_size() if hasattr(self.storage, "allocated_size") else 0
-        if self.data_storage is not self.storage and hasattr(self.data_storage, "allocated_size"):
-            total += self.data_storage.allocated_size()
-        return total
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.dirty)
+
+    def info(self) -> DriverInfo:
+        from qimg.formats.qcow2.info import qcow2_info
+
+        return qcow2_info(self)
 
 
 def _check_table_reads(h: Header) -> None:

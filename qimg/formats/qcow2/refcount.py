@@ -469,17 +469,6 @@ class Refcounts:
             self.free_cluster_index = lo
         self.pending_free = (1 << 63, 0)
 
-    def alloc_at(self, offset: int, count: int) -> None:
-        """Take clusters at a fixed place (all must be free)."""
-        start = offset >> self.geo.cluster_bits
-        if np.any(self.get_range(start, count)):
-            raise CorruptImageError(f"Cluster at {offset:#x} is already in use", offset)
-        self.update(start, count, 1)
-
-    def alloc_bytes(self, size: int) -> int:
-        """Allocate `size` bytes (at most one cluster) for compressed data."""
-        return self.alloc_bytes_many([size])[0]
-
     def alloc_bytes_many(self, sizes: list[int]) -> list[int]:
         """Offsets of `sizes` bytes each (at most one cluster), allocated one
         after another for compressed data.
