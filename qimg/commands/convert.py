@@ -142,7 +142,7 @@ def command(
     files,
 ) -> None:
     """Convert SOURCE... into TARGET (sources are concatenated)."""
-    from qimg.convert import ConvertOptions, convert, parse_snapshot_param
+    from qimg.convert import ConvertOptions, convert, options_help, parse_snapshot_param
     from qimg.options import has_help_option, parse_options
     from qimg.progress import make_progress
 
@@ -179,16 +179,9 @@ def command(
         skip_broken_bitmaps=skip_broken_bitmaps,
         salvage=salvage,
     )
+    # qemu-img's order: the option checks (-n with -o last), help, the file names.
     o.validate(max(1, len(files) - 1))
-    # qemu-img's order: the option checks, -n with -o, help, the file names.
-    if skip_create and options:
-        raise BadOptionError("-o has no effect when skipping image creation")
     if has_help_option(options):
-        from qimg.api import FORMATS
-        from qimg.create import options_help
-
-        if out_fmt not in FORMATS:
-            raise BadOptionError(f"Unknown file format '{out_fmt}'")
         # The target's protocol options are listed when it is named.
         click.echo(options_help(out_fmt, with_protocol=len(files) >= 2))
         return
