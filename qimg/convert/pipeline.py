@@ -83,6 +83,11 @@ class BufferPool:
             return np.empty(length, dtype=np.uint8)
         return arr[:length]
 
+    def owned(self) -> int:
+        """How many kept buffers are owned."""
+        with self._lock:
+            return len(self._kept) - len(self._free)
+
     def release(self, buf: np.ndarray) -> None:
         """Give back a buffer that acquire() returned; its owner no longer
         uses it or any view of it."""
