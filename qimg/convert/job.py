@@ -73,7 +73,7 @@ def _copy_into(
         src = sources.disk
         if o.skip_create and tgt.size < src.size:
             raise QimgError("output file is smaller than input file")
-        if o.compress and tgt.format_name != "qcow2":
+        if o.compress and not hasattr(tgt, "write_compressed_many"):
             raise BadOptionError("Compression not supported for this file format")
         _copy(src, tgt, sources, o, progress)
         if bitmaps is not None:
