@@ -13,7 +13,24 @@ import time
 from qimg.driver import Driver
 from qimg.errors import QimgError, UnsupportedFeatureError
 
-__all__ = ["list_snapshots", "create", "apply", "delete"]
+__all__ = ["open_image", "list_snapshots", "create", "apply", "delete"]
+
+
+def open_image(path: str, fmt: str | None, writable: bool, force_share: bool) -> Driver:
+    """The image as qemu-img snapshot opens it (backing chain included),
+    failures worded as its img_open words them."""
+    from qimg import api
+    from qimg.errors import BadOptionError, ImageLockedError
+
+    try:
+        return api.open_image(path, fmt, writable=writable, force_share=force_share)
+    except QimgError as exc:
+        # qemu-img doubles the prefix of a failed file open, but a lock
+        # conflict (or -U on a read-write open) comes from the permission
+        # update and carries one.
+        if not isinstance(exc, (ImageLockedError, BadOptionError)):
+            exc.args = (f"Could not open '{path}': {exc}",)
+        raise
 
 
 def list_snapshots(image: Driver) -> list[dict]:

@@ -25,7 +25,7 @@ def command(fmt, output, quiet, force_share, list_, create, apply, delete, filen
     from qimg import render
     from qimg import snapshot as snapshots
     from qimg.cli import usage_error
-    from qimg.commands.common import need_filename, open_for_command
+    from qimg.commands.common import need_filename
 
     if list_ + len(create) + len(apply) + len(delete) > 1:
         usage_error("Cannot mix '-l', '-a', '-c', '-d'")
@@ -36,12 +36,14 @@ def command(fmt, output, quiet, force_share, list_, create, apply, delete, filen
     if not list_ and name is None:
         action = "none"  # qemu-img opens the image read-write, and does nothing
     filename = need_filename(filename)
-    if fmt is None and action != "list":
-        from qimg.commands.check import _warn_probed_raw
+    from qimg.commands.check import _warn_probed_raw
 
+    if fmt is None and action != "list":
         _warn_probed_raw(filename)
-    writable = action != "list"
-    with open_for_command(filename, fmt, writable=writable, force_share=force_share) as image:
+    with snapshots.open_image(filename, fmt, action != "list", force_share) as image:
+        if action == "apply" and fmt is None and image.format_name == "raw":
+            # qemu-img reopens the image after its snapshot fallback fails
+            _warn_probed_raw(filename)
         if action == "list":
             found = snapshots.list_snapshots(image)
             if output == "json":
