@@ -142,26 +142,7 @@ def info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     snaps = info.get("snapshots")
     if snaps:
-        lines.append("Snapshot list:")
-        # QEMU's bdrv_snapshot_dump: fixed minimum widths, never truncated.
-        lines.append(
-            f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
-        )
-        import time
-
-        for s in snaps:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            secs = s["vm-clock-sec"]
-            clock = (
-                f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                f"{s['vm-clock-nsec'] // 1000000:03d}"
-            )
-            icount = s.get("icount")
-            size = human_size(s["vm-state-size"] & _U64_MAX)
-            lines.append(
-                f"{_ljust_bytes(s['id'], 9)} {_ljust_bytes(s['name'], 16)} {size:>8}"
-                f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
-            )
+        lines.append(snapshots_human(snaps))
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
@@ -170,6 +151,29 @@ def info_human(info: dict) -> str:
 
 
 _U64_MAX = (1 << 64) - 1
+
+
+def snapshots_human(snaps: list[dict]) -> str:
+    """QEMU's snapshot list (info, snapshot -l) of info's "snapshots" dicts."""
+    lines = ["Snapshot list:"]
+    # QEMU's bdrv_snapshot_dump: fixed minimum widths, never truncated.
+    lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+    import time
+
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (
+            f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+            f"{s['vm-clock-nsec'] // 1000000:03d}"
+        )
+        icount = s.get("icount")
+        size = human_size(s["vm-state-size"] & _U64_MAX)
+        lines.append(
+            f"{_ljust_bytes(s['id'], 9)} {_ljust_bytes(s['name'], 16)} {size:>8}"
+            f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
+        )
+    return "\n".join(lines)
 
 
 def _ljust_bytes(text: str, width: int) -> str:

@@ -137,6 +137,25 @@ class Refcounts:
                 out[pos - start : pos - start + n] = self.blocks.get(block)[first : first + n]
         return out
 
+    def get_many(self, clusters: np.ndarray) -> np.ndarray:
+        """The refcount of each cluster index in `clusters`, in their order
+        (0 where no refcount block covers it); each block is read once."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        if not len(clusters):
+            return out
+        bits = self.geo.refcount_block_bits
+        block_index = clusters >> bits
+        order = np.argsort(block_index, kind="stable")
+        sorted_bi = block_index[order]
+        cuts = np.flatnonzero(np.diff(sorted_bi)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)]):
+            offset = self._block_offset(int(sorted_bi[a]))
+            if offset:
+                where = order[a:b]
+                out[where] = self.blocks.get(offset)[clusters[where] & ((1 << bits) - 1)]
+        return out
+
     def _spans(self, start: int, count: int):
         """(cluster, block index, index in block, length) for each refcount
         block's share of clusters [start, start+count)."""
