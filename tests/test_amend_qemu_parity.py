@@ -60,20 +60,37 @@ def _snapshot_raw(path, tmp_path) -> bytes:
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("old", WIDTHS)
-@pytest.mark.parametrize("new", WIDTHS)
-def test_refcount_width_changes_keep_data_and_snapshots(qemu_img, tmp_path, old, new):
-    snapshot = old > 1 and new > 1  # a snapshot needs counts of 2
-    path = _make(tmp_path, f"refcount_bits={old}", snapshot=snapshot, bitmap=True)
+def _every_pair(widths: list[int]) -> list[int]:
+    """A walk through `widths` taking every ordered pair of two different
+    widths once (an Euler circuit of the complete directed graph)."""
+    todo = {w: [v for v in widths if v != w] for w in widths}
+    stack, walk = [widths[0]], []
+    while stack:
+        w = stack[-1]
+        if todo[w]:
+            stack.append(todo[w].pop())
+        else:
+            walk.append(stack.pop())
+    return walk[::-1]
+
+
+@pytest.mark.parametrize(
+    "widths,snapshot", [(WIDTHS, False), (WIDTHS[1:], True)], ids=["all-widths", "snapshot"]
+)
+def test_every_refcount_width_change_keeps_data_and_snapshots(qemu_img, tmp_path, widths, snapshot):
+    walk = _every_pair(widths)
+    assert len(walk) == len(widths) * (len(widths) - 1) + 1
+    path = _make(tmp_path, f"refcount_bits={walk[0]}", snapshot=snapshot, bitmap=True)
     data = qemu_read_raw(path, tmp_path)
     snap = _snapshot_raw(path, tmp_path) if snapshot else None
-    proc = qimg_here(tmp_path, "amend", "-o", f"refcount_bits={new}", "a.qcow2")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
-    qemu_check_clean(path)
-    specific = _info(path)["format-specific"]["data"]
-    assert specific["refcount-bits"] == new
-    assert specific["bitmaps"][0]["name"] == "bm"
-    assert qemu_read_raw(path, tmp_path) == data
+    for new in walk[1:]:
+        proc = qimg_here(tmp_path, "amend", "-o", f"refcount_bits={new}", "a.qcow2")
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), new
+        qemu_check_clean(path)
+        specific = _info(path)["format-specific"]["data"]
+        assert specific["refcount-bits"] == new
+        assert specific["bitmaps"][0]["name"] == "bm"
+        assert qemu_read_raw(path, tmp_path) == data
     if snapshot:
         assert _snapshot_raw(path, tmp_path) == snap
 
@@ -198,24 +215,28 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("args", REFUSALS, ids=[" ".join(a) for a in REFUSALS])
-def test_refusals_match_qemu_img(qemu_img, tmp_path, args):
-    def make(d):
-        d.mkdir()
-        q = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        run([*q, str(d / "a.qcow2"), "1M"])
-        run(["qemu-img", "create", "-q", "-f", "raw", str(d / "r.raw"), "1M"])
-        run([*q, "-o", "compression_type=zstd", str(d / "z.qcow2"), "1M"])
-        run(["qemu-io", "-c", "write -c 0 64k", str(d / "z.qcow2")])
-        run([*q, "-o", "extended_l2=on", str(d / "e.qcow2"), "1M"])
-        qemu_in(d, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
-                "d.qcow2", "1M", check=True)  # fmt: skip
-        run([*q, str(d / "s.qcow2"), "1M"])
-        run(["qemu-img", "snapshot", "-c", "s1", str(d / "s.qcow2")])
-        run(["qemu-img", "resize", "-q", str(d / "s.qcow2"), "2M"])
+@pytest.fixture(scope="module")
+def refusal_images(tmp_path_factory):
+    """One set of images each refusal is tried on (copied per test)."""
+    d = tmp_path_factory.mktemp("amend-refusals")
+    q = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    run([*q, str(d / "a.qcow2"), "1M"])
+    run(["qemu-img", "create", "-q", "-f", "raw", str(d / "r.raw"), "1M"])
+    run([*q, "-o", "compression_type=zstd", str(d / "z.qcow2"), "1M"])
+    run(["qemu-io", "-c", "write -c 0 64k", str(d / "z.qcow2")])
+    run([*q, "-o", "extended_l2=on", str(d / "e.qcow2"), "1M"])
+    qemu_in(d, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=d.raw",
+            "d.qcow2", "1M", check=True)  # fmt: skip
+    run([*q, str(d / "s.qcow2"), "1M"])
+    run(["qemu-img", "snapshot", "-c", "s1", str(d / "s.qcow2")])
+    run(["qemu-img", "resize", "-q", str(d / "s.qcow2"), "2M"])
+    return d
 
-    make(tmp_path / "q")
-    make(tmp_path / "m")
+
+@pytest.mark.parametrize("args", REFUSALS, ids=[" ".join(a) for a in REFUSALS])
+def test_refusals_match_qemu_img(qemu_img, tmp_path, refusal_images, args):
+    shutil.copytree(refusal_images, tmp_path / "q")
+    shutil.copytree(refusal_images, tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
     oracle = qemu_in(tmp_path / "q", "qemu-img", "amend", *args)
     proc = qimg_here(tmp_path / "m", "amend", *args)
