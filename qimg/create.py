@@ -111,11 +111,8 @@ def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:
 
 def options_help(fmt: str, with_protocol: bool) -> str:
     """`qemu-img create -f FMT -o help [FILE]`: sorted by name."""
-    opts = sorted(option_list(fmt, with_protocol), key=lambda o: o.name)
-    typ = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
     lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
-    for o in opts:
-        lines.append(f"  {o.name + '=<' + typ[o.type] + '>':<22} - {o.help}")
+    lines += help_lines(option_list(fmt, with_protocol))
     if not with_protocol:
         lines += [
             "",
@@ -125,7 +122,16 @@ def options_help(fmt: str, with_protocol: bool) -> str:
     return "\n".join(lines)
 
 
-def _typed(desc: OptDesc, text: str):
+def help_lines(opts) -> list[str]:
+    """qemu_opts_print_help's lines for `opts`, sorted by name."""
+    typ = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
+    return [
+        f"  {o.name + '=<' + typ[o.type] + '>':<22} - {o.help}"
+        for o in sorted(opts, key=lambda o: o.name)
+    ]
+
+
+def typed_value(desc: OptDesc, text: str):
     """QemuOpts' parse of one value; errors are qemu_opts_do_parse's."""
     if desc.type == "size":
         return parse_size_option(desc.name, text)
@@ -134,6 +140,9 @@ def _typed(desc: OptDesc, text: str):
     if desc.type == "bool":
         return parse_bool(desc.name, text)
     return text
+
+
+_typed = typed_value  # the name convert.py imports
 
 
 def parse_size_option(name: str, text: str) -> int:
@@ -167,7 +176,7 @@ def formatting_line(
         if text is None:
             continue
         if d.type in ("size", "num") and d.name in given:
-            value = typed[d.name] if d.name in typed else _typed(d, text)
+            value = typed[d.name] if d.name in typed else typed_value(d, text)
             text = str(_as_int64(value))
         elif d.type == "str":
             text = _escaped(text)
@@ -218,7 +227,7 @@ def create(
     for key, text in options.items():
         if key not in by_name:
             raise BadOptionError(f"Invalid parameter '{key}'")
-        typed[key] = _typed(by_name[key], text)
+        typed[key] = typed_value(by_name[key], text)
         given[key] = text
     if "size" in given:
         if size is not None:
@@ -243,12 +252,12 @@ def create(
     line = formatting_line(path, fmt, given, descs, typed)
     if on_formatting is not None:
         on_formatting(line)
-    values = {k: typed[k] if k in typed else _typed(by_name[k], v) for k, v in given.items()}
+    values = {k: typed[k] if k in typed else typed_value(by_name[k], v) for k, v in given.items()}
     # The driver's create parses its size options again (QAPI field order).
     own = {d.name for d in FORMAT_OPTS[fmt]}
     for key in ("size", "cluster_size"):
         if key in options and key in own:
-            _typed(by_name[key], options[key])
+            typed_value(by_name[key], options[key])
     _check_truncate(fmt, values["size"])
     path = file_path  # the Formatting line keeps the name as typed
     if fmt == "raw":
