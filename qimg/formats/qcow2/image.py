@@ -22,6 +22,7 @@ from qimg.driver import (
 )
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.dataio import DataIO
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import Storage, check_request
 
@@ -65,6 +66,8 @@ class Qcow2Image(Driver):
         self.size = header.size // L.BDRV_SECTOR_SIZE * L.BDRV_SECTOR_SIZE
         self.backing = backing
         self.data_storage = data_storage or storage
+        # Every guest data read and write of a host cluster (dataio.py).
+        self.dataio = DataIO(self)
         self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)
         self._freed_pending = False
         self._closed = False
@@ -170,16 +173,6 @@ class Qcow2Image(Driver):
         """Every metadata write passes the overlap check first."""
         self.check_overlap(offset, len(data), kind)
         self.storage.pwrite(offset, data)
-
-    def write_data(self, host: int, buffers: list) -> None:
-        """Guest data to host clusters at `host` (contiguous buffers)."""
-        total = sum(len(b) for b in buffers)
-        if self.data_storage is self.storage:
-            self.check_overlap(host, total, "data")
-        if len(buffers) == 1:
-            self.data_storage.pwrite(host, buffers[0])
-        else:
-            self.data_storage.pwrite(host, b"".join(bytes(b) for b in buffers))
 
     def flush_file(self) -> None:
         if not self.cache_unsafe:
@@ -349,9 +342,7 @@ class Qcow2Image(Driver):
         for ext in self._extents(offset, len(view)):
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             if ext.kind == DATA:
-                got = self.data_storage.preadv(ext.host, dst)
-                if got < ext.length:
-                    dst[got:] = bytes(ext.length - got)
+                self.dataio.read(ext.offset, ext.host, dst)
             elif ext.kind == ZERO:
                 dst[:] = bytes(ext.length)
             elif ext.kind == UNALLOCATED:
@@ -425,9 +416,7 @@ class Qcow2Image(Driver):
         pos = 0
         for lo, hi, i, j in runs:
             piece = buf[pos : pos + hi - lo]
-            got = self.data_storage.preadv(lo, piece)
-            if got < len(piece):
-                piece[got:] = bytes(len(piece) - got)  # past the end of file: zeros
+            self.dataio.read_compressed(lo, piece)  # past the end of file: zeros
             out.extend(piece[a - lo : b - lo] for a, b in spans[i:j])
             pos += hi - lo
         return out
@@ -567,7 +556,9 @@ class Qcow2Image(Driver):
         pending = []
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
-        runs = self._host_data_runs(data) if data else None
+        runs = None
+        if data and self.dataio.host_holes_read_as_zeros:
+            runs = self._host_data_runs(data)
         for ext in exts:
             if ext.kind == DATA and runs is not None:
                 out.extend(_split_by_runs(ext, runs))
