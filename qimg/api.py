@@ -339,3 +339,54 @@ def create_image(
         check_backing=check_backing,
         on_formatting=on_formatting,
     )
+
+
+def _open_named(path: str, fmt: str | None, writable: bool, force_share: bool = False) -> Driver:
+    """open_image without backing files, failing as qemu-img's img_open
+    does: "Could not open 'PATH': " before what the open said (a lock
+    conflict carries its own)."""
+    from qimg.errors import ImageLockedError
+
+    try:
+        return open_image(path, fmt, writable=writable, force_share=force_share, backing=False)
+    except QimgError as exc:
+        if not isinstance(exc, ImageLockedError):
+            exc.args = (f"Could not open '{path}': {exc}",)
+        raise
+
+
+def edit_bitmap(
+    path: str,
+    name: str,
+    actions: list,
+    *,
+    fmt: str | None = None,
+    granularity: int = 0,
+    source_path: str | None = None,
+    source_fmt: str | None = None,
+) -> None:
+    """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
+    persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
+    Every action is checked before anything is written: on failure the
+    image is left as it was (qimg.formats.qcow2.bitmap_ops)."""
+    from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
+
+    image = _open_named(path, fmt, writable=True)
+    try:
+        source = _open_named(source_path, source_fmt, False) if source_path else None
+        try:
+            apply_plan(image, plan_actions(image, name, actions, granularity, source))
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        image.close()
+
+
+def list_bitmaps(path: str, fmt: str | None = None, *, force_share: bool = False) -> list[dict]:
+    """The persistent bitmaps of an image: name, granularity, flags and
+    dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
+    from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
+
+    with _open_named(path, fmt, writable=False, force_share=force_share) as image:
+        return listed(image)
