@@ -341,14 +341,28 @@ def create_image(
     )
 
 
-def _open_named(path: str, fmt: str | None, writable: bool, force_share: bool = False) -> Driver:
+def _open_named(
+    path: str, fmt: str | None, writable: bool, force_share: bool = False, image_opts=False
+) -> Driver:
     """open_image without backing files, failing as qemu-img's img_open
     does: "Could not open 'PATH': " before what the open said (a lock
-    conflict carries its own)."""
+    conflict carries its own). With `image_opts`, `path` is an option
+    string (driver=qcow2,file.filename=...), read as the json: name that
+    says the same; a word without '=' is the option "file"."""
     from qimg.errors import ImageLockedError
 
+    name = path
+    if image_opts:
+        import json
+
+        from qimg.options import split_options
+
+        opts = {
+            k if v is not None else "file": k if v is None else v for k, v in split_options(path)
+        }
+        name = "json:" + json.dumps(opts)
     try:
-        return open_image(path, fmt, writable=writable, force_share=force_share, backing=False)
+        return open_image(name, fmt, writable=writable, force_share=force_share, backing=False)
     except QimgError as exc:
         if not isinstance(exc, ImageLockedError):
             exc.args = (f"Could not open '{path}': {exc}",)
@@ -364,14 +378,16 @@ def edit_bitmap(
     granularity: int = 0,
     source_path: str | None = None,
     source_fmt: str | None = None,
+    image_opts: bool = False,
 ) -> None:
     """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
     persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
     Every action is checked before anything is written: on failure the
-    image is left as it was (qimg.formats.qcow2.bitmap_ops)."""
+    image is left as it was (qimg.formats.qcow2.bitmap_ops). With
+    `image_opts`, `path` is an option string (see _open_named)."""
     from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
 
-    image = _open_named(path, fmt, writable=True)
+    image = _open_named(path, fmt, writable=True, image_opts=image_opts)
     try:
         source = _open_named(source_path, source_fmt, False) if source_path else None
         try:
@@ -383,10 +399,12 @@ def edit_bitmap(
         image.close()
 
 
-def list_bitmaps(path: str, fmt: str | None = None, *, force_share: bool = False) -> list[dict]:
+def list_bitmaps(
+    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+) -> list[dict]:
     """The persistent bitmaps of an image: name, granularity, flags and
     dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
     from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
 
-    with _open_named(path, fmt, writable=False, force_share=force_share) as image:
+    with _open_named(path, fmt, False, force_share, image_opts) as image:
         return listed(image)

@@ -57,18 +57,6 @@ def _granularity(ctx, param, value):
     return 0 if value is None else cvtnum("granularity", value)
 
 
-def _image_opts_name(text: str) -> str:
-    """An --image-opts option string as the json: name that says the same
-    (qimg.filenames reads it); a word without '=' is the option "file"."""
-    import json
-
-    from qimg.options import split_options
-
-    return "json:" + json.dumps(
-        {k if v is not None else "file": v or k for k, v in split_options(text)}
-    )
-
-
 @click.command("bitmap", cls=_OrderedCommand)
 @click.option("--add", is_flag=True, help="Add BITMAP (enabled, unless --disable follows).")
 @click.option("--remove", is_flag=True, help="Remove BITMAP.")
@@ -141,8 +129,7 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
     if list_:
         if len(args) != 1:
             raise BadOptionError("Expecting one image file name")
-        path = _image_opts_name(args[0]) if image_opts else args[0]
-        rows = api.list_bitmaps(path, fmt, force_share=force_share)
+        rows = api.list_bitmaps(args[0], fmt, force_share=force_share, image_opts=image_opts)
         if output == "json":
             render.print_json(rows)
         elif rows:
@@ -165,9 +152,7 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
     if len(args) != 2:
         raise BadOptionError("Expecting filename and bitmap name")
     path, name = args
-    if image_opts:
-        path = _image_opts_name(path)
-    elif fmt is None:
+    if not image_opts and fmt is None:
         _warn_probed_raw(path)
     api.edit_bitmap(
         path,
@@ -177,6 +162,7 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         granularity=granularity,
         source_path=source_file,
         source_fmt=source_fmt,
+        image_opts=image_opts,
     )
 
 
