@@ -89,6 +89,7 @@ class BitmapPlan:
     name: str
     old: BitmapEntry | None
     new: _Target | None
+    directory: list[BitmapEntry] = field(default_factory=list)  # as read when planned
 
     @property
     def changes(self) -> bool:
@@ -110,11 +111,15 @@ def _can_store(image) -> bool:
     return image.format_name == "qcow2"
 
 
-def _loaded_entries(image) -> dict[str, BitmapEntry]:
-    """The bitmaps QEMU loads from `image` (in-use ones too), by name."""
+def _directory(image) -> list[BitmapEntry]:
     if image.format_name != "qcow2" or not has_bitmaps(image):
-        return {}
-    return {e.name: e for e in _loaded(read_bitmap_directory(image))}
+        return []
+    return read_bitmap_directory(image)
+
+
+def _by_name(entries: list[BitmapEntry]) -> dict[str, BitmapEntry]:
+    """The bitmaps QEMU loads (in-use ones too), by name."""
+    return {e.name: e for e in _loaded(entries)}
 
 
 def _fail(op: str, name: str, message: str) -> QimgError:
@@ -143,10 +148,11 @@ def plan_actions(
     checking each as QEMU does (qmp_block_dirty_bitmap_*), in order; the
     first failure raises with qemu-img's message. `granularity` is -g as
     given (0: QEMU's default); merges read `source_image` (default `image`)."""
-    loaded = _loaded_entries(image)
+    directory = _directory(image)
+    loaded = _by_name(directory)
     entry = loaded.get(name)
     target = None if entry is None else _entry_target(entry)
-    others = loaded if source_image is None else _loaded_entries(source_image)
+    others = loaded if source_image is None else _by_name(_directory(source_image))
     for act in actions:
         if act.kind == "add":
             _check_add(image, name, granularity, target, [n for n in loaded if n != name])
@@ -165,7 +171,7 @@ def plan_actions(
             target.reset, target.sources = True, []
         else:
             target.enabled = act.kind == "enable"
-    return BitmapPlan(name, entry, target)
+    return BitmapPlan(name, entry, target, directory)
 
 
 def _entry_target(e: BitmapEntry) -> _Target:
@@ -461,7 +467,7 @@ def apply_plan(image, plan: BitmapPlan) -> None:
     if not plan.changes:
         return
     t, old = plan.new, plan.old
-    entries = read_bitmap_directory(image)
+    entries = plan.directory
     rows: list[BitmapEntry] = []
     new_entry = None
     allocated: list[tuple[int, int]] = []
@@ -469,7 +475,7 @@ def apply_plan(image, plan: BitmapPlan) -> None:
         if t is not None:
             new_entry = _new_entry(image, plan.name, t, allocated)
         for e in entries:
-            if not _same(e, old):
+            if e is not old:
                 rows.append(e)
             elif t is not None and t.entry is not None:
                 rows.append(new_entry)  # kept in its place
@@ -492,10 +498,6 @@ def apply_plan(image, plan: BitmapPlan) -> None:
     old_dir = image.header.bitmaps_ext
     _set_extension(image, ext)
     _free_old(image, old, t, old_dir)
-
-
-def _same(e: BitmapEntry, old: BitmapEntry | None) -> bool:
-    return old is not None and e.name == old.name and e.table_offset == old.table_offset
 
 
 def _new_entry(image, name: str, t: _Target, allocated: list) -> BitmapEntry:
