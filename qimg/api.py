@@ -155,6 +155,75 @@ def check_image_file(
     return check_file(filename, fmt, fix, force_share)
 
 
+def _open_named(
+    path: str, fmt: str | None, writable: bool, force_share: bool = False, image_opts=False
+) -> Driver:
+    """open_image without backing files, failing as qemu-img's img_open
+    does: "Could not open 'PATH': " before what the open said (a lock
+    conflict carries its own). With `image_opts`, `path` is an option
+    string (driver=qcow2,file.filename=...), read as the json: name that
+    says the same; a word without '=' is the option "file"."""
+    from qimg.errors import ImageLockedError
+
+    name = path
+    if image_opts:
+        import json
+
+        from qimg.options import split_options
+
+        opts = {
+            k if v is not None else "file": k if v is None else v for k, v in split_options(path)
+        }
+        name = "json:" + json.dumps(opts)
+    try:
+        return open_image(name, fmt, writable=writable, force_share=force_share, backing=False)
+    except QimgError as exc:
+        if not isinstance(exc, ImageLockedError):
+            exc.args = (f"Could not open '{path}': {exc}",)
+        raise
+
+
+def edit_bitmap(
+    path: str,
+    name: str,
+    actions: list,
+    *,
+    fmt: str | None = None,
+    granularity: int = 0,
+    source_path: str | None = None,
+    source_fmt: str | None = None,
+    image_opts: bool = False,
+) -> None:
+    """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
+    persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
+    Every action is checked before anything is written: on failure the
+    image is left as it was (qimg.formats.qcow2.bitmap_ops). With
+    `image_opts`, `path` is an option string (see _open_named)."""
+    from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
+
+    image = _open_named(path, fmt, writable=True, image_opts=image_opts)
+    try:
+        source = _open_named(source_path, source_fmt, False) if source_path else None
+        try:
+            apply_plan(image, plan_actions(image, name, actions, granularity, source))
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        image.close()
+
+
+def list_bitmaps(
+    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+) -> list[dict]:
+    """The persistent bitmaps of an image: name, granularity, flags and
+    dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
+    from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
+
+    with _open_named(path, fmt, False, force_share, image_opts) as image:
+        return listed(image)
+
+
 def __getattr__(name: str):
     # The check's result and failure types, loaded with the check (numpy).
     if name in ("CheckFailed", "CheckResult"):
