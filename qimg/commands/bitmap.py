@@ -13,7 +13,7 @@ _SHORTS = {"b": True, "f": True, "F": True, "g": True, "h": False, "q": False, "
 _LONG_ARGS = ("merge", "object", "output", "granularity", "source-file", "source-format")
 
 
-class _OrderedCommand(click.Command):
+class _OrderedCommand(getattr(click, "RichCommand", click.Command)):
     """Keeps the command line: the order of the actions is qemu-img's
     order of application, which Click's parsed values do not keep."""
 

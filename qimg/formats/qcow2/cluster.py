@@ -515,7 +515,6 @@ class ClusterMap:
             clusters.append(expand_runs(first, count))
         owner.refcounts.change_many(np.concatenate(clusters), -1)
 
-
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from
         `offset` (cluster aligned) on.
