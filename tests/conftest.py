@@ -18,6 +18,11 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# Every `python -m qimg` a test starts, from any directory, runs this
+# checkout's qimg, whichever one pip installed.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")]))
+
 
 def require_tool(name: str) -> str:
     path = shutil.which(name)

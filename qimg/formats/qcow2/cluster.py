@@ -19,6 +19,19 @@ from qimg.driver import (  # noqa: F401  (re-exported)
 from qimg.errors import CorruptImageError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.cache import TableCache
+from qimg.formats.qcow2.entries import (  # noqa: F401  (decode_l2, encode_l2 re-exported)
+    CLUSTER_COMPRESSED,
+    CLUSTER_ZERO_ALLOC,
+    CLUSTER_ZERO_PLAIN,
+    cluster_types,
+    compressed_clusters,
+    compressed_descriptors,
+    decode_l2,
+    descriptors,
+    encode_l2,
+    has_host_cluster,
+    unit_kinds,
+)
 from qimg.formats.qcow2.header import Geometry
 from qimg.formats.qcow2.refcount import expand_runs
 
@@ -27,16 +40,6 @@ _OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
 _COPIED = _U64(L.QCOW_OFLAG_COPIED)
 _COMPRESSED = _U64(L.QCOW_OFLAG_COMPRESSED)
 _ZERO = _U64(L.QCOW_OFLAG_ZERO)
-
-
-def decode_l2(buf: bytes, extended: bool) -> np.ndarray:
-    """An L2 table as native uint64: shape (n,) or, extended, (n, 2)."""
-    table = np.frombuffer(buf, dtype=">u8").astype(np.uint64)
-    return table.reshape(-1, 2) if extended else table
-
-
-def encode_l2(table: np.ndarray) -> bytes:
-    return table.astype(">u8").tobytes()
 
 
 class ClusterMap:
@@ -129,16 +132,14 @@ class ClusterMap:
         geo = self.geo
         first = geo.offset_to_l2_index(start)
         rows = table[first : geo.offset_to_l2_index(end - 1) + 1]
-        entries = rows[:, 0] if geo.extended_l2 else rows
-        compressed = (entries & _COMPRESSED) != 0
-        zero = ~compressed & ((entries & _ZERO) != 0) if not geo.extended_l2 else None
+        entries = descriptors(rows)
+        types = cluster_types(entries, geo.extended_l2, self.has_data_file)
+        compressed = types == CLUSTER_COMPRESSED
+        zero = (types == CLUSTER_ZERO_PLAIN) | (types == CLUSTER_ZERO_ALLOC)
         host = entries & _OFFSET_MASK
-        allocated = ~compressed & (host != 0)
-        if self.has_data_file:
-            # Offset 0 is a cluster of the data file where OFLAG_COPIED says so.
-            allocated |= ~compressed & (host == 0) & ((entries & _COPIED) != 0)
+        allocated = has_host_cluster(types)
         bad = allocated & ((host & _U64(geo.cluster_size - 1)) != 0)
-        if zero is not None and self.owner.header.version < 3:
+        if self.owner.header.version < 3:
             bad |= zero
         if self.has_data_file:
             guest = (np.arange(len(entries), dtype=np.uint64) + _U64(first)) << _U64(
@@ -159,7 +160,7 @@ class ClusterMap:
         where = f"(L2 offset: {_hex(l2)}, L2 index: {_hex(index)})"
         if entry & L.QCOW_OFLAG_COMPRESSED:
             message = f"Compressed cluster entry found in image with external data file {where}"
-        elif zero is not None and zero[k] and self.owner.header.version < 3:
+        elif zero[k] and self.owner.header.version < 3:
             message = f"Zero cluster entry found in pre-v3 image {where}"
         elif cluster_host % geo.cluster_size:
             message = f"Cluster allocation offset {_hex(cluster_host)} unaligned {where}"
@@ -177,7 +178,7 @@ class ClusterMap:
         first_cluster = geo.offset_to_l2_index(start)
         last_cluster = geo.offset_to_l2_index(end - 1)
         rows = table[first_cluster : last_cluster + 1]
-        kinds, hosts = self._classify(rows)
+        kinds, hosts = unit_kinds(rows, geo, self.has_data_file)
         # Units (clusters or subclusters) covering [start, end).
         base = (start >> geo.cluster_bits) << geo.cluster_bits
         u0 = (start - base) >> unit_bits
@@ -200,42 +201,6 @@ class ClusterMap:
                 host += g0 - (base + (u0 + s) * unit)
             _append(out, Extent(kind, g0, g1 - g0, host))
 
-    def _classify(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Kinds and host offsets per unit (cluster, or subcluster if extended)."""
-        geo = self.geo
-        entries = rows[:, 0] if geo.extended_l2 else rows
-        off = entries & _OFFSET_MASK
-        compressed = (entries & _COMPRESSED) != 0
-        has_host = off != 0
-        if self.has_data_file:
-            has_host |= (entries & _COPIED) != 0
-        if not geo.extended_l2:
-            kinds = np.full(len(entries), UNALLOCATED, dtype=np.int8)
-            kinds[has_host] = DATA
-            kinds[(entries & _ZERO) != 0] = ZERO
-            kinds[compressed] = COMPRESSED
-            hosts = np.where(compressed, entries, off)
-            return kinds, hosts
-        bitmap = rows[:, 1]
-        n = geo.subclusters_per_cluster
-        sc = np.arange(n, dtype=np.uint64)
-        alloc = ((bitmap[:, None] >> sc) & _U64(1)) != 0
-        zero = ((bitmap[:, None] >> (sc + _U64(32))) & _U64(1)) != 0
-        kinds = np.full((len(entries), n), UNALLOCATED, dtype=np.int8)
-        kinds[alloc & has_host[:, None]] = DATA
-        kinds[zero] = ZERO
-        kinds[compressed, :] = COMPRESSED
-        bad = (alloc & zero) | (alloc & ~has_host[:, None])
-        bad[compressed, :] = False
-        if bad.any():
-            i = int(np.flatnonzero(bad.any(axis=1))[0])
-            raise CorruptImageError(
-                f"Invalid extended L2 entry: bitmap {int(bitmap[i]):#x}", int(off[i])
-            )
-        hosts = off[:, None] + sc * _U64(geo.subcluster_size)
-        hosts = np.where(compressed[:, None], entries[:, None], hosts)
-        return kinds.reshape(-1), hosts.reshape(-1)
-
     # --- L2 allocation -----------------------------------------------------------
 
     def l2_for_write(self, l1_index: int) -> tuple[int, np.ndarray]:
@@ -248,7 +213,7 @@ class ClusterMap:
         table's refcount dropped.
         """
         if l1_index >= len(self.l1):
-            raise CorruptImageError(f"L1 index {l1_index} beyond the L1 table")
+            self.grow_l1(l1_index + 1)
         entry = int(self.l1[l1_index])
         old = self.l2_offset(l1_index)
         if old and entry & L.QCOW_OFLAG_COPIED:
@@ -275,6 +240,53 @@ class ClusterMap:
             owner.refcounts.free(old, self.geo.cluster_size)
             self.l2_cache.drop(old)
         return new, table
+
+    def grow_l1(self, min_size: int, exact_size: bool = False) -> None:
+        """Make the active L1 table at least `min_size` entries long (QEMU's
+        qcow2_grow_l1_table); `exact_size` (resize) takes `min_size` as it
+        is, otherwise the table grows by half until it is large enough.
+
+        Ordering: the new table is allocated (its refcounts flushed), written
+        and flushed; then the header's l1_size and l1_table_offset change in
+        one write, flushed; only then is the old table freed. A crash before
+        the header write leaks the new table, never loses the old one.
+        """
+        if min_size <= self.l1_size:
+            return
+        from qimg.errors import FileTooLargeError
+
+        if min_size > L.INT_MAX // L.L1_ENTRY_SIZE:
+            raise FileTooLargeError("File too large")
+        new_size = min_size
+        if not exact_size:
+            new_size = max(1, self.l1_size)
+            while new_size < min_size:
+                new_size = (new_size * 3 + 1) // 2
+        if new_size > L.QCOW_MAX_L1_SIZE // L.L1_ENTRY_SIZE:
+            raise FileTooLargeError("File too large")
+        owner = self.owner
+        table = np.zeros(new_size, dtype=np.uint64)
+        table[: self.l1_size] = self.l1[: self.l1_size]
+        nbytes = new_size * L.L1_ENTRY_SIZE
+        new_offset = owner.refcounts.alloc(-(-nbytes // self.geo.cluster_size))
+        try:
+            owner.refcounts.blocks.flush()
+            owner.flush_file()
+            # The table is not yet live: nothing, not even the old L1, may lie there.
+            owner.write_metadata(new_offset, table.astype(">u8").tobytes(), "new-l1")
+            owner.flush_file()
+            header = new_size.to_bytes(4, "big") + new_offset.to_bytes(8, "big")
+            owner.storage.pwrite(L.HEADER_OFF_L1_SIZE, header)
+            owner.storage.flush()
+        except BaseException:
+            owner.refcounts.free(new_offset, nbytes)
+            raise
+        old_offset, old_size = self.l1_offset, self.l1_size
+        owner.header.l1_size, owner.header.l1_table_offset = new_size, new_offset
+        self.l1, self.l1_offset, self.l1_size = table, new_offset, new_size
+        owner.overlap_map.l1_moved(table)
+        if old_size:
+            owner.refcounts.free(old_offset, old_size * L.L1_ENTRY_SIZE)
 
     # --- writes ------------------------------------------------------------------
 
@@ -491,21 +503,9 @@ class ClusterMap:
         owner.refcounts.blocks.set_dependency(self.l2_cache)
         clusters = [(plain >> _U64(geo.cluster_bits)).astype(np.int64)]
         if compressed.any():
-            first, count = self._compressed_clusters(entries[compressed])
+            first, count = compressed_clusters(entries[compressed], geo)
             clusters.append(expand_runs(first, count))
         owner.refcounts.change_many(np.concatenate(clusters), -1)
-
-    def _compressed_clusters(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """First host cluster and number of host clusters each compressed
-        descriptor's bytes touch (each holds one reference to each)."""
-        geo = self.geo
-        coffset = (entries & _U64(geo.cluster_offset_mask)).astype(np.int64)
-        sectors = (entries >> _U64(geo.csize_shift)) & _U64(geo.csize_mask)
-        nb_sectors = sectors.astype(np.int64) + 1
-        csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-        first = coffset >> geo.cluster_bits
-        last = (coffset + csize - 1) >> geo.cluster_bits
-        return first, last - first + 1
 
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from
@@ -549,10 +549,7 @@ class ClusterMap:
                 pieces = compressed[a:b]
                 owner.write_data(hosts[a], [pieces[0] if len(pieces) == 1 else b"".join(pieces)])
                 a = b
-        host = np.array(hosts, dtype=np.uint64)
-        last = host + np.array(sizes, dtype=np.uint64) - _U64(1)
-        nb_sectors = (last >> _U64(9)) - (host >> _U64(9))
-        new = host | (nb_sectors << _U64(geo.csize_shift)) | _U64(L.QCOW_OFLAG_COMPRESSED)
+        new = compressed_descriptors(hosts, sizes, geo)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         if geo.extended_l2:
             rows[:, 0] = new
@@ -602,6 +599,12 @@ class ClusterMap:
             return change
 
         self._rewrite_rows(offset, length, backing, rewrite)
+
+    def discard_full(self, offset: int, length: int) -> None:
+        """QEMU's qcow2_cluster_discard with full_discard (a shrink): whole
+        clusters [offset, offset+length) become unallocated, whatever they
+        were, and their references are dropped. Ordering: as _rewrite_rows."""
+        self._retype(offset, length, unmap=True, zero=False)
 
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
         """Make whole clusters zero or unallocated, releasing their hosts.

@@ -150,6 +150,14 @@ class Qcow2Image(Driver):
     def clusters(self, value) -> None:
         self._clusters = value
 
+    def over_l1(self, l1_offset: int, l1_size: int) -> Qcow2Image:
+        """This image mapped through another L1 table (an internal
+        snapshot's, `l1_size` entries at `l1_offset`), read-only. The view
+        shares this image's files, header and backing chain (QEMU's
+        qcow2_snapshot_load_tmp: the virtual size stays the image's);
+        closing it closes none of them."""
+        return _L1View(self, l1_offset, l1_size)
+
     # --- metadata I/O (used by refcount.py and cluster.py) -----------------------
 
     def read_metadata(self, offset: int, length: int) -> bytes:
@@ -407,14 +415,9 @@ class Qcow2Image(Driver):
         (QEMU's qcow2_parse_compressed_l2_entry). Not clamped to the end of
         the file: QEMU decompresses what lies there as zeros, and a stream
         cut short may still fill its cluster from them."""
-        geo = self.geo
-        spans = []
-        for entry in entries:
-            coffset = entry & geo.cluster_offset_mask
-            nb_sectors = ((entry >> geo.csize_shift) & geo.csize_mask) + 1
-            csize = nb_sectors * L.QCOW2_COMPRESSED_SECTOR_SIZE - (coffset & 511)
-            spans.append((coffset, coffset + csize))
-        return spans
+        from qimg.formats.qcow2.entries import compressed_span
+
+        return [compressed_span(entry, self.geo) for entry in entries]
 
     def _read_runs(self, buf: memoryview, spans: list, runs: list) -> list[memoryview]:
         """Each span's bytes as a view into `buf`, filled with one read per run."""
@@ -783,3 +786,27 @@ def _compressed_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, 
         runs.append((lo, hi, i, j))
         i = j
     return runs
+
+
+class _L1View(Qcow2Image):
+    """See Qcow2Image.over_l1."""
+
+    def __init__(self, image: Qcow2Image, l1_offset: int, l1_size: int):
+        super().__init__(
+            image.storage,
+            backing=image.backing,
+            data_storage=image.data_storage,
+            header=image.header.copy(),
+            cache_unsafe=image.cache_unsafe,
+        )
+        self.writable = False
+        from qimg.formats.qcow2.cluster import ClusterMap
+
+        self.clusters = ClusterMap(self, self.geo, l1_offset, l1_size, self.header.has_data_file)
+
+    def close(self) -> None:
+        # The files and the backing chain belong to the image viewed.
+        if self._decompressor is not None:
+            self._decompressor.close()
+            self._decompressor = None
+        self._closed = True
