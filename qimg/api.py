@@ -19,6 +19,7 @@ from qimg.opening import (
     open_backing_chain,
     open_data_file,
     probe_format,
+    probed_raw_text,
     probed_raw_warning,
     resolve_backing_path,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "open_data_file",
     "open_image",
     "probe_format",
+    "probed_raw_text",
     "probed_raw_warning",
     "resolve_backing_path",
 ]

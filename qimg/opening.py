@@ -41,17 +41,21 @@ def _probe(storage: Storage) -> str:
 
 
 def probed_raw_warning(path: str) -> str | None:
-    """QEMU's warning on opening a probed raw image read-write (printed as
-    it is, whatever the program's name); None where the file is not raw or
-    cannot be probed (the open then fails in its own words)."""
+    """QEMU's warning on opening a probed raw image read-write; None where
+    the file is not raw or cannot be probed (the open then fails in its own
+    words)."""
     try:
         probed = probe_format(path)
     except QimgError:
         return None
-    if probed != "raw":
-        return None
+    return probed_raw_text(path) if probed == "raw" else None
+
+
+def probed_raw_text(name: str) -> str:
+    """The words of that warning (printed as they are, whatever the
+    program's name, even with -q)."""
     return (
-        f"WARNING: Image format was not specified for '{path}' and probing guessed raw.\n"
+        f"WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
         "         Automatically detecting the format is dangerous for raw images, "
         "write operations on block 0 will be restricted.\n"
         "         Specify the 'raw' format explicitly to remove the restrictions.\n"

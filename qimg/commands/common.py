@@ -77,11 +77,10 @@ def _image_opts_name(text: str) -> str:
 
 
 def warn_probed_raw(filename: str) -> None:
-    """QEMU's warning on opening a probed raw image read-write."""
+    """QEMU's warning on opening a probed raw image read-write (printed as
+    it is, whatever the program's name, even with -q)."""
     import sys
 
-    from qimg.api import probed_raw_warning
+    from qimg.api import probed_raw_text
 
-    warning = probed_raw_warning(filename)
-    if warning:
-        sys.stderr.write(warning)
+    sys.stderr.write(probed_raw_text(filename))
