@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from qimg.convert.options import ConvertOptions
 from qimg.convert.progress import ProgressCallback
-from qimg.convert.source import Concat, Sources
+from qimg.convert.source import Sources
 from qimg.convert.target import (
     check_bitmaps,
     check_target_options,
@@ -75,7 +75,7 @@ def _copy_into(
             raise QimgError("output file is smaller than input file")
         if o.compress and not hasattr(tgt, "write_compressed_many"):
             raise BadOptionError("Compression not supported for this file format")
-        _copy(src, tgt, sources, o, progress)
+        _copy(sources, tgt, o, progress)
         if bitmaps is not None:
             from qimg.formats.qcow2.bitmap import copy_bitmaps
 
@@ -87,11 +87,7 @@ def _copy_into(
 
 
 def _copy(
-    src: Concat,
-    tgt: Driver,
-    sources: Sources,
-    o: ConvertOptions,
-    callback: ProgressCallback | None,
+    sources: Sources, tgt: Driver, o: ConvertOptions, callback: ProgressCallback | None
 ) -> None:
     """The copy itself: the producer reads and scans the plan's runs ahead
     of this thread, which writes them."""
@@ -100,12 +96,12 @@ def _copy(
     from qimg.convert.progress import Progress
     from qimg.convert.writer import Writer
 
-    backing, same = open_backing(tgt, sources, o) if tgt.backing is not None else (None, False)
+    backing, same = open_backing(tgt, sources) if tgt.backing is not None else (None, False)
     try:
-        plan = Plan(src, tgt, o, backing, same)
+        plan = Plan(sources.disk, tgt, o, backing, same)
         progress = Progress(plan, callback) if callback is not None else None
         reached = progress.reached if progress is not None else _ignore
-        with Pipeline(plan, src) as pipeline:
+        with Pipeline(plan) as pipeline:
             writer = Writer(tgt, plan, o, pipeline.release, reached)
             writer.write_all(pipeline.pieces())
     finally:

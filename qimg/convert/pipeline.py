@@ -113,12 +113,12 @@ class Pipeline:
     manager: `pieces()` yields the pieces to write, in order, and
     `release(piece)` gives its buffer back."""
 
-    def __init__(self, plan: Plan, src: Concat):
+    def __init__(self, plan: Plan):
         self.plan = plan
-        self.src = src
+        self.src = plan.src
         self.chunk = max(plan.block, CHUNK // plan.block * plan.block)
         self.pool = BufferPool(self.chunk, READ_BUFFERS)
-        self._compressing = list(_compressing_sources(src))  # see _decompressing
+        self._compressing = list(_compressing_sources(plan.src))  # see _decompressing
         self._use_readers = False
         self._readers = None  # ThreadPoolExecutor of READERS threads, while running
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)

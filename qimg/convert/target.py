@@ -152,7 +152,7 @@ def open_target(target: str, o: ConvertOptions) -> Driver:
         raise
 
 
-def open_backing(tgt: Driver, sources: Sources, o: ConvertOptions) -> tuple[Driver, bool]:
+def open_backing(tgt: Driver, sources: Sources) -> tuple[Driver, bool]:
     """-B: the target's backing file, opened to compare the source with
     (only what differs is written), and whether the single source's own
     backing file is that file (then what the source leaves to it is
