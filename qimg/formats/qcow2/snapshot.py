@@ -521,7 +521,7 @@ def _as_snapshot_error(exc: QimgError) -> SnapshotError:
     if isinstance(exc, SnapshotError):
         return exc
     if str(exc) == "Reference count overflow":
-        return _errno_error(_errno.ERANGE)
+        return _errno_error(_errno.EINVAL)  # update_refcount: -EINVAL on overflow
     if isinstance(exc, FileTooLargeError):
         return _errno_error(_errno.EFBIG)
     return SnapshotError(str(exc), _errno.EIO)
