@@ -145,15 +145,23 @@ class Refcounts:
         if not len(clusters):
             return out
         bits = self.geo.refcount_block_bits
+        mask = (1 << bits) - 1
         block_index = clusters >> bits
-        order = np.argsort(block_index, kind="stable")
-        sorted_bi = block_index[order]
-        cuts = np.flatnonzero(np.diff(sorted_bi)) + 1
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)]):
-            offset = self._block_offset(int(sorted_bi[a]))
-            if offset:
+        order = None
+        if np.any(block_index[1:] < block_index[:-1]):
+            order = np.argsort(block_index, kind="stable")
+            block_index = block_index[order]
+        cuts = np.flatnonzero(np.diff(block_index)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(clusters)]):
+            offset = self._block_offset(int(block_index[a]))
+            if not offset:
+                continue
+            block = self.blocks.get(offset)
+            if order is None:  # already in block order: slices, no gather of indexes
+                out[a:b] = block[clusters[a:b] & mask]
+            else:
                 where = order[a:b]
-                out[where] = self.blocks.get(offset)[clusters[where] & ((1 << bits) - 1)]
+                out[where] = block[clusters[where] & mask]
         return out
 
     def _spans(self, start: int, count: int):

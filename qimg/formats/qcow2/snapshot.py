@@ -248,9 +248,10 @@ def discard_freed(image, clusters) -> None:
     import numpy as np
 
     punch = getattr(image.storage, "punch_hole", None)
-    clusters = np.unique(np.asarray(clusters, dtype=np.int64))
+    clusters = np.sort(np.asarray(clusters, dtype=np.int64))
     if punch is None or not len(clusters):
         return
+    clusters = clusters[np.concatenate(([True], clusters[1:] != clusters[:-1]))]
     clusters = clusters[image.refcounts.get_many(clusters) == 0]
     cb = image.geo.cluster_bits
     cuts = np.flatnonzero(np.diff(clusters) != 1) + 1
@@ -563,7 +564,7 @@ def update_snapshot_refcount(
         raise CorruptImageError("Input/output error", int(l2_offsets[i]))
     if addend > 0:
         cache.set_dependency(rc.blocks)
-    batch = max(1, min(64, cache.capacity // 2))
+    batch = max(1, min(128, cache.capacity // 2))
     for a in range(0, len(present), batch):
         index = present[a : a + batch]
         offsets = [int(o) for o in l2_offsets[index]]
@@ -587,35 +588,38 @@ def _update_tables(image, offsets: list[int], tables: list, addend: int, freed: 
     geo = image.geo
     rc = image.refcounts
     cache = image.clusters.l2_cache
-    desc = np.stack([E.descriptors(t) for t in tables])
-    types = E.cluster_types(desc.reshape(-1), geo.extended_l2, False).reshape(desc.shape)
-    host = E.has_host_cluster(types)
-    compressed = types == E.CLUSTER_COMPRESSED
+    n = len(E.descriptors(tables[0]))
+    desc = np.concatenate([E.descriptors(t) for t in tables])
+    types = E.cluster_types(desc, geo.extended_l2, False)
+    host = np.flatnonzero(E.has_host_cluster(types))
     host_off = E.host_offsets(desc[host])
-    if np.any(host_off % u64(geo.cluster_size)):
-        _unaligned_data(image, offsets, desc, host)
-    data = (host_off >> u64(geo.cluster_bits)).astype(np.int64)
+    if np.any(host_off & u64(geo.cluster_size - 1)):
+        _unaligned_data(image, offsets, desc.reshape(-1, n), host)
+    data = (host_off >> u64(geo.cluster_bits)).view(np.int64)  # offsets < 2**56
     tables_at = np.array(offsets, dtype=np.int64) >> geo.cluster_bits
+    first, count = E.compressed_clusters(desc[types == E.CLUSTER_COMPRESSED], geo)
     if addend:
-        first, count = E.compressed_clusters(desc[compressed], geo)
         rc.change_many(data, addend)
         if len(first):
             rc.change_runs(first, count, addend)
         rc.change_many(tables_at, addend)
-        if addend < 0 and freed is not None:
-            freed += [data, expand_runs(first, count), tables_at]
-    copied = np.zeros(desc.shape, dtype=bool)
-    copied[host] = rc.get_many(data) == 1
-    flag = u64(L.QCOW_OFLAG_COPIED)
-    new = np.where(copied, desc | flag, desc & ~flag)
+    counts = rc.get_many(data)
     table_counts = rc.get_many(tables_at)
-    changed = np.any(new != desc, axis=1)
-    for t in np.flatnonzero(changed | (table_counts == 0)).tolist():
+    if addend < 0 and freed is not None:
+        spans = expand_runs(first, count)
+        freed += [data[counts == 0], spans[rc.get_many(spans) == 0], tables_at[table_counts == 0]]
+    flag = u64(L.QCOW_OFLAG_COPIED)
+    # OFLAG_COPIED exactly on entries whose cluster has refcount 1.
+    new = desc & ~flag
+    new[host[counts == 1]] |= flag
+    changed = np.flatnonzero((new != desc).reshape(-1, n).any(axis=1))
+    for t in changed.tolist():
         if table_counts[t] == 0:
-            cache.drop(offsets[t])  # freed: never written again
             continue
-        E.descriptors(tables[t])[:] = new[t]
+        E.descriptors(tables[t])[:] = new[t * n : (t + 1) * n]
         cache.mark_dirty(offsets[t])
+    for t in np.flatnonzero(table_counts == 0).tolist():
+        cache.drop(offsets[t])  # freed: never written again
     return table_counts == 1
 
 
@@ -625,8 +629,10 @@ def _unaligned_data(image, offsets: list[int], desc, host) -> None:
 
     from qimg.formats.qcow2 import entries as E
 
-    bad = host & (E.host_offsets(desc) % np.uint64(image.geo.cluster_size) != 0)
-    t, j = (int(x[0]) for x in np.nonzero(bad))
+    bad = np.zeros(desc.size, dtype=bool)
+    bad[host] = True
+    bad &= (E.host_offsets(desc) & np.uint64(image.geo.cluster_size - 1) != 0).reshape(-1)
+    t, j = (int(x[0]) for x in np.nonzero(bad.reshape(desc.shape)))
     image.signal_corruption(
         f"Cluster allocation offset {int(E.host_offsets(desc[t, j])):#x} unaligned "
         f"(L2 offset: {offsets[t]:#x}, L2 index: {j:#x})"
