@@ -564,7 +564,7 @@ def update_snapshot_refcount(
         raise CorruptImageError("Input/output error", int(l2_offsets[i]))
     if addend > 0:
         cache.set_dependency(rc.blocks)
-    batch = max(1, min(128, cache.capacity // 2))
+    batch = max(1, min(32, cache.capacity // 2))
     for a in range(0, len(present), batch):
         index = present[a : a + batch]
         offsets = [int(o) for o in l2_offsets[index]]
