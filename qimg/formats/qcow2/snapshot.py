@@ -622,12 +622,16 @@ def _update_tables(image, offsets: list[int], tables: list, addend: int, freed: 
     data = (host_off >> u64(geo.cluster_bits)).view(np.int64)  # offsets < 2**56
     tables_at = np.array(offsets, dtype=np.int64) >> geo.cluster_bits
     first, count = E.compressed_clusters(desc[types == E.CLUSTER_COMPRESSED], geo)
+    # Data clusters as runs (a preallocated image has long ones).
+    cuts = np.flatnonzero(np.diff(data) != 1) + 1
+    run_starts = data[np.concatenate(([0], cuts))] if len(data) else data
+    run_counts = np.diff(np.concatenate((np.concatenate(([0], cuts)), [len(data)])))
     if addend:
-        rc.change_many(data, addend)
+        rc.change_runs(run_starts, run_counts, addend)
         if len(first):
             rc.change_runs(first, count, addend)
         rc.change_many(tables_at, addend)
-    counts = rc.get_many(data)
+    counts = rc.get_runs(run_starts, run_counts)
     table_counts = rc.get_many(tables_at)
     if addend < 0 and freed is not None:
         spans = expand_runs(first, count)
