@@ -37,6 +37,7 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "image-opts": False,
         "force-share": False,
     },
+    "snapshot": {"help": False, "object": True, "image-opts": False, "force-share": False},
     "convert": {
         "help": False,
         "object": True,

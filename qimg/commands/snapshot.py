@@ -11,7 +11,7 @@ from qimg.commands.common import format_option, output_option, quiet_option, sha
 @output_option
 @quiet_option
 @share_option
-@click.option("-l", "list_", count=True, help="List the snapshots.")
+@click.option("-l", "list_", is_flag=True, multiple=True, help="List the snapshots.")
 @click.option("-c", "create", multiple=True, metavar="NAME", help="Create snapshot NAME.")
 @click.option(
     "-a", "apply", multiple=True, metavar="NAME", help="Apply snapshot NAME (id or name)."
@@ -27,7 +27,7 @@ def command(fmt, output, quiet, force_share, list_, create, apply, delete, filen
     from qimg.cli import usage_error
     from qimg.commands.common import need_filename
 
-    if list_ + len(create) + len(apply) + len(delete) > 1:
+    if len(list_) + len(create) + len(apply) + len(delete) > 1:
         usage_error("Cannot mix '-l', '-a', '-c', '-d'")
     action, name = "list", None
     for act, names in (("create", create), ("apply", apply), ("delete", delete)):

@@ -54,6 +54,17 @@ def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - firsts, counts) + np.arange(total, dtype=np.int64)
 
 
+def _long_disjoint_runs(starts: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether the runs are sorted, disjoint, non-empty and 16 clusters
+    long on average (slices then beat arrays of indexes)."""
+    return bool(
+        len(starts)
+        and np.all(counts > 0)
+        and np.all(starts[1:] >= starts[:-1] + counts[:-1])
+        and int(counts.sum()) >= 16 * len(starts)
+    )
+
+
 class MetadataIO(Protocol):
     """What the refcount layer needs from the image that owns it."""
 
@@ -145,15 +156,23 @@ class Refcounts:
         if not len(clusters):
             return out
         bits = self.geo.refcount_block_bits
+        mask = (1 << bits) - 1
         block_index = clusters >> bits
-        order = np.argsort(block_index, kind="stable")
-        sorted_bi = block_index[order]
-        cuts = np.flatnonzero(np.diff(sorted_bi)) + 1
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)]):
-            offset = self._block_offset(int(sorted_bi[a]))
-            if offset:
+        order = None
+        if np.any(block_index[1:] < block_index[:-1]):
+            order = np.argsort(block_index, kind="stable")
+            block_index = block_index[order]
+        cuts = np.flatnonzero(np.diff(block_index)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(clusters)]):
+            offset = self._block_offset(int(block_index[a]))
+            if not offset:
+                continue
+            block = self.blocks.get(offset)
+            if order is None:  # already in block order: slices, no gather of indexes
+                out[a:b] = block[clusters[a:b] & mask]
+            else:
                 where = order[a:b]
-                out[where] = self.blocks.get(offset)[clusters[where] & ((1 << bits) - 1)]
+                out[where] = block[clusters[where] & mask]
         return out
 
     def _spans(self, start: int, count: int):
@@ -275,8 +294,72 @@ class Refcounts:
             self.blocks.mark_dirty(block_offset)
 
     def change_runs(self, starts: np.ndarray, counts: np.ndarray, delta: int) -> None:
-        """change_many over the clusters of runs [starts[i], starts[i]+counts[i])."""
-        self.change_many(expand_runs(starts, counts), delta)
+        """change_many over the clusters of runs [starts[i], starts[i]+counts[i]).
+
+        Sorted, disjoint runs of some length are changed as slices of each
+        refcount block (no array of cluster indexes); otherwise as
+        change_many. Either way nothing changes if any count would overflow
+        or fall below zero.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if delta == 0 or not len(starts):
+            return
+        if not _long_disjoint_runs(starts, counts):
+            self.change_many(expand_runs(starts, counts), delta)
+            return
+        pieces = self._run_pieces(starts, counts, create=delta > 0)
+        for block_offset, lo, hi, _pos in pieces:
+            if not block_offset:
+                raise CorruptImageError(f"Cannot free cluster {_pos:#x}: it has no refcount block")
+            seg = self.blocks.get(block_offset)[lo:hi]
+            if delta > 0 and np.any(seg > np.uint64(self.geo.refcount_max - delta)):
+                raise QimgError("Reference count overflow")
+            if delta < 0 and np.any(seg < np.uint64(-delta)):
+                first = _pos + int(np.argmax(seg < np.uint64(-delta)))
+                raise CorruptImageError(f"Cannot decrease refcount below zero (cluster {first})")
+        for block_offset, lo, hi, pos in pieces:
+            seg = self.blocks.get(block_offset)[lo:hi]
+            if delta > 0:
+                seg += np.uint64(delta)
+            else:
+                seg -= np.uint64(-delta)
+                self._note_freed(pos + np.flatnonzero(seg == 0))
+            self.blocks.mark_dirty(block_offset)
+
+    def get_runs(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The refcounts of the clusters of the runs, in order (as get_many
+        of their indexes)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if not _long_disjoint_runs(starts, counts):
+            return self.get_many(expand_runs(starts, counts))
+        out = np.zeros(int(counts.sum()), dtype=np.uint64)
+        at = 0
+        for block_offset, lo, hi, _pos in self._run_pieces(starts, counts, create=False):
+            if block_offset:
+                out[at : at + hi - lo] = self.blocks.get(block_offset)[lo:hi]
+            at += hi - lo
+        return out
+
+    def _run_pieces(self, starts: np.ndarray, counts: np.ndarray, create: bool) -> list:
+        """(block offset, first, end, cluster) of each refcount block's share
+        [first, end) of the runs, in order; a missing block is created when
+        `create`, else raises unless the pieces are only read (offset 0)."""
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pieces = []
+        for start, count in zip(starts.tolist(), counts.tolist()):
+            pos, end = start, start + count
+            while pos < end:
+                bi, lo = pos >> bits, pos & (per_block - 1)
+                n = min(per_block - lo, end - pos)
+                offset = self._block_offset(bi)
+                if not offset and create:
+                    offset = self._create_block(bi)
+                pieces.append((offset, lo, lo + n, pos))
+                pos += n
+        return pieces
 
     def free_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
         """Drop one reference to every cluster of the runs (see change_many)."""

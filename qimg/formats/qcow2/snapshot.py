@@ -154,12 +154,7 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
     if offset % image.geo.cluster_size:
         raise InvalidImageError("Snapshot table offset invalid")
 
-    def read(pos: int, n: int) -> bytes:
-        try:
-            return image.storage.pread(pos, n)
-        except ImageIOError as exc:
-            raise ImageIOError(f"Failed to read snapshot table: {exc}") from None
-
+    read = _TableReader(image.storage, offset).read
     snapshots = []
     pos = offset
     for i in range(h.nb_snapshots):
@@ -173,6 +168,35 @@ def read_snapshots(image) -> tuple[list[Snapshot], int]:
             raise InvalidImageError("Snapshot table is too big")
         snapshots.append(snap)
     return snapshots, pos - offset
+
+
+class _TableReader:
+    """Reads of the table at `offset` served from chunks read ahead (a
+    table of 65536 entries is not 200,000 small reads). Past the end of the
+    file the table reads as zeros; a read the block layer refuses raises."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, storage, offset: int):
+        self.storage = storage
+        self.start = self.end = offset
+        self.buf = b""
+
+    def read(self, pos: int, n: int) -> bytes:
+        if not (self.start <= pos and pos + n <= self.end):
+            self._fill(pos, n)
+        return self.buf[pos - self.start : pos - self.start + n]
+
+    def _fill(self, pos: int, n: int) -> None:
+        try:
+            check_request(pos, n)
+            try:
+                data = self.storage.pread(pos, max(n, self.CHUNK))
+            except ImageIOError:  # the read-ahead reaches too far: read exactly
+                data = self.storage.pread(pos, n)
+        except ImageIOError as exc:
+            raise ImageIOError(f"Failed to read snapshot table: {exc}") from None
+        self.start, self.end, self.buf = pos, pos + len(data), data
 
 
 def read_snapshot_table(image) -> list[Snapshot]:
@@ -248,9 +272,10 @@ def discard_freed(image, clusters) -> None:
     import numpy as np
 
     punch = getattr(image.storage, "punch_hole", None)
-    clusters = np.unique(np.asarray(clusters, dtype=np.int64))
+    clusters = np.sort(np.asarray(clusters, dtype=np.int64))
     if punch is None or not len(clusters):
         return
+    clusters = clusters[np.concatenate(([True], clusters[1:] != clusters[:-1]))]
     clusters = clusters[image.refcounts.get_many(clusters) == 0]
     cb = image.geo.cluster_bits
     cuts = np.flatnonzero(np.diff(clusters) != 1) + 1
@@ -521,7 +546,7 @@ def _as_snapshot_error(exc: QimgError) -> SnapshotError:
     if isinstance(exc, SnapshotError):
         return exc
     if str(exc) == "Reference count overflow":
-        return _errno_error(_errno.ERANGE)
+        return _errno_error(_errno.EINVAL)  # update_refcount: -EINVAL on overflow
     if isinstance(exc, FileTooLargeError):
         return _errno_error(_errno.EFBIG)
     return SnapshotError(str(exc), _errno.EIO)
@@ -563,7 +588,7 @@ def update_snapshot_refcount(
         raise CorruptImageError("Input/output error", int(l2_offsets[i]))
     if addend > 0:
         cache.set_dependency(rc.blocks)
-    batch = max(1, min(64, cache.capacity // 2))
+    batch = max(1, min(32, cache.capacity // 2))
     for a in range(0, len(present), batch):
         index = present[a : a + batch]
         offsets = [int(o) for o in l2_offsets[index]]
@@ -587,35 +612,42 @@ def _update_tables(image, offsets: list[int], tables: list, addend: int, freed: 
     geo = image.geo
     rc = image.refcounts
     cache = image.clusters.l2_cache
-    desc = np.stack([E.descriptors(t) for t in tables])
-    types = E.cluster_types(desc.reshape(-1), geo.extended_l2, False).reshape(desc.shape)
-    host = E.has_host_cluster(types)
-    compressed = types == E.CLUSTER_COMPRESSED
+    n = len(E.descriptors(tables[0]))
+    desc = np.concatenate([E.descriptors(t) for t in tables])
+    types = E.cluster_types(desc, geo.extended_l2, False)
+    host = np.flatnonzero(E.has_host_cluster(types))
     host_off = E.host_offsets(desc[host])
-    if np.any(host_off % u64(geo.cluster_size)):
-        _unaligned_data(image, offsets, desc, host)
-    data = (host_off >> u64(geo.cluster_bits)).astype(np.int64)
+    if np.any(host_off & u64(geo.cluster_size - 1)):
+        _unaligned_data(image, offsets, desc.reshape(-1, n), host)
+    data = (host_off >> u64(geo.cluster_bits)).view(np.int64)  # offsets < 2**56
     tables_at = np.array(offsets, dtype=np.int64) >> geo.cluster_bits
+    first, count = E.compressed_clusters(desc[types == E.CLUSTER_COMPRESSED], geo)
+    # Data clusters as runs (a preallocated image has long ones).
+    cuts = np.flatnonzero(np.diff(data) != 1) + 1
+    run_starts = data[np.concatenate(([0], cuts))] if len(data) else data
+    run_counts = np.diff(np.concatenate((np.concatenate(([0], cuts)), [len(data)])))
     if addend:
-        first, count = E.compressed_clusters(desc[compressed], geo)
-        rc.change_many(data, addend)
+        rc.change_runs(run_starts, run_counts, addend)
         if len(first):
             rc.change_runs(first, count, addend)
         rc.change_many(tables_at, addend)
-        if addend < 0 and freed is not None:
-            freed += [data, expand_runs(first, count), tables_at]
-    copied = np.zeros(desc.shape, dtype=bool)
-    copied[host] = rc.get_many(data) == 1
-    flag = u64(L.QCOW_OFLAG_COPIED)
-    new = np.where(copied, desc | flag, desc & ~flag)
+    counts = rc.get_runs(run_starts, run_counts)
     table_counts = rc.get_many(tables_at)
-    changed = np.any(new != desc, axis=1)
-    for t in np.flatnonzero(changed | (table_counts == 0)).tolist():
+    if addend < 0 and freed is not None:
+        spans = expand_runs(first, count)
+        freed += [data[counts == 0], spans[rc.get_many(spans) == 0], tables_at[table_counts == 0]]
+    flag = u64(L.QCOW_OFLAG_COPIED)
+    # OFLAG_COPIED exactly on entries whose cluster has refcount 1.
+    new = desc & ~flag
+    new[host[counts == 1]] |= flag
+    changed = np.flatnonzero((new != desc).reshape(-1, n).any(axis=1))
+    for t in changed.tolist():
         if table_counts[t] == 0:
-            cache.drop(offsets[t])  # freed: never written again
             continue
-        E.descriptors(tables[t])[:] = new[t]
+        E.descriptors(tables[t])[:] = new[t * n : (t + 1) * n]
         cache.mark_dirty(offsets[t])
+    for t in np.flatnonzero(table_counts == 0).tolist():
+        cache.drop(offsets[t])  # freed: never written again
     return table_counts == 1
 
 
@@ -625,8 +657,10 @@ def _unaligned_data(image, offsets: list[int], desc, host) -> None:
 
     from qimg.formats.qcow2 import entries as E
 
-    bad = host & (E.host_offsets(desc) % np.uint64(image.geo.cluster_size) != 0)
-    t, j = (int(x[0]) for x in np.nonzero(bad))
+    bad = np.zeros(desc.size, dtype=bool)
+    bad[host] = True
+    bad &= (E.host_offsets(desc) & np.uint64(image.geo.cluster_size - 1) != 0).reshape(-1)
+    t, j = (int(x[0]) for x in np.nonzero(bad.reshape(desc.shape)))
     image.signal_corruption(
         f"Cluster allocation offset {int(E.host_offsets(desc[t, j])):#x} unaligned "
         f"(L2 offset: {offsets[t]:#x}, L2 index: {j:#x})"
