@@ -21,9 +21,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compare_command, print_table  # noqa: E402
+from common import compare, compare_command, print_table  # noqa: E402
 
 DEFAULT_GIB = 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _prealloc(path: str, size: str) -> None:
@@ -48,6 +49,16 @@ def rows(workdir: str, size_gib: int = DEFAULT_GIB, repeat: int = 3) -> list[dic
 
     label = f"{size_gib} GiB prealloc"
     return [
+        # qimg's start-up for a metadata change (interpreter, numpy, the
+        # qcow2 driver) against qemu-img's: the issue bounds resize by
+        # start-up plus qemu-img's time.
+        compare(
+            "start-up: import of the qcow2 driver",
+            [sys.executable, "-c", "import qimg.resize, qimg.formats.qcow2.resize"],
+            ["qemu-img", "--version"],
+            repeat=repeat,
+            cwd=REPO,
+        ),
         compare_command(
             f"amend refcount_bits=64: {label}",
             ["amend", "-o", "refcount_bits=64", work],

@@ -262,3 +262,20 @@ def test_bitmaps_go_cleanly_with_a_downgrade(qemu_img, tmp_path):
     assert proc.returncode == 0, proc.stderr
     qemu_check_clean(path)  # qemu-img 7.2 leaks the bitmap clusters here
     assert qemu_read_raw(path, tmp_path) == data
+
+
+def test_compat_and_width_change_together(qemu_img, tmp_path):
+    """One amend changing both: the width first, the downgrade last (and
+    the upgrade first, the width after), as qcow2_amend_options orders them."""
+    path = _make(tmp_path, "refcount_bits=64", bitmap=True)
+    data = qemu_read_raw(path, tmp_path)
+    snap = _snapshot_raw(path, tmp_path)
+    for opts, compat, bits in (("compat=0.10,refcount_bits=16", "0.10", 16),
+                               ("refcount_bits=4,compat=1.1", "1.1", 4)):  # fmt: skip
+        proc = qimg_here(tmp_path, "amend", "-o", opts, "a.qcow2")
+        assert proc.returncode == 0, proc.stderr
+        qemu_check_clean(path)
+        specific = _info(path)["format-specific"]["data"]
+        assert (specific["compat"], specific["refcount-bits"]) == (compat, bits)
+        assert qemu_read_raw(path, tmp_path) == data
+        assert _snapshot_raw(path, tmp_path) == snap

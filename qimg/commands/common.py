@@ -57,7 +57,12 @@ def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
     try:
         return open_image(name, fmt, **kw)
     except QimgError as exc:
-        exc.args = (f"Could not open '{filename}': {exc}",)
+        from qimg.errors import ImageLockedError
+
+        # qemu-img doubles the prefix of a failed file open, but a lock
+        # conflict comes from the permission update and carries one.
+        if not isinstance(exc, ImageLockedError):
+            exc.args = (f"Could not open '{filename}': {exc}",)
         raise
 
 

@@ -761,7 +761,7 @@ class Refcounts:
 
 # Clusters whose counts are handled per step of a width rewrite: bounds the
 # memory a rewrite takes (a few arrays of this many entries).
-_REWRITE_CHUNK = 1 << 22
+_REWRITE_CHUNK = 1 << 20
 
 
 class NewRefcountStructure:
@@ -804,13 +804,28 @@ class NewRefcountStructure:
     def _counts(self, first: int, count: int) -> np.ndarray:
         """Counts of clusters [first, first+count) in the new structure."""
         if first < self.used:
-            values = self.old.get_range(first, count)
+            values = self._old_counts(first, count)
         else:
             values = np.zeros(count, dtype=np.uint64)
         lo, hi = max(first, self.start), min(first + count, self.end)
         if hi > lo:
             values[lo - first : hi - first] = 1
         return values
+
+    def _old_counts(self, first: int, count: int) -> np.ndarray:
+        """Refcounts of clusters [first, first+count) in the old structure,
+        read past its cache (a rewrite reads every block once per pass and
+        keeps none: memory stays bounded on large images)."""
+        old = self.old
+        out = np.zeros(count, dtype=np.uint64)
+        for pos, bi, start, n in old._spans(first, count):
+            offset = old._block_offset(bi)
+            if offset:
+                block = old.blocks.tables.get(offset)
+                if block is None:
+                    block = old._read_block(offset)
+                out[pos - first : pos - first + n] = block[start : start + n]
+        return out
 
     def _nonzero_blocks(self) -> np.ndarray:
         """Indices of the new blocks over [0, used) holding a non-zero count;
@@ -820,7 +835,7 @@ class NewRefcountStructure:
         out = []
         step = max(per_block, _REWRITE_CHUNK // per_block * per_block)
         for first in range(0, self.used, step):
-            values = self.old.get_range(first, min(step, self.used - first))
+            values = self._old_counts(first, min(step, self.used - first))
             big = np.flatnonzero(values > np.uint64(limit))
             if len(big):
                 cluster = first + int(big[0])
