@@ -42,6 +42,10 @@ def encode_refcount_block(values: np.ndarray, refcount_order: int) -> bytes:
     return packed.astype(np.uint8).tobytes()
 
 
+# Runs at least this long on average change block slices (change_runs).
+_RUN_SPAN_MIN = 64
+
+
 def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The indices of runs [starts[i], starts[i]+counts[i]), in order, as one array."""
     starts = np.asarray(starts, dtype=np.int64)
@@ -238,7 +242,7 @@ class Refcounts:
             # Already sorted without repeats (an L2 table's worth of a
             # sequential allocation): no need to sort.
             index = clusters
-            steps = np.full(len(index), abs(delta), dtype=np.uint64)
+            steps = np.broadcast_to(np.uint64(abs(delta)), len(index))
         else:
             index, repeats = np.unique(clusters, return_counts=True)
             steps = repeats.astype(np.uint64) * np.uint64(abs(delta))
@@ -247,7 +251,7 @@ class Refcounts:
             self._check_change(block_offset, index[a:b], steps[a:b], delta)
         for block_offset, a, b in groups:
             block = self.blocks.get(block_offset)
-            local = index[a:b] & ((1 << self.geo.refcount_block_bits) - 1)
+            local = self._positions(index[a:b])
             if delta > 0:
                 block[local] += steps[a:b]
             else:
@@ -256,8 +260,55 @@ class Refcounts:
             self.blocks.mark_dirty(block_offset)
 
     def change_runs(self, starts: np.ndarray, counts: np.ndarray, delta: int) -> None:
-        """change_many over the clusters of runs [starts[i], starts[i]+counts[i])."""
-        self.change_many(expand_runs(starts, counts), delta)
+        """change_many over the clusters of runs [starts[i], starts[i]+counts[i]).
+
+        Long disjoint runs (a discard of sequentially allocated clusters)
+        change block slices, without an array of every cluster; any other
+        mix of runs goes through change_many. Same checks, same errors:
+        nothing changes if any count would overflow or fall below zero.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        order = np.argsort(starts, kind="stable")
+        starts, counts = starts[order], counts[order]
+        total = int(counts.sum())
+        if (
+            delta == 0
+            or len(starts) * _RUN_SPAN_MIN > total
+            or np.any(starts[1:] < starts[:-1] + counts[:-1])
+        ):
+            self.change_many(expand_runs(starts, counts), delta)
+            return
+        spans = []
+        for start, count in zip(starts.tolist(), counts.tolist()):
+            for pos, bi, first, n in self._spans(start, count):
+                block_offset = self._block_offset(bi)
+                if not block_offset:
+                    if delta < 0:
+                        raise CorruptImageError(
+                            f"Cannot free cluster {pos:#x}: it has no refcount block"
+                        )
+                    block_offset = self._create_block(bi)
+                spans.append((block_offset, pos, first, n))
+        step = np.uint64(abs(delta))
+        for block_offset, pos, first, n in spans:
+            seg = self.blocks.get(block_offset)[first : first + n]
+            if delta > 0:
+                if np.any(seg > np.uint64(self.geo.refcount_max) - step):
+                    raise QimgError("Reference count overflow")
+            elif np.any(seg < step):
+                under = int(np.argmax(seg < step))
+                raise CorruptImageError(
+                    f"Cannot decrease refcount below zero (cluster {pos + under})"
+                )
+        for block_offset, pos, first, n in spans:
+            seg = self.blocks.get(block_offset)[first : first + n]
+            if delta > 0:
+                seg += step
+            else:
+                seg -= step
+                self._note_freed(np.flatnonzero(seg == 0) + pos)
+            self.blocks.mark_dirty(block_offset)
 
     def free_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
         """Drop one reference to every cluster of the runs (see change_many)."""
@@ -267,12 +318,15 @@ class Refcounts:
         """(block offset, a, b) for each refcount block's share index[a:b] of
         the sorted cluster indices `index`."""
         bits = self.geo.refcount_block_bits
-        block_index = index >> bits
-        cuts = np.flatnonzero(np.diff(block_index)) + 1
-        bounds = [0, *cuts.tolist(), len(index)]
+        # Sorted: each block's share starts where its first cluster would.
+        first, last = int(index[0]) >> bits, int(index[-1]) >> bits
+        starts = np.arange(first + 1, last + 1, dtype=np.int64) << bits
+        bounds = [0, *np.searchsorted(index, starts).tolist(), len(index)]
         groups = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            bi = int(block_index[a])
+            if a == b:
+                continue  # no cluster in this block
+            bi = int(index[a]) >> bits
             block_offset = self._block_offset(bi)
             if not block_offset:
                 if not create:
@@ -289,7 +343,7 @@ class Refcounts:
         """Raise if changing the counts of `index` (one block) by +/-steps
         would overflow or fall below zero."""
         block = self.blocks.get(block_offset)
-        values = block[index & ((1 << self.geo.refcount_block_bits) - 1)]
+        values = block[self._positions(index)]
         if delta > 0:
             room = np.uint64(self.geo.refcount_max) - values  # never negative
             if np.any(steps > room):
@@ -300,6 +354,16 @@ class Refcounts:
             raise CorruptImageError(
                 f"Cannot decrease refcount below zero (cluster {int(index[under[0]])})"
             )
+
+    def _positions(self, index: np.ndarray):
+        """Where the sorted, distinct cluster indices `index` (of one block)
+        lie in their block: a slice where they form one run (a table's
+        worth of a sequential allocation), else an index array."""
+        mask = (1 << self.geo.refcount_block_bits) - 1
+        if int(index[-1]) - int(index[0]) == len(index) - 1:
+            first = int(index[0]) & mask
+            return slice(first, first + len(index))
+        return index & mask
 
     def _note_freed(self, freed: np.ndarray) -> None:
         """Clusters `freed` (sorted) have just fallen to refcount 0."""
