@@ -41,7 +41,6 @@ from qimg.formats.qcow2.entries import (  # noqa: F401  (decode_l2, encode_l2 re
     writable_in_place,
 )
 from qimg.formats.qcow2.header import Geometry
-from qimg.formats.qcow2.refcount import expand_runs
 
 _U64 = np.uint64
 _OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
@@ -491,7 +490,34 @@ class ClusterMap:
         self._free_entries(entries)
 
     def _free_entries(self, entries: np.ndarray) -> None:
-        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster).
+        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster)."""
+        self._free_runs([self._held_runs(entries)])
+
+    def _held_runs(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first host cluster, count) runs of the references `entries` hold:
+        a normal or allocated zero cluster its host cluster, a compressed one
+        every host cluster its bytes touch; none with an external data file
+        (its clusters have no refcounts)."""
+        empty = np.zeros(0, dtype=np.int64)
+        if self.has_data_file or not entries.any():
+            return empty, empty
+        compressed = is_compressed(entries)
+        any_compressed = bool(compressed.any())
+        plain = host_offsets(entries)
+        if any_compressed:
+            plain = plain[~compressed]
+        # Host offsets are below 2^56: the shifted values fit int64 as they are.
+        clusters = (plain[plain != 0] >> _U64(self.geo.cluster_bits)).view(np.int64)
+        cuts = np.flatnonzero(clusters[1:] != clusters[:-1] + 1) + 1
+        starts = clusters[np.concatenate(([0], cuts))] if len(clusters) else empty
+        counts = np.diff(np.concatenate(([0], cuts, [len(clusters)]))) if len(clusters) else empty
+        if any_compressed:
+            first, count = compressed_clusters(entries[compressed], self.geo)
+            starts, counts = np.concatenate((starts, first)), np.concatenate((counts, count))
+        return starts, counts
+
+    def _free_runs(self, runs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Drop one reference to each host cluster of the (starts, counts) runs.
 
         Ordering: the caller has already changed the L2 entries in the cache;
         the refcount cache now depends on the L2 cache, so no lowered count
@@ -499,21 +525,12 @@ class ClusterMap:
         cluster (a crash leaks, never frees a cluster in use), and the freed
         clusters are not reused before a flush (refcount.py's pending_free).
         """
-        if self.has_data_file or not entries.any():
+        starts = np.concatenate([s for s, _c in runs])
+        if not len(starts):
             return
-        geo = self.geo
-        owner = self.owner
-        compressed = is_compressed(entries)
-        plain = host_offsets(entries)[~compressed]
-        plain = plain[plain != 0]
-        if len(plain) == 0 and not compressed.any():
-            return
-        owner.refcounts.blocks.set_dependency(self.l2_cache)
-        clusters = [(plain >> _U64(geo.cluster_bits)).astype(np.int64)]
-        if compressed.any():
-            first, count = compressed_clusters(entries[compressed], geo)
-            clusters.append(expand_runs(first, count))
-        owner.refcounts.change_many(np.concatenate(clusters), -1)
+        counts = np.concatenate([c for _s, c in runs])
+        self.owner.refcounts.blocks.set_dependency(self.l2_cache)
+        self.owner.refcounts.change_runs(starts, counts, -1)
 
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from
@@ -647,7 +664,7 @@ class ClusterMap:
         nothing). Unallocated L2 tables are skipped unless `all_tables`.
 
         Ordering: the new entries go into the cached L2 table first; the
-        references are dropped after, all together (_free_entries), with the
+        references are dropped after, all together (_free_runs), with the
         refcount cache depending on the L2 cache.
         """
         geo = self.geo
@@ -663,9 +680,9 @@ class ClusterMap:
             if gone is None:
                 continue
             self.l2_cache.mark_dirty(l2_offset)
-            dropped.append(entries[gone])
+            dropped.append(self._held_runs(entries[gone]))
         if dropped:
-            self._free_entries(np.concatenate(dropped))
+            self._free_runs(dropped)
 
 
 def _append(out: list[Extent], ext: Extent) -> None:

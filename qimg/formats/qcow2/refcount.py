@@ -276,7 +276,7 @@ class Refcounts:
             # Already sorted without repeats (an L2 table's worth of a
             # sequential allocation): no need to sort.
             index = clusters
-            steps = np.full(len(index), abs(delta), dtype=np.uint64)
+            steps = np.broadcast_to(np.uint64(abs(delta)), len(index))
         else:
             index, repeats = np.unique(clusters, return_counts=True)
             steps = repeats.astype(np.uint64) * np.uint64(abs(delta))
@@ -285,7 +285,7 @@ class Refcounts:
             self._check_change(block_offset, index[a:b], steps[a:b], delta)
         for block_offset, a, b in groups:
             block = self.blocks.get(block_offset)
-            local = index[a:b] & ((1 << self.geo.refcount_block_bits) - 1)
+            local = self._positions(index[a:b])
             if delta > 0:
                 block[local] += steps[a:b]
             else:
@@ -369,12 +369,15 @@ class Refcounts:
         """(block offset, a, b) for each refcount block's share index[a:b] of
         the sorted cluster indices `index`."""
         bits = self.geo.refcount_block_bits
-        block_index = index >> bits
-        cuts = np.flatnonzero(np.diff(block_index)) + 1
-        bounds = [0, *cuts.tolist(), len(index)]
+        # Sorted: each block's share starts where its first cluster would.
+        first, last = int(index[0]) >> bits, int(index[-1]) >> bits
+        starts = np.arange(first + 1, last + 1, dtype=np.int64) << bits
+        bounds = [0, *np.searchsorted(index, starts).tolist(), len(index)]
         groups = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            bi = int(block_index[a])
+            if a == b:
+                continue  # no cluster in this block
+            bi = int(index[a]) >> bits
             block_offset = self._block_offset(bi)
             if not block_offset:
                 if not create:
@@ -391,7 +394,7 @@ class Refcounts:
         """Raise if changing the counts of `index` (one block) by +/-steps
         would overflow or fall below zero."""
         block = self.blocks.get(block_offset)
-        values = block[index & ((1 << self.geo.refcount_block_bits) - 1)]
+        values = block[self._positions(index)]
         if delta > 0:
             room = np.uint64(self.geo.refcount_max) - values  # never negative
             if np.any(steps > room):
@@ -402,6 +405,16 @@ class Refcounts:
             raise CorruptImageError(
                 f"Cannot decrease refcount below zero (cluster {int(index[under[0]])})"
             )
+
+    def _positions(self, index: np.ndarray):
+        """Where the sorted, distinct cluster indices `index` (of one block)
+        lie in their block: a slice where they form one run (a table's
+        worth of a sequential allocation), else an index array."""
+        mask = (1 << self.geo.refcount_block_bits) - 1
+        if int(index[-1]) - int(index[0]) == len(index) - 1:
+            first = int(index[0]) & mask
+            return slice(first, first + len(index))
+        return index & mask
 
     def _note_freed(self, freed: np.ndarray) -> None:
         """Clusters `freed` (sorted) have just fallen to refcount 0."""
