@@ -84,7 +84,7 @@ def names(path) -> list[str]:
     return [b["name"] for b in info_bitmaps(path)]
 
 
-@pytest.mark.parametrize("cluster_size", [512, 65536, 2 * MiB])
+@pytest.mark.parametrize("cluster_size", [512, 2 * MiB])
 def test_edits_leave_the_bits_qemu_img_leaves(tmp_path, qemu_nbd, cluster_size):
     base, other = tmp_path / "base.qcow2", tmp_path / "other.qcow2"
     make_image(base, cluster_size, seed=cluster_size)
