@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -215,3 +216,14 @@ def test_image_in_use_is_refused_as_qemu_img_refuses_it(images, tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_file_is_refused_as_qemu_img_refuses_it(images, tmp_path):
+    path = tmp_path / "img.qcow2"
+    shutil.copy(images / "img.qcow2", path)
+    path.chmod(0o444)
+    q = run(["qemu-img", "bitmap", "--add", "img.qcow2", "n"], check=False, cwd=tmp_path)
+    got = qimg_here(tmp_path, "bitmap", "--add", "img.qcow2", "n")
+    assert q.returncode == 1 and "Permission denied" in q.stderr
+    assert (got.returncode, message(got.stderr, "qimg")) == (1, message(q.stderr, "qemu-img"))
