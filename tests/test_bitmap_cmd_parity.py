@@ -23,6 +23,9 @@ import pytest
 from conftest import qemu_check_clean, run
 from infotools import message, qimg_here
 
+from qimg.api import open_image
+from qimg.formats.qcow2.bitmap import read_bitmap_directory
+
 MiB = 1 << 20
 LONG = "x" * 1024
 
@@ -69,9 +72,21 @@ def images(tmp_path_factory):
         ]
     )
     run(["qemu-io", "-f", "qcow2", "-c", "write 3M 1k", str(d / "src.qcow2")])
+    shutil.copy(d / "img.qcow2", d / "dmg.qcow2")
+    damage_in_use_table(d / "dmg.qcow2", "bad")
     qemu_img(d, "create", "-q", "-f", "raw", "r.raw", "1M")
     qemu_img(d, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M")
     return d
+
+
+def damage_in_use_table(path, name: str) -> None:
+    """Reserved bits set in the first table entry of in-use bitmap `name`
+    (QEMU loads no in-use bitmap's table, so the image still opens)."""
+    with open_image(str(path), "qcow2") as img:
+        e = next(e for e in read_bitmap_directory(img) if e.name == name)
+    with open(path, "r+b") as f:
+        f.seek(e.table_offset)
+        f.write((1 << 62 | 1).to_bytes(8, "big"))
 
 
 CASES = {
@@ -119,6 +134,8 @@ CASES = {
     "disable_missing": ["--disable", "img.qcow2", "nob"],
     "remove": ["--remove", "img.qcow2", "b0"],
     "remove_in_use": ["--remove", "img.qcow2", "bad"],
+    "remove_in_use_damaged": ["--remove", "dmg.qcow2", "bad"],
+    "clear_in_use_damaged": ["--clear", "dmg.qcow2", "bad"],
     "remove_then_clear": ["--remove", "--clear", "img.qcow2", "b0"],
     "clear": ["--clear", "img.qcow2", "b0"],
     "clear_in_use": ["--clear", "img.qcow2", "bad"],
@@ -167,6 +184,16 @@ def digest(d) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
 
 
+def check_result(path) -> tuple:
+    """Exit code and findings; not where the image ends (qemu-img rewrites
+    every bitmap, qimg the one edited)."""
+    proc = run(["qemu-img", "check", str(path)], check=False)
+    kept = [
+        ln for ln in proc.stdout.splitlines() if "allocated" not in ln and "end offset" not in ln
+    ]
+    return proc.returncode, kept, proc.stderr
+
+
 def bitmaps(path) -> list:
     out = run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout
     return json.loads(out)["format-specific"]["data"].get("bitmaps", [])
@@ -193,6 +220,9 @@ def test_bitmap_command_matches_qemu_img(images, tmp_path, case):
     for name in ("img.qcow2", "src.qcow2"):
         assert bitmaps(ours / name) == bitmaps(theirs / name)
         qemu_check_clean(ours / name)
+    # dmg.qcow2 fails qemu-img check from the start (its damaged table)
+    assert bitmaps(ours / "dmg.qcow2") == bitmaps(theirs / "dmg.qcow2")
+    assert check_result(ours / "dmg.qcow2") == check_result(theirs / "dmg.qcow2")
 
 
 def test_image_in_use_is_refused_as_qemu_img_refuses_it(images, tmp_path):
