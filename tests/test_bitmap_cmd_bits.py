@@ -102,6 +102,9 @@ def test_edits_leave_the_bits_qemu_img_leaves(tmp_path, qemu_nbd, cluster_size):
                 assert got.returncode == 0, got.stderr
     qemu_check_clean(ours)
     assert info_bitmaps(ours) == info_bitmaps(theirs)
+    # qimg info shows them with qemu-img's keys and values
+    mine = json.loads(qimg("info", "--output=json", ours).stdout)
+    assert mine["format-specific"]["data"]["bitmaps"] == info_bitmaps(ours)
     for name in names(theirs):
         assert dirty_extents(ours, name, tmp_path) == dirty_extents(theirs, name, tmp_path), name
 
