@@ -108,6 +108,8 @@ CASES = {
     "merge_missing_argument": ["--merge"],
     "unknown_short": ["--add", "-Z", "img.qcow2", "n"],
     "unknown_long": ["--add", "--foo", "img.qcow2", "n"],
+    "merge_equals_and_attached_g": ["--add", "-g4k", "--merge=b0", "img.qcow2", "n"],
+    "options_after_names": ["img.qcow2", "n", "--add", "--disable"],
     "abbreviations": ["--merg", "b0", "--ad", "img.qcow2", "n"],
     "image_opts_and_format": ["--add", "--image-opts", "-f", "qcow2", "img.qcow2", "n"],
     "image_opts": ["--add", "--image-opts", "driver=qcow2,file.filename=img.qcow2", "n"],
