@@ -24,6 +24,7 @@ from conftest import qemu_check_clean, run
 from infotools import message, qimg_here
 
 from qimg.api import open_image
+from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.bitmap import read_bitmap_directory
 
 MiB = 1 << 20
@@ -72,6 +73,8 @@ def images(tmp_path_factory):
         ]
     )
     run(["qemu-io", "-f", "qcow2", "-c", "write 3M 1k", str(d / "src.qcow2")])
+    qemu_img(d, "create", "-q", "-f", "qcow2", "one.qcow2", "1M")
+    qemu_img(d, "bitmap", "--add", "one.qcow2", "only")
     shutil.copy(d / "img.qcow2", d / "dmg.qcow2")
     damage_in_use_table(d / "dmg.qcow2", "bad")
     qemu_img(d, "create", "-q", "-f", "raw", "r.raw", "1M")
@@ -136,6 +139,8 @@ CASES = {
     "disable_missing": ["--disable", "img.qcow2", "nob"],
     "remove": ["--remove", "img.qcow2", "b0"],
     "remove_in_use": ["--remove", "img.qcow2", "bad"],
+    "remove_the_last": ["--remove", "one.qcow2", "only"],
+    "remove_the_last_and_add": ["--remove", "--add", "-g", "1M", "one.qcow2", "only"],
     "remove_in_use_damaged": ["--remove", "dmg.qcow2", "bad"],
     "clear_in_use_damaged": ["--clear", "dmg.qcow2", "bad"],
     "remove_then_clear": ["--remove", "--clear", "img.qcow2", "b0"],
@@ -196,6 +201,13 @@ def check_result(path) -> tuple:
     return proc.returncode, kept, proc.stderr
 
 
+def extension(path) -> tuple[bool, bool]:
+    """Whether the header has a bitmaps extension, and the autoclear bit."""
+    with open_image(str(path), "qcow2", force_share=True) as img:
+        h = img.header
+        return h.bitmaps_ext is not None, bool(h.autoclear_features & L.QCOW2_AUTOCLEAR_BITMAPS)
+
+
 def bitmaps(path) -> list:
     out = run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout
     return json.loads(out)["format-specific"]["data"].get("bitmaps", [])
@@ -219,8 +231,9 @@ def test_bitmap_command_matches_qemu_img(images, tmp_path, case):
     if got.returncode:
         assert digest(ours) == before  # nothing written on failure
         return
-    for name in ("img.qcow2", "src.qcow2"):
+    for name in ("img.qcow2", "src.qcow2", "one.qcow2"):
         assert bitmaps(ours / name) == bitmaps(theirs / name)
+        assert extension(ours / name) == extension(theirs / name)
         qemu_check_clean(ours / name)
     # dmg.qcow2 fails qemu-img check from the start (its damaged table)
     assert bitmaps(ours / "dmg.qcow2") == bitmaps(theirs / "dmg.qcow2")
