@@ -272,3 +272,14 @@ def test_read_only_file_is_refused_as_qemu_img_refuses_it(images, tmp_path):
     got = qimg_here(tmp_path, "bitmap", "--add", "img.qcow2", "n")
     assert q.returncode == 1 and "Permission denied" in q.stderr
     assert (got.returncode, message(got.stderr, "qimg")) == (1, message(q.stderr, "qemu-img"))
+
+
+def test_list_gives_the_bitmaps_of_info_and_no_count_for_an_in_use_one(images):
+    got = qimg_here(images, "bitmap", "--list", "--output=json", "img.qcow2")
+    assert got.returncode == 0, got.stderr
+    rows = json.loads(got.stdout)
+    assert [{k: r[k] for k in ("name", "granularity", "flags")} for r in rows] == [
+        {k: b[k] for k in ("name", "granularity", "flags")} for b in bitmaps(images / "img.qcow2")
+    ]
+    assert [("count" in r) for r in rows] == [("in-use" not in r["flags"]) for r in rows]
+    assert "bad" in {r["name"] for r in rows if "count" not in r}
