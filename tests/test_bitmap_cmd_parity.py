@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,10 @@ import time
 import pytest
 from conftest import qemu_check_clean, run
 from infotools import message, qimg_here
+
+from qimg.api import open_image
+from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.bitmap import read_bitmap_directory
 
 MiB = 1 << 20
 LONG = "x" * 1024
@@ -68,9 +73,23 @@ def images(tmp_path_factory):
         ]
     )
     run(["qemu-io", "-f", "qcow2", "-c", "write 3M 1k", str(d / "src.qcow2")])
+    qemu_img(d, "create", "-q", "-f", "qcow2", "one.qcow2", "1M")
+    qemu_img(d, "bitmap", "--add", "one.qcow2", "only")
+    shutil.copy(d / "img.qcow2", d / "dmg.qcow2")
+    damage_in_use_table(d / "dmg.qcow2", "bad")
     qemu_img(d, "create", "-q", "-f", "raw", "r.raw", "1M")
     qemu_img(d, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M")
     return d
+
+
+def damage_in_use_table(path, name: str) -> None:
+    """Reserved bits set in the first table entry of in-use bitmap `name`
+    (QEMU loads no in-use bitmap's table, so the image still opens)."""
+    with open_image(str(path), "qcow2") as img:
+        e = next(e for e in read_bitmap_directory(img) if e.name == name)
+    with open(path, "r+b") as f:
+        f.seek(e.table_offset)
+        f.write((1 << 62 | 1).to_bytes(8, "big"))
 
 
 CASES = {
@@ -92,6 +111,8 @@ CASES = {
     "merge_missing_argument": ["--merge"],
     "unknown_short": ["--add", "-Z", "img.qcow2", "n"],
     "unknown_long": ["--add", "--foo", "img.qcow2", "n"],
+    "merge_equals_and_attached_g": ["--add", "-g4k", "--merge=b0", "img.qcow2", "n"],
+    "options_after_names": ["img.qcow2", "n", "--add", "--disable"],
     "abbreviations": ["--merg", "b0", "--ad", "img.qcow2", "n"],
     "image_opts_and_format": ["--add", "--image-opts", "-f", "qcow2", "img.qcow2", "n"],
     "image_opts": ["--add", "--image-opts", "driver=qcow2,file.filename=img.qcow2", "n"],
@@ -118,6 +139,10 @@ CASES = {
     "disable_missing": ["--disable", "img.qcow2", "nob"],
     "remove": ["--remove", "img.qcow2", "b0"],
     "remove_in_use": ["--remove", "img.qcow2", "bad"],
+    "remove_the_last": ["--remove", "one.qcow2", "only"],
+    "remove_the_last_and_add": ["--remove", "--add", "-g", "1M", "one.qcow2", "only"],
+    "remove_in_use_damaged": ["--remove", "dmg.qcow2", "bad"],
+    "clear_in_use_damaged": ["--clear", "dmg.qcow2", "bad"],
     "remove_then_clear": ["--remove", "--clear", "img.qcow2", "b0"],
     "clear": ["--clear", "img.qcow2", "b0"],
     "clear_in_use": ["--clear", "img.qcow2", "bad"],
@@ -166,6 +191,23 @@ def digest(d) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
 
 
+def check_result(path) -> tuple:
+    """Exit code and findings; not where the image ends (qemu-img rewrites
+    every bitmap, qimg the one edited)."""
+    proc = run(["qemu-img", "check", str(path)], check=False)
+    kept = [
+        ln for ln in proc.stdout.splitlines() if "allocated" not in ln and "end offset" not in ln
+    ]
+    return proc.returncode, kept, proc.stderr
+
+
+def extension(path) -> tuple[bool, bool]:
+    """Whether the header has a bitmaps extension, and the autoclear bit."""
+    with open_image(str(path), "qcow2", force_share=True) as img:
+        h = img.header
+        return h.bitmaps_ext is not None, bool(h.autoclear_features & L.QCOW2_AUTOCLEAR_BITMAPS)
+
+
 def bitmaps(path) -> list:
     out = run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout
     return json.loads(out)["format-specific"]["data"].get("bitmaps", [])
@@ -189,9 +231,17 @@ def test_bitmap_command_matches_qemu_img(images, tmp_path, case):
     if got.returncode:
         assert digest(ours) == before  # nothing written on failure
         return
-    for name in ("img.qcow2", "src.qcow2"):
+    # Success: every image the command names is compared; the others are untouched.
+    named = set(args) | ({"img.qcow2"} if case == "image_opts" else set())
+    untouched = {k: v for k, v in before.items() if k not in named}
+    assert {k: v for k, v in digest(ours).items() if k in untouched} == untouched
+    for name in {"img.qcow2", "src.qcow2", "one.qcow2"} & named:
         assert bitmaps(ours / name) == bitmaps(theirs / name)
+        assert extension(ours / name) == extension(theirs / name)
         qemu_check_clean(ours / name)
+    if "dmg.qcow2" in args:  # fails qemu-img check from the start (its damaged table)
+        assert bitmaps(ours / "dmg.qcow2") == bitmaps(theirs / "dmg.qcow2")
+        assert check_result(ours / "dmg.qcow2") == check_result(theirs / "dmg.qcow2")
 
 
 def test_image_in_use_is_refused_as_qemu_img_refuses_it(images, tmp_path):
@@ -215,3 +265,25 @@ def test_image_in_use_is_refused_as_qemu_img_refuses_it(images, tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_file_is_refused_as_qemu_img_refuses_it(images, tmp_path):
+    path = tmp_path / "img.qcow2"
+    shutil.copy(images / "img.qcow2", path)
+    path.chmod(0o444)
+    q = run(["qemu-img", "bitmap", "--add", "img.qcow2", "n"], check=False, cwd=tmp_path)
+    got = qimg_here(tmp_path, "bitmap", "--add", "img.qcow2", "n")
+    assert q.returncode == 1 and "Permission denied" in q.stderr
+    assert (got.returncode, message(got.stderr, "qimg")) == (1, message(q.stderr, "qemu-img"))
+
+
+def test_list_gives_the_bitmaps_of_info_and_no_count_for_an_in_use_one(images):
+    got = qimg_here(images, "bitmap", "--list", "--output=json", "img.qcow2")
+    assert got.returncode == 0, got.stderr
+    rows = json.loads(got.stdout)
+    assert [{k: r[k] for k in ("name", "granularity", "flags")} for r in rows] == [
+        {k: b[k] for k in ("name", "granularity", "flags")} for b in bitmaps(images / "img.qcow2")
+    ]
+    assert [("count" in r) for r in rows] == [("in-use" not in r["flags"]) for r in rows]
+    assert "bad" in {r["name"] for r in rows if "count" not in r}

@@ -126,7 +126,10 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         _check_object(text)
     if image_opts and fmt:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
+    actions = _actions(ctx.meta["bitmap.argv"])
     if list_:
+        if actions or granularity or source_file or source_fmt:
+            raise BadOptionError("--list takes no action, -g, -b or -F")
         if len(args) != 1:
             raise BadOptionError("Expecting one image file name")
         rows = api.list_bitmaps(args[0], fmt, force_share=force_share, image_opts=image_opts)
@@ -137,7 +140,6 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         return
     if force_share:
         raise click.NoSuchOption("-U")
-    actions = _actions(ctx.meta["bitmap.argv"])
     # qemu-img's checks, in its order.
     if not actions:
         raise BadOptionError(

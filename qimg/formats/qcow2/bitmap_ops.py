@@ -528,22 +528,31 @@ def _set_extension(image, ext: tuple[int, int, int] | None) -> None:
 
 
 def _free_old(image, old: BitmapEntry | None, t: _Target | None, old_dir) -> None:
-    """Free the old directory, and the old bits where they were replaced."""
+    """Free the old directory, and the old bits where they were replaced.
+
+    The edit is done by now: what cannot be freed is leaked, as QEMU's
+    free_bitmap_clusters leaks the clusters of a table it cannot load (an
+    in-use bitmap's may be damaged), never an error."""
     import numpy as np
 
+    from qimg.errors import CorruptImageError, InvalidImageError
+
     cb = image.geo.cluster_bits
-    starts: list = []
-    counts: list = []
+    runs = []
     if old_dir is not None and old_dir[1]:
-        starts.append(np.array([old_dir[2] >> cb], dtype=np.int64))
-        counts.append(np.array([-(-old_dir[1] // image.geo.cluster_size)], dtype=np.int64))
+        n = -(-old_dir[1] // image.geo.cluster_size)
+        runs.append((np.array([old_dir[2] >> cb]), np.array([n])))
     rewritten = t is None or t.entry is not old or t.reset or t.sources
     if old is not None and rewritten:
-        s, c = _entry_clusters(image, old)
-        starts.append(s)
-        counts.append(c)
-    if starts:
-        image.refcounts.change_runs(np.concatenate(starts), np.concatenate(counts), -1)
+        try:
+            runs.append(_entry_clusters(image, old))
+        except InvalidImageError:
+            pass
+    for starts, counts in runs:
+        try:
+            image.refcounts.change_runs(starts.astype(np.int64), counts.astype(np.int64), -1)
+        except CorruptImageError:
+            pass  # a count already 0: nothing changed (change_runs checks first)
     image.flush()
 
 
