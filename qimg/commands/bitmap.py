@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import format_option, output_option
+from qimg.commands.common import format_option, output_option, warn_if_probed_raw
 from qimg.errors import BadOptionError
 
 _FLAGS = ("add", "remove", "clear", "enable", "disable")
@@ -155,7 +155,7 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         raise BadOptionError("Expecting filename and bitmap name")
     path, name = args
     if not image_opts and fmt is None:
-        _warn_probed_raw(path)
+        warn_if_probed_raw(path)
     api.edit_bitmap(
         path,
         name,
@@ -182,24 +182,3 @@ def _check_object(text: str) -> None:
         raise BadOptionError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     if not keys.get("id"):
         raise BadOptionError("Parameter 'id' is missing")
-
-
-def _warn_probed_raw(filename: str) -> None:
-    """QEMU's warning on opening a probed raw image read-write (printed as
-    it is, whatever the program's name)."""
-    import sys
-
-    from qimg.api import probe_format
-    from qimg.errors import QimgError
-
-    try:
-        probed = probe_format(filename)
-    except QimgError:
-        return  # the open fails, in its own words
-    if probed == "raw":
-        sys.stderr.write(
-            f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-            "         Automatically detecting the format is dangerous for raw images, "
-            "write operations on block 0 will be restricted.\n"
-            "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-        )

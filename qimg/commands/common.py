@@ -89,3 +89,13 @@ def warn_probed_raw(filename: str) -> None:
     from qimg.api import probed_raw_text
 
     sys.stderr.write(probed_raw_text(filename))
+
+
+def warn_if_probed_raw(filename: str) -> None:
+    """warn_probed_raw where the file probes as raw (where it cannot be
+    probed, the open fails in its own words)."""
+    import sys
+
+    from qimg.api import probed_raw_warning
+
+    sys.stderr.write(probed_raw_warning(filename) or "")

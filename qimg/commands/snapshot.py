@@ -36,14 +36,14 @@ def command(fmt, output, quiet, force_share, list_, create, apply, delete, filen
     if not list_ and name is None:
         action = "none"  # qemu-img opens the image read-write, and does nothing
     filename = need_filename(filename)
-    from qimg.commands.check import _warn_probed_raw
+    from qimg.commands.common import warn_if_probed_raw, warn_probed_raw
 
     if fmt is None and action != "list":
-        _warn_probed_raw(filename)
+        warn_if_probed_raw(filename)
     with snapshots.open_image(filename, fmt, action != "list", force_share) as image:
         if action == "apply" and fmt is None and image.format_name == "raw":
             # qemu-img reopens the image after its snapshot fallback fails
-            _warn_probed_raw(filename)
+            warn_probed_raw(filename)
         if action == "list":
             found = snapshots.list_snapshots(image)
             if output == "json":
