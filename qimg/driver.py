@@ -55,6 +55,13 @@ class Driver:
     # Opened with metadata changes pending a repair (qcow2's dirty bit with
     # lazy refcounts): a writable open repairs it first (qimg.api.open_image).
     dirty = False
+    # The unit block status answers in and data is allocated in (qcow2: a
+    # cluster), and the smallest unit a write allocates (a subcluster with
+    # extended L2 entries). Sector-granular formats keep 512.
+    cluster_bytes = 512
+    grain_bytes = 512
+    # Internal snapshots (QEMU's bdrv_snapshot_* callbacks).
+    has_snapshots = False
 
     def info(self) -> DriverInfo:
         """What `qemu-img info` reports of this image (not of its backing)."""

@@ -45,7 +45,7 @@ def create(image: Driver, name: str) -> None:
     from qimg.formats.qcow2.snapshot import SnapshotError, create_snapshot
 
     try:
-        if image.format_name != "qcow2":
+        if not image.has_snapshots:
             raise SnapshotError(os.strerror(errno.ENOTSUP), errno.ENOTSUP)
         now = time.time_ns() // 1000
         create_snapshot(image, name, now // 1_000_000, now % 1_000_000 * 1000)
@@ -59,7 +59,7 @@ def apply(image: Driver, name: str) -> None:
     """qemu-img snapshot -a: NAME is an id first, then a name."""
     from qimg.formats.qcow2.snapshot import apply_snapshot
 
-    if image.format_name != "qcow2":
+    if not image.has_snapshots:
         raise UnsupportedFeatureError(
             f"Could not apply snapshot '{name}': Block driver does not support snapshots"
         )

@@ -113,12 +113,8 @@ class Plan:
 
 
 def target_units(tgt: Driver, o: ConvertOptions) -> tuple[int, int]:
-    """(cluster size, grain) of the target: 512 for raw. The qcow2 geometry
-    is read from the driver until drivers describe themselves."""
-    if tgt.format_name != "qcow2":
-        return 512, 512
-    geo = tgt.geo
-    cs = geo.cluster_size
+    """(cluster size, grain) of the target: 512 for raw."""
+    cs = tgt.cluster_bytes
     if o.compress:
         return cs, cs
     if o.skip_create or o.create_options.get("preallocation", "off") != "off":
@@ -126,7 +122,7 @@ def target_units(tgt: Driver, o: ConvertOptions) -> tuple[int, int]:
         # in place, at qemu-img's alignment (the target's request
         # alignment), so what lies past -S's data in a cluster is kept.
         return cs, 512
-    return cs, geo.subcluster_size if geo.extended_l2 else cs
+    return cs, tgt.grain_bytes
 
 
 def clip_runs(runs: list[list[int]], lo: int, hi: int) -> list[list[int]]:

@@ -95,9 +95,8 @@ def _status_source(plan: Plan) -> StatusSource:
 
 def _alignment(d: Driver) -> int:
     """The unit of a source's block status answers: a qcow2 image's
-    cluster, 512 bytes elsewhere (read from the qcow2 geometry until
-    drivers describe themselves)."""
-    return d.geo.cluster_size if d.format_name == "qcow2" else 512
+    cluster, 512 bytes elsewhere."""
+    return d.cluster_bytes
 
 
 def in_sectors(runs: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -61,9 +61,7 @@ def need_name(path: str) -> None:
 
 def snapshot_view(image: Driver, sid: str | None, name: str | None) -> Driver:
     """`image` as its internal snapshot `sid` / `name` holds it."""
-    # A driver-neutral way to ask for snapshots waits for the driver
-    # interface to describe what a format supports.
-    if image.format_name != "qcow2":
+    if not image.has_snapshots:
         raise UnsupportedFeatureError(
             f"Failed to load snapshot: Block format '{image.format_name}' used by device "
             "'' does not support temporarily loading internal snapshots"

@@ -184,4 +184,4 @@ class _Batch:
 def _compression_type(tgt: Driver) -> int:
     """The target's compression_type header field (qcow2 only: -c is
     refused for other formats before the copy starts)."""
-    return tgt.header.compression_type
+    return tgt.compression_type

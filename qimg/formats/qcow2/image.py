@@ -41,6 +41,7 @@ OL_NAMES = {
 
 class Qcow2Image(Driver):
     format_name = "qcow2"
+    has_snapshots = True
 
     def __init__(
         self,
@@ -120,6 +121,19 @@ class Qcow2Image(Driver):
         self._host_runs: list[tuple[int, int]] | None = None  # see _host_data_runs
         self._marked_dirty = False
         self._signaled_corruption = False  # see signal_corruption
+
+    @property
+    def cluster_bytes(self) -> int:
+        return self.geo.cluster_size
+
+    @property
+    def grain_bytes(self) -> int:
+        return self.geo.subcluster_size if self.geo.extended_l2 else self.geo.cluster_size
+
+    @property
+    def compression_type(self) -> int:
+        """The header's compression_type (zlib or zstd) of compressed clusters."""
+        return self.header.compression_type
 
     @property
     def refcounts(self):
