@@ -70,7 +70,8 @@ def apply(image: Driver, name: str) -> None:
     try:
         apply_snapshot(image, name)
     except QimgError as exc:
-        exc.args = (f"Could not apply snapshot '{name}': {exc}",)
+        lines = [*getattr(exc, "reported", []), f"Could not apply snapshot '{name}': {exc}"]
+        exc.args = ("\nqimg: ".join(lines),)
         raise
 
 
