@@ -265,3 +265,23 @@ def check_human(result) -> str:
     if result.image_end_offset:
         lines.append(f"Image end offset: {result.image_end_offset}")
     return "\n".join(lines)
+
+
+# --- bitmap --list (qimg only) ---------------------------------------------------
+
+
+BITMAP_STYLES = ((r"\A[^\n]*", "bold"), (r"in-use", "yellow"))
+
+
+def bitmaps_human(rows: list[dict]) -> str:
+    """A table of bitmaps: name, granularity, flags and dirty bytes ("-"
+    where unknown: an in-use bitmap), columns as wide as their widest cell."""
+    table = [("NAME", "GRANULARITY", "FLAGS", "DIRTY")]
+    for r in rows:
+        count = r.get("count")
+        dirty = "-" if count is None else f"{human_size(count)} ({count} bytes)"
+        table.append((r["name"], str(r["granularity"]), ",".join(r["flags"]) or "-", dirty))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join(
+        f"{n:<{widths[0]}}  {g:>{widths[1]}}  {f:<{widths[2]}}  {d}" for n, g, f, d in table
+    )

@@ -49,6 +49,20 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "bitmaps": False,
         "skip-broken-bitmaps": False,
     },
+    "bitmap": {
+        "help": False,
+        "object": True,
+        "image-opts": False,
+        "add": False,
+        "remove": False,
+        "clear": False,
+        "enable": False,
+        "disable": False,
+        "merge": True,
+        "granularity": True,
+        "source-file": True,
+        "source-format": True,
+    },
 }
 
 

@@ -174,12 +174,12 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     backing chain are opened (not read)."""
     import os
 
-    from qimg.api import open_backing_chain, open_data_file, open_image, probe_format
     from qimg.errors import ImageIOError, NoCheckError
     from qimg.filenames import parse_filename
     from qimg.formats.qcow2.header import Header
     from qimg.formats.qcow2.image import Qcow2Image
-    from qimg.storage import FileStorage
+    from qimg.opening import open_backing_chain, open_data_file, open_image, probe_format
+    from qimg.storage import open_storage
 
     given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
     try:
@@ -202,7 +202,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
             raise
         with image:
             raise NoCheckError("This image format does not support checks")
-    storage = FileStorage(path, bool(fix), force_share=force_share)
+    storage = open_storage(path, bool(fix), force_share=force_share)
     try:
         size = storage.size()
         # qcow2_do_open discards the snapshot table pointer in check mode:
