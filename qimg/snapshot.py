@@ -62,6 +62,7 @@ def create(image: Driver, name: str) -> None:
 
 def apply(image: Driver, name: str) -> None:
     """qemu-img snapshot -a: NAME is an id first, then a name."""
+    from qimg.formats.qcow2.resize import resize
     from qimg.formats.qcow2.snapshot import apply_snapshot
 
     if image.format_name != "qcow2":
@@ -69,7 +70,7 @@ def apply(image: Driver, name: str) -> None:
             f"Could not apply snapshot '{name}': Block driver does not support snapshots"
         )
     try:
-        apply_snapshot(image, name)
+        apply_snapshot(image, name, resize)
     except QimgError as exc:
         lines = [*getattr(exc, "reported", []), f"Could not apply snapshot '{name}': {exc}"]
         exc.args = ("\nqimg: ".join(lines),)

@@ -450,9 +450,13 @@ def create_snapshot(image, name: str, date_sec: int, date_nsec: int) -> Snapshot
     return sn
 
 
-def apply_snapshot(image, id_or_name: str) -> Snapshot:
+def apply_snapshot(
+    image, id_or_name: str, resize: Callable[[object, int], None] | None = None
+) -> Snapshot:
     """Make snapshot `id_or_name` the active layer (QEMU's
-    qcow2_snapshot_goto): the virtual size becomes the snapshot's.
+    qcow2_snapshot_goto): the virtual size becomes the snapshot's, through
+    `resize(image, size)` (qcow2 resize.resize, QEMU's blk_truncate; passed
+    in because resizing depends on modules that depend on this one).
 
     Ordering: the refcounts of everything the snapshot references are
     raised and made durable before the active L1 table is overwritten with
@@ -478,8 +482,8 @@ def apply_snapshot(image, id_or_name: str) -> Snapshot:
         errno = _errno.EFBIG if "too large" in str(exc) else _errno.EINVAL
         raise _load_failed(errno, str(exc)) from None
     if sn.disk_size is not None and sn.disk_size != image.size:
-        from qimg.formats.qcow2.resize import resize
-
+        if resize is None:
+            raise _load_failed(_errno.ENOTSUP, "Resizing is not available here")
         try:
             resize(image, sn.disk_size)  # blk_truncate, exact
         except QimgError as exc:
