@@ -16,19 +16,24 @@ from qimg.errors import QimgError, UnsupportedFeatureError
 __all__ = ["open_image", "list_snapshots", "create", "apply", "delete"]
 
 
-def open_image(path: str, fmt: str | None, writable: bool, force_share: bool) -> Driver:
+def open_image(
+    path: str, fmt: str | None, writable: bool, force_share: bool, name: str | None = None
+) -> Driver:
     """The image as qemu-img snapshot opens it (backing chain included),
-    failures worded as its img_open words them."""
+    failures worded as its img_open words them. `name`, when given, is what
+    is opened (a json: name made of --image-opts), `path` what messages
+    call it."""
     from qimg import api
     from qimg.errors import BadOptionError, ImageLockedError
 
     try:
-        return api.open_image(path, fmt, writable=writable, force_share=force_share)
+        return api.open_image(name or path, fmt, writable=writable, force_share=force_share)
     except QimgError as exc:
         # qemu-img doubles the prefix of a failed file open, but a lock
         # conflict (or -U on a read-write open) comes from the permission
         # update and carries one.
-        if not isinstance(exc, (ImageLockedError, BadOptionError)):
+        carries = isinstance(exc, BadOptionError) and str(exc).startswith("Could not open '")
+        if not isinstance(exc, ImageLockedError) and not carries:
             exc.args = (f"Could not open '{path}': {exc}",)
         raise
 
@@ -57,6 +62,7 @@ def create(image: Driver, name: str) -> None:
 
 def apply(image: Driver, name: str) -> None:
     """qemu-img snapshot -a: NAME is an id first, then a name."""
+    from qimg.formats.qcow2.resize import resize
     from qimg.formats.qcow2.snapshot import apply_snapshot
 
     if not image.has_snapshots:
@@ -64,9 +70,10 @@ def apply(image: Driver, name: str) -> None:
             f"Could not apply snapshot '{name}': Block driver does not support snapshots"
         )
     try:
-        apply_snapshot(image, name)
+        apply_snapshot(image, name, resize)
     except QimgError as exc:
-        exc.args = (f"Could not apply snapshot '{name}': {exc}",)
+        lines = [*getattr(exc, "reported", []), f"Could not apply snapshot '{name}': {exc}"]
+        exc.args = ("\nqimg: ".join(lines),)
         raise
 
 

@@ -34,13 +34,13 @@ def make_qcow2(d: Path, name: str = "disk.qcow2", *snaps: str) -> Path:
 
 
 def assert_same_outcome(d: Path, *args: str) -> subprocess.CompletedProcess:
-    """Both tools, each on its own copy of every image in `d` named in
-    `args`: the same exit code, stdout and message."""
-    names = [a for a in args if (d / a).is_file()]
+    """Both tools, each on its own copy of the images in `d`: the same exit
+    code, stdout and message."""
     ours = d / "ours"
     ours.mkdir(exist_ok=True)
-    for n in names:
-        (ours / n).write_bytes((d / n).read_bytes())
+    for f in d.iterdir():
+        if f.is_file():
+            (ours / f.name).write_bytes(f.read_bytes())
     expected = qemu_snapshot(d, *args)
     got = qimg_snapshot(ours, *args)
     assert got.returncode == expected.returncode, (expected.stderr, got.stderr)
@@ -176,3 +176,17 @@ def test_long_names_are_cut_to_255_bytes_as_qemu_img(tmp_path):
     run(["qemu-img", "snapshot", "-c", name, str(tmp_path / "theirs.qcow2")])
     assert qemu_listing(tmp_path / "disk.qcow2") == qemu_listing(tmp_path / "theirs.qcow2")
     assert len(qemu_listing(tmp_path / "disk.qcow2")[0][1]) == 255
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-l", "--image-opts", "driver=qcow2,file.filename=disk.qcow2"),
+        ("-l", "--image-opts", "disk.qcow2"),
+        ("-l", "--object", "secret,id=s0,data=x", "disk.qcow2"),
+        ("-c", "x", "--image-opts", "driver=qcow2,file.filename=disk.qcow2"),
+    ],
+)
+def test_image_opts_and_objects_are_taken_as_qemu_img_takes_them(tmp_path, args):
+    make_qcow2(tmp_path, "disk.qcow2", "s")
+    assert_same_outcome(tmp_path, *args)

@@ -189,3 +189,18 @@ def test_a_refcount_overflow_fails_as_qemu_img(tmp_path):
     assert got.returncode == expected.returncode == 1
     assert got.stderr.removeprefix("qimg") == expected.stderr.removeprefix("qemu-img")
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_apply_across_sizes_is_refused_on_v2_images_as_qemu_img(tmp_path):
+    """A version 2 image with snapshots cannot be resized, so a snapshot of
+    another virtual size cannot be applied; nothing is written."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(ours), "4M"])
+    run(["qemu-img", "snapshot", "-c", "s", str(ours)])
+    write_u64(ours, 24, 8 * MiB)  # the disk grew after the snapshot
+    theirs.write_bytes(ours.read_bytes())
+    got = qimg("snapshot", "-a", "s", ours, check=False)
+    expected = run(["qemu-img", "snapshot", "-a", "s", str(theirs)], check=False)
+    assert got.returncode == expected.returncode == 1
+    assert got.stderr.replace("qimg:", "qemu-img:") == expected.stderr
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -348,9 +348,11 @@ class SnapshotError(QimgError):
     for `snapshot -c`).
     """
 
-    def __init__(self, message: str, errno: int = _errno.EIO):
+    def __init__(self, message: str, errno: int = _errno.EIO, reported: list[str] | None = None):
         super().__init__(message)
         self.errno = errno
+        # Messages QEMU prints on their own lines before this error.
+        self.reported = reported or []
 
 
 def _errno_error(errno: int) -> SnapshotError:
@@ -448,9 +450,13 @@ def create_snapshot(image, name: str, date_sec: int, date_nsec: int) -> Snapshot
     return sn
 
 
-def apply_snapshot(image, id_or_name: str) -> Snapshot:
+def apply_snapshot(
+    image, id_or_name: str, resize: Callable[[object, int], None] | None = None
+) -> Snapshot:
     """Make snapshot `id_or_name` the active layer (QEMU's
-    qcow2_snapshot_goto): the virtual size becomes the snapshot's.
+    qcow2_snapshot_goto): the virtual size becomes the snapshot's, through
+    `resize(image, size)` (qcow2 resize.resize, QEMU's blk_truncate; passed
+    in because resizing depends on modules that depend on this one).
 
     Ordering: the refcounts of everything the snapshot references are
     raised and made durable before the active L1 table is overwritten with
@@ -466,14 +472,25 @@ def apply_snapshot(image, id_or_name: str) -> Snapshot:
         raise SnapshotError("Device has active dirty bitmaps", _errno.EBUSY)
     i = find_by_id_or_name(snapshots, id_or_name)
     if i < 0:
-        raise SnapshotError(f"Failed to load snapshot: {os.strerror(_errno.ENOENT)}", _errno.ENOENT)
+        raise _load_failed(_errno.ENOENT)
     sn = snapshots[i]
-    validate_l1(image, sn, "Failed to read l1 table for snapshot")
     try:
-        if sn.disk_size is not None and sn.disk_size != image.size:
-            _set_virtual_size(image, sn.disk_size)
-        if sn.l1_size > image.clusters.l1_size:
-            _grow_l1(image, sn.l1_size)
+        validate_l1(image, sn, "Failed to read l1 table for snapshot")
+    except ImageIOError:
+        raise _load_failed(_errno.EIO) from None
+    except QimgError as exc:  # qcow2_snapshot_goto reports it, then fails
+        errno = _errno.EFBIG if "too large" in str(exc) else _errno.EINVAL
+        raise _load_failed(errno, str(exc)) from None
+    if sn.disk_size is not None and sn.disk_size != image.size:
+        if resize is None:
+            raise _load_failed(_errno.ENOTSUP, "Resizing is not available here")
+        try:
+            resize(image, sn.disk_size)  # blk_truncate, exact
+        except QimgError as exc:
+            errno = _errno.ENOTSUP if "v2 image" in str(exc) else _errno.EIO
+            raise _load_failed(errno, str(exc)) from None
+    try:
+        image.clusters.grow_l1(sn.l1_size, exact_size=True)
         clusters = image.clusters
         raw = image.read_metadata(sn.l1_table_offset, sn.l1_size * L.L1_ENTRY_SIZE)
         sn_l1 = np.zeros(clusters.l1_size, dtype=np.uint64)
@@ -490,8 +507,17 @@ def apply_snapshot(image, id_or_name: str) -> Snapshot:
         image.flush()
         discard_freed(image, np.concatenate(freed) if freed else [])
     except QimgError as exc:
-        raise _as_snapshot_error(exc) from None
+        raise _load_failed(_as_snapshot_error(exc).errno) from None
     return sn
+
+
+def _load_failed(errno: int, reported: str | None = None) -> SnapshotError:
+    """bdrv_snapshot_goto's error for a driver failing with `errno`, after
+    the driver reported `reported` (printed first, as QEMU's
+    error_report_err does)."""
+    return SnapshotError(
+        f"Failed to load snapshot: {os.strerror(errno)}", errno, [reported] if reported else []
+    )
 
 
 def delete_snapshot(image, name: str) -> Snapshot:
@@ -690,49 +716,3 @@ def _set_active_l1(image, l1: np.ndarray) -> None:
         return
     _write_l1(image, clusters.l1_offset, l1, "l1")
     clusters.l1 = l1
-
-
-def _set_virtual_size(image, size: int) -> None:
-    """The virtual size `size` (QEMU's qcow2_co_truncate as snapshot goto
-    calls it): a larger size grows the L1 table first; the header's size is
-    then written. Shrinking drops nothing here: the caller replaces the
-    whole active L1 table next, dropping every old reference."""
-    if size > image.size:
-        needed = image.geo.l1_entries_for(size)
-        if needed > image.clusters.l1_size:
-            _grow_l1(image, needed)
-    image.header.size = size
-    image.size = size // L.BDRV_SECTOR_SIZE * L.BDRV_SECTOR_SIZE
-    image.rewrite_header()
-
-
-def _grow_l1(image, l1_size: int) -> None:
-    """QEMU's qcow2_grow_l1_table with exact_size: the active L1 table
-    becomes `l1_size` entries long.
-
-    Ordering: the new table is written to new clusters and made durable;
-    the header then names it (one header write, flushed); the old table's
-    clusters are freed last (a crash leaks one table, never loses one).
-    """
-    import numpy as np
-
-    clusters = image.clusters
-    if l1_size * L.L1_ENTRY_SIZE > L.QCOW_MAX_L1_SIZE:
-        raise _errno_error(_errno.EFBIG)
-    new_l1 = np.zeros(l1_size, dtype=np.uint64)
-    new_l1[: clusters.l1_size] = clusters.l1
-    cs = image.geo.cluster_size
-    offset = image.refcounts.alloc(-(-(l1_size * L.L1_ENTRY_SIZE) // cs))
-    _write_l1(image, offset, new_l1, "l1")
-    h = image.header
-    old_offset, old_size = clusters.l1_offset, clusters.l1_size
-    saved = (h.l1_size, h.l1_table_offset)
-    h.l1_size, h.l1_table_offset = l1_size, offset
-    try:
-        image.rewrite_header()
-    except BaseException:
-        h.l1_size, h.l1_table_offset = saved
-        raise
-    clusters.l1, clusters.l1_offset, clusters.l1_size = new_l1, offset, l1_size
-    if old_size:
-        image.refcounts.free(old_offset, old_size * L.L1_ENTRY_SIZE)
