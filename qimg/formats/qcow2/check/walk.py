@@ -82,6 +82,18 @@ class _Namings:
         return self.walk[sel], self.index[sel]
 
 
+class _BatchNotes:
+    """Messages about entry i of table t of the walk's current batch (the
+    batch's first table is distinct table `base`)."""
+
+    def __init__(self, messages):
+        self.messages = messages
+        self.base = 0
+
+    def __call__(self, t: int, i: int, check: int, line: str, once: bool = False) -> None:
+        self.messages.table_message(self.base + t, i, check, line, once)
+
+
 class Walk:
     """check_refcounts_l1 for a list of L1 tables, counting into `tally`.
 
@@ -96,14 +108,10 @@ class Walk:
         self.fix = fix
         self.copied = copied
         self.messages = ctx.messages
+        self.table_message = _BatchNotes(ctx.messages)
         self.repair = EntryRepair(ctx, self.table_message, set(misplaced))
-        self.batch_base = 0
         self.namings: _Namings | None = None
         self._l2_buf: np.ndarray | None = None
-
-    def table_message(self, t: int, i: int, check: int, line: str, once: bool = False) -> None:
-        """A message about entry i of table t of the current batch."""
-        self.messages.table_message(self.batch_base + t, i, check, line, once)
 
     # --- L1 tables ----------------------------------------------------------------
 
@@ -130,7 +138,7 @@ class Walk:
         batch = max(1, L2_BATCH_BYTES // self.ctx.cs)
         for i in range(0, len(order), batch):
             part = slice(i, i + batch)
-            self.batch_base = i
+            self.table_message.base = i
             self.l2_batch(order[part], actives[part], inactives[part])
             self.messages.expand_table_messages()
 
@@ -198,7 +206,7 @@ class Walk:
             self.repair.l2_batch(offsets, e, bitmap)
         _L2Checks(self, offsets, e, bitmap, weights, actives).run()
         if self.copied is not None:
-            self.copied.during_walk(e, oflag_actives, self.batch_base, self.namings)
+            self.copied.during_walk(e, oflag_actives, self.table_message.base, self.namings)
 
     def _plain(self, e: np.ndarray, weights, actives, oflag_actives) -> bool:
         """The L2 checks (and OFLAG_COPIED's) for a batch whose entries are
@@ -233,7 +241,7 @@ class Walk:
         runs = self._count_plain(idx, per_table, weights, actives)
         if self.copied is not None:
             self.copied.during_walk_plain(
-                flat, normal, idx, copied, per_table, oflag_actives, runs, self.batch_base,
+                flat, normal, idx, copied, per_table, oflag_actives, runs, self.table_message.base,
                 self.namings,
             )  # fmt: skip
         return True
@@ -268,7 +276,7 @@ class Walk:
         """Trace references of L2 entries (table t_idx[j] of the batch,
         index i_idx[j]) to clusters first[j]..last[j], once per naming."""
         for j in self.tally.trace_hits(first, last, keep):
-            walks, indices = self.namings(self.batch_base + int(t_idx[j]))
+            walks, indices = self.namings(self.table_message.base + int(t_idx[j]))
             for w, l1i in zip(walks.tolist(), indices.tolist()):
                 key = (w, l1i, 3, int(i_idx[j]), L2_PAST_END)
                 self.tally.trace_ref(int(first[j]), int(last[j]), key)
