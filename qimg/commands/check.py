@@ -65,11 +65,8 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
 
 
 def _warn_probed_raw(filename: str) -> None:
-    """QEMU's warning on opening a probed raw image read-write (printed as
-    it is, whatever the program's name, even with -q)."""
-    import sys
-
     from qimg.api import probe_format
+    from qimg.commands.common import warn_probed_raw
     from qimg.errors import QimgError
 
     try:
@@ -77,9 +74,4 @@ def _warn_probed_raw(filename: str) -> None:
     except QimgError:
         return  # the open fails, in its own words
     if probed == "raw":
-        sys.stderr.write(
-            f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-            "         Automatically detecting the format is dangerous for raw images, "
-            "write operations on block 0 will be restricted.\n"
-            "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-        )
+        warn_probed_raw(filename)

@@ -59,3 +59,48 @@ def open_for_command(filename, fmt, *, writable=False, force_share=False, backin
         if not msg.startswith(prefix):
             exc.args = (prefix + msg,)
         raise
+
+
+def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
+    """open_image for commands that take one image to change (resize,
+    amend): with `image_opts`, `filename` is qemu-img's --image-opts option
+    string ("driver=qcow2,file.filename=x"); failures read "Could not open
+    'FILENAME': ..." as qemu-img's img_open words them."""
+    from qimg.api import open_image
+
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    name = _image_opts_name(filename) if image_opts else filename
+    try:
+        return open_image(name, fmt, **kw)
+    except QimgError as exc:
+        exc.args = (f"Could not open '{filename}': {exc}",)
+        raise
+
+
+def _image_opts_name(text: str) -> str:
+    """An --image-opts string as the equivalent json: name (qimg.filenames
+    checks its keys); a word without '=' is the implied key "file"."""
+    import json
+
+    from qimg.options import split_options
+
+    options = {}
+    for key, value in split_options(text):
+        if value is None:
+            key, value = "file", key
+        options[key] = value
+    return "json:" + json.dumps(options)
+
+
+def warn_probed_raw(filename: str) -> None:
+    """QEMU's warning on opening a probed raw image read-write (printed as
+    it is, whatever the program's name, even with -q)."""
+    import sys
+
+    sys.stderr.write(
+        f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
+        "         Automatically detecting the format is dangerous for raw images, "
+        "write operations on block 0 will be restricted.\n"
+        "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+    )

@@ -317,6 +317,18 @@ def _trimmed(bits: np.ndarray, size: int, granularity_bits: int) -> np.ndarray:
     return out
 
 
+def _resized(bits: np.ndarray, size: int, granularity_bits: int) -> np.ndarray:
+    """`bits` for a guest of `size` bytes: cut (as _trimmed) or zero-extended."""
+    import numpy as np
+
+    need = _bitmap_bytes(size, granularity_bits)
+    if need <= len(bits):
+        return _trimmed(bits, size, granularity_bits)
+    out = np.zeros(need, dtype=np.uint8)
+    out[: len(bits)] = bits
+    return out
+
+
 def _validated_directory(image) -> list[BitmapEntry]:
     """The directory, after every check QEMU makes as it loads the bitmaps on
     open (qcow2_load_dirty_bitmaps): names are unique, but an in-use bitmap
@@ -469,6 +481,41 @@ class PersistentBitmaps:
             self.entries[i].flags = value
         image.write_metadata(offset, bytes(raw), "bitmap-directory")
         image.flush_file()
+
+    # -- resizing --
+
+    def truncate(self, new_size: int) -> None:
+        """Make every bitmap cover a guest of `new_size` bytes (QEMU's
+        qcow2_truncate_bitmaps_check, then bdrv_dirty_bitmap_truncate): an
+        in-use (inconsistent) one refuses the resize, with nothing written;
+        bits past the new end go, new bits are clear. Called before the
+        image's size changes; `store()` writes all of them back then."""
+        image = self.image
+        tracked = self._tracked or {}
+        loaded = {id(e) for e in _loaded(self.entries)}
+        for i, e in enumerate(self.entries):
+            if id(e) in loaded and e.flags & L.BME_FLAG_IN_USE and i not in tracked:
+                raise QimgError(
+                    f"Bitmap '{e.name}' is inconsistent and cannot be used\n"
+                    "Try block-dirty-bitmap-remove to delete this bitmap from disk"
+                )
+        if self._tracked is None:
+            self._start_tracking()
+        loaded = {id(e) for e in _loaded(self.entries)}
+        for i, e in enumerate(self.entries):
+            if i not in self._tracked and id(e) in loaded:  # disabled ones too
+                table = load_bitmap_table(image, e)
+                self._tracked[i] = (load_bitmap(image, e, table), table)
+        self._tracked = {
+            i: (_resized(bits, new_size, self.entries[i].granularity_bits), table)
+            for i, (bits, table) in self._tracked.items()
+        }
+        for bm in self.added:
+            bm.bits = _resized(bm.bits, new_size, bm.granularity_bits)
+            bm.size = new_size
+        enabled = [i for i in self._tracked if self.entries[i].flags & L.BME_FLAG_AUTO]
+        self._live = [(self._tracked[i][0], self.entries[i].granularity_bits) for i in enabled]
+        self._live += [(bm.bits, bm.granularity_bits) for bm in self.added if bm.enabled]
 
     # -- adding (convert --bitmaps) --
 

@@ -214,7 +214,7 @@ class ClusterMap:
         table's refcount dropped.
         """
         if l1_index >= len(self.l1):
-            raise CorruptImageError(f"L1 index {l1_index} beyond the L1 table")
+            self.grow_l1(l1_index + 1)
         entry = int(self.l1[l1_index])
         old = self.l2_offset(l1_index)
         if old and entry & L.QCOW_OFLAG_COPIED:
@@ -241,6 +241,53 @@ class ClusterMap:
             owner.refcounts.free(old, self.geo.cluster_size)
             self.l2_cache.drop(old)
         return new, table
+
+    def grow_l1(self, min_size: int, exact_size: bool = False) -> None:
+        """Make the active L1 table at least `min_size` entries long (QEMU's
+        qcow2_grow_l1_table); `exact_size` (resize) takes `min_size` as it
+        is, otherwise the table grows by half until it is large enough.
+
+        Ordering: the new table is allocated (its refcounts flushed), written
+        and flushed; then the header's l1_size and l1_table_offset change in
+        one write, flushed; only then is the old table freed. A crash before
+        the header write leaks the new table, never loses the old one.
+        """
+        if min_size <= self.l1_size:
+            return
+        from qimg.errors import FileTooLargeError
+
+        if min_size > L.INT_MAX // L.L1_ENTRY_SIZE:
+            raise FileTooLargeError("File too large")
+        new_size = min_size
+        if not exact_size:
+            new_size = max(1, self.l1_size)
+            while new_size < min_size:
+                new_size = (new_size * 3 + 1) // 2
+        if new_size > L.QCOW_MAX_L1_SIZE // L.L1_ENTRY_SIZE:
+            raise FileTooLargeError("File too large")
+        owner = self.owner
+        table = np.zeros(new_size, dtype=np.uint64)
+        table[: self.l1_size] = self.l1[: self.l1_size]
+        nbytes = new_size * L.L1_ENTRY_SIZE
+        new_offset = owner.refcounts.alloc(-(-nbytes // self.geo.cluster_size))
+        try:
+            owner.refcounts.blocks.flush()
+            owner.flush_file()
+            # The table is not yet live: nothing, not even the old L1, may lie there.
+            owner.write_metadata(new_offset, table.astype(">u8").tobytes(), "new-l1")
+            owner.flush_file()
+            header = new_size.to_bytes(4, "big") + new_offset.to_bytes(8, "big")
+            owner.storage.pwrite(L.HEADER_OFF_L1_SIZE, header)
+            owner.storage.flush()
+        except BaseException:
+            owner.refcounts.free(new_offset, nbytes)
+            raise
+        old_offset, old_size = self.l1_offset, self.l1_size
+        owner.header.l1_size, owner.header.l1_table_offset = new_size, new_offset
+        self.l1, self.l1_offset, self.l1_size = table, new_offset, new_size
+        owner.overlap_map.l1_moved(table)
+        if old_size:
+            owner.refcounts.free(old_offset, old_size * L.L1_ENTRY_SIZE)
 
     # --- writes ------------------------------------------------------------------
 
@@ -557,6 +604,12 @@ class ClusterMap:
             return change
 
         self._rewrite_rows(offset, length, backing, rewrite)
+
+    def discard_full(self, offset: int, length: int) -> None:
+        """QEMU's qcow2_cluster_discard with full_discard (a shrink): whole
+        clusters [offset, offset+length) become unallocated, whatever they
+        were, and their references are dropped. Ordering: as _rewrite_rows."""
+        self._retype(offset, length, unmap=True, zero=False)
 
     def _retype(self, offset: int, length: int, unmap: bool, zero: bool) -> None:
         """Make whole clusters zero or unallocated, releasing their hosts.

@@ -183,7 +183,7 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
         if o.data_file_raw and prealloc == "off":
             prealloc = "metadata"  # the raw data file needs a full mapping
         if prealloc != "off":
-            _preallocate(image, prealloc)
+            preallocate(image, prealloc)
         image.flush()
         if data_storage is not None and data_storage.size() < size:
             data_storage.truncate(size)
@@ -231,21 +231,27 @@ def _allocate_l1(image, l1_size: int) -> None:
     image.clusters.l1 = np.zeros(l1_size, dtype=np.uint64)
 
 
-def _preallocate(image, mode: str) -> None:
-    """Map every cluster (QEMU's preallocate_co): per L2 table, the table
-    and then its data clusters, so they alternate in the file."""
+def preallocate(image, mode: str, first_cluster: int = 0) -> None:
+    """Map every cluster from `first_cluster` to the end of the image
+    (QEMU's preallocate_co; all of them unallocated): per L2 table, the
+    table and then its data clusters, so they alternate in the file."""
     import numpy as np
 
     geo = image.geo
     cs = geo.cluster_size
-    clusters = geo.size_to_clusters(image.size)
+    end_cluster = geo.size_to_clusters(image.size)
+    if end_cluster <= first_cluster:
+        return
     per_l2 = geo.l2_size
     has_data_file = image.header.has_data_file
     if mode in ("falloc", "full"):
-        _check_free_space(image.data_storage, clusters * cs, mode, has_data_file)
-    for l1_index in range(-(-clusters // per_l2)):
-        first = l1_index * per_l2
-        n = min(per_l2, clusters - first)
+        _check_free_space(
+            image.data_storage, (end_cluster - first_cluster) * cs, mode, has_data_file
+        )
+    first = first_cluster
+    while first < end_cluster:
+        l1_index, i0 = first // per_l2, first % per_l2
+        n = min(per_l2 - i0, end_cluster - first)
         l2_offset, table = image.clusters.l2_for_write(l1_index)
         if has_data_file:
             host = first * cs
@@ -255,9 +261,9 @@ def _preallocate(image, mode: str) -> None:
             cs
         )
         if geo.extended_l2:
-            table[:n, 0] = entries
+            table[i0 : i0 + n, 0] = entries
         else:
-            table[:n] = entries
+            table[i0 : i0 + n] = entries
         image.clusters.l2_cache.set_dependency(image.refcounts.blocks)
         image.clusters.l2_cache.mark_dirty(l2_offset)
         target = image.data_storage
@@ -271,6 +277,7 @@ def _preallocate(image, mode: str) -> None:
             raise _prealloc_error(exc, mode, has_data_file) from None
         if target.size() < end:
             target.truncate(end)
+        first += n
 
 
 def _check_free_space(storage, nbytes: int, mode: str, has_data_file: bool) -> None:

@@ -141,6 +141,14 @@ class Qcow2Image(Driver):
     def clusters(self, value) -> None:
         self._clusters = value
 
+    def over_l1(self, l1_offset: int, l1_size: int) -> Qcow2Image:
+        """This image mapped through another L1 table (an internal
+        snapshot's, `l1_size` entries at `l1_offset`), read-only. The view
+        shares this image's files, header and backing chain (QEMU's
+        qcow2_snapshot_load_tmp: the virtual size stays the image's);
+        closing it closes none of them."""
+        return _L1View(self, l1_offset, l1_size)
+
     # --- metadata I/O (used by refcount.py and cluster.py) -----------------------
 
     def read_metadata(self, offset: int, length: int) -> bytes:
@@ -766,3 +774,27 @@ def _compressed_runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, int, 
         runs.append((lo, hi, i, j))
         i = j
     return runs
+
+
+class _L1View(Qcow2Image):
+    """See Qcow2Image.over_l1."""
+
+    def __init__(self, image: Qcow2Image, l1_offset: int, l1_size: int):
+        super().__init__(
+            image.storage,
+            backing=image.backing,
+            data_storage=image.data_storage,
+            header=image.header.copy(),
+            cache_unsafe=image.cache_unsafe,
+        )
+        self.writable = False
+        from qimg.formats.qcow2.cluster import ClusterMap
+
+        self.clusters = ClusterMap(self, self.geo, l1_offset, l1_size, self.header.has_data_file)
+
+    def close(self) -> None:
+        # The files and the backing chain belong to the image viewed.
+        if self._decompressor is not None:
+            self._decompressor.close()
+            self._decompressor = None
+        self._closed = True

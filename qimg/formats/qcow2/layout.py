@@ -24,6 +24,7 @@ HEADER_COMPRESSION_TYPE_OFFSET = 104
 HEADER_V3_SIZE = 112  # header_length qimg writes: 104 + compression type, padded to 8
 
 # Field offsets used by in-place header updates.
+HEADER_OFF_SIZE = 24
 HEADER_OFF_L1_SIZE = 36
 HEADER_OFF_L1_TABLE_OFFSET = 40
 HEADER_OFF_REFCOUNT_TABLE_OFFSET = 48

@@ -109,6 +109,14 @@ class OverlapMap:
         if new:
             self.l2s.add(new >> cb)
 
+    def l1_moved(self, l1: np.ndarray) -> None:
+        """The active L1 table moved to a new, longer array holding the
+        same L2 offsets (ClusterMap.grow_l1): the L2 set stays; the fixed
+        regions (the L1 table's place) are listed again."""
+        if self.l1 is not None:
+            self.l1 = l1
+        self.regions_key = None
+
     def sync(self) -> None:
         image = self.image
         rc, cl, h = image.refcounts, image.clusters, image.header

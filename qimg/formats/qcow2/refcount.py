@@ -481,6 +481,40 @@ class Refcounts:
         lo, hi = self.pending_free
         self.pending_free = (min(lo, int(freed[0])), max(hi, int(freed[-1]) + 1))
 
+    def drop_unused_blocks(self) -> None:
+        """QEMU's qcow2_shrink_reftable: refcount blocks that count nothing
+        but (maybe) their own cluster leave the refcount table.
+
+        Ordering: the table without them is written and flushed first; only
+        then is a block that another block counts released there (QEMU
+        leaks those; a self-counting block goes with its own count).
+        """
+        mask = (1 << self.geo.refcount_block_bits) - 1
+        cb = self.geo.cluster_bits
+        offsets = self.table & np.uint64(L.REFT_OFFSET_MASK)
+        dropped: list[tuple[int, int]] = []  # (block index, block offset)
+        for bi in np.flatnonzero(offsets).tolist():
+            offset = int(offsets[bi])
+            used = np.flatnonzero(self.blocks.get(offset))
+            own = offset >> cb
+            if own >> self.geo.refcount_block_bits == bi:
+                used = used[used != (own & mask)]
+            if not len(used):
+                dropped.append((bi, offset))
+        if not dropped:
+            return
+        self.blocks.flush()
+        for bi, _offset in dropped:
+            self.table[bi] = 0
+        self.generation += 1  # the image's overlap map is stale
+        data = self.table.astype(">u8").tobytes()
+        self.io.write_metadata(self.table_offset, data, "refcount-table")
+        self.io.flush_file()
+        for bi, offset in dropped:
+            self.blocks.drop(offset)
+            if (offset >> cb) >> self.geo.refcount_block_bits != bi:
+                self.free(offset, self.geo.cluster_size)
+
     def set_range(self, start: int, count: int, value: int) -> None:
         """Set clusters [start, start+count) to `value` (creating blocks)."""
         for _pos, bi, first, n in self._spans(start, count):
