@@ -14,7 +14,7 @@ from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.check.context import CheckContext
 from qimg.formats.qcow2.check.repair import EntryRepair
 from qimg.formats.qcow2.check.result import FIX_ERRORS, CheckFailed, CheckResult
-from qimg.formats.qcow2.snapshot import Snapshot, parse_entry
+from qimg.formats.qcow2.snapshot import Snapshot, parse_entry, write_snapshot_table
 from qimg.storage import check_request
 
 _U64 = np.uint64
@@ -22,20 +22,6 @@ _U64 = np.uint64
 _SNAPSHOT_LIMIT_HINT = (
     "You can force-remove all {n} overhanging snapshots with qemu-img check -r all"
 )
-
-
-def _as_qemu_keeps(sn: Snapshot, extra_len: int, image_size: int) -> None:
-    """The entry as qcow2_read_snapshots keeps it in memory: names end at
-    their first NUL, the large VM state size counts from 8 bytes of extra
-    data, and absent fields take their defaults."""
-    sn.id_str = sn.id_str.split("\0", 1)[0]
-    sn.name = sn.name.split("\0", 1)[0]
-    if extra_len >= 8:
-        sn.vm_state_size = int.from_bytes(sn.extra_data[:8].ljust(8, b"\0"), "big")
-    if sn.disk_size is None:
-        sn.disk_size = image_size
-    if sn.icount is None:
-        sn.icount = (1 << 64) - 1
 
 
 class _Reader:
@@ -101,21 +87,23 @@ class SnapshotTable:
             res.check_errors += 1
             res.messages.append("qimg: ERROR snapshot table offset invalid")
             raise CheckFailed("Check failed: Invalid argument")
-        nb, more = table._read_entries(_Reader(storage, res), image.size, nb, repair, res)
+        nb, more = table._read_entries(_Reader(storage, res), nb, repair, res)
         reduced += more
+        h = image.header
+        h.nb_snapshots = nb
+        if nb:
+            h.snapshots_offset = offset
         if reduced:
             # The header must say what the refcount check will count.
-            storage.pwrite(L.HEADER_OFF_NB_SNAPSHOTS, L.HEADER_NB_SNAPSHOTS.pack(nb))
-            storage.flush()
+            h.snapshots_offset = offset
+            image.rewrite_header()
             res.corruptions_fixed += reduced
-        if image.header.version >= 3:
+        if h.version >= 3:
             table._check_incomplete(res, repair)
-        image.header.nb_snapshots = nb
-        image.header.snapshots_offset = offset if nb else image.header.snapshots_offset
         return table
 
     def _read_entries(
-        self, reader: _Reader, image_size: int, nb: int, repair: bool, res: CheckResult
+        self, reader: _Reader, nb: int, repair: bool, res: CheckResult
     ) -> tuple[int, int]:
         """Read the entries; returns (how many are kept, how many overhang)."""
         pos, length, dropped = self.offset, 0, 0
@@ -137,7 +125,6 @@ class SnapshotTable:
                     f"({extra_len} > {L.SNAPSHOT_EXTRA_DATA_SIZE_MAX})"
                 )
                 dropped += 1
-            _as_qemu_keeps(sn, extra_len, image_size)
             length += pos - start - extra_len + len(sn.extra_data)
             if length > L.QCOW_MAX_SNAPSHOTS_SIZE or pos - self.offset > (1 << 31) - 1:
                 if not repair:
@@ -175,46 +162,20 @@ class SnapshotTable:
         self.corruptions = 0
 
     def _write(self, image, messages: list[str]) -> None:
-        """qcow2_write_snapshots. Ordering: the new table is written and
-        flushed in new clusters before the header names it; the old table
-        is freed last (a crash leaks it, never loses the table)."""
-        out = bytearray()
-        for sn in self.snapshots:
-            out += bytes(-len(out) % 8)
-            id_b, name_b = sn.id_str.encode(), sn.name.encode()
-            extra_size = max(L.SNAPSHOT_EXTRA_V3.size, len(sn.extra_data))
-            out += L.SNAPSHOT_HEADER.pack(
-                sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec,
-                sn.date_nsec, sn.vm_clock_nsec,
-                sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0, extra_size,
-            )  # fmt: skip
-            out += L.SNAPSHOT_EXTRA_V3.pack(sn.vm_state_size, sn.disk_size, sn.icount)
-            out += sn.extra_data[L.SNAPSHOT_EXTRA_V3.size :] + id_b + name_b
-        cs = image.geo.cluster_size
-        new = 0
+        """The table as repaired, through snapshot.py's writer (QEMU's
+        qcow2_write_snapshots: new table first, header, old table freed
+        last)."""
         # The old table is no longer metadata to protect: it is in memory,
-        # and its clusters in the file keep their refcounts until freed
-        # below, so no allocation can take them. What a damaged header
-        # claims past the end of the file is not a table at all, and new
-        # clusters (refcount blocks included) may be placed there.
+        # and its clusters in the file keep their refcounts until freed, so
+        # no allocation can take them. What a damaged header claims past the
+        # end of the file is not a table at all, and new clusters (refcount
+        # blocks included) may be placed there.
         image.header.nb_snapshots = 0
-        if out:
-            new = image.refcounts.alloc(-(-len(out) // cs))
-            image.flush()
-            image.storage.pwrite(new, bytes(out))
-        image.storage.flush()
-        nb = len(self.snapshots)
-        image.storage.pwrite(L.HEADER_OFF_NB_SNAPSHOTS, L.HEADER_SNAPSHOTS.pack(nb, new))
-        image.storage.flush()
-        image.header.nb_snapshots, image.header.snapshots_offset = nb, new
-        old, size = self.offset, self.size
-        if size and old + size <= image.storage.size():
-            image.refcounts.free(old, size)
-            image.flush()
-        elif size:
-            # QEMU's qcow2_free_clusters refuses a range past the end of file.
+        written = write_snapshot_table(image, self.snapshots, old=(self.offset, self.size))
+        image.flush()  # the next pass reads the refcounts from the file
+        if not written.old_freed:
             messages.append("qcow2_free_clusters failed: Invalid argument")
-        self.offset, self.size = new, len(out)
+        self.offset, self.size = written.offset, written.size
 
 
 # --- snapshots whose L1 table cannot be used ---------------------------------------
