@@ -67,9 +67,24 @@ def discard_row(directory: str, label: str) -> dict:
     )
 
 
+def floor_row(directory: str) -> dict:
+    """The floor of any Python tool that works on tables with numpy: the
+    interpreter's and numpy's start-up, beside the same qemu-io discard."""
+    base = os.path.join(directory, f"prealloc-{SIZE_GIB}g.qcow2")
+    work = os.path.join(directory, "discard-work.qcow2")
+    prealloc_image(base)
+    return compare(
+        "floor: python + import numpy (vs the discard)",
+        [sys.executable, "-c", "import numpy"],
+        qemu_io_discard(work),
+        repeat=5,
+        setup=lambda: subprocess.run(["cp", "--sparse=always", base, work], check=True),
+    )
+
+
 def workloads(workdir: str) -> list[dict]:
     """bench/run.py protocol: rows for the discard group (disk, then tmpfs)."""
-    rows = [discard_row(workdir, "disk")]
+    rows = [discard_row(workdir, "disk"), floor_row(workdir)]
     if os.path.isdir("/dev/shm"):
         with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="bench-discard-") as shm:
             rows.append(discard_row(shm, "tmpfs"))

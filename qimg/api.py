@@ -1,4 +1,4 @@
-"""The public library: open_image() and create_image().
+"""The public library: a facade over the engine that the commands call.
 
     import qimg
     with qimg.open_image("disk.qcow2", writable=True) as img:
@@ -10,43 +10,35 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from qimg.driver import Driver
-from qimg.errors import BackingChainError, BadOptionError, ImageIOError, QimgError
-from qimg.formats.qcow2 import layout as L
-from qimg.storage import FileStorage, Storage
+from qimg.errors import BadOptionError, QimgError
+from qimg.opening import (
+    FORMATS,
+    open_backing_chain,
+    open_data_file,
+    probe_format,
+    probed_raw_text,
+    probed_raw_warning,
+    resolve_backing_path,
+)
+from qimg.storage import Storage
 
-FORMATS = ("qcow2", "raw", "qcow")
-
-
-def probe_format(path: str) -> str:
-    """'qcow' where the file starts with the qcow magic and version 1
-    (QEMU's older format), 'qcow2' where it starts with the same magic and
-    another version but 0, else 'raw'."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except IsADirectoryError:
-        raise ImageIOError(f"Could not open '{path}': Is a directory") from None
-    except OSError as exc:
-        raise ImageIOError(f"Could not open '{path}': {exc.strerror}") from None
-    if len(head) < 8 or int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
-        return "raw"
-    # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
-    # version 0 no driver claims the file and it is raw.
-    version = int.from_bytes(head[4:], "big")
-    return "raw" if version == 0 else "qcow" if version == 1 else "qcow2"
-
-
-def resolve_backing_path(image_path: str, backing: str) -> str:
-    """QEMU's bdrv_get_full_backing_filename: a relative backing file name
-    is relative to the directory of the image that names it (`json:` and
-    `file:` names are taken as they are; see qimg.filenames)."""
-    from qimg.filenames import full_backing_filename, parse_filename
-
-    return full_backing_filename(parse_filename(image_path).path, backing)
+__all__ = [
+    "FORMATS",
+    "check_image_file",
+    "create_image",
+    "create_options_help",
+    "describe",
+    "open_backing_chain",
+    "open_data_file",
+    "open_image",
+    "probe_format",
+    "probed_raw_text",
+    "probed_raw_warning",
+    "resolve_backing_path",
+]
 
 
 def open_image(
@@ -56,7 +48,6 @@ def open_image(
     writable: bool = False,
     force_share: bool = False,
     backing: bool = True,
-    backing_fmt: str | None = None,
     cache_unsafe: bool = False,
     lock: bool = True,
     data_file: bool = True,
@@ -66,243 +57,37 @@ def open_image(
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
     `json:{...}` pseudo-filename (qimg.filenames); so are backing file
-    names read from images. Raises a QimgError subclass with qemu-img's wording on failure.
-    `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
-    `info` does): an external data file is not opened.
+    names read from images. Raises a QimgError subclass with qemu-img's
+    wording on failure. `data_file=False` opens for metadata only (QEMU's
+    BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O.
     """
-    if fmt is not None and fmt not in FORMATS:
-        raise BadOptionError(f"Unknown driver '{fmt}'")
-    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
-    try:
-        below = None
-        if backing and node.open_backing and node.header is not None:
-            below = open_backing_chain(
-                node.path,
-                node.header,
-                writable=writable,
-                force_share=force_share,
-                cache_unsafe=cache_unsafe,
-                lock=lock,
-                data_file=data_file,
-            )
-        return node.build(below, writable, cache_unsafe)
-    except BaseException:
-        node.close()
-        raise
+    from qimg import opening
 
-
-def open_backing_chain(
-    image_path: str,
-    header,
-    *,
-    writable: bool = False,
-    force_share: bool = False,
-    cache_unsafe: bool = False,
-    lock: bool = True,
-    data_file: bool = True,
-) -> Driver | None:
-    """Open the backing chain below the qcow2 image at `image_path` whose
-    header is `header`; None if it names no backing file.
-
-    The chain is walked iteratively (no recursion per element: qemu-img
-    opens chains of thousands), then built bottom-up. An error opening the
-    image k levels down reads as qemu-img's does: k times "Could not open
-    backing file: " before what went wrong there. A qcow2 image met twice
-    in the chain is a loop, refused with qemu-img info --backing-chain's
-    words (qemu-img check and convert recurse until memory runs out).
-    """
-    from qimg.filenames import parse_filename
-
-    nodes: list[_Node] = []
-    seen = {os.path.realpath(parse_filename(image_path).path)}
-    parent_path, parent = image_path, header
-    # Backing files are opened read-only and shared, as QEMU's
-    # bdrv_backing_options does, unless the top is opened with -U anyway.
-    share = True if not writable else force_share
-    try:
-        while parent is not None and parent.backing_file:
-            depth = len(nodes) + 1
-            path = resolve_backing_path(parent_path, parent.backing_file)
-            try:
-                node = _open_node(path, parent.backing_format, False, share, lock, data_file)
-            except QimgError as exc:
-                raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
-            nodes.append(node)
-            if node.header is not None:
-                real = os.path.realpath(node.path)
-                if real in seen:
-                    raise BackingChainError(
-                        _backing_prefix(depth - 1)
-                        + f"Backing file '{path}' creates an infinite loop."
-                    )
-                seen.add(real)
-            parent_path, parent = node.path, node.header if node.open_backing else None
-        below = None
-        while nodes:
-            below = nodes[-1].build(below, False, cache_unsafe)
-            nodes.pop()
-        return below
-    except BaseException:
-        for node in nodes:
-            node.close()
-        raise
-
-
-def _backing_prefix(depth: int) -> str:
-    return "Could not open backing file: " * depth
-
-
-class _Node:
-    """One image of a chain, opened but not yet tied to its backing file:
-    its storage, its qcow2 header (None for raw) and its data file."""
-
-    def __init__(
-        self, path: str, fmt: str, storage: Storage, header, data_storage, open_backing=True
-    ):
-        self.path = path  # the host file (a json: or file: name resolved)
-        self.open_backing = open_backing  # false where a json: name says "backing": null
-        self.fmt = fmt
-        self.storage = storage
-        self.header = header
-        self.data_storage = data_storage
-        # Opened for metadata only (QEMU's BDRV_O_NO_IO, as info opens):
-        # no data file, and an encrypted image opens without its key.
-        self.metadata_only = False
-
-    def build(self, backing: Driver | None, writable: bool, cache_unsafe: bool) -> Driver:
-        """The driver over this node, reading through `backing`. On failure
-        `backing` is closed (the caller closes this node)."""
-        try:
-            if self.header is None:
-                from qimg.formats.raw import RawImage
-
-                return RawImage(self.storage)
-            if self.fmt == "qcow":
-                from qimg.formats.qcow import QcowImage
-
-                return QcowImage(self.storage, self.header, backing)
-            from qimg.formats.qcow2.image import Qcow2Image
-
-            image = Qcow2Image(
-                self.storage,
-                backing=backing,
-                data_storage=self.data_storage,
-                header=self.header,
-                cache_unsafe=cache_unsafe,
-                metadata_only=self.metadata_only,
-            )
-            if writable and self.header.dirty:
-                # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
-                # refcounts repaired, then the dirty bit cleared.
-                from qimg.formats.qcow2.check import repair_dirty
-
-                repair_dirty(image)
-            return image
-        except BaseException:
-            if backing is not None:
-                backing.close()
-            raise
-
-    def close(self) -> None:
-        if self.data_storage is not None:
-            self.data_storage.close()
-        self.storage.close()
-
-
-def _open_node(
-    path: str,
-    fmt: str | None,
-    writable: bool,
-    force_share: bool,
-    lock: bool,
-    data_file: bool,
-    storage_wrapper: Callable[[Storage], Storage] | None = None,
-) -> _Node:
-    """Open one image file (and its data file), not its backing file.
-    `path` may be a `file:` or `json:` name (qimg.filenames)."""
-    from qimg.filenames import parse_filename
-
-    name = parse_filename(path)
-    path, fmt = name.path, fmt or name.fmt
-    if fmt is not None and fmt not in FORMATS:
-        # A backing format read from an image, or one a json: name gives.
-        raise BadOptionError(f"Unknown driver '{fmt}'")
-    if not os.path.exists(path):
-        raise ImageIOError(f"Could not open '{path}': No such file or directory")
-    fmt = fmt or probe_format(path)
-    storage: Storage = FileStorage(
+    image = opening.open_image(
         path,
-        writable,
+        fmt,
+        writable=writable,
         force_share=force_share,
+        backing=backing,
+        cache_unsafe=cache_unsafe,
         lock=lock,
-        **_raw_masks(fmt, writable, force_share),
+        data_file=data_file,
+        storage_wrapper=storage_wrapper,
     )
-    if storage_wrapper is not None:
-        storage = storage_wrapper(storage)
-    if fmt == "raw":
-        return _Node(path, fmt, storage, None, None, name.open_backing)
-    if fmt == "qcow":
-        return _qcow_node(path, storage, name.open_backing, not data_file)
-    try:
-        header = _read_header(storage)
-        data_storage = open_data_file(header, writable, force_share, lock) if data_file else None
-    except BaseException:
-        storage.close()
-        raise
-    node = _Node(path, fmt, storage, header, data_storage, name.open_backing)
-    node.metadata_only = not data_file
-    return node
+    if writable and image.dirty:
+        # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
+        # refcounts repaired, then the dirty bit cleared.
+        from qimg.formats.qcow2.check import repair_dirty
 
-
-def _qcow_node(path: str, storage: Storage, open_backing: bool, metadata_only: bool) -> _Node:
-    """A qcow (version 1) image: no data file; qimg reads it only (opened
-    writable, as check -r opens it, its driver refuses writes)."""
-    from qimg.formats.qcow import QcowHeader
-
-    try:
-        header = QcowHeader.read(storage, metadata_only)
-    except BaseException:
-        storage.close()
-        raise
-    return _Node(path, "qcow", storage, header, None, open_backing)
-
-
-def _read_header(storage: Storage):
-    from qimg.formats.qcow2.header import Header
-
-    size = storage.size()
-    first = storage.pread(0, min(size, 1 << L.MAX_CLUSTER_BITS))
-    return Header.parse(first, size)
-
-
-def open_data_file(
-    header, writable: bool = False, force_share: bool = False, lock: bool = True
-) -> Storage | None:
-    """The external data file a qcow2 header names, opened; None if none.
-
-    QEMU opens the data file by the name as written (relative to the
-    working directory, not to the image)."""
-    if not header.has_data_file:
-        if header.data_file_raw:
-            raise QimgError("data-file-raw requires a data file")
-        return None
-    if header.data_file is None:
-        raise QimgError("'data-file' is required for this image")
-    if not header.data_file:
-        raise QimgError("The 'file' block driver requires a file name")
-    return FileStorage(header.data_file, writable, force_share=force_share, lock=lock)
-
-
-def _raw_masks(fmt: str, writable: bool, force_share: bool) -> dict:
-    if fmt != "raw":
-        return {}
-    from qimg.locking import image_perms
-
-    perm, shared = image_perms(writable, force_share, metadata=False)
-    return {"perm": perm, "shared": shared}
+        try:
+            repair_dirty(image)
+        except BaseException:
+            image.close()
+            raise
+    return image
 
 
 def create_image(
@@ -339,3 +124,112 @@ def create_image(
         check_backing=check_backing,
         on_formatting=on_formatting,
     )
+
+
+def create_options_help(fmt: str, with_protocol: bool = True) -> str:
+    """`qemu-img create -f FMT -o help [FILE]`: the format's options (and,
+    with `with_protocol`, the file protocol's), sorted by name."""
+    if fmt not in FORMATS:
+        raise QimgError(f"Unknown file format '{fmt}'")
+    from qimg.create import options_help
+
+    return options_help(fmt, with_protocol)
+
+
+def describe(
+    filename: str, fmt: str | None = None, *, force_share: bool = False, backing_chain: bool = False
+) -> list[dict]:
+    """`qemu-img info [--backing-chain]`: the ImageInfo of the image (and,
+    with `backing_chain`, of each image below it), as qemu-img's JSON."""
+    from qimg.info import describe as describe_chain
+
+    return describe_chain(filename, fmt, force_share=force_share, backing_chain=backing_chain)
+
+
+def check_image_file(
+    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+):
+    """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
+    1 for leaks, 3 for all), close; returns the CheckResult. A check that
+    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    from qimg.formats.qcow2.check import check_file
+
+    return check_file(filename, fmt, fix, force_share)
+
+
+def _open_named(
+    path: str, fmt: str | None, writable: bool, force_share: bool = False, image_opts=False
+) -> Driver:
+    """open_image without backing files, failing as qemu-img's img_open
+    does: "Could not open 'PATH': " before what the open said (a lock
+    conflict carries its own). With `image_opts`, `path` is an option
+    string (driver=qcow2,file.filename=...), read as the json: name that
+    says the same; a word without '=' is the option "file"."""
+    from qimg.errors import ImageLockedError
+
+    name = path
+    if image_opts:
+        import json
+
+        from qimg.options import split_options
+
+        opts = {
+            k if v is not None else "file": k if v is None else v for k, v in split_options(path)
+        }
+        name = "json:" + json.dumps(opts)
+    try:
+        return open_image(name, fmt, writable=writable, force_share=force_share, backing=False)
+    except QimgError as exc:
+        if not isinstance(exc, ImageLockedError):
+            exc.args = (f"Could not open '{path}': {exc}",)
+        raise
+
+
+def edit_bitmap(
+    path: str,
+    name: str,
+    actions: list,
+    *,
+    fmt: str | None = None,
+    granularity: int = 0,
+    source_path: str | None = None,
+    source_fmt: str | None = None,
+    image_opts: bool = False,
+) -> None:
+    """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
+    persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
+    Every action is checked before anything is written: on failure the
+    image is left as it was (qimg.formats.qcow2.bitmap_ops). With
+    `image_opts`, `path` is an option string (see _open_named)."""
+    from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
+
+    image = _open_named(path, fmt, writable=True, image_opts=image_opts)
+    try:
+        source = _open_named(source_path, source_fmt, False) if source_path else None
+        try:
+            apply_plan(image, plan_actions(image, name, actions, granularity, source))
+        finally:
+            if source is not None:
+                source.close()
+    finally:
+        image.close()
+
+
+def list_bitmaps(
+    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+) -> list[dict]:
+    """The persistent bitmaps of an image: name, granularity, flags and
+    dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
+    from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
+
+    with _open_named(path, fmt, False, force_share, image_opts) as image:
+        return listed(image)
+
+
+def __getattr__(name: str):
+    # The check's result and failure types, loaded with the check (numpy).
+    if name in ("CheckFailed", "CheckResult"):
+        from qimg.formats.qcow2 import check
+
+        return getattr(check, name)
+    raise AttributeError(f"module 'qimg.api' has no attribute {name!r}")

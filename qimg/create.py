@@ -15,15 +15,12 @@ The steps and their order decide which error a user sees, and whether the
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 from qimg.errors import (
     BackingChainError,
     BadOptionError,
-    FileTooLargeError,
     ImageIOError,
     QimgError,
     UnsupportedFeatureError,
@@ -114,11 +111,8 @@ def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:
 
 def options_help(fmt: str, with_protocol: bool) -> str:
     """`qemu-img create -f FMT -o help [FILE]`: sorted by name."""
-    opts = sorted(option_list(fmt, with_protocol), key=lambda o: o.name)
-    typ = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
     lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
-    for o in opts:
-        lines.append(f"  {o.name + '=<' + typ[o.type] + '>':<22} - {o.help}")
+    lines += help_lines(option_list(fmt, with_protocol))
     if not with_protocol:
         lines += [
             "",
@@ -128,7 +122,16 @@ def options_help(fmt: str, with_protocol: bool) -> str:
     return "\n".join(lines)
 
 
-def _typed(desc: OptDesc, text: str):
+def help_lines(opts) -> list[str]:
+    """qemu_opts_print_help's lines for `opts`, sorted by name."""
+    typ = {"size": "size", "num": "num", "bool": "bool (on/off)", "str": "str"}
+    return [
+        f"  {o.name + '=<' + typ[o.type] + '>':<22} - {o.help}"
+        for o in sorted(opts, key=lambda o: o.name)
+    ]
+
+
+def typed_value(desc: OptDesc, text: str):
     """QemuOpts' parse of one value; errors are qemu_opts_do_parse's."""
     if desc.type == "size":
         return parse_size_option(desc.name, text)
@@ -137,6 +140,9 @@ def _typed(desc: OptDesc, text: str):
     if desc.type == "bool":
         return parse_bool(desc.name, text)
     return text
+
+
+_typed = typed_value  # the name convert.py imports
 
 
 def parse_size_option(name: str, text: str) -> int:
@@ -170,7 +176,7 @@ def formatting_line(
         if text is None:
             continue
         if d.type in ("size", "num") and d.name in given:
-            value = typed[d.name] if d.name in typed else _typed(d, text)
+            value = typed[d.name] if d.name in typed else typed_value(d, text)
             text = str(_as_int64(value))
         elif d.type == "str":
             text = _escaped(text)
@@ -221,7 +227,7 @@ def create(
     for key, text in options.items():
         if key not in by_name:
             raise BadOptionError(f"Invalid parameter '{key}'")
-        typed[key] = _typed(by_name[key], text)
+        typed[key] = typed_value(by_name[key], text)
         given[key] = text
     if "size" in given:
         if size is not None:
@@ -246,12 +252,12 @@ def create(
     line = formatting_line(path, fmt, given, descs, typed)
     if on_formatting is not None:
         on_formatting(line)
-    values = {k: typed[k] if k in typed else _typed(by_name[k], v) for k, v in given.items()}
+    values = {k: typed[k] if k in typed else typed_value(by_name[k], v) for k, v in given.items()}
     # The driver's create parses its size options again (QAPI field order).
     own = {d.name for d in FORMAT_OPTS[fmt]}
     for key in ("size", "cluster_size"):
         if key in options and key in own:
-            _typed(by_name[key], options[key])
+            typed_value(by_name[key], options[key])
     _check_truncate(fmt, values["size"])
     path = file_path  # the Formatting line keeps the name as typed
     if fmt == "raw":
@@ -300,7 +306,7 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
         if not backing_fmt:
             raise BadOptionError("Backing file specified without backing format")
         return
-    from qimg.api import open_image
+    from qimg.opening import open_image
 
     full = full_backing_filename(path, backing)
     try:
@@ -318,14 +324,14 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
 
 
 def _create_raw(path: str, values: dict) -> None:
-    from qimg.storage import FileStorage
+    from qimg.storage import create_storage, delete_storage, storage_exists
 
     prealloc = values.get("preallocation", "off")
     if prealloc not in ("off", "falloc", "full"):
         raise BadOptionError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     size = -(-values["size"] // 512) * 512
-    existed = os.path.lexists(path)
-    storage = FileStorage(path, create=True)
+    existed = storage_exists(path)
+    storage = create_storage(path)
     try:
         if prealloc == "falloc":
             storage.fallocate(0, size)
@@ -333,11 +339,7 @@ def _create_raw(path: str, values: dict) -> None:
             from qimg.formats.qcow2.create import write_zeros
 
             write_zeros(storage, 0, size)
-        try:
-            os.ftruncate(storage.fd, size)
-        except OSError as exc:
-            error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
-            raise error(f"Could not resize file: {exc.strerror}") from None
+        storage.truncate(size)
         if prealloc in ("off", "falloc") and size:
             # QEMU's allocate_first_block (after fallocate too): the first
             # block of a new raw file is written (zeros), so probing its
@@ -346,6 +348,6 @@ def _create_raw(path: str, values: dict) -> None:
     except BaseException:
         storage.close()
         if not existed:  # (QEMU leaves the empty file behind)
-            os.unlink(path)
+            delete_storage(path)
         raise
     storage.close()

@@ -6,6 +6,7 @@ lengths are in bytes of the guest (virtual) disk.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from qimg.errors import ImageIOError, QimgError
@@ -15,8 +16,6 @@ DATA = 0  # host holds the data (host = host offset)
 ZERO = 1  # reads as zeros (host = offset of a preallocated cluster, or 0)
 UNALLOCATED = 2  # falls through to the backing file, or reads as zeros
 COMPRESSED = 3  # one compressed cluster (host = the raw L2 entry)
-
-KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
 
 
 class Extent(NamedTuple):
@@ -28,6 +27,23 @@ class Extent(NamedTuple):
     host: int  # see the kinds above
 
 
+@dataclass
+class DriverInfo:
+    """What a driver tells `qemu-img info` of its image: QEMU's
+    BlockDriverInfo, bdrv_get_specific_info, backing file and snapshot list.
+    Values are QAPI's (ImageInfo in qapi/block-core.json)."""
+
+    virtual_size: int  # bdrv_getlength: whole 512-byte sectors
+    actual_size: int  # bytes the image's storage occupies on its host
+    cluster_size: int | None = None  # None: the format has no clusters
+    backing_file: str | None = None  # as the image names it
+    backing_format: str | None = None
+    encrypted: bool = False
+    dirty: bool = False
+    snapshots: list[dict] = field(default_factory=list)  # SnapshotInfo values
+    format_specific: dict | None = None  # ImageInfoSpecific: {"type", "data"}
+
+
 class Driver:
     """Base of the format drivers; usable as a context manager."""
 
@@ -36,6 +52,20 @@ class Driver:
     size: int
     writable: bool
     backing: Driver | None = None
+    # Opened with metadata changes pending a repair (qcow2's dirty bit with
+    # lazy refcounts): a writable open repairs it first (qimg.api.open_image).
+    dirty = False
+    # The unit block status answers in and data is allocated in (qcow2: a
+    # cluster), and the smallest unit a write allocates (a subcluster with
+    # extended L2 entries). Sector-granular formats keep 512.
+    cluster_bytes = 512
+    grain_bytes = 512
+    # Internal snapshots (QEMU's bdrv_snapshot_* callbacks).
+    has_snapshots = False
+
+    def info(self) -> DriverInfo:
+        """What `qemu-img info` reports of this image (not of its backing)."""
+        raise NotImplementedError
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length)."""

@@ -19,10 +19,6 @@ _SUFFIXES = {
 MAX_SIZE = (1 << 63) - 1
 _U64 = 1 << 64
 
-SIZE_ERROR = (
-    "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-    "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
-)
 # strtoull's syntax: leading white space, a sign, digits (a 0x prefix in base 16).
 _DEC_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
 _HEX_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(?:0[xX](?=[0-9a-fA-F]))?([0-9a-fA-F]+)")

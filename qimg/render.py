@@ -142,26 +142,7 @@ def info_human(info: dict) -> str:
         lines.append("cleanly shut down: no")
     snaps = info.get("snapshots")
     if snaps:
-        lines.append("Snapshot list:")
-        # QEMU's bdrv_snapshot_dump: fixed minimum widths, never truncated.
-        lines.append(
-            f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
-        )
-        import time
-
-        for s in snaps:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            secs = s["vm-clock-sec"]
-            clock = (
-                f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                f"{s['vm-clock-nsec'] // 1000000:03d}"
-            )
-            icount = s.get("icount")
-            size = human_size(s["vm-state-size"] & _U64_MAX)
-            lines.append(
-                f"{_ljust_bytes(s['id'], 9)} {_ljust_bytes(s['name'], 16)} {size:>8}"
-                f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
-            )
+        lines.append(snapshots_human(snaps))
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
@@ -170,6 +151,29 @@ def info_human(info: dict) -> str:
 
 
 _U64_MAX = (1 << 64) - 1
+
+
+def snapshots_human(snaps: list[dict]) -> str:
+    """QEMU's snapshot list (info, snapshot -l) of info's "snapshots" dicts."""
+    lines = ["Snapshot list:"]
+    # QEMU's bdrv_snapshot_dump: fixed minimum widths, never truncated.
+    lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+    import time
+
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (
+            f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+            f"{s['vm-clock-nsec'] // 1000000:03d}"
+        )
+        icount = s.get("icount")
+        size = human_size(s["vm-state-size"] & _U64_MAX)
+        lines.append(
+            f"{_ljust_bytes(s['id'], 9)} {_ljust_bytes(s['name'], 16)} {size:>8}"
+            f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
+        )
+    return "\n".join(lines)
 
 
 def _ljust_bytes(text: str, width: int) -> str:
@@ -261,3 +265,23 @@ def check_human(result) -> str:
     if result.image_end_offset:
         lines.append(f"Image end offset: {result.image_end_offset}")
     return "\n".join(lines)
+
+
+# --- bitmap --list (qimg only) ---------------------------------------------------
+
+
+BITMAP_STYLES = ((r"\A[^\n]*", "bold"), (r"in-use", "yellow"))
+
+
+def bitmaps_human(rows: list[dict]) -> str:
+    """A table of bitmaps: name, granularity, flags and dirty bytes ("-"
+    where unknown: an in-use bitmap), columns as wide as their widest cell."""
+    table = [("NAME", "GRANULARITY", "FLAGS", "DIRTY")]
+    for r in rows:
+        count = r.get("count")
+        dirty = "-" if count is None else f"{human_size(count)} ({count} bytes)"
+        table.append((r["name"], str(r["granularity"]), ",".join(r["flags"]) or "-", dirty))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join(
+        f"{n:<{widths[0]}}  {g:>{widths[1]}}  {f:<{widths[2]}}  {d}" for n, g, f, d in table
+    )

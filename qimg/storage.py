@@ -7,11 +7,12 @@ same methods.
 
 from __future__ import annotations
 
+import abc
 import errno
 import functools
 import os
 
-from qimg.errors import ImageIOError
+from qimg.errors import FileTooLargeError, ImageIOError
 
 # QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to BDRV_MAX_ALIGNMENT, 1 GiB):
 # the block layer fails any request that ends past it with EIO, before the
@@ -28,29 +29,82 @@ def check_request(offset: int, length: int) -> None:
         raise ImageIOError("Input/output error")
 
 
-class Storage:
-    """The interface every storage backend offers."""
+class Storage(abc.ABC):
+    """The interface every storage backend offers: the only way the engine
+    reaches bytes. Nothing outside this module sees a file descriptor or a
+    host path operation, so a network block device can stand in for a file.
+
+    `path` names the storage in messages; `writable` is how it was opened.
+    """
 
     path: str
     writable: bool
 
+    @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+        """`length` bytes at `offset`; bytes past the end read as zeros."""
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def preadv(self, offset: int, buffer: memoryview) -> int:
+        """Read into `buffer`; returns the bytes read (fewer past the end)."""
 
+    @abc.abstractmethod
+    def pwrite(self, offset: int, data) -> None:
+        """Write all of `data` at `offset` (the storage grows as needed)."""
+
+    @abc.abstractmethod
     def size(self) -> int:
-        raise NotImplementedError
+        """The length in bytes."""
 
+    @abc.abstractmethod
+    def allocated_size(self) -> int:
+        """Bytes the storage occupies on its host (qemu-img's actual-size)."""
+
+    @abc.abstractmethod
     def truncate(self, size: int) -> None:
-        raise NotImplementedError
+        """Set the length to `size` (new bytes read as zeros)."""
 
+    @abc.abstractmethod
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve [offset, offset+length) on the host (may grow the storage)."""
+
+    @abc.abstractmethod
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros, freeing it where the
+        host can; the length does not change."""
+
+    @abc.abstractmethod
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """[offset, offset+length) as (start, length, is_data) runs; a hole
+        (is_data false) reads as zeros."""
+
+    @abc.abstractmethod
     def flush(self) -> None:
-        raise NotImplementedError
+        """Make every completed write durable."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the storage and its locks; idempotent."""
+
+    def available_space(self) -> int | None:
+        """Bytes the host can still take (for a quick refusal of a
+        preallocation that cannot fit); None where unknown (this default)."""
+        return None
+
+    def lock(  # noqa: B027 (a deliberate no-op default)
+        self,
+        writable: bool,
+        force_share: bool = False,
+        perm: int | None = None,
+        shared: int | None = None,
+        prefix: str | None = None,
+    ) -> None:
+        """Take QEMU's permission locks (see qimg.locking) for this opener,
+        replacing any held; raises ImageLockedError on a conflict. A storage
+        whose host arbitrates access itself takes none (this default)."""
+
+    def unlock(self) -> None:  # noqa: B027
+        """Drop the locks `lock` took."""
 
 
 def sector_length(storage: Storage) -> int:
@@ -70,7 +124,8 @@ class FileStorage(Storage):
     `perm` and `shared` are QEMU permission masks (see `qimg.locking`); when
     `lock` is true they are taken as byte-range locks the way QEMU's
     file-posix driver takes them, so QEMU and qimg refuse each other's
-    conflicting access.
+    conflicting access. With `create`, the file is created or emptied under
+    QEMU's create lock (raw_co_create) first.
     """
 
     def __init__(
@@ -90,25 +145,22 @@ class FileStorage(Storage):
         if create:
             flags |= os.O_CREAT
         try:
-            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
-            if exc.errno == errno.EISDIR or os.path.isdir(path):
-                raise ImageIOError(f"Could not open '{path}': Is a directory") from None
             raise _os_error(path, "create" if create else "open", exc) from None
         self._closed = False
         self._locker = None
         try:
+            _check_file_type(self._fd, path)
             if create:
                 # Ordering: the create lock is held before the file is emptied,
                 # so an image in use elsewhere is never truncated.
                 if lock:
-                    self._lock(False, force_share, *create_masks(), prefix=f"{path}: ")
-                os.ftruncate(self.fd, 0)
-                if self._locker is not None:
-                    self._locker.release()
-                    self._locker = None
+                    self.lock(False, force_share, *create_masks(), prefix=f"{path}: ")
+                os.ftruncate(self._fd, 0)
+                self.unlock()
             if lock:
-                self._lock(self.writable, force_share, perm, shared)
+                self.lock(self.writable, force_share, perm, shared)
         except OSError as exc:
             self.close()
             raise _os_error(path, "create", exc) from None
@@ -116,12 +168,18 @@ class FileStorage(Storage):
             self.close()
             raise
 
-    def _lock(self, writable, force_share, perm, shared, prefix=None) -> None:
+    def lock(self, writable, force_share=False, perm=None, shared=None, prefix=None) -> None:
         from qimg.locking import ImageLock
 
+        self.unlock()
         self._locker = ImageLock(
-            self.fd, self.path, writable, force_share, perm=perm, shared=shared, prefix=prefix
+            self._fd, self.path, writable, force_share, perm=perm, shared=shared, prefix=prefix
         )
+
+    def unlock(self) -> None:  # noqa: B027
+        if self._locker is not None:
+            self._locker.release()
+            self._locker = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read `length` bytes; bytes past the end of file are zero (a
@@ -132,7 +190,7 @@ class FileStorage(Storage):
         try:
             # Short reads happen at EOF for regular files; loop otherwise.
             while got < length:
-                more = os.pread(self.fd, length - got, offset + got)
+                more = os.pread(self._fd, length - got, offset + got)
                 if not more:
                     break
                 parts.append(more)
@@ -152,7 +210,7 @@ class FileStorage(Storage):
         check_request(offset, n)
         try:
             while total < n:
-                got = os.preadv(self.fd, [buffer[total:]], offset + total)
+                got = os.preadv(self._fd, [buffer[total:]], offset + total)
                 if got == 0:
                     break
                 total += got
@@ -164,7 +222,7 @@ class FileStorage(Storage):
         view = memoryview(data)
         try:
             while len(view):
-                n = os.pwrite(self.fd, view, offset)
+                n = os.pwrite(self._fd, view, offset)
                 view = view[n:]
                 offset += n
         except OSError as exc:
@@ -172,29 +230,42 @@ class FileStorage(Storage):
 
     def size(self) -> int:
         try:
-            st = os.fstat(self.fd)
+            st = os.fstat(self._fd)
             if st.st_size == 0 and not _is_regular(st.st_mode):
-                return os.lseek(self.fd, 0, os.SEEK_END)
+                return os.lseek(self._fd, 0, os.SEEK_END)
             return st.st_size
         except OSError as exc:
             raise _os_error(self.path, "stat", exc) from None
 
     def allocated_size(self) -> int:
         """Bytes the host file occupies on disk (st_blocks * 512)."""
-        return os.fstat(self.fd).st_blocks * 512
+        try:
+            return os.fstat(self._fd).st_blocks * 512
+        except OSError as exc:
+            raise _os_error(self.path, "stat", exc) from None
+
+    def available_space(self) -> int | None:
+        try:
+            st = os.fstatvfs(self._fd)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def truncate(self, size: int) -> None:
+        """file-posix's truncate, in its words ("Could not resize file");
+        EFBIG (past the file system's limit) is a FileTooLargeError."""
         try:
-            os.ftruncate(self.fd, size)
+            os.ftruncate(self._fd, size)
         except OSError as exc:
-            raise _os_error(self.path, "resize", exc) from None
+            error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
+            raise error(f"Could not resize file: {exc.strerror or exc}") from None
 
     def fallocate(self, offset: int, length: int) -> None:
         """Reserve host blocks for [offset, offset+length) (may grow the file)."""
         if length <= 0:
             return
         try:
-            os.posix_fallocate(self.fd, offset, length)
+            os.posix_fallocate(self._fd, offset, length)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 size = self.size()
@@ -208,10 +279,8 @@ class FileStorage(Storage):
         if length <= 0:
             return
         try:
-            import fcntl  # noqa: F401  (Linux only: fallocate flags)
-
-            _punch_hole(self.fd, offset, length)
-        except (OSError, AttributeError):
+            _punch_hole(self._fd, offset, length)
+        except OSError:
             self.pwrite(offset, bytes(length))
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -223,7 +292,7 @@ class FileStorage(Storage):
         try:
             while pos < end:
                 try:
-                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as exc:
                     if exc.errno == errno.ENXIO:  # only a hole up to EOF
                         runs.append((pos, end - pos, False))
@@ -235,7 +304,7 @@ class FileStorage(Storage):
                     pos = hole_end
                     if pos >= end:
                         break
-                hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
                 runs.append((pos, hole - pos, True))
                 pos = hole
         except (OSError, AttributeError):
@@ -245,7 +314,7 @@ class FileStorage(Storage):
     def flush(self) -> None:
         if self.writable:
             try:
-                os.fsync(self.fd)
+                os.fsync(self._fd)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise _os_error(self.path, "flush", exc) from None
@@ -253,9 +322,43 @@ class FileStorage(Storage):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._locker is not None:
-                self._locker.release()
-            os.close(self.fd)
+            self.unlock()
+            os.close(self._fd)
+
+
+def open_storage(
+    path: str,
+    writable: bool = False,
+    *,
+    lock: bool = True,
+    force_share: bool = False,
+    perm: int | None = None,
+    shared: int | None = None,
+) -> Storage:
+    """The storage a host name opens (a file today; the one place where a
+    network export would be told apart). `perm`/`shared` are the QEMU
+    permission masks to lock (qimg.locking.image_perms; default: qcow2's)."""
+    return FileStorage(path, writable, lock=lock, force_share=force_share, perm=perm, shared=shared)
+
+
+def create_storage(path: str, *, lock: bool = True) -> Storage:
+    """A new, empty, writable storage at `path`, as QEMU's raw_co_create
+    makes one: an existing file is emptied, under the create lock."""
+    return FileStorage(path, create=True, lock=lock)
+
+
+def storage_exists(path: str) -> bool:
+    """Whether `path` names something (a dangling symbolic link counts)."""
+    return os.path.lexists(path)
+
+
+def delete_storage(path: str) -> None:
+    """Remove what a failed create made (QEMU's bdrv_co_delete_file);
+    best effort."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def create_masks() -> tuple[int, int]:
@@ -270,26 +373,44 @@ def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
 
 
+def _check_file_type(fd: int, path: str) -> None:
+    """file-posix's raw_open_common: a directory (or socket, fifo) opened
+    read-only is refused; block and character devices are QEMU's
+    host_device driver's and accepted."""
+    import stat
+
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        raise ImageIOError(f"'file' driver requires '{path}' to be a regular file")
+
+
 @functools.cache
-def _libc():
-    """The C library, looked up once (find_library runs ldconfig)."""
+def _fallocate():
+    """libc's fallocate(2), looked up once (find_library runs ldconfig);
+    None where there is none (the caller then writes zeros)."""
     import ctypes
     import ctypes.util
 
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    import ctypes
+    fallocate = _fallocate()
+    if fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    if fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
+        import ctypes
 
-    libc = _libc()
-    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    ret = libc.fallocate(
-        ctypes.c_int(fd),
-        ctypes.c_int(falloc_fl_keep_size | falloc_fl_punch_hole),
-        ctypes.c_longlong(offset),
-        ctypes.c_longlong(length),
-    )
-    if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -107,12 +107,12 @@ def test_overlap_check_refuses_data_on_metadata_made_after_the_map(tmp_path):
         l2 = img.clusters.l2_offset(2)
         assert l2
         with pytest.raises(CorruptImageError, match="overlaps with active L2 table"):
-            img.write_data(l2, [b"c" * 512])
+            img.dataio.write(0, l2, [b"c" * 512])
         block = int(img.refcounts.table[0])
         with pytest.raises(CorruptImageError, match="overlaps with refcount block"):
-            img.write_data(block, [b"c" * 512])
+            img.dataio.write(0, block, [b"c" * 512])
         with pytest.raises(CorruptImageError, match="overlaps with qcow2_header"):
-            img.write_data(0, [b"c" * 512])
+            img.dataio.write(0, 0, [b"c" * 512])
     finally:
         img.close()
 

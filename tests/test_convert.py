@@ -226,7 +226,7 @@ def test_convert_copy_offload_copies_zero_data_as_qemu_img_does(tmp_path, qemu_i
 def test_rate_limit_waits_while_writes_run_ahead_of_the_rate(monkeypatch):
     """-r: after each write, the writer sleeps while the bytes written are
     more than one 100 ms slice ahead of the rate (a fake clock: no timing)."""
-    import qimg.convert as engine
+    import qimg.convert.writer as engine
 
     clock = [100.0]
     sleeps: list[float] = []
@@ -237,7 +237,7 @@ def test_rate_limit_waits_while_writes_run_ahead_of_the_rate(monkeypatch):
 
     monkeypatch.setattr(engine.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(engine.time, "sleep", sleep)
-    limit = engine._RateLimit(MiB)  # 1 MiB a second
+    limit = engine.RateLimit(MiB)  # 1 MiB a second
     limit.account(64 << 10)  # 1/16 s of data: within the slice, no wait
     assert sleeps == []
     limit.account(MiB)  # now ~1.06 s ahead at t=0: wait all but the slice
@@ -245,7 +245,7 @@ def test_rate_limit_waits_while_writes_run_ahead_of_the_rate(monkeypatch):
     clock[0] += 10  # ten idle seconds: the average is far below the rate, no wait
     limit.account(MiB)
     assert len(sleeps) == 1
-    engine._RateLimit(0).account(1 << 40)  # no limit: never waits
+    engine.RateLimit(0).account(1 << 40)  # no limit: never waits
     assert len(sleeps) == 1
 
 

@@ -154,9 +154,9 @@ def test_freed_cluster_not_reused_before_its_unmapping_is_durable(tmp_path, qemu
         img.discard(0, 4096)
         freed = img.refcounts.pending_free
         seen = []
-        write_data = img.write_data
+        write_data = img.dataio.write
 
-        def checked_write(host, buffers):
+        def checked_write(guest, host, buffers):
             with qimg.open_image(path, force_share=True, lock=False) as disk:
                 mapped = [
                     e
@@ -164,9 +164,9 @@ def test_freed_cluster_not_reused_before_its_unmapping_is_durable(tmp_path, qemu
                     if e.kind == 0 and e.host <= host < e.host + e.length
                 ]
             seen.append((host, mapped))
-            write_data(host, buffers)
+            write_data(guest, host, buffers)
 
-        img.write_data = checked_write
+        img.dataio.write = checked_write
         img.write(65536, b"b" * 4096)
     assert freed[1] > freed[0]
     assert seen and all(not mapped for _host, mapped in seen)

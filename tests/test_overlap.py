@@ -144,7 +144,7 @@ def test_a_write_onto_an_l2_table_made_a_moment_before_is_refused(tmp_path):
         img.write(6 * MiB, b"y" * 512)
         newest = img.clusters.l2_offset(6 * MiB >> (img.geo.cluster_bits + img.geo.l2_bits))
         with pytest.raises(CorruptImageError, match=r"overlaps with active L2 table\)"):
-            img.write_data(newest, [b"z" * 512])
+            img.dataio.write(0, newest, [b"z" * 512])
     assert "corrupt: true" in run(["qemu-img", "info", path]).stdout
 
 

@@ -269,3 +269,34 @@ def test_data_file_follows_the_new_size(qemu_img, tmp_path):
     data = qemu_in(tmp_path, "qemu-io", "-c", "read -P 0x42 0 512k", "a.qcow2", check=True)
     assert "Pattern verification failed" not in data.stdout
     assert _virtual_size(path) == 512 * 1024
+
+
+@pytest.mark.parametrize(
+    "command", [["resize", "a.qcow2", "2M"], ["amend", "-o", "size=2M", "a.qcow2"]]
+)
+def test_an_image_in_use_is_refused_as_qemu_img_does(qemu_img, tmp_path, command):
+    import subprocess
+    import time
+
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M"])
+    holder = subprocess.Popen(
+        ["qemu-io", str(tmp_path / "a.qcow2")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):  # until qemu-io holds its locks
+            probe = run(
+                ["qemu-img", "check", "-r", "leaks", str(tmp_path / "a.qcow2")], check=False
+            )
+            if "lock" in probe.stderr:
+                break
+            time.sleep(0.05)
+        oracle = qemu_in(tmp_path, "qemu-img", *command)
+        proc = qimg_here(tmp_path, *command)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert oracle.returncode == 1
+    assert _said(proc, "qimg") == _said(oracle, "qemu-img")

@@ -25,8 +25,7 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
     """Check FILENAME for consistency; with -r, repair what is found."""
     import sys
 
-    from qimg import render
-    from qimg.formats.qcow2.check import CheckFailed, check_file
+    from qimg import api, render
 
     filename = need_filename(filename)
     fix = 0
@@ -37,11 +36,12 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
                 f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
             )
         fix = _REPAIR[repair]
-        if fmt is None:
-            _warn_probed_raw(filename)
+        warning = api.probed_raw_warning(filename) if fmt is None else None
+        if warning:
+            sys.stderr.write(warning)
     try:
-        result = check_file(filename, fmt, fix, force_share)
-    except CheckFailed as exc:
+        result = api.check_image_file(filename, fmt, fix, force_share)
+    except api.CheckFailed as exc:
         if exc.result is not None:
             render.check_messages(exc.result.messages)
         raise
@@ -62,16 +62,3 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
 
         sys.stderr.write(relabel("qimg: Check failed") + "\n")
     sys.exit(result.exit_code)
-
-
-def _warn_probed_raw(filename: str) -> None:
-    from qimg.api import probe_format
-    from qimg.commands.common import warn_probed_raw
-    from qimg.errors import QimgError
-
-    try:
-        probed = probe_format(filename)
-    except QimgError:
-        return  # the open fails, in its own words
-    if probed == "raw":
-        warn_probed_raw(filename)

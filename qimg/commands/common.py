@@ -44,23 +44,6 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
     return filename
 
 
-def open_for_command(filename, fmt, *, writable=False, force_share=False, backing=True, **kw):
-    """open_image with qemu-img's "Could not open 'X': ..." wrapping."""
-    from qimg.api import open_image
-
-    filename = need_filename(filename)
-    try:
-        return open_image(
-            filename, fmt, writable=writable, force_share=force_share, backing=backing, **kw
-        )
-    except QimgError as exc:
-        msg = str(exc)
-        prefix = f"Could not open '{filename}': "
-        if not msg.startswith(prefix):
-            exc.args = (prefix + msg,)
-        raise
-
-
 def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
     """open_image for commands that take one image to change (resize,
     amend): with `image_opts`, `filename` is qemu-img's --image-opts option
@@ -74,7 +57,12 @@ def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
     try:
         return open_image(name, fmt, **kw)
     except QimgError as exc:
-        exc.args = (f"Could not open '{filename}': {exc}",)
+        from qimg.errors import ImageLockedError
+
+        # qemu-img doubles the prefix of a failed file open, but a lock
+        # conflict comes from the permission update and carries one.
+        if not isinstance(exc, ImageLockedError):
+            exc.args = (f"Could not open '{filename}': {exc}",)
         raise
 
 
@@ -98,9 +86,16 @@ def warn_probed_raw(filename: str) -> None:
     it is, whatever the program's name, even with -q)."""
     import sys
 
-    sys.stderr.write(
-        f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-        "         Automatically detecting the format is dangerous for raw images, "
-        "write operations on block 0 will be restricted.\n"
-        "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-    )
+    from qimg.api import probed_raw_text
+
+    sys.stderr.write(probed_raw_text(filename))
+
+
+def warn_if_probed_raw(filename: str) -> None:
+    """warn_probed_raw where the file probes as raw (where it cannot be
+    probed, the open fails in its own words)."""
+    import sys
+
+    from qimg.api import probed_raw_warning
+
+    sys.stderr.write(probed_raw_warning(filename) or "")

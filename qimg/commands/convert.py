@@ -46,8 +46,12 @@ def _coroutines(ctx, param, value):
 
 
 @click.command("convert")
-@click.option("-f", "--format", "fmt", metavar="FMT", help="Source format (probed when omitted).")
-@click.option("-O", "out_fmt", default="raw", metavar="FMT", help="Target format (default raw).")
+@click.option(
+    "-f", "--format", "source_format", metavar="FMT", help="Source format (probed when omitted)."
+)
+@click.option(
+    "-O", "target_format", default="raw", metavar="FMT", help="Target format (default raw)."
+)
 @click.option(
     "-o",
     "options",
@@ -55,8 +59,8 @@ def _coroutines(ctx, param, value):
     metavar="OPTIONS",
     help="Target creation options, as for create; '-o help' lists them.",
 )
-@click.option("-B", "backing", metavar="BACKING", help="Backing file of the target.")
-@click.option("-F", "backing_fmt", metavar="FMT", help="Format of the backing file.")
+@click.option("-B", "backing_file", metavar="BACKING", help="Backing file of the target.")
+@click.option("-F", "backing_format", metavar="FMT", help="Format of the backing file.")
 @click.option("-c", "compress", is_flag=True, help="Compress the target's clusters (qcow2).")
 @click.option(
     "--compression-level",
@@ -71,7 +75,7 @@ def _coroutines(ctx, param, value):
 @click.option("-n", "skip_create", is_flag=True, help="Write into an existing target.")
 @click.option(
     "-S",
-    "sparse",
+    "sparse_size",
     callback=_sparse_size,
     metavar="SIZE",
     help=(
@@ -90,10 +94,10 @@ def _coroutines(ctx, param, value):
     "-W", "out_of_order", is_flag=True, help="Accepted for compatibility (writes stay in order)."
 )
 @click.option("-t", "cache", default="unsafe", metavar="CACHE", help="Target cache mode.")
-@click.option("-T", "src_cache", default="writeback", metavar="CACHE", help="Source cache mode.")
+@click.option("-T", "source_cache", default="writeback", metavar="CACHE", help="Source cache mode.")
 @share_option
 @click.option(
-    "-C", "copy_offload", is_flag=True, help="Copy data as it is (no zero detection in it)."
+    "-C", "copy_range", is_flag=True, help="Copy data as it is (no zero detection in it)."
 )
 @click.option(
     "-r",
@@ -114,86 +118,31 @@ def _coroutines(ctx, param, value):
 @click.option("--skip-broken-bitmaps", is_flag=True, help="Skip inconsistent bitmaps.")
 @click.option("--salvage", is_flag=True, help="Go on past read errors (zeros there).")
 @click.argument("files", nargs=-1)
-def command(
-    fmt,
-    out_fmt,
-    options,
-    backing,
-    backing_fmt,
-    compress,
-    compression_level,
-    show_progress,
-    quiet,
-    skip_create,
-    sparse,
-    coroutines,
-    out_of_order,
-    cache,
-    src_cache,
-    force_share,
-    copy_offload,
-    rate_limit,
-    snapshot_param,
-    snapshot,
-    target_is_zero,
-    bitmaps,
-    skip_broken_bitmaps,
-    salvage,
-    files,
-) -> None:
+def command(files, options, show_progress, quiet, snapshot_param, snapshot, **fields) -> None:
     """Convert SOURCE... into TARGET (sources are concatenated)."""
-    from qimg.convert import ConvertOptions, convert, parse_snapshot_param
+    from qimg.convert import ConvertOptions, convert, options_help, parse_snapshot_param
     from qimg.options import has_help_option, parse_options
     from qimg.progress import make_progress
 
     ctx = click.get_current_context()
-    sparse_given = ctx.get_parameter_source("sparse") is click.core.ParameterSource.COMMANDLINE
+    source = ctx.get_parameter_source("sparse_size")
     opts = parse_options(options)
-    sid = sname = None
+    sid, sname = None, snapshot
     if snapshot_param is not None:
         sid, sname = parse_snapshot_param(snapshot_param)
-    elif snapshot is not None:
-        sname = snapshot
     o = ConvertOptions(
-        source_format=fmt,
-        target_format=out_fmt,
         create_options=opts,
-        backing_file=backing,
-        backing_format=backing_fmt,
-        compress=compress,
-        compression_level=compression_level,
-        sparse_size=sparse,
-        coroutines=coroutines,
-        out_of_order=out_of_order,
-        copy_range=copy_offload,
-        rate_limit=rate_limit,
-        sparse_given=sparse_given,
-        cache=cache,
-        source_cache=src_cache,
-        force_share=force_share,
+        sparse_given=source is click.core.ParameterSource.COMMANDLINE,
         snapshot_id=sid,
         snapshot_name=sname,
-        skip_create=skip_create,
-        target_is_zero=target_is_zero,
-        bitmaps=bitmaps,
-        skip_broken_bitmaps=skip_broken_bitmaps,
-        salvage=salvage,
+        **fields,
     )
+    # qemu-img's order: the option checks (-n with -o last), help, the file names.
     o.validate(max(1, len(files) - 1))
-    # qemu-img's order: the option checks, -n with -o, help, the file names.
-    if skip_create and options:
-        raise BadOptionError("-o has no effect when skipping image creation")
     if has_help_option(options):
-        from qimg.api import FORMATS
-        from qimg.create import options_help
-
-        if out_fmt not in FORMATS:
-            raise BadOptionError(f"Unknown file format '{out_fmt}'")
         # The target's protocol options are listed when it is named.
-        click.echo(options_help(out_fmt, with_protocol=len(files) >= 2))
+        click.echo(options_help(o.target_format, with_protocol=len(files) >= 2))
         return
-    if len(files) < 1:
-        raise BadOptionError("Must specify image file name")
     if len(files) < 2:
         raise BadOptionError("Must specify image file name")
     reporter = make_progress(show_progress and not quiet)

@@ -29,11 +29,7 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, args) -> None:
     filename = args[0] if args else None
     opts = parse_options(options)
     if has_help_option(options):
-        from qimg.create import options_help
-
-        if fmt not in api.FORMATS:
-            raise QimgError(f"Unknown file format '{fmt}'")
-        click.echo(options_help(fmt, with_protocol=bool(filename)))
+        click.echo(api.create_options_help(fmt, with_protocol=bool(filename)))
         return
     # qemu-img's order: the file name, the size's syntax, then extra arguments.
     if filename is None:

@@ -37,6 +37,7 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "image-opts": False,
         "force-share": False,
     },
+    "snapshot": {"help": False, "object": True, "image-opts": False, "force-share": False},
     "convert": {
         "help": False,
         "object": True,
@@ -47,6 +48,20 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "target-is-zero": False,
         "bitmaps": False,
         "skip-broken-bitmaps": False,
+    },
+    "bitmap": {
+        "help": False,
+        "object": True,
+        "image-opts": False,
+        "add": False,
+        "remove": False,
+        "clear": False,
+        "enable": False,
+        "disable": False,
+        "merge": True,
+        "granularity": True,
+        "source-file": True,
+        "source-format": True,
     },
 }
 

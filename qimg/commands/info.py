@@ -14,11 +14,10 @@ from qimg.commands.common import format_option, output_option, share_option
 @click.argument("filename", nargs=-1, metavar="FILENAME")
 def command(fmt, output, backing_chain, force_share, filename) -> None:
     """Show the format, size and metadata of FILENAME."""
-    from qimg import render
+    from qimg import api, render
     from qimg.commands.common import need_filename
-    from qimg.info import describe
 
-    infos = describe(
+    infos = api.describe(
         need_filename(filename), fmt, force_share=force_share, backing_chain=backing_chain
     )
     if output == "json":

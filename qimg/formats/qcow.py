@@ -15,7 +15,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from qimg.driver import COMPRESSED, DATA, UNALLOCATED, Driver, Extent, read_through_chain
+from qimg.driver import (
+    COMPRESSED,
+    DATA,
+    UNALLOCATED,
+    Driver,
+    DriverInfo,
+    Extent,
+    read_through_chain,
+)
 from qimg.errors import (
     CorruptImageError,
     ImageIOError,
@@ -277,6 +285,18 @@ class QcowImage(Driver):
 
     def discard(self, offset: int, length: int) -> None:
         raise _not_written()
+
+    def info(self) -> DriverInfo:
+        """qcow has no format-specific info, no dirty bit and no backing
+        format; an encrypted image is legacy AES."""
+        h = self.header
+        return DriverInfo(
+            virtual_size=self.size,
+            actual_size=self.storage.allocated_size(),
+            cluster_size=self.cluster_size,
+            backing_file=h.backing_file or None,
+            encrypted=bool(h.crypt_method),
+        )
 
     def flush(self) -> None:
         pass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qimg.driver import DATA, ZERO, Driver, Extent
+from qimg.driver import DATA, ZERO, Driver, DriverInfo, Extent
 from qimg.storage import Storage
 
 
@@ -62,6 +62,15 @@ class RawImage(Driver):
         self._check_writable()
         self.storage.truncate(size)
         self.size = size
+
+    def info(self) -> DriverInfo:
+        # QEMU counts a raw file's length in whole sectors (refresh_total_sectors
+        # rounds up): a 1000-byte file is 1024 bytes to qemu-img, as convert
+        # copies it.
+        return DriverInfo(
+            virtual_size=-(-self.size // 512) * 512,
+            actual_size=self.storage.allocated_size(),
+        )
 
     def flush(self) -> None:
         if self.writable:

@@ -336,16 +336,90 @@ def _validated_directory(image) -> list[BitmapEntry]:
     is readable and of the size the image needs."""
     entries = read_bitmap_directory(image)
     names = set()
+    consistent = []  # in order, up to the first duplicate name
+    duplicate = None
     for e in entries:
         in_use = e.flags & L.BME_FLAG_IN_USE
         if e.name in names:
             if in_use:
                 continue
-            raise InvalidImageError(f"Bitmap already exists: {e.name}")
+            duplicate = e
+            break
         names.add(e.name)
         if not in_use:
-            _check_table_size(image, e, load_bitmap_table(image, e))
+            consistent.append(e)
+    _check_tables(image, consistent)
+    if duplicate is not None:
+        raise InvalidImageError(f"Bitmap already exists: {duplicate.name}")
     return entries
+
+
+# Most bytes of bitmap tables one read takes when tables are checked in bulk.
+_TABLES_READ_LIMIT = 16 << 20
+
+
+def _check_tables(image, entries: list[BitmapEntry]) -> None:
+    """load_bitmap_table and _check_table_size for each of `entries`, in
+    order (the first failure raises), with the tables read in runs of
+    neighbours and checked in one pass: an image may hold 65535 bitmaps."""
+    import numpy as np
+
+    if not entries:
+        return
+    cs = image.geo.cluster_size
+    sizes = np.array([e.table_size for e in entries], dtype=np.int64)
+    expected = np.array(
+        [_table_size(image.size, e.granularity_bits, cs) for e in entries], dtype=np.int64
+    )
+    try:
+        failing = _bad_tables(image, entries) | (sizes != expected)
+    except QimgError:
+        failing = np.ones(len(entries), dtype=bool)  # a read QEMU refuses: entry by entry
+    for i in np.flatnonzero(failing):
+        e = entries[int(i)]
+        _check_table_size(image, e, load_bitmap_table(image, e))  # raises the message
+
+
+def _bad_tables(image, entries: list[BitmapEntry]) -> np.ndarray:
+    """For each entry, whether its table holds an entry QEMU refuses (see
+    load_bitmap_table); tables that lie near each other are read at once."""
+    import numpy as np
+
+    offsets = np.array([e.table_offset for e in entries], dtype=np.int64)
+    lengths = np.array([e.table_size for e in entries], dtype=np.int64) * L.BME_TABLE_ENTRY_SIZE
+    bad = np.zeros(len(entries), dtype=bool)
+    order = np.argsort(offsets, kind="stable")
+    ends = offsets[order] + lengths[order]
+    # A new read starts where a table begins more than a cluster past the
+    # furthest end so far, or where the read would pass the limit.
+    reach = np.maximum.accumulate(ends)
+    gap = offsets[order][1:] > reach[:-1] + image.geo.cluster_size
+    cuts = [0]
+    start = 0
+    for k in np.flatnonzero(gap).tolist() + [len(order) - 1]:
+        k += 1
+        while start < k:  # split runs past the limit
+            stop = start + 1
+            lo = int(offsets[order[start]])
+            while stop < k and int(reach[stop]) - lo <= _TABLES_READ_LIMIT:
+                stop += 1
+            cuts.append(stop)
+            start = stop
+    # Table offsets are cluster aligned (read_bitmap_directory checked them).
+    cs_mask = np.uint64(image.geo.cluster_size - 1)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        idx = order[a:b]
+        lo = int(offsets[idx[0]])
+        raw = pread_padded(image, lo, int(reach[b - 1]) - lo)
+        table = np.frombuffer(raw[: len(raw) // 8 * 8], dtype=">u8").astype(np.uint64)
+        off = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+        wrong = (table & np.uint64(L.BME_TABLE_ENTRY_RESERVED_MASK)) != 0
+        wrong |= (off != 0) & ((table & np.uint64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+        wrong |= (off & cs_mask) != 0
+        counts = np.concatenate(([0], np.cumsum(wrong, dtype=np.int64)))
+        first = (offsets[idx] - lo) // 8
+        bad[idx] = counts[first + lengths[idx] // 8] != counts[first]
+    return bad
 
 
 def _loaded(entries: list[BitmapEntry]) -> list[BitmapEntry]:

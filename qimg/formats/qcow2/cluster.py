@@ -12,7 +12,6 @@ import numpy as np
 from qimg.driver import (  # noqa: F401  (re-exported)
     COMPRESSED,
     DATA,
-    KIND_NAMES,
     UNALLOCATED,
     ZERO,
     Extent,
@@ -22,6 +21,7 @@ from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.cache import TableCache
 from qimg.formats.qcow2.entries import (  # noqa: F401  (decode_l2, encode_l2 re-exported)
     CLUSTER_COMPRESSED,
+    CLUSTER_UNALLOCATED,
     CLUSTER_ZERO_ALLOC,
     CLUSTER_ZERO_PLAIN,
     cluster_types,
@@ -31,10 +31,16 @@ from qimg.formats.qcow2.entries import (  # noqa: F401  (decode_l2, encode_l2 re
     descriptors,
     encode_l2,
     has_host_cluster,
+    host_offsets,
+    is_allocated,
+    is_compressed,
+    is_copied,
+    is_zero_flagged,
+    subcluster_allocated,
     unit_kinds,
+    writable_in_place,
 )
 from qimg.formats.qcow2.header import Geometry
-from qimg.formats.qcow2.refcount import expand_runs
 
 _U64 = np.uint64
 _OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
@@ -137,7 +143,7 @@ class ClusterMap:
         types = cluster_types(entries, geo.extended_l2, self.has_data_file)
         compressed = types == CLUSTER_COMPRESSED
         zero = (types == CLUSTER_ZERO_PLAIN) | (types == CLUSTER_ZERO_ALLOC)
-        host = entries & _OFFSET_MASK
+        host = host_offsets(entries)
         allocated = has_host_cluster(types)
         bad = allocated & ((host & _U64(geo.cluster_size - 1)) != 0)
         if self.owner.header.version < 3:
@@ -155,11 +161,11 @@ class ClusterMap:
             return
         k = int(hits[0])
         index = first + k
-        entry, cluster_host = int(entries[k]), int(host[k])
+        cluster_host = int(host[k])
         span_bits = geo.cluster_bits + geo.l2_bits
         guest_cluster = (start >> span_bits << span_bits) + (index << geo.cluster_bits)
         where = f"(L2 offset: {_hex(l2)}, L2 index: {_hex(index)})"
-        if entry & L.QCOW_OFLAG_COMPRESSED:
+        if compressed[k]:
             message = f"Compressed cluster entry found in image with external data file {where}"
         elif zero[k] and self.owner.header.version < 3:
             message = f"Zero cluster entry found in pre-v3 image {where}"
@@ -309,32 +315,19 @@ class ClusterMap:
 
     def _write_chunk(self, l1_index: int, start: int, end: int, data: memoryview) -> None:
         geo = self.geo
-        cb, cs = geo.cluster_bits, geo.cluster_size
+        cb = geo.cluster_bits
         c0, c1 = start >> cb, ((end - 1) >> cb) + 1
-        # Edge clusters written in part are composed from what the guest reads
-        # there now, before any mapping changes (COW from backing, zeros,
-        # compressed or shared data alike).
-        edges = {}
-        for c in {c0, c1 - 1}:
-            lo, hi = max(start, c << cb), min(end, (c + 1) << cb)
-            if hi - lo < cs:
-                # The image's last cluster may lie partly past its end.
-                avail = min(cs, self.owner.size - (c << cb))
-                buf = bytearray(self.owner.read(c << cb, avail)).ljust(cs, b"\0")
-                buf[lo - (c << cb) : hi - (c << cb)] = data[lo - start : hi - start]
-                edges[c] = buf
         l2_offset, table = self.l2_for_write(l1_index)
         i0 = c0 & (geo.l2_size - 1)
         rows = table[i0 : i0 + (c1 - c0)]
-        entries = rows[:, 0] if geo.extended_l2 else rows
+        entries = descriptors(rows)
         if entries.any():
-            off = entries & _OFFSET_MASK
-            has_host = (off != 0) | ((entries & _COPIED) != 0 if self.has_data_file else False)
-            reusable = has_host & ((entries & _COPIED) != 0) & ((entries & _COMPRESSED) == 0)
-            flips = np.flatnonzero(reusable[1:] != reusable[:-1]) + 1
-            bounds = np.concatenate(([0], flips, [len(reusable)])).tolist()
+            types = cluster_types(entries, geo.extended_l2, self.has_data_file)
+            in_place = writable_in_place(entries, types)
+            flips = np.flatnonzero(in_place[1:] != in_place[:-1]) + 1
+            bounds = np.concatenate(([0], flips, [len(in_place)])).tolist()
         else:  # all unallocated (a new image): one allocating run
-            reusable = (False,)
+            in_place = (False,)
             bounds = [0, len(entries)]
         for a, b in zip(bounds[:-1], bounds[1:]):
             # Ordering: the table is dirty before each run changes entries
@@ -347,96 +340,120 @@ class ClusterMap:
             # keep a lowered refcount (a cluster shared with a snapshot:
             # refcount 1, two references) with the old entry.
             self.l2_cache.mark_dirty(l2_offset)
-            if reusable[a]:
-                self._write_in_place(table, i0, c0 + a, c0 + b, start, end, data, edges)
+            run = rows[a:b]
+            if in_place[a]:
+                self._write_in_place(run, c0 + a, c0 + b, start, end, data)
             else:
-                self._write_allocating(table, i0, c0 + a, c0 + b, start, end, data, edges)
+                self._write_allocating(run, c0 + a, c0 + b, start, end, data)
         self.l2_cache.mark_dirty(l2_offset)
 
-    def _cluster_buffers(self, ca: int, cb_: int, start: int, end: int, data, edges) -> list:
-        """Buffers holding guest clusters [ca, cb_) in full, edges composed."""
-        cb = self.geo.cluster_bits
+    def _write_span(self, delta: int, lo: int, hi: int, span, start: int, data) -> None:
+        """Write guest [lo, hi) (data[lo - start : hi - start]) to host
+        `guest + delta`, widened to guest `span` = (a, b): the bytes of the
+        widening are what the guest reads there now (backing data, zeros),
+        read before the write. A cipher's sector alignment widens it further.
+
+        Ordering: the caller changes no mapping of [a, b) before this runs.
+        """
+        a, b = span
+        align = self.owner.dataio.write_align
+        a, b = a // align * align, -(-b // align) * align
         bufs = []
-        lo = ca
-        if ca in edges:
-            bufs.append(edges[ca])
-            lo = ca + 1
-        hi = cb_
-        last = edges.get(cb_ - 1) if cb_ - 1 >= lo else None
-        if last is not None:
-            hi = cb_ - 1
-        if hi > lo:
-            bufs.append(data[(lo << cb) - start : (hi << cb) - start])
-        if last is not None:
-            bufs.append(last)
-        return bufs
+        if a < lo:
+            bufs.append(self._guest_bytes(a, lo))
+        bufs.append(data[lo - start : hi - start])
+        if hi < b:
+            bufs.append(self._guest_bytes(hi, b))
+        self.owner.dataio.write(a, a + delta, bufs)
 
-    def _write_in_place(self, table, i0, ca, cb_, start, end, data, edges) -> None:
-        """Clusters with OFLAG_COPIED: overwrite their host clusters.
+    def _guest_bytes(self, a: int, b: int) -> bytearray:
+        """What the guest reads at [a, b) now; zeros past the disk's end
+        (the last cluster may lie partly past it)."""
+        buf = bytearray(b - a)
+        avail = min(b, self.owner.size) - a
+        if avail > 0:
+            self.owner.readinto(a, memoryview(buf)[:avail])
+        return buf
 
-        Ordering: no metadata is allocated; data goes straight to clusters
-        this image alone owns, and only zero flags / subcluster bits change
-        in the cached L2 table, which a crash can only leave stale (the old
-        flags then hide the new data: QEMU has the same window).
+    def _write_in_place(self, rows, ca, cb_, start, end, data) -> None:
+        """Clusters [ca, cb_) writable in place: overwrite their host clusters.
+
+        Only the bytes written reach the disk, widened where what lies
+        beside them does not read from the host cluster now: a zero-flagged
+        cluster is written whole, an unallocated (or zero) subcluster
+        whole. Ordering: no metadata is allocated; data goes straight to
+        clusters this image alone owns, and only zero flags / subcluster
+        bits change in the cached L2 table, which a crash can only leave
+        stale (the old flags then hide the new data: QEMU has the same
+        window).
         """
         geo = self.geo
-        cb = geo.cluster_bits
-        rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
-        entries = rows[:, 0] if geo.extended_l2 else rows
-        hosts = (entries & _OFFSET_MASK).tolist()
+        cb, cs = geo.cluster_bits, geo.cluster_size
+        entries = descriptors(rows)
+        hosts = host_offsets(entries).tolist()
+        zero = None if geo.extended_l2 else is_zero_flagged(entries)
         # Runs of host-contiguous clusters become one write each.
         run_start = 0
         for k in range(1, len(hosts) + 1):
-            if k < len(hosts) and hosts[k] == hosts[k - 1] + geo.cluster_size:
+            if k < len(hosts) and hosts[k] == hosts[k - 1] + cs:
                 continue
             ga, gb = ca + run_start, ca + k
-            lo = max(start, ga << cb)
-            hi = min(end, gb << cb)
-            zero_edges = not geo.extended_l2 and any(
-                int(entries[j]) & L.QCOW_OFLAG_ZERO for j in range(run_start, k)
-            )
+            lo, hi = max(start, ga << cb), min(end, gb << cb)
             if geo.extended_l2:
-                # Only the touched subclusters: the others keep what they
-                # hold (or, unallocated, hold nothing that is read).
-                bufs = self._cluster_buffers(ga, gb, start, end, data, edges)
-                a, b = self._subcluster_span(ga, gb, start, end)
-                self.owner.write_data(hosts[run_start] + a, _sliced(bufs, a, b))
-            elif zero_edges:
-                bufs = self._cluster_buffers(ga, gb, start, end, data, edges)
-                self.owner.write_data(hosts[run_start], bufs)
+                span = self._subcluster_widening(rows, run_start, k - 1, ga, lo, hi)
             else:
-                host = hosts[run_start] + lo - (ga << cb)
-                self.owner.write_data(host, [data[lo - start : hi - start]])
+                span = (ga << cb if zero[run_start] else lo, gb << cb if zero[k - 1] else hi)
+            self._write_span(hosts[run_start] - (ga << cb), lo, hi, span, start, data)
             run_start = k
         if geo.extended_l2:
-            for j, c in enumerate(range(ca, cb_)):
-                rows[j, 1] = _U64(self._touched_bitmap(int(rows[j, 1]), c, start, end))
+            rows[:, 1] = self._touched_bitmaps(rows[:, 1], ca, cb_, start, end)
         else:
             rows &= ~_ZERO
 
+    def _subcluster_widening(self, rows, first: int, last: int, ga: int, lo: int, hi: int):
+        """Guest [lo, hi) (within clusters rows[first..last], the first at
+        guest cluster `ga`) widened to whole subclusters at either end that
+        are not allocated (their other bytes do not read from the host)."""
+        geo = self.geo
+        sub = geo.subcluster_size
+        base = ga << geo.cluster_bits
+        head = (lo - base) // sub
+        tail = (hi - 1 - base - ((last - first) << geo.cluster_bits)) // sub
+        bitmaps = rows[[first, last], 1]
+        allocated = subcluster_allocated(bitmaps, [head, tail]).tolist()
+        a = lo if allocated[0] else lo // sub * sub
+        b = hi if allocated[1] else -(-hi // sub) * sub
+        return a, b
+
     def _subcluster_span(self, ca: int, cb_: int, start: int, end: int) -> tuple[int, int]:
-        """Bytes of clusters [ca, cb_) that the write [start, end) touches,
-        rounded out to subclusters, relative to cluster ca."""
+        """Guest bytes of clusters [ca, cb_) that the write [start, end)
+        touches, rounded out to subclusters."""
         geo = self.geo
-        base, sub = ca << geo.cluster_bits, geo.subcluster_size
-        lo = max(start, base) // sub * sub
+        sub = geo.subcluster_size
+        lo = max(start, ca << geo.cluster_bits) // sub * sub
         hi = min(-(-end // sub) * sub, cb_ << geo.cluster_bits)
-        return lo - base, hi - base
+        return lo, hi
 
-    def _touched_bitmap(self, bitmap: int, cluster: int, start: int, end: int) -> int:
-        """Extended L2 bitmap with the subclusters [start, end) touches allocated."""
+    def _touched_bitmaps(self, bitmaps, ca: int, cb_: int, start: int, end: int):
+        """Extended L2 bitmaps of clusters [ca, cb_) with the subclusters
+        [start, end) touches allocated (and no longer zero)."""
         geo = self.geo
-        base = cluster << geo.cluster_bits
-        lo = max(start, base) - base
-        hi = min(end, base + geo.cluster_size) - base
-        s0 = lo // geo.subcluster_size
-        s1 = -(-hi // geo.subcluster_size)
-        mask = ((1 << (s1 - s0)) - 1) << s0
-        return (bitmap | mask) & ~(mask << 32)
+        bases = np.arange(ca, cb_, dtype=np.int64) << geo.cluster_bits
+        lo = np.maximum(start, bases) - bases
+        hi = np.minimum(end, bases + geo.cluster_size) - bases
+        s0 = (lo // geo.subcluster_size).astype(np.uint64)
+        s1 = (-(-hi // geo.subcluster_size)).astype(np.uint64)
+        mask = ((_U64(1) << (s1 - s0)) - _U64(1)) << s0
+        return (bitmaps | mask) & ~(mask << _U64(32))
 
-    def _write_allocating(self, table, i0, ca, cb_, start, end, data, edges) -> None:
-        """Clusters without OFLAG_COPIED: new host clusters, then relink.
+    def _write_allocating(self, rows, ca, cb_, start, end, data) -> None:
+        """Clusters [ca, cb_) that need new host clusters: write, then relink.
 
+        The new clusters hold the guest's bytes in full (COW: the parts not
+        written are read from what the guest reads there now), except with
+        extended L2 in place of clusters without data: only the touched
+        subclusters are allocated (below), so only they are written and
+        the rest of the host clusters stays a hole.
         Ordering (perform_cow / qcow2_alloc_cluster_link_l2): data is written
         to the new clusters, the L2 table depends on the refcounts that
         allocated them, and references to old clusters are dropped only once
@@ -450,41 +467,57 @@ class ClusterMap:
             host = ca << cb  # external data files map guest offsets 1:1
         else:
             host = owner.refcounts.alloc(n)
-        bufs = self._cluster_buffers(ca, cb_, start, end, data, edges)
-        rows = table[i0 + ca - (start >> cb) : i0 + cb_ - (start >> cb)]
-        entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
-        if (
-            geo.extended_l2
-            and not self.has_data_file
-            and not (entries & (_OFFSET_MASK | _COMPRESSED)).any()
-        ):
-            # New clusters in place of ones without data: only the
-            # subclusters the write touches are allocated (below), so only
-            # they are written; the rest of the host clusters stays a hole.
-            lo, hi = self._subcluster_span(ca, cb_, start, end)
-            owner.write_data(host + lo, _sliced(bufs, lo, hi))
+        entries = descriptors(rows).copy()
+        types = cluster_types(entries, geo.extended_l2, self.has_data_file)
+        lo, hi = max(start, ca << cb), min(end, cb_ << cb)
+        if geo.extended_l2 and not self.has_data_file and (types == CLUSTER_UNALLOCATED).all():
+            span = self._subcluster_span(ca, cb_, start, end)
         else:
-            owner.write_data(host, bufs)
+            span = (ca << cb, cb_ << cb)
+        self._write_span(host - (ca << cb), lo, hi, span, start, data)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         new_entries = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(n, dtype=np.uint64) * _U64(cs)
         if geo.extended_l2:
-            for j, c in enumerate(range(ca, cb_)):
-                old = int(entries[j])
-                bitmap = int(rows[j, 1])
-                if old & L.QCOW_OFLAG_COMPRESSED:
-                    bitmap = L.QCOW_L2_BITMAP_ALL_ALLOC
-                elif not (
-                    old & L.L2E_OFFSET_MASK or (self.has_data_file and old & L.QCOW_OFLAG_COPIED)
-                ):
-                    bitmap &= ~L.QCOW_L2_BITMAP_ALL_ALLOC
-                rows[j, 1] = _U64(self._touched_bitmap(bitmap, c, start, end))
+            # A compressed cluster's data is copied whole; a cluster without
+            # a host cluster keeps only its zero bits.
+            bitmaps = rows[:, 1].copy()
+            bitmaps[types == CLUSTER_COMPRESSED] = _U64(L.QCOW_L2_BITMAP_ALL_ALLOC)
+            bitmaps[types == CLUSTER_UNALLOCATED] &= ~_U64(L.QCOW_L2_BITMAP_ALL_ALLOC)
+            rows[:, 1] = self._touched_bitmaps(bitmaps, ca, cb_, start, end)
             rows[:, 0] = new_entries
         else:
             rows[:] = new_entries
         self._free_entries(entries)
 
     def _free_entries(self, entries: np.ndarray) -> None:
-        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster).
+        """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster)."""
+        self._free_runs([self._held_runs(entries)])
+
+    def _held_runs(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first host cluster, count) runs of the references `entries` hold:
+        a normal or allocated zero cluster its host cluster, a compressed one
+        every host cluster its bytes touch; none with an external data file
+        (its clusters have no refcounts)."""
+        empty = np.zeros(0, dtype=np.int64)
+        if self.has_data_file or not entries.any():
+            return empty, empty
+        compressed = is_compressed(entries)
+        any_compressed = bool(compressed.any())
+        plain = host_offsets(entries)
+        if any_compressed:
+            plain = plain[~compressed]
+        # Host offsets are below 2^56: the shifted values fit int64 as they are.
+        clusters = (plain[plain != 0] >> _U64(self.geo.cluster_bits)).view(np.int64)
+        cuts = np.flatnonzero(clusters[1:] != clusters[:-1] + 1) + 1
+        starts = clusters[np.concatenate(([0], cuts))] if len(clusters) else empty
+        counts = np.diff(np.concatenate(([0], cuts, [len(clusters)]))) if len(clusters) else empty
+        if any_compressed:
+            first, count = compressed_clusters(entries[compressed], self.geo)
+            starts, counts = np.concatenate((starts, first)), np.concatenate((counts, count))
+        return starts, counts
+
+    def _free_runs(self, runs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Drop one reference to each host cluster of the (starts, counts) runs.
 
         Ordering: the caller has already changed the L2 entries in the cache;
         the refcount cache now depends on the L2 cache, so no lowered count
@@ -492,25 +525,12 @@ class ClusterMap:
         cluster (a crash leaks, never frees a cluster in use), and the freed
         clusters are not reused before a flush (refcount.py's pending_free).
         """
-        if self.has_data_file or not entries.any():
+        starts = np.concatenate([s for s, _c in runs])
+        if not len(starts):
             return
-        geo = self.geo
-        owner = self.owner
-        compressed = (entries & _COMPRESSED) != 0
-        plain = (entries & _OFFSET_MASK)[~compressed]
-        plain = plain[plain != 0]
-        if len(plain) == 0 and not compressed.any():
-            return
-        owner.refcounts.blocks.set_dependency(self.l2_cache)
-        clusters = [(plain >> _U64(geo.cluster_bits)).astype(np.int64)]
-        if compressed.any():
-            first, count = compressed_clusters(entries[compressed], geo)
-            clusters.append(expand_runs(first, count))
-        owner.refcounts.change_many(np.concatenate(clusters), -1)
-
-    def write_compressed(self, offset: int, compressed: bytes) -> None:
-        """Store one compressed cluster at guest `offset` (cluster aligned)."""
-        self.write_compressed_many(offset, [compressed])
+        counts = np.concatenate([c for _s, c in runs])
+        self.owner.refcounts.blocks.set_dependency(self.l2_cache)
+        self.owner.refcounts.change_runs(starts, counts, -1)
 
     def write_compressed_many(self, offset: int, compressed: list[bytes]) -> None:
         """Store compressed clusters for consecutive guest clusters from
@@ -538,8 +558,10 @@ class ClusterMap:
         i0 = geo.offset_to_l2_index(start)
         n = len(compressed)
         rows = table[i0 : i0 + n]
-        entries = rows[:, 0] if geo.extended_l2 else rows
-        taken = np.flatnonzero(entries & _U64(L.L2E_OFFSET_MASK | L.QCOW_OFLAG_COMPRESSED))
+        entries = descriptors(rows)
+        # Compression never overwrites an allocated cluster (QEMU's
+        # qcow2_alloc_compressed_cluster_offset).
+        taken = np.flatnonzero(is_allocated(entries, geo.extended_l2, self.has_data_file))
         if len(taken):
             guest = start + (int(taken[0]) << geo.cluster_bits)
             raise CorruptImageError(
@@ -552,7 +574,9 @@ class ClusterMap:
         for b in range(1, n + 1):
             if b == n or hosts[b] != hosts[b - 1] + sizes[b - 1]:
                 pieces = compressed[a:b]
-                owner.write_data(hosts[a], [pieces[0] if len(pieces) == 1 else b"".join(pieces)])
+                owner.dataio.write_compressed(
+                    hosts[a], pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                )
                 a = b
         new = compressed_descriptors(hosts, sizes, geo)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
@@ -589,9 +613,7 @@ class ClusterMap:
         v3 = self.owner.header.version >= 3
 
         def rewrite(rows: np.ndarray, entries: np.ndarray) -> np.ndarray | None:
-            change = (entries & (_OFFSET_MASK | _COMPRESSED)) != 0
-            if self.has_data_file:
-                change |= (entries & _COPIED) != 0
+            change = is_allocated(entries, geo.extended_l2, self.has_data_file)
             if backing:
                 change[:] = True
             if not change.any():
@@ -621,13 +643,10 @@ class ClusterMap:
         def rewrite(rows: np.ndarray, entries: np.ndarray) -> np.ndarray:
             keep = np.zeros(len(entries), dtype=bool)
             if not unmap and not self.has_data_file:
-                keep = (
-                    ((entries & _COPIED) != 0)
-                    & ((entries & _COMPRESSED) == 0)
-                    & ((entries & _OFFSET_MASK) != 0)
-                )
+                types = cluster_types(entries, geo.extended_l2, False)
+                keep = writable_in_place(entries, types)
             if self.has_data_file and not unmap:
-                keep = (entries & _COPIED) != 0
+                keep = is_copied(entries)
             if geo.extended_l2:
                 rows[:, 0] = np.where(keep, entries, _U64(0))
                 rows[:, 1] = _U64(L.QCOW_L2_BITMAP_ALL_ZEROES if zero else 0)
@@ -645,7 +664,7 @@ class ClusterMap:
         nothing). Unallocated L2 tables are skipped unless `all_tables`.
 
         Ordering: the new entries go into the cached L2 table first; the
-        references are dropped after, all together (_free_entries), with the
+        references are dropped after, all together (_free_runs), with the
         refcount cache depending on the L2 cache.
         """
         geo = self.geo
@@ -656,27 +675,14 @@ class ClusterMap:
             l2_offset, table = self.l2_for_write(l1_index)
             i0 = geo.offset_to_l2_index(start)
             rows = table[i0 : i0 + ((end - start) >> geo.cluster_bits)]
-            entries = (rows[:, 0] if geo.extended_l2 else rows).copy()
+            entries = descriptors(rows).copy()
             gone = rewrite(rows, entries)
             if gone is None:
                 continue
             self.l2_cache.mark_dirty(l2_offset)
-            dropped.append(entries[gone])
+            dropped.append(self._held_runs(entries[gone]))
         if dropped:
-            self._free_entries(np.concatenate(dropped))
-
-
-def _sliced(buffers: list, lo: int, hi: int) -> list:
-    """Bytes [lo, hi) of the concatenation of `buffers`, as views."""
-    out = []
-    pos = 0
-    for b in buffers:
-        view = memoryview(b).cast("B")
-        a, z = max(lo, pos), min(hi, pos + len(view))
-        if a < z:
-            out.append(view[a - pos : z - pos])
-        pos += len(view)
-    return out
+            self._free_runs(dropped)
 
 
 def _append(out: list[Extent], ext: Extent) -> None:

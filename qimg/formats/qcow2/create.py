@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from qimg.errors import BadOptionError, ImageIOError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.header import Geometry, Header
-from qimg.storage import FileStorage
+from qimg.storage import create_storage, delete_storage
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
@@ -155,12 +155,12 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
 
     # A failed create removes what it made, as QEMU's bdrv_co_delete_file.
     data_storage = None
-    storage = FileStorage(path, create=True)
+    storage = create_storage(path)
     try:
         if o.data_file:
             # QEMU creates the data file by the name as given (relative to
             # the working directory) and opens it the same way.
-            data_storage = FileStorage(o.data_file, create=True)
+            data_storage = create_storage(o.data_file)
         # numpy loads only now: opening the file above may first free an
         # existing target's pages (convert loads numpy meanwhile).
         import numpy as np
@@ -189,19 +189,12 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
             data_storage.truncate(size)
     except BaseException:
         storage.close()
-        _remove(path)
+        delete_storage(path)
         if data_storage is not None:
             data_storage.close()
-            _remove(o.data_file)
+            delete_storage(o.data_file)
         raise
     image.close()
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _allocate_l1(image, l1_size: int) -> None:
@@ -284,11 +277,8 @@ def _check_free_space(storage, nbytes: int, mode: str, has_data_file: bool) -> N
     """Fail at once when the file system cannot hold the data, as QEMU's one
     fallocate of the whole range does, instead of filling it table by table
     (which would starve every other writer on it until the failure)."""
-    try:
-        st = os.statvfs(storage.path)
-    except (OSError, AttributeError):
-        return
-    if st.f_bavail * st.f_frsize < nbytes:
+    free = storage.available_space()
+    if free is not None and free < nbytes:
         exc = ImageIOError("No space left on device")
         exc.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise _prealloc_error(exc, mode, has_data_file)

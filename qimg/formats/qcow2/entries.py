@@ -159,3 +159,38 @@ def compressed_descriptors(hosts: np.ndarray, sizes: np.ndarray, geo: Geometry) 
     last = host + np.asarray(sizes, dtype=np.uint64) - _U64(1)
     nb_sectors = (last >> _U64(9)) - (host >> _U64(9))
     return host | (nb_sectors << _U64(geo.csize_shift)) | _COMPRESSED
+
+
+# --- the rules of writes and discards (QEMU's qcow2-cluster.c), whole arrays ---
+
+
+def is_allocated(entries: np.ndarray, extended: bool, has_data_file: bool) -> np.ndarray:
+    """QEMU's qcow2_cluster_is_allocated over descriptors: the cluster type
+    (cluster_types) is normal, compressed or an allocated zero cluster, i.e.
+    it holds a reference to host clusters. Computed from the bits in two
+    passes (discard runs it over every entry of a disk)."""
+    allocated = (entries & (_OFFSET_MASK | _COMPRESSED)) != 0
+    if has_data_file:
+        # Offset 0 with OFLAG_COPIED is a normal cluster there, unless the
+        # zero flag makes it a plain zero cluster.
+        mask = _COPIED if extended else _COPIED | _ZERO
+        allocated |= (entries & mask) == _COPIED
+    return allocated
+
+
+def writable_in_place(entries: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """The negation of QEMU's cluster_needs_new_alloc: a normal or allocated
+    zero cluster with OFLAG_COPIED (refcount 1) takes guest data in its own
+    host cluster; any other cluster needs a new one (copy on write)."""
+    return has_host_cluster(types) & is_copied(entries)
+
+
+def is_zero_flagged(entries: np.ndarray) -> np.ndarray:
+    """Bit 0 of standard descriptors: the cluster reads as zeros (its host
+    cluster, if any, holds stale data). Not used with extended L2."""
+    return (entries & _ZERO) != 0
+
+
+def subcluster_allocated(bitmaps: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Whether subcluster `index` of each extended L2 bitmap is allocated."""
+    return ((bitmaps >> np.asarray(index, dtype=np.uint64)) & _U64(1)) != 0

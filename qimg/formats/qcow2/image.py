@@ -10,9 +10,19 @@ from __future__ import annotations
 import bisect
 import threading
 
-from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver, Extent, read_through_chain
+from qimg.driver import (
+    COMPRESSED,
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    Driver,
+    DriverInfo,
+    Extent,
+    read_through_chain,
+)
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.dataio import DataIO
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import Storage, check_request
 
@@ -31,6 +41,7 @@ OL_NAMES = {
 
 class Qcow2Image(Driver):
     format_name = "qcow2"
+    has_snapshots = True
 
     def __init__(
         self,
@@ -56,6 +67,8 @@ class Qcow2Image(Driver):
         self.size = header.size // L.BDRV_SECTOR_SIZE * L.BDRV_SECTOR_SIZE
         self.backing = backing
         self.data_storage = data_storage or storage
+        # Every guest data read and write of a host cluster (dataio.py).
+        self.dataio = DataIO(self)
         self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)
         self._freed_pending = False
         self._closed = False
@@ -110,6 +123,19 @@ class Qcow2Image(Driver):
         self._signaled_corruption = False  # see signal_corruption
 
     @property
+    def cluster_bytes(self) -> int:
+        return self.geo.cluster_size
+
+    @property
+    def grain_bytes(self) -> int:
+        return self.geo.subcluster_size if self.geo.extended_l2 else self.geo.cluster_size
+
+    @property
+    def compression_type(self) -> int:
+        """The header's compression_type (zlib or zstd) of compressed clusters."""
+        return self.header.compression_type
+
+    @property
     def refcounts(self):
         """The Refcounts of this image (refcount.py), loaded on first use."""
         if self._refcounts is None:
@@ -161,16 +187,6 @@ class Qcow2Image(Driver):
         """Every metadata write passes the overlap check first."""
         self.check_overlap(offset, len(data), kind)
         self.storage.pwrite(offset, data)
-
-    def write_data(self, host: int, buffers: list) -> None:
-        """Guest data to host clusters at `host` (contiguous buffers)."""
-        total = sum(len(b) for b in buffers)
-        if self.data_storage is self.storage:
-            self.check_overlap(host, total, "data")
-        if len(buffers) == 1:
-            self.data_storage.pwrite(host, buffers[0])
-        else:
-            self.data_storage.pwrite(host, b"".join(bytes(b) for b in buffers))
 
     def flush_file(self) -> None:
         if not self.cache_unsafe:
@@ -340,9 +356,7 @@ class Qcow2Image(Driver):
         for ext in self._extents(offset, len(view)):
             dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             if ext.kind == DATA:
-                got = self.data_storage.preadv(ext.host, dst)
-                if got < ext.length:
-                    dst[got:] = bytes(ext.length - got)
+                self.dataio.read(ext.offset, ext.host, dst)
             elif ext.kind == ZERO:
                 dst[:] = bytes(ext.length)
             elif ext.kind == UNALLOCATED:
@@ -416,9 +430,7 @@ class Qcow2Image(Driver):
         pos = 0
         for lo, hi, i, j in runs:
             piece = buf[pos : pos + hi - lo]
-            got = self.data_storage.preadv(lo, piece)
-            if got < len(piece):
-                piece[got:] = bytes(len(piece) - got)  # past the end of file: zeros
+            self.dataio.read_compressed(lo, piece)  # past the end of file: zeros
             out.extend(piece[a - lo : b - lo] for a, b in spans[i:j])
             pos += hi - lo
         return out
@@ -558,7 +570,9 @@ class Qcow2Image(Driver):
         pending = []
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
-        runs = self._host_data_runs(data) if data else None
+        runs = None
+        if data and self.dataio.host_holes_read_as_zeros:
+            runs = self._host_data_runs(data)
         for ext in exts:
             if ext.kind == DATA and runs is not None:
                 out.extend(_split_by_runs(ext, runs))
@@ -682,11 +696,14 @@ class Qcow2Image(Driver):
         self._write_incompatible_features()
         self._marked_dirty = True
 
-    def actual_size(self) -> int:
-        total = self.storage.allocated_size() if hasattr(self.storage, "allocated_size") else 0
-        if self.data_storage is not self.storage and hasattr(self.data_storage, "allocated_size"):
-            total += self.data_storage.allocated_size()
-        return total
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.dirty)
+
+    def info(self) -> DriverInfo:
+        from qimg.formats.qcow2.info import qcow2_info
+
+        return qcow2_info(self)
 
 
 def _check_table_reads(h: Header) -> None:

@@ -222,6 +222,17 @@ class StoredRefcounts:
         self.table = table
 
 
+def _long_disjoint_runs(starts: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether the runs are sorted, disjoint, non-empty and 16 clusters
+    long on average (slices then beat arrays of indexes)."""
+    return bool(
+        len(starts)
+        and np.all(counts > 0)
+        and np.all(starts[1:] >= starts[:-1] + counts[:-1])
+        and int(counts.sum()) >= 16 * len(starts)
+    )
+
+
 class MetadataIO(Protocol):
     """What the refcount layer needs from the image that owns it."""
 
@@ -303,6 +314,33 @@ class Refcounts:
             block = self._block_offset(bi)
             if block:
                 out[pos - start : pos - start + n] = self.blocks.get(block)[first : first + n]
+        return out
+
+    def get_many(self, clusters: np.ndarray) -> np.ndarray:
+        """The refcount of each cluster index in `clusters`, in their order
+        (0 where no refcount block covers it); each block is read once."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        if not len(clusters):
+            return out
+        bits = self.geo.refcount_block_bits
+        mask = (1 << bits) - 1
+        block_index = clusters >> bits
+        order = None
+        if np.any(block_index[1:] < block_index[:-1]):
+            order = np.argsort(block_index, kind="stable")
+            block_index = block_index[order]
+        cuts = np.flatnonzero(np.diff(block_index)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(clusters)]):
+            offset = self._block_offset(int(block_index[a]))
+            if not offset:
+                continue
+            block = self.blocks.get(offset)
+            if order is None:  # already in block order: slices, no gather of indexes
+                out[a:b] = block[clusters[a:b] & mask]
+            else:
+                where = order[a:b]
+                out[where] = block[clusters[where] & mask]
         return out
 
     def _spans(self, start: int, count: int):
@@ -406,7 +444,7 @@ class Refcounts:
             # Already sorted without repeats (an L2 table's worth of a
             # sequential allocation): no need to sort.
             index = clusters
-            steps = np.full(len(index), abs(delta), dtype=np.uint64)
+            steps = np.broadcast_to(np.uint64(abs(delta)), len(index))
         else:
             index, repeats = np.unique(clusters, return_counts=True)
             steps = repeats.astype(np.uint64) * np.uint64(abs(delta))
@@ -415,7 +453,7 @@ class Refcounts:
             self._check_change(block_offset, index[a:b], steps[a:b], delta)
         for block_offset, a, b in groups:
             block = self.blocks.get(block_offset)
-            local = index[a:b] & ((1 << self.geo.refcount_block_bits) - 1)
+            local = self._positions(index[a:b])
             if delta > 0:
                 block[local] += steps[a:b]
             else:
@@ -424,8 +462,72 @@ class Refcounts:
             self.blocks.mark_dirty(block_offset)
 
     def change_runs(self, starts: np.ndarray, counts: np.ndarray, delta: int) -> None:
-        """change_many over the clusters of runs [starts[i], starts[i]+counts[i])."""
-        self.change_many(expand_runs(starts, counts), delta)
+        """change_many over the clusters of runs [starts[i], starts[i]+counts[i]).
+
+        Sorted, disjoint runs of some length are changed as slices of each
+        refcount block (no array of cluster indexes); otherwise as
+        change_many. Either way nothing changes if any count would overflow
+        or fall below zero.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if delta == 0 or not len(starts):
+            return
+        if not _long_disjoint_runs(starts, counts):
+            self.change_many(expand_runs(starts, counts), delta)
+            return
+        pieces = self._run_pieces(starts, counts, create=delta > 0)
+        for block_offset, lo, hi, _pos in pieces:
+            if not block_offset:
+                raise CorruptImageError(f"Cannot free cluster {_pos:#x}: it has no refcount block")
+            seg = self.blocks.get(block_offset)[lo:hi]
+            if delta > 0 and np.any(seg > np.uint64(self.geo.refcount_max - delta)):
+                raise QimgError("Reference count overflow")
+            if delta < 0 and np.any(seg < np.uint64(-delta)):
+                first = _pos + int(np.argmax(seg < np.uint64(-delta)))
+                raise CorruptImageError(f"Cannot decrease refcount below zero (cluster {first})")
+        for block_offset, lo, hi, pos in pieces:
+            seg = self.blocks.get(block_offset)[lo:hi]
+            if delta > 0:
+                seg += np.uint64(delta)
+            else:
+                seg -= np.uint64(-delta)
+                self._note_freed(pos + np.flatnonzero(seg == 0))
+            self.blocks.mark_dirty(block_offset)
+
+    def get_runs(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The refcounts of the clusters of the runs, in order (as get_many
+        of their indexes)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if not _long_disjoint_runs(starts, counts):
+            return self.get_many(expand_runs(starts, counts))
+        out = np.zeros(int(counts.sum()), dtype=np.uint64)
+        at = 0
+        for block_offset, lo, hi, _pos in self._run_pieces(starts, counts, create=False):
+            if block_offset:
+                out[at : at + hi - lo] = self.blocks.get(block_offset)[lo:hi]
+            at += hi - lo
+        return out
+
+    def _run_pieces(self, starts: np.ndarray, counts: np.ndarray, create: bool) -> list:
+        """(block offset, first, end, cluster) of each refcount block's share
+        [first, end) of the runs, in order; a missing block is created when
+        `create`, else raises unless the pieces are only read (offset 0)."""
+        bits = self.geo.refcount_block_bits
+        per_block = 1 << bits
+        pieces = []
+        for start, count in zip(starts.tolist(), counts.tolist()):
+            pos, end = start, start + count
+            while pos < end:
+                bi, lo = pos >> bits, pos & (per_block - 1)
+                n = min(per_block - lo, end - pos)
+                offset = self._block_offset(bi)
+                if not offset and create:
+                    offset = self._create_block(bi)
+                pieces.append((offset, lo, lo + n, pos))
+                pos += n
+        return pieces
 
     def free_runs(self, starts: np.ndarray, counts: np.ndarray) -> None:
         """Drop one reference to every cluster of the runs (see change_many)."""
@@ -435,12 +537,15 @@ class Refcounts:
         """(block offset, a, b) for each refcount block's share index[a:b] of
         the sorted cluster indices `index`."""
         bits = self.geo.refcount_block_bits
-        block_index = index >> bits
-        cuts = np.flatnonzero(np.diff(block_index)) + 1
-        bounds = [0, *cuts.tolist(), len(index)]
+        # Sorted: each block's share starts where its first cluster would.
+        first, last = int(index[0]) >> bits, int(index[-1]) >> bits
+        starts = np.arange(first + 1, last + 1, dtype=np.int64) << bits
+        bounds = [0, *np.searchsorted(index, starts).tolist(), len(index)]
         groups = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            bi = int(block_index[a])
+            if a == b:
+                continue  # no cluster in this block
+            bi = int(index[a]) >> bits
             block_offset = self._block_offset(bi)
             if not block_offset:
                 if not create:
@@ -457,7 +562,7 @@ class Refcounts:
         """Raise if changing the counts of `index` (one block) by +/-steps
         would overflow or fall below zero."""
         block = self.blocks.get(block_offset)
-        values = block[index & ((1 << self.geo.refcount_block_bits) - 1)]
+        values = block[self._positions(index)]
         if delta > 0:
             room = np.uint64(self.geo.refcount_max) - values  # never negative
             if np.any(steps > room):
@@ -468,6 +573,16 @@ class Refcounts:
             raise CorruptImageError(
                 f"Cannot decrease refcount below zero (cluster {int(index[under[0]])})"
             )
+
+    def _positions(self, index: np.ndarray):
+        """Where the sorted, distinct cluster indices `index` (of one block)
+        lie in their block: a slice where they form one run (a table's
+        worth of a sequential allocation), else an index array."""
+        mask = (1 << self.geo.refcount_block_bits) - 1
+        if int(index[-1]) - int(index[0]) == len(index) - 1:
+            first = int(index[0]) & mask
+            return slice(first, first + len(index))
+        return index & mask
 
     def _note_freed(self, freed: np.ndarray) -> None:
         """Clusters `freed` (sorted) have just fallen to refcount 0."""
@@ -636,17 +751,6 @@ class Refcounts:
         if lo < self.free_cluster_index:
             self.free_cluster_index = lo
         self.pending_free = (1 << 63, 0)
-
-    def alloc_at(self, offset: int, count: int) -> None:
-        """Take clusters at a fixed place (all must be free)."""
-        start = offset >> self.geo.cluster_bits
-        if np.any(self.get_range(start, count)):
-            raise CorruptImageError(f"Cluster at {offset:#x} is already in use", offset)
-        self.update(start, count, 1)
-
-    def alloc_bytes(self, size: int) -> int:
-        """Allocate `size` bytes (at most one cluster) for compressed data."""
-        return self.alloc_bytes_many([size])[0]
 
     def alloc_bytes_many(self, sizes: list[int]) -> list[int]:
         """Offsets of `sizes` bytes each (at most one cluster), allocated one
@@ -832,3 +936,132 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         self.free(old_offset, old_clusters * geo.cluster_size)
+
+
+# --- changing the refcount width (QEMU's qcow2_change_refcount_order) ---------
+
+# Clusters whose counts are handled per step of a width rewrite: bounds the
+# memory a rewrite takes (a few arrays of this many entries).
+_REWRITE_CHUNK = 1 << 20
+
+
+class NewRefcountStructure:
+    """Refcount blocks and table of another width for the clusters an image
+    uses, placed past its last used cluster (`start`, a cluster index):
+    `blocks` new blocks first, then the `table_clusters` of the table.
+
+    The structure counts every cluster in use now (the old blocks and table
+    too: they are released through it once the header points at it) and
+    itself. `present` holds the indices of the blocks it has (a block whose
+    clusters are all free is left out).
+    """
+
+    def __init__(self, refcounts: Refcounts, refcount_order: int):
+        self.old = refcounts
+        self.order = refcount_order
+        geo = refcounts.geo
+        self.cluster_bits = geo.cluster_bits
+        self.block_bits = geo.cluster_bits + 3 - refcount_order
+        self.used = refcounts.last_used_cluster()
+        self.start = self.used
+        present = self._nonzero_blocks()
+        # Fixed point: the blocks and the table must cover themselves.
+        n_blocks, table_clusters = len(present), 1
+        while True:
+            end = self.start + n_blocks + table_clusters
+            own = np.arange(self.start >> self.block_bits, ((end - 1) >> self.block_bits) + 1)
+            all_present = np.union1d(present, own)
+            entries = int(all_present[-1]) + 1
+            need = -(-(entries * L.REFCOUNT_TABLE_ENTRY_SIZE) // geo.cluster_size)
+            if len(all_present) == n_blocks and need == table_clusters:
+                break
+            n_blocks, table_clusters = len(all_present), need
+        self.present = all_present
+        self.blocks = n_blocks
+        self.table_clusters = table_clusters
+        self.end = self.start + n_blocks + table_clusters
+        self.table_offset = (self.start + n_blocks) << self.cluster_bits
+
+    def _counts(self, first: int, count: int) -> np.ndarray:
+        """Counts of clusters [first, first+count) in the new structure."""
+        if first < self.used:
+            values = self._old_counts(first, count)
+        else:
+            values = np.zeros(count, dtype=np.uint64)
+        lo, hi = max(first, self.start), min(first + count, self.end)
+        if hi > lo:
+            values[lo - first : hi - first] = 1
+        return values
+
+    def _old_counts(self, first: int, count: int) -> np.ndarray:
+        """Refcounts of clusters [first, first+count) in the old structure,
+        read past its cache (a rewrite reads every block once per pass and
+        keeps none: memory stays bounded on large images)."""
+        old = self.old
+        out = np.zeros(count, dtype=np.uint64)
+        for pos, bi, start, n in old._spans(first, count):
+            offset = old._block_offset(bi)
+            if offset:
+                block = old.blocks.tables.get(offset)
+                if block is None:
+                    block = old._read_block(offset)
+                out[pos - first : pos - first + n] = block[start : start + n]
+        return out
+
+    def _nonzero_blocks(self) -> np.ndarray:
+        """Indices of the new blocks over [0, used) holding a non-zero count;
+        raises if a count does not fit the new width."""
+        per_block = 1 << self.block_bits
+        limit = (1 << (1 << self.order)) - 1
+        out = []
+        step = max(per_block, _REWRITE_CHUNK // per_block * per_block)
+        for first in range(0, self.used, step):
+            values = self._old_counts(first, min(step, self.used - first))
+            big = np.flatnonzero(values > np.uint64(limit))
+            if len(big):
+                cluster = first + int(big[0])
+                raise QimgError(
+                    f"Cannot decrease refcount entry width to {1 << self.order} bits: Cluster at "
+                    f"offset {cluster << self.cluster_bits:#x} has a refcount of "
+                    f"{int(values[big[0]])}"
+                )
+            padded = np.zeros(-(-len(values) // per_block) * per_block, dtype=np.uint64)
+            padded[: len(values)] = values
+            hit = np.flatnonzero(padded.reshape(-1, per_block).any(axis=1))
+            out.append(hit + (first >> self.block_bits))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def write(self, write_metadata, progress=None) -> None:
+        """Write every new block, then the table (no flush: the caller's).
+        `progress(done, total)` hears of each step."""
+        per_block = 1 << self.block_bits
+        cs = 1 << self.cluster_bits
+        total_blocks = ((self.end - 1) >> self.block_bits) + 1
+        step_blocks = max(1, _REWRITE_CHUNK // per_block)
+        slot = np.full(total_blocks, -1, dtype=np.int64)
+        slot[self.present] = np.arange(len(self.present))
+        for b0 in range(0, total_blocks, step_blocks):
+            b1 = min(total_blocks, b0 + step_blocks)
+            here = self.present[(self.present >= b0) & (self.present < b1)]
+            if not len(here):
+                continue
+            values = self._counts(b0 * per_block, (b1 - b0) * per_block).reshape(-1, per_block)
+            data = encode_refcount_block(values[here - b0].reshape(-1), self.order)
+            write_metadata((self.start + int(slot[here[0]])) * cs, data, "new-refcount")
+            if progress is not None:
+                progress(b1, total_blocks)
+        table = np.zeros(self.table_clusters * cs // L.REFCOUNT_TABLE_ENTRY_SIZE, dtype=np.uint64)
+        table[self.present] = (
+            np.uint64(self.start) + np.arange(len(self.present), dtype=np.uint64)
+        ) << np.uint64(self.cluster_bits)
+        write_metadata(self.table_offset, table.astype(">u8").tobytes(), "new-refcount")
+
+    def old_structure(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first cluster, count) runs of the old table and blocks, to be
+        released once the header points at the new structure."""
+        old = self.old
+        blocks = (old.table & np.uint64(L.REFT_OFFSET_MASK)) >> np.uint64(self.cluster_bits)
+        blocks = blocks[blocks != 0].astype(np.int64)
+        starts = np.concatenate(([old.table_offset >> self.cluster_bits], blocks))
+        counts = np.concatenate(([old.table_clusters], np.ones(len(blocks), dtype=np.int64)))
+        return starts.astype(np.int64), counts.astype(np.int64)

@@ -83,10 +83,10 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     backing chain are opened (not read)."""
     import os
 
-    from qimg.api import probe_format
     from qimg.errors import ImageIOError
     from qimg.filenames import parse_filename
-    from qimg.storage import FileStorage
+    from qimg.opening import probe_format
+    from qimg.storage import open_storage
 
     given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
     try:
@@ -103,7 +103,7 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
         _refuse_format(given, path, fmt, fix, force_share)
-    storage = FileStorage(path, bool(fix), force_share=force_share)
+    storage = open_storage(path, bool(fix), force_share=force_share)
     try:
         return _open_qcow2(storage, path, name.open_backing, fix, force_share)
     except QimgError as exc:
@@ -119,8 +119,8 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
 
 def _refuse_format(given: str, path: str, fmt: str, fix: int, force_share: bool) -> None:
     """Another format opens (its errors are the check's), then is refused."""
-    from qimg.api import open_image
     from qimg.errors import NoCheckError
+    from qimg.opening import open_image
 
     try:
         image = open_image(path, fmt, writable=bool(fix), force_share=force_share)
@@ -147,8 +147,8 @@ def _check_mode_header(storage):
 
 def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: bool):
     """The image over `storage`, in check mode; an image marked corrupt opens."""
-    from qimg.api import open_backing_chain, open_data_file
     from qimg.formats.qcow2.image import Qcow2Image
+    from qimg.opening import open_backing_chain, open_data_file
 
     header = _check_mode_header(storage)
     corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT

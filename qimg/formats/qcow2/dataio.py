@@ -1,0 +1,113 @@
+"""Guest data I/O: the one path between guest clusters and host bytes.
+
+Every read and write of guest data stored in host clusters passes here
+(plain reads and writes, the COW of partly written clusters, zeros written
+into allocated clusters, compressed cluster bytes), carrying the guest
+offset and the host offset of the bytes. Encryption applies here and
+nowhere else: a `SectorCipher` works on whole 512-byte sectors, with the IV
+taken from the host sector (LUKS: QEMU's crypt_physical_offset) or from the
+guest sector (legacy AES). Guest and host offsets of one byte are congruent
+modulo the cluster size, so a sector of guest data is a sector of the host.
+
+Invariants:
+- with a cipher, every write is sector aligned (the cluster map rounds its
+  writes out to `write_align` and fills the rounding from what the guest
+  reads there); reads of any alignment are widened here;
+- compressed clusters are stored as they are (QEMU never encrypts them);
+- `host_holes_read_as_zeros` is False with a cipher: a hole in the host
+  file holds no ciphertext, so block status may not report it as zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+SECTOR_SIZE = 512  # BDRV_SECTOR_SIZE; the sector of QEMU's qcow2 encryption
+
+
+class SectorCipher(Protocol):
+    """A cipher of 512-byte sectors, each with its own IV (sector number)."""
+
+    #: True: the IV is the host sector (LUKS); False: the guest sector (AES).
+    iv_from_host: bool
+
+    def encrypt(self, sector: int, data: bytes) -> bytes:
+        """Ciphertext of whole sectors `data`, the first being `sector`."""
+        ...
+
+    def decrypt(self, sector: int, data: bytes) -> bytes:
+        """Plaintext of whole sectors `data`, the first being `sector`."""
+        ...
+
+
+class DataIO:
+    """Guest data of one image, to and from its data file.
+
+    `image` provides `check_overlap(offset, length, kind)` (the metadata
+    overlap check of data writes into the image file itself) and
+    `data_storage`, `storage`.
+    """
+
+    def __init__(self, image, cipher: SectorCipher | None = None):
+        self.image = image
+        self.cipher = cipher
+
+    @property
+    def host_holes_read_as_zeros(self) -> bool:
+        """Whether a hole in the host file may be reported as reading zeros
+        without being read (QEMU's block status; off for encrypted images)."""
+        return self.cipher is None
+
+    @property
+    def write_align(self) -> int:
+        """The alignment every `write` must have (a sector with a cipher)."""
+        return SECTOR_SIZE if self.cipher is not None else 1
+
+    def _sector(self, guest: int, host: int) -> int:
+        return (host if self.cipher.iv_from_host else guest) // SECTOR_SIZE
+
+    def read(self, guest: int, host: int, view: memoryview) -> None:
+        """Guest bytes at `guest`, stored at `host`, into `view`; bytes past
+        the end of the file read as zeros (before decryption)."""
+        storage = self.image.data_storage
+        if self.cipher is None:
+            got = storage.preadv(host, view)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+            return
+        head = host % SECTOR_SIZE
+        span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
+        raw = storage.pread(host - head, span)
+        plain = self.cipher.decrypt(self._sector(guest - head, host - head), raw)
+        view[:] = memoryview(plain)[head : head + len(view)]
+
+    def write(self, guest: int, host: int, buffers: list) -> None:
+        """Guest bytes (the concatenation of `buffers`) at `guest`, to their
+        host clusters at `host`. Data writes into the image file pass the
+        overlap check first."""
+        image = self.image
+        total = sum(len(b) for b in buffers)
+        if not total:
+            return
+        if image.data_storage is image.storage:
+            image.check_overlap(host, total, "data")
+        data = buffers[0] if len(buffers) == 1 else b"".join(bytes(b) for b in buffers)
+        if self.cipher is not None:
+            if host % SECTOR_SIZE or total % SECTOR_SIZE:
+                raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
+            data = self.cipher.encrypt(self._sector(guest, host), bytes(data))
+        image.data_storage.pwrite(host, data)
+
+    def read_compressed(self, host: int, view: memoryview) -> None:
+        """Compressed cluster bytes at `host` into `view` (zeros past the
+        end of the file)."""
+        got = self.image.data_storage.preadv(host, view)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+
+    def write_compressed(self, host: int, data) -> None:
+        """Compressed cluster bytes to `host` (overlap checked as `write`)."""
+        image = self.image
+        if image.data_storage is image.storage:
+            image.check_overlap(host, len(data), "data")
+        image.data_storage.pwrite(host, data)
