@@ -415,11 +415,12 @@ def test_check_in_small_batches_matches_qemu(tmp_path, qemu_img, qemu_io, monkey
     # One L2 table per batch and one refcount block per comparison chunk:
     # every boundary of the batched walk and comparison is crossed.
     from qimg.formats.qcow2 import check as engine
+    from qimg.formats.qcow2.check import refcounts, walk
 
     path, _ = _damaged(tmp_path, qemu_img, qemu_io, name, 512, 16)
     want_rc, want = qemu_check(path)
-    monkeypatch.setattr(engine, "L2_BATCH_BYTES", 512)
-    monkeypatch.setattr(engine, "COMPARE_CHUNK", 1)
+    monkeypatch.setattr(walk, "L2_BATCH_BYTES", 512)
+    monkeypatch.setattr(refcounts, "COMPARE_CHUNK", 1)
     result = engine.check_file(str(path))
     got = result.to_json()
     assert result.exit_code == want_rc

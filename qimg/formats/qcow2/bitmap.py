@@ -234,17 +234,49 @@ def pread_padded(image, offset: int, length: int) -> bytes:
     return data if len(data) == length else data.ljust(length, b"\0")
 
 
-def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
-    """The bitmap table of `e` (uint64), each entry checked (QEMU's bitmap_table_load)."""
+def read_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
+    """The bitmap table of `e` as stored (uint64), unchecked; past the end of
+    the file it reads as zeros."""
     import numpy as np
 
     raw = pread_padded(image, e.table_offset, e.table_size * L.BME_TABLE_ENTRY_SIZE)
-    table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    offsets = table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def invalid_table_entries(table: np.ndarray, cluster_size: int) -> np.ndarray:
+    """Mask of the bitmap table entries QEMU's bitmap_table_load refuses:
+    reserved bits, or a data cluster that is unaligned or also "all ones"."""
+    import numpy as np
+
+    offsets = table_data_offsets(table)
     bad = (table & np.uint64(L.BME_TABLE_ENTRY_RESERVED_MASK)) != 0
     bad |= (offsets != 0) & ((table & np.uint64(L.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
-    bad |= offsets % np.uint64(image.geo.cluster_size) != 0
-    if bad.any():
+    bad |= offsets % np.uint64(cluster_size) != 0
+    return bad
+
+
+def table_data_offsets(table: np.ndarray) -> np.ndarray:
+    """Host offset of each entry's data cluster (0: none)."""
+    import numpy as np
+
+    return table & np.uint64(L.BME_TABLE_ENTRY_OFFSET_MASK)
+
+
+def mark_all_ones(image, e: BitmapEntry, table: np.ndarray, lost: np.ndarray) -> np.ndarray:
+    """Entries `lost` (a mask) of `e`'s table become "all ones" (every
+    granule dirty: safe for incremental backups); the table is written in
+    place and the new one returned."""
+    table = table.copy()
+    table[lost] = L.BME_TABLE_ENTRY_FLAG_ALL_ONES
+    image.write_metadata(e.table_offset, table.astype(">u8").tobytes(), "bitmap-table")
+    image.flush_file()
+    return table
+
+
+def load_bitmap_table(image, e: BitmapEntry) -> np.ndarray:
+    """The bitmap table of `e` (uint64), each entry checked (QEMU's bitmap_table_load)."""
+    table = read_bitmap_table(image, e)
+    if invalid_table_entries(table, image.geo.cluster_size).any():
         raise InvalidImageError(
             f"Could not read bitmap_table table from image for bitmap '{e.name}': Invalid argument"
         )

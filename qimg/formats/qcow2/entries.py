@@ -58,7 +58,7 @@ def is_copied(entries: np.ndarray) -> np.ndarray:
 
 
 def cluster_types(entries: np.ndarray, extended: bool, has_data_file: bool) -> np.ndarray:
-    """QEMU's cluster type of each descriptor (CLUSTER_*).
+    """QEMU's cluster type of each descriptor (CLUSTER_*), any shape.
 
     The zero flag (bit 0) is one only in standard L2 entries: with extended
     L2 the subcluster bitmap says what is zero. With an external data file an
@@ -66,7 +66,7 @@ def cluster_types(entries: np.ndarray, extended: bool, has_data_file: bool) -> n
     offset 0.
     """
     off = entries & _OFFSET_MASK
-    types = np.full(len(entries), CLUSTER_UNALLOCATED, dtype=np.int8)
+    types = np.full(entries.shape, CLUSTER_UNALLOCATED, dtype=np.int8)
     types[off != 0] = CLUSTER_NORMAL
     if has_data_file:
         types[(off == 0) & ((entries & _COPIED) != 0)] = CLUSTER_NORMAL

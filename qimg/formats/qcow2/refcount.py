@@ -15,8 +15,14 @@ from qimg.errors import CorruptImageError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.cache import TableCache
 from qimg.formats.qcow2.header import Geometry
+from qimg.storage import MAX_REQUEST_END
 
+_U64 = np.uint64
 _WIDE_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
+# Refcounts in memory, by refcount_order: the smallest native dtype that
+# holds refcount_max (sub-byte widths widened to uint8).
+REFCOUNT_DTYPES = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8}
+REFCOUNT_DTYPES.update({4: np.uint16, 5: np.uint32, 6: np.uint64})
 
 
 def decode_refcount_block(buf: bytes, refcount_order: int) -> np.ndarray:
@@ -52,6 +58,168 @@ def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     # Each run's first output position, then a ramp restarting at each run.
     firsts = np.cumsum(counts) - counts
     return np.repeat(starts - firsts, counts) + np.arange(total, dtype=np.int64)
+
+
+def read_tables(storage, offsets: np.ndarray, size: int, buf, skip_zero: bool) -> None:
+    """Read `size` bytes from each offset (but 0 where skip_zero) into
+    buf[k*size:], one read per run of adjacent offsets; what lies past the
+    end of the file reads as zeros. buf must be zero where nothing is read."""
+    n = len(offsets)
+    if not n:
+        return
+    offs = offsets.astype(np.uint64, copy=False)
+    present = offs != 0 if skip_zero else np.ones(n, dtype=bool)
+    # A run starts at k unless k-1 is present and ends where k starts.
+    follows = np.zeros(n, dtype=bool)
+    follows[1:] = present[:-1] & (offs[1:] == offs[:-1] + _U64(size))
+    starts = np.flatnonzero(present & ~follows)
+    # A run ends at the next index that does not follow its predecessor.
+    breaks = np.append(np.flatnonzero(~follows), n)
+    ends = breaks[np.searchsorted(breaks, starts, side="right")]
+    view = memoryview(buf)
+    for k, j in zip(starts.tolist(), ends.tolist()):
+        got = storage.preadv(int(offs[k]), view[k * size : j * size])
+        if got < (j - k) * size:
+            view[k * size + got : j * size] = bytes((j - k) * size - got)
+
+
+def read_refcount_blocks(storage, offsets: np.ndarray, geo: Geometry) -> np.ndarray:
+    """The refcounts of the blocks at `offsets` (0: no block, all zero), one
+    block after another, in the image's native width (REFCOUNT_DTYPES)."""
+    cs, order = geo.cluster_size, geo.refcount_order
+    if order < 3:
+        values = np.zeros(len(offsets) * geo.refcount_block_size, dtype=np.uint8)
+        per = geo.refcount_block_size
+        for bi in np.flatnonzero(offsets).tolist():
+            raw = storage.pread(int(offsets[bi]), cs)
+            values[bi * per : (bi + 1) * per] = decode_refcount_block(raw, order)
+        return values
+    # A numpy buffer, not a bytearray: large ones get huge pages.
+    buf = np.zeros(len(offsets) * cs, dtype=np.uint8)  # zeros where there is no block
+    read_tables(storage, offsets, cs, buf, skip_zero=True)
+    values = buf.view(REFCOUNT_DTYPES[order])
+    if order > 3:
+        values.byteswap(inplace=True)
+    return values
+
+
+class BlockUnreadable(Exception):
+    """Raised when: a refcount block cannot be read (QEMU's
+    qcow2_get_refcount fails: unaligned, or refused by the block layer)."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+class StoredRefcounts:
+    """Refcounts as stored, read past a damaged refcount table (for the
+    check): a block that cannot be read (`BlockUnreadable`) leaves its
+    counts unknown, marked in `unreadable`, rather than failing the read.
+
+    `full(n)` holds every refcount of clusters [0, n) in one native array,
+    read in runs of adjacent refcount blocks; clusters past it go through
+    `block()` (bounded cache).
+    """
+
+    def __init__(self, storage, geo: Geometry, table: np.ndarray, max_bytes: int = 32 << 20):
+        self.storage = storage
+        self.geo = geo
+        self.table = table
+        self.dtype = REFCOUNT_DTYPES[geo.refcount_order]
+        self.cache: dict[int, np.ndarray] = {}
+        self.limit = max(8, max_bytes // geo.cluster_size)
+        self.values: np.ndarray | None = None
+        self.unreadable: np.ndarray | None = None  # per block, where full() read
+        self.any_unreadable = False
+
+    def block_offset(self, index: int) -> int:
+        if index >= len(self.table):
+            return 0
+        return int(self.table[index]) & L.REFT_OFFSET_MASK
+
+    def _cannot_read(self, offsets: np.ndarray) -> np.ndarray:
+        cs = self.geo.cluster_size
+        return ((offsets & _U64(cs - 1)) != 0) | (offsets > _U64(MAX_REQUEST_END - cs))
+
+    def block(self, index: int) -> np.ndarray | None:
+        """Decoded refcount block `index`; None where there is none."""
+        cached = self.cache.get(index)
+        if cached is not None:
+            return cached
+        offset = self.block_offset(index)
+        if not offset:
+            return None
+        if self._cannot_read(np.array([offset], dtype=np.uint64))[0]:
+            raise BlockUnreadable(offset)
+        raw = self.storage.pread(offset, self.geo.cluster_size)
+        values = decode_refcount_block(raw, self.geo.refcount_order).astype(self.dtype)
+        if len(self.cache) >= self.limit:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[index] = values
+        return values
+
+    def full(self, n: int) -> np.ndarray:
+        """Refcounts of clusters [0, n) at least (whole blocks), native dtype."""
+        if self.values is not None and len(self.values) >= n:
+            return self.values
+        nb = max(1, -(-n // self.geo.refcount_block_size))
+        offs = np.zeros(nb, dtype=np.uint64)
+        k = min(nb, len(self.table))
+        offs[:k] = self.table[:k] & _U64(L.REFT_OFFSET_MASK)
+        unreadable = self._cannot_read(offs)
+        offs[unreadable] = 0
+        self.values = read_refcount_blocks(self.storage, offs, self.geo)
+        self.unreadable = unreadable
+        self.any_unreadable = bool(unreadable.any())
+        return self.values
+
+    def lookup(self, clusters: np.ndarray, runs: list[tuple[int, int]] | None = None):
+        """(refcounts, ok) of cluster indices; ok is False where the
+        refcount cannot be read. `runs`, when given, are `clusters` as runs
+        [lo, hi) of adjacent clusters."""
+        if not len(clusters):
+            return np.zeros(0, dtype=np.uint64), np.ones(0, dtype=bool)
+        values = self.values
+        if values is not None and runs is not None and runs[-1][1] <= len(values):
+            refs = np.concatenate([values[lo:hi] for lo, hi in runs])
+        elif values is not None and int(clusters.max()) < len(values):
+            refs = values[clusters.astype(np.intp, copy=False)]
+        else:
+            return self._lookup_blocks(clusters)
+        if self.any_unreadable:
+            idx = clusters.astype(np.intp, copy=False)
+            return refs, ~self.unreadable[idx >> self.geo.refcount_block_bits]
+        return refs, np.ones(len(clusters), dtype=bool)
+
+    def _lookup_blocks(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bits = self.geo.refcount_block_bits
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        ok = np.ones(len(clusters), dtype=bool)
+        blocks = clusters >> _U64(bits)
+        order = np.argsort(blocks, kind="stable")
+        sorted_blocks = blocks[order]
+        edges = np.flatnonzero(np.diff(sorted_blocks)) + 1
+        starts = np.concatenate(([0], edges))
+        ends = np.concatenate((edges, [len(order)]))
+        mask = _U64((1 << bits) - 1)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            sel = order[s:e]
+            try:
+                block = self.block(int(sorted_blocks[s]))
+            except BlockUnreadable:
+                ok[sel] = False
+                continue
+            if block is not None:
+                out[sel] = block[(clusters[sel] & mask).astype(np.intp)]
+        return out, ok
+
+    def invalidate(self, table: np.ndarray) -> None:
+        """Forget what was read: the refcounts (or `table`) changed."""
+        self.cache.clear()
+        self.values = None
+        self.unreadable = None
+        self.any_unreadable = False
+        self.table = table
 
 
 def _long_disjoint_runs(starts: np.ndarray, counts: np.ndarray) -> bool:
