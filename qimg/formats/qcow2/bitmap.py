@@ -620,25 +620,11 @@ class PersistentBitmaps:
 
     def _cannot_store(self, bm: Bitmap) -> str | None:
         """QEMU's qcow2_co_can_store_new_dirty_bitmap and check_constraints_on_bitmap."""
-        image = self.image
-        gb = bm.granularity_bits
-        if gb > L.BME_MAX_GRANULARITY_BITS:
-            return f"Granularity exceeds maximum ({1 << L.BME_MAX_GRANULARITY_BITS} bytes)"
-        if gb < L.BME_MIN_GRANULARITY_BITS:
-            return f"Granularity is under minimum ({1 << L.BME_MIN_GRANULARITY_BITS} bytes)"
-        nbytes = _bitmap_bytes(image.size, gb)
-        if nbytes > L.BME_MAX_PHYS_SIZE or nbytes > L.BME_MAX_TABLE_SIZE * image.geo.cluster_size:
-            return "Too much space will be occupied by the bitmap. Use larger granularity"
-        name = bm.name.encode()
-        if len(name) > L.BME_MAX_NAME_SIZE:
-            return f"Name length exceeds maximum ({L.BME_MAX_NAME_SIZE} characters)"
-        if len(self.entries) + len(self.added) >= L.QCOW2_MAX_BITMAPS:
-            return "Maximum number of persistent bitmaps is already reached"
         dir_size = sum(_dir_entry_size(e.name.encode(), e.extra_data) for e in self.entries)
         dir_size += sum(_dir_entry_size(b.name.encode(), b"") for b in self.added)
-        if dir_size + _dir_entry_size(name, b"") > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-            return "Not enough space in the bitmap directory"
-        return None
+        return storing_refused(
+            self.image, bm.name, bm.granularity_bits, len(self.entries) + len(self.added), dir_size
+        )
 
     # -- storing --
 
@@ -788,3 +774,25 @@ def copy_bitmaps(target, bitmaps: list[Bitmap]) -> list[str]:
         else:
             store.add(bm)
     return skipped
+
+
+def storing_refused(image, name: str, gb: int, count: int, dir_size: int) -> str | None:
+    """Why a new persistent bitmap `name` of granularity 2**gb cannot be
+    stored beside `count` others whose directory entries take `dir_size`
+    bytes (QEMU's check_constraints_on_bitmap and the limits of
+    qcow2_co_can_store_new_dirty_bitmap), or None."""
+    if gb > L.BME_MAX_GRANULARITY_BITS:
+        return f"Granularity exceeds maximum ({1 << L.BME_MAX_GRANULARITY_BITS} bytes)"
+    if gb < L.BME_MIN_GRANULARITY_BITS:
+        return f"Granularity is under minimum ({1 << L.BME_MIN_GRANULARITY_BITS} bytes)"
+    nbytes = _bitmap_bytes(image.size, gb)
+    if nbytes > L.BME_MAX_PHYS_SIZE or nbytes > L.BME_MAX_TABLE_SIZE * image.geo.cluster_size:
+        return "Too much space will be occupied by the bitmap. Use larger granularity"
+    raw = name.encode()
+    if len(raw) > L.BME_MAX_NAME_SIZE:
+        return f"Name length exceeds maximum ({L.BME_MAX_NAME_SIZE} characters)"
+    if count >= L.QCOW2_MAX_BITMAPS:
+        return "Maximum number of persistent bitmaps is already reached"
+    if dir_size + _dir_entry_size(raw, b"") > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        return "Not enough space in the bitmap directory"
+    return None

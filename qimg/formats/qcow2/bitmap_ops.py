@@ -30,6 +30,7 @@ from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.bitmap import (
     BitmapEntry,
     _bitmap_bytes,
+    _dir_entry_size,
     _granules,
     _loaded,
     _pack_directory,
@@ -38,6 +39,7 @@ from qimg.formats.qcow2.bitmap import (
     load_bitmap_table,
     pread_padded,
     read_bitmap_directory,
+    storing_refused,
 )
 
 if TYPE_CHECKING:
@@ -207,30 +209,12 @@ def _check_add(image, name: str, granularity: int, target, others: list[str]) ->
 
 
 def _cannot_store(image, name: str, gb: int, others: list[str]) -> str | None:
-    """qcow2_co_can_store_new_dirty_bitmap and check_constraints_on_bitmap
-    (`others`: the names of the image's other bitmaps)."""
+    """qcow2_co_can_store_new_dirty_bitmap (`others`: the names of the
+    image's other bitmaps)."""
     if image.header.version < 3:
         return "Cannot store dirty bitmaps in qcow2 v2 files"
-    if gb > L.BME_MAX_GRANULARITY_BITS:
-        return f"Granularity exceeds maximum ({1 << L.BME_MAX_GRANULARITY_BITS} bytes)"
-    if gb < L.BME_MIN_GRANULARITY_BITS:
-        return f"Granularity is under minimum ({1 << L.BME_MIN_GRANULARITY_BITS} bytes)"
-    nbytes = _bitmap_bytes(image.size, gb)
-    if nbytes > L.BME_MAX_PHYS_SIZE or nbytes > L.BME_MAX_TABLE_SIZE * image.geo.cluster_size:
-        return "Too much space will be occupied by the bitmap. Use larger granularity"
-    raw = name.encode()
-    if len(raw) > L.BME_MAX_NAME_SIZE:
-        return f"Name length exceeds maximum ({L.BME_MAX_NAME_SIZE} characters)"
-    if len(others) + 1 > L.QCOW2_MAX_BITMAPS:
-        return "Maximum number of persistent bitmaps is already reached"
-    size = sum(_entry_size(n) for n in others) + _entry_size(name)
-    if size > L.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
-        return "Not enough space in the bitmap directory"
-    return None
-
-
-def _entry_size(name: str) -> int:
-    return (L.BITMAP_DIRECTORY_ENTRY.size + len(name.encode()) + 7) & ~7
+    dir_size = sum(_dir_entry_size(n.encode(), b"") for n in others)
+    return storing_refused(image, name, gb, len(others), dir_size)
 
 
 def _merge_into(image, name, target, source, others, source_image) -> None:
