@@ -38,7 +38,9 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
     from qimg.commands.common import open_target
     from qimg.formats.qcow2 import amend
     from qimg.options import has_help_option
+    from qimg.secrets import parse_objects
 
+    parse_objects(objects)
     if options is None:
         raise click.UsageError("Must specify options (-o)")
     wants_help = has_help_option([options])

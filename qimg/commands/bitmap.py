@@ -121,9 +121,9 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
     bitmap, whose bits nobody can trust.
     """
     from qimg import api, render
+    from qimg.secrets import parse_objects
 
-    for text in objects:
-        _check_object(text)
+    parse_objects(objects)
     if image_opts and fmt:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
     actions = _actions(ctx.meta["bitmap.argv"])
@@ -166,19 +166,3 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         source_fmt=source_fmt,
         image_opts=image_opts,
     )
-
-
-def _check_object(text: str) -> None:
-    """--object as QEMU's user_creatable_process_cmdline checks it: a
-    secret with an id (the only object an image here can use)."""
-    from qimg.options import split_options
-
-    pairs = split_options(text)
-    qom_type = pairs[0][0] if pairs and pairs[0][1] is None else dict(pairs).get("qom-type")
-    keys = dict(pairs)
-    if qom_type is None:
-        raise BadOptionError("Parameter 'qom-type' is missing")
-    if qom_type not in ("secret", "secret_keyring"):
-        raise BadOptionError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
-    if not keys.get("id"):
-        raise BadOptionError("Parameter 'id' is missing")

@@ -43,6 +43,9 @@ def command(fmt, objects, image_opts, preallocation, shrink, quiet, args) -> Non
     for word in rest:
         if word.startswith("-") and word != "-":
             raise click.NoSuchOption(word)
+    from qimg.secrets import parse_objects
+
+    parse_objects(objects)
     if len(rest) != 1:
         given = any(
             ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE

@@ -28,6 +28,9 @@ def command(
 
     from qimg import render
     from qimg import snapshot as snapshots
+    from qimg.secrets import parse_objects
+
+    parse_objects(objects)
     from qimg.cli import usage_error
     from qimg.commands.common import need_filename
 
