@@ -279,3 +279,55 @@ def test_compat_and_width_change_together(qemu_img, tmp_path):
         assert (specific["compat"], specific["refcount-bits"]) == (compat, bits)
         assert qemu_read_raw(path, tmp_path) == data
         assert _snapshot_raw(path, tmp_path) == snap
+
+
+def _drop_snapshot_extra_data(path) -> None:
+    """Rewrite the (one-entry) snapshot table as QEMU before 1.1 wrote it:
+    no extra data (no disk size, no large VM state size)."""
+    import struct
+
+    from qimg.formats.qcow2 import layout as L
+
+    with open(path, "r+b") as f:
+        head = f.read(L.HEADER_V2_SIZE)
+        offset = struct.unpack_from(">Q", head, 64)[0]
+        f.seek(offset)
+        raw = f.read(4096)
+        fields = list(L.SNAPSHOT_HEADER.unpack_from(raw))
+        id_len, name_len, extra = fields[2], fields[3], fields[8]
+        start = L.SNAPSHOT_HEADER.size + extra
+        names = raw[start : start + id_len + name_len]
+        fields[8] = 0
+        f.seek(offset)
+        f.write(L.SNAPSHOT_HEADER.pack(*fields) + names + bytes(extra))
+
+
+def test_upgrade_rewrites_a_snapshot_table_without_extra_data_as_qemu_img(qemu_img, tmp_path):
+    # qemu-img 7.2's qcow2_upgrade writes the table in the version 3 form
+    # first; the snapshot reads the same and the disk size is the image's.
+    base = tmp_path / "base.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(base), "1M"])
+    run(["qemu-io", "-c", "write -P 5 0 64k", str(base)])
+    run([qemu_img, "snapshot", "-c", "old", str(base)])
+    run(["qemu-io", "-c", "write -P 6 0 64k", str(base)])
+    _drop_snapshot_extra_data(base)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(base, ours)
+    shutil.copy(base, theirs)
+    run([qemu_img, "amend", "-o", "compat=1.1", str(theirs)])
+    assert qimg_here(tmp_path, "amend", "-o", "compat=1.1", str(ours)).returncode == 0
+    qemu_check_clean(ours)
+    info = [
+        json.loads(run([qemu_img, "info", "--output=json", str(p)]).stdout) for p in (ours, theirs)
+    ]
+    assert info[0]["format-specific"]["data"]["compat"] == "1.1"
+    for key in ("date-sec", "date-nsec"):
+        for i in info:
+            i["snapshots"][0].pop(key)
+    assert info[0]["snapshots"] == info[1]["snapshots"]
+    for p in (ours, theirs):
+        run([qemu_img, "convert", "-l", "snapshot.name=old", "-O", "raw", str(p), f"{p}.raw"])
+    assert (tmp_path / "ours.qcow2.raw").read_bytes() == (
+        tmp_path / "theirs.qcow2.raw"
+    ).read_bytes()
+    assert (tmp_path / "ours.qcow2.raw").read_bytes()[:65536] == b"\x05" * 65536

@@ -137,14 +137,15 @@ def amend(image, values: dict, progress=None) -> None:
 
 def _upgrade(image) -> None:
     """QEMU's qcow2_upgrade: version 3 with the version 3 header fields."""
-    from qimg.formats.qcow2.snapshot import read_snapshots
+    from qimg.formats.qcow2.snapshot import read_snapshots, write_snapshot_table
 
     h = image.header
     if h.nb_snapshots:
         snapshots, _size = read_snapshots(image)
         if any(len(s.extra_data) < _EXTRA_V3_MIN for s in snapshots):
-            # QEMU rewrites such a table in the version 3 form first.
-            raise QimgError("Cannot upgrade: the snapshot table lacks version 3 extra data")
+            # Version 3 requires the extra data (disk size, large VM state
+            # size): the table is rewritten first, the header switched after.
+            write_snapshot_table(image, snapshots)
     h.version = 3
     h.header_length = L.HEADER_V3_SIZE
     h.refcount_order = 4
