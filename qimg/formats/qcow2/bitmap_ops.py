@@ -304,12 +304,38 @@ def _regranulate(bits: np.ndarray, from_gb: int, to_gb: int) -> np.ndarray:
 
     if from_gb == to_gb:
         return bits
+    if from_gb < to_gb:
+        return _coarsen(bits, 1 << (to_gb - from_gb))
     flags = np.unpackbits(bits, bitorder="little")
-    if from_gb > to_gb:
-        flags = np.repeat(flags, 1 << (from_gb - to_gb))
-    else:
-        flags = flags.reshape(-1, 1 << (to_gb - from_gb)).any(axis=1)
-    return np.packbits(flags, bitorder="little")
+    return np.packbits(np.repeat(flags, 1 << (from_gb - to_gb)), bitorder="little")
+
+
+def _coarsen(bits: np.ndarray, k: int) -> np.ndarray:
+    """Each run of `k` bits (k a power of two) ORed into one bit, working on
+    whole bytes and words rather than on unpacked bits."""
+    import numpy as np
+
+    if k >= 8:
+        per = k // 8  # bytes of fine bits per coarse bit
+        padded = np.zeros(-(-len(bits) // per) * per, dtype=np.uint8)
+        padded[: len(bits)] = bits
+        word = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(per, np.uint64)
+        words = padded.view(word) != 0
+        if per > 8:
+            words = words.reshape(-1, per // 8).any(axis=1)
+        return np.packbits(words, bitorder="little")
+    # k in (2, 4): each byte gives 8 // k coarse bits; k bytes make one byte.
+    shift = 8 // k
+    lut = np.zeros(256, dtype=np.uint8)
+    for value in range(256):
+        lut[value] = sum(1 << j for j in range(shift) if (value >> (j * k)) & ((1 << k) - 1))
+    padded = np.zeros(-(-len(bits) // k) * k, dtype=np.uint8)
+    padded[: len(bits)] = bits
+    coarse = lut[padded].reshape(-1, k)
+    out = np.zeros(len(coarse), dtype=np.uint8)
+    for j in range(k):
+        out |= coarse[:, j] << np.uint8(j * shift)
+    return out
 
 
 class _Writer:
