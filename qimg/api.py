@@ -157,30 +157,23 @@ def check_image_file(
     return check_file(filename, fmt, fix, force_share)
 
 
-def _open_named(
-    path: str, fmt: str | None, writable: bool, force_share: bool = False, image_opts=False
-) -> Driver:
-    """open_image without backing files, failing as qemu-img's img_open
-    does: "Could not open 'PATH': " before what the open said (a lock
-    conflict carries its own). With `image_opts`, `path` is an option
-    string (driver=qcow2,file.filename=...), read as the json: name that
-    says the same; a word without '=' is the option "file"."""
+def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:
+    """open_image (keywords as there) failing as qemu-img's img_open does:
+    "Could not open 'PATH': " before what the open said. With
+    `image_opts`, `path` is an --image-opts option string
+    (driver=qcow2,file.filename=...), opened as the json: name that says
+    the same, and messages still call it `path`."""
     from qimg.errors import ImageLockedError
+    from qimg.filenames import image_opts_name
 
-    name = path
-    if image_opts:
-        import json
-
-        from qimg.options import split_options
-
-        opts = {
-            k if v is not None else "file": k if v is None else v for k, v in split_options(path)
-        }
-        name = "json:" + json.dumps(opts)
     try:
-        return open_image(name, fmt, writable=writable, force_share=force_share, backing=False)
+        return open_image(image_opts_name(path) if image_opts else path, fmt, **kw)
     except QimgError as exc:
-        if not isinstance(exc, ImageLockedError):
+        # qemu-img doubles the prefix of a failed file open, but a lock
+        # conflict (or -U on a read-write open) comes from the permission
+        # update and carries one.
+        carries = isinstance(exc, BadOptionError) and str(exc).startswith("Could not open '")
+        if not isinstance(exc, ImageLockedError) and not carries:
             exc.args = (f"Could not open '{path}': {exc}",)
         raise
 
@@ -200,12 +193,12 @@ def edit_bitmap(
     persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
     Every action is checked before anything is written: on failure the
     image is left as it was (qimg.formats.qcow2.bitmap_ops). With
-    `image_opts`, `path` is an option string (see _open_named)."""
+    `image_opts`, `path` is an option string (see open_named)."""
     from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
 
-    image = _open_named(path, fmt, writable=True, image_opts=image_opts)
+    image = open_named(path, fmt, image_opts=image_opts, writable=True, backing=False)
     try:
-        source = _open_named(source_path, source_fmt, False) if source_path else None
+        source = open_named(source_path, source_fmt, backing=False) if source_path else None
         try:
             apply_plan(image, plan_actions(image, name, actions, granularity, source))
         finally:
@@ -222,7 +215,9 @@ def list_bitmaps(
     dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
     from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
 
-    with _open_named(path, fmt, False, force_share, image_opts) as image:
+    with open_named(
+        path, fmt, image_opts=image_opts, force_share=force_share, backing=False
+    ) as image:
         return listed(image)
 
 

@@ -142,3 +142,17 @@ def _flatten(options: dict, prefix: str = "") -> dict:
             else:
                 flat[f"{base}{key}"] = value
     return flat
+
+
+def image_opts_name(text: str) -> str:
+    """An --image-opts option string ("driver=qcow2,file.filename=x") as
+    the json: name that says the same (read back by parse_filename, which
+    checks its keys); a word without '=' is the implied key "file"."""
+    from qimg.options import split_options
+
+    options = {}
+    for key, value in split_options(text):
+        if value is None:
+            key, value = "file", key
+        options[key] = value
+    return "json:" + json.dumps(options)

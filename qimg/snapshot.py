@@ -13,29 +13,7 @@ import time
 from qimg.driver import Driver
 from qimg.errors import QimgError, UnsupportedFeatureError
 
-__all__ = ["open_image", "list_snapshots", "create", "apply", "delete"]
-
-
-def open_image(
-    path: str, fmt: str | None, writable: bool, force_share: bool, name: str | None = None
-) -> Driver:
-    """The image as qemu-img snapshot opens it (backing chain included),
-    failures worded as its img_open words them. `name`, when given, is what
-    is opened (a json: name made of --image-opts), `path` what messages
-    call it."""
-    from qimg import api
-    from qimg.errors import BadOptionError, ImageLockedError
-
-    try:
-        return api.open_image(name or path, fmt, writable=writable, force_share=force_share)
-    except QimgError as exc:
-        # qemu-img doubles the prefix of a failed file open, but a lock
-        # conflict (or -U on a read-write open) comes from the permission
-        # update and carries one.
-        carries = isinstance(exc, BadOptionError) and str(exc).startswith("Could not open '")
-        if not isinstance(exc, ImageLockedError) and not carries:
-            exc.args = (f"Could not open '{path}': {exc}",)
-        raise
+__all__ = ["list_snapshots", "create", "apply", "delete"]
 
 
 def list_snapshots(image: Driver) -> list[dict]:

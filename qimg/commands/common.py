@@ -45,40 +45,13 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
 
 
 def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
-    """open_image for commands that take one image to change (resize,
-    amend): with `image_opts`, `filename` is qemu-img's --image-opts option
-    string ("driver=qcow2,file.filename=x"); failures read "Could not open
-    'FILENAME': ..." as qemu-img's img_open words them."""
-    from qimg.api import open_image
+    """api.open_named for the commands that take --image-opts (resize,
+    amend, snapshot), which refuse it beside --format first."""
+    from qimg.api import open_named
 
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
-    name = _image_opts_name(filename) if image_opts else filename
-    try:
-        return open_image(name, fmt, **kw)
-    except QimgError as exc:
-        from qimg.errors import ImageLockedError
-
-        # qemu-img doubles the prefix of a failed file open, but a lock
-        # conflict comes from the permission update and carries one.
-        if not isinstance(exc, ImageLockedError):
-            exc.args = (f"Could not open '{filename}': {exc}",)
-        raise
-
-
-def _image_opts_name(text: str) -> str:
-    """An --image-opts string as the equivalent json: name (qimg.filenames
-    checks its keys); a word without '=' is the implied key "file"."""
-    import json
-
-    from qimg.options import split_options
-
-    options = {}
-    for key, value in split_options(text):
-        if value is None:
-            key, value = "file", key
-        options[key] = value
-    return "json:" + json.dumps(options)
+    return open_named(filename, fmt, image_opts=image_opts, **kw)
 
 
 def warn_probed_raw(filename: str) -> None:

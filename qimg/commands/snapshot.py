@@ -43,21 +43,15 @@ def command(
     if not list_ and name is None:
         action = "none"  # qemu-img opens the image read-write, and does nothing
     filename = need_filename(filename)
-    from qimg.commands.common import warn_probed_raw
+    from qimg.commands.common import open_target, warn_probed_raw
 
     # --object defines secrets for encrypted images, which qimg does not open
     # yet: accepted, as qemu-img accepts it, and unused.
     probed = fmt is None and not image_opts
-    opts_name = None
-    if image_opts:
-        from qimg.commands.common import _image_opts_name
-        from qimg.errors import BadOptionError
-
-        if fmt is not None:
-            raise BadOptionError("--image-opts and --format are mutually exclusive")
-        opts_name = _image_opts_name(filename)
     writable = action != "list"
-    with snapshots.open_image(filename, fmt, writable, force_share, opts_name) as image:
+    with open_target(
+        filename, fmt, image_opts, writable=writable, force_share=force_share
+    ) as image:
         if writable and probed and image.format_name == "raw":
             warn_probed_raw(filename)  # as qemu-img's read-write open prints it
             if action == "apply":
