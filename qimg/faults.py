@@ -255,3 +255,31 @@ class FaultyStorage(Storage):
     def close(self) -> None:
         """Close the real file (allowed after a crash: it writes nothing)."""
         self.inner.close()
+
+
+def run_until_crash(
+    path: str, action, *, backing: bool = True, **faults
+) -> tuple[FaultyStorage, bool]:
+    """Open the qcow2 image `path` read-write over a FaultyStorage made with
+    `faults` (no fsync unless `sync=True`), run `action(image)` and close it: the storage (its log of
+    operations), and whether all of it ran. After a crash the image is
+    closed again, which writes nothing more."""
+    from qimg.api import open_image
+
+    holder = {}
+
+    def wrap(storage: Storage) -> FaultyStorage:
+        holder["faulty"] = FaultyStorage(storage, **{"sync": False, **faults})
+        return holder["faulty"]
+
+    image = open_image(path, "qcow2", writable=True, backing=backing, storage_wrapper=wrap)
+    try:
+        action(image)
+        image.close()
+        return holder["faulty"], True
+    except SimulatedCrash:
+        try:
+            image.close()
+        except SimulatedCrash:
+            pass
+        return holder["faulty"], False

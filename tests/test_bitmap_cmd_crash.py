@@ -11,8 +11,7 @@ import pytest
 from conftest import run
 from test_bitmaps import dirty_extents
 
-from qimg.api import open_image
-from qimg.faults import FaultyStorage, SimulatedCrash
+from qimg.faults import FaultyStorage, run_until_crash
 from qimg.formats.qcow2.bitmap_ops import Action, apply_plan, plan_actions
 
 MiB = 1 << 20
@@ -27,22 +26,11 @@ def qemu_nbd():
 
 def _edit(path, name: str, actions: list[Action], faulty_args: dict) -> FaultyStorage:
     """The edit through the library over a FaultyStorage; the storage."""
-    holder = {}
-
-    def wrap(storage):
-        holder["s"] = FaultyStorage(storage, sync=False, **faulty_args)
-        return holder["s"]
-
-    img = open_image(str(path), "qcow2", writable=True, backing=False, storage_wrapper=wrap)
-    try:
-        apply_plan(img, plan_actions(img, name, actions))
-        img.close()
-    except SimulatedCrash:
-        try:
-            img.close()
-        except SimulatedCrash:
-            pass
-    return holder["s"]
+    faulty, _ = run_until_crash(
+        str(path), lambda img: apply_plan(img, plan_actions(img, name, actions)),
+        backing=False, **faulty_args,
+    )  # fmt: skip
+    return faulty
 
 
 def _names(path) -> list[str]:

@@ -347,24 +347,10 @@ def test_set_bits_matches_a_loop_per_bit():
 
 def _session(path, faulty_args: dict):
     """Write 100 KiB at 1 MiB and close, through a FaultyStorage; the storage."""
-    from qimg.faults import FaultyStorage, SimulatedCrash
+    from qimg.faults import run_until_crash
 
-    holder = {}
-
-    def wrap(storage):
-        holder["s"] = FaultyStorage(storage, sync=False, **faulty_args)
-        return holder["s"]
-
-    img = open_image(str(path), "qcow2", writable=True, storage_wrapper=wrap)
-    try:
-        img.write(MiB, b"w" * 100000)
-        img.close()
-    except SimulatedCrash:
-        try:
-            img.close()  # writes nothing more
-        except SimulatedCrash:
-            pass
-    return holder["s"]
+    faulty, _ = run_until_crash(str(path), lambda img: img.write(MiB, b"w" * 100000), **faulty_args)
+    return faulty
 
 
 @pytest.mark.parametrize("mode", ["kill", "power"])

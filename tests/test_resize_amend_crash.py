@@ -10,8 +10,7 @@ import shutil
 import pytest
 from conftest import qemu_read_raw, run
 
-from qimg import open_image
-from qimg.faults import FaultyStorage, SimulatedCrash
+from qimg.faults import run_until_crash
 
 MiB = 1 << 20
 
@@ -36,22 +35,8 @@ def _shrink(img) -> None:
 
 def _run(path, action, faulty_args: dict) -> int:
     """Run `action` on the image through FaultyStorage; operations issued."""
-    holder = {}
-
-    def wrap(storage):
-        holder["f"] = FaultyStorage(storage, sync=False, **faulty_args)
-        return holder["f"]
-
-    img = open_image(str(path), "qcow2", writable=True, storage_wrapper=wrap)
-    try:
-        action(img)
-        img.close()
-    except SimulatedCrash:
-        try:
-            img.close()
-        except SimulatedCrash:
-            pass
-    return len(holder["f"].log)
+    faulty, _ = run_until_crash(str(path), action, **faulty_args)
+    return len(faulty.log)
 
 
 @pytest.fixture(scope="module")

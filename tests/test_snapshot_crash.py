@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from qimg.api import open_image
-from qimg.faults import FaultyStorage, SimulatedCrash
+from qimg.faults import FaultyStorage, run_until_crash
 from qimg.formats.qcow2.snapshot import apply_snapshot, create_snapshot, delete_snapshot
 
 POINTS = 5  # crash points per operation and mode
@@ -52,23 +51,7 @@ def layers(path: Path, tmp: Path) -> dict[str, bytes]:
 
 
 def run_op(path: Path, op: str, **faults) -> tuple[FaultyStorage, bool]:
-    holder = {}
-
-    def wrap(storage):
-        holder["f"] = FaultyStorage(storage, sync=False, **faults)
-        return holder["f"]
-
-    img = open_image(str(path), "qcow2", writable=True, storage_wrapper=wrap)
-    try:
-        OPS[op](img)
-        img.close()
-        return holder["f"], True
-    except SimulatedCrash:
-        try:
-            img.close()
-        except SimulatedCrash:
-            pass
-        return holder["f"], False
+    return run_until_crash(str(path), OPS[op], **faults)
 
 
 @pytest.mark.parametrize("mode", ["kill", "power"])
