@@ -70,7 +70,6 @@ class Qcow2Image(Driver):
         # Every guest data read and write of a host cluster (dataio.py).
         self.dataio = DataIO(self)
         self._bitmaps = None  # bitmap.PersistentBitmaps, made on first write (or by convert)
-        self._freed_pending = False
         self._closed = False
         if header.crypt_method == L.QCOW_CRYPT_LUKS and header.crypto_ext is None:
             raise InvalidImageError("Missing CRYPTO header for crypt method 2")
