@@ -615,8 +615,6 @@ class Qcow2Image(Driver):
         """Whether the file holding data may have holes (fewer bytes
         allocated than its size); if not, no data cluster needs a look."""
         storage = self.data_storage
-        if not hasattr(storage, "data_extents") or not hasattr(storage, "allocated_size"):
-            return False
         try:
             return storage.allocated_size() < storage.size()
         except (OSError, QimgError):
