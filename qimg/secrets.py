@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Mapping
 
 from qimg.errors import BadOptionError, QimgError
 from qimg.options import split_options
@@ -98,3 +99,17 @@ def _base64(raw: bytes) -> bytes:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise BadOptionError("Base64 data contains invalid characters") from None
+
+
+def lookup_secret(secrets: Mapping[str, bytes], secret_id: str | None, option: str) -> bytes:
+    """The value of the secret an image option (e.g. `encrypt.key-secret`)
+    names, failing in qemu-img's words when the option is missing or names
+    no --object secret."""
+    from qimg.errors import MissingSecretError
+
+    if secret_id is None:
+        raise MissingSecretError(f"Parameter '{option}' is required for cipher")
+    try:
+        return secrets[secret_id]
+    except KeyError:
+        raise MissingSecretError(f"No secret with id '{secret_id}'") from None
