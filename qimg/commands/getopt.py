@@ -49,6 +49,8 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "bitmaps": False,
         "skip-broken-bitmaps": False,
     },
+    "compare": {"help": False, "object": True, "image-opts": False, "force-share": False},
+    "dd": {"help": False, "object": True, "image-opts": False, "force-share": False},
     "bitmap": {
         "help": False,
         "object": True,

@@ -1,0 +1,568 @@
+"""qemu-img compare: whether two images read the same, and where they first
+differ.
+
+Written against the driver interface in three parts:
+- `ChainStatus`: an image's block status as QEMU's bdrv_block_status_above
+  answers it (its BDRV_BLOCK_* flags and where each answer ends), built
+  from each layer's `block_status` extents;
+- `walk`: qemu-img's img_compare loop over both images' answers: the same
+  chunks (at most IO_BUF_SIZE where data is read), the same strict-mode
+  checks and messages at the same offsets, the same progress steps;
+- `Comparer`: the chunks that need reading are read and compared on worker
+  threads ahead of the walk (reading, decompression and the comparison
+  release the GIL), their outcomes taken in order: the first difference
+  reported is the one qemu-img reports.
+
+qemu-img reports a difference at the first 512-byte sector that differs,
+counted from the start of the chunk it lies in; so does `compare`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+from qimg.driver import COMPRESSED, DATA, ZERO, Driver
+from qimg.errors import QimgError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# QEMU's BDRV_BLOCK_* status flags (include/block/block-common.h).
+BLOCK_DATA = 0x01
+BLOCK_ZERO = 0x02
+BLOCK_OFFSET_VALID = 0x04
+BLOCK_ALLOCATED = 0x10
+BLOCK_EOF = 0x20
+
+SECTOR = 512
+IO_BUF_SIZE = 2 << 20  # qemu-img's largest read in compare
+STATUS_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
+GROUP_BYTES = 2 << 20  # contiguous chunks read and compared as one job (and one chunk more)
+AHEAD = 4  # jobs in flight beyond the one being taken
+WORKERS = 2
+
+# Outcome codes (qemu-img compare's exit codes).
+IDENTICAL = 0
+DIFFERENT = 1
+OPEN_FAILED = 2
+STATUS_FAILED = 3
+READ_FAILED = 4
+
+ProgressCallback = Callable[[int, int], None]  # (chunk bytes done, progress base)
+
+
+class CompareError(QimgError):
+    """Raised when: an image cannot be opened (exit 2), its block status
+    cannot be had (3) or it cannot be read (4): qemu-img compare's codes."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Comparison(NamedTuple):
+    """The outcome: exit code 0 (identical) or 1 (different) and the line
+    qemu-img prints for it."""
+
+    code: int
+    message: str
+
+
+def qemu_length(image: Driver) -> int:
+    """The image's length as QEMU counts it: whole sectors, rounded up."""
+    return -(-image.size // SECTOR) * SECTOR
+
+
+def read_padded(image: Driver, offset: int, view: memoryview) -> None:
+    """Guest bytes of `image` into `view`; past its size (inside the last
+    sector QEMU counts) they read as zeros."""
+    n = max(0, min(len(view), image.size - offset))
+    if n:
+        image.readinto(offset, view[:n])
+    if n < len(view):
+        view[n:] = bytes(len(view) - n)
+
+
+# --- block status as QEMU answers it -----------------------------------------------
+
+
+class LayerStatus:
+    """One image's own block status (what its backing file holds aside),
+    asked at offsets that never decrease: `at(x)` is (end, flags) of the
+    answer QEMU's bdrv_co_block_status gives at x.
+
+    An answer ends where the kind or the flags change, where the host
+    offsets of data stop following each other, after each compressed
+    cluster, and at each L2 table's end (QEMU maps one L2 slice per call,
+    a whole table by default)."""
+
+    def __init__(self, image: Driver):
+        self.image = image
+        self.size = qemu_length(image)
+        self.raw = image.format_name == "raw"
+        self.has_backing = image.backing is not None
+        cs = image.cluster_bytes
+        geo = getattr(image, "geo", None)
+        entry = 16 if geo is not None and geo.extended_l2 else 8
+        self.span = cs * (cs // entry) if geo is not None else 0  # an L2 table's guest bytes
+        self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
+        self._fetched = 0
+
+    def at(self, x: int) -> tuple[int, int]:
+        while True:
+            while self._runs and self._runs[0][1] <= x:
+                self._runs.popleft()
+            # The last run fetched may go on in the next window.
+            if self._runs and (len(self._runs) > 1 or self._fetched >= self.size):
+                break
+            if self._fetched >= self.size:
+                break
+            self._fetch()
+        if not self._runs:
+            return self.size, 0
+        run = self._runs[0]
+        flags = run[2]
+        if run[1] == self.size:
+            flags |= BLOCK_EOF
+        return run[1], flags
+
+    def _fetch(self) -> None:
+        lo = self._fetched
+        hi = min(self.size, lo + max(STATUS_WINDOW, self.span))
+        inside = min(hi, self.image.size)
+        exts = self.image.block_status(lo, inside - lo) if inside > lo else []
+        for ext in exts:
+            self._add(ext.offset, ext.offset + ext.length, self._flags(ext), ext.kind, ext.host)
+        if hi > inside:  # a raw file's last, partial sector: a trailing hole
+            self._add(inside, hi, self._flags_raw(ZERO), ZERO, 0)
+        self._fetched = hi
+
+    def _add(self, start: int, end: int, flags: int, kind: int, host: int) -> None:
+        runs = self._runs
+        span = self.span
+        while start < end:
+            stop = min(end, (start // span + 1) * span) if span else end
+            prev = runs[-1] if runs else None
+            if (
+                prev is not None
+                and prev[1] == start
+                and prev[2] == flags
+                and kind != COMPRESSED
+                and not (span and start % span == 0)
+                and (
+                    not flags & BLOCK_OFFSET_VALID or self.raw or prev[3] + start - prev[0] == host
+                )
+            ):
+                prev[1] = stop
+            else:
+                runs.append([start, stop, flags, host])
+            if kind == DATA or (kind == ZERO and host):
+                host += stop - start
+            start = stop
+
+    def _flags(self, ext) -> int:
+        if self.raw:
+            return self._flags_raw(ext.kind)
+        if ext.kind == DATA:
+            return BLOCK_DATA | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED
+        if ext.kind == COMPRESSED:
+            return BLOCK_DATA | BLOCK_ALLOCATED
+        if ext.kind == ZERO:
+            return BLOCK_ZERO | BLOCK_ALLOCATED | (BLOCK_OFFSET_VALID if ext.host else 0)
+        # Unallocated: the backing file answers; without one it reads zeros.
+        return 0 if self.has_backing else BLOCK_ZERO
+
+    @staticmethod
+    def _flags_raw(kind: int) -> int:
+        """A raw image answers for its file: data, or a hole that reads zeros."""
+        return (BLOCK_DATA if kind == DATA else BLOCK_ZERO) | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED
+
+
+class ChainStatus:
+    """An image's block status through its backing chain, as QEMU's
+    bdrv_block_status_above(bs, NULL, ...) answers it, at offsets that
+    never decrease: `at(x)` is (end, flags)."""
+
+    def __init__(self, image: Driver):
+        self.layers: list[LayerStatus] = []
+        node: Driver | None = image
+        while node is not None:
+            self.layers.append(LayerStatus(node))
+            node = node.backing
+        self.size = self.layers[0].size
+
+    def at(self, x: int) -> tuple[int, int]:
+        top = self.layers[0]
+        end, flags = top.at(x)
+        if flags & BLOCK_ALLOCATED or len(self.layers) == 1:
+            return end, flags
+        eof = end if end == top.size else None
+        for layer in self.layers[1:]:
+            if x >= layer.size:
+                # Past a shorter backing file: zeros, allocated there.
+                flags = BLOCK_ZERO | BLOCK_ALLOCATED
+                break
+            lend, lflags = layer.at(x)
+            if lend > end:
+                lend, lflags = end, lflags & ~BLOCK_EOF
+            end, flags = lend, lflags
+            if flags & BLOCK_ALLOCATED:
+                flags &= ~BLOCK_EOF
+                break
+        if end == eof:
+            flags |= BLOCK_EOF
+        return end, flags
+
+
+# --- qemu-img's walk over both images ----------------------------------------------
+
+
+class Chunk(NamedTuple):
+    """One step of the walk: [offset, offset+length), and which images'
+    data must be read there (neither: both read as zeros)."""
+
+    offset: int
+    length: int
+    read1: bool
+    read2: bool
+
+
+class Stop(NamedTuple):
+    """The walk ends here: an outcome or an error, in qemu-img's words."""
+
+    code: int
+    message: str
+
+
+class SizeWarning(NamedTuple):
+    """The images differ in size (printed where qemu-img prints it)."""
+
+    message: str = "Warning: Image size mismatch!"
+
+
+def walk(
+    s1: ChainStatus, s2: ChainStatus, names: tuple[str, str], strict: bool
+) -> Iterator[Chunk | Stop | SizeWarning]:
+    """qemu-img's img_compare loop: the chunks in order, then the outcome
+    it reaches without reading (strict mismatches, block status failures,
+    "Images are identical." when every chunk reads the same)."""
+    size1, size2 = s1.size, s2.size
+    total = min(size1, size2)
+    if strict and size1 != size2:
+        yield Stop(DIFFERENT, "Strict mode: Image size mismatch!")
+        return
+    offset = 0
+    while offset < total:
+        try:
+            end1, st1 = s1.at(offset)
+        except QimgError:
+            yield Stop(STATUS_FAILED, f"Sector allocation test failed for {names[0]}")
+            return
+        try:
+            end2, st2 = s2.at(offset)
+        except QimgError:
+            yield Stop(STATUS_FAILED, f"Sector allocation test failed for {names[1]}")
+            return
+        chunk = min(end1, end2) - offset
+        if strict and st1 != st2:
+            yield Stop(DIFFERENT, f"Strict mode: Offset {offset} block status mismatch!")
+            return
+        alloc1, alloc2 = bool(st1 & BLOCK_ALLOCATED), bool(st2 & BLOCK_ALLOCATED)
+        if st1 & st2 & BLOCK_ZERO:
+            yield Chunk(offset, chunk, False, False)
+        elif alloc1 == alloc2:
+            if alloc1:
+                chunk = min(chunk, IO_BUF_SIZE)
+            yield Chunk(offset, chunk, alloc1, alloc1)
+        else:
+            chunk = min(chunk, IO_BUF_SIZE)
+            yield Chunk(offset, chunk, alloc1, alloc2)
+        offset += chunk
+    if size1 != size2:
+        yield SizeWarning()
+        over, name, first = (s1, names[0], True) if size1 > size2 else (s2, names[1], False)
+        while offset < over.size:
+            try:
+                end, st = over.at(offset)
+            except QimgError:
+                yield Stop(STATUS_FAILED, f"Sector allocation test failed for {name}")
+                return
+            chunk = end - offset
+            if st & BLOCK_ALLOCATED and not st & BLOCK_ZERO:
+                chunk = min(chunk, IO_BUF_SIZE)
+                yield Chunk(offset, chunk, first, not first)
+            else:
+                yield Chunk(offset, chunk, False, False)
+            offset += chunk
+    yield Stop(IDENTICAL, "Images are identical.")
+
+
+# --- reading and comparing ---------------------------------------------------------
+
+
+class Job(NamedTuple):
+    """Contiguous chunks that need reading, read and compared as one."""
+
+    chunks: list[Chunk]
+
+    @property
+    def start(self) -> int:
+        return self.chunks[0].offset
+
+    @property
+    def length(self) -> int:
+        last = self.chunks[-1]
+        return last.offset + last.length - self.start
+
+
+def jobs(steps: Iterator) -> Iterator:
+    """The walk's steps with runs of contiguous chunks that need reading
+    grouped into Jobs of about GROUP_BYTES; other steps as they are."""
+    group: list[Chunk] = []
+    size = 0
+    for step in steps:
+        needs = isinstance(step, Chunk) and (step.read1 or step.read2)
+        if group and (not needs or step.offset != group[-1].offset + group[-1].length):
+            yield Job(group)
+            group, size = [], 0
+        if needs:
+            group.append(step)
+            size += step.length
+            if size >= GROUP_BYTES:
+                yield Job(group)
+                group, size = [], 0
+        else:
+            yield step
+    if group:
+        yield Job(group)
+
+
+class Pending(NamedTuple):
+    """A job handed to a worker, and its future outcome (see Comparer._check)."""
+
+    job: Job
+    future: object
+
+
+class Comparer:
+    """Reads and compares the walk's jobs on worker threads, taking their
+    outcomes in order."""
+
+    def __init__(self, image1: Driver, image2: Driver, names: tuple[str, str]):
+        from qimg.convert.pipeline import BufferPool
+
+        self.images = (image1, image2)
+        self.names = names
+        # Each worker holds two buffers while it reads and compares a job.
+        self.pool = BufferPool(GROUP_BYTES + IO_BUF_SIZE, 2 * WORKERS)
+
+    def run(self, steps: Iterator, progress: ProgressCallback, warn: Callable[[str], None]):
+        """The outcome (Comparison) once the walk ends; CompareError on a
+        failure. `progress(chunk, base)` after each chunk found equal."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        base = max(qemu_length(image) for image in self.images)
+        progress(0, base)
+        ahead: deque = deque()  # steps and Pending jobs, in order
+        inflight = 0
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="qimg-compare") as pool:
+            try:
+                for step in jobs(steps):
+                    if isinstance(step, Job):
+                        ahead.append(Pending(step, pool.submit(self._check, step)))
+                        inflight += 1
+                    else:
+                        ahead.append(step)
+                    while ahead and (not isinstance(ahead[0], Pending) or inflight > AHEAD):
+                        head = ahead.popleft()
+                        inflight -= isinstance(head, Pending)
+                        outcome = self._take(head, progress, base, warn)
+                        if outcome is not None:
+                            return outcome
+                while ahead:
+                    outcome = self._take(ahead.popleft(), progress, base, warn)
+                    if outcome is not None:
+                        return outcome
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        raise AssertionError("the walk ends with a Stop")
+
+    def _take(self, head, progress: ProgressCallback, base: int, warn) -> Comparison | None:
+        if isinstance(head, SizeWarning):
+            warn(head.message)
+            return None
+        if isinstance(head, Stop):
+            if head.code > DIFFERENT:
+                raise CompareError(head.message, head.code)
+            return Comparison(head.code, head.message)
+        if isinstance(head, Chunk):
+            progress(head.length, base)
+            return None
+        job, future = head
+        found = future.result()
+        if found == "error":
+            found = self._check_in_order(job)
+        for chunk in job.chunks:
+            if isinstance(found, int) and found < chunk.offset + chunk.length:
+                return Comparison(DIFFERENT, f"Content mismatch at offset {found}!")
+            progress(chunk.length, base)
+        return None
+
+    def _check(self, job: Job) -> int | str | None:
+        """The offset qemu-img reports for the first difference in `job`,
+        None if it reads the same, "error" if a read failed (then
+        _check_in_order finds which, in qemu-img's order)."""
+        import numpy as np
+
+        n = job.length
+        bufs = [self.pool.acquire(n), self.pool.acquire(n)]
+        try:
+            try:
+                for side in (0, 1):
+                    self._fill(side, job, bufs[side])
+            except QimgError:
+                return "error"
+            return _first_difference(job, bufs[0], bufs[1], np)
+        finally:
+            for buf in bufs:
+                self.pool.release(buf)
+
+    def _fill(self, side: int, job: Job, buf: np.ndarray) -> None:
+        """`buf` holds the job's bytes of image `side` where a chunk reads
+        it, zeros elsewhere (where it reads as zeros)."""
+        image = self.images[side]
+        view = memoryview(buf)
+        start = job.start
+        run_lo = run_hi = None
+        for chunk in job.chunks:
+            lo, hi = chunk.offset - start, chunk.offset + chunk.length - start
+            if (chunk.read1, chunk.read2)[side]:
+                if run_hi == lo:
+                    run_hi = hi
+                    continue
+                if run_lo is not None:
+                    read_padded(image, start + run_lo, view[run_lo:run_hi])
+                run_lo, run_hi = lo, hi
+            else:
+                buf[lo:hi] = 0
+        if run_lo is not None:
+            read_padded(image, start + run_lo, view[run_lo:run_hi])
+
+    def _check_in_order(self, job: Job) -> int | None:
+        """Chunk by chunk as qemu-img reads them (first image, then the
+        second): the first read that fails raises its message."""
+        import numpy as np
+
+        for chunk in job.chunks:
+            one = Job([chunk])
+            bufs = [np.zeros(chunk.length, np.uint8), np.zeros(chunk.length, np.uint8)]
+            for side in (0, 1):
+                if (chunk.read1, chunk.read2)[side]:
+                    try:
+                        read_padded(self.images[side], chunk.offset, memoryview(bufs[side]))
+                    except QimgError as exc:
+                        raise CompareError(
+                            f"Error while reading offset {chunk.offset} of "
+                            f"{self.names[side]}: {exc}",
+                            READ_FAILED,
+                        ) from None
+            found = _first_difference(one, bufs[0], bufs[1], np)
+            if found is not None:
+                return found
+        return None
+
+
+def _first_difference(job: Job, a, b, np) -> int | None:
+    """Where qemu-img reports the first difference between `a` and `b`
+    (the job's bytes): the chunk's offset plus the differing 512-byte
+    sector's, counted from the chunk's start; None if they are equal."""
+    n = len(a)
+    if n % 8 == 0:
+        if np.array_equal(a.view("<u8"), b.view("<u8")):
+            return None
+    elif np.array_equal(a, b):
+        return None
+    first = int(np.flatnonzero(a != b)[0]) + job.start
+    for chunk in job.chunks:
+        if first < chunk.offset + chunk.length:
+            return chunk.offset + (first - chunk.offset) // SECTOR * SECTOR
+    raise AssertionError("a difference outside the job")
+
+
+# --- the command's library function ------------------------------------------------
+
+
+def compare_images(
+    image1: Driver,
+    image2: Driver,
+    *,
+    names: tuple[str, str] | None = None,
+    strict: bool = False,
+    progress: ProgressCallback | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Comparison:
+    """qemu-img compare of two opened images (their backing chains read
+    through): Comparison(0, "Images are identical.") or Comparison(1,
+    qemu-img's message naming the first difference). `strict` (-s) counts
+    a different size or block status as a difference. `progress(chunk,
+    base)` is called after each chunk as qemu-img counts them (base: the
+    larger image's length); `warn(line)` with "Warning: Image size
+    mismatch!" where qemu-img prints it. Raises CompareError (exit code 3
+    or 4) where qemu-img fails."""
+    names = names or (image1.filename, image2.filename)
+    for image in (image1, image2):
+        _no_split_decompression(image)
+    steps = walk(ChainStatus(image1), ChainStatus(image2), names, strict)
+    return Comparer(image1, image2, names).run(steps, progress or _ignore, warn or _ignore)
+
+
+def compare(
+    path1: str,
+    path2: str,
+    *,
+    fmt1: str | None = None,
+    fmt2: str | None = None,
+    strict: bool = False,
+    force_share: bool = False,
+    image_opts: bool = False,
+    progress: ProgressCallback | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Comparison:
+    """`qemu-img compare PATH1 PATH2`: both images opened read-only as
+    qemu-img opens them (a failure is CompareError with exit code 2), then
+    compare_images."""
+    image1 = _open(path1, fmt1, force_share, image_opts)
+    try:
+        image2 = _open(path2, fmt2, force_share, image_opts)
+        try:
+            return compare_images(
+                image1, image2, names=(path1, path2), strict=strict, progress=progress, warn=warn
+            )
+        finally:
+            image2.close()
+    finally:
+        image1.close()
+
+
+def _open(path: str, fmt: str | None, force_share: bool, image_opts: bool) -> Driver:
+    from qimg.api import open_named
+
+    try:
+        return open_named(path, fmt, image_opts=image_opts, force_share=force_share)
+    except QimgError as exc:
+        raise CompareError(str(exc), OPEN_FAILED) from None
+
+
+def _no_split_decompression(image: Driver | None) -> None:
+    """The workers read in parallel already: each decompresses its own
+    clusters (see the convert pipeline's readers)."""
+    while image is not None:
+        if hasattr(image, "split_decompression"):
+            image.split_decompression = False
+        image = image.backing
+
+
+def _ignore(*_args) -> None:
+    pass
