@@ -547,10 +547,10 @@ def compare(
 
 
 def _open(path: str, fmt: str | None, force_share: bool, image_opts: bool) -> Driver:
-    from qimg.api import open_named
+    from qimg.dd import open_input
 
     try:
-        return open_named(path, fmt, image_opts=image_opts, force_share=force_share)
+        return open_input(path, fmt, image_opts, force_share)
     except QimgError as exc:
         raise CompareError(str(exc), OPEN_FAILED) from None
 
