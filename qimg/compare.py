@@ -109,6 +109,9 @@ class LayerStatus:
         self.span = cs * (cs // entry) if geo is not None else 0  # an L2 table's guest bytes
         self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
         self._fetched = 0
+        # QEMU asks the data file whether data clusters read as zeros only
+        # where it guesses metadata preallocation (BDRV_BLOCK_RECURSE).
+        self.recurse = geo is not None and metadata_preallocated(image)
 
     def at(self, x: int) -> tuple[int, int]:
         while True:
@@ -134,10 +137,23 @@ class LayerStatus:
         inside = min(hi, self.image.size)
         exts = self.image.block_status(lo, inside - lo) if inside > lo else []
         for ext in exts:
-            self._add(ext.offset, ext.offset + ext.length, self._flags(ext), ext.kind, ext.host)
+            if self.recurse and ext.kind == DATA:
+                self._add_recursed(ext)
+            else:
+                self._add(ext.offset, ext.offset + ext.length, self._flags(ext), ext.kind, ext.host)
         if hi > inside:  # a raw file's last, partial sector: a trailing hole
             self._add(inside, hi, self._flags_raw(ZERO), ZERO, 0)
         self._fetched = hi
+
+    def _add_recursed(self, ext) -> None:
+        """A data extent cut where its host bytes are data or a hole in
+        the data file; the holes read as zeros (BLOCK_ZERO too)."""
+        flags = self._flags(ext)
+        storage = self.image.data_storage
+        for host, n, is_data in storage.data_extents(ext.host, ext.length):
+            start = ext.offset + host - ext.host
+            more = 0 if is_data else BLOCK_ZERO
+            self._add(start, start + n, flags | more, DATA, host)
 
     def _add(self, start: int, end: int, flags: int, kind: int, host: int) -> None:
         runs = self._runs
@@ -158,7 +174,7 @@ class LayerStatus:
                 prev[1] = stop
             else:
                 runs.append([start, stop, flags, host])
-            if kind == DATA or (kind == ZERO and host):
+            if kind != COMPRESSED and host:
                 host += stop - start
             start = stop
 
@@ -171,13 +187,35 @@ class LayerStatus:
             return BLOCK_DATA | BLOCK_ALLOCATED
         if ext.kind == ZERO:
             return BLOCK_ZERO | BLOCK_ALLOCATED | (BLOCK_OFFSET_VALID if ext.host else 0)
-        # Unallocated: the backing file answers; without one it reads zeros.
-        return 0 if self.has_backing else BLOCK_ZERO
+        # Unallocated (with a host cluster: extended L2's UNALLOCATED_ALLOC):
+        # the backing file answers; without one it reads zeros.
+        valid = BLOCK_OFFSET_VALID if ext.host else 0
+        return valid if self.has_backing else valid | BLOCK_ZERO
 
     @staticmethod
     def _flags_raw(kind: int) -> int:
         """A raw image answers for its file: data, or a hole that reads zeros."""
         return (BLOCK_DATA if kind == DATA else BLOCK_ZERO) | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED
+
+
+def metadata_preallocated(image: Driver) -> bool:
+    """QEMU's qcow2_detect_metadata_preallocation: whether clusters in use
+    (a refcount above 0) outnumber by a ninth (and by two) the clusters
+    the image file occupies on its host."""
+    storage = image.storage
+    cs = image.cluster_bytes
+    real_clusters = storage.allocated_size() // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-storage.size() // cs)
+    refcounts = image.refcounts
+    count = 0
+    step = 1 << 20
+    for start in range(0, end_cluster, step):
+        counts = refcounts.get_range(start, min(step, end_cluster - start))
+        count += int((counts != 0).sum())
+        if count >= threshold:
+            return True
+    return False
 
 
 class ChainStatus:

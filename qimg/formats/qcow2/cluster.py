@@ -195,6 +195,16 @@ class ClusterMap:
         unit = 1 << unit_bits
         brk = kinds[1:] != kinds[:-1]
         brk |= (kinds[1:] == DATA) & (hosts[1:] != hosts[:-1] + _U64(unit))
+        # QEMU's count_contiguous_subclusters: zero or unallocated units
+        # with a host cluster (ZERO_ALLOC, UNALLOCATED_ALLOC) and without
+        # (_PLAIN) are apart, and _ALLOC runs need contiguous host
+        # clusters, as data runs do.
+        if unit_bits != geo.cluster_bits:  # subclusters: their cluster's host
+            within = np.arange(u0, u1, dtype=np.uint64) % _U64(1 << (geo.cluster_bits - unit_bits))
+            hosts = np.where(hosts - within * _U64(unit) != 0, hosts, _U64(0))
+        alloc = (kinds != DATA) & (kinds != COMPRESSED) & (hosts != 0)
+        brk |= alloc[1:] != alloc[:-1]
+        brk |= alloc[1:] & alloc[:-1] & (hosts[1:] != hosts[:-1] + _U64(unit))
         brk |= kinds[1:] == COMPRESSED
         edges = np.flatnonzero(brk) + 1
         starts = np.concatenate(([0], edges))
@@ -204,7 +214,7 @@ class ClusterMap:
             g1 = min(end, base + (u0 + e) * unit)
             kind = int(kinds[s])
             host = int(hosts[s])
-            if kind == DATA or (kind == ZERO and host):
+            if kind != COMPRESSED and host:
                 host += g0 - (base + (u0 + s) * unit)
             _append(out, Extent(kind, g0, g1 - g0, host))
 
@@ -695,7 +705,11 @@ def _append(out: list[Extent], ext: Extent) -> None:
             and ext.kind != COMPRESSED
         ):
             if ext.kind != DATA or prev.host + prev.length == ext.host:
-                if ext.kind != ZERO or (prev.host == 0) == (ext.host == 0):
+                if (
+                    ext.kind == DATA
+                    or prev.host == ext.host == 0
+                    or (prev.host and prev.host + prev.length == ext.host)
+                ):
                     out[-1] = Extent(prev.kind, prev.offset, prev.length + ext.length, prev.host)
                     return
     out.append(ext)
