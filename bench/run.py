@@ -28,6 +28,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
+GROUPS += ("compare",)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
 from qimg.errors import QimgError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 # QEMU's BDRV_BLOCK_* status flags (include/block/block-common.h).
 BLOCK_DATA = 0x01
@@ -39,8 +36,10 @@ BLOCK_EOF = 0x20
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img's largest read in compare
 STATUS_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
-GROUP_BYTES = 2 << 20  # contiguous chunks read and compared as one job (and one chunk more)
-AHEAD = 4  # jobs in flight beyond the one being taken
+JOB_BYTES = 16 << 20  # bytes read and compared by one job (and one chunk more)
+JOB_CHUNKS = 4096  # chunks at most in one job
+SEGMENT = IO_BUF_SIZE  # bytes read and compared at once
+AHEAD = 2  # jobs in flight beyond the one being taken
 WORKERS = 2
 
 # Outcome codes (qemu-img compare's exit codes).
@@ -60,6 +59,7 @@ class CompareError(QimgError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+        self.offset: int | None = None  # a read failure's chunk
 
 
 class Comparison(NamedTuple):
@@ -341,40 +341,54 @@ def walk(
 
 
 class Job(NamedTuple):
-    """Contiguous chunks that need reading, read and compared as one."""
+    """Chunks in walk order handed to a worker as one piece of work (few
+    hand-offs between threads whatever the images' layout); `length`:
+    the bytes of the chunks that need reading."""
 
     chunks: list[Chunk]
-
-    @property
-    def start(self) -> int:
-        return self.chunks[0].offset
-
-    @property
-    def length(self) -> int:
-        last = self.chunks[-1]
-        return last.offset + last.length - self.start
+    length: int
 
 
 def jobs(steps: Iterator) -> Iterator:
-    """The walk's steps with runs of contiguous chunks that need reading
-    grouped into Jobs of about GROUP_BYTES; other steps as they are."""
-    group: list[Chunk] = []
+    """The walk's chunks grouped into Jobs of about JOB_BYTES to read
+    (JOB_CHUNKS chunks at most), other steps as they are."""
+    chunks: list[Chunk] = []
     size = 0
     for step in steps:
-        needs = isinstance(step, Chunk) and (step.read1 or step.read2)
-        if group and (not needs or step.offset != group[-1].offset + group[-1].length):
-            yield Job(group)
-            group, size = [], 0
-        if needs:
-            group.append(step)
-            size += step.length
-            if size >= GROUP_BYTES:
-                yield Job(group)
-                group, size = [], 0
-        else:
+        if not isinstance(step, Chunk):
+            if chunks:
+                yield Job(chunks, size)
+                chunks, size = [], 0
             yield step
-    if group:
-        yield Job(group)
+            continue
+        chunks.append(step)
+        if step.read1 or step.read2:
+            size += step.length
+        if size >= JOB_BYTES or len(chunks) >= JOB_CHUNKS:
+            yield Job(chunks, size)
+            chunks, size = [], 0
+    if chunks:
+        yield Job(chunks, size)
+
+
+def segments(chunks: list[Chunk]) -> Iterator[list[Chunk]]:
+    """The chunks that need reading, in runs that follow each other in the
+    guest, of SEGMENT bytes at most: each is read in one request per image
+    and compared while it is still in the CPU cache."""
+    run: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        if not (chunk.read1 or chunk.read2):
+            continue
+        if run and (
+            size + chunk.length > SEGMENT or run[-1].offset + run[-1].length != chunk.offset
+        ):
+            yield run
+            run, size = [], 0
+        run.append(chunk)
+        size += chunk.length
+    if run:
+        yield run
 
 
 class Pending(NamedTuple):
@@ -394,7 +408,7 @@ class Comparer:
         self.images = (image1, image2)
         self.names = names
         # Each worker holds two buffers while it reads and compares a job.
-        self.pool = BufferPool(GROUP_BYTES + IO_BUF_SIZE, 2 * WORKERS)
+        self.pool = BufferPool(SEGMENT, 2 * WORKERS)
 
     def run(self, steps: Iterator, progress: ProgressCallback, warn: Callable[[str], None]):
         """The outcome (Comparison) once the walk ends; CompareError on a
@@ -408,7 +422,7 @@ class Comparer:
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="qimg-compare") as pool:
             try:
                 for step in jobs(steps):
-                    if isinstance(step, Job):
+                    if isinstance(step, Job) and step.length:
                         ahead.append(Pending(step, pool.submit(self._check, step)))
                         inflight += 1
                     else:
@@ -435,14 +449,15 @@ class Comparer:
             if head.code > DIFFERENT:
                 raise CompareError(head.message, head.code)
             return Comparison(head.code, head.message)
-        if isinstance(head, Chunk):
-            progress(head.length, base)
-            return None
-        job, future = head
-        found = future.result()
-        if found == "error":
-            found = self._check_in_order(job)
+        if isinstance(head, Job):  # nothing to read in it
+            job, found = head, None
+        else:
+            job, found = head.job, head.future.result()
+            if found == "error":
+                found = self._check_in_order(job)
         for chunk in job.chunks:
+            if isinstance(found, CompareError) and found.offset == chunk.offset:
+                raise found
             if isinstance(found, int) and found < chunk.offset + chunk.length:
                 return Comparison(DIFFERENT, f"Content mismatch at offset {found}!")
             progress(chunk.length, base)
@@ -454,79 +469,84 @@ class Comparer:
         _check_in_order finds which, in qemu-img's order)."""
         import numpy as np
 
-        n = job.length
-        bufs = [self.pool.acquire(n), self.pool.acquire(n)]
+        bufs = [self.pool.acquire(SEGMENT), self.pool.acquire(SEGMENT)]
         try:
-            try:
-                for side in (0, 1):
-                    self._fill(side, job, bufs[side])
-            except QimgError:
-                return "error"
-            return _first_difference(job, bufs[0], bufs[1], np)
+            for run in segments(job.chunks):
+                n = run[-1].offset + run[-1].length - run[0].offset
+                try:
+                    for side in (0, 1):
+                        self._fill(side, run, memoryview(bufs[side])[:n])
+                except QimgError:
+                    return "error"
+                found = _first_difference(run, bufs[0][:n], bufs[1][:n], np)
+                if found is not None:
+                    return found
+            return None
         finally:
             for buf in bufs:
                 self.pool.release(buf)
 
-    def _fill(self, side: int, job: Job, buf: np.ndarray) -> None:
-        """`buf` holds the job's bytes of image `side` where a chunk reads
-        it, zeros elsewhere (where it reads as zeros)."""
+    def _fill(self, side: int, run: list[Chunk], view: memoryview) -> None:
+        """`view` holds image `side`'s bytes of `run` where its chunks read
+        it, zeros where they read as zeros there; chunks read in one go."""
         image = self.images[side]
-        view = memoryview(buf)
-        start = job.start
-        run_lo = run_hi = None
-        for chunk in job.chunks:
-            lo, hi = chunk.offset - start, chunk.offset + chunk.length - start
+        start = run[0].offset
+        lo = None  # start of the pending read, relative to `start`
+        for chunk in run:
+            a, b = chunk.offset - start, chunk.offset + chunk.length - start
             if (chunk.read1, chunk.read2)[side]:
-                if run_hi == lo:
-                    run_hi = hi
-                    continue
-                if run_lo is not None:
-                    read_padded(image, start + run_lo, view[run_lo:run_hi])
-                run_lo, run_hi = lo, hi
-            else:
-                buf[lo:hi] = 0
-        if run_lo is not None:
-            read_padded(image, start + run_lo, view[run_lo:run_hi])
+                lo = a if lo is None else lo
+                continue
+            if lo is not None:
+                read_padded(image, start + lo, view[lo:a])
+                lo = None
+            view[a:b] = bytes(b - a)
+        if lo is not None:
+            read_padded(image, start + lo, view[lo:])
 
-    def _check_in_order(self, job: Job) -> int | None:
+    def _check_in_order(self, job: Job) -> int | CompareError | None:
         """Chunk by chunk as qemu-img reads them (first image, then the
-        second): the first read that fails raises its message."""
+        second): the first difference, or the failure of the first read
+        that fails (its `offset` the chunk's)."""
         import numpy as np
 
         for chunk in job.chunks:
-            one = Job([chunk])
+            if not (chunk.read1 or chunk.read2):
+                continue
             bufs = [np.zeros(chunk.length, np.uint8), np.zeros(chunk.length, np.uint8)]
             for side in (0, 1):
                 if (chunk.read1, chunk.read2)[side]:
                     try:
                         read_padded(self.images[side], chunk.offset, memoryview(bufs[side]))
                     except QimgError as exc:
-                        raise CompareError(
+                        failed = CompareError(
                             f"Error while reading offset {chunk.offset} of "
                             f"{self.names[side]}: {exc}",
                             READ_FAILED,
-                        ) from None
-            found = _first_difference(one, bufs[0], bufs[1], np)
+                        )
+                        failed.offset = chunk.offset
+                        return failed
+            found = _first_difference([chunk], bufs[0], bufs[1], np)
             if found is not None:
                 return found
         return None
 
 
-def _first_difference(job: Job, a, b, np) -> int | None:
+def _first_difference(run: list[Chunk], a, b, np) -> int | None:
     """Where qemu-img reports the first difference between `a` and `b`
-    (the job's bytes): the chunk's offset plus the differing 512-byte
-    sector's, counted from the chunk's start; None if they are equal."""
-    n = len(a)
-    if n % 8 == 0:
+    (the bytes of `run`, chunks that follow each other): the chunk's
+    offset plus the differing 512-byte sector's, counted from the chunk's
+    start; None if they are equal."""
+    if len(a) % 8 == 0:
         if np.array_equal(a.view("<u8"), b.view("<u8")):
             return None
     elif np.array_equal(a, b):
         return None
-    first = int(np.flatnonzero(a != b)[0]) + job.start
-    for chunk in job.chunks:
+    first = int(np.flatnonzero(a != b)[0]) + run[0].offset
+    for chunk in run:
         if first < chunk.offset + chunk.length:
             return chunk.offset + (first - chunk.offset) // SECTOR * SECTOR
-    raise AssertionError("a difference outside the job")
+    raise AssertionError("a difference outside the run")
 
 
 # --- the command's library function ------------------------------------------------
