@@ -605,12 +605,19 @@ def compare(
 
 
 def _open(path: str, fmt: str | None, force_share: bool, image_opts: bool) -> Driver:
-    from qimg.dd import open_input
-
     try:
         return open_input(path, fmt, image_opts, force_share)
     except QimgError as exc:
         raise CompareError(str(exc), OPEN_FAILED) from None
+
+
+def open_input(path: str, fmt: str | None, image_opts: bool, force_share: bool) -> Driver:
+    """The image read from, opened as qemu-img's img_open opens it."""
+    from qimg.api import open_named
+
+    if not path and not image_opts:  # refused by QEMU's file driver before any open
+        raise QimgError(f"Could not open '{path}': The 'file' block driver requires a file name")
+    return open_named(path, fmt, image_opts=image_opts, force_share=force_share)
 
 
 def _no_split_decompression(image: Driver | None) -> None:

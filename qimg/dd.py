@@ -119,6 +119,8 @@ def dd(
 
     if ops.input is None or ops.output is None:
         raise BadOptionError("Must specify both input and output files")
+    from qimg.compare import open_input
+
     src = open_input(ops.input, fmt, image_opts, force_share)
     try:
         if out_fmt not in FORMATS:
@@ -133,15 +135,6 @@ def dd(
     finally:
         src.close()
     return todo
-
-
-def open_input(path: str, fmt: str | None, image_opts: bool, force_share: bool) -> Driver:
-    """The image read from, opened as qemu-img's img_open opens it."""
-    from qimg.api import open_named
-
-    if not path and not image_opts:  # refused by QEMU's file driver before any open
-        raise QimgError(f"Could not open '{path}': The 'file' block driver requires a file name")
-    return open_named(path, fmt, image_opts=image_opts, force_share=force_share)
 
 
 def _create(path: str, fmt: str, size: int) -> None:
