@@ -227,3 +227,85 @@ def test_compare_images_library_call(corpus):
     with qimg.open_image(str(corpus / "ext.qcow2")) as a:
         with qimg.open_image(str(corpus / "ovr.qcow2")) as b:
             assert compare_images(a, b, strict=False).code == 0
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """More shapes qemu-img makes: 2 MiB clusters (with and without
+    extended L2), an extended-L2 overlay with subclusters over raw,
+    preallocation full and falloc, a compat=0.10 image, a zstd-compressed
+    backing file under zero and discarded clusters, a chain whose backing
+    files are shorter than the top."""
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    d = tmp_path_factory.mktemp("shapes")
+    _img(d, "create", "-q", "-f", "raw", "base.raw", "6M")
+    _io(d, "raw", "base.raw", "write -P 1 0 100k", "write -P 2 2M 1M", f"write -P 4 {5 * MiB} 64k")
+    _img(d, "convert", "-O", "qcow2", "-o", "cluster_size=2M", "base.raw", "c2m.qcow2")
+    _img(
+        d, "convert", "-O", "qcow2", "-o", "cluster_size=2M,extended_l2=on", "base.raw", "x2m.qcow2"
+    )
+    _img(
+        d,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "xov.qcow2",
+    )
+    _io(d, "qcow2", "xov.qcow2", "write -P 7 8k 2k", "write -z 100k 4k")
+    _img(d, "convert", "-O", "raw", "xov.qcow2", "xov-flat.raw")
+    for mode in ("full", "falloc"):
+        _img(d, "create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}", f"{mode}.qcow2", "6M")
+        _img(d, "convert", "-n", "-O", "qcow2", "base.raw", f"{mode}.qcow2")
+    _img(d, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "6M")
+    _img(d, "convert", "-n", "-O", "qcow2", "base.raw", "v2.qcow2")
+    _io(d, "qcow2", "v2.qcow2", "write -z 2M 64k")
+    _img(d, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "base.raw", "zstd.qcow2")
+    _img(d, "create", "-q", "-f", "qcow2", "-b", "zstd.qcow2", "-F", "qcow2", "zov.qcow2")
+    _io(d, "qcow2", "zov.qcow2", "write -z 2M 64k", "discard 5M 64k")
+    _img(d, "convert", "-O", "raw", "zov.qcow2", "zov-flat.raw")
+    _img(d, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "short.qcow2", "8M")
+    _img(
+        d, "create", "-q", "-f", "qcow2", "-b", "short.qcow2", "-F", "qcow2", "short2.qcow2", "10M"
+    )
+    _io(d, "qcow2", "short2.qcow2", "write -P 3 9M 4k")
+    _img(d, "create", "-q", "-f", "raw", "big.raw", "10M")
+    _img(d, "convert", "-n", "-O", "raw", "base.raw", "big.raw")
+    _io(d, "raw", "big.raw", "write -P 3 9M 4k")
+    return d
+
+
+@pytest.mark.parametrize("mode", [(), ("-s",), ("-p",)], ids=["plain", "strict", "progress"])
+def test_compare_of_more_shapes_matches_qemu_img(shapes, mode):
+    pairs = [
+        ("base.raw", name)
+        for name in (
+            "c2m.qcow2",
+            "x2m.qcow2",
+            "full.qcow2",
+            "falloc.qcow2",
+            "v2.qcow2",
+            "zstd.qcow2",
+        )
+    ]
+    pairs += [
+        ("xov.qcow2", "xov-flat.raw"),
+        ("xov.qcow2", "base.raw"),
+        ("zov.qcow2", "zov-flat.raw"),
+        ("zov.qcow2", "zstd.qcow2"),
+        ("short2.qcow2", "big.raw"),
+        ("short.qcow2", "base.raw"),
+        ("c2m.qcow2", "x2m.qcow2"),
+        ("full.qcow2", "falloc.qcow2"),
+    ]
+    for a, b in pairs:
+        for pair in ((a, b), (b, a)):
+            theirs, ours = _both(shapes, "-U", *mode, *pair)
+            assert ours == theirs, (mode, pair)
