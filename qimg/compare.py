@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
-from qimg.errors import QimgError
+from qimg.errors import BadOptionError, QimgError
 
 # QEMU's BDRV_BLOCK_* status flags (include/block/block-common.h).
 BLOCK_DATA = 0x01
@@ -40,6 +40,7 @@ JOB_BYTES = 16 << 20  # bytes read and compared by one job (and one chunk more)
 JOB_CHUNKS = 4096  # chunks at most in one job
 SEGMENT = IO_BUF_SIZE  # bytes read and compared at once
 AHEAD = 2  # jobs in flight beyond the one being taken
+MAX_AHEAD = 64  # steps and jobs waiting behind the one being taken
 WORKERS = 2
 
 # Outcome codes (qemu-img compare's exit codes).
@@ -133,7 +134,7 @@ class LayerStatus:
 
     def _fetch(self) -> None:
         lo = self._fetched
-        hi = min(self.size, lo + max(STATUS_WINDOW, self.span))
+        hi = min(self.size, lo + STATUS_WINDOW)
         inside = min(hi, self.image.size)
         exts = self.image.block_status(lo, inside - lo) if inside > lo else []
         for ext in exts:
@@ -427,7 +428,11 @@ class Comparer:
                         inflight += 1
                     else:
                         ahead.append(step)
-                    while ahead and (not isinstance(ahead[0], Pending) or inflight > AHEAD):
+                    while ahead and (
+                        not isinstance(ahead[0], Pending)
+                        or inflight > AHEAD
+                        or len(ahead) > MAX_AHEAD
+                    ):
                         head = ahead.popleft()
                         inflight -= isinstance(head, Pending)
                         outcome = self._take(head, progress, base, warn)
@@ -615,6 +620,8 @@ def open_input(path: str, fmt: str | None, image_opts: bool, force_share: bool) 
     """The image read from, opened as qemu-img's img_open opens it."""
     from qimg.api import open_named
 
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
     if not path and not image_opts:  # refused by QEMU's file driver before any open
         raise QimgError(f"Could not open '{path}': The 'file' block driver requires a file name")
     return open_named(path, fmt, image_opts=image_opts, force_share=force_share)

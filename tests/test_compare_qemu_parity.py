@@ -166,6 +166,13 @@ def test_compare_reports_one_differing_byte_where_qemu_img_does(corpus, offset):
         ("-x", "base.raw", "base.raw"),
         ("--force", "base.raw", "base.raw"),
         ("-T", "none", "-f", "raw", "-F", "qcow2", "base.raw", "base.qcow2"),
+        ("--image-opts", "-f", "raw", "driver=raw,file.filename=base.raw", "base.raw"),
+        ("--image-opts", "-F", "raw", "driver=raw,file.filename=base.raw", "base.raw"),
+        (
+            "--image-opts",
+            "driver=raw,file.filename=base.raw",
+            "driver=qcow2,file.filename=base.qcow2",
+        ),
     ],
 )
 def test_compare_bad_input_fails_as_qemu_img_does(corpus, args):

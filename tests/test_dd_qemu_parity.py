@@ -141,6 +141,7 @@ def test_dd_counting_and_skipping_as_qemu_img(inputs, args):
         ("-O", "foo", "if=missing.raw"),
         ("--object", "foo", "if=odd.raw"),
         ("-x", "if=odd.raw"),
+        ("--image-opts", "-f", "raw", "if=driver=raw,file.filename=odd.raw"),
     ],
 )
 def test_dd_bad_input_fails_as_qemu_img_and_writes_nothing(inputs, args):
