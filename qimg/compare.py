@@ -97,7 +97,7 @@ class LayerStatus:
     An answer ends where the kind or the flags change, where the host
     offsets of data stop following each other, after each compressed
     cluster, and at each L2 table's end (QEMU maps one L2 slice per call,
-    a whole table by default)."""
+    a whole table by default; qcow version 1 one cluster)."""
 
     def __init__(self, image: Driver):
         self.image = image
@@ -107,7 +107,11 @@ class LayerStatus:
         cs = image.cluster_bytes
         geo = getattr(image, "geo", None)
         entry = 16 if geo is not None and geo.extended_l2 else 8
-        self.span = cs * (cs // entry) if geo is not None else 0  # an L2 table's guest bytes
+        # Where every answer ends: an L2 table's guest bytes (qcow2), a
+        # cluster (qcow version 1 maps one cluster per call), nowhere (raw).
+        self.span = cs * (cs // entry) if geo is not None else 0
+        if image.format_name == "qcow":
+            self.span = image.cluster_size
         self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
         self._fetched = 0
         # QEMU asks the data file whether data clusters read as zeros only

@@ -242,7 +242,7 @@ def shapes(tmp_path_factory) -> Path:
     extended L2), an extended-L2 overlay with subclusters over raw,
     preallocation full and falloc, a compat=0.10 image, a zstd-compressed
     backing file under zero and discarded clusters, a chain whose backing
-    files are shorter than the top."""
+    files are shorter than the top, qcow version 1."""
     require_tool("qemu-img")
     require_tool("qemu-io")
     d = tmp_path_factory.mktemp("shapes")
@@ -283,6 +283,7 @@ def shapes(tmp_path_factory) -> Path:
         d, "create", "-q", "-f", "qcow2", "-b", "short.qcow2", "-F", "qcow2", "short2.qcow2", "10M"
     )
     _io(d, "qcow2", "short2.qcow2", "write -P 3 9M 4k")
+    _img(d, "convert", "-O", "qcow", "base.raw", "v1.qcow")
     _img(d, "create", "-q", "-f", "raw", "big.raw", "10M")
     _img(d, "convert", "-n", "-O", "raw", "base.raw", "big.raw")
     _io(d, "raw", "big.raw", "write -P 3 9M 4k")
@@ -311,6 +312,8 @@ def test_compare_of_more_shapes_matches_qemu_img(shapes, mode):
         ("short.qcow2", "base.raw"),
         ("c2m.qcow2", "x2m.qcow2"),
         ("full.qcow2", "falloc.qcow2"),
+        ("v1.qcow", "base.raw"),
+        ("v1.qcow", "c2m.qcow2"),
     ]
     for a, b in pairs:
         for pair in ((a, b), (b, a)):
