@@ -19,6 +19,7 @@ counted from the start of the chunk it lies in; so does `compare`.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -424,7 +425,8 @@ class Comparer:
         progress(0, base)
         ahead: deque = deque()  # steps and Pending jobs, in order
         inflight = 0
-        with ThreadPoolExecutor(WORKERS, thread_name_prefix="qimg-compare") as pool:
+        workers = min(WORKERS, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers, thread_name_prefix="qimg-compare") as pool:
             try:
                 for step in jobs(steps):
                     if isinstance(step, Job) and step.length:
