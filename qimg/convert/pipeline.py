@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from qimg.convert.plan import Plan
 from qimg.convert.scan import SKIP, ZERO, Blocks, differing_blocks, state_runs, zero_blocks
+from qimg.convert.sharing import source_runs
 from qimg.convert.source import Concat
 from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
@@ -102,10 +103,12 @@ class BufferPool:
 
 class Piece(NamedTuple):
     """Items in order, and the pool's buffer their data lies in (None when
-    they hold no data), owned by whoever holds the piece."""
+    they hold no data, or when it maps the source's storage: the mapping
+    goes with the last view of it), owned by whoever holds the piece."""
 
     items: list[tuple[int, int, object]]
     buffer: np.ndarray | None = None
+    mapped: int = 0  # bytes of the source's storage its items' data maps (no buffer)
 
 
 class Pipeline:
@@ -186,8 +189,7 @@ class Pipeline:
         for piece in self._pieces():
             batch.append(piece)
             items += len(piece.items)
-            if piece.buffer is not None:
-                held += len(piece.buffer)
+            held += len(piece.buffer) if piece.buffer is not None else piece.mapped
             if held >= self.chunk or items >= BATCH_ITEMS:
                 yield batch
                 batch, held, items = [], 0, 0
@@ -207,11 +209,13 @@ class Pipeline:
         for step in self._steps():
             if not isinstance(step, Piece):
                 offset, length = step
-                buf = self.pool.acquire(length)
-                if self._decompressing():
-                    step = self._readers.submit(self._read_chunk, offset, buf)
+                mapped = self._mapped_chunk(offset, length) if self.plan.share else None
+                if mapped is not None:
+                    step = mapped
+                elif self._decompressing():
+                    step = self._readers.submit(self._read_chunk, offset, self.pool.acquire(length))
                 else:
-                    step = self._read_chunk(offset, buf)
+                    step = self._read_chunk(offset, self.pool.acquire(length))
             ahead.append(step)
             if len(ahead) > READ_AHEAD:
                 yield _resolved(ahead.popleft())
@@ -254,6 +258,21 @@ class Pipeline:
         self.pool.release(buf)
         return Piece(items)
 
+    def _mapped_chunk(self, offset: int, length: int) -> Piece | None:
+        """The piece of a chunk whose data the writer will share
+        (sharing.py), scanned where the source's storage maps it instead
+        of read into a buffer: the scan stops at each block's first
+        non-zero word, so the bytes are neither copied nor all touched.
+        None unless the chunk lies as it is in one run of one storage."""
+        runs = source_runs(self.src, offset, length, 1)
+        if len(runs) != 1 or runs[0][0] != offset or runs[0][1] != length:
+            return None
+        _start, _length, storage, host = runs[0]
+        view = storage.mapped(host, length)
+        if view is None:
+            return None
+        return Piece(self._scan(offset, view), None, length)
+
     def _read(self, offset: int, buf: np.ndarray) -> None:
         salvage = self.plan.salvage
         try:
@@ -280,7 +299,7 @@ class Pipeline:
             except QimgError:
                 piece[:] = bytes(len(piece))
 
-    def _scan(self, offset: int, buf: np.ndarray) -> list[tuple[int, int, object]]:
+    def _scan(self, offset: int, buf) -> list[tuple[int, int, object]]:
         """The items of one chunk read from guest `offset`: runs of blocks
         to write as data, as zeros, or not at all (same as the backing)."""
         import numpy as np
