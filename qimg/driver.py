@@ -112,12 +112,14 @@ class Driver:
         listed must be read. Default: nothing."""
         return []
 
-    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool:
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
         """write(offset, data), where `data` is what `source` holds at
         `source_offset`: the driver may share the source's host extents
-        instead of writing the bytes (Storage.share_from). False when its
-        storage cannot share with `source` (the data is written all the
-        same; asking again is no use)."""
+        instead of writing the bytes (Storage.share_from). The data is
+        written in any case; returns True when some of it was shared,
+        False when the storage cannot share with `source` (asking again is
+        no use: this default), None when nothing was offered to it (a
+        write widened by copy-on-write, or not aligned to its blocks)."""
         self.write(offset, data)
         return False
 

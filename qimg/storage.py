@@ -91,13 +91,15 @@ class Storage(abc.ABC):
         preallocation that cannot fit); None where unknown (this default)."""
         return None
 
-    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool:
+    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool | None:
         """Put `data`, which is what `source` holds at `source_offset`, at
         `offset`, sharing the source's host extents (copy-on-write: a later
-        write to either side leaves the other as it was) where the host can,
-        writing the rest. An optional capability of a pair of storages:
-        False, with nothing written, where this one cannot share with
-        `source` (this default)."""
+        write to either side leaves the other as it was) and writing what
+        the host cannot share of it. An optional capability of a pair of
+        storages: True when done; False, nothing written, where this one
+        cannot share with `source` (this default); None, nothing written,
+        where the range holds nothing the two could share (not aligned to
+        the host's blocks)."""
         return False
 
     def mapped(self, offset: int, length: int) -> memoryview | None:
@@ -268,7 +270,7 @@ class FileStorage(Storage):
             return None
         return st.f_bavail * st.f_frsize
 
-    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool:
+    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool | None:
         """FICLONERANGE (qimg.reflink) of the part of the range aligned to
         the file system's blocks, written around it; False once the file
         system has refused (it is asked once per storage)."""
@@ -280,6 +282,8 @@ class FileStorage(Storage):
         if self._block is None:
             self._block = reflink.block_size(self._fd)
         lo, hi = reflink.aligned_part(source_offset, offset, len(view), source.size(), self._block)
+        if hi <= lo:
+            return None
         try:
             shared = reflink.clone_range(
                 source._fd, source_offset + lo, self._fd, offset + lo, hi - lo

@@ -209,7 +209,7 @@ class Pipeline:
         for step in self._steps():
             if not isinstance(step, Piece):
                 offset, length = step
-                mapped = self._mapped_chunk(offset, length) if self.plan.share else None
+                mapped = self._mapped_chunk(offset, length) if self._mapping() else None
                 if mapped is not None:
                     step = mapped
                 elif self._decompressing():
@@ -257,6 +257,14 @@ class Pipeline:
             return Piece(items, buf)
         self.pool.release(buf)
         return Piece(items)
+
+    def _mapping(self) -> bool:
+        """Whether data chunks are scanned where the source's storage maps
+        them: once the target has shared a run, and while it still may.
+        (A mapped file that fails to read, or that another process cuts
+        short, faults instead of failing a read: only a copy that shares
+        takes that risk, for the copy it saves.)"""
+        return self.plan.share and self.plan.share_confirmed
 
     def _mapped_chunk(self, offset: int, length: int) -> Piece | None:
         """The piece of a chunk whose data the writer will share

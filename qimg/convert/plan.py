@@ -64,6 +64,7 @@ class Plan:
         # source's storage holds); the writer clears it once the target's
         # storage refuses. (An encrypted target's driver never shares.)
         self.share = not o.compress and not o.salvage
+        self.share_confirmed = False  # set by the writer once a run was shared
 
     def runs(self) -> Iterator[list[int]]:
         """[start, end, kind] runs covering the source, window by window.

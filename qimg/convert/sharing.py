@@ -11,7 +11,7 @@ is data, and only what it calls data is shared; where the storage cannot
 share, they are written.
 
 The first refusal (ext4, tmpfs, another file system) ends sharing for the
-rest of the copy (`active`).
+rest of the copy (`active`); the first run shared confirms it (`confirmed`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class SharedWrites:
         self.tgt = tgt
         self.grain = grain
         self.active = True
+        self.confirmed = False
 
     def write(self, offset: int, data) -> None:
         """tgt.write(offset, data), sharing what the source holds as it is."""
@@ -43,9 +44,11 @@ class SharedWrites:
                 self.tgt.write(pos, data[pos - offset : start - offset])
             piece = data[start - offset : start + length - offset]
             pos = start + length
-            if not self.tgt.write_shared(start, piece, storage, host):
+            shared = self.tgt.write_shared(start, piece, storage, host)
+            if shared is False:
                 self.active = False
                 break
+            self.confirmed = self.confirmed or bool(shared)
         if pos < offset + len(data):
             self.tgt.write(pos, data[pos - offset :])
 

@@ -104,6 +104,8 @@ class Writer:
         if not self.shared.active:  # the target cannot share: plain writes from now on
             self.shared = None
             self.plan.share = False
+        elif self.shared.confirmed:
+            self.plan.share_confirmed = True
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         if not self.plan.zero_init:

@@ -27,13 +27,13 @@ class RawImage(Driver):
         self._check_range(offset, len(memoryview(data)))
         self.storage.pwrite(offset, data)
 
-    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool:
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
         self._check_writable()
         self._check_range(offset, len(memoryview(data)))
-        if self.storage.share_from(source, source_offset, offset, data):
-            return True
-        self.storage.pwrite(offset, data)
-        return False
+        shared = self.storage.share_from(source, source_offset, offset, data)
+        if not shared:
+            self.storage.pwrite(offset, data)
+        return shared
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()

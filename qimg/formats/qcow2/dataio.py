@@ -52,9 +52,11 @@ class DataIO:
         self.image = image
         self.cipher = cipher
         # While a write of guest bytes that a source storage also holds runs
-        # (Qcow2Image.write_shared): (guest, length, source, source offset).
+        # (Qcow2Image.write_shared): (guest, length, source, source offset),
+        # and what the data file answered (Storage.share_from; None: not
+        # asked, or nothing to share); False is kept: it is not asked again.
         self.share: tuple | None = None
-        self.share_refused = False  # the data file cannot share with the source
+        self.shared: bool | None = None
 
     @property
     def host_holes_read_as_zeros(self) -> bool:
@@ -108,16 +110,16 @@ class DataIO:
         """Whether `data` (guest bytes at `guest`, nothing widened) went to
         `host` by sharing the extents of the source that holds them (see
         `share`). Never with a cipher: the host bytes are not the guest's."""
-        if self.share is None or self.cipher is not None or self.share_refused:
+        if self.share is None or self.cipher is not None or self.shared is False:
             return False
         start, length, source, source_offset = self.share
         if not start <= guest <= guest + len(data) <= start + length:
             return False
         where = source_offset + guest - start
-        if self.image.data_storage.share_from(source, where, host, data):
-            return True
-        self.share_refused = True
-        return False
+        shared = self.image.data_storage.share_from(source, where, host, data)
+        if shared is not None:
+            self.shared = shared
+        return bool(shared)
 
     def read_compressed(self, host: int, view: memoryview) -> None:
         """Compressed cluster bytes at `host` into `view` (zeros past the

@@ -443,16 +443,18 @@ class Qcow2Image(Driver):
             self._bitmaps_written(offset, len(view))
             self.clusters.write(offset, view)
 
-    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool:
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
         """write(), the data clusters it places whole (not widened by a
         copy-on-write) shared from `source` where the data file can."""
         io = self.dataio
+        if io.shared is not False:
+            io.shared = None
         io.share = (offset, len(memoryview(data).cast("B")), source, source_offset)
         try:
             self.write(offset, data)
         finally:
             io.share = None
-        return not io.share_refused
+        return io.shared
 
     def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
         """Plain data clusters, through the backing chain (walked image by
