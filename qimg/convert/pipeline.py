@@ -8,7 +8,9 @@ source), and scans them for zeros (scan.py). Where the source holds
 compressed clusters, READERS threads read and decompress chunks ahead
 instead (Pipeline._pieces). The writer (the calling thread, writer.py)
 takes the pieces in order from a queue and hands each piece's buffer back
-once its data is written.
+once its data is written. While the target shares the source's extents
+(sharing.py), data chunks are scanned where the source's storage maps
+them instead: their bytes are not written, so copying them in is waste.
 
 An item is (offset, length, data): `data` a memoryview to write, None for
 zeros, False for nothing to write (the target's backing file has it).
