@@ -151,6 +151,18 @@ def test_data_file_raw_target_shares_into_its_data_file(shared_fs, qemu_img):
     assert reflink.shared_bytes(ours) == 0  # metadata only
 
 
+def test_convert_of_a_data_file_raw_image_shares_its_data_file(shared_fs, qemu_img):
+    raw = os.path.join(shared_fs, "src.raw")
+    _make_source(raw)
+    data, src = os.path.join(shared_fs, "src.data"), os.path.join(shared_fs, "src.qcow2")
+    run(
+        ["qemu-img", "convert", "-O", "qcow2", "-o", f"data_file={data},data_file_raw=on", raw, src]
+    )
+    ours, theirs = _convert_beside_qemu(shared_fs, src, "raw")
+    assert reflink.shared_bytes(ours) == SHARED
+    assert _map(ours, "raw") == _map(theirs, "raw")
+
+
 def test_with_minus_S_0_only_the_source_data_is_shared_and_the_rest_allocated(shared_fs, qemu_img):
     src = os.path.join(shared_fs, "src.raw")
     _make_source(src)
