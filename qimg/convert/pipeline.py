@@ -110,7 +110,9 @@ class Piece(NamedTuple):
 
     items: list[tuple[int, int, object]]
     buffer: np.ndarray | None = None
-    mapped: int = 0  # bytes of the source's storage its items' data maps (no buffer)
+    # (guest offset, length, storage, host): the one run of the source's
+    # storage its items' data maps (no buffer), or None.
+    source: tuple | None = None
 
 
 class Pipeline:
@@ -191,7 +193,10 @@ class Pipeline:
         for piece in self._pieces():
             batch.append(piece)
             items += len(piece.items)
-            held += len(piece.buffer) if piece.buffer is not None else piece.mapped
+            if piece.buffer is not None:
+                held += len(piece.buffer)
+            elif piece.source is not None:
+                held += piece.source[1]
             if held >= self.chunk or items >= BATCH_ITEMS:
                 yield batch
                 batch, held, items = [], 0, 0
@@ -277,11 +282,10 @@ class Pipeline:
         runs = source_runs(self.src, offset, length, 1)
         if len(runs) != 1 or runs[0][0] != offset or runs[0][1] != length:
             return None
-        _start, _length, storage, host = runs[0]
-        view = storage.mapped(host, length)
+        view = runs[0][2].mapped(runs[0][3], length)
         if view is None:
             return None
-        return Piece(self._scan(offset, view), None, length)
+        return Piece(self._scan(offset, view), None, runs[0])
 
     def _read(self, offset: int, buf: np.ndarray) -> None:
         salvage = self.plan.salvage

@@ -33,13 +33,20 @@ class SharedWrites:
         self.active = True
         self.confirmed = False
 
-    def write(self, offset: int, data) -> None:
-        """tgt.write(offset, data), sharing what the source holds as it is."""
+    def write(self, offset: int, data, source: tuple | None = None) -> None:
+        """tgt.write(offset, data), sharing what the source holds as it is;
+        `source`, where known, is a run of the source (source_runs) that
+        holds all of it."""
         if not self.active:
             self.tgt.write(offset, data)
             return
+        if source is not None:
+            g, _n, storage, host = source
+            runs = cut_runs([(offset, len(data), storage, host + offset - g)], self.grain)
+        else:
+            runs = source_runs(self.src, offset, len(data), self.grain)
         pos = offset
-        for start, length, storage, host in source_runs(self.src, offset, len(data), self.grain):
+        for start, length, storage, host in runs:
             if start > pos:
                 self.tgt.write(pos, data[pos - offset : start - offset])
             piece = data[start - offset : start + length - offset]
@@ -58,21 +65,28 @@ def source_runs(src: Concat, offset: int, length: int, grain: int) -> list[tuple
     offset+length) that the source images hold as they are, cut to whole
     multiples of `grain` in the guest and merged where they continue each
     other in one storage."""
-    out: list[tuple[int, int, Storage, int]] = []
+    runs: list[tuple[int, int, Storage, int]] = []
     end = offset + length
     for start, stop, image in src.spans():
         lo, hi = max(offset, start), min(end, stop, start + image.size)
-        if lo >= hi:
+        if lo < hi:
+            runs += [(g + start, n, s, h) for g, n, s, h in image.host_extents(lo - start, hi - lo)]
+    return cut_runs(runs, grain)
+
+
+def cut_runs(runs: list[tuple], grain: int) -> list[tuple]:
+    """(offset, length, storage, host) runs cut to whole multiples of
+    `grain` in the guest, merged where they continue each other."""
+    out: list[tuple[int, int, Storage, int]] = []
+    for g, n, storage, host in runs:
+        a = -(-g // grain) * grain
+        b = (g + n) // grain * grain
+        if b <= a:
             continue
-        for g, n, storage, host in image.host_extents(lo - start, hi - lo):
-            a = -(-(g + start) // grain) * grain
-            b = (g + start + n) // grain * grain
-            if b <= a:
-                continue
-            host += a - start - g
-            last = out[-1] if out else None
-            if last and last[2] is storage and last[0] + last[1] == a and last[3] + last[1] == host:
-                out[-1] = (last[0], last[1] + b - a, storage, last[3])
-            else:
-                out.append((a, b - a, storage, host))
+        host += a - g
+        last = out[-1] if out else None
+        if last and last[2] is storage and last[0] + last[1] == a and last[3] + last[1] == host:
+            out[-1] = (last[0], last[1] + b - a, storage, last[3])
+        else:
+            out.append((a, b - a, storage, host))
     return out

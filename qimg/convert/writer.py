@@ -82,16 +82,16 @@ class Writer:
             return
         for piece in pieces:
             for offset, length, data in piece.items:
-                self._write(offset, length, data)
+                self._write(offset, length, data, piece.source)
             self.release(piece)
 
-    def _write(self, offset: int, length: int, data) -> None:
+    def _write(self, offset: int, length: int, data, source: tuple | None = None) -> None:
         if data is None:
             self._write_zeroes(offset, length)
         elif data is not False:
             try:
                 if self.shared is not None:
-                    self._write_shared(offset, data)
+                    self._write_shared(offset, data, source)
                 else:
                     self.tgt.write(offset, data)
             except QimgError as exc:
@@ -99,8 +99,8 @@ class Writer:
             self.limit.account(length)
         self.reached(offset + length)
 
-    def _write_shared(self, offset: int, data) -> None:
-        self.shared.write(offset, data)
+    def _write_shared(self, offset: int, data, source: tuple | None) -> None:
+        self.shared.write(offset, data, source)
         if not self.shared.active:  # the target cannot share: plain writes from now on
             self.shared = None
             self.plan.share = False
