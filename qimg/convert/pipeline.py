@@ -276,8 +276,8 @@ class Pipeline:
     def _mapped_chunk(self, offset: int, length: int) -> Piece | None:
         """The piece of a chunk whose data the writer will share
         (sharing.py), scanned where the source's storage maps it instead
-        of read into a buffer: the scan stops at each block's first
-        non-zero word, so the bytes are neither copied nor all touched.
+        of read into a buffer: nothing is copied, and the scan reads each
+        block's first and last words (all of it only where they are zero).
         None unless the chunk lies as it is in one run of one storage."""
         runs = source_runs(self.src, offset, length, 1)
         if len(runs) != 1 or runs[0][0] != offset or runs[0][1] != length:
