@@ -8,5 +8,9 @@ if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq qemu-utils >/dev/null
 fi
+if ! command -v mkfs.xfs >/dev/null || ! command -v mkfs.btrfs >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq xfsprogs btrfs-progs >/dev/null
+fi
 python3 -m ruff check qimg tests bench
 python3 -m pytest -n 2 -q "$@"

@@ -29,6 +29,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
 GROUPS += ("compare",)
+GROUPS += ("reflink",)
 
 
 def main(argv: list[str] | None = None) -> int:

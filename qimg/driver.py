@@ -7,9 +7,12 @@ lengths are in bytes of the guest (virtual) disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from qimg.errors import ImageIOError, QimgError
+
+if TYPE_CHECKING:
+    from qimg.storage import Storage
 
 # Extent kinds, as block_status reports them.
 DATA = 0  # host holds the data (host = host offset)
@@ -100,6 +103,25 @@ class Driver:
         """(offset, length, is_data, is_zero) runs through the whole chain:
         `is_data` runs must be read, `is_zero` runs read as zeros."""
         raise NotImplementedError
+
+    def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
+        """(offset, length, storage, host) runs of guest [offset,
+        offset+length) whose bytes lie as they are (not compressed, not
+        encrypted) at `host` in `storage`, data there (not a hole): what a
+        copy may share instead of writing (write_shared). What is not
+        listed must be read. Default: nothing."""
+        return []
+
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
+        """write(offset, data), where `data` is what `source` holds at
+        `source_offset`: the driver may share the source's host extents
+        instead of writing the bytes (Storage.share_from). The data is
+        written in any case; returns True when some of it was shared,
+        False when the storage cannot share with `source` (asking again is
+        no use: this default), None when nothing was offered to it (a
+        write widened by copy-on-write, or not aligned to its blocks)."""
+        self.write(offset, data)
+        return False
 
     def flush(self) -> None:
         raise NotImplementedError

@@ -91,6 +91,23 @@ class Storage(abc.ABC):
         preallocation that cannot fit); None where unknown (this default)."""
         return None
 
+    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool | None:
+        """Put `data`, which is what `source` holds at `source_offset`, at
+        `offset`, sharing the source's host extents (copy-on-write: a later
+        write to either side leaves the other as it was) and writing what
+        the host cannot share of it. An optional capability of a pair of
+        storages: True when done; False, nothing written, where this one
+        cannot share with `source` (this default); None, nothing written,
+        where the range holds nothing the two could share (not aligned to
+        the host's blocks)."""
+        return False
+
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """[offset, offset+length) as a read-only view of the host's own
+        copy (mapped, not read), alive while the view is; None where the
+        storage cannot map it (this default) or it passes the end."""
+        return None
+
     def lock(  # noqa: B027 (a deliberate no-op default)
         self,
         writable: bool,
@@ -150,6 +167,8 @@ class FileStorage(Storage):
             raise _os_error(path, "create" if create else "open", exc) from None
         self._closed = False
         self._locker = None
+        self._share_refused = False  # see share_from
+        self._block: int | None = None
         try:
             _check_file_type(self._fd, path)
             if create:
@@ -250,6 +269,48 @@ class FileStorage(Storage):
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
+
+    def share_from(self, source: Storage, source_offset: int, offset: int, data) -> bool | None:
+        """FICLONERANGE (qimg.reflink) of the part of the range aligned to
+        the file system's blocks, written around it; False once the file
+        system has refused (it is asked once per storage)."""
+        if self._share_refused or not isinstance(source, FileStorage):
+            return False
+        from qimg import reflink
+
+        view = memoryview(data).cast("B")
+        if self._block is None:
+            self._block = reflink.block_size(self._fd)
+        lo, hi = reflink.aligned_part(source_offset, offset, len(view), source.size(), self._block)
+        if hi <= lo:
+            return None
+        try:
+            shared = reflink.clone_range(
+                source._fd, source_offset + lo, self._fd, offset + lo, hi - lo
+            )
+        except OSError as exc:
+            raise _os_error(self.path, "write", exc) from None
+        if not shared:
+            self._share_refused = True
+            return False
+        self.pwrite(offset, view[:lo])
+        self.pwrite(offset + hi, view[hi:])
+        return True
+
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """An mmap of the range. A file cut short under the mapping by
+        another process (one that ignores the locks) would fault on access;
+        the range is checked against the file's size when it is mapped."""
+        import mmap
+
+        if length <= 0 or offset < 0 or offset + length > self.size():
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(self._fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError, OverflowError):
+            return None
+        return memoryview(m)[offset - start :]
 
     def truncate(self, size: int) -> None:
         """file-posix's truncate, in its words ("Could not resize file");

@@ -14,6 +14,7 @@ One copy for every direction, written against the driver interface:
                (reusable by compare and rebase)
 - pipeline.py  the producer and reader threads, the read-buffer pool
 - writer.py    target-side writes: data runs, zeroes, compressed clusters
+- sharing.py   data runs that share the source's extents instead (reflink)
 - progress.py  progress counted as qemu-img counts it
 - job.py       convert(): one conversion from end to end
 

@@ -8,7 +8,9 @@ source), and scans them for zeros (scan.py). Where the source holds
 compressed clusters, READERS threads read and decompress chunks ahead
 instead (Pipeline._pieces). The writer (the calling thread, writer.py)
 takes the pieces in order from a queue and hands each piece's buffer back
-once its data is written.
+once its data is written. While the target shares the source's extents
+(sharing.py), data chunks are scanned where the source's storage maps
+them instead: their bytes are not written, so copying them in is waste.
 
 An item is (offset, length, data): `data` a memoryview to write, None for
 zeros, False for nothing to write (the target's backing file has it).
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from qimg.convert.plan import Plan
 from qimg.convert.scan import SKIP, ZERO, Blocks, differing_blocks, state_runs, zero_blocks
+from qimg.convert.sharing import source_runs
 from qimg.convert.source import Concat
 from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
@@ -102,10 +105,14 @@ class BufferPool:
 
 class Piece(NamedTuple):
     """Items in order, and the pool's buffer their data lies in (None when
-    they hold no data), owned by whoever holds the piece."""
+    they hold no data, or when it maps the source's storage: the mapping
+    goes with the last view of it), owned by whoever holds the piece."""
 
     items: list[tuple[int, int, object]]
     buffer: np.ndarray | None = None
+    # (guest offset, length, storage, host): the one run of the source's
+    # storage its items' data maps (no buffer), or None.
+    source: tuple | None = None
 
 
 class Pipeline:
@@ -188,6 +195,8 @@ class Pipeline:
             items += len(piece.items)
             if piece.buffer is not None:
                 held += len(piece.buffer)
+            elif piece.source is not None:
+                held += piece.source[1]
             if held >= self.chunk or items >= BATCH_ITEMS:
                 yield batch
                 batch, held, items = [], 0, 0
@@ -207,11 +216,13 @@ class Pipeline:
         for step in self._steps():
             if not isinstance(step, Piece):
                 offset, length = step
-                buf = self.pool.acquire(length)
-                if self._decompressing():
-                    step = self._readers.submit(self._read_chunk, offset, buf)
+                mapped = self._mapped_chunk(offset, length) if self._mapping() else None
+                if mapped is not None:
+                    step = mapped
+                elif self._decompressing():
+                    step = self._readers.submit(self._read_chunk, offset, self.pool.acquire(length))
                 else:
-                    step = self._read_chunk(offset, buf)
+                    step = self._read_chunk(offset, self.pool.acquire(length))
             ahead.append(step)
             if len(ahead) > READ_AHEAD:
                 yield _resolved(ahead.popleft())
@@ -254,6 +265,28 @@ class Pipeline:
         self.pool.release(buf)
         return Piece(items)
 
+    def _mapping(self) -> bool:
+        """Whether data chunks are scanned where the source's storage maps
+        them: once the target has shared a run, and while it still may.
+        (A mapped file that fails to read, or that another process cuts
+        short, faults instead of failing a read: only a copy that shares
+        takes that risk, for the copy it saves.)"""
+        return self.plan.share and self.plan.share_confirmed
+
+    def _mapped_chunk(self, offset: int, length: int) -> Piece | None:
+        """The piece of a chunk whose data the writer will share
+        (sharing.py), scanned where the source's storage maps it instead
+        of read into a buffer: nothing is copied, and the scan reads each
+        block's first and last words (all of it only where they are zero).
+        None unless the chunk lies as it is in one run of one storage."""
+        runs = source_runs(self.src, offset, length, 1)
+        if len(runs) != 1 or runs[0][0] != offset or runs[0][1] != length:
+            return None
+        view = runs[0][2].mapped(runs[0][3], length)
+        if view is None:
+            return None
+        return Piece(self._scan(offset, view), None, runs[0])
+
     def _read(self, offset: int, buf: np.ndarray) -> None:
         salvage = self.plan.salvage
         try:
@@ -280,7 +313,7 @@ class Pipeline:
             except QimgError:
                 piece[:] = bytes(len(piece))
 
-    def _scan(self, offset: int, buf: np.ndarray) -> list[tuple[int, int, object]]:
+    def _scan(self, offset: int, buf) -> list[tuple[int, int, object]]:
         """The items of one chunk read from guest `offset`: runs of blocks
         to write as data, as zeros, or not at all (same as the backing)."""
         import numpy as np

@@ -58,6 +58,13 @@ class Plan:
         self.block = max(self.grain, 1 << (s.bit_length() - 1))
         if self.compress:
             self.block = self.cluster_size
+        # Data runs share the source's extents where the storages can
+        # (sharing.py), except with -c (the target holds compressed
+        # clusters) and --salvage (what is written may not be what the
+        # source's storage holds); the writer clears it once the target's
+        # storage refuses. (An encrypted target's driver never shares.)
+        self.share = not o.compress and not o.salvage
+        self.share_confirmed = False  # set by the writer once a run was shared
 
     def runs(self) -> Iterator[list[int]]:
         """[start, end, kind] runs covering the source, window by window.

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from qimg.convert.options import ConvertOptions
 from qimg.convert.pipeline import Piece
 from qimg.convert.plan import Plan
+from qimg.convert.sharing import SharedWrites
 from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
 
@@ -73,6 +74,7 @@ class Writer:
         self.limit = RateLimit(o.rate_limit)
         self.workers = min(o.coroutines, os.cpu_count() or 1)
         self.compression_level = o.compression_level
+        self.shared = SharedWrites(plan.src, tgt, plan.grain) if plan.share else None
 
     def write_all(self, pieces: Iterable[Piece]) -> None:
         if self.plan.compress:
@@ -80,19 +82,30 @@ class Writer:
             return
         for piece in pieces:
             for offset, length, data in piece.items:
-                self._write(offset, length, data)
+                self._write(offset, length, data, piece.source)
             self.release(piece)
 
-    def _write(self, offset: int, length: int, data) -> None:
+    def _write(self, offset: int, length: int, data, source: tuple | None = None) -> None:
         if data is None:
             self._write_zeroes(offset, length)
         elif data is not False:
             try:
-                self.tgt.write(offset, data)
+                if self.shared is not None:
+                    self._write_shared(offset, data, source)
+                else:
+                    self.tgt.write(offset, data)
             except QimgError as exc:
                 raise ImageIOError(f"error while writing at byte {offset}: {exc}") from None
             self.limit.account(length)
         self.reached(offset + length)
+
+    def _write_shared(self, offset: int, data, source: tuple | None) -> None:
+        self.shared.write(offset, data, source)
+        if not self.shared.active:  # the target cannot share: plain writes from now on
+            self.shared = None
+            self.plan.share = False
+        elif self.shared.confirmed:
+            self.plan.share_confirmed = True
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         if not self.plan.zero_init:

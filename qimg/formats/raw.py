@@ -27,6 +27,14 @@ class RawImage(Driver):
         self._check_range(offset, len(memoryview(data)))
         self.storage.pwrite(offset, data)
 
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
+        self._check_writable()
+        self._check_range(offset, len(memoryview(data)))
+        shared = self.storage.share_from(source, source_offset, offset, data)
+        if not shared:
+            self.storage.pwrite(offset, data)
+        return shared
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)
@@ -56,6 +64,15 @@ class RawImage(Driver):
         return [
             (start, n, is_data, not is_data)
             for start, n, is_data in self.storage.data_extents(offset, length)
+        ]
+
+    def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
+        """The data runs of the file (its holes are not listed)."""
+        self._check_range(offset, length)
+        return [
+            (start, n, self.storage, start)
+            for start, n, is_data in self.storage.data_extents(offset, length)
+            if is_data
         ]
 
     def truncate(self, size: int) -> None:

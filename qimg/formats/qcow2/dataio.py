@@ -51,6 +51,12 @@ class DataIO:
     def __init__(self, image, cipher: SectorCipher | None = None):
         self.image = image
         self.cipher = cipher
+        # While a write of guest bytes that a source storage also holds runs
+        # (Qcow2Image.write_shared): (guest, length, source, source offset),
+        # and what the data file answered (Storage.share_from; None: not
+        # asked, or nothing to share); False is kept: it is not asked again.
+        self.share: tuple | None = None
+        self.shared: bool | None = None
 
     @property
     def host_holes_read_as_zeros(self) -> bool:
@@ -91,12 +97,29 @@ class DataIO:
             return
         if image.data_storage is image.storage:
             image.check_overlap(host, total, "data")
+        if len(buffers) == 1 and self._shared(guest, host, buffers[0]):
+            return
         data = buffers[0] if len(buffers) == 1 else b"".join(bytes(b) for b in buffers)
         if self.cipher is not None:
             if host % SECTOR_SIZE or total % SECTOR_SIZE:
                 raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
             data = self.cipher.encrypt(self._sector(guest, host), bytes(data))
         image.data_storage.pwrite(host, data)
+
+    def _shared(self, guest: int, host: int, data) -> bool:
+        """Whether `data` (guest bytes at `guest`, nothing widened) went to
+        `host` by sharing the extents of the source that holds them (see
+        `share`). Never with a cipher: the host bytes are not the guest's."""
+        if self.share is None or self.cipher is not None or self.shared is False:
+            return False
+        start, length, source, source_offset = self.share
+        if not start <= guest <= guest + len(data) <= start + length:
+            return False
+        where = source_offset + guest - start
+        shared = self.image.data_storage.share_from(source, where, host, data)
+        if shared is not None:
+            self.shared = shared
+        return bool(shared)
 
     def read_compressed(self, host: int, view: memoryview) -> None:
         """Compressed cluster bytes at `host` into `view` (zeros past the

@@ -443,6 +443,56 @@ class Qcow2Image(Driver):
             self._bitmaps_written(offset, len(view))
             self.clusters.write(offset, view)
 
+    def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
+        """write(), the data clusters it places whole (not widened by a
+        copy-on-write) shared from `source` where the data file can."""
+        io = self.dataio
+        if io.shared is not False:
+            io.shared = None
+        io.share = (offset, len(memoryview(data).cast("B")), source, source_offset)
+        try:
+            self.write(offset, data)
+        finally:
+            io.share = None
+        return io.shared
+
+    def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
+        """Plain data clusters, through the backing chain (walked image by
+        image); none of an encrypted image."""
+        self._check_range(offset, length)
+        out, pending = self._host_layer(offset, length)
+        node = self.backing
+        while pending and node is not None:
+            below: list[tuple[int, int]] = []
+            for off, n in pending:
+                avail = max(0, min(n, node.size - off))
+                if not avail:
+                    continue
+                if isinstance(node, Qcow2Image):
+                    got, rest = node._host_layer(off, avail)
+                    out += got
+                    below += rest
+                else:
+                    out += node.host_extents(off, avail)
+            pending = below
+            node = node.backing if isinstance(node, Qcow2Image) else None
+        if self.backing is not None:
+            out.sort(key=lambda run: run[0])
+        return out
+
+    def _host_layer(self, offset: int, length: int) -> tuple[list, list[tuple[int, int]]]:
+        """This image's host_extents runs, and the (offset, length) runs it
+        leaves to its backing file."""
+        if self.dataio.cipher is not None:
+            return [], []
+        out, pending = [], []
+        for ext in self._extents(offset, length):
+            if ext.kind == DATA:
+                out.append((ext.offset, ext.length, self.data_storage, ext.host))
+            elif ext.kind == UNALLOCATED:
+                pending.append((ext.offset, ext.length))
+        return out, pending
+
     def write_compressed(self, offset: int, compressed: bytes) -> None:
         """Store an already compressed cluster (see compress.compress_cluster)
         at the cluster-aligned guest `offset`, which must be unallocated."""

@@ -1,0 +1,128 @@
+"""Benchmark: convert on a file system that shares extents (XFS, reflink).
+
+The 1 GiB workload of bench_convert (a 4 GiB raw file, 1 MiB chunks every
+4 MiB) on an XFS made with `-m reflink=1` in a sparse file and mounted on
+a loop device (by this benchmark, as root; unmounted after): raw -> qcow2
+and qcow2 -> raw, qimg (sharing the source's extents) against qemu-img
+convert (copying), a fresh target for every run. Each qimg target must
+pass `qemu-img compare` with the source; the bytes it shares are printed.
+
+    python bench/bench_reflink.py [--dir DIR] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+if os.path.dirname(HERE) not in sys.path:  # the checkout's qimg (FIEMAP reader)
+    sys.path.append(os.path.dirname(HERE))
+from bench_convert import make_mixed_raw  # noqa: E402
+from common import QIMG, compare, print_table  # noqa: E402
+
+GiB = 1 << 30
+FS_SIZE = 8 * GiB  # sparse: the source, its qcow2 and qemu-img's copy take ~3 GiB
+
+
+def mount_xfs(workdir: str) -> str | None:
+    """A fresh reflink XFS in `workdir`, mounted; its mount point, or None
+    (with the reason printed) where it cannot be made or mounted."""
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        print("(reflink: needs root and mkfs.xfs (xfsprogs): skipped)", file=sys.stderr)
+        return None
+    image, mnt = os.path.join(workdir, "xfs.img"), os.path.join(workdir, "mnt")
+    if os.path.exists(image):
+        os.unlink(image)
+    with open(image, "wb") as f:
+        f.truncate(FS_SIZE)
+    os.makedirs(mnt, exist_ok=True)
+    for cmd in (["mkfs.xfs", "-q", "-m", "reflink=1", image], ["mount", "-o", "loop", image, mnt]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"(reflink: {' '.join(cmd)}: {proc.stderr.strip()}: skipped)", file=sys.stderr)
+            os.unlink(image)
+            return None
+    return mnt
+
+
+def unmount(mnt: str) -> None:
+    if subprocess.run(["umount", mnt], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    image = os.path.join(os.path.dirname(mnt), "xfs.img")
+    if os.path.exists(image):
+        os.unlink(image)
+
+
+def workloads(workdir: str) -> list[dict]:
+    """bench/run.py's protocol."""
+    return main([], workdir)
+
+
+def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default=None, help="where the file system's file goes")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool (default 3)")
+    args = ap.parse_args(argv)
+    work = workdir or args.dir or tempfile.mkdtemp(prefix="qimg-bench-reflink-")
+    os.makedirs(work, exist_ok=True)
+    mnt = mount_xfs(work)
+    if mnt is None:
+        return []
+    try:
+        return _run(mnt, args.repeat)
+    finally:
+        unmount(mnt)
+
+
+def _run(mnt: str, repeat: int) -> list[dict]:
+    from qimg.reflink import shared_bytes
+
+    src = os.path.join(mnt, "mixed.raw")
+    make_mixed_raw(src, 4 * GiB)
+    qcow2 = os.path.join(mnt, "mixed.qcow2")
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", src, qcow2], check=True)
+    out_q, out_e = os.path.join(mnt, "out-qimg"), os.path.join(mnt, "out-qemu")
+
+    def fresh() -> None:
+        for path in (out_q, out_e):
+            if os.path.exists(path):
+                os.unlink(path)
+        os.sync()  # no run pays for the previous one's dirty pages
+
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rows = []
+    for name, fmt, source in (
+        ("xfs reflink raw->qcow2", "qcow2", src),
+        ("xfs reflink qcow2->raw", "raw", qcow2),
+    ):
+        cmd = ["-O", fmt, source]
+        r = compare(
+            name,
+            QIMG + ["convert", *cmd, out_q],
+            ["qemu-img", "convert", *cmd, out_e],
+            repeat=repeat,
+            setup=fresh,
+        )
+        # Each run's setup removed the other tool's target: one more
+        # (untimed) qimg run makes the target checked here.
+        fresh()
+        subprocess.run(QIMG + ["convert", *cmd, out_q], check=True)
+        subprocess.run(["qemu-img", "compare", source, out_q], check=True, capture_output=True)
+        print(
+            f"{name}: qimg target identical to the source, {shared_bytes(out_q) >> 20} MiB shared"
+        )
+        rows.append(r)
+        print_table([r])
+        fresh()
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return rows
+
+
+if __name__ == "__main__":
+    print_table(main())
