@@ -49,6 +49,8 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "bitmaps": False,
         "skip-broken-bitmaps": False,
     },
+    "rebase": {"help": False, "object": True, "image-opts": False, "force-share": False},
+    "commit": {"help": False, "object": True, "image-opts": False},
     "bitmap": {
         "help": False,
         "object": True,

@@ -1,0 +1,217 @@
+"""Changing an image's backing file (qemu-img rebase).
+
+Safe mode keeps what the guest reads: every range the overlay leaves to its
+backing file and where the old and the new backing chains read differently
+is first copied into the overlay (the old chain's bytes), then the header
+names the new backing file. Unsafe mode (-u) rewrites the header only.
+An empty new name removes the backing file (safe mode: the overlay then
+holds everything the old chain gave it).
+
+Written against the driver interface (block status, reads through the
+chain, writes); the header change is the qcow2 header writer's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from qimg.driver import Driver
+from qimg.errors import BadOptionError, QimgError
+
+# Guest bytes compared per step (one buffer of each chain).
+CHUNK = 8 << 20
+# The unit compared and copied: QEMU compares 512-byte sectors.
+SECTOR = 512
+# QEMU's limit on a backing file name (qcow2_change_backing_file).
+MAX_BACKING_NAME = 1023
+
+Progress = Callable[[int, int], None]
+
+
+class RebaseError(QimgError):
+    """Raised when: the backing file cannot be changed as asked (qemu-img's
+    "Could not change the backing file to ..." messages)."""
+
+
+def rebase_image(
+    image: Driver,
+    backing: str | None,
+    backing_fmt: str | None = None,
+    *,
+    unsafe: bool = False,
+    force_share: bool = False,
+    progress: Progress | None = None,
+) -> None:
+    """Make `backing` the backing file of `image` (opened writable; with its
+    backing chain unless `unsafe`). `backing` is the name as the header is
+    to store it (relative names are relative to the image's directory);
+    None or "" removes the backing file. `backing_fmt` is -F: qemu-img 7.2
+    refuses a new backing file without it.
+
+    Everything refused is refused before anything is written (qemu-img 7.2
+    copies the differing data first and fails on the header change)."""
+    if backing_fmt is not None:
+        from qimg.opening import FORMATS
+
+        if backing_fmt not in FORMATS:
+            raise BadOptionError(f"Invalid format name: '{backing_fmt}'")
+    new: Driver | None = None
+    opened = False
+    try:
+        if not unsafe and backing:
+            new, opened = _new_backing(image, backing, backing_fmt, force_share)
+        _check_header_change(image, backing, backing_fmt)
+        if not unsafe:
+            copy_differences(image, new, progress)
+            image.flush()
+        _change_backing_file(image, backing, backing_fmt)
+    finally:
+        if opened and new is not None:
+            new.close()
+
+
+def _new_backing(
+    image: Driver, backing: str, backing_fmt: str | None, force_share: bool
+) -> tuple[Driver, bool]:
+    """The new backing image: the image of the old chain that `backing`
+    names (QEMU reuses it), else the file opened with its own chain;
+    and whether it was opened here."""
+    from qimg.api import open_named
+    from qimg.chain import find_backing_image
+    from qimg.opening import resolve_backing_path
+
+    real = resolve_backing_path(image.filename, backing)
+    found = find_backing_image(image, os.path.abspath(real) if "://" not in real else real)
+    if found is not None:
+        return found, False
+    try:
+        return open_named(real, backing_fmt, force_share=force_share), True
+    except QimgError as exc:
+        exc.args = (f"Could not open new backing file '{backing}': {exc}",)
+        raise
+
+
+def _check_header_change(image: Driver, backing: str | None, backing_fmt: str | None) -> None:
+    """bdrv_change_backing_file's refusals, in qemu-img's words."""
+    shown = "(null)" if backing is None else backing
+    if image.format_name != "qcow2":
+        raise RebaseError(
+            f"Could not change the backing file to '{shown}': Operation not supported"
+        )
+    if backing and not backing_fmt:
+        raise RebaseError(
+            f"Could not change the backing file to '{backing}': backing format must be specified"
+        )
+    if backing and len(backing.encode()) > MAX_BACKING_NAME:
+        raise RebaseError(f"Could not change the backing file to '{backing}': Invalid argument")
+    header = _new_header(image, backing, backing_fmt)
+    try:
+        header.pack(image.cluster_bytes)
+    except QimgError:
+        raise RebaseError(
+            f"Could not change the backing file to '{shown}': No space left in the file header"
+        ) from None
+
+
+def _new_header(image: Driver, backing: str | None, backing_fmt: str | None):
+    header = image.header.copy()
+    header.backing_file = backing or None
+    header.backing_format = backing_fmt if backing else None
+    return header
+
+
+def _change_backing_file(image: Driver, backing: str | None, backing_fmt: str | None) -> None:
+    """Ordering: the copied data is durable (flushed) before the header,
+    one write in cluster 0, names the new backing file."""
+    image.header.backing_file = backing or None
+    image.header.backing_format = backing_fmt if backing else None
+    image.rewrite_header()
+
+
+def copy_differences(image: Driver, new: Driver | None, progress: Progress | None = None) -> int:
+    """Copy into `image` the old chain's bytes (image.backing) wherever
+    `image` leaves a range to its backing file and `new` (None: no backing
+    file) reads differently; returns the bytes written. Where `new` is an
+    image of the old chain, only what the images above it hold can differ.
+    Past the end of a backing file its bytes are zeros; where the old chain
+    has ended, the copy is a zero write (as QEMU writes it)."""
+    from qimg.chain import allocated_above, unallocated
+
+    old = image.backing
+    prefix = new if new is not None and _in_chain(image, new) else None
+    size = image.size
+    written = 0
+    done = 0
+    for start, end in unallocated(image, 0, size):
+        runs = [(start, end)]
+        if prefix is not None:
+            runs = allocated_above(old, prefix, start, end - start) if old is not None else []
+        for lo, hi in runs:
+            pos = lo
+            while pos < hi:
+                n = min(CHUNK, hi - pos)
+                written += _copy_chunk(image, old, new, pos, n)
+                pos += n
+                if progress is not None:
+                    progress(done + pos - start, size)
+        done += end - start
+    return written
+
+
+def _in_chain(image: Driver, node: Driver) -> bool:
+    below = image.backing
+    while below is not None:
+        if below is node:
+            return True
+        below = below.backing
+    return False
+
+
+def _copy_chunk(image: Driver, old: Driver | None, new: Driver | None, pos: int, n: int) -> int:
+    """Compare guest [pos, pos+n) of the two chains; write what differs."""
+    if _reads_zero(old, pos, n) and _reads_zero(new, pos, n):
+        return 0
+    mine = _read(old, pos, n)
+    theirs = _read(new, pos, n)
+    if mine == theirs:
+        return 0
+    import numpy as np
+
+    from qimg.convert.scan import Blocks, differing_blocks, state_runs
+
+    blocks = Blocks.cut(pos, n, SECTOR)
+    a = np.frombuffer(mine, dtype=np.uint8)
+    b = np.frombuffer(theirs, dtype=np.uint8)
+    differ = differing_blocks(a, b, blocks).astype(np.int8)
+    old_end = old.size if old is not None else 0
+    written = 0
+    for lo, hi, state in state_runs(blocks, differ):
+        if not state:
+            continue
+        # Past the old chain's end QEMU writes zeros (blk_pwrite_zeroes).
+        split = min(max(pos + lo, old_end), pos + hi)
+        if split > pos + lo:
+            image.write(pos + lo, memoryview(mine)[lo : split - pos])
+        if pos + hi > split:
+            image.write_zeroes(split, pos + hi - split)
+        written += hi - lo
+    return written
+
+
+def _reads_zero(node: Driver | None, pos: int, n: int) -> bool:
+    """Whether guest [pos, pos+n) of `node`'s chain is known to read as
+    zeros from its metadata alone (nothing read)."""
+    if node is None or pos >= node.size:
+        return True
+    stop = min(node.size, pos + n)
+    return all(not is_data for _s, _n, is_data, _z in node.allocated_extents(pos, stop - pos))
+
+
+def _read(node: Driver | None, pos: int, n: int) -> bytearray:
+    """Guest [pos, pos+n) of `node`'s chain, zeros past its end."""
+    buf = bytearray(n)
+    if node is not None and pos < node.size:
+        stop = min(node.size, pos + n)
+        node.readinto(pos, memoryview(buf)[: stop - pos])
+    return buf
