@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 
 from qimg.driver import Driver
-from qimg.errors import BadOptionError, QimgError
+from qimg.errors import BadOptionError, ImageLockedError, QimgError
 
 # Guest bytes compared per step (one buffer of each chain).
 CHUNK = 8 << 20
@@ -77,7 +77,7 @@ def _new_backing(
     """The new backing image: the image of the old chain that `backing`
     names (QEMU reuses it), else the file opened with its own chain;
     and whether it was opened here."""
-    from qimg.api import open_named
+    from qimg.api import open_image
     from qimg.chain import find_backing_image
     from qimg.opening import resolve_backing_path
 
@@ -86,9 +86,13 @@ def _new_backing(
     if found is not None:
         return found, False
     try:
-        return open_named(real, backing_fmt, force_share=force_share), True
+        return open_image(real, backing_fmt, force_share=force_share), True
     except QimgError as exc:
-        exc.args = (f"Could not open new backing file '{backing}': {exc}",)
+        text = str(exc)
+        own = f"Could not open '{real}': "
+        if isinstance(exc, ImageLockedError) and text.startswith(own):
+            text = text[len(own) :]  # QEMU's lock errors name no file here
+        exc.args = (f"Could not open new backing file '{backing}': {text}",)
         raise
 
 
