@@ -141,7 +141,24 @@ def _copy_chunk(image: Driver, base: Driver, pos: int, n: int, limit) -> None:
             if limit is not None:
                 limit.account(end - start)
         else:
-            base.write_zeroes(start, end - start, unmap=True)
+            _write_zeroes(base, start, end - start)
+
+
+def _write_zeroes(base: Driver, start: int, length: int) -> None:
+    """Zeros as QEMU's job writes them (unmapping): a qcow2 version 2 image
+    with nothing below it, which has no zero clusters, has its whole
+    clusters discarded (they read as zeros) and zeros written around them."""
+    cs = base.cluster_bytes
+    v2_alone = base.format_name == "qcow2" and base.header.version < 3 and base.backing is None
+    lo, hi = -(-start // cs) * cs, (start + length) // cs * cs
+    if not v2_alone or hi <= lo:
+        base.write_zeroes(start, length, unmap=True)
+        return
+    if lo > start:
+        base.write_zeroes(start, lo - start)
+    base.discard(lo, hi - lo)
+    if start + length > hi:
+        base.write_zeroes(hi, start + length - hi)
 
 
 def _rate_limiter(rate: int):
