@@ -13,18 +13,20 @@ writable top).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from qimg.convert.scan import DATA
 from qimg.driver import Driver
 from qimg.errors import QimgError
 from qimg.storage import Storage
 
-# Guest bytes read and written per step.
-CHUNK = 8 << 20
-# The smallest unit QEMU's commit (mirror) job copies (its default
-# granularity is the base's cluster size, at least 4 KiB).
-MIN_GRANULARITY = 4096
+# Guest bytes read and written per step, reader threads, reads ahead.
+CHUNK = 4 << 20
+READERS = 2
+READ_AHEAD = 4
 
 Progress = Callable[[int, int], None]
 
@@ -93,55 +95,117 @@ def copy_down(
 ) -> int:
     """Write into `base` (writable, in `image`'s chain) what `image` reads
     wherever an image above `base` decides the bytes; returns the bytes
-    copied. Zeros are written as zeros (unmapping where the base can);
-    copies are whole units of the base's granularity, as QEMU's job makes
-    them."""
-    from qimg.chain import allocated_above, merge_ranges
-
+    copied. Zeros are written as zeros (unmapping where the base can).
+    Reads run in READERS threads ahead of the writes (this thread)."""
     if base.size < image.size:
         from qimg.resize import resize_image
 
         resize_image(base, image.size)
-    unit = max(MIN_GRANULARITY, base.cluster_bytes)
-    size = image.size
-    runs = merge_ranges(
-        [
-            (lo // unit * unit, min(size, -(-hi // unit) * unit))
-            for lo, hi in allocated_above(image, base, 0, size)
-        ]
-    )
+    pieces = _plan(image, base)
     limit = _rate_limiter(rate_limit)
-    total = sum(hi - lo for lo, hi in runs)
+    total = sum(p.end - p.start for p in pieces)
     done = 0
-    for lo, hi in runs:
-        pos = lo
-        while pos < hi:
-            n = min(CHUNK, hi - pos)
-            _copy_chunk(image, base, pos, n, limit)
-            pos += n
-            done += n
+    # The reads stop above the base (the images above it decide those
+    # bytes), so they run beside the base's writes.
+    # Read buffers are reused (fresh memory costs a page fault per page):
+    # at most READ_AHEAD + 1 are in use at once.
+    spare: list[bytearray] = []
+    with ThreadPoolExecutor(READERS) as pool:
+        ahead: deque = deque()
+        queued = iter(pieces)
+
+        def refill() -> None:
+            while len(ahead) < READ_AHEAD:
+                piece = next(queued, None)
+                if piece is None:
+                    return
+                read = None
+                if piece.kind == DATA:
+                    buf = spare.pop() if spare else bytearray(CHUNK)
+                    read = pool.submit(_read, image, piece, buf)
+                ahead.append((piece, read))
+
+        refill()
+        while ahead:
+            piece, read = ahead.popleft()
+            buf = read.result() if read is not None else None
+            refill()
+            if buf is not None:
+                base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
+                spare.append(buf)
+            else:
+                _write_zeroes(base, piece.start, piece.end - piece.start)
+            if buf is not None and limit is not None:
+                limit.account(piece.end - piece.start)
+            done += piece.end - piece.start
             if progress is not None:
                 progress(done, total)
     return total
 
 
-def _copy_chunk(image: Driver, base: Driver, pos: int, n: int, limit) -> None:
-    """Guest [pos, pos+n) of `image`, read through the chain (once), into
-    `base`: data runs written, zero runs made zero."""
+class _Piece(NamedTuple):
+    start: int
+    end: int
+    kind: int  # DATA or ZERO
+
+
+def _plan(image: Driver, base: Driver) -> list[_Piece]:
+    """The pieces to copy, in order: what the images above `base` decide
+    (a part of a base cluster written leaves the cluster as QEMU's copy of
+    the whole unit leaves it: allocated, the rest as it read), cut where
+    `image` reads data or zeros (block status through the chain, asked
+    once per window) and into CHUNK-sized data pieces."""
+    from qimg.chain import STATUS_STEP, allocated_above
     from qimg.convert.scan import allocation_runs
 
-    runs = allocation_runs(image.allocated_extents(pos, n))
-    buf = None
-    if any(kind == DATA for _s, _e, kind in runs):
-        buf = bytearray(n)
-        image.readinto(pos, buf)
-    for start, end, kind in runs:
-        if kind == DATA:
-            base.write(start, memoryview(buf)[start - pos : end - pos])
-            if limit is not None:
-                limit.account(end - start)
-        else:
-            _write_zeroes(base, start, end - start)
+    size = image.size
+    runs = allocated_above(image, base, 0, size)
+    pieces: list[_Piece] = []
+    # The status of what the images above the base decide never depends
+    # on the base: it is asked with the base cut off (no host scan of a
+    # file being written, and no request per range that falls through).
+    parent = image
+    while parent.backing is not base:
+        parent = parent.backing
+    parent.backing = None
+    try:
+        for window in range(0, size, STATUS_STEP):
+            inside = _clip(runs, window, min(size, window + STATUS_STEP))
+            if not inside:
+                continue
+            lo, hi = inside[0][0], inside[-1][1]
+            status = allocation_runs(image.allocated_extents(lo, hi - lo))
+            for s, e, kind in _intersect(status, inside):
+                for a in range(s, e, CHUNK if kind == DATA else e - s):
+                    pieces.append(_Piece(a, min(e, a + CHUNK) if kind == DATA else e, kind))
+    finally:
+        parent.backing = base
+    return pieces
+
+
+def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(max(a, lo), min(b, hi)) for a, b in runs if a < hi and b > lo]
+
+
+def _intersect(status: list, runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, kind) of `status` (sorted, disjoint) inside `runs`."""
+    out = []
+    i = 0
+    for a, b in runs:
+        while i < len(status) and status[i][1] <= a:
+            i += 1
+        j = i
+        while j < len(status) and status[j][0] < b:
+            s, e, kind = status[j]
+            if min(e, b) > max(s, a):
+                out.append((max(s, a), min(e, b), kind))
+            j += 1
+    return out
+
+
+def _read(image: Driver, piece: _Piece, buf: bytearray) -> bytearray:
+    image.readinto(piece.start, memoryview(buf)[: piece.end - piece.start])
+    return buf
 
 
 def _write_zeroes(base: Driver, start: int, length: int) -> None:

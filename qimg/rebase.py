@@ -14,13 +14,18 @@ chain, writes); the header change is the qcow2 header writer's.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, ImageLockedError, QimgError
 
-# Guest bytes compared per step (one buffer of each chain).
-CHUNK = 8 << 20
+# Guest bytes compared per step (one buffer of each chain), reader
+# threads, steps read ahead.
+CHUNK = 4 << 20
+READERS = 2
+READ_AHEAD = 4
 # The unit compared and copied: QEMU compares 512-byte sectors.
 SECTOR = 512
 # QEMU's limit on a backing file name (qcow2_change_backing_file).
@@ -139,28 +144,81 @@ def copy_differences(image: Driver, new: Driver | None, progress: Progress | Non
     file) reads differently; returns the bytes written. Where `new` is an
     image of the old chain, only what the images above it hold can differ.
     Past the end of a backing file its bytes are zeros; where the old chain
-    has ended, the copy is a zero write (as QEMU writes it)."""
-    from qimg.chain import allocated_above, unallocated
+    has ended, the copy is a zero write (as QEMU writes it).
 
+    Only ranges where either chain holds data (block status) are read;
+    READERS threads read both chains ahead of the comparison and the
+    writes (this thread; the reads never touch `image` itself)."""
     old = image.backing
-    prefix = new if new is not None and _in_chain(image, new) else None
     size = image.size
+    pieces = _plan(image, old, new)
     written = 0
-    done = 0
-    for start, end in unallocated(image, 0, size):
+    # Buffers of each piece's exact length (compared as a whole, in one
+    # memcmp), reused: fresh memory costs a page fault per page.
+    spare: dict[int, list[tuple[bytearray, bytearray]]] = {}
+    with ThreadPoolExecutor(READERS) as pool:
+        ahead: deque = deque()
+        queued = iter(pieces)
+
+        def refill() -> None:
+            while len(ahead) < READ_AHEAD:
+                piece = next(queued, None)
+                if piece is None:
+                    return
+                n = piece[1] - piece[0]
+                kept = spare.get(n)
+                bufs = kept.pop() if kept else (bytearray(n), bytearray(n))
+                reads = [
+                    pool.submit(_read, node, piece, buf) for node, buf in zip((old, new), bufs)
+                ]
+                ahead.append((piece, bufs, reads))
+
+        refill()
+        while ahead:
+            (lo, hi, done), bufs, reads = ahead.popleft()
+            mine, theirs = (r.result() for r in reads)
+            refill()
+            if mine != theirs:
+                written += _write_differences(image, old, lo, mine, theirs)
+            if sum(map(len, spare.values())) <= READ_AHEAD:
+                spare.setdefault(hi - lo, []).append(bufs)
+            if progress is not None:
+                progress(done, size)
+    return written
+
+
+def _plan(image: Driver, old: Driver | None, new: Driver | None) -> list[tuple[int, int, int]]:
+    """(start, end, progress) of each range to compare, at most CHUNK long:
+    what `image` leaves to its backing file (with `new` in the old chain,
+    what the images above it decide), where either chain holds data.
+    `progress` counts the guest bytes of `image` dealt with after it."""
+    from qimg.chain import STATUS_STEP, allocated_above, merge_ranges, unallocated
+
+    prefix = new if new is not None and _in_chain(image, new) else None
+    out: list[tuple[int, int, int]] = []
+    for start, end in unallocated(image, 0, image.size):
+        first = len(out)
         runs = [(start, end)]
         if prefix is not None:
             runs = allocated_above(old, prefix, start, end - start) if old is not None else []
         for lo, hi in runs:
-            pos = lo
-            while pos < hi:
-                n = min(CHUNK, hi - pos)
-                written += _copy_chunk(image, old, new, pos, n)
-                pos += n
-                if progress is not None:
-                    progress(done + pos - start, size)
-        done += end - start
-    return written
+            for w in range(lo, hi, STATUS_STEP):
+                w_end = min(hi, w + STATUS_STEP)
+                data = merge_ranges(_data_runs(old, w, w_end) + _data_runs(new, w, w_end))
+                for a, b in data:
+                    out += [(p, min(b, p + CHUNK), min(b, p + CHUNK)) for p in range(a, b, CHUNK)]
+        if len(out) > first:
+            out[-1] = (*out[-1][:2], end)
+    return out
+
+
+def _data_runs(node: Driver | None, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[start, end) runs of guest [lo, hi) where `node`'s chain holds data
+    (anything else reads as zeros: zero clusters, nothing, past its end)."""
+    if node is None or lo >= node.size:
+        return []
+    hi = min(hi, node.size)
+    return [(s, s + n) for s, n, is_data, _z in node.allocated_extents(lo, hi - lo) if is_data]
 
 
 def _in_chain(image: Driver, node: Driver) -> bool:
@@ -172,18 +230,16 @@ def _in_chain(image: Driver, node: Driver) -> bool:
     return False
 
 
-def _copy_chunk(image: Driver, old: Driver | None, new: Driver | None, pos: int, n: int) -> int:
-    """Compare guest [pos, pos+n) of the two chains; write what differs."""
-    if _reads_zero(old, pos, n) and _reads_zero(new, pos, n):
-        return 0
-    mine = _read(old, pos, n)
-    theirs = _read(new, pos, n)
-    if mine == theirs:
-        return 0
+def _write_differences(
+    image: Driver, old: Driver | None, pos: int, mine: bytearray, theirs: bytearray
+) -> int:
+    """Write into `image` the 512-byte sectors of guest [pos, pos+len)
+    where the old chain's bytes `mine` differ from the new one's."""
     import numpy as np
 
     from qimg.convert.scan import Blocks, differing_blocks, state_runs
 
+    n = len(mine)
     blocks = Blocks.cut(pos, n, SECTOR)
     a = np.frombuffer(mine, dtype=np.uint8)
     b = np.frombuffer(theirs, dtype=np.uint8)
@@ -203,19 +259,14 @@ def _copy_chunk(image: Driver, old: Driver | None, new: Driver | None, pos: int,
     return written
 
 
-def _reads_zero(node: Driver | None, pos: int, n: int) -> bool:
-    """Whether guest [pos, pos+n) of `node`'s chain is known to read as
-    zeros from its metadata alone (nothing read)."""
-    if node is None or pos >= node.size:
-        return True
-    stop = min(node.size, pos + n)
-    return all(not is_data for _s, _n, is_data, _z in node.allocated_extents(pos, stop - pos))
-
-
-def _read(node: Driver | None, pos: int, n: int) -> bytearray:
-    """Guest [pos, pos+n) of `node`'s chain, zeros past its end."""
-    buf = bytearray(n)
-    if node is not None and pos < node.size:
-        stop = min(node.size, pos + n)
-        node.readinto(pos, memoryview(buf)[: stop - pos])
+def _read(node: Driver | None, piece: tuple[int, int, int], buf: bytearray) -> bytearray:
+    """Guest [start, end) of `node`'s chain into `buf` (as long), zeros
+    past its end."""
+    pos, end, _done = piece
+    view = memoryview(buf)
+    stop = pos if node is None else max(pos, min(node.size, end))
+    if stop > pos:
+        node.readinto(pos, view[: stop - pos])
+    if stop < end:
+        view[stop - pos :] = bytes(end - stop)
     return buf
