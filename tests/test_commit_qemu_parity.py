@@ -168,3 +168,29 @@ def test_commit_into_a_missing_chain_fails_in_one_line(deep, tmp_path):
     assert (m.returncode, m.stderr) == (q.returncode, q.stderr)
     assert m.returncode == 1
     assert files(mine) == files(src)
+
+
+BASE_NAMES = {
+    "as-stored": ("a.qcow2", 0),
+    "relative-to-the-image-naming-it": ("../sub/a.qcow2", 0),
+    "relative-to-cwd": ("sub/a.qcow2", 1),
+    "absolute": ("{dir}/sub/a.qcow2", 0),
+    "dot-slash": ("./a.qcow2", 0),
+    "json": ('json:{"file": {"driver": "file", "filename": "sub/a.qcow2"}}', 1),
+}
+
+
+@pytest.mark.parametrize("name,code", BASE_NAMES.values(), ids=BASE_NAMES.keys())
+def test_commit_finds_the_base_by_name_as_qemu_img_does(deep, tmp_path, name, code):
+    """-b BASE names an image of the chain as stored, or as a path relative
+    to the directory of the image that names it (not the working one)."""
+    src = tmp_path / "src"
+    shutil.copytree(deep, src / "sub")
+    mine, theirs = twins(src, tmp_path / "t")
+    m, q = run_both(mine, theirs, "commit", "-b", name, "sub/c.qcow2")
+    assert (m.returncode, m.stderr.replace(str(mine), "D")) == (
+        q.returncode,
+        q.stderr.replace(str(theirs), "D"),
+    )
+    assert m.returncode == code
+    assert_same_allocation(mine, theirs, *(f"sub/{n}" for n in NAMES))
