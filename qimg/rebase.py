@@ -91,7 +91,7 @@ def _new_backing(
     if found is not None:
         return found, False
     try:
-        return open_image(real, backing_fmt, force_share=force_share), True
+        opened = open_image(real, backing_fmt, force_share=force_share)
     except QimgError as exc:
         text = str(exc)
         own = f"Could not open '{real}': "
@@ -99,6 +99,34 @@ def _new_backing(
             text = text[len(own) :]  # QEMU's lock errors name no file here
         exc.args = (f"Could not open new backing file '{backing}': {text}",)
         raise
+    try:
+        _refuse_loop(image, opened, backing, force_share)
+    except BaseException:
+        opened.close()
+        raise
+    return opened, True
+
+
+def _refuse_loop(image: Driver, new: Driver, backing: str, force_share: bool) -> None:
+    """A new backing chain that holds the overlay would make a loop. QEMU
+    meets its own lock on the overlay there (opened read-write), unless -U
+    lets it share the file: then it writes the loop. qimg refuses both, in
+    the lock's words without -U."""
+    from qimg.chain import layers
+
+    mine = os.path.realpath(image.filename)
+    for depth, node in enumerate(layers(new)):
+        if os.path.realpath(node.filename) != mine:
+            continue
+        prefix = f"Could not open new backing file '{backing}': " + (
+            "Could not open backing file: " * depth
+        )
+        if force_share:
+            raise RebaseError(prefix + f"Backing file '{node.filename}' creates an infinite loop.")
+        raise ImageLockedError(
+            prefix + 'Failed to get shared "write" lock\n'
+            f"Is another process using the image [{node.filename}]?"
+        )
 
 
 def _check_header_change(image: Driver, backing: str | None, backing_fmt: str | None) -> None:

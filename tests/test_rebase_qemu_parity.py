@@ -155,6 +155,7 @@ ERRORS = {
     "no-file": ["-b", ""],
     "two-files": ["-b", "", "top.qcow2", "base.qcow2"],
     "onto-itself": ["-b", "top.qcow2", "-F", "qcow2", "top.qcow2"],
+    "onto-its-own-overlay": ["-b", "top.qcow2", "-F", "qcow2", "base.qcow2"],
     "raw-overlay": ["-f", "raw", "-b", "other.qcow2", "-F", "qcow2", "r.raw"],
     "raw-overlay-unsafe": ["-u", "-f", "raw", "r.raw"],
     "raw-overlay-flatten": ["-f", "raw", "-b", "", "r.raw"],
@@ -187,6 +188,20 @@ def test_rebase_refuses_a_chain_that_loops(chain, tmp_path):
     assert m.stderr.startswith("qimg: Could not open 'top.qcow2': ")
     assert len(m.stderr.strip().splitlines()) <= 2  # the lock message's second line
     assert files(src) == before
+
+
+@pytest.mark.parametrize("target", ["top.qcow2", "base.qcow2"])
+def test_rebase_never_writes_a_loop_even_with_force_share(chain, tmp_path, target):
+    """qemu-img -U shares the overlay's lock and writes the loop; qimg
+    refuses it in one line and writes nothing."""
+    from infotools import qimg_here
+
+    before = files(chain)
+    m = qimg_here(chain, "rebase", "-U", "-b", "top.qcow2", "-F", "qcow2", target)
+    assert m.returncode == 1
+    assert m.stderr.strip().endswith("creates an infinite loop.")
+    assert len(m.stderr.strip().splitlines()) == 1
+    assert files(chain) == before
 
 
 def test_rebase_with_a_missing_old_backing_file_is_unsafe_only(chain, tmp_path):
