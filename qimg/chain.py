@@ -108,6 +108,21 @@ def merge_ranges(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def intersect_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The [start, end) ranges both sorted, disjoint lists cover."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def unallocated(image: Driver, offset: int, length: int) -> list[tuple[int, int]]:
     """[start, end) runs of guest [offset, offset+length) that `image`
     leaves to its backing file (QEMU's !bdrv_is_allocated)."""

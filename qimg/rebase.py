@@ -219,24 +219,30 @@ def _plan(image: Driver, old: Driver | None, new: Driver | None) -> list[tuple[i
     """(start, end, progress) of each range to compare, at most CHUNK long:
     what `image` leaves to its backing file (with `new` in the old chain,
     what the images above it decide), where either chain holds data.
-    `progress` counts the guest bytes of `image` dealt with after it."""
-    from qimg.chain import STATUS_STEP, allocated_above, merge_ranges, unallocated
+    `progress` counts the guest bytes of `image` dealt with after it.
+    Block status is asked once per window of each chain."""
+    from qimg.chain import (
+        STATUS_STEP,
+        allocated_above,
+        intersect_ranges,
+        merge_ranges,
+        unallocated,
+    )
 
-    prefix = new if new is not None and _in_chain(image, new) else None
+    size = image.size
+    targets = unallocated(image, 0, size)
+    if new is not None and _in_chain(image, new):
+        above = allocated_above(old, new, 0, size) if old is not None else []
+        targets = intersect_ranges(targets, above)
     out: list[tuple[int, int, int]] = []
-    for start, end in unallocated(image, 0, image.size):
-        first = len(out)
-        runs = [(start, end)]
-        if prefix is not None:
-            runs = allocated_above(old, prefix, start, end - start) if old is not None else []
-        for lo, hi in runs:
-            for w in range(lo, hi, STATUS_STEP):
-                w_end = min(hi, w + STATUS_STEP)
-                data = merge_ranges(_data_runs(old, w, w_end) + _data_runs(new, w, w_end))
-                for a, b in data:
-                    out += [(p, min(b, p + CHUNK), min(b, p + CHUNK)) for p in range(a, b, CHUNK)]
-        if len(out) > first:
-            out[-1] = (*out[-1][:2], end)
+    for w in range(0, size, STATUS_STEP):
+        inside = intersect_ranges(targets, [(w, min(size, w + STATUS_STEP))])
+        if not inside:
+            continue
+        lo, hi = inside[0][0], inside[-1][1]
+        data = merge_ranges(_data_runs(old, lo, hi) + _data_runs(new, lo, hi))
+        for a, b in intersect_ranges(data, inside):
+            out += [(p, min(b, p + CHUNK), min(b, p + CHUNK)) for p in range(a, b, CHUNK)]
     return out
 
 
