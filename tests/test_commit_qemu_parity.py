@@ -24,6 +24,7 @@ from chaintools import (
     twins,
 )
 from conftest import run
+from infotools import qimg_here
 
 NAMES = ("a.qcow2", "b.qcow2", "c.qcow2")
 
@@ -194,3 +195,18 @@ def test_commit_finds_the_base_by_name_as_qemu_img_does(deep, tmp_path, name, co
     )
     assert m.returncode == code
     assert_same_allocation(mine, theirs, *(f"sub/{n}" for n in NAMES))
+
+
+def test_commit_into_a_base_with_a_snapshot_from_a_top_with_a_bitmap(qemu_img, qemu_io, tmp_path):
+    """The base's snapshot keeps its clusters (copy on write); the top is
+    emptied cluster by cluster and its bitmap is left as qemu-img leaves it."""
+    src, base = _pair(qemu_img, qemu_io, tmp_path)
+    run(["qemu-img", "snapshot", "-c", "s1", str(src / base)])
+    run(["qemu-img", "bitmap", "--add", str(src / "top.qcow2"), "bm"])
+    mine, theirs = twins(src, tmp_path)
+    m, q = run_both(mine, theirs, "commit", "top.qcow2")
+    _check_pair(mine, theirs, src, m, q, names=("top.qcow2", base), top="top.qcow2")
+    # The dirty counts, read by qimg from both results.
+    assert qimg_here(mine, "bitmap", "--list", "--output=json", "top.qcow2").stdout == (
+        qimg_here(theirs, "bitmap", "--list", "--output=json", "top.qcow2").stdout
+    )
