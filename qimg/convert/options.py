@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qimg.cachemode import parse_cache_mode
 from qimg.errors import BadOptionError
 
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 @dataclass
@@ -46,9 +46,8 @@ class ConvertOptions:
         its order."""
         self._check_numbers()
         self._check_copy_offload()
-        for mode in (self.cache, self.source_cache):
-            if mode not in CACHE_MODES:
-                raise BadOptionError(f"Invalid cache option: {mode}")
+        parse_cache_mode(self.source_cache, source=True)
+        parse_cache_mode(self.cache)
         if self.target_is_zero and not self.skip_create:
             raise BadOptionError("--target-is-zero requires use of -n flag")
         if self.skip_broken_bitmaps and not self.bitmaps:
