@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from qimg.cachemode import CacheMode
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
 from qimg.opening import (
@@ -48,7 +49,7 @@ def open_image(
     writable: bool = False,
     force_share: bool = False,
     backing: bool = True,
-    cache_unsafe: bool = False,
+    cache: CacheMode | str | None = None,
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
@@ -62,7 +63,8 @@ def open_image(
     BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
-    inject crashes (qimg.faults.FaultyStorage) or observe I/O.
+    inject crashes (qimg.faults.FaultyStorage) or observe I/O. `cache` is
+    qemu-img's cache mode (qimg.cachemode; default writeback).
     """
     from qimg import opening
 
@@ -72,7 +74,7 @@ def open_image(
         writable=writable,
         force_share=force_share,
         backing=backing,
-        cache_unsafe=cache_unsafe,
+        cache=cache,
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,
