@@ -149,14 +149,20 @@ def describe(
 
 
 def check_image_file(
-    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+    filename: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    cache: CacheMode | str | None = None,
 ):
-    """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
-    1 for leaks, 3 for all), close; returns the CheckResult. A check that
-    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    """`qemu-img check [-r leaks|all] [-T cache]`: open, check (and repair:
+    `fix` is 1 for leaks, 3 for all), close; returns the CheckResult. A
+    check that cannot complete raises CheckFailed (whose `result` holds
+    what was found)."""
+    from qimg.cachemode import cache_mode
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share)
+    return check_file(filename, fmt, fix, force_share, cache_mode(cache, source=True))
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:
