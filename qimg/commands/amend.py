@@ -52,9 +52,8 @@ def command(
         return
     if len(filename) != 1:
         raise QimgError("Expecting one image file name")
-    from qimg.progress import make_progress
-
     from qimg.cachemode import parse_cache_mode
+    from qimg.progress import make_progress
 
     reporter = make_progress(show_progress and not quiet, "Amending")
     try:
