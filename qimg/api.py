@@ -53,6 +53,7 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    cache_unsafe: bool = False,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -64,8 +65,8 @@ def open_image(
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O. `cache` is
-    qemu-img's cache mode (qimg.cachemode; default writeback).
-    """
+    qemu-img's cache mode (qimg.cachemode; default writeback);
+    `cache_unsafe` is the old spelling of cache="unsafe"."""
     from qimg import opening
 
     image = opening.open_image(
@@ -75,6 +76,7 @@ def open_image(
         force_share=force_share,
         backing=backing,
         cache=cache,
+        cache_unsafe=cache_unsafe,
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,

@@ -83,6 +83,7 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    cache_unsafe: bool = False,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -95,7 +96,8 @@ def open_image(
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O. `cache` is
     the cache mode (qimg.cachemode, a name or a CacheMode; writeback when
-    None); the data file and the backing chain inherit it, as in QEMU.
+    None; `cache_unsafe`, its old spelling, is cache="unsafe"); the data
+    file and the backing chain inherit it, as in QEMU.
 
     A dirty qcow2 image (lazy refcounts) opened writable is returned as it
     is: qimg.api.open_image repairs it, as QEMU's open does; qemu-img check
@@ -103,7 +105,7 @@ def open_image(
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
-    cache = cache_mode(cache)
+    cache = cache_mode("unsafe" if cache_unsafe and cache is None else cache)
     node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper, cache)
     try:
         below = None
