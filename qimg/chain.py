@@ -1,6 +1,6 @@
 """Backing chains as rebase and commit see them: the images of a chain,
-finding one by name (QEMU's bdrv_find_backing_image), the guest ranges the
-layers above an image hold, and qemu-img's cache mode names.
+finding one by name (QEMU's bdrv_find_backing_image) and the guest ranges
+the layers above an image hold.
 
 Written against the driver interface: an image's backing file is
 `Driver.backing`, what it holds itself is `block_status` (UNALLOCATED
@@ -12,20 +12,9 @@ from __future__ import annotations
 import os
 
 from qimg.driver import UNALLOCATED, Driver
-from qimg.errors import BadOptionError
-
-# bdrv_parse_cache_mode's names ("off" is "none").
-CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 
 # Guest bytes block status is asked for at a time (a bound on list sizes).
 STATUS_STEP = 1 << 30
-
-
-def check_cache_mode(mode: str, what: str = "cache") -> None:
-    """qemu-img's refusal of a -t (`what` "cache") or -T ("source cache")
-    mode bdrv_parse_cache_mode does not know."""
-    if mode not in CACHE_MODES:
-        raise BadOptionError(f"Invalid {what} option: {mode}")
 
 
 def backing_name(image: Driver) -> str | None:

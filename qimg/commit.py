@@ -39,14 +39,16 @@ def commit_image(
     drop: bool = False,
     rate_limit: int = 0,
     progress: Progress | None = None,
-    cache_unsafe: bool = False,
+    cache=None,
     base_storage_wrapper: Callable[[Storage], Storage] | None = None,
 ) -> None:
     """Commit `image` (opened writable with its backing chain; `filename`
     is its name in messages) into its backing file, or into the image of
     its chain that `base` names (qimg.chain.find_backing_image). `drop`
     keeps the top's clusters (-d); a `base` implies it, as in qemu-img.
-    `rate_limit` is bytes a second (0: none). `base_storage_wrapper` wraps
+    `rate_limit` is bytes a second (0: none); `cache` the base's cache
+    mode (qimg.cachemode: a name or a CacheMode; writeback when None), as
+    the top's. `base_storage_wrapper` wraps
     the base's storage when it is reopened read-write (crash tests)."""
     from qimg.chain import find_backing_image
 
@@ -59,7 +61,7 @@ def commit_image(
         target = image.backing
         if target is None:
             raise QimgError("Image does not have a backing file")
-    target = _reopen_writable(image, target, cache_unsafe, base_storage_wrapper)
+    target = _reopen_writable(image, target, cache, base_storage_wrapper)
     copy_down(image, target, rate_limit, progress)
     # Ordering: the base holds the data durably before the top lets go of it.
     target.flush()
@@ -70,7 +72,7 @@ def commit_image(
 def _reopen_writable(
     image: Driver,
     target: Driver,
-    cache_unsafe: bool,
+    cache,
     wrapper: Callable[[Storage], Storage] | None,
 ) -> Driver:
     """The image `target` of `image`'s chain, closed and opened again
@@ -83,9 +85,7 @@ def _reopen_writable(
     path, fmt = target.filename, target.format_name
     parent.backing = None
     target.close()
-    reopened = open_image(
-        path, fmt, writable=True, cache_unsafe=cache_unsafe, storage_wrapper=wrapper
-    )
+    reopened = open_image(path, fmt, writable=True, cache=cache, storage_wrapper=wrapper)
     parent.backing = reopened
     return reopened
 

@@ -46,13 +46,15 @@ def rebase_image(
     *,
     unsafe: bool = False,
     force_share: bool = False,
+    cache=None,
     progress: Progress | None = None,
 ) -> None:
     """Make `backing` the backing file of `image` (opened writable; with its
     backing chain unless `unsafe`). `backing` is the name as the header is
     to store it (relative names are relative to the image's directory);
     None or "" removes the backing file. `backing_fmt` is -F: qemu-img 7.2
-    refuses a new backing file without it.
+    refuses a new backing file without it. `cache` is -T, the new backing
+    chain's cache mode (qimg.cachemode; writeback when None).
 
     Everything refused is refused before anything is written (qemu-img 7.2
     copies the differing data first and fails on the header change)."""
@@ -65,7 +67,7 @@ def rebase_image(
     opened = False
     try:
         if not unsafe and backing:
-            new, opened = _new_backing(image, backing, backing_fmt, force_share)
+            new, opened = _new_backing(image, backing, backing_fmt, force_share, cache)
         _check_header_change(image, backing, backing_fmt)
         if not unsafe:
             copy_differences(image, new, progress)
@@ -77,7 +79,7 @@ def rebase_image(
 
 
 def _new_backing(
-    image: Driver, backing: str, backing_fmt: str | None, force_share: bool
+    image: Driver, backing: str, backing_fmt: str | None, force_share: bool, cache
 ) -> tuple[Driver, bool]:
     """The new backing image: the image of the old chain that `backing`
     names (QEMU reuses it), else the file opened with its own chain;
@@ -91,7 +93,7 @@ def _new_backing(
     if found is not None:
         return found, False
     try:
-        opened = open_image(real, backing_fmt, force_share=force_share)
+        opened = open_image(real, backing_fmt, force_share=force_share, cache=cache)
     except QimgError as exc:
         text = str(exc)
         own = f"Could not open '{real}': "

@@ -30,7 +30,7 @@ def command(
 ) -> None:
     """Write the data of FILE into its backing file (or BASE), then empty
     FILE unless -d or -b."""
-    from qimg.chain import check_cache_mode
+    from qimg.cachemode import parse_cache_mode
     from qimg.commands.common import open_target
     from qimg.commit import commit_image
     from qimg.progress import make_progress
@@ -39,12 +39,11 @@ def command(
     if len(filename) != 1:
         raise click.UsageError("Expecting one image file name")
     parse_objects(objects)
-    check_cache_mode(cache)
-    unsafe = cache == "unsafe"
+    cache = parse_cache_mode(cache)
     reporter = make_progress(show_progress and not quiet, "Committing")
     try:
         reporter.report(0, 1)
-        with open_target(filename[0], fmt, image_opts, writable=True, cache_unsafe=unsafe) as image:
+        with open_target(filename[0], fmt, image_opts, writable=True, cache=cache) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
 
@@ -56,7 +55,7 @@ def command(
                 drop=drop,
                 rate_limit=rate_limit,
                 progress=reporter.report,
-                cache_unsafe=unsafe,
+                cache=cache,
             )
         reporter.finish()
     finally:

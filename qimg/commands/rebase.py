@@ -37,7 +37,7 @@ def command(
 ) -> None:
     """Make BACKING the backing file of FILE, copying into FILE what reads
     differently through the old and the new backing chain (not with -u)."""
-    from qimg.chain import check_cache_mode
+    from qimg.cachemode import parse_cache_mode
     from qimg.commands.common import open_target
     from qimg.progress import make_progress
     from qimg.rebase import rebase_image
@@ -48,8 +48,8 @@ def command(
     if not unsafe and backing is None:
         raise click.UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
     parse_objects(objects)
-    check_cache_mode(cache)
-    check_cache_mode(src_cache, "source cache")
+    cache = parse_cache_mode(cache)
+    src_cache = parse_cache_mode(src_cache, source=True)
     reporter = make_progress(show_progress and not quiet, "Rebasing")
     try:
         reporter.report(0, 1)
@@ -59,7 +59,7 @@ def command(
             image_opts,
             writable=True,
             backing=not unsafe,
-            cache_unsafe=cache == "unsafe",
+            cache=cache,
         ) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
@@ -71,6 +71,7 @@ def command(
                 backing_fmt,
                 unsafe=unsafe,
                 force_share=force_share,
+                cache=src_cache,
                 progress=reporter.report,
             )
         reporter.finish()
