@@ -10,7 +10,8 @@ sparse copy (not timed), the tools alternately:
   read the same, so nothing is copied; both tools read both chains where
   either holds data (2 GiB) and compare.
 
-In /dev/shm where there is one (about 5 GiB), so the disk does not decide.
+In /dev/shm where there is one (about 5 GiB, made for the run and removed
+after it), so the disk does not decide; else the inputs stay in workdir.
 
 Run: python bench/bench_chain.py [--repeat N] [workdir], or
 python bench/run.py chain.
@@ -73,8 +74,9 @@ def _prepare(workdir: str) -> dict[str, str]:
 
 def rows(workdir: str, repeat: int = 3) -> list[dict]:
     shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        workdir = os.path.join(shm, f"qimg-bench-chain-{os.getuid()}")
+    in_shm = os.path.isdir(shm) and os.access(shm, os.W_OK)
+    if in_shm:  # made afresh and removed after: 5 GiB of memory
+        workdir = tempfile.mkdtemp(prefix="qimg-bench-chain-", dir=shm)
     os.makedirs(workdir, exist_ok=True)
     paths = _prepare(workdir)
     work = os.path.join(workdir, "work")
@@ -108,7 +110,7 @@ def rows(workdir: str, repeat: int = 3) -> list[dict]:
             ),
         ]
     finally:
-        subprocess.run(["rm", "-rf", work], check=False)
+        subprocess.run(["rm", "-rf", workdir if in_shm else work], check=False)
 
 
 def workloads(workdir: str) -> list[dict]:
