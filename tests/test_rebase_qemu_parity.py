@@ -222,3 +222,31 @@ def test_rebase_of_a_probed_raw_image_warns_first(chain, tmp_path):
     m, q = run_both(mine, theirs, "rebase", "-u", "-b", "", "r.raw")
     assert (m.returncode, m.stderr) == (q.returncode, q.stderr)
     assert "probing guessed raw" in m.stderr
+
+
+SHAPES = {
+    "v2": ("-o", "compat=0.10"),
+    "small-clusters": ("-o", "cluster_size=4k"),
+    "extended-l2": ("-o", "extended_l2=on"),
+    "larger-than-its-backing": ("-o", "cluster_size=64k", "6M"),
+}
+
+
+@pytest.mark.parametrize("target", ["other.qcow2", ""], ids=["onto-other", "flatten"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_rebase_of_overlays_of_every_shape(chain, tmp_path, shape, target):
+    """Partial clusters copied (512-byte sectors), zeros past the old
+    chain's end, v2 images without zero clusters: as qemu-img leaves them."""
+    src = tmp_path / "src"
+    shutil.copytree(chain, src)
+    *opts, size = shape if shape[-1].endswith("M") else (*shape, "4M")
+    make(src, "o.qcow2", size, "-b", "base.qcow2", "-F", "qcow2", *opts)
+    writes = ["write -P 8 100k 3k"] + (["write -P 9 4500k 1k"] if size == "6M" else [])
+    io(src, "o.qcow2", *writes)
+    mine, theirs = twins(src, tmp_path / "t")
+    args = ["-b", target] + (["-F", "qcow2"] if target else [])
+    m, q = run_both(mine, theirs, "rebase", *args, "o.qcow2")
+    assert (m.returncode, m.stderr) == (q.returncode, q.stderr) == (0, "")
+    assert_clean(mine, "o.qcow2")
+    assert_same_maps(mine, theirs, "o.qcow2")
+    assert_same_guest(mine, src, "o.qcow2")
