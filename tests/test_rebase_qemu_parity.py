@@ -250,3 +250,14 @@ def test_rebase_of_overlays_of_every_shape(chain, tmp_path, shape, target):
     assert_clean(mine, "o.qcow2")
     assert_same_maps(mine, theirs, "o.qcow2")
     assert_same_guest(mine, src, "o.qcow2")
+
+
+def test_rebase_of_an_image_without_backing_file_hides_the_new_one(chain, tmp_path):
+    """Where the new backing file holds data the image lacks, zeros are
+    written (qemu-img's zero writes past the end of no old chain)."""
+    mine, theirs = twins(chain, tmp_path)
+    m, q = run_both(mine, theirs, "rebase", "-b", "copy.qcow2", "-F", "qcow2", "other.qcow2")
+    assert (m.returncode, m.stderr) == (q.returncode, q.stderr) == (0, "")
+    assert_clean(mine, "other.qcow2")
+    assert_same_maps(mine, theirs, "other.qcow2")
+    assert_same_guest(mine, chain, "other.qcow2")
