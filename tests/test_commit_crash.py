@@ -91,3 +91,28 @@ def test_commit_crash_leaks_but_never_corrupts(chain, tmp_path, victim, mode):
             got = base[pos : pos + BLOCK]
             old = before[pos : pos + BLOCK] or bytes(BLOCK)
             assert got in (old, after[pos : pos + BLOCK]), (point, pos)
+
+
+@pytest.mark.parametrize("mode", ["kill", "power"])
+def test_commit_crash_while_discarding_a_top_with_a_snapshot(chain, tmp_path, mode):
+    """A top with a snapshot is emptied cluster by cluster (its snapshot
+    keeps them): a crash there leaks at most, and the top reads as before."""
+    src, top_data, _before, _after = chain
+    snap = tmp_path / "snap"
+    shutil.copytree(src, snap, ignore=shutil.ignore_patterns("done"))
+    run(["qemu-img", "snapshot", "-c", "s1", str(snap / "top.qcow2")])
+    io(snap, "top.qcow2", "write -P 6 64k 64k")
+    data = qemu_read_raw(snap / "top.qcow2", tmp_path)
+    work = tmp_path / "w"
+    shutil.copytree(snap, work)
+    top_log, _ = _commit(work / "top.qcow2", {}, {})
+    total = len(top_log.log)
+    rng = random.Random(f"snapshot-{mode}")
+    for point in sorted(set(rng.sample(range(total), min(total, 6)))):
+        for name in ("top.qcow2", "base.qcow2"):
+            shutil.copy(snap / name, work / name)
+        _commit(work / "top.qcow2", {"crash_at": point, "mode": mode, "seed": point}, {})
+        for name in ("top.qcow2", "base.qcow2"):
+            proc = run(["qemu-img", "check", "-f", "qcow2", str(work / name)], check=False)
+            assert proc.returncode in (0, 3), f"{name}, crash at {point}: {proc.stdout}"
+        assert qemu_read_raw(work / "top.qcow2", tmp_path) == data, point
