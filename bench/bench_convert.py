@@ -1,17 +1,24 @@
 """Benchmark: qimg convert against qemu-img convert, same machine, same run.
 
-Workloads (issue 4):
+Workloads (issues 4 and 15):
 - a 4 GiB raw file holding about 1 GiB of mixed data (1 MiB chunks every
   4 MiB, alternately text-like and random; the rest holes), converted to
-  qcow2, back to raw, qcow2 -> qcow2, -c zlib (default and fast levels),
-  -c zstd, and the zlib / zstd compressed images back to raw;
-- real data: an ext4 image made with `mkfs.ext4 -d /usr/lib` converted
-  with -c.
+  qcow2, back to raw and qcow2 -> qcow2 on the file system of every bench
+  directory (by default the disk's, ext4 here, and tmpfs in /dev/shm);
+- the same pattern with 8 GiB of data (--big GIB), where there is room;
+- on the disk's directory: -c zlib (default and fast levels), -c zstd,
+  the zlib / zstd compressed images back to raw, and real data (an ext4
+  image made with `mkfs.ext4 -d /usr/lib`) with -c;
+- with --modes, each cache mode (-t) of raw->qcow2 and qcow2->raw there.
 
-Prints wall-time ratios (qimg / qemu-img, median), peak memory and the
-compressed sizes of both tools. Usage:
+Every run writes a fresh target (the previous one removed, untimed), after
+os.sync(); both tools run with their defaults (convert's target cache
+mode: unsafe) unless a row names a mode. Prints wall-time ratios (qimg /
+qemu-img, median of --repeat), peak memory and the compressed sizes of
+both tools. Usage:
 
-    python bench/bench_convert.py [--dir DIR] [--quick] [--repeat N] [--only NAME ...]
+    python bench/bench_convert.py [--dir DIR ...] [--big GIB] [--modes]
+                                  [--quick] [--repeat N] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import QIMG, compare, print_table  # noqa: E402
+from common import QIMG, compare, filesystem, print_table  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -87,10 +94,8 @@ def make_ext4(path: str, source_dir: str = EXT4_SOURCE) -> bool:
 
 
 def _rm(*paths: str):
-    """Remove outputs of an earlier workload (both tools recreate their
-    target on each repetition, so a run's output survives for the size check)."""
     for p in paths:
-        if os.path.exists(p):
+        if os.path.lexists(p):
             os.unlink(p)
 
 
@@ -98,115 +103,235 @@ def _sync() -> None:
     os.sync()  # start each run without the previous run's dirty pages
 
 
-def _default_parent() -> str | None:
-    """tmpfs where there is one: timings then measure the tools, not the
-    disk's writeback (which varies several-fold between runs on a VM)."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
 def _size(path: str) -> int:
-    return os.path.getsize(path)
+    """Bytes allocated: a compressed qcow2 file grows a cluster at a time,
+    so its length hides differences of up to a cluster per run of
+    compressed clusters (qemu-img's zlib and zstd targets of the mixed
+    image have the same length)."""
+    return os.stat(path).st_blocks * 512
 
 
-def workloads(workdir: str) -> list[dict]:
-    """bench/run.py's protocol: every workload at full size, rows returned."""
-    return main([], workdir)
+def _free(path: str) -> int:
+    """Bytes the file system of `path` can still take (tmpfs: also bounded
+    by the memory available, which is what it is made of)."""
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if filesystem(path) == "tmpfs":
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free = min(free, int(info["MemAvailable"].split()[0]) * 1024)
+    return free
+
+
+def default_dirs(workdir: str | None) -> tuple[list[str], list[str]]:
+    """A directory on the disk (`workdir`, else one made under /var/tmp)
+    and one on tmpfs (/dev/shm), where there is one; and those made here
+    (to remove at the end)."""
+    made = []
+    disk = workdir
+    if disk is None:
+        disk = tempfile.mkdtemp(prefix="qimg-bench-convert-", dir="/var/tmp")
+        made.append(disk)
+    dirs = [disk]
+    if os.path.isdir("/dev/shm") and filesystem(disk) != "tmpfs":
+        shm = tempfile.mkdtemp(prefix="qimg-bench-convert-", dir="/dev/shm")
+        dirs.append(shm)
+        made.append(shm)
+    return dirs, made
+
+
+def workloads(workdir: str, dirs: list[str] | None = None) -> list[dict]:
+    """bench/run.py's protocol: every workload at full size (the disk's
+    file system in `workdir`, tmpfs in /dev/shm, or those of `dirs`; the
+    8 GiB-data workload where there is room; the cost of each cache
+    mode), rows returned."""
+    return main(["--big", "8", "--modes", *(f"--dir={d}" for d in dirs or ())], workdir)
+
+
+class Bench:
+    """Runs workloads and keeps their rows; `only` limits them by name."""
+
+    def __init__(self, only: list[str] | None, repeat: int):
+        self.only = only
+        self.repeat = repeat
+        self.rows: list[dict] = []
+        self.sizes: list[tuple[str, int, int]] = []
+
+    def wanted(self, name: str) -> bool:
+        return not self.only or name in self.only or name.split(" ", 1)[-1] in self.only
+
+    def run(self, name, args, out_dir, repeat=None, qimg_extra=(), keep_both=True, size=False):
+        """`convert ARGS TARGET` by both tools into `out_dir`."""
+        if not self.wanted(name):
+            return
+        out_q, out_e = os.path.join(out_dir, "out-qimg"), os.path.join(out_dir, "out-qemu")
+        _rm(out_q, out_e)
+
+        def setup():
+            if not keep_both:  # room for one target at a time
+                _rm(out_q, out_e)
+            _sync()
+
+        r = compare(
+            name,
+            QIMG + ["convert", *args, *qimg_extra, out_q],
+            ["qemu-img", "convert", *args, out_e],
+            repeat=repeat or self.repeat,
+            setup=setup,
+            targets=(out_q, out_e),
+        )
+        self.rows.append(r)
+        if size:
+            self.sizes.append((name, _size(out_q), _size(out_e)))
+        print_table([r])
+        _rm(out_q, out_e)
+
+
+def make_inputs(d: str, size: int, step: int = 4 * MiB, qcow2: bool = True) -> tuple[str, str]:
+    """The mixed raw image of `size` bytes in `d`, and its qcow2 (by
+    qemu-img), made once."""
+    raw, q = make_inputs_names(d, size)
+    if not os.path.exists(raw) or os.path.getsize(raw) != size:
+        # In a child: numpy in this process would count in every timed
+        # command's peak memory (a child's ru_maxrss starts from the
+        # parent's, which it is forked from).
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--make-mixed", raw, str(size), str(step)],
+            check=True,
+        )
+    if qcow2 and not os.path.exists(q):
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, q], check=True)
+    return raw, q
+
+
+def uncompressed(bench: Bench, d: str, size: int, label: str, keep_both: bool = True) -> None:
+    """raw->qcow2, qcow2->raw and qcow2->qcow2 on the file system of `d`."""
+    fs = filesystem(d)
+    names = [f"{fs} {label} {w}" for w in ("raw->qcow2", "qcow2->raw", "qcow2->qcow2")]
+    if not any(bench.wanted(n) for n in names):
+        return
+    raw, q = make_inputs(d, size)
+    bench.run(names[0], ["-O", "qcow2", raw], d, keep_both=keep_both)
+    bench.run(names[1], ["-O", "raw", q], d, keep_both=keep_both)
+    bench.run(names[2], ["-O", "qcow2", q], d, keep_both=keep_both)
+
+
+def compressed(bench: Bench, d: str, size: int, with_ext4: bool) -> None:
+    """The compressed workloads, on the file system of `d`."""
+    fs = filesystem(d)
+    raw, _ = make_inputs(d, size, qcow2=False)
+    inputs = {}
+    for name, extra in (("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"])):
+        inputs[name] = os.path.join(d, f"mixed-{name}.qcow2")
+        if not os.path.exists(inputs[name]):
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", *extra, raw, inputs[name]],
+                           check=True)  # fmt: skip
+    bench.run(f"{fs} -c zlib (default level)", ["-O", "qcow2", "-c", raw], d, 1, size=True)
+    bench.run(
+        f"{fs} -c zstd", ["-O", "qcow2", "-c", "-o", "compression_type=zstd", raw], d, size=True
+    )
+    bench.run(f"{fs} zlib qcow2->raw", ["-O", "raw", inputs["zlib"]], d)
+    bench.run(f"{fs} zstd qcow2->raw", ["-O", "raw", inputs["zstd"]], d)
+    # Only qimg has levels: against qemu-img's default -c.
+    fast = ("--compression-level", "fast")
+    bench.run(f"{fs} -c zlib --compression-level fast", ["-O", "qcow2", "-c", raw], d, 1,
+              qimg_extra=fast, size=True)  # fmt: skip
+    if with_ext4 and bench.wanted(f"{fs} ext4 -c zlib"):
+        ext4 = os.path.join(d, "ext4.raw")
+        if os.path.exists(ext4) or make_ext4(ext4):
+            bench.run(f"{fs} ext4 -c zlib", ["-O", "qcow2", "-c", ext4], d, 1, size=True)
+
+
+def cache_modes(bench: Bench, d: str, size: int) -> None:
+    """What each target cache mode costs, both tools, on `d`'s file system."""
+    fs = filesystem(d)
+    raw, q = make_inputs(d, size)
+    for mode in ("unsafe", "writeback", "writethrough", "none", "directsync"):
+        bench.run(f"{fs} -t {mode} raw->qcow2", ["-t", mode, "-O", "qcow2", raw], d)
+        bench.run(f"{fs} -t {mode} qcow2->raw", ["-t", mode, "-O", "raw", q], d)
 
 
 def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir in /dev/shm)")
+    ap.add_argument(
+        "--dir",
+        action="append",
+        default=None,
+        help="a bench directory: the uncompressed workloads run on its file system "
+        "(repeatable; default: one on the disk and one in /dev/shm). Inputs are kept "
+        "there for the next run; the compressed workloads run in the first one not on tmpfs.",
+    )
     ap.add_argument("--quick", action="store_true", help="1 GiB image, one repetition")
     ap.add_argument("--only", nargs="*", default=None, help="workload names to run")
     ap.add_argument("--no-ext4", action="store_true", help="skip the real-data workload")
+    ap.add_argument(
+        "--big",
+        type=float,
+        default=0,
+        help="GiB of data in the large workload (8 for issue 15's; default 0: not run); "
+        "skipped on a file system without room for it",
+    )
+    ap.add_argument("--modes", action="store_true", help="time each cache mode (-t)")
     ap.add_argument(
         "--repeat", type=int, default=3, help="runs per tool of the shorter workloads (default 3)"
     )
     args = ap.parse_args(argv)
 
-    work = (
-        workdir or args.dir or tempfile.mkdtemp(prefix="qimg-bench-convert-", dir=_default_parent())
-    )
-    os.makedirs(work, exist_ok=True)
+    made: list[str] = []
+    if args.dir:
+        dirs = args.dir
+    else:
+        dirs, made = default_dirs(workdir)
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    disk = next((d for d in dirs if filesystem(d) != "tmpfs"), dirs[0])
     size = GiB if args.quick else 4 * GiB
-    rep = 1 if args.quick else args.repeat
-
-    def p(name: str) -> str:
-        return os.path.join(work, name)
-
-    src = p("mixed.raw")
-    if not os.path.exists(src) or os.path.getsize(src) != size:
-        make_mixed_raw(src, size)
-    # Inputs for the qcow2 and compressed directions, made by qemu-img.
-    for name, extra in (
-        ("mixed.qcow2", []),
-        ("mixed-zlib.qcow2", ["-c"]),
-        ("mixed-zstd.qcow2", ["-c", "-o", "compression_type=zstd"]),
-    ):
-        if not os.path.exists(p(name)):
-            subprocess.run(["qemu-img", "convert", "-O", "qcow2", *extra, src, p(name)], check=True)
-
-    out_q, out_e = p("out-qimg"), p("out-qemu")
-    workloads = [
-        ("raw->qcow2", ["-O", "qcow2", src], rep),
-        ("qcow2->raw", ["-O", "raw", p("mixed.qcow2")], rep),
-        ("qcow2->qcow2", ["-O", "qcow2", p("mixed.qcow2")], rep),
-        ("-c zlib (default level)", ["-O", "qcow2", "-c", src], 1),
-        ("-c zstd", ["-O", "qcow2", "-c", "-o", "compression_type=zstd", src], rep),
-        ("zlib qcow2->raw", ["-O", "raw", p("mixed-zlib.qcow2")], rep),
-        ("zstd qcow2->raw", ["-O", "raw", p("mixed-zstd.qcow2")], rep),
-    ]
-    fast = ("-c zlib --compression-level fast", ["-O", "qcow2", "-c", src], 1)
-
-    if not args.no_ext4 and (not args.only or "ext4 -c zlib" in args.only):
-        ext4 = p("ext4.raw")
-        if os.path.exists(ext4) or make_ext4(ext4):
-            workloads.append(("ext4 -c zlib", ["-O", "qcow2", "-c", ext4], 1))
+    bench = Bench(args.only, 1 if args.quick else args.repeat)
 
     # The ratios only mean something on an idle machine: say how busy it was.
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rows = []
-    sizes = []
-    for name, cmd, n in workloads:
-        if args.only and name not in args.only:
-            continue
-        _rm(out_q, out_e)
-        r = compare(
-            name,
-            QIMG + ["convert", *cmd, out_q],
-            ["qemu-img", "convert", *cmd, out_e],
-            repeat=n,
-            setup=_sync,
-        )
-        rows.append(r)
-        if "-c" in cmd:
-            sizes.append((name, _size(out_q), _size(out_e)))
-        print_table([r])
-    if not args.only or fast[0] in args.only:
-        # Only qimg has levels: compare against qemu-img's default -c.
-        name, cmd, n = fast
-        _rm(out_q, out_e)
-        r = compare(
-            name,
-            QIMG + ["convert", *cmd, "--compression-level", "fast", out_q],
-            ["qemu-img", "convert", *cmd, out_e],
-            repeat=n,
-            setup=_sync,
-        )
-        rows.append(r)
-        sizes.append((name, _size(out_q), _size(out_e)))
-        print_table([r])
+    try:
+        for d in dirs:
+            uncompressed(bench, d, size, f"{size // 4 // GiB or 0.25}G-data")
+        if args.big:
+            big = int(args.big * 4 * GiB)
+            for d in dirs:
+                need = big // 4 * 3 + GiB  # raw data, its qcow2, one target
+                if _free(d) < need:
+                    print(f"({filesystem(d)}: no room for {args.big:g} GiB of data in {d})")
+                    continue
+                big_dir = os.path.join(d, "big")  # its inputs removed after
+                os.makedirs(big_dir, exist_ok=True)
+                try:
+                    uncompressed(bench, big_dir, big, f"{args.big:g}G-data", keep_both=False)
+                finally:
+                    shutil.rmtree(big_dir)
+        compressed(bench, disk, size, not args.no_ext4)
+        if args.modes:
+            cache_modes(bench, disk, size)
+    finally:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
     print()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print_table(rows)
+    print_table(bench.rows)
     print()
-    print(f"{'compressed target':<44}{'qimg bytes':>14}{'qemu bytes':>14}{'size ratio':>12}")
-    for name, a, b in sizes:
-        print(f"{name:<44}{a:>14}{b:>14}{a / b:>12.4f}")
-    _rm(out_q, out_e)
-    return rows
+    print(
+        f"{'compressed target (allocated)':<48}{'qimg bytes':>14}{'qemu bytes':>14}{'size ratio':>12}"
+    )
+    for name, a, b in bench.sizes:
+        print(f"{name:<48}{a:>14}{b:>14}{a / b:>12.4f}")
+    return bench.rows
+
+
+def make_inputs_names(d: str, size: int) -> tuple[str, str]:
+    tag = f"{size // GiB}g"
+    return os.path.join(d, f"mixed-{tag}.raw"), os.path.join(d, f"mixed-{tag}.qcow2")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--make-mixed"]:
+        make_mixed_raw(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()

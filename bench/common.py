@@ -35,8 +35,13 @@ def compile_qimg() -> None:
     _compiled = True
 
 
-def _run_once(cmd: list[str], setup, cwd: str | None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one run of `cmd`."""
+def _run_once(
+    cmd: list[str], setup, cwd: str | None, target: str | None = None
+) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one run of `cmd`; `target`, a
+    file the run creates, is removed first (untimed)."""
+    if target is not None and os.path.lexists(target):
+        os.unlink(target)
     if setup is not None:
         setup()
     start = time.perf_counter()
@@ -57,17 +62,22 @@ def compare(
     repeat: int = 3,
     setup=None,
     cwd: str | None = None,
+    targets: tuple[str, str] | None = None,
 ) -> dict:
     """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img.
 
     The two tools run alternately (qimg, qemu-img, qimg, ...), so a change in
     the machine's load during the workload weighs on both medians alike.
+    `targets`, (qimg's, qemu-img's), are the files the commands create:
+    each run starts without its own (a fresh target; the other tool's last
+    output stays for a size comparison).
     """
     compile_qimg()
     ours, theirs = [], []
+    ours_target, theirs_target = targets or (None, None)
     for _ in range(repeat):
-        ours.append(_run_once(qimg_cmd, setup, cwd))
-        theirs.append(_run_once(qemu_cmd, setup, cwd))
+        ours.append(_run_once(qimg_cmd, setup, cwd, ours_target))
+        theirs.append(_run_once(qemu_cmd, setup, cwd, theirs_target))
     a = statistics.median(w for w, _ in ours)
     b = statistics.median(w for w, _ in theirs)
     return {
@@ -85,11 +95,29 @@ def compare_command(name: str, args: list[str], **kw) -> dict:
     return compare(name, QIMG + args, ["qemu-img", *args], **kw)
 
 
+def filesystem(path: str) -> str:
+    """The type of the file system holding `path` (ext4, tmpfs, ...), from
+    the longest mount point above it in /proc/self/mounts."""
+    real = os.path.realpath(path)
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mnt = fields[1].replace("\\040", " ")
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, kind = mnt, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'workload':<44}{'qimg s':>9}{'qemu s':>9}{'ratio':>8}{'qimg MiB':>10}{'qemu MiB':>10}")
+    print(f"{'workload':<48}{'qimg s':>9}{'qemu s':>9}{'ratio':>8}{'qimg MiB':>10}{'qemu MiB':>10}")
     for r in rows:
         print(
-            f"{r['workload']:<44}{r['qimg_s']:>9.3f}{r['qemu_s']:>9.3f}{r['ratio']:>8.2f}"
+            f"{r['workload']:<48}{r['qimg_s']:>9.3f}{r['qemu_s']:>9.3f}{r['ratio']:>8.2f}"
             f"{r['qimg_peak_mib']:>10.1f}{r['qemu_peak_mib']:>10.1f}"
         )
     sys.stdout.flush()

@@ -3,6 +3,12 @@
     python bench/run.py                    # every group
     python bench/run.py foundation check   # some groups
     python bench/run.py --workdir DIR      # keep images (e.g. the 1 GiB one) in DIR
+    python bench/run.py convert --dir /mnt/xfs --dir /dev/shm
+                                           # convert on these file systems
+
+convert runs its uncompressed workloads on the disk's file system (the
+work directory's; ext4 here) and on tmpfs (/dev/shm) in one run, or on
+those of the --dir directories.
 
 Protocol: a workload group is a module `bench/bench_<group>.py` that
 defines
@@ -22,20 +28,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
-GROUPS += ("compare",)
-GROUPS += ("reflink",)
+GROUPS += ("compare", "reflink", "chain")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("groups", nargs="*", help=f"groups to run (default: {' '.join(GROUPS)})")
     parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--dir",
+        action="append",
+        help="a directory whose file system convert's workloads run on (repeatable)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
     from common import print_table
@@ -54,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(name)
             group_dir = os.path.join(workdir, group)
             os.makedirs(group_dir, exist_ok=True)
-            rows.extend(module.workloads(group_dir))
+            if args.dir and "dirs" in inspect.signature(module.workloads).parameters:
+                rows.extend(module.workloads(group_dir, dirs=args.dir))
+            else:
+                rows.extend(module.workloads(group_dir))
     print_table(rows)
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from qimg.cachemode import CacheMode
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
 from qimg.opening import (
@@ -48,10 +49,11 @@ def open_image(
     writable: bool = False,
     force_share: bool = False,
     backing: bool = True,
-    cache_unsafe: bool = False,
+    cache: CacheMode | str | None = None,
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    cache_unsafe: bool = False,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -62,8 +64,9 @@ def open_image(
     BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
-    inject crashes (qimg.faults.FaultyStorage) or observe I/O.
-    """
+    inject crashes (qimg.faults.FaultyStorage) or observe I/O. `cache` is
+    qemu-img's cache mode (qimg.cachemode; default writeback);
+    `cache_unsafe` is the old spelling of cache="unsafe"."""
     from qimg import opening
 
     image = opening.open_image(
@@ -72,6 +75,7 @@ def open_image(
         writable=writable,
         force_share=force_share,
         backing=backing,
+        cache=cache,
         cache_unsafe=cache_unsafe,
         lock=lock,
         data_file=data_file,
@@ -147,14 +151,20 @@ def describe(
 
 
 def check_image_file(
-    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+    filename: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    cache: CacheMode | str | None = None,
 ):
-    """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
-    1 for leaks, 3 for all), close; returns the CheckResult. A check that
-    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    """`qemu-img check [-r leaks|all] [-T cache]`: open, check (and repair:
+    `fix` is 1 for leaks, 3 for all), close; returns the CheckResult. A
+    check that cannot complete raises CheckFailed (whose `result` holds
+    what was found)."""
+    from qimg.cachemode import cache_mode
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share)
+    return check_file(filename, fmt, fix, force_share, cache_mode(cache, source=True))
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from qimg.cachemode import CacheMode, cache_mode
 from qimg.driver import Driver
 from qimg.errors import BackingChainError, BadOptionError, QimgError
 from qimg.formats.qcow2 import layout as L
@@ -78,10 +79,11 @@ def open_image(
     writable: bool = False,
     force_share: bool = False,
     backing: bool = True,
-    cache_unsafe: bool = False,
+    cache: CacheMode | str | None = None,
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    cache_unsafe: bool = False,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -92,7 +94,10 @@ def open_image(
     `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
-    inject crashes (qimg.faults.FaultyStorage) or observe I/O.
+    inject crashes (qimg.faults.FaultyStorage) or observe I/O. `cache` is
+    the cache mode (qimg.cachemode, a name or a CacheMode; writeback when
+    None; `cache_unsafe`, its old spelling, is cache="unsafe"); the data
+    file and the backing chain inherit it, as in QEMU.
 
     A dirty qcow2 image (lazy refcounts) opened writable is returned as it
     is: qimg.api.open_image repairs it, as QEMU's open does; qemu-img check
@@ -100,7 +105,8 @@ def open_image(
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
-    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
+    cache = cache_mode("unsafe" if cache_unsafe and cache is None else cache)
+    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper, cache)
     try:
         below = None
         if backing and node.open_backing and node.header is not None:
@@ -109,11 +115,11 @@ def open_image(
                 node.header,
                 writable=writable,
                 force_share=force_share,
-                cache_unsafe=cache_unsafe,
+                cache=cache,
                 lock=lock,
                 data_file=data_file,
             )
-        return node.build(below, cache_unsafe)
+        return node.build(below)
     except BaseException:
         node.close()
         raise
@@ -125,7 +131,7 @@ def open_backing_chain(
     *,
     writable: bool = False,
     force_share: bool = False,
-    cache_unsafe: bool = False,
+    cache: CacheMode | None = None,
     lock: bool = True,
     data_file: bool = True,
 ) -> Driver | None:
@@ -152,7 +158,9 @@ def open_backing_chain(
             depth = len(nodes) + 1
             path = resolve_backing_path(parent_path, parent.backing_file)
             try:
-                node = _open_node(path, parent.backing_format, False, share, lock, data_file)
+                node = _open_node(
+                    path, parent.backing_format, False, share, lock, data_file, cache=cache
+                )
             except QimgError as exc:
                 raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
             nodes.append(node)
@@ -167,7 +175,7 @@ def open_backing_chain(
             parent_path, parent = node.path, node.header if node.open_backing else None
         below = None
         while nodes:
-            below = nodes[-1].build(below, cache_unsafe)
+            below = nodes[-1].build(below)
             nodes.pop()
         return below
     except BaseException:
@@ -197,7 +205,7 @@ class _Node:
         # no data file, and an encrypted image opens without its key.
         self.metadata_only = False
 
-    def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
+    def build(self, backing: Driver | None) -> Driver:
         """The driver over this node, reading through `backing`. On failure
         `backing` is closed (the caller closes this node)."""
         try:
@@ -216,7 +224,6 @@ class _Node:
                 backing=backing,
                 data_storage=self.data_storage,
                 header=self.header,
-                cache_unsafe=cache_unsafe,
                 metadata_only=self.metadata_only,
             )
             if self.metadata_only and self.header.crypt_method:
@@ -245,6 +252,7 @@ def _open_node(
     lock: bool,
     data_file: bool,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    cache: CacheMode | None = None,
 ) -> _Node:
     """Open one image file (and its data file), not its backing file.
     `path` may be a `file:` or `json:` name (qimg.filenames)."""
@@ -258,7 +266,7 @@ def _open_node(
     masks = _lock_masks(fmt, writable, force_share) if fmt else None
     # QEMU's order: the file opened (read-write if asked), its format
     # probed, then the permissions locked.
-    storage = open_storage(path, writable, lock=False)
+    storage = open_storage(path, writable, lock=False, cache=cache)
     try:
         fmt = fmt or _probe(storage)
         if lock:
@@ -274,7 +282,9 @@ def _open_node(
         return _qcow_node(path, storage, name.open_backing, not data_file)
     try:
         header = _read_header(storage)
-        data_storage = open_data_file(header, writable, force_share, lock) if data_file else None
+        data_storage = (
+            open_data_file(header, writable, force_share, lock, cache) if data_file else None
+        )
     except BaseException:
         storage.close()
         raise
@@ -305,7 +315,11 @@ def _read_header(storage: Storage):
 
 
 def open_data_file(
-    header, writable: bool = False, force_share: bool = False, lock: bool = True
+    header,
+    writable: bool = False,
+    force_share: bool = False,
+    lock: bool = True,
+    cache: CacheMode | None = None,
 ) -> Storage | None:
     """The external data file a qcow2 header names, opened; None if none.
 
@@ -319,7 +333,7 @@ def open_data_file(
         raise QimgError("'data-file' is required for this image")
     if not header.data_file:
         raise QimgError("The 'file' block driver requires a file name")
-    return open_storage(header.data_file, writable, force_share=force_share, lock=lock)
+    return open_storage(header.data_file, writable, force_share=force_share, lock=lock, cache=cache)
 
 
 def _lock_masks(fmt: str, writable: bool, force_share: bool) -> tuple[int | None, int | None]:

@@ -11,7 +11,9 @@ import abc
 import errno
 import functools
 import os
+import threading
 
+from qimg.cachemode import WRITEBACK, CacheMode
 from qimg.errors import FileTooLargeError, ImageIOError
 
 # QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to BDRV_MAX_ALIGNMENT, 1 GiB):
@@ -143,6 +145,13 @@ class FileStorage(Storage):
     file-posix driver takes them, so QEMU and qimg refuse each other's
     conflicting access. With `create`, the file is created or emptied under
     QEMU's create lock (raw_co_create) first.
+
+    `cache` (qimg.cachemode; writeback when None) sets the open flags
+    (O_DIRECT, O_DSYNC) and whether flush() does anything. Under O_DIRECT
+    every request reaches the file aligned to DIRECT_ALIGNMENT in offset,
+    length and memory: an unaligned one goes through an aligned bounce
+    buffer (a write's partial first and last blocks read, modified and
+    written back, the file's length kept).
     """
 
     def __init__(
@@ -155,16 +164,18 @@ class FileStorage(Storage):
         force_share: bool = False,
         perm: int | None = None,
         shared: int | None = None,
+        cache: CacheMode | None = None,
     ):
         self.path = path
         self.writable = writable or create
+        self.cache = cache or WRITEBACK
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT
-        try:
-            self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise _os_error(path, "create" if create else "open", exc) from None
+        if self.cache.writethrough and self.writable:
+            flags |= os.O_DSYNC
+        self._direct = _DirectIO(self) if self.cache.direct else None
+        self._fd = _open(path, flags, self.cache.direct, create)
         self._closed = False
         self._locker = None
         self._share_refused = False  # see share_from
@@ -204,6 +215,10 @@ class FileStorage(Storage):
         """Read `length` bytes; bytes past the end of file are zero (a
         request QEMU refuses raises ImageIOError, see check_request)."""
         check_request(offset, length)
+        if self._direct is not None:
+            buf = bytearray(length)
+            self._direct.readinto(offset, memoryview(buf))
+            return bytes(buf)
         parts = []
         got = 0
         try:
@@ -227,6 +242,8 @@ class FileStorage(Storage):
         total = 0
         n = len(buffer)
         check_request(offset, n)
+        if self._direct is not None:
+            return self._direct.readinto(offset, memoryview(buffer).cast("B"))
         try:
             while total < n:
                 got = os.preadv(self._fd, [buffer[total:]], offset + total)
@@ -239,6 +256,9 @@ class FileStorage(Storage):
 
     def pwrite(self, offset: int, data) -> None:
         view = memoryview(data)
+        if self._direct is not None:
+            self._direct.write(offset, view.cast("B"))
+            return
         try:
             while len(view):
                 n = os.pwrite(self._fd, view, offset)
@@ -373,9 +393,10 @@ class FileStorage(Storage):
         return runs
 
     def flush(self) -> None:
-        if self.writable:
+        """fdatasync, as QEMU's file driver flushes; nothing under unsafe."""
+        if self.writable and not self.cache.no_flush:
             try:
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise _os_error(self.path, "flush", exc) from None
@@ -395,11 +416,15 @@ def open_storage(
     force_share: bool = False,
     perm: int | None = None,
     shared: int | None = None,
+    cache: CacheMode | None = None,
 ) -> Storage:
     """The storage a host name opens (a file today; the one place where a
     network export would be told apart). `perm`/`shared` are the QEMU
-    permission masks to lock (qimg.locking.image_perms; default: qcow2's)."""
-    return FileStorage(path, writable, lock=lock, force_share=force_share, perm=perm, shared=shared)
+    permission masks to lock (qimg.locking.image_perms; default: qcow2's);
+    `cache` the cache mode (qimg.cachemode; default writeback)."""
+    return FileStorage(
+        path, writable, lock=lock, force_share=force_share, perm=perm, shared=shared, cache=cache
+    )
 
 
 def create_storage(path: str, *, lock: bool = True) -> Storage:
@@ -475,3 +500,145 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# O_DIRECT's alignment of offsets, lengths and buffers: the largest that
+# QEMU's file driver probes (512 to 4096), so that it holds on every
+# device the kernels here drive.
+DIRECT_ALIGNMENT = 4096
+# The largest bounce buffer (a thread's, reused): unaligned requests go
+# through it this many bytes at a time.
+_BOUNCE_SIZE = 4 << 20
+
+
+def _open(path: str, flags: int, direct: bool, create: bool) -> int:
+    """os.open in file-posix's words; O_DIRECT refused by the file system
+    (EINVAL where the same open without it works) fails as QEMU's
+    qemu_open fails: "filesystem does not support O_DIRECT"."""
+    action = "create" if create else "open"
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            try:
+                os.close(os.open(path, flags & ~os.O_DIRECT, 0o644))
+            except OSError:
+                pass
+            else:
+                raise ImageIOError(
+                    f"Could not {action} '{path}': filesystem does not support O_DIRECT"
+                ) from None
+        raise _os_error(path, action, exc) from None
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """`size` bytes of fresh anonymous memory, page-aligned (so aligned
+    for O_DIRECT); zero-filled."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+
+
+def _address(view: memoryview) -> int:
+    """The address of a contiguous buffer's first byte."""
+    import numpy as np
+
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
+
+
+class _DirectIO:
+    """A FileStorage's reads and writes under O_DIRECT: aligned requests go
+    straight to the file, the others through a bounce buffer."""
+
+    def __init__(self, storage: FileStorage):
+        self.storage = storage
+        self._local = threading.local()  # each thread's bounce buffer
+        self._rmw = threading.Lock()  # one read-modify-write of blocks at a time
+
+    @staticmethod
+    def aligned(offset: int, view: memoryview) -> bool:
+        a = DIRECT_ALIGNMENT
+        return offset % a == 0 and len(view) % a == 0 and _address(view) % a == 0
+
+    def _bounce(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = aligned_buffer(_BOUNCE_SIZE)
+        return buf
+
+    def _raw_read(self, offset: int, view: memoryview) -> int:
+        """Aligned read into aligned `view`; bytes read (fewer at the end)."""
+        fd, total, n = self.storage._fd, 0, len(view)
+        try:
+            while total < n:
+                got = os.preadv(fd, [view[total:]], offset + total)
+                total += got
+                if got == 0 or total % DIRECT_ALIGNMENT:
+                    break  # the end of the file
+        except OSError as exc:
+            raise _os_error(self.storage.path, "read", exc) from None
+        return total
+
+    def _raw_write(self, offset: int, view: memoryview) -> None:
+        fd = self.storage._fd
+        try:
+            while len(view):
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise _os_error(self.storage.path, "write", exc) from None
+
+    def readinto(self, offset: int, view: memoryview) -> int:
+        """Read into `view`; the bytes read before the end of the file."""
+        if self.aligned(offset, view):
+            return self._raw_read(offset, view)
+        a, bounce = DIRECT_ALIGNMENT, self._bounce()
+        total, n = 0, len(view)
+        while total < n:
+            pos = offset + total
+            lo = pos - pos % a
+            want = min(n - total, _BOUNCE_SIZE - (pos - lo))
+            hi = -(-(pos + want) // a) * a
+            got = self._raw_read(lo, bounce[: hi - lo])
+            take = max(0, min(want, got - (pos - lo)))
+            view[total : total + take] = bounce[pos - lo : pos - lo + take]
+            total += take
+            if take < want:
+                break
+        return total
+
+    def write(self, offset: int, view: memoryview) -> None:
+        """Write all of `view` at `offset`. Unaligned: each bounce window's
+        partial first and last blocks are read first (zeros past the end);
+        a file that grew to a block boundary is cut back to its length."""
+        if self.aligned(offset, view):
+            self._raw_write(offset, view)
+            return
+        a, bounce = DIRECT_ALIGNMENT, self._bounce()
+        with self._rmw:
+            length = self.storage.size()
+            end = offset + len(view)
+            total, n, hi = 0, len(view), 0
+            while total < n:
+                pos = offset + total
+                lo = pos - pos % a
+                take = min(n - total, _BOUNCE_SIZE - (pos - lo))
+                hi = -(-(pos + take) // a) * a
+                if pos > lo:
+                    self._read_block(lo, bounce[:a])
+                if (pos + take) % a and (hi - a > lo or pos == lo):
+                    self._read_block(hi - a, bounce[hi - a - lo : hi - lo])
+                bounce[pos - lo : pos - lo + take] = view[total : total + take]
+                self._raw_write(lo, bounce[: hi - lo])
+                total += take
+            if hi > max(length, end):
+                self.storage.truncate(max(length, end))
+
+    def _read_block(self, offset: int, view: memoryview) -> None:
+        got = self._raw_read(offset, view)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)

@@ -30,9 +30,12 @@ def _option_list(ctx, param, value):
 @click.option("--image-opts", "image_opts", is_flag=True, help="FILE is an option string.")
 @click.option("-p", "show_progress", is_flag=True, help="Show progress.")
 @click.option("--force", is_flag=True, help="Allow changes that may lose data (encryption).")
+@click.option("-t", "cache", default="writeback", metavar="CACHE", help="Cache mode.")
 @quiet_option
 @click.argument("filename", nargs=-1, metavar="FILE")
-def command(fmt, options, objects, image_opts, show_progress, force, quiet, filename) -> None:
+def command(
+    fmt, options, objects, image_opts, show_progress, force, cache, quiet, filename
+) -> None:
     """Change the format options of FILE (qcow2: compat, refcount_bits,
     lazy_refcounts, data_file, data_file_raw, size)."""
     from qimg.commands.common import open_target
@@ -49,11 +52,13 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
         return
     if len(filename) != 1:
         raise QimgError("Expecting one image file name")
+    from qimg.cachemode import parse_cache_mode
     from qimg.progress import make_progress
 
     reporter = make_progress(show_progress and not quiet, "Amending")
     try:
-        with open_target(filename[0], fmt, image_opts, writable=True) as image:
+        mode = parse_cache_mode(cache)
+        with open_target(filename[0], fmt, image_opts, writable=True, cache=mode) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
 

@@ -18,14 +18,16 @@ _REPAIR = {"leaks": 1, "all": 3}
 @format_option
 @output_option
 @click.option("-r", "--repair", metavar="leaks|all", help="Repair leaks, or all errors.")
+@click.option("-T", "source_cache", default="writeback", metavar="CACHE", help="Cache mode.")
 @share_option
 @quiet_option
 @click.argument("filename", nargs=-1, metavar="FILENAME")
-def command(fmt, output, repair, force_share, quiet, filename) -> None:
+def command(fmt, output, repair, source_cache, force_share, quiet, filename) -> None:
     """Check FILENAME for consistency; with -r, repair what is found."""
     import sys
 
     from qimg import api, render
+    from qimg.cachemode import parse_cache_mode
 
     filename = need_filename(filename)
     fix = 0
@@ -36,11 +38,13 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
                 f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
             )
         fix = _REPAIR[repair]
+    cache = parse_cache_mode(source_cache, source=True)
+    if fix:
         warning = api.probed_raw_warning(filename) if fmt is None else None
         if warning:
             sys.stderr.write(warning)
     try:
-        result = api.check_image_file(filename, fmt, fix, force_share)
+        result = api.check_image_file(filename, fmt, fix, force_share, cache)
     except api.CheckFailed as exc:
         if exc.result is not None:
             render.check_messages(exc.result.messages)

@@ -138,13 +138,14 @@ def command(files, options, show_progress, quiet, snapshot_param, snapshot, **fi
         **fields,
     )
     # qemu-img's order: the option checks (-n with -o last), help, the file names.
-    o.validate(max(1, len(files) - 1))
+    o.check_options()
     if has_help_option(options):
         # The target's protocol options are listed when it is named.
         click.echo(options_help(o.target_format, with_protocol=len(files) >= 2))
         return
     if len(files) < 2:
         raise BadOptionError("Must specify image file name")
+    o.check_source_cache()
     reporter = make_progress(show_progress and not quiet)
     reporter.start()
     try:

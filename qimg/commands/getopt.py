@@ -51,6 +51,8 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
     },
     "compare": {"help": False, "object": True, "image-opts": False, "force-share": False},
     "dd": {"help": False, "object": True, "image-opts": False, "force-share": False},
+    "rebase": {"help": False, "object": True, "image-opts": False, "force-share": False},
+    "commit": {"help": False, "object": True, "image-opts": False},
     "bitmap": {
         "help": False,
         "object": True,

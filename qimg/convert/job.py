@@ -4,6 +4,7 @@ bitmaps copied; a new target is removed again when the copy fails."""
 
 from __future__ import annotations
 
+from qimg.cachemode import parse_cache_mode
 from qimg.convert.options import ConvertOptions
 from qimg.convert.progress import ProgressCallback
 from qimg.convert.source import Sources
@@ -43,6 +44,10 @@ def convert(
     opened = Sources(sources, o)
     try:
         check_target_options(o)
+        # -t last of the checks: qemu-img checks it once it has created
+        # the target (and leaves that behind); qimg writes nothing for a
+        # bad option, so checks it just before.
+        parse_cache_mode(o.cache)
         if o.skip_create:
             _copy_into(opened, target, o, progress)
             return
@@ -80,8 +85,7 @@ def _copy_into(
             from qimg.formats.qcow2.bitmap import copy_bitmaps
 
             copy_bitmaps(tgt, bitmaps)  # stored when the target is closed
-        if o.cache != "unsafe":
-            tgt.flush()
+        tgt.flush()  # the cache mode decides: nothing under unsafe (the default)
     finally:
         tgt.close()
 

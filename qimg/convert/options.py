@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qimg.cachemode import parse_cache_mode
 from qimg.errors import BadOptionError
 
 MAX_SPARSE = 16 << 20  # qemu-img's limit for -S
 MAX_COROUTINES = 16  # qemu-img's limit for -m
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 @dataclass
@@ -42,19 +42,34 @@ class ConvertOptions:
     salvage: bool = False
 
     def validate(self, nsources: int) -> None:
-        """qemu-img convert's checks on the options alone, in its words and
-        its order."""
+        """qemu-img convert's checks before it opens the sources, in its
+        words and its order (the target's cache mode, -t, is checked
+        later: once the target exists, see job.convert)."""
+        self.check_options()
+        if nsources < 1:
+            raise BadOptionError("Expecting image file name")
+        self.check_source_cache()
+        if nsources > 1 and (self.backing_file or self.create_options.get("backing_file")):
+            raise BadOptionError(
+                "Having a backing file for the target makes no sense when concatenating "
+                "multiple input images"
+            )
+
+    def check_source_cache(self) -> None:
+        """-T, checked after the file names are counted (and before -p's
+        first line)."""
+        parse_cache_mode(self.source_cache, source=True)
+
+    def check_options(self) -> None:
+        """The checks on the options alone, made before `-o help` is
+        answered."""
         self._check_numbers()
         self._check_copy_offload()
-        for mode in (self.cache, self.source_cache):
-            if mode not in CACHE_MODES:
-                raise BadOptionError(f"Invalid cache option: {mode}")
         if self.target_is_zero and not self.skip_create:
             raise BadOptionError("--target-is-zero requires use of -n flag")
         if self.skip_broken_bitmaps and not self.bitmaps:
             raise BadOptionError("Use of --skip-broken-bitmaps requires --bitmaps")
         self._check_compression_level()
-        self._check_sources(nsources)
         if self.skip_create and self.create_options:
             raise BadOptionError("-o has no effect when skipping image creation")
 
@@ -88,15 +103,6 @@ class ConvertOptions:
             raise BadOptionError(
                 f"Invalid compression level '{self.compression_level}' "
                 f"(allowed: {', '.join(COMPRESSION_LEVELS)})"
-            )
-
-    def _check_sources(self, nsources: int) -> None:
-        if nsources < 1:
-            raise BadOptionError("Expecting image file name")
-        if nsources > 1 and (self.backing_file or self.create_options.get("backing_file")):
-            raise BadOptionError(
-                "Having a backing file for the target makes no sense when concatenating "
-                "multiple input images"
             )
 
 

@@ -36,6 +36,7 @@ from qimg.convert.sharing import source_runs
 from qimg.convert.source import Concat
 from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
+from qimg.storage import aligned_buffer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,7 +81,9 @@ class BufferPool:
                 if self._free:
                     arr = self._free.pop()  # the last released: its pages are hot
                 elif len(self._kept) < self.keep:
-                    arr = np.empty(self.size, dtype=np.uint8)
+                    # Page-aligned, so that reads and writes under O_DIRECT
+                    # (cache modes none, directsync) need no bounce buffer.
+                    arr = np.frombuffer(aligned_buffer(self.size), dtype=np.uint8)
                     self._kept[id(arr)] = arr
         if arr is None:
             return np.empty(length, dtype=np.uint8)

@@ -40,12 +40,12 @@ class Sources:
 
 def open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
+    from qimg.cachemode import parse_cache_mode
 
+    cache = parse_cache_mode(o.source_cache, source=True)
     try:
         need_name(path)
-        return open_image(
-            path, o.source_format, force_share=o.force_share, cache_unsafe=True, lock=True
-        )
+        return open_image(path, o.source_format, force_share=o.force_share, cache=cache)
     except QimgError as exc:
         # qemu-img: "Could not open 'X': " before what the opener said,
         # which for a file that cannot be opened names it once more.

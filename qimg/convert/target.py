@@ -142,7 +142,7 @@ def open_target(target: str, o: ConvertOptions) -> Driver:
 
     try:
         need_name(target)
-        return open_image(target, o.target_format, writable=True, cache_unsafe=o.cache == "unsafe")
+        return open_image(target, o.target_format, writable=True, cache=o.cache)
     except ImageLockedError:
         raise  # already in the words qemu-img prints ("Could not open 'T': ...")
     except QimgError as exc:

@@ -50,13 +50,11 @@ class Qcow2Image(Driver):
         backing: Driver | None = None,
         data_storage: Storage | None = None,
         header: Header | None = None,
-        cache_unsafe: bool = False,
         metadata_only: bool = False,
     ):
         self.storage = storage
         self.filename = storage.path
         self.writable = storage.writable
-        self.cache_unsafe = cache_unsafe
         if header is None:
             first = storage.pread(0, 1 << L.MAX_CLUSTER_BITS)
             header = Header.parse(first[: max(0, min(len(first), storage.size()))], storage.size())
@@ -188,8 +186,9 @@ class Qcow2Image(Driver):
         self.storage.pwrite(offset, data)
 
     def flush_file(self) -> None:
-        if not self.cache_unsafe:
-            self.storage.flush()
+        """The flush between two ordered metadata updates (the storage's
+        cache mode decides what it does: nothing under unsafe)."""
+        self.storage.flush()
 
     def set_refcount_table(self, offset: int, clusters: int) -> None:
         """Point the header at a new refcount table (one write, then flush)."""
@@ -849,7 +848,6 @@ class _L1View(Qcow2Image):
             backing=image.backing,
             data_storage=image.data_storage,
             header=image.header.copy(),
-            cache_unsafe=image.cache_unsafe,
         )
         self.writable = False
         from qimg.formats.qcow2.cluster import ClusterMap

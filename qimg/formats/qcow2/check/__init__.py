@@ -29,6 +29,7 @@ cluster, so that the repaired image checks clean.
 
 from __future__ import annotations
 
+from qimg.cachemode import CacheMode
 from qimg.errors import QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.check.checker import check_once
@@ -76,11 +77,13 @@ def check_image(image, fix: int = 0) -> CheckResult:
     return result
 
 
-def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
+def open_for_check(
+    path: str, fmt: str | None, fix: int, force_share: bool = False, cache: CacheMode | None = None
+):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
     corrupt may be opened read-write to be repaired; the data file and the
-    backing chain are opened (not read)."""
+    backing chain are opened (not read). `cache`: -T (qimg.cachemode)."""
     import os
 
     from qimg.errors import ImageIOError
@@ -103,9 +106,9 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
         _refuse_format(given, path, fmt, fix, force_share)
-    storage = open_storage(path, bool(fix), force_share=force_share)
+    storage = open_storage(path, bool(fix), force_share=force_share, cache=cache)
     try:
-        return _open_qcow2(storage, path, name.open_backing, fix, force_share)
+        return _open_qcow2(storage, path, name.open_backing, fix, force_share, cache)
     except QimgError as exc:
         storage.close()
         msg = str(exc)
@@ -145,7 +148,9 @@ def _check_mode_header(storage):
     return Header.parse(bytes(head), size, check=True)
 
 
-def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: bool):
+def _open_qcow2(
+    storage, path: str, open_backing: bool, fix: int, force_share: bool, cache: CacheMode | None
+):
     """The image over `storage`, in check mode; an image marked corrupt opens."""
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.opening import open_backing_chain, open_data_file
@@ -155,11 +160,13 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
     header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
     # As qemu-img check, the data file and the backing chain are opened
     # too (and their errors are the check's), though neither is read.
-    data_storage = open_data_file(header, bool(fix), force_share)
+    data_storage = open_data_file(header, bool(fix), force_share, cache=cache)
     try:
         backing = None
         if open_backing:
-            backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
+            backing = open_backing_chain(
+                path, header, writable=bool(fix), force_share=force_share, cache=cache
+            )
         image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
     except BaseException:
         if data_storage is not None:
@@ -169,9 +176,16 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
     return image
 
 
-def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
-    """qemu-img check FILE: open, check (and repair), close."""
-    image = open_for_check(path, fmt, fix, force_share)
+def check_file(
+    path: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    cache: CacheMode | None = None,
+):
+    """qemu-img check FILE: open, check (and repair, written with the
+    cache mode `cache`, -T), close."""
+    image = open_for_check(path, fmt, fix, force_share, cache)
     try:
         result = check_image(image, fix)
         result.filename = path

@@ -1,0 +1,243 @@
+"""Writing an overlay's data down its backing chain (qemu-img commit).
+
+What the images above the base hold (data and zeros, and zeros past the end
+of a shorter image between them) is written into the base, grown first to
+the top's size where it is smaller, as QEMU's commit job does; then, unless
+dropped (-d, and always with -b), the top image is emptied: every cluster
+unallocated, as qcow2_make_empty leaves it.
+
+Written against the driver interface; the base is reopened read-write the
+way QEMU reopens it for the job (the chain is opened read-only below a
+writable top).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+from qimg.convert.scan import DATA
+from qimg.driver import Driver
+from qimg.errors import QimgError
+from qimg.storage import Storage
+
+# Guest bytes read and written per step, reader threads, reads ahead.
+CHUNK = 4 << 20
+READERS = 2
+READ_AHEAD = 4
+
+Progress = Callable[[int, int], None]
+
+
+def commit_image(
+    image: Driver,
+    filename: str,
+    base: str | None = None,
+    *,
+    drop: bool = False,
+    rate_limit: int = 0,
+    progress: Progress | None = None,
+    cache=None,
+    base_storage_wrapper: Callable[[Storage], Storage] | None = None,
+) -> None:
+    """Commit `image` (opened writable with its backing chain; `filename`
+    is its name in messages) into its backing file, or into the image of
+    its chain that `base` names (qimg.chain.find_backing_image). `drop`
+    keeps the top's clusters (-d); a `base` implies it, as in qemu-img.
+    `rate_limit` is bytes a second (0: none); `cache` the base's cache
+    mode (qimg.cachemode: a name or a CacheMode; writeback when None), as
+    the top's. `base_storage_wrapper` wraps
+    the base's storage when it is reopened read-write (crash tests)."""
+    from qimg.chain import find_backing_image
+
+    if base is not None:
+        target = find_backing_image(image, base)
+        if target is None:
+            raise QimgError(f"Did not find '{base}' in the backing chain of '{filename}'")
+        drop = True
+    else:
+        target = image.backing
+        if target is None:
+            raise QimgError("Image does not have a backing file")
+    target = _reopen_writable(image, target, cache, base_storage_wrapper)
+    copy_down(image, target, rate_limit, progress)
+    # Ordering: the base holds the data durably before the top lets go of it.
+    target.flush()
+    if not drop:
+        make_empty(image)
+
+
+def _reopen_writable(
+    image: Driver,
+    target: Driver,
+    cache,
+    wrapper: Callable[[Storage], Storage] | None,
+) -> Driver:
+    """The image `target` of `image`'s chain, closed and opened again
+    read-write with the chain below it, in its place in the chain."""
+    from qimg.api import open_image
+
+    parent = image
+    while parent.backing is not target:
+        parent = parent.backing
+    path, fmt = target.filename, target.format_name
+    parent.backing = None
+    target.close()
+    reopened = open_image(path, fmt, writable=True, cache=cache, storage_wrapper=wrapper)
+    parent.backing = reopened
+    return reopened
+
+
+def copy_down(
+    image: Driver, base: Driver, rate_limit: int = 0, progress: Progress | None = None
+) -> int:
+    """Write into `base` (writable, in `image`'s chain) what `image` reads
+    wherever an image above `base` decides the bytes; returns the bytes
+    copied. Zeros are written as zeros (unmapping where the base can).
+    Reads run in READERS threads ahead of the writes (this thread)."""
+    if base.size < image.size:
+        from qimg.resize import resize_image
+
+        resize_image(base, image.size)
+    pieces = _plan(image, base)
+    limit = _rate_limiter(rate_limit)
+    total = sum(p.end - p.start for p in pieces)
+    done = 0
+    # The reads stop above the base (the images above it decide those
+    # bytes), so they run beside the base's writes.
+    # Read buffers are reused (fresh memory costs a page fault per page):
+    # at most READ_AHEAD + 1 are in use at once.
+    spare: list[bytearray] = []
+    with ThreadPoolExecutor(READERS) as pool:
+        ahead: deque = deque()
+        queued = iter(pieces)
+
+        def refill() -> None:
+            while len(ahead) < READ_AHEAD:
+                piece = next(queued, None)
+                if piece is None:
+                    return
+                read = None
+                if piece.kind == DATA:
+                    buf = spare.pop() if spare else bytearray(CHUNK)
+                    read = pool.submit(_read, image, piece, buf)
+                ahead.append((piece, read))
+
+        refill()
+        while ahead:
+            piece, read = ahead.popleft()
+            buf = read.result() if read is not None else None
+            refill()
+            if buf is not None:
+                base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
+                spare.append(buf)
+            else:
+                _write_zeroes(base, piece.start, piece.end - piece.start)
+            if buf is not None and limit is not None:
+                limit.account(piece.end - piece.start)
+            done += piece.end - piece.start
+            if progress is not None:
+                progress(done, total)
+    return total
+
+
+class _Piece(NamedTuple):
+    start: int
+    end: int
+    kind: int  # DATA or ZERO
+
+
+def _plan(image: Driver, base: Driver) -> list[_Piece]:
+    """The pieces to copy, in order: what the images above `base` decide
+    (a part of a base cluster written leaves the cluster as QEMU's copy of
+    the whole unit leaves it: allocated, the rest as it read), cut where
+    `image` reads data or zeros (block status through the chain, asked
+    once per window) and into CHUNK-sized data pieces."""
+    from qimg.chain import STATUS_STEP, allocated_above
+    from qimg.convert.scan import allocation_runs
+
+    size = image.size
+    runs = allocated_above(image, base, 0, size)
+    pieces: list[_Piece] = []
+    # The status of what the images above the base decide never depends
+    # on the base: it is asked with the base cut off (no host scan of a
+    # file being written, and no request per range that falls through).
+    parent = image
+    while parent.backing is not base:
+        parent = parent.backing
+    parent.backing = None
+    try:
+        for window in range(0, size, STATUS_STEP):
+            inside = _clip(runs, window, min(size, window + STATUS_STEP))
+            if not inside:
+                continue
+            lo, hi = inside[0][0], inside[-1][1]
+            status = allocation_runs(image.allocated_extents(lo, hi - lo))
+            for s, e, kind in _intersect(status, inside):
+                for a in range(s, e, CHUNK if kind == DATA else e - s):
+                    pieces.append(_Piece(a, min(e, a + CHUNK) if kind == DATA else e, kind))
+    finally:
+        parent.backing = base
+    return pieces
+
+
+def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(max(a, lo), min(b, hi)) for a, b in runs if a < hi and b > lo]
+
+
+def _intersect(status: list, runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, kind) of `status` (sorted, disjoint) inside `runs`."""
+    out = []
+    i = 0
+    for a, b in runs:
+        while i < len(status) and status[i][1] <= a:
+            i += 1
+        j = i
+        while j < len(status) and status[j][0] < b:
+            s, e, kind = status[j]
+            if min(e, b) > max(s, a):
+                out.append((max(s, a), min(e, b), kind))
+            j += 1
+    return out
+
+
+def _read(image: Driver, piece: _Piece, buf: bytearray) -> bytearray:
+    image.readinto(piece.start, memoryview(buf)[: piece.end - piece.start])
+    return buf
+
+
+def _write_zeroes(base: Driver, start: int, length: int) -> None:
+    """Zeros as QEMU's job writes them (unmapping): a qcow2 version 2 image
+    with nothing below it, which has no zero clusters, has its whole
+    clusters discarded (they read as zeros) and zeros written around them."""
+    cs = base.cluster_bytes
+    v2_alone = base.format_name == "qcow2" and base.header.version < 3 and base.backing is None
+    lo, hi = -(-start // cs) * cs, (start + length) // cs * cs
+    if not v2_alone or hi <= lo:
+        base.write_zeroes(start, length, unmap=True)
+        return
+    if lo > start:
+        base.write_zeroes(start, lo - start)
+    base.discard(lo, hi - lo)
+    if start + length > hi:
+        base.write_zeroes(hi, start + length - hi)
+
+
+def _rate_limiter(rate: int):
+    if not rate:
+        return None
+    from qimg.convert.writer import RateLimit
+
+    return RateLimit(rate)
+
+
+def make_empty(image: Driver) -> None:
+    """QEMU's bdrv_make_empty of the top after a commit: every cluster
+    reads from the backing file again (qcow2: unallocated)."""
+    if image.format_name != "qcow2":
+        return  # QEMU's -ENOTSUP, which qemu-img commit ignores
+    from qimg.formats.qcow2.empty import make_empty as qcow2_make_empty
+
+    qcow2_make_empty(image)
