@@ -77,15 +77,19 @@ def check_cipher(cipher_alg: str, cipher_mode: str) -> None:
 
 
 def essiv_cipher_alg(cipher_alg: str, ivgen_hash_alg: str) -> str:
-    """QEMU's qcrypto_block_luks_essiv_cipher: the cipher of the same family
-    whose key is as long as the hash's digest."""
-    family = CIPHER_ALGS[cipher_alg][0]
+    """QEMU's qcrypto_block_luks_essiv_cipher: the cipher itself if its key
+    is as long as the hash's digest, else the one of its family that is
+    (dm-crypt's choice), in QEMU's words where there is none."""
+    family, _, bits = cipher_alg.partition("-")
     digest = HASH_DIGEST_SIZES[ivgen_hash_alg]
-    for name, (fam, key, _block) in CIPHER_ALGS.items():
-        if fam == family and key == digest:
-            return name
-    label = {"aes": "AES", "cast5": "CAST5"}[family]
-    raise BadOptionError(f"No {label} cipher with key size {digest} available")
+    if bits.isdigit() and int(bits) == digest * 8:
+        return cipher_alg
+    labels = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
+    if family not in labels:
+        raise BadOptionError(f"Cipher {cipher_alg} not supported with essiv")
+    if digest not in (16, 24, 32):
+        raise BadOptionError(f"No {labels[family]} cipher with key size {digest} available")
+    return f"{family}-{digest * 8}"
 
 
 def sector_cipher(
