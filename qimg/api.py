@@ -10,7 +10,7 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
@@ -52,12 +52,15 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
     `json:{...}` pseudo-filename (qimg.filenames); so are backing file
-    names read from images. Raises a QimgError subclass with qemu-img's
+    names read from images. An encrypted image's node options name its
+    secret (`json:{..., "encrypt.key-secret": "s"}`, or `key-secret` for
+    luks), whose value `secrets` holds by id (qimg.secrets.parse_objects). Raises a QimgError subclass with qemu-img's
     wording on failure. `data_file=False` opens for metadata only (QEMU's
     BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
@@ -76,6 +79,7 @@ def open_image(
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,
+        secrets=secrets,
     )
     if writable and image.dirty:
         # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
