@@ -141,24 +141,54 @@ def create_options_help(fmt: str, with_protocol: bool = True) -> str:
 
 
 def describe(
-    filename: str, fmt: str | None = None, *, force_share: bool = False, backing_chain: bool = False
+    filename: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    backing_chain: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the ImageInfo of the image (and,
-    with `backing_chain`, of each image below it), as qemu-img's JSON."""
+    with `backing_chain`, of each image below it), as qemu-img's JSON.
+    With `image_opts`, `filename` is an --image-opts option string."""
     from qimg.info import describe as describe_chain
 
-    return describe_chain(filename, fmt, force_share=force_share, backing_chain=backing_chain)
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return describe_chain(
+        filename,
+        fmt,
+        force_share=force_share,
+        backing_chain=backing_chain,
+        image_opts=image_opts,
+        secrets=secrets,
+    )
 
 
 def check_image_file(
-    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+    filename: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    *,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ):
     """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
     1 for leaks, 3 for all), close; returns the CheckResult. A check that
-    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    cannot complete raises CheckFailed (whose `result` holds what was found).
+    With `image_opts`, `filename` is an --image-opts option string."""
+    from qimg.filenames import image_opts_name
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share)
+    if not image_opts:
+        return check_file(filename, fmt, fix, force_share, secrets=secrets)
+    if fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return check_file(
+        image_opts_name(filename), None, fix, force_share, secrets=secrets, shown=filename
+    )
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:

@@ -319,10 +319,41 @@ def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
     own = name.own_options()
     backing_opened = opens_backing and node.open_backing and node.header is not None
     check_node_options(node.fmt, name.options, backing_opened)
+    if node.fmt == "qcow2" and "encrypt.format" in own:
+        _check_encrypt_format(node.header.crypt_method, own["encrypt.format"])
     node.options = own
     node.backing_options = name.backing_options()
     node.secrets = secrets if secrets is not None else {}
     node.filename = node_filename(name, node.fmt)
+
+
+def check_qcow2_options(header, name, backing_opened: bool) -> None:
+    """The checks of a qcow2 node's options (qimg.filenames.ImageName)
+    that opening makes, for an opener that builds the image itself
+    (qemu-img check's)."""
+    from qimg.filenames import check_node_options
+
+    check_node_options("qcow2", name.options, backing_opened)
+    own = name.own_options()
+    if "encrypt.format" in own:
+        _check_encrypt_format(header.crypt_method, own["encrypt.format"])
+
+
+# qcow2's crypt_method values, as encrypt.format names them.
+_CRYPT_FORMATS = {1: "aes", 2: "luks"}
+
+
+def _check_encrypt_format(crypt_method: int, given: object) -> None:
+    """The encryption format an open names must be the header's."""
+    if not crypt_method:
+        raise BadOptionError(
+            f"No encryption in image header, but options specified format '{given}'"
+        )
+    found = _CRYPT_FORMATS.get(crypt_method)
+    if found is not None and given != found:
+        raise BadOptionError(
+            f"Header reported '{found}' encryption format but options specify '{given}'"
+        )
 
 
 def _open_file_node(
