@@ -104,13 +104,15 @@ def create_image(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting=None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image; returns qemu-img's 'Formatting ...' line.
 
     `options` are the -o key/value pairs of qemu-img create, as typed. The
     size may be omitted when a backing file gives it. `on_formatting`, when
     given, receives the line where qemu-img prints it (before the format's
-    own option checks, which can still fail).
+    own option checks, which can still fail). `secrets` (by id) hold the
+    values the options' secret ids name (encrypt.key-secret=ID).
     """
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
@@ -127,6 +129,7 @@ def create_image(
         backing_fmt=backing_fmt,
         check_backing=check_backing,
         on_formatting=on_formatting,
+        secrets=secrets,
     )
 
 
@@ -192,11 +195,11 @@ def check_image_file(
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:
-    """open_image (keywords as there) failing as qemu-img's img_open does:
-    "Could not open 'PATH': " before what the open said. With
-    `image_opts`, `path` is an --image-opts option string
-    (driver=qcow2,file.filename=...), opened as the json: name that says
-    the same, and messages still call it `path`."""
+    """open_image (keywords as there, `secrets` among them) failing as
+    qemu-img's img_open does: "Could not open 'PATH': " before what the
+    open said. With `image_opts`, `path` is an --image-opts option string
+    (driver=qcow2,file.filename=...,encrypt.key-secret=ID), opened as the
+    json: name that says the same, and messages still call it `path`."""
     from qimg.errors import ImageLockedError
     from qimg.filenames import image_opts_name
 
@@ -222,17 +225,25 @@ def edit_bitmap(
     source_path: str | None = None,
     source_fmt: str | None = None,
     image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> None:
     """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
     persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
     Every action is checked before anything is written: on failure the
     image is left as it was (qimg.formats.qcow2.bitmap_ops). With
-    `image_opts`, `path` is an option string (see open_named)."""
+    `image_opts`, `path` is an option string (see open_named); `secrets`
+    are those the images' options may name."""
     from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
 
-    image = open_named(path, fmt, image_opts=image_opts, writable=True, backing=False)
+    image = open_named(
+        path, fmt, image_opts=image_opts, writable=True, backing=False, secrets=secrets
+    )
     try:
-        source = open_named(source_path, source_fmt, backing=False) if source_path else None
+        source = (
+            open_named(source_path, source_fmt, backing=False, secrets=secrets)
+            if source_path
+            else None
+        )
         try:
             apply_plan(image, plan_actions(image, name, actions, granularity, source))
         finally:
@@ -243,14 +254,19 @@ def edit_bitmap(
 
 
 def list_bitmaps(
-    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """The persistent bitmaps of an image: name, granularity, flags and
     dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
     from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
 
     with open_named(
-        path, fmt, image_opts=image_opts, force_share=force_share, backing=False
+        path, fmt, image_opts=image_opts, force_share=force_share, backing=False, secrets=secrets
     ) as image:
         return listed(image)
 

@@ -13,6 +13,8 @@ a qcow2, luks or raw node over a file:
     backing             null only: the backing file is not opened
     encrypt.key-secret, encrypt.format    qcow2 (and qcow): the node's
                         encryption options, kept in ImageName.options
+                        (other encrypt.* keys too: an unencrypted image
+                        ignores them, an encrypted one refuses them)
     key-secret          luks: the same
     backing.KEY         one of those for the backing file (backing.backing.KEY
                         for the one below it), used where the backing
@@ -53,6 +55,7 @@ NODE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 _ANY_NODE_OPTION = frozenset(k for keys in NODE_OPTIONS.values() for k in keys)
 _BACKING = "backing."
+_ENCRYPT = "encrypt."
 
 # QEMU's "strong" runtime options: given, they make the node's filename the
 # json: name that repeats them (bdrv_refresh_filename).
@@ -90,6 +93,8 @@ def check_node_options(fmt: str, options: Mapping[str, object], backing_opened: 
     for key in options:
         if key in allowed or (key.startswith(_BACKING) and backing_opened):
             continue
+        if key.startswith(_ENCRYPT) and _ENCRYPT + "key-secret" in allowed:
+            continue  # the encryption's own options: checked by opening
         raise BadOptionError(f"Block format '{fmt}' does not support the option '{key}'")
 
 
@@ -205,7 +210,7 @@ def _node_option(key: str) -> bool:
     (behind `backing.` prefixes) a backing file's."""
     while key.startswith(_BACKING):
         key = key[len(_BACKING) :]
-    return key in _ANY_NODE_OPTION
+    return key in _ANY_NODE_OPTION or key.startswith(_ENCRYPT)
 
 
 def _flatten(options: dict, prefix: str = "") -> dict:

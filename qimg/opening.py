@@ -319,8 +319,8 @@ def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
     own = name.own_options()
     backing_opened = opens_backing and node.open_backing and node.header is not None
     check_node_options(node.fmt, name.options, backing_opened)
-    if node.fmt == "qcow2" and "encrypt.format" in own:
-        _check_encrypt_format(node.header.crypt_method, own["encrypt.format"])
+    if node.fmt == "qcow2":
+        _check_encrypt_options(node.header.crypt_method, own)
     node.options = own
     node.backing_options = name.backing_options()
     node.secrets = secrets if secrets is not None else {}
@@ -334,13 +334,26 @@ def check_qcow2_options(header, name, backing_opened: bool) -> None:
     from qimg.filenames import check_node_options
 
     check_node_options("qcow2", name.options, backing_opened)
-    own = name.own_options()
-    if "encrypt.format" in own:
-        _check_encrypt_format(header.crypt_method, own["encrypt.format"])
+    _check_encrypt_options(header.crypt_method, name.own_options())
 
 
 # qcow2's crypt_method values, as encrypt.format names them.
 _CRYPT_FORMATS = {1: "aes", 2: "luks"}
+
+
+def _check_encrypt_options(crypt_method: int, own: Mapping[str, object]) -> None:
+    """A qcow2 node's encrypt.* options against its header: the format
+    they name must be the header's; an encrypted image takes no option
+    but key-secret beside it (an unencrypted one ignores the rest).
+    Of several unknown keys, QEMU names one in its QDict's order; here the
+    first given."""
+    if "encrypt.format" in own:
+        _check_encrypt_format(crypt_method, own["encrypt.format"])
+    if not crypt_method:
+        return
+    for key in own:
+        if key.startswith("encrypt.") and key not in ("encrypt.format", "encrypt.key-secret"):
+            raise BadOptionError(f"Parameter '{key[len('encrypt.') :]}' is unexpected")
 
 
 def _check_encrypt_format(crypt_method: int, given: object) -> None:
