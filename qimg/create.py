@@ -15,7 +15,7 @@ The steps and their order decide which error a user sees, and whether the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from qimg.errors import (
@@ -209,11 +209,14 @@ def create(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting: Callable[[str], None] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image as `qemu-img create` does; returns the "Formatting" line.
 
     `options` hold the -o values as typed. `on_formatting` receives the
     line at the point qemu-img prints it (before the format's own checks).
+    `secrets` are the --object secrets the options (and an encrypted
+    backing file's json: name) may name.
     """
     from qimg.filenames import create_path
 
@@ -245,7 +248,7 @@ def create(
         given["backing_fmt"] = backing_fmt
     if typed.get("size") == (1 << 64) - 1:
         del given["size"], typed["size"]  # bdrv_img_create's "no size yet" value
-    _check_backing(path, given, check_backing)
+    _check_backing(path, given, check_backing, secrets)
     if "size" not in given:
         raise BadOptionError("Image creation needs a size parameter")
 
@@ -289,7 +292,9 @@ def _check_truncate(fmt: str, size: int) -> None:
         )
 
 
-def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> None:
+def _check_backing(
+    path: str, given: dict[str, str], check_backing: bool, secrets: Mapping[str, bytes] | None
+) -> None:
     """bdrv_img_create's backing file checks; sets the size from the
     backing file when none was given."""
     backing = given.get("backing_file")
@@ -310,7 +315,7 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
 
     full = full_backing_filename(path, backing)
     try:
-        with open_image(full, backing_fmt, force_share=True) as b:
+        with open_image(full, backing_fmt, force_share=True, secrets=secrets) as b:
             if not backing_fmt:
                 raise BackingChainError(
                     "Backing file specified without backing format\n"
