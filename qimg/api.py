@@ -10,7 +10,7 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
@@ -52,6 +52,8 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+    encrypt: Mapping[str, str] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -63,6 +65,8 @@ def open_image(
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O.
+    `secrets` are the --object secrets by id; `encrypt` the top image's
+    encrypt.* options without the prefix (e.g. {"key-secret": "sec0"}).
     """
     from qimg import opening
 
@@ -76,6 +80,8 @@ def open_image(
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,
+        secrets=secrets,
+        encrypt=encrypt,
     )
     if writable and image.dirty:
         # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
@@ -100,13 +106,15 @@ def create_image(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting=None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image; returns qemu-img's 'Formatting ...' line.
 
     `options` are the -o key/value pairs of qemu-img create, as typed. The
     size may be omitted when a backing file gives it. `on_formatting`, when
     given, receives the line where qemu-img prints it (before the format's
-    own option checks, which can still fail).
+    own option checks, which can still fail). `secrets` (--object secrets
+    by id) provide what `encrypt.key-secret` names.
     """
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
@@ -123,6 +131,7 @@ def create_image(
         backing_fmt=backing_fmt,
         check_backing=check_backing,
         on_formatting=on_formatting,
+        secrets=secrets,
     )
 
 
@@ -147,14 +156,22 @@ def describe(
 
 
 def check_image_file(
-    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+    filename: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    *,
+    secrets: Mapping[str, bytes] | None = None,
+    encrypt: Mapping[str, str] | None = None,
 ):
     """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
     1 for leaks, 3 for all), close; returns the CheckResult. A check that
-    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    cannot complete raises CheckFailed (whose `result` holds what was found).
+    `secrets` and `encrypt` as for open_image (an encrypted image opens
+    with its key, as qemu-img check opens it)."""
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share)
+    return check_file(filename, fmt, fix, force_share, secrets=secrets, encrypt=encrypt)
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:

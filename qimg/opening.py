@@ -9,7 +9,7 @@ nothing here imports back up.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from qimg.driver import Driver
 from qimg.errors import BackingChainError, BadOptionError, QimgError
@@ -82,6 +82,8 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+    encrypt: Mapping[str, str] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
@@ -93,6 +95,8 @@ def open_image(
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O.
+    `secrets` are the --object secrets by id; `encrypt` the top image's
+    encrypt.* options without the prefix (e.g. {"key-secret": "sec0"}).
 
     A dirty qcow2 image (lazy refcounts) opened writable is returned as it
     is: qimg.api.open_image repairs it, as QEMU's open does; qemu-img check
@@ -101,6 +105,7 @@ def open_image(
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
     node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
+    node.secrets, node.encrypt = secrets or {}, encrypt or {}
     try:
         below = None
         if backing and node.open_backing and node.header is not None:
@@ -196,6 +201,8 @@ class _Node:
         # Opened for metadata only (QEMU's BDRV_O_NO_IO, as info opens):
         # no data file, and an encrypted image opens without its key.
         self.metadata_only = False
+        self.secrets: Mapping[str, bytes] = {}  # --object secrets by id
+        self.encrypt: Mapping[str, str] = {}  # encrypt.* options, no prefix
 
     def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         """The driver over this node, reading through `backing`. On failure
@@ -218,6 +225,8 @@ class _Node:
                 header=self.header,
                 cache_unsafe=cache_unsafe,
                 metadata_only=self.metadata_only,
+                secrets=self.secrets,
+                encrypt=self.encrypt,
             )
             if self.metadata_only and self.header.crypt_method:
                 # qcrypto_block_open's header checks (QCRYPTO_BLOCK_OPEN_NO_IO)

@@ -29,6 +29,8 @@ cluster, so that the repaired image checks clean.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from qimg.errors import QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.check.checker import check_once
@@ -76,11 +78,20 @@ def check_image(image, fix: int = 0) -> CheckResult:
     return result
 
 
-def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
+def open_for_check(
+    path: str,
+    fmt: str | None,
+    fix: int,
+    force_share: bool = False,
+    *,
+    secrets: Mapping[str, bytes] | None = None,
+    encrypt: Mapping[str, str] | None = None,
+):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
     corrupt may be opened read-write to be repaired; the data file and the
-    backing chain are opened (not read)."""
+    backing chain are opened (not read); an encrypted image needs its key
+    (`secrets`, `encrypt` as for qimg.opening.open_image)."""
     import os
 
     from qimg.errors import ImageIOError
@@ -105,7 +116,9 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         _refuse_format(given, path, fmt, fix, force_share)
     storage = open_storage(path, bool(fix), force_share=force_share)
     try:
-        return _open_qcow2(storage, path, name.open_backing, fix, force_share)
+        return _open_qcow2(
+            storage, path, name.open_backing, fix, force_share, secrets or {}, encrypt or {}
+        )
     except QimgError as exc:
         storage.close()
         msg = str(exc)
@@ -145,7 +158,15 @@ def _check_mode_header(storage):
     return Header.parse(bytes(head), size, check=True)
 
 
-def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: bool):
+def _open_qcow2(
+    storage,
+    path: str,
+    open_backing: bool,
+    fix: int,
+    force_share: bool,
+    secrets: Mapping[str, bytes],
+    encrypt: Mapping[str, str],
+):
     """The image over `storage`, in check mode; an image marked corrupt opens."""
     from qimg.formats.qcow2.image import Qcow2Image
     from qimg.opening import open_backing_chain, open_data_file
@@ -160,8 +181,17 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
         backing = None
         if open_backing:
             backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
-        image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
+        image = Qcow2Image(
+            storage,
+            header=header,
+            backing=backing,
+            data_storage=data_storage,
+            secrets=secrets,
+            encrypt=encrypt,
+        )
     except BaseException:
+        if backing is not None:
+            backing.close()
         if data_storage is not None:
             data_storage.close()
         raise
@@ -169,9 +199,17 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
     return image
 
 
-def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
+def check_file(
+    path: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    *,
+    secrets: Mapping[str, bytes] | None = None,
+    encrypt: Mapping[str, str] | None = None,
+):
     """qemu-img check FILE: open, check (and repair), close."""
-    image = open_for_check(path, fmt, fix, force_share)
+    image = open_for_check(path, fmt, fix, force_share, secrets=secrets, encrypt=encrypt)
     try:
         result = check_image(image, fix)
         result.filename = path
