@@ -215,7 +215,14 @@ class _Node:
             if self.fmt == "qcow":
                 from qimg.formats.qcow import QcowImage
 
-                return QcowImage(self.storage, self.header, backing)
+                return QcowImage(
+                    self.storage,
+                    self.header,
+                    backing,
+                    metadata_only=self.metadata_only,
+                    secrets=self.secrets,
+                    encrypt=self.encrypt,
+                )
             from qimg.formats.qcow2.image import Qcow2Image
 
             image = Qcow2Image(
@@ -280,7 +287,9 @@ def _open_node(
     if fmt == "raw":
         return _Node(path, fmt, storage, None, None, name.open_backing)
     if fmt == "qcow":
-        return _qcow_node(path, storage, name.open_backing, not data_file)
+        node = _qcow_node(path, storage, name.open_backing, not data_file)
+        node.metadata_only = not data_file
+        return node
     try:
         header = _read_header(storage)
         data_storage = open_data_file(header, writable, force_share, lock) if data_file else None

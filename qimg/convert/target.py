@@ -34,10 +34,20 @@ def check_target_options(o: ConvertOptions) -> None:
         raise BadOptionError("Use of backing file requires explicit backing format")
     if o.compress and fmt != "qcow2":
         raise BadOptionError("Compression not supported for this file format")
+    if o.compress and _encrypts(o.create_options):
+        raise BadOptionError("Compression and encryption not supported at the same time")
     if o.compress and o.create_options.get("preallocation", "off") != "off":
         raise BadOptionError("Compression and preallocation not supported at the same time")
     if o.bitmaps and fmt != "qcow2":
         raise BadOptionError(f"Format driver '{fmt}' does not support bitmaps")
+
+
+def _encrypts(options: dict[str, str]) -> bool:
+    """Whether -o asks for an encrypted target (qemu-img's test: the
+    `encryption` flag or any `encrypt.format`)."""
+    from qimg.options import parse_bool
+
+    return "encrypt.format" in options or parse_bool("encryption", options.get("encryption", "off"))
 
 
 def _check_create_options(o: ConvertOptions) -> None:

@@ -67,7 +67,7 @@ def open_cipher(image, secrets: Mapping[str, bytes], encrypt: Mapping[str, str])
     if image.header.crypt_method == L.QCOW_CRYPT_AES:
         from qimg.crypto.sectors import qcow_aes_cipher
 
-        return qcow_aes_cipher(_utf8(secret, encrypt["key-secret"]))
+        return qcow_aes_cipher(utf8_secret(secret, encrypt["key-secret"]))
     from qimg.crypto import luks1
 
     volume = luks1.unlock(luks_reader(image), secret)
@@ -84,7 +84,7 @@ def require_crypto() -> None:
         raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
 
 
-def _utf8(secret: bytes, secret_id: str) -> bytes:
+def utf8_secret(secret: bytes, secret_id: str) -> bytes:
     """qcrypto_secret_lookup_as_utf8: the AES key is the secret as text."""
     try:
         secret.decode("utf-8")
@@ -160,7 +160,7 @@ class EncryptionOptions:
         secret_id = self.values.get(KEY_SECRET)
         secret = lookup_secret(secrets, secret_id, KEY_SECRET)
         require_crypto()
-        return _utf8(secret, str(secret_id)) if self.format == "aes" else secret
+        return utf8_secret(secret, str(secret_id)) if self.format == "aes" else secret
 
     def luks_params(self):
         """The LuksParams of a LUKS image (QEMU's defaults for the rest)."""

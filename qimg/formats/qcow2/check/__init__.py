@@ -113,7 +113,7 @@ def open_for_check(
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
-        _refuse_format(given, path, fmt, fix, force_share)
+        _refuse_format(given, path, fmt, fix, force_share, secrets, encrypt)
     storage = open_storage(path, bool(fix), force_share=force_share)
     try:
         return _open_qcow2(
@@ -130,13 +130,22 @@ def open_for_check(
         raise
 
 
-def _refuse_format(given: str, path: str, fmt: str, fix: int, force_share: bool) -> None:
+def _refuse_format(
+    given: str, path: str, fmt: str, fix: int, force_share: bool, secrets, encrypt
+) -> None:
     """Another format opens (its errors are the check's), then is refused."""
     from qimg.errors import NoCheckError
     from qimg.opening import open_image
 
     try:
-        image = open_image(path, fmt, writable=bool(fix), force_share=force_share)
+        image = open_image(
+            path,
+            fmt,
+            writable=bool(fix),
+            force_share=force_share,
+            secrets=secrets,
+            encrypt=encrypt,
+        )
     except QimgError as exc:
         exc.args = (f"Could not open '{given}': {exc}",)  # bdrv_open's prefix
         raise
