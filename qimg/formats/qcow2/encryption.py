@@ -64,10 +64,11 @@ def open_cipher(image, secrets: Mapping[str, bytes], encrypt: Mapping[str, str])
     secret `encrypt.key-secret` names (qcrypto_block_open with I/O)."""
     secret = lookup_secret(secrets, encrypt.get("key-secret"), KEY_SECRET)
     require_crypto()
+    secret = utf8_secret(secret, encrypt["key-secret"])
     if image.header.crypt_method == L.QCOW_CRYPT_AES:
         from qimg.crypto.sectors import qcow_aes_cipher
 
-        return qcow_aes_cipher(utf8_secret(secret, encrypt["key-secret"]))
+        return qcow_aes_cipher(secret)
     from qimg.crypto import luks1
 
     volume = luks1.unlock(luks_reader(image), secret)
@@ -85,11 +86,14 @@ def require_crypto() -> None:
 
 
 def utf8_secret(secret: bytes, secret_id: str) -> bytes:
-    """qcrypto_secret_lookup_as_utf8: the AES key is the secret as text."""
+    """qcrypto_secret_lookup_as_utf8: the key (AES) or passphrase (LUKS)
+    is the secret as text, valid UTF-8 without a NUL byte."""
     try:
         secret.decode("utf-8")
     except UnicodeDecodeError:
         raise BadOptionError(f"Data from secret {secret_id} is not valid UTF-8") from None
+    if b"\0" in secret:
+        raise BadOptionError(f"Data from secret {secret_id} is not valid UTF-8")
     return secret
 
 
@@ -160,15 +164,18 @@ class EncryptionOptions:
         secret_id = self.values.get(KEY_SECRET)
         secret = lookup_secret(secrets, secret_id, KEY_SECRET)
         require_crypto()
-        return utf8_secret(secret, str(secret_id)) if self.format == "aes" else secret
+        return utf8_secret(secret, str(secret_id))
 
     def luks_params(self):
-        """The LuksParams of a LUKS image (QEMU's defaults for the rest)."""
+        """The LuksParams of a LUKS image (QEMU's defaults for the rest),
+        checked as qcrypto_block_luks_create checks them."""
         from qimg.crypto import luks1
 
-        return luks1.parse_luks_options(
+        params = luks1.parse_luks_options(
             {k: str(v) for k, v in self.values.items() if k != KEY_SECRET}, "encrypt."
         )
+        luks1.check_params(params)
+        return params
 
 
 def set_up_encryption(image, o: EncryptionOptions, secret: bytes, params=None) -> None:
