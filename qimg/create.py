@@ -238,7 +238,8 @@ def create(
 
     `options` hold the -o values as typed. `on_formatting` receives the
     line at the point qemu-img prints it (before the format's own checks).
-    `secrets` (--object secrets by id) hold what encrypt.key-secret names.
+    `secrets` are the --object secrets the options (and an encrypted
+    backing file's json: name) may name.
     """
     from qimg.filenames import create_path
 
@@ -268,7 +269,7 @@ def create(
         given["backing_fmt"] = backing_fmt
     if typed.get("size") == (1 << 64) - 1:
         del given["size"], typed["size"]  # bdrv_img_create's "no size yet" value
-    _check_backing(path, given, check_backing)
+    _check_backing(path, given, check_backing, secrets)
     if "size" not in given:
         raise BadOptionError("Image creation needs a size parameter")
 
@@ -312,7 +313,9 @@ def _check_truncate(fmt: str, size: int) -> None:
         )
 
 
-def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> None:
+def _check_backing(
+    path: str, given: dict[str, str], check_backing: bool, secrets: Mapping[str, bytes] | None
+) -> None:
     """bdrv_img_create's backing file checks; sets the size from the
     backing file when none was given."""
     backing = given.get("backing_file")
@@ -333,7 +336,7 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
 
     full = full_backing_filename(path, backing)
     try:
-        with open_image(full, backing_fmt, force_share=True) as b:
+        with open_image(full, backing_fmt, force_share=True, secrets=secrets) as b:
             if not backing_fmt:
                 raise BackingChainError(
                     "Backing file specified without backing format\n"

@@ -83,20 +83,19 @@ def open_image(
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
     secrets: Mapping[str, bytes] | None = None,
-    encrypt: Mapping[str, str] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
-    `json:{...}` pseudo-filename (qimg.filenames); so are backing file
+    `json:{...}` pseudo-filename (qimg.filenames), whose node options
+    (encrypt.key-secret, ...) name secrets in `secrets` (by id, as
+    qimg.secrets.parse_objects gives them); so are backing file
     names read from images. Raises a QimgError subclass with qemu-img's wording on failure.
     `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
     `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
     backing files or data file) before the driver sees it: the place to
     inject crashes (qimg.faults.FaultyStorage) or observe I/O.
-    `secrets` are the --object secrets by id; `encrypt` the top image's
-    encrypt.* options without the prefix (e.g. {"key-secret": "sec0"}).
 
     A dirty qcow2 image (lazy refcounts) opened writable is returned as it
     is: qimg.api.open_image repairs it, as QEMU's open does; qemu-img check
@@ -104,8 +103,9 @@ def open_image(
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
-    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
-    node.secrets, node.encrypt = secrets or {}, encrypt or {}
+    node = _open_node(
+        path, fmt, writable, force_share, lock, data_file, storage_wrapper, backing, secrets
+    )
     try:
         below = None
         if backing and node.open_backing and node.header is not None:
@@ -117,6 +117,8 @@ def open_image(
                 cache_unsafe=cache_unsafe,
                 lock=lock,
                 data_file=data_file,
+                secrets=secrets,
+                options=node.backing_options,
             )
         return node.build(below, cache_unsafe)
     except BaseException:
@@ -133,9 +135,14 @@ def open_backing_chain(
     cache_unsafe: bool = False,
     lock: bool = True,
     data_file: bool = True,
+    secrets: Mapping[str, bytes] | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> Driver | None:
     """Open the backing chain below the qcow2 image at `image_path` whose
-    header is `header`; None if it names no backing file.
+    header is `header`; None if it names no backing file. `options` are
+    the node options the image's opener gave its backing file (its
+    `backing.KEY` options, prefix dropped), `secrets` the secrets they
+    and json: backing names may name.
 
     The chain is walked iteratively (no recursion per element: qemu-img
     opens chains of thousands), then built bottom-up. An error opening the
@@ -152,12 +159,16 @@ def open_backing_chain(
     # Backing files are opened read-only and shared, as QEMU's
     # bdrv_backing_options does, unless the top is opened with -U anyway.
     share = True if not writable else force_share
+    given = dict(options or {})
     try:
         while parent is not None and parent.backing_file:
             depth = len(nodes) + 1
             path = resolve_backing_path(parent_path, parent.backing_file)
             try:
-                node = _open_node(path, parent.backing_format, False, share, lock, data_file)
+                node = _open_node(
+                    path, parent.backing_format, False, share, lock, data_file,
+                    secrets=secrets, given=given,
+                )  # fmt: skip
             except QimgError as exc:
                 raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
             nodes.append(node)
@@ -170,6 +181,7 @@ def open_backing_chain(
                     )
                 seen.add(real)
             parent_path, parent = node.path, node.header if node.open_backing else None
+            given = node.backing_options
         below = None
         while nodes:
             below = nodes[-1].build(below, cache_unsafe)
@@ -201,12 +213,31 @@ class _Node:
         # Opened for metadata only (QEMU's BDRV_O_NO_IO, as info opens):
         # no data file, and an encrypted image opens without its key.
         self.metadata_only = False
-        self.secrets: Mapping[str, bytes] = {}  # --object secrets by id
-        self.encrypt: Mapping[str, str] = {}  # encrypt.* options, no prefix
+        # The node's own options (qimg.filenames.NODE_OPTIONS: the
+        # encryption ones, e.g. {"encrypt.key-secret": "s"}), the secrets
+        # they name, and the options given for its backing file.
+        self.options: dict[str, object] = {}
+        self.secrets: Mapping[str, bytes] = {}
+        self.backing_options: dict[str, object] = {}
+        # The json: name QEMU gives a node opened with a key-secret.
+        self.filename: str | None = None
+
+    def encrypt_options(self) -> dict[str, object]:
+        """A qcow2 node's `encrypt.*` options, prefix dropped
+        ({"key-secret": "s", "format": "luks"})."""
+        n = len("encrypt.")
+        return {k[n:]: v for k, v in self.options.items() if k.startswith("encrypt.")}
 
     def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
-        """The driver over this node, reading through `backing`. On failure
-        `backing` is closed (the caller closes this node)."""
+        """The driver over this node, reading through `backing`, named as
+        QEMU names it. On failure `backing` is closed (the caller closes
+        this node)."""
+        image = self._build(backing, cache_unsafe)
+        if self.filename is not None:
+            image.filename = self.filename
+        return image
+
+    def _build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         try:
             if self.header is None:
                 from qimg.formats.raw import RawImage
@@ -221,7 +252,7 @@ class _Node:
                     backing,
                     metadata_only=self.metadata_only,
                     secrets=self.secrets,
-                    encrypt=self.encrypt,
+                    encrypt=self.encrypt_options(),
                 )
             from qimg.formats.qcow2.image import Qcow2Image
 
@@ -233,7 +264,7 @@ class _Node:
                 cache_unsafe=cache_unsafe,
                 metadata_only=self.metadata_only,
                 secrets=self.secrets,
-                encrypt=self.encrypt,
+                encrypt=self.encrypt_options(),
             )
             if self.metadata_only and self.header.crypt_method:
                 # qcrypto_block_open's header checks (QCRYPTO_BLOCK_OPEN_NO_IO)
@@ -261,13 +292,102 @@ def _open_node(
     lock: bool,
     data_file: bool,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    opens_backing: bool = True,
+    secrets: Mapping[str, bytes] | None = None,
+    given: Mapping[str, object] | None = None,
 ) -> _Node:
     """Open one image file (and its data file), not its backing file.
-    `path` may be a `file:` or `json:` name (qimg.filenames)."""
+    `path` may be a `file:` or `json:` name (qimg.filenames); `given`
+    are node options its parent gave it (they override the name's)."""
+    name = _named_node(path, given)
+    node = _open_file_node(
+        name, fmt or name.fmt, writable, force_share, lock, data_file, storage_wrapper
+    )
+    try:
+        _take_options(node, name, opens_backing, secrets)
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
+def _named_node(path: str, given: Mapping[str, object] | None):
     from qimg.filenames import parse_filename
 
     name = parse_filename(path)
-    path, fmt = name.path, fmt or name.fmt
+    if given:
+        name = name._replace(options={**name.options, **given})
+    return name
+
+
+def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
+    """Give the node its options, once its format is known (a probed
+    format's options are checked here), and the secrets they name."""
+    from qimg.filenames import check_node_options, node_filename
+
+    own = name.own_options()
+    backing_opened = opens_backing and node.open_backing and node.header is not None
+    check_node_options(node.fmt, name.options, backing_opened)
+    if node.fmt == "qcow2":
+        _check_encrypt_options(node.header.crypt_method, own)
+    node.options = own
+    node.backing_options = name.backing_options()
+    node.secrets = secrets if secrets is not None else {}
+    node.filename = node_filename(name, node.fmt)
+
+
+def check_qcow2_options(header, name, backing_opened: bool) -> None:
+    """The checks of a qcow2 node's options (qimg.filenames.ImageName)
+    that opening makes, for an opener that builds the image itself
+    (qemu-img check's)."""
+    from qimg.filenames import check_node_options
+
+    check_node_options("qcow2", name.options, backing_opened)
+    _check_encrypt_options(header.crypt_method, name.own_options())
+
+
+# qcow2's crypt_method values, as encrypt.format names them.
+_CRYPT_FORMATS = {1: "aes", 2: "luks"}
+
+
+def _check_encrypt_options(crypt_method: int, own: Mapping[str, object]) -> None:
+    """A qcow2 node's encrypt.* options against its header: the format
+    they name must be the header's; an encrypted image takes no option
+    but key-secret beside it (an unencrypted one ignores the rest).
+    Of several unknown keys, QEMU names one in its QDict's order; here the
+    first given."""
+    if "encrypt.format" in own:
+        _check_encrypt_format(crypt_method, own["encrypt.format"])
+    if not crypt_method:
+        return
+    for key in own:
+        if key.startswith("encrypt.") and key not in ("encrypt.format", "encrypt.key-secret"):
+            raise BadOptionError(f"Parameter '{key[len('encrypt.') :]}' is unexpected")
+
+
+def _check_encrypt_format(crypt_method: int, given: object) -> None:
+    """The encryption format an open names must be the header's."""
+    if not crypt_method:
+        raise BadOptionError(
+            f"No encryption in image header, but options specified format '{given}'"
+        )
+    found = _CRYPT_FORMATS.get(crypt_method)
+    if found is not None and given != found:
+        raise BadOptionError(
+            f"Header reported '{found}' encryption format but options specify '{given}'"
+        )
+
+
+def _open_file_node(
+    name,
+    fmt: str | None,
+    writable: bool,
+    force_share: bool,
+    lock: bool,
+    data_file: bool,
+    storage_wrapper: Callable[[Storage], Storage] | None,
+) -> _Node:
+    path = name.path
     if fmt is not None and fmt not in FORMATS:
         # A backing format read from an image, or one a json: name gives.
         raise BadOptionError(f"Unknown driver '{fmt}'")

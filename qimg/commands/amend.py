@@ -40,7 +40,7 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
     from qimg.options import has_help_option
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     if options is None:
         raise click.UsageError("Must specify options (-o)")
     wants_help = has_help_option([options])
@@ -53,7 +53,7 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
 
     reporter = make_progress(show_progress and not quiet, "Amending")
     try:
-        with open_target(filename[0], fmt, image_opts, writable=True) as image:
+        with open_target(filename[0], fmt, image_opts, secrets, writable=True) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
 

@@ -29,8 +29,6 @@ cluster, so that the repaired image checks clean.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from qimg.errors import QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.check.checker import check_once
@@ -84,14 +82,15 @@ def open_for_check(
     fix: int,
     force_share: bool = False,
     *,
-    secrets: Mapping[str, bytes] | None = None,
-    encrypt: Mapping[str, str] | None = None,
+    secrets=None,
+    shown: str | None = None,
 ):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
     corrupt may be opened read-write to be repaired; the data file and the
-    backing chain are opened (not read); an encrypted image needs its key
-    (`secrets`, `encrypt` as for qimg.opening.open_image)."""
+    backing chain are opened (not read). `secrets` are those the name's
+    node options may name; messages call the image `shown` (default
+    `path`: e.g. the --image-opts string `path` was made from)."""
     import os
 
     from qimg.errors import ImageIOError
@@ -99,9 +98,10 @@ def open_for_check(
     from qimg.opening import probe_format
     from qimg.storage import open_storage
 
-    given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
+    full = path
+    given = shown or path  # as typed: a file:/json: name opens its file (qimg.filenames)
     try:
-        name = parse_filename(given)
+        name = parse_filename(full)
     except QimgError as exc:
         exc.args = (f"Could not open '{given}': {exc}",)
         raise
@@ -113,12 +113,10 @@ def open_for_check(
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
-        _refuse_format(given, path, fmt, fix, force_share, secrets, encrypt)
+        _refuse_format(given, full, fmt, fix, force_share, secrets)
     storage = open_storage(path, bool(fix), force_share=force_share)
     try:
-        return _open_qcow2(
-            storage, path, name.open_backing, fix, force_share, secrets or {}, encrypt or {}
-        )
+        return _open_qcow2(storage, path, name, fix, force_share, secrets)
     except QimgError as exc:
         storage.close()
         msg = str(exc)
@@ -130,22 +128,13 @@ def open_for_check(
         raise
 
 
-def _refuse_format(
-    given: str, path: str, fmt: str, fix: int, force_share: bool, secrets, encrypt
-) -> None:
+def _refuse_format(given: str, path: str, fmt: str, fix: int, force_share: bool, secrets) -> None:
     """Another format opens (its errors are the check's), then is refused."""
     from qimg.errors import NoCheckError
     from qimg.opening import open_image
 
     try:
-        image = open_image(
-            path,
-            fmt,
-            writable=bool(fix),
-            force_share=force_share,
-            secrets=secrets,
-            encrypt=encrypt,
-        )
+        image = open_image(path, fmt, writable=bool(fix), force_share=force_share, secrets=secrets)
     except QimgError as exc:
         exc.args = (f"Could not open '{given}': {exc}",)  # bdrv_open's prefix
         raise
@@ -167,20 +156,15 @@ def _check_mode_header(storage):
     return Header.parse(bytes(head), size, check=True)
 
 
-def _open_qcow2(
-    storage,
-    path: str,
-    open_backing: bool,
-    fix: int,
-    force_share: bool,
-    secrets: Mapping[str, bytes],
-    encrypt: Mapping[str, str],
-):
-    """The image over `storage`, in check mode; an image marked corrupt opens."""
+def _open_qcow2(storage, path: str, name, fix: int, force_share: bool, secrets):
+    """The image over `storage`, in check mode; an image marked corrupt
+    opens. `name` is the qimg.filenames.ImageName it was opened by."""
     from qimg.formats.qcow2.image import Qcow2Image
-    from qimg.opening import open_backing_chain, open_data_file
+    from qimg.opening import check_qcow2_options, open_backing_chain, open_data_file
 
+    open_backing = name.open_backing
     header = _check_mode_header(storage)
+    check_qcow2_options(header, name, open_backing)
     corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
     header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
     # As qemu-img check, the data file and the backing chain are opened
@@ -189,13 +173,22 @@ def _open_qcow2(
     try:
         backing = None
         if open_backing:
-            backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
+            backing = open_backing_chain(
+                path,
+                header,
+                writable=bool(fix),
+                force_share=force_share,
+                secrets=secrets,
+                options=name.backing_options(),
+            )
+        own = name.own_options()
+        encrypt = {k[8:]: v for k, v in own.items() if k.startswith("encrypt.")}
         image = Qcow2Image(
             storage,
             header=header,
             backing=backing,
             data_storage=data_storage,
-            secrets=secrets,
+            secrets=secrets or {},
             encrypt=encrypt,
         )
     except BaseException:
@@ -214,14 +207,15 @@ def check_file(
     fix: int = 0,
     force_share: bool = False,
     *,
-    secrets: Mapping[str, bytes] | None = None,
-    encrypt: Mapping[str, str] | None = None,
+    secrets=None,
+    shown: str | None = None,
 ):
-    """qemu-img check FILE: open, check (and repair), close."""
-    image = open_for_check(path, fmt, fix, force_share, secrets=secrets, encrypt=encrypt)
+    """qemu-img check FILE: open, check (and repair), close (`secrets` and
+    `shown` as for open_for_check)."""
+    image = open_for_check(path, fmt, fix, force_share, secrets=secrets, shown=shown)
     try:
         result = check_image(image, fix)
-        result.filename = path
+        result.filename = shown or path
         return result
     finally:
         image.close()
