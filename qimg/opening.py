@@ -184,7 +184,11 @@ def open_backing_chain(
             given = node.backing_options
         below = None
         while nodes:
-            below = nodes[-1].build(below, cache_unsafe)
+            try:
+                below = nodes[-1].build(below, cache_unsafe)
+            except QimgError as exc:
+                # e.g. an encrypted backing file unlocked as it is built
+                raise BackingChainError(_backing_prefix(len(nodes)) + str(exc)) from None
             nodes.pop()
         return below
     except BaseException:
@@ -246,7 +250,14 @@ class _Node:
             if self.fmt == "qcow":
                 from qimg.formats.qcow import QcowImage
 
-                return QcowImage(self.storage, self.header, backing)
+                return QcowImage(
+                    self.storage,
+                    self.header,
+                    backing,
+                    metadata_only=self.metadata_only,
+                    secrets=self.secrets,
+                    encrypt=self.encrypt_options(),
+                )
             from qimg.formats.qcow2.image import Qcow2Image
 
             image = Qcow2Image(
@@ -256,6 +267,8 @@ class _Node:
                 header=self.header,
                 cache_unsafe=cache_unsafe,
                 metadata_only=self.metadata_only,
+                secrets=self.secrets,
+                encrypt=self.encrypt_options(),
             )
             if self.metadata_only and self.header.crypt_method:
                 # qcrypto_block_open's header checks (QCRYPTO_BLOCK_OPEN_NO_IO)
@@ -398,7 +411,9 @@ def _open_file_node(
     if fmt == "raw":
         return _Node(path, fmt, storage, None, None, name.open_backing)
     if fmt == "qcow":
-        return _qcow_node(path, storage, name.open_backing, not data_file)
+        node = _qcow_node(path, storage, name.open_backing, not data_file)
+        node.metadata_only = not data_file
+        return node
     try:
         header = _read_header(storage)
         data_storage = open_data_file(header, writable, force_share, lock) if data_file else None

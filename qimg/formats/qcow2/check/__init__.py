@@ -181,8 +181,19 @@ def _open_qcow2(storage, path: str, name, fix: int, force_share: bool, secrets):
                 secrets=secrets,
                 options=name.backing_options(),
             )
-        image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
+        own = name.own_options()
+        encrypt = {k[8:]: v for k, v in own.items() if k.startswith("encrypt.")}
+        image = Qcow2Image(
+            storage,
+            header=header,
+            backing=backing,
+            data_storage=data_storage,
+            secrets=secrets or {},
+            encrypt=encrypt,
+        )
     except BaseException:
+        if backing is not None:
+            backing.close()
         if data_storage is not None:
             data_storage.close()
         raise
