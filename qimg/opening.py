@@ -197,6 +197,12 @@ def open_backing_chain(
         raise
 
 
+def node_encrypt_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The `encrypt.*` options of a node's options, prefix dropped."""
+    n = len("encrypt.")
+    return {k[n:]: v for k, v in options.items() if k.startswith("encrypt.")}
+
+
 def _backing_prefix(depth: int) -> str:
     return "Could not open backing file: " * depth
 
@@ -229,8 +235,7 @@ class _Node:
     def encrypt_options(self) -> dict[str, object]:
         """A qcow2 node's `encrypt.*` options, prefix dropped
         ({"key-secret": "s", "format": "luks"})."""
-        n = len("encrypt.")
-        return {k[n:]: v for k, v in self.options.items() if k.startswith("encrypt.")}
+        return node_encrypt_options(self.options)
 
     def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         """The driver over this node, reading through `backing`, named as
@@ -333,7 +338,10 @@ def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
     backing_opened = opens_backing and node.open_backing and node.header is not None
     check_node_options(node.fmt, name.options, backing_opened)
     if node.fmt == "qcow2":
-        _check_encrypt_options(node.header.crypt_method, own)
+        # As qcow2_open, before the backing file is opened.
+        from qimg.formats.qcow2.encryption import check_open_options
+
+        check_open_options(node.header.crypt_method, node_encrypt_options(own))
     node.options = own
     node.backing_options = name.backing_options()
     node.secrets = secrets if secrets is not None else {}
@@ -345,41 +353,10 @@ def check_qcow2_options(header, name, backing_opened: bool) -> None:
     that opening makes, for an opener that builds the image itself
     (qemu-img check's)."""
     from qimg.filenames import check_node_options
+    from qimg.formats.qcow2.encryption import check_open_options
 
     check_node_options("qcow2", name.options, backing_opened)
-    _check_encrypt_options(header.crypt_method, name.own_options())
-
-
-# qcow2's crypt_method values, as encrypt.format names them.
-_CRYPT_FORMATS = {1: "aes", 2: "luks"}
-
-
-def _check_encrypt_options(crypt_method: int, own: Mapping[str, object]) -> None:
-    """A qcow2 node's encrypt.* options against its header: the format
-    they name must be the header's; an encrypted image takes no option
-    but key-secret beside it (an unencrypted one ignores the rest).
-    Of several unknown keys, QEMU names one in its QDict's order; here the
-    first given."""
-    if "encrypt.format" in own:
-        _check_encrypt_format(crypt_method, own["encrypt.format"])
-    if not crypt_method:
-        return
-    for key in own:
-        if key.startswith("encrypt.") and key not in ("encrypt.format", "encrypt.key-secret"):
-            raise BadOptionError(f"Parameter '{key[len('encrypt.') :]}' is unexpected")
-
-
-def _check_encrypt_format(crypt_method: int, given: object) -> None:
-    """The encryption format an open names must be the header's."""
-    if not crypt_method:
-        raise BadOptionError(
-            f"No encryption in image header, but options specified format '{given}'"
-        )
-    found = _CRYPT_FORMATS.get(crypt_method)
-    if found is not None and given != found:
-        raise BadOptionError(
-            f"Header reported '{found}' encryption format but options specify '{given}'"
-        )
+    check_open_options(header.crypt_method, node_encrypt_options(name.own_options()))
 
 
 def _open_file_node(
