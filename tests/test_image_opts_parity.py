@@ -154,3 +154,40 @@ def test_image_opts_behave_as_in_qemu_img(tmp_path, qemu_img, originals, case):
             )
     assert results["qimg"] == results["qemu-img"]
     assert results.get("qimg-data") == results.get("qemu-img-data")
+
+
+LOCKED = {
+    "info-image-opts": ["info", "--image-opts", Q],
+    "info-json": ["info", 'json:{"driver":"qcow2","file":{"filename":"p.qcow2"}}'],
+    "info-file-protocol": ["info", "file:p.qcow2"],
+    "check-image-opts": ["check", "--image-opts", Q],
+    "check-repair-json": ["check", "-r", "all", 'json:{"driver":"qcow2","file":{"filename":"p.qcow2"}}'],
+    "resize-image-opts": ["resize", "--image-opts", Q, "2M"],
+    "convert-source": ["convert", "p.qcow2", "out.raw"],
+    "convert-source-image-opts": ["convert", "--image-opts", Q, "out.raw"],
+    "convert-target-image-opts": ["convert", "-n", "--target-image-opts", "t.qcow2", Q],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LOCKED)
+def test_lock_conflict_names_the_image_as_given(tmp_path, qemu_img, qemu_io, originals, case):
+    """qemu-img names a locked image as it was given (option string,
+    json: or file: name), once; the hint names the file."""
+    import subprocess
+    import time
+
+    d = tmp_path / "d"
+    shutil.copytree(originals, d)
+    holder = subprocess.Popen([qemu_io, str(d / "p.qcow2")], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.5)  # qemu-io has the image open (and locked) once it waits for commands
+        results = []
+        for tool, cmd in (("qemu-img", [qemu_img]), ("qimg", [sys.executable, "-m", "qimg"])):
+            proc = run([*cmd, *LOCKED[case]], check=False, cwd=d)
+            results.append((proc.returncode, proc.stderr.replace(f"{tool}:", "PROG:")))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert results[1] == results[0]
+    assert results[0][0] == 1 and "lock" in results[0][1]
