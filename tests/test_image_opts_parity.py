@@ -67,6 +67,12 @@ CASES = {
         "convert", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s",
         "out.raw",
     ],
+    "resize-abbreviated-long-options": [
+        "resize", "--obj", "secret,id=s,data=x", "--shr", "--image", f"{Q},encrypt.key-secret=s", "512K",
+    ],
+    "amend-abbreviated-long-options": [
+        "amend", "--obj", "secret,id=s,data=x", "--forc", "-o", "lazy_refcounts=on", "--image", Q,
+    ],
     "resize": ["resize", *SECRET, "--image-opts", f"{Q},encrypt.key-secret=s", "2M"],
     "amend": ["amend", *SECRET, "-o", "lazy_refcounts=on", "--image-opts", f"{Q},encrypt.key-secret=s"],
     "snapshot": ["snapshot", *SECRET, "-c", "s1", "--image-opts", f"{Q},encrypt.key-secret=s"],
