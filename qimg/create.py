@@ -23,7 +23,6 @@ from qimg.errors import (
     BadOptionError,
     ImageIOError,
     QimgError,
-    UnsupportedFeatureError,
 )
 from qimg.options import parse_bool, parse_number, strtosz
 
@@ -50,9 +49,33 @@ _PREALLOC_FILE = OptDesc(
 # are shadowed by the format's own).
 PROTOCOL_OPTS = (_SIZE, _NOCOW, _PREALLOC_FILE, _EXTENT_SIZE_HINT)
 
-# block/qcow2.c's create options in the order qemu_opts_print walks them
-# (encryption options are a later issue and are refused).
-QCOW2_OPTS = (
+# block/qcow2.c's encryption create options (QCOW_COMMON_OPTIONS' and
+# BLOCK_CRYPTO_OPT_DEF_QCOW/LUKS_*'s, "encrypt." prefixed), first in the
+# order qemu_opts_print walks the list.
+QCOW2_ENCRYPT_OPTS = (
+    OptDesc(
+        "encryption",
+        "bool",
+        None,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    OptDesc("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks'"),
+    OptDesc(
+        "encrypt.key-secret",
+        "str",
+        None,
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    OptDesc("encrypt.cipher-alg", "str", None, "Name of encryption cipher algorithm"),
+    OptDesc("encrypt.cipher-mode", "str", None, "Name of encryption cipher mode"),
+    OptDesc("encrypt.ivgen-alg", "str", None, "Name of IV generator algorithm"),
+    OptDesc("encrypt.ivgen-hash-alg", "str", None, "Name of IV generator hash algorithm"),
+    OptDesc("encrypt.hash-alg", "str", None, "Name of encryption hash algorithm"),
+    OptDesc("encrypt.iter-time", "num", None, "Time to spend in PBKDF in milliseconds"),
+)
+
+# block/qcow2.c's create options in the order qemu_opts_print walks them.
+QCOW2_OPTS = QCOW2_ENCRYPT_OPTS + (
     OptDesc("cluster_size", "size", "65536", "qcow2 cluster size"),
     OptDesc("extended_l2", "bool", "off", "Extended L2 tables"),
     OptDesc(
@@ -233,8 +256,6 @@ def create(
     from qimg.filenames import create_path
 
     file_path = create_path(path)  # "file:" dropped; other protocols refused
-    if any(k == "encryption" or k.startswith("encrypt.") for k in options):
-        raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
     descs = option_list(fmt)
     by_name = {d.name: d for d in descs}
     given: dict[str, str] = {}
@@ -287,7 +308,7 @@ def create(
 
         o = Qcow2CreateOptions.from_values(values)
         o.validate()
-        create_qcow2(path, o)
+        create_qcow2(path, o, secrets or {})
     return line
 
 
