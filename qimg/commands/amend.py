@@ -75,7 +75,7 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
                 )
             values = amend.parse_options(options)
             reporter.report(0, 1)
-            amend.amend(image, values, reporter.report)
+            amend.amend(image, values, reporter.report, secrets=secrets, force=force)
             reporter.report(1, 1)
     finally:
         reporter.close()
