@@ -16,7 +16,7 @@ from qimg.errors import BackingChainError, BadOptionError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.storage import Storage, open_storage
 
-FORMATS = ("qcow2", "raw", "qcow")
+FORMATS = ("qcow2", "raw", "qcow", "luks")
 
 
 def probe_format(path: str) -> str:
@@ -32,6 +32,8 @@ def probe_format(path: str) -> str:
 
 def _probe(storage: Storage) -> str:
     head = storage.pread(0, 8) if storage.size() >= 8 else b""
+    if head == b"LUKS\xba\xbe\0\x01":  # block_crypto_probe_luks: LUKS version 1
+        return "luks"
     if int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
         return "raw"
     # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
@@ -184,13 +186,23 @@ def open_backing_chain(
             given = node.backing_options
         below = None
         while nodes:
-            below = nodes[-1].build(below, cache_unsafe)
+            try:
+                below = nodes[-1].build(below, cache_unsafe)
+            except QimgError as exc:
+                # e.g. an encrypted backing file unlocked as it is built
+                raise BackingChainError(_backing_prefix(len(nodes)) + str(exc)) from None
             nodes.pop()
         return below
     except BaseException:
         for node in nodes:
             node.close()
         raise
+
+
+def node_encrypt_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The `encrypt.*` options of a node's options, prefix dropped."""
+    n = len("encrypt.")
+    return {k[n:]: v for k, v in options.items() if k.startswith("encrypt.")}
 
 
 def _backing_prefix(depth: int) -> str:
@@ -225,8 +237,7 @@ class _Node:
     def encrypt_options(self) -> dict[str, object]:
         """A qcow2 node's `encrypt.*` options, prefix dropped
         ({"key-secret": "s", "format": "luks"})."""
-        n = len("encrypt.")
-        return {k[n:]: v for k, v in self.options.items() if k.startswith("encrypt.")}
+        return node_encrypt_options(self.options)
 
     def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         """The driver over this node, reading through `backing`, named as
@@ -239,6 +250,12 @@ class _Node:
 
     def _build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         try:
+            if self.fmt == "luks":
+                from qimg.formats.luks import open_luks
+
+                return open_luks(
+                    self.storage, self.options, self.secrets, metadata_only=self.metadata_only
+                )
             if self.header is None:
                 from qimg.formats.raw import RawImage
 
@@ -329,7 +346,10 @@ def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
     backing_opened = opens_backing and node.open_backing and node.header is not None
     check_node_options(node.fmt, name.options, backing_opened)
     if node.fmt == "qcow2":
-        _check_encrypt_options(node.header.crypt_method, own)
+        # As qcow2_open, before the backing file is opened.
+        from qimg.formats.qcow2.encryption import check_open_options
+
+        check_open_options(node.header.crypt_method, node_encrypt_options(own))
     node.options = own
     node.backing_options = name.backing_options()
     node.secrets = secrets if secrets is not None else {}
@@ -341,41 +361,10 @@ def check_qcow2_options(header, name, backing_opened: bool) -> None:
     that opening makes, for an opener that builds the image itself
     (qemu-img check's)."""
     from qimg.filenames import check_node_options
+    from qimg.formats.qcow2.encryption import check_open_options
 
     check_node_options("qcow2", name.options, backing_opened)
-    _check_encrypt_options(header.crypt_method, name.own_options())
-
-
-# qcow2's crypt_method values, as encrypt.format names them.
-_CRYPT_FORMATS = {1: "aes", 2: "luks"}
-
-
-def _check_encrypt_options(crypt_method: int, own: Mapping[str, object]) -> None:
-    """A qcow2 node's encrypt.* options against its header: the format
-    they name must be the header's; an encrypted image takes no option
-    but key-secret beside it (an unencrypted one ignores the rest).
-    Of several unknown keys, QEMU names one in its QDict's order; here the
-    first given."""
-    if "encrypt.format" in own:
-        _check_encrypt_format(crypt_method, own["encrypt.format"])
-    if not crypt_method:
-        return
-    for key in own:
-        if key.startswith("encrypt.") and key not in ("encrypt.format", "encrypt.key-secret"):
-            raise BadOptionError(f"Parameter '{key[len('encrypt.') :]}' is unexpected")
-
-
-def _check_encrypt_format(crypt_method: int, given: object) -> None:
-    """The encryption format an open names must be the header's."""
-    if not crypt_method:
-        raise BadOptionError(
-            f"No encryption in image header, but options specified format '{given}'"
-        )
-    found = _CRYPT_FORMATS.get(crypt_method)
-    if found is not None and given != found:
-        raise BadOptionError(
-            f"Header reported '{found}' encryption format but options specify '{given}'"
-        )
+    check_open_options(header.crypt_method, node_encrypt_options(name.own_options()))
 
 
 def _open_file_node(
@@ -404,8 +393,10 @@ def _open_file_node(
         raise
     if storage_wrapper is not None:
         storage = storage_wrapper(storage)
-    if fmt == "raw":
-        return _Node(path, fmt, storage, None, None, name.open_backing)
+    if fmt in ("raw", "luks"):
+        node = _Node(path, fmt, storage, None, None, name.open_backing)
+        node.metadata_only = not data_file  # luks: the header, without a key
+        return node
     if fmt == "qcow":
         node = _qcow_node(path, storage, name.open_backing, not data_file)
         node.metadata_only = not data_file

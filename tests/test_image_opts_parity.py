@@ -46,6 +46,27 @@ CASES = {
     "check-format-without-encryption": ["check", "--image-opts", f"{Q},encrypt.format=aes"],
     "check-raw": ["check", "--image-opts", "driver=raw,file.filename=r.raw"],
     "check-image-opts-and-format": ["check", "-f", "qcow2", "--image-opts", Q],
+    "check-overlay-backing-option": [
+        "check", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s",
+    ],
+    "check-overlay-backing-unknown-secret": [
+        "check", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=x",
+    ],
+    "check-overlay-backing-without-secret": [
+        "check", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2",
+    ],
+    "check-encrypted-wrong-secret": [
+        "check", "--object", "secret,id=s,data=wrong", "--image-opts",
+        "driver=qcow2,file.filename=base.qcow2,encrypt.key-secret=s",
+    ],
+    "check-encrypted-json-name": [
+        "check", *SECRET, 'json:{"driver":"qcow2","file":{"filename":"base.qcow2"},"encrypt":{"key-secret":"s"}}',
+    ],
+    "check-encrypted-plain-name": ["check", *SECRET, "base.qcow2"],
+    "convert-encrypted-source": [
+        "convert", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s",
+        "out.raw",
+    ],
     "resize": ["resize", *SECRET, "--image-opts", f"{Q},encrypt.key-secret=s", "2M"],
     "amend": ["amend", *SECRET, "-o", "lazy_refcounts=on", "--image-opts", f"{Q},encrypt.key-secret=s"],
     "snapshot": ["snapshot", *SECRET, "-c", "s1", "--image-opts", f"{Q},encrypt.key-secret=s"],

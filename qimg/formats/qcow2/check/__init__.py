@@ -160,7 +160,12 @@ def _open_qcow2(storage, path: str, name, fix: int, force_share: bool, secrets):
     """The image over `storage`, in check mode; an image marked corrupt
     opens. `name` is the qimg.filenames.ImageName it was opened by."""
     from qimg.formats.qcow2.image import Qcow2Image
-    from qimg.opening import check_qcow2_options, open_backing_chain, open_data_file
+    from qimg.opening import (
+        check_qcow2_options,
+        node_encrypt_options,
+        open_backing_chain,
+        open_data_file,
+    )
 
     open_backing = name.open_backing
     header = _check_mode_header(storage)
@@ -181,8 +186,7 @@ def _open_qcow2(storage, path: str, name, fix: int, force_share: bool, secrets):
                 secrets=secrets,
                 options=name.backing_options(),
             )
-        own = name.own_options()
-        encrypt = {k[8:]: v for k, v in own.items() if k.startswith("encrypt.")}
+        encrypt = node_encrypt_options(name.own_options())
         image = Qcow2Image(
             storage,
             header=header,
