@@ -108,6 +108,33 @@ def test_keyid_secret_has_the_value_that_unlocks_qemu_img_s_image(tmp_path, qemu
     for objects in spellings:
         assert _qemu_unlocks(qemu_img, luks_image, objects)
         assert parse_objects(objects)["s"] == PASSWORD
+        args = ["check"]
+        for obj in objects:
+            args += ["--object", obj]
+        qimg(*args, "--image-opts", f"driver=qcow2,encrypt.key-secret=s,file.filename={luks_image}")
+
+
+def test_keyid_secret_with_the_wrong_key_does_not_unlock(qemu_img, luks_image):
+    """A wrong key that happens to pass the padding check gives another
+    passphrase: both tools refuse it as a wrong password."""
+    key = next(k for k in (bytes([n]) * 32 for n in range(256)) if _padding_passes(k))
+    objects = [f"secret,id=k,data={b64(key)},format=base64",
+               f"secret,id=s,data={b64(CT)},keyid=k,iv={b64(IV)},format=base64"]  # fmt: skip
+    args = ["check"]
+    for obj in objects:
+        args += ["--object", obj]
+    args += ["--image-opts", f"driver=qcow2,encrypt.key-secret=s,file.filename={luks_image}"]
+    theirs, ours = _both(qemu_img, args)
+    assert ours == theirs
+    assert ours[0] == 1
+
+
+def _padding_passes(key: bytes) -> bool:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    dec = Cipher(algorithms.AES(key), modes.CBC(IV)).decryptor()
+    last = (dec.update(CT) + dec.finalize())[-1]
+    return 0 < last <= 16
 
 
 @pytest.mark.parametrize(
