@@ -119,7 +119,19 @@ QCOW_OPTS = (
     ),
 )
 
-FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS, "qcow": QCOW_OPTS}
+# block/crypto.c's luks create options, in their print order.
+LUKS_OPTS = (
+    _SIZE,
+    OptDesc("key-secret", "str", None, "ID of the secret that provides the keyslot passphrase"),
+    OptDesc("cipher-alg", "str", None, "Name of encryption cipher algorithm"),
+    OptDesc("cipher-mode", "str", None, "Name of encryption cipher mode"),
+    OptDesc("ivgen-alg", "str", None, "Name of IV generator algorithm"),
+    OptDesc("ivgen-hash-alg", "str", None, "Name of IV generator hash algorithm"),
+    OptDesc("hash-alg", "str", None, "Name of encryption hash algorithm"),
+    OptDesc("iter-time", "num", None, "Time to spend in PBKDF in milliseconds"),
+)
+
+FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS, "qcow": QCOW_OPTS, "luks": LUKS_OPTS}
 
 
 def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:
@@ -282,8 +294,13 @@ def create(
     for key in ("size", "cluster_size"):
         if key in options and key in own:
             typed_value(by_name[key], options[key])
-    _check_truncate(fmt, values["size"])
     path = file_path  # the Formatting line keeps the name as typed
+    if fmt == "luks":
+        from qimg.formats.luks import create_luks
+
+        create_luks(path, values, secrets or {})
+        return line
+    _check_truncate(fmt, values["size"])
     if fmt == "raw":
         _create_raw(path, values)
     else:

@@ -16,7 +16,7 @@ from qimg.errors import BackingChainError, BadOptionError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.storage import Storage, open_storage
 
-FORMATS = ("qcow2", "raw", "qcow")
+FORMATS = ("qcow2", "raw", "qcow", "luks")
 
 
 def probe_format(path: str) -> str:
@@ -32,6 +32,8 @@ def probe_format(path: str) -> str:
 
 def _probe(storage: Storage) -> str:
     head = storage.pread(0, 8) if storage.size() >= 8 else b""
+    if head == b"LUKS\xba\xbe\0\x01":  # block_crypto_probe_luks: LUKS version 1
+        return "luks"
     if int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
         return "raw"
     # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
@@ -248,6 +250,12 @@ class _Node:
 
     def _build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         try:
+            if self.fmt == "luks":
+                from qimg.formats.luks import open_luks
+
+                return open_luks(
+                    self.storage, self.options, self.secrets, metadata_only=self.metadata_only
+                )
             if self.header is None:
                 from qimg.formats.raw import RawImage
 
@@ -385,8 +393,10 @@ def _open_file_node(
         raise
     if storage_wrapper is not None:
         storage = storage_wrapper(storage)
-    if fmt == "raw":
-        return _Node(path, fmt, storage, None, None, name.open_backing)
+    if fmt in ("raw", "luks"):
+        node = _Node(path, fmt, storage, None, None, name.open_backing)
+        node.metadata_only = not data_file  # luks: the header, without a key
+        return node
     if fmt == "qcow":
         node = _qcow_node(path, storage, name.open_backing, not data_file)
         node.metadata_only = not data_file

@@ -104,16 +104,25 @@ CASES = {
 }  # fmt: skip
 
 
+def _made(qemu_img, args) -> None:
+    """A LUKS creation, retried: with a small iter-time it can fail at
+    random (QEMU-NOTES)."""
+    for _ in range(5):
+        if run([qemu_img, "create", "-q", *args], check=False).returncode == 0:
+            return
+    run([qemu_img, "create", "-q", *args])
+
+
 def _images(qemu_img, d):
     run([qemu_img, "create", "-q", "-f", "qcow2", str(d / "p.qcow2"), "1M"])
     run([qemu_img, "create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "1M"])
     run([qemu_img, "create", "-q", "-f", "raw", str(d / "r.raw"), "1M"])
     enc = ["--object", "secret,id=s,data=hunter2"]
     opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
-    for _ in range(5):  # QEMU-NOTES: LUKS creation with a small iter-time can fail at random
-        if run([qemu_img, "create", "-q", "-f", "qcow2", *enc, "-o", opts, str(d / "base.qcow2"), "1M"],
-               check=False).returncode == 0:  # fmt: skip
-            break
+    _made(qemu_img, ["-f", "qcow2", *enc, "-o", opts, str(d / "base.qcow2"), "1M"])
+    _made(
+        qemu_img, ["-f", "luks", *enc, "-o", "key-secret=s,iter-time=10", str(d / "vol.luks"), "1M"]
+    )
     run(
         [
             qemu_img,
@@ -128,7 +137,7 @@ def _images(qemu_img, d):
             str(d / "top.qcow2"),
         ]
     )
-    run([qemu_img, "io", "-c", "write -P 7 0 64k", str(d / "p.qcow2")], check=False)
+    run(["qemu-io", "-c", "write -P 7 0 64k", str(d / "p.qcow2")])
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,7 @@ def open_cipher(image, secrets: Mapping[str, bytes], encrypt: Mapping[str, str])
     from qimg.crypto import luks1
 
     volume = luks1.unlock(luks_reader(image), secret)
+    image.luks_volume = volume  # its master key re-keys slots (amend)
     return volume.cipher(iv_from_host=True)
 
 
@@ -227,3 +228,41 @@ def refuse_compressed(image) -> None:
     (its compressed write fails with EIO): refuse before writing."""
     if image.dataio.cipher is not None or image.header.crypt_method:
         raise ImageIOError("Input/output error")
+
+
+def amend_encryption(
+    image, values: Mapping[str, object], secrets: Mapping[str, bytes], force: bool
+) -> None:
+    """QEMU's encryption part of qcow2_amend_options: the LUKS key slots
+    re-keyed (encrypt.state, keyslot, new-secret, old-secret, iter-time),
+    the secrets looked up by id where QEMU looks them up.
+
+    Ordering: the LUKS code writes new key material before the header that
+    activates it, and deactivates a slot before overwriting its material;
+    the image file is flushed after."""
+    from qimg.crypto import luks1
+
+    opts = luks1.parse_amend_options(
+        {k: str(v) for k, v in values.items() if k.startswith("encrypt.")}, "encrypt."
+    )
+    volume = getattr(image, "luks_volume", None)
+    if volume is None:  # opened without I/O: QEMU has no crypto context then
+        raise BadOptionError("Can't amend encryption options - encryption not present")
+
+    def secret(secret_id: str | None, option: str):
+        if secret_id is None:
+            return None
+        return lambda: utf8_secret(lookup_secret(secrets, secret_id, option), secret_id)
+
+    luks1.amend_keyslots(
+        luks_reader(image),
+        luks_writer(image),
+        volume.master_key,
+        new_secret=secret(opts.new_secret, "encrypt.new-secret"),
+        old_secret=secret(opts.old_secret, "encrypt.old-secret"),
+        keyslot=opts.keyslot,
+        state=opts.state,
+        iter_time_ms=opts.iter_time_ms,
+        force=force,
+    )
+    image.flush_file()

@@ -82,6 +82,7 @@ class Qcow2Image(Driver):
         # for metadata only (info), which needs no key.
         from qimg.formats.qcow2 import encryption
 
+        self.luks_volume = None  # the unlocked LUKS volume (encryption.open_cipher)
         encryption.check_open_options(header.crypt_method, encrypt or {})
         if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
             self.dataio.cipher = encryption.open_cipher(self, secrets or {}, encrypt or {})
