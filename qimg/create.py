@@ -353,7 +353,9 @@ def _check_backing(
 
     full = full_backing_filename(path, backing)
     try:
-        with open_image(full, backing_fmt, force_share=True, secrets=secrets) as b:
+        # As bdrv_img_create: metadata only (BDRV_O_NO_IO), so an encrypted
+        # backing file opens without its key.
+        with open_image(full, backing_fmt, force_share=True, data_file=False, secrets=secrets) as b:
             if not backing_fmt:
                 raise BackingChainError(
                     "Backing file specified without backing format\n"

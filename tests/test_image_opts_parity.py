@@ -67,6 +67,8 @@ CASES = {
         "convert", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s",
         "out.raw",
     ],
+    "create-over-encrypted-backing": ["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"],
+    "create-over-luks-backing": ["create", "-f", "qcow2", "-b", "vol.luks", "-F", "luks", "new.qcow2"],
     "resize-abbreviated-long-options": [
         "resize", "--obj", "secret,id=s,data=x", "--shr", "--image", f"{Q},encrypt.key-secret=s", "512K",
     ],
