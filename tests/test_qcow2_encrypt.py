@@ -31,9 +31,9 @@ CASES = {
         "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,"
         "encrypt.hash-alg=sha1"
     ),
-    "luks-cbc-plain64-small-clusters": (
+    "luks-cbc-plain64-extended-l2": (
         "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,"
-        "encrypt.cipher-alg=aes-256,cluster_size=4096"
+        "encrypt.cipher-alg=aes-256,cluster_size=16384,extended_l2=on"
     ),
     "aes-v3": "encrypt.format=aes",
     "aes-v2": "encryption=on,compat=0.10",
