@@ -319,3 +319,52 @@ def test_preallocated_encrypted_image_has_qemus_layout(qemu_img, tmp_path):
     assert len(q) == len(m)
     assert q[72:104] == m[72:104]  # the header extension: LUKS header offset, length
     _qemu_check(files[1])
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    """A LUKS qcow2 image (made by qemu-img) damaged in its LUKS area."""
+    import struct
+
+    b = bytearray(data)
+    ext = b.index(bytes.fromhex("0537be77"))  # the crypto header extension
+    luks, _length = struct.unpack_from(">QQ", b, ext + 8)
+    if how == "key-material-truncated":
+        return bytes(b[: luks + 4096 + 1000])
+    if how == "bad-magic":
+        b[luks : luks + 6] = b"XXXXXX"
+    elif how == "extension-shorter-than-key-material":
+        struct.pack_into(">Q", b, ext + 16, 8192)
+    elif how == "key-material-zeroed":
+        b[luks + 4096 : luks + 4608] = bytes(512)
+    elif how == "luks-header-past-end-of-file":
+        struct.pack_into(">Q", b, ext + 8, 1 << 28)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "key-material-truncated",
+        "bad-magic",
+        "extension-shorter-than-key-material",
+        "key-material-zeroed",
+        "luks-header-past-end-of-file",
+    ],
+)
+def test_damaged_luks_area_is_one_line_as_qemu_img_and_nothing_is_written(qemu_img, tmp_path, how):
+    path = tmp_path / "enc.qcow2"
+    _qemu_create(path, CASES["luks-v3"], size="1M")
+    path.write_bytes(_damage(path.read_bytes(), how))
+    before = path.read_bytes()
+    for args in (
+        ["convert", *_obj(), "--image-opts", _opts(path), "-O", "raw", "out.raw"],
+        ["check", *_obj(), "--image-opts", _opts(path)],
+        ["info", "enc.qcow2"],
+    ):
+        q = _qemu("qemu-img", *args, check=False, cwd=tmp_path)
+        m = _qimg(*args, check=False, cwd=tmp_path)
+        assert m.returncode == q.returncode, args
+        assert m.stderr.replace("qimg:", "qemu-img:") == q.stderr, args
+        assert m.returncode == 0 or len(m.stderr.splitlines()) == 1
+        assert not (tmp_path / "out.raw").exists()
+    assert path.read_bytes() == before
