@@ -22,11 +22,13 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 - ECB: no IV.
 
 `cryptography` holds the GIL while it encrypts (measured: two threads take
-as long as one), so the work stays on one thread.
+as long as one); numpy releases it, and the XTS tweaks and XORs are most of
+the work, so a call of several chunks spreads them over a thread per core.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -185,6 +187,21 @@ def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
         lo_out ^= _REDUCE8[over & np.uint64(0xFF)]
 
 
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    """The threads that share a call's chunks (one per core)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="qimg-crypto")
+        return _POOL
+
+
 def _octets(array) -> memoryview:
     """The bytes of a numpy array as `cryptography` takes them (contiguous
     unsigned bytes; a copy only if `array` is strided)."""
@@ -248,9 +265,18 @@ class _Base:
             out = bytearray(total)
         src = np.frombuffer(data, dtype="<u8").reshape(-1, self._blocks, self._words)
         dst = np.frombuffer(out, dtype="<u8", count=src.size).reshape(src.shape)
-        for first in range(0, len(src), _CHUNK_SECTORS):
+        firsts = range(0, len(src), _CHUNK_SECTORS)
+
+        def run_chunk(first: int) -> None:
             part = slice(first, first + _CHUNK_SECTORS)
             chunk_fn(sector + first, src[part], dst[part])
+
+        if len(firsts) > 1:
+            # numpy releases the GIL (cryptography does not): chunks on
+            # every core overlap their numpy work.
+            list(_pool().map(run_chunk, firsts))
+        else:
+            run_chunk(0)
         return out
 
     def _scratch(self, name: str, size: int):
@@ -331,15 +357,25 @@ class _XTS(_Base):
 class _CBC(_Base):
     def _encrypt_chunk(self, sector: int, src, dst) -> None:
         # Chaining runs along a sector's blocks: block column j of every
-        # sector at once, each column one ECB call.
-        prev = self._ivs(sector, len(src))
-        ctx = self._cipher.encryptor()
+        # sector at once, each column one ECB call, on the chunk transposed
+        # to (block, sector, word) so that every column is contiguous.
         np = self._np
-        column = np.empty(prev.size + self._words, dtype="<u8")
-        for j in range(self._blocks):
-            ctx.update_into(_octets(src[:, j] ^ prev), _octets(column))
-            dst[:, j] = column[: prev.size].reshape(prev.shape)
-            prev = dst[:, j]
+        n, blocks, words = src.shape
+        column_words = n * words
+        plain = self._scratch("plain", src.size).reshape(blocks, n, words)
+        plain[...] = src.transpose(1, 0, 2)
+        # Each column's ECB output needs update_into's slack: the next
+        # column's space, rewritten after; one block more past the last.
+        cipher = self._scratch("cipher", src.size + words)
+        mixed = self._scratch("mixed", column_words).reshape(n, words)
+        ctx = self._cipher.encryptor()
+        prev = self._ivs(sector, n)
+        for j in range(blocks):
+            np.bitwise_xor(plain[j], prev, out=mixed)
+            out = cipher[j * column_words : (j + 1) * column_words + words]
+            ctx.update_into(_octets(mixed), _octets(out))
+            prev = out[:column_words].reshape(n, words)
+        dst[...] = cipher[: src.size].reshape(blocks, n, words).transpose(1, 0, 2)
 
     def _decrypt_chunk(self, sector: int, src, dst) -> None:
         np = self._np
