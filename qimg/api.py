@@ -201,10 +201,14 @@ def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, *
     (driver=qcow2,file.filename=...,encrypt.key-secret=ID), opened as the
     json: name that says the same, and messages still call it `path`."""
     from qimg.errors import ImageLockedError
-    from qimg.filenames import image_opts_name
+    from qimg.filenames import image_opts_name, name_lock_error
 
+    opened = image_opts_name(path) if image_opts else path
     try:
-        return open_image(image_opts_name(path) if image_opts else path, fmt, **kw)
+        return open_image(opened, fmt, **kw)
+    except ImageLockedError as exc:
+        name_lock_error(exc, opened, path)
+        raise
     except QimgError as exc:
         # qemu-img doubles the prefix of a failed file open, but a lock
         # conflict (or -U on a read-write open) comes from the permission

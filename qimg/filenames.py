@@ -228,6 +228,20 @@ def _flatten(options: dict, prefix: str = "") -> dict:
     return flat
 
 
+def name_lock_error(exc: Exception, opened: str, shown: str) -> None:
+    """A lock conflict names the host file ("Could not open 'PATH': ...");
+    qemu-img names the image as it was given (`shown`: a json: name, a
+    file: name or an --image-opts string, which opened the name `opened`)."""
+    try:
+        host = parse_filename(opened).path
+    except BadOptionError:
+        return
+    old = f"Could not open '{host}': "
+    text = str(exc)
+    if host != shown and text.startswith(old):
+        exc.args = (f"Could not open '{shown}': {text[len(old) :]}",)
+
+
 def image_opts_name(text: str) -> str:
     """An --image-opts option string ("driver=qcow2,file.filename=x") as
     the json: name that says the same (read back by parse_filename, which

@@ -52,7 +52,7 @@ def describe(
     With `image_opts`, `filename` is an --image-opts option string;
     `secrets` are those image options may name."""
     from qimg.errors import BackingChainError, ImageLockedError, QimgError
-    from qimg.filenames import image_opts_name
+    from qimg.filenames import image_opts_name, name_lock_error
     from qimg.opening import open_image
 
     infos: list[dict] = []
@@ -80,6 +80,8 @@ def describe(
             # conflict comes from the permission update and carries one.
             if not isinstance(exc, ImageLockedError):
                 exc.args = (f"Could not open '{name}': {exc}",)
+            else:
+                name_lock_error(exc, opened, name)
             raise
         with img:
             info = image_info(img)

@@ -67,6 +67,12 @@ CASES = {
         "convert", *SECRET, "--image-opts", "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s",
         "out.raw",
     ],
+    "resize-abbreviated-long-options": [
+        "resize", "--obj", "secret,id=s,data=x", "--shr", "--image", f"{Q},encrypt.key-secret=s", "512K",
+    ],
+    "amend-abbreviated-long-options": [
+        "amend", "--obj", "secret,id=s,data=x", "--forc", "-o", "lazy_refcounts=on", "--image", Q,
+    ],
     "resize": ["resize", *SECRET, "--image-opts", f"{Q},encrypt.key-secret=s", "2M"],
     "amend": ["amend", *SECRET, "-o", "lazy_refcounts=on", "--image-opts", f"{Q},encrypt.key-secret=s"],
     "snapshot": ["snapshot", *SECRET, "-c", "s1", "--image-opts", f"{Q},encrypt.key-secret=s"],
@@ -98,16 +104,25 @@ CASES = {
 }  # fmt: skip
 
 
+def _made(qemu_img, args) -> None:
+    """A LUKS creation, retried: with a small iter-time it can fail at
+    random (QEMU-NOTES)."""
+    for _ in range(5):
+        if run([qemu_img, "create", "-q", *args], check=False).returncode == 0:
+            return
+    run([qemu_img, "create", "-q", *args])
+
+
 def _images(qemu_img, d):
     run([qemu_img, "create", "-q", "-f", "qcow2", str(d / "p.qcow2"), "1M"])
     run([qemu_img, "create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "1M"])
     run([qemu_img, "create", "-q", "-f", "raw", str(d / "r.raw"), "1M"])
     enc = ["--object", "secret,id=s,data=hunter2"]
     opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
-    for _ in range(5):  # QEMU-NOTES: LUKS creation with a small iter-time can fail at random
-        if run([qemu_img, "create", "-q", "-f", "qcow2", *enc, "-o", opts, str(d / "base.qcow2"), "1M"],
-               check=False).returncode == 0:  # fmt: skip
-            break
+    _made(qemu_img, ["-f", "qcow2", *enc, "-o", opts, str(d / "base.qcow2"), "1M"])
+    _made(
+        qemu_img, ["-f", "luks", *enc, "-o", "key-secret=s,iter-time=10", str(d / "vol.luks"), "1M"]
+    )
     run(
         [
             qemu_img,
@@ -122,7 +137,7 @@ def _images(qemu_img, d):
             str(d / "top.qcow2"),
         ]
     )
-    run([qemu_img, "io", "-c", "write -P 7 0 64k", str(d / "p.qcow2")], check=False)
+    run(["qemu-io", "-c", "write -P 7 0 64k", str(d / "p.qcow2")])
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +169,40 @@ def test_image_opts_behave_as_in_qemu_img(tmp_path, qemu_img, originals, case):
             )
     assert results["qimg"] == results["qemu-img"]
     assert results.get("qimg-data") == results.get("qemu-img-data")
+
+
+LOCKED = {
+    "info-image-opts": ["info", "--image-opts", Q],
+    "info-json": ["info", 'json:{"driver":"qcow2","file":{"filename":"p.qcow2"}}'],
+    "info-file-protocol": ["info", "file:p.qcow2"],
+    "check-image-opts": ["check", "--image-opts", Q],
+    "check-repair-json": ["check", "-r", "all", 'json:{"driver":"qcow2","file":{"filename":"p.qcow2"}}'],
+    "resize-image-opts": ["resize", "--image-opts", Q, "2M"],
+    "convert-source": ["convert", "p.qcow2", "out.raw"],
+    "convert-source-image-opts": ["convert", "--image-opts", Q, "out.raw"],
+    "convert-target-image-opts": ["convert", "-n", "--target-image-opts", "t.qcow2", Q],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LOCKED)
+def test_lock_conflict_names_the_image_as_given(tmp_path, qemu_img, qemu_io, originals, case):
+    """qemu-img names a locked image as it was given (option string,
+    json: or file: name), once; the hint names the file."""
+    import subprocess
+    import time
+
+    d = tmp_path / "d"
+    shutil.copytree(originals, d)
+    holder = subprocess.Popen([qemu_io, str(d / "p.qcow2")], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.5)  # qemu-io has the image open (and locked) once it waits for commands
+        results = []
+        for tool, cmd in (("qemu-img", [qemu_img]), ("qimg", [sys.executable, "-m", "qimg"])):
+            proc = run([*cmd, *LOCKED[case]], check=False, cwd=d)
+            results.append((proc.returncode, proc.stderr.replace(f"{tool}:", "PROG:")))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert results[1] == results[0]
+    assert results[0][0] == 1 and "lock" in results[0][1]

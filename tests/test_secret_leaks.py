@@ -55,6 +55,10 @@ def _enc(path, sid: str = "s1") -> str:
     return f"driver=qcow2,encrypt.key-secret={sid},file.filename={path}"
 
 
+def _luks(path, sid: str = "s1") -> str:
+    return f"driver=luks,key-secret={sid},file.filename={path}"
+
+
 def _runs(w) -> list[list[str]]:
     """qimg command lines over the files in `w`, in order."""
     f1, f2, fw = w / "s1.txt", w / "s2.txt", w / "wrong.txt"
@@ -94,8 +98,17 @@ def _runs(w) -> list[list[str]]:
          "encrypt.state=active,encrypt.new-secret=s2,encrypt.iter-time=10", "--image-opts", _enc("enc.qcow2")],
         ["amend", *_obj("s1", fw), *_obj("s2", f2), "-o",
          "encrypt.state=active,encrypt.new-secret=s2,encrypt.iter-time=10", "--image-opts", _enc("enc.qcow2")],
-        ["amend", *_obj("s1", f1), "-o", "encrypt.state=inactive,encrypt.old-secret=s1",
-         "--image-opts", _enc("conv2.qcow2", "s1")],
+        ["amend", *_obj("s2", f2), "-o", "encrypt.state=inactive,encrypt.old-secret=s2",
+         "--image-opts", _enc("conv2.qcow2", "s2")],  # the last slot: refused without --force
+        ["create", "-f", "luks", *_obj("s1", f1), "-o", "key-secret=s1,iter-time=10", "vol.luks", "1M"],
+        ["convert", *_obj("s1", f1), "-f", "raw", "-O", "luks", "-o", "key-secret=s1,iter-time=10",
+         "data.raw", "conv.luks"],
+        ["info", *_obj("s1", f1), "--image-opts", _luks("conv.luks")],
+        ["check", *_obj("s1", fw), "--image-opts", _luks("conv.luks")],  # wrong secret
+        ["convert", *_obj("s1", f1), "--image-opts", _luks("conv.luks"), "-O", "raw", "back-luks.raw"],
+        ["resize", *_obj("s1", f1), "--image-opts", _luks("vol.luks"), "2M"],
+        ["amend", *_obj("s1", f1), *_obj("s2", f2), "-o", "state=active,new-secret=s2,iter-time=10",
+         "--image-opts", _luks("vol.luks")],
     ]  # fmt: skip
 
 
@@ -149,11 +162,16 @@ def test_the_runs_did_what_the_suite_does(outputs):
     secret refused, the forced failure's traceback printed."""
     w, _tmp, results = outputs
     text = b"\n".join(out for _args, out in results)
-    assert (w / "enc.qcow2").exists() and (w / "back.raw").read_bytes() == (
-        w / "data.raw"
-    ).read_bytes()
+    data = (w / "data.raw").read_bytes()
+    assert (w / "back.raw").read_bytes() == data and (w / "back-luks.raw").read_bytes() == data
     assert b"Invalid password" in text
     assert b"Traceback" in text and b"forced failure" in text
+
+
+def test_the_re_keyed_images_open_with_the_new_secret(outputs):
+    w, _tmp, _results = outputs
+    assert _master_key(w / "enc.qcow2", "s2", S2) == _master_key(w / "enc.qcow2", "s1", S1)
+    assert _master_key(w / "vol.luks", "s2", S2) == _master_key(w / "vol.luks", "s1", S1)
 
 
 def test_no_output_error_or_traceback_holds_a_secret(outputs):
@@ -167,12 +185,17 @@ def test_no_temporary_file_is_left(outputs):
     assert list(tmp.iterdir()) == []
     made = {p.name for p in w.iterdir()}
     assert made <= {"s1.txt", "s2.txt", "wrong.txt", "data.raw", "enc.qcow2", "aes.qcow2", "conv.qcow2",
-                    "back.raw", "conv2.qcow2"}  # fmt: skip
+                    "back.raw", "conv2.qcow2", "vol.luks", "conv.luks", "back-luks.raw"}  # fmt: skip
 
 
 def _master_key(path, sid: str, value: bytes) -> bytes:
-    from qimg.api import open_image
+    """The master key of a LUKS qcow2 image or raw LUKS volume."""
     from qimg.crypto import luks1
+
+    if str(path).endswith(".luks"):
+        data = path.read_bytes()
+        return luks1.unlock(lambda pos, n: data[pos : pos + n], value).master_key
+    from qimg.api import open_image
     from qimg.formats.qcow2.encryption import luks_reader
     from qimg.secrets import Secrets
 
@@ -185,8 +208,9 @@ def test_images_hold_no_passphrase_and_no_master_key(outputs):
     w, _tmp, results = outputs
     keys = {"enc": _master_key(w / "enc.qcow2", "s1", S1), "conv": _master_key(w / "conv.qcow2", "s1", S1),
             "conv2": _master_key(w / "conv2.qcow2", "s2", S2),
+            "vol": _master_key(w / "vol.luks", "s1", S1), "conv-luks": _master_key(w / "conv.luks", "s1", S1),
             "aes-key": S1[:16]}  # legacy AES: the secret's first 16 bytes are the key  # fmt: skip
-    for image in ("enc.qcow2", "aes.qcow2", "conv.qcow2", "conv2.qcow2"):
+    for image in ("enc.qcow2", "aes.qcow2", "conv.qcow2", "conv2.qcow2", "vol.luks", "conv.luks"):
         assert not _leaks((w / image).read_bytes(), keys), image
     # ... nor does any output
     for _args, out in results:

@@ -46,20 +46,25 @@ class Sources:
 
 def open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
-    from qimg.filenames import image_opts_name
+    from qimg.errors import ImageLockedError
+    from qimg.filenames import image_opts_name, name_lock_error
 
     if o.image_opts and o.source_format is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
+    opened = image_opts_name(path) if o.image_opts else path
     try:
         need_name(path)
         return open_image(
-            image_opts_name(path) if o.image_opts else path,
+            opened,
             o.source_format,
             force_share=o.force_share,
             cache_unsafe=True,
             lock=True,
             secrets=o.secrets,
         )
+    except ImageLockedError as exc:
+        name_lock_error(exc, opened, path)  # prefixed once already, as qemu-img's
+        raise
     except QimgError as exc:
         # qemu-img: "Could not open 'X': " before what the opener said,
         # which for a file that cannot be opened names it once more.

@@ -153,21 +153,23 @@ def remove_target(path: str) -> None:
 
 def open_target(target: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
-    from qimg.filenames import image_opts_name
+    from qimg.filenames import image_opts_name, name_lock_error
 
     if o.target_image_opts and o.target_format is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
+    opened = image_opts_name(target) if o.target_image_opts else _with_key_secrets(target, o)
     try:
         need_name(target)
         image = open_image(
-            image_opts_name(target) if o.target_image_opts else _with_key_secrets(target, o),
+            opened,
             o.target_format,
             writable=True,
             cache_unsafe=o.cache == "unsafe",
             secrets=o.secrets,
         )
-    except ImageLockedError:
-        raise  # already in the words qemu-img prints ("Could not open 'T': ...")
+    except ImageLockedError as exc:
+        name_lock_error(exc, opened, target)  # qemu-img's words: "Could not open 'T': ..."
+        raise
     except QimgError as exc:
         # qemu-img names the target before what the opener said, which for
         # a file that cannot be opened names it once more.

@@ -93,8 +93,8 @@ def open_for_check(
     `path`: e.g. the --image-opts string `path` was made from)."""
     import os
 
-    from qimg.errors import ImageIOError
-    from qimg.filenames import parse_filename
+    from qimg.errors import ImageIOError, ImageLockedError
+    from qimg.filenames import name_lock_error, parse_filename
     from qimg.opening import probe_format
     from qimg.storage import open_storage
 
@@ -114,7 +114,11 @@ def open_for_check(
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
         _refuse_format(given, full, fmt, fix, force_share, secrets)
-    storage = open_storage(path, bool(fix), force_share=force_share)
+    try:
+        storage = open_storage(path, bool(fix), force_share=force_share)
+    except ImageLockedError as exc:
+        name_lock_error(exc, full, given)  # qemu-img names the image as given
+        raise
     try:
         return _open_qcow2(storage, path, name, fix, force_share, secrets)
     except QimgError as exc:
