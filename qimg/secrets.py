@@ -28,6 +28,18 @@ _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _SECRET_KEYS = frozenset({"qom-type", "id", "data", "file", "format", "keyid", "iv", "loaded"})
 
 
+class SecretBytes(bytes):
+    """A secret's value: bytes whose repr and str hide them, so that a
+    traceback that shows local variables (pytest -l, error reporters) does
+    not show the secret either. What is computed from it (slices, keys)
+    is plain bytes again."""
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
 class Secrets(dict):
     """Secret values (bytes) by id. Its repr names the ids only, so that
     a value cannot reach a message or a traceback through it."""
@@ -47,7 +59,7 @@ def parse_objects(texts: tuple[str, ...] | list[str]) -> Secrets:
             raise BadOptionError(
                 f"attempt to add duplicate property '{sid}' to object (type 'container')"
             )
-        secrets[sid] = value
+        secrets[sid] = SecretBytes(value)
     return secrets
 
 

@@ -221,3 +221,28 @@ def test_images_hold_no_passphrase_and_no_master_key(outputs):
 def test_the_detector_finds_every_spelling(prefix):
     for text in (S1, S1.hex().encode(), base64.b64encode(prefix + S1), repr(KEY).encode()):
         assert _leaks(b"qimg: " + text + b"\n")
+
+
+@pytest.mark.parametrize("image", ["enc.qcow2", "vol.luks"])
+def test_a_traceback_with_local_variables_holds_no_secret(outputs, image):
+    """Even a traceback that prints every frame's local variables (pytest
+    -l, error reporters) shows no passphrase: secret values repr as
+    <secret>."""
+    import traceback
+
+    from qimg.api import open_image
+    from qimg.errors import QimgError
+    from qimg.secrets import parse_objects
+
+    w, _tmp, _results = outputs
+    option = "key-secret" if image.endswith(".luks") else "encrypt.key-secret"
+    driver = "luks" if image.endswith(".luks") else "qcow2"
+    name = f'json:{{"driver": "{driver}", "file": {{"filename": "{w / image}"}}, "{option}": "s"}}'
+    secrets = parse_objects([f"secret,id=s,file={w / 'wrong.txt'}"])
+    with pytest.raises(QimgError) as info:
+        open_image(name, secrets=secrets)
+    # qimg's frames (this test's own locals hold the command lines above)
+    frames = traceback.walk_tb(info.value.__traceback__.tb_next)
+    text = "".join(traceback.StackSummary.extract(frames, capture_locals=True).format())
+    assert "secret = <secret>" in text  # the frames were there, their secrets hidden
+    assert not _leaks(text.encode())
