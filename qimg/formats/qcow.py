@@ -340,7 +340,6 @@ def _aes_cipher(secrets: Mapping[str, bytes], encrypt: Mapping[str, str]):
 
     encryption.check_open_options(QCOW_CRYPT_AES, encrypt)
     secret = encryption.lookup_secret(secrets, encrypt.get("key-secret"), encryption.KEY_SECRET)
-    encryption.require_crypto()
     from qimg.crypto.sectors import qcow_aes_cipher
 
     return qcow_aes_cipher(encryption.utf8_secret(secret, encrypt["key-secret"]))

@@ -111,8 +111,9 @@ class Qcow2Image(Driver):
         self._refcounts = None
         self._clusters = None
         # Whether a read has met compressed clusters (convert reads such
-        # sources in parallel: decompression, not copying, is the work).
-        self.read_compressed = False
+        # sources in parallel: decompression, not copying, is the work);
+        # decryption is such work from the first read on.
+        self.read_compressed = self.dataio.cipher is not None
         # Whether one read spreads its clusters' decompression over the
         # decompressor's threads; a caller that already reads from several
         # threads (convert's readers) turns it off: nested hand-offs only
