@@ -10,7 +10,7 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from qimg.cachemode import CacheMode
 from qimg.driver import Driver
@@ -54,12 +54,15 @@ def open_image(
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
     cache_unsafe: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
     `json:{...}` pseudo-filename (qimg.filenames); so are backing file
-    names read from images. Raises a QimgError subclass with qemu-img's
+    names read from images. An encrypted image's node options name its
+    secret (`json:{..., "encrypt.key-secret": "s"}`, or `key-secret` for
+    luks), whose value `secrets` holds by id (qimg.secrets.parse_objects). Raises a QimgError subclass with qemu-img's
     wording on failure. `data_file=False` opens for metadata only (QEMU's
     BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
@@ -80,6 +83,7 @@ def open_image(
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,
+        secrets=secrets,
     )
     if writable and image.dirty:
         # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
@@ -104,13 +108,15 @@ def create_image(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting=None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image; returns qemu-img's 'Formatting ...' line.
 
     `options` are the -o key/value pairs of qemu-img create, as typed. The
     size may be omitted when a backing file gives it. `on_formatting`, when
     given, receives the line where qemu-img prints it (before the format's
-    own option checks, which can still fail).
+    own option checks, which can still fail). `secrets` (by id) hold the
+    values the options' secret ids name (encrypt.key-secret=ID).
     """
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
@@ -127,6 +133,7 @@ def create_image(
         backing_fmt=backing_fmt,
         check_backing=check_backing,
         on_formatting=on_formatting,
+        secrets=secrets,
     )
 
 
@@ -141,13 +148,29 @@ def create_options_help(fmt: str, with_protocol: bool = True) -> str:
 
 
 def describe(
-    filename: str, fmt: str | None = None, *, force_share: bool = False, backing_chain: bool = False
+    filename: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    backing_chain: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the ImageInfo of the image (and,
-    with `backing_chain`, of each image below it), as qemu-img's JSON."""
+    with `backing_chain`, of each image below it), as qemu-img's JSON.
+    With `image_opts`, `filename` is an --image-opts option string."""
     from qimg.info import describe as describe_chain
 
-    return describe_chain(filename, fmt, force_share=force_share, backing_chain=backing_chain)
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return describe_chain(
+        filename,
+        fmt,
+        force_share=force_share,
+        backing_chain=backing_chain,
+        image_opts=image_opts,
+        secrets=secrets,
+    )
 
 
 def check_image_file(
@@ -156,28 +179,44 @@ def check_image_file(
     fix: int = 0,
     force_share: bool = False,
     cache: CacheMode | str | None = None,
+    *,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ):
     """`qemu-img check [-r leaks|all] [-T cache]`: open, check (and repair:
     `fix` is 1 for leaks, 3 for all), close; returns the CheckResult. A
     check that cannot complete raises CheckFailed (whose `result` holds
-    what was found)."""
+    what was found). With `image_opts`, `filename` is an --image-opts
+    option string."""
     from qimg.cachemode import cache_mode
+    from qimg.filenames import image_opts_name
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share, cache_mode(cache, source=True))
+    cache = cache_mode(cache, source=True)
+    if not image_opts:
+        return check_file(filename, fmt, fix, force_share, cache, secrets=secrets)
+    if fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return check_file(
+        image_opts_name(filename), None, fix, force_share, cache, secrets=secrets, shown=filename
+    )
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:
-    """open_image (keywords as there) failing as qemu-img's img_open does:
-    "Could not open 'PATH': " before what the open said. With
-    `image_opts`, `path` is an --image-opts option string
-    (driver=qcow2,file.filename=...), opened as the json: name that says
-    the same, and messages still call it `path`."""
+    """open_image (keywords as there, `secrets` among them) failing as
+    qemu-img's img_open does: "Could not open 'PATH': " before what the
+    open said. With `image_opts`, `path` is an --image-opts option string
+    (driver=qcow2,file.filename=...,encrypt.key-secret=ID), opened as the
+    json: name that says the same, and messages still call it `path`."""
     from qimg.errors import ImageLockedError
-    from qimg.filenames import image_opts_name
+    from qimg.filenames import image_opts_name, name_lock_error
 
+    opened = image_opts_name(path) if image_opts else path
     try:
-        return open_image(image_opts_name(path) if image_opts else path, fmt, **kw)
+        return open_image(opened, fmt, **kw)
+    except ImageLockedError as exc:
+        name_lock_error(exc, opened, path)
+        raise
     except QimgError as exc:
         # qemu-img doubles the prefix of a failed file open, but a lock
         # conflict (or -U on a read-write open) comes from the permission
@@ -198,17 +237,25 @@ def edit_bitmap(
     source_path: str | None = None,
     source_fmt: str | None = None,
     image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> None:
     """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
     persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
     Every action is checked before anything is written: on failure the
     image is left as it was (qimg.formats.qcow2.bitmap_ops). With
-    `image_opts`, `path` is an option string (see open_named)."""
+    `image_opts`, `path` is an option string (see open_named); `secrets`
+    are those the images' options may name."""
     from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
 
-    image = open_named(path, fmt, image_opts=image_opts, writable=True, backing=False)
+    image = open_named(
+        path, fmt, image_opts=image_opts, writable=True, backing=False, secrets=secrets
+    )
     try:
-        source = open_named(source_path, source_fmt, backing=False) if source_path else None
+        source = (
+            open_named(source_path, source_fmt, backing=False, secrets=secrets)
+            if source_path
+            else None
+        )
         try:
             apply_plan(image, plan_actions(image, name, actions, granularity, source))
         finally:
@@ -219,14 +266,19 @@ def edit_bitmap(
 
 
 def list_bitmaps(
-    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """The persistent bitmaps of an image: name, granularity, flags and
     dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
     from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
 
     with open_named(
-        path, fmt, image_opts=image_opts, force_share=force_share, backing=False
+        path, fmt, image_opts=image_opts, force_share=force_share, backing=False, secrets=secrets
     ) as image:
         return listed(image)
 

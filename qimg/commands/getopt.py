@@ -38,6 +38,14 @@ QEMU_LONGS: dict[str, dict[str, bool]] = {
         "force-share": False,
     },
     "snapshot": {"help": False, "object": True, "image-opts": False, "force-share": False},
+    "resize": {
+        "help": False,
+        "object": True,
+        "image-opts": False,
+        "preallocation": True,
+        "shrink": False,
+    },
+    "amend": {"help": False, "object": True, "image-opts": False, "force": False},
     "convert": {
         "help": False,
         "object": True,

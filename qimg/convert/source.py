@@ -8,7 +8,13 @@ from qimg.convert.options import ConvertOptions
 from qimg.convert.scan import DATA, SKIP, ZERO
 from qimg.driver import COMPRESSED, UNALLOCATED, Driver
 from qimg.driver import DATA as EXTENT_DATA
-from qimg.errors import CorruptImageError, ImageIOError, QimgError, UnsupportedFeatureError
+from qimg.errors import (
+    BadOptionError,
+    CorruptImageError,
+    ImageIOError,
+    QimgError,
+    UnsupportedFeatureError,
+)
 
 
 class Sources:
@@ -41,11 +47,26 @@ class Sources:
 def open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
     from qimg.cachemode import parse_cache_mode
+    from qimg.errors import ImageLockedError
+    from qimg.filenames import image_opts_name, name_lock_error
 
     cache = parse_cache_mode(o.source_cache, source=True)
+    if o.image_opts and o.source_format is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    opened = image_opts_name(path) if o.image_opts else path
     try:
         need_name(path)
-        return open_image(path, o.source_format, force_share=o.force_share, cache=cache)
+        return open_image(
+            opened,
+            o.source_format,
+            force_share=o.force_share,
+            cache=cache,
+            lock=True,
+            secrets=o.secrets,
+        )
+    except ImageLockedError as exc:
+        name_lock_error(exc, opened, path)  # prefixed once already, as qemu-img's
+        raise
     except QimgError as exc:
         # qemu-img: "Could not open 'X': " before what the opener said,
         # which for a file that cannot be opened names it once more.

@@ -99,11 +99,12 @@ class DataIO:
             image.check_overlap(host, total, "data")
         if len(buffers) == 1 and self._shared(guest, host, buffers[0]):
             return
-        data = buffers[0] if len(buffers) == 1 else b"".join(bytes(b) for b in buffers)
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
         if self.cipher is not None:
             if host % SECTOR_SIZE or total % SECTOR_SIZE:
                 raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
-            data = self.cipher.encrypt(self._sector(guest, host), bytes(data))
+            # The cipher reads any contiguous buffer and returns a new one.
+            data = self.cipher.encrypt(self._sector(guest, host), data)
         image.data_storage.pwrite(host, data)
 
     def _shared(self, guest: int, host: int, data) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Mapping
 
 from qimg.driver import (
     COMPRESSED,
@@ -51,6 +52,8 @@ class Qcow2Image(Driver):
         data_storage: Storage | None = None,
         header: Header | None = None,
         metadata_only: bool = False,
+        secrets: Mapping[str, bytes] | None = None,
+        encrypt: Mapping[str, str] | None = None,
     ):
         self.storage = storage
         self.filename = storage.path
@@ -71,12 +74,16 @@ class Qcow2Image(Driver):
         self._closed = False
         if header.crypt_method == L.QCOW_CRYPT_LUKS and header.crypto_ext is None:
             raise InvalidImageError("Missing CRYPTO header for crypt method 2")
-        # An encrypted image is opened for its metadata only (info): its
-        # data is never read or written.
-        if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
-            from qimg.errors import UnsupportedFeatureError
+        # `encrypt` holds the node's encrypt.* options (no prefix), checked
+        # against the header; the data of an encrypted image is read and
+        # written through the cipher its secret unlocks, except when opened
+        # for metadata only (info), which needs no key.
+        from qimg.formats.qcow2 import encryption
 
-            raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
+        self.luks_volume = None  # the unlocked LUKS volume (encryption.open_cipher)
+        encryption.check_open_options(header.crypt_method, encrypt or {})
+        if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
+            self.dataio.cipher = encryption.open_cipher(self, secrets or {}, encrypt or {})
         if self.writable and header.corrupt:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
         _check_table_reads(header)
@@ -102,8 +109,9 @@ class Qcow2Image(Driver):
         self._refcounts = None
         self._clusters = None
         # Whether a read has met compressed clusters (convert reads such
-        # sources in parallel: decompression, not copying, is the work).
-        self.read_compressed = False
+        # sources in parallel: decompression, not copying, is the work);
+        # decryption is such work from the first read on.
+        self.read_compressed = self.dataio.cipher is not None
         # Whether one read spreads its clusters' decompression over the
         # decompressor's threads; a caller that already reads from several
         # threads (convert's readers) turns it off: nested hand-offs only
@@ -508,6 +516,10 @@ class Qcow2Image(Driver):
         self._check_range(offset + (len(compressed) - 1) * cs, 1)
         if offset % cs:
             raise QimgError("Compressed writes must be cluster aligned")
+        if self.header.crypt_method:
+            from qimg.formats.qcow2.encryption import refuse_compressed
+
+            refuse_compressed(self)
         self._mark_dirty()
         self._bitmaps_written(offset, min(len(compressed) * cs, self.size - offset))
         self.clusters.write_compressed_many(offset, compressed)
@@ -848,7 +860,9 @@ class _L1View(Qcow2Image):
             backing=image.backing,
             data_storage=image.data_storage,
             header=image.header.copy(),
+            metadata_only=True,
         )
+        self.dataio.cipher = image.dataio.cipher  # the same key, another L1
         self.writable = False
         from qimg.formats.qcow2.cluster import ClusterMap
 
