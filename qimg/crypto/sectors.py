@@ -158,21 +158,22 @@ def _algorithm(family: str, key: bytes):
 
 
 def _gf128_reduce_table():
-    """R[v] = v * 0x87 carry-less, for the 8 bits a byte shift pushes out."""
+    """R[v] = v * 0x87 carry-less, for the up to 16 bits a shift pushes
+    out of a tweak (512 KiB, made once)."""
     import numpy as np
 
-    v = np.arange(256, dtype=np.uint64)
+    v = np.arange(1 << 16, dtype=np.uint64)
     return v ^ (v << np.uint64(1)) ^ (v << np.uint64(2)) ^ (v << np.uint64(7))
 
 
-_REDUCE8 = None
+_REDUCE = None
 
 
 def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
     """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128), bits <= 16."""
-    global _REDUCE8
-    if _REDUCE8 is None:
-        _REDUCE8 = _gf128_reduce_table()
+    global _REDUCE
+    if _REDUCE is None:
+        _REDUCE = _gf128_reduce_table()
     k, back = np.uint64(bits), np.uint64(64 - bits)
     over = hi >> back  # the bits shifted out, below 2^bits
     np.left_shift(hi, k, out=hi_out)
@@ -180,11 +181,8 @@ def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
     np.left_shift(lo, k, out=lo_out)
     if bits == 1:
         lo_out ^= over * np.uint64(0x87)
-    elif bits <= 8:
-        lo_out ^= _REDUCE8[over]
-    else:  # the product is linear: byte by byte
-        lo_out ^= _REDUCE8[over >> np.uint64(8)] << np.uint64(8)
-        lo_out ^= _REDUCE8[over & np.uint64(0xFF)]
+    else:
+        lo_out ^= _REDUCE[over]
 
 
 _POOL = None
