@@ -177,6 +177,9 @@ class FileStorage(Storage):
         self._direct = _DirectIO(self) if self.cache.direct else None
         self._fd = _open(path, flags, self.cache.direct, create)
         self._closed = False
+        # Whether anything was written since the last flush: as QEMU's
+        # write_gen, a flush with nothing new to make durable is skipped.
+        self._unflushed = create
         self._locker = None
         self._share_refused = False  # see share_from
         self._block: int | None = None
@@ -256,16 +259,20 @@ class FileStorage(Storage):
 
     def pwrite(self, offset: int, data) -> None:
         view = memoryview(data)
-        if self._direct is not None:
-            self._direct.write(offset, view.cast("B"))
-            return
         try:
+            if self._direct is not None:
+                self._direct.write(offset, view.cast("B"))
+                return
             while len(view):
                 n = os.pwrite(self._fd, view, offset)
                 view = view[n:]
                 offset += n
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
+        finally:
+            # Set once the write is done: a flush that clears the flag
+            # after this point makes the write durable.
+            self._unflushed = True
 
     def size(self) -> int:
         try:
@@ -337,6 +344,7 @@ class FileStorage(Storage):
         EFBIG (past the file system's limit) is a FileTooLargeError."""
         try:
             os.ftruncate(self._fd, size)
+            self._unflushed = True
         except OSError as exc:
             error = FileTooLargeError if exc.errno == errno.EFBIG else ImageIOError
             raise error(f"Could not resize file: {exc.strerror or exc}") from None
@@ -347,6 +355,7 @@ class FileStorage(Storage):
             return
         try:
             os.posix_fallocate(self._fd, offset, length)
+            self._unflushed = True
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 size = self.size()
@@ -361,6 +370,7 @@ class FileStorage(Storage):
             return
         try:
             _punch_hole(self._fd, offset, length)
+            self._unflushed = True
         except OSError:
             self.pwrite(offset, bytes(length))
 
@@ -393,8 +403,10 @@ class FileStorage(Storage):
         return runs
 
     def flush(self) -> None:
-        """fdatasync, as QEMU's file driver flushes; nothing under unsafe."""
-        if self.writable and not self.cache.no_flush:
+        """fdatasync, as QEMU's file driver flushes; nothing under unsafe,
+        nor when nothing was written since the last flush."""
+        if self.writable and self._unflushed and not self.cache.no_flush:
+            self._unflushed = False
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:

@@ -247,3 +247,24 @@ def _mode(name):
     from qimg.cachemode import parse_cache_mode
 
     return parse_cache_mode(name)
+
+
+def test_a_flush_with_nothing_written_since_the_last_one_is_skipped(
+    qemu_img, tmp_path, monkeypatch
+):
+    """As QEMU's write_gen: `check -r all` of a clean image flushes nothing
+    (qemu-img's issues no fdatasync either); a repair is flushed."""
+    src = make_source(tmp_path)
+    spy = SyncSpy(monkeypatch)
+    api.check_image_file(str(src), "qcow2", 3)
+    assert spy.syncs() == []
+    run(["qemu-img", "resize", "-f", "qcow2", str(src), "16M"])
+    image = api.open_image(str(src), "qcow2", writable=True, cache="writeback")
+    image.write(10 << 20, b"\1" * 65536)
+    image.flush()
+    flushed = len(spy.syncs(src))
+    assert flushed >= 1
+    image.flush()
+    image.close()
+    assert len(spy.syncs(src)) == flushed
+    qemu_check_clean(src)
