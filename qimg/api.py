@@ -228,3 +228,23 @@ def __getattr__(name: str):
 
         return getattr(check, name)
     raise AttributeError(f"module 'qimg.api' has no attribute {name!r}")
+
+
+def map_image(
+    path: str,
+    fmt: str | None = None,
+    *,
+    image_opts: bool = False,
+    force_share: bool = False,
+    start: int = 0,
+    max_length: int | None = None,
+) -> list:
+    """`qemu-img map`: the merged entries (qimg.map.MapEntry) of guest
+    [start, start + max_length), clipped to the image, through its
+    backing chain. With `image_opts`, `path` is an option string."""
+    from qimg.map import image_map
+
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    with open_named(path, fmt, image_opts=image_opts, force_share=force_share) as image:
+        return image_map(image, start, max_length)
