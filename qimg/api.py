@@ -248,3 +248,34 @@ def map_image(
         raise BadOptionError("--image-opts and --format are mutually exclusive")
     with open_named(path, fmt, image_opts=image_opts, force_share=force_share) as image:
         return image_map(image, start, max_length)
+
+
+def measure_image(
+    out_fmt: str = "raw",
+    options: list[str] | tuple[str, ...] = (),
+    *,
+    size: int | None = None,
+    filename: str | None = None,
+    fmt: str | None = None,
+    image_opts: bool = False,
+    force_share: bool = False,
+    snapshot_id: str | None = None,
+    snapshot_name: str | None = None,
+    secrets: dict[str, bytes] | None = None,
+):
+    """`qemu-img measure`: the qimg.measure.Measurement of an `out_fmt`
+    image made with `options` (-o texts), of `size` bytes or holding the
+    image `filename` (its internal snapshot, if one is named)."""
+    from qimg.measure import measure
+
+    if filename is None:
+        return measure(out_fmt, options, size=size, secrets=secrets)
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    with open_named(filename, fmt, image_opts=image_opts, force_share=force_share) as image:
+        if snapshot_id is None and snapshot_name is None:
+            return measure(out_fmt, options, source=image, secrets=secrets)
+        from qimg.convert.source import snapshot_view
+
+        with snapshot_view(image, snapshot_id, snapshot_name) as view:
+            return measure(out_fmt, options, source=view, secrets=secrets)

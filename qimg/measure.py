@@ -1,0 +1,203 @@
+"""qemu-img measure: the size a new image needs, of a given virtual size
+or to hold a converted copy of a source image.
+
+Checked in qemu-img's order: the source opened (and its snapshot loaded),
+the target format, its -o options (qemu_opts_do_parse over the format's
+and the file protocol's creation options), then the format's own measure.
+The source's data is counted in target clusters touched by data, from its
+block status through the backing chain (qimg.blockstatus), as
+bdrv_block_status_above walks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qimg.driver import Driver
+from qimg.errors import BadOptionError, QimgError
+from qimg.options import split_options
+
+# qcow2 creation options qimg.create does not list (encryption), typed as
+# QEMU's qcow2_create_opts types them.
+_QCOW2_CRYPTO_OPTS = (
+    ("encryption", "bool"),
+    ("encrypt.format", "str"),
+    ("encrypt.key-secret", "str"),
+    ("encrypt.cipher-alg", "str"),
+    ("encrypt.cipher-mode", "str"),
+    ("encrypt.ivgen-alg", "str"),
+    ("encrypt.ivgen-hash-alg", "str"),
+    ("encrypt.hash-alg", "str"),
+    ("encrypt.iter-time", "num"),
+)
+
+
+# QEMU 7.2's formats that create images but have no measure (qimg knows
+# no more of them than that).
+_NO_MEASURE = ("qcow", "vmdk", "vdi", "vpc", "vhdx", "qed", "parallels")
+
+
+@dataclass
+class Measurement:
+    """QAPI's BlockMeasureInfo; `bitmaps` None where qemu-img omits it."""
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None
+
+    def to_json(self) -> dict:
+        """The members in the order qemu-img prints them."""
+        out = {} if self.bitmaps is None else {"bitmaps": self.bitmaps}
+        out["required"] = self.required
+        out["fully-allocated"] = self.fully_allocated
+        return out
+
+    def human(self) -> str:
+        text = f"required size: {self.required}\nfully allocated size: {self.fully_allocated}\n"
+        if self.bitmaps is not None:
+            text += f"bitmaps size: {self.bitmaps}\n"
+        return text
+
+
+def typed_options(fmt: str, texts: list[str] | tuple[str, ...]) -> dict:
+    """The -o options for a `fmt` image, each value parsed as its type
+    (later ones win); unknown names and bad values fail as
+    qemu_opts_do_parse does, followed by qemu-img's second line."""
+    from qimg.create import option_list, typed_value
+
+    descs = {d.name: d for d in option_list(fmt)}
+    extra = dict(_QCOW2_CRYPTO_OPTS) if fmt == "qcow2" else {}
+    values: dict = {}
+    try:
+        for text in texts:
+            for key, value in split_options(text):
+                value = "on" if value is None else value
+                desc = descs.get(key)
+                if desc is not None:
+                    values[key] = typed_value(desc, value)
+                elif key in extra:
+                    values[key] = _typed_extra(key, extra[key], value)
+                else:
+                    raise BadOptionError(f"Invalid parameter '{key}'")
+    except QimgError as exc:
+        raise BadOptionError(f"{exc}\nqimg: Invalid options for file format '{fmt}'") from None
+    return values
+
+
+def _typed_extra(name: str, kind: str, value: str):
+    from qimg.options import parse_bool, parse_number
+
+    if kind == "bool":
+        return parse_bool(name, value)
+    if kind == "num":
+        return parse_number(name, value)
+    return value
+
+
+def measure(
+    out_fmt: str,
+    options: list[str] | tuple[str, ...] = (),
+    *,
+    size: int | None = None,
+    source: Driver | None = None,
+    secrets: dict[str, bytes] | None = None,
+) -> Measurement:
+    """Measure an image of format `out_fmt` made with `options` (-o
+    texts): of `size` bytes, or holding `source` (an opened image, its
+    snapshot view if one is asked for)."""
+    from qimg.opening import FORMATS
+
+    if out_fmt in _NO_MEASURE:
+        raise QimgError(f"Block driver '{out_fmt}' does not support size measurement")
+    if out_fmt not in FORMATS:
+        raise QimgError(f"Unknown file format '{out_fmt}'")
+    values = typed_options(out_fmt, options)
+    if size is not None:
+        values["size"] = size
+    if out_fmt == "raw":
+        return _measure_raw(values, source)
+    return _measure_qcow2(values, source, secrets or {})
+
+
+def _measure_raw(values: dict, source: Driver | None) -> Measurement:
+    """QEMU's raw_measure: the size, whole sectors; every byte is required."""
+    from qimg.blockstatus import sector_length
+
+    if source is not None:
+        required = sector_length(source)
+    else:
+        required = -(-values.get("size", 0) // 512) * 512
+    return Measurement(required, required)
+
+
+def _measure_qcow2(values: dict, source: Driver | None, secrets: dict[str, bytes]) -> Measurement:
+    """QEMU's qcow2_measure."""
+    from qimg.blockstatus import sector_length
+    from qimg.formats.qcow2.measure import Qcow2Target, bitmaps_size, prealloc_size
+
+    target = Qcow2Target.from_options(values)
+    cs = target.cluster_size
+    payload = 0
+    if target.luks:
+        payload = -(-luks_header_length(values, secrets) // cs) * cs
+    size = values.get("size", 0)
+    target.check_size(size)
+    virtual = -(-size // cs) * cs
+    required = 0
+    if source is not None:
+        virtual = -(-sector_length(source) // cs) * cs
+        # With a backing file nothing is known to be shared: all counts.
+        required = virtual if target.has_backing_file else data_cluster_bytes(source, cs)
+    if target.preallocation in ("full", "falloc"):
+        required = virtual
+    order = target.refcount_bits.bit_length() - 1
+    fully = payload + prealloc_size(virtual, cs, order, target.extended_l2)
+    bitmaps = None
+    if target.version >= 3 and source is not None and _persistent_bitmaps_supported(source):
+        bitmaps = bitmaps_size(_bitmaps(source), source.size, cs)
+    return Measurement(fully - virtual + required, fully, bitmaps)
+
+
+def data_cluster_bytes(image: Driver, cluster_size: int) -> int:
+    """The bytes of the `cluster_size` clusters that data (not zeros) of
+    `image` touches, through its backing chain: qcow2_measure's loop, which
+    after each data run goes on from the end of its cluster."""
+    from qimg.blockstatus import BLOCK_DATA, BLOCK_ZERO, BlockStatus, sector_length
+
+    status = BlockStatus(image)
+    end = sector_length(image)
+    total = 0
+    pos = 0
+    while pos < end:
+        try:
+            st = status.query(pos, end - pos)
+        except QimgError:
+            raise QimgError("Unable to get block status: Input/output error") from None
+        pnum = st.pnum
+        if st.flags & (BLOCK_DATA | BLOCK_ZERO) == BLOCK_DATA:
+            pnum = -(-(pos + pnum) // cluster_size) * cluster_size - pos
+            total += pos % cluster_size + pnum
+        pos += pnum
+    return total
+
+
+def _persistent_bitmaps_supported(image: Driver) -> bool:
+    """bdrv_supports_persistent_dirty_bitmap: a qcow2 image of version 3."""
+    header = getattr(image, "header", None)
+    return image.format_name == "qcow2" and header is not None and header.version >= 3
+
+
+def _bitmaps(image: Driver) -> list[tuple[str, int]]:
+    """(name, granularity) of each persistent bitmap the image loads."""
+    from qimg.formats.qcow2.bitmap import read_bitmap_directory
+
+    return [(e.name, e.granularity) for e in read_bitmap_directory(image)]
+
+
+def luks_header_length(values: dict, secrets: dict[str, bytes]) -> int:
+    """The LUKS header's length for the encrypt.* options (QEMU's
+    qcrypto_block_calculate_payload_offset), from qimg.crypto."""
+    from qimg.secrets import lookup_secret
+
+    lookup_secret(secrets, values.get("encrypt.key-secret"), "encrypt.key-secret")
+    raise QimgError("LUKS encryption (encrypt.format=luks) is not supported by measure yet")
