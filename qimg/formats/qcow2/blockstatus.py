@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qimg.driver import COMPRESSED, DATA, ZERO
+from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.entries import (
     CLUSTER_NORMAL,
     CLUSTER_ZERO_ALLOC,
@@ -35,6 +36,10 @@ SC_UNALLOCATED_ALLOC = 5
 
 # Types whose block status carries a host offset (BDRV_BLOCK_OFFSET_VALID).
 HAS_OFFSET = (SC_NORMAL, SC_ZERO_ALLOC, SC_UNALLOCATED_ALLOC)
+
+_OFFSET_MASK = np.uint64(L.L2E_OFFSET_MASK)
+_ZERO_FLAG = np.uint64(L.QCOW_OFLAG_ZERO)
+_COMPRESSED_FLAG = np.uint64(L.QCOW_OFLAG_COMPRESSED)
 
 # qcow2_co_block_status asks for at most INT_MAX bytes at once.
 INT_MAX = (1 << 31) - 1
@@ -66,38 +71,71 @@ def table_runs(image, pos: int) -> TableRuns:
     span_bits = geo.cluster_bits + geo.l2_bits
     lo = pos >> span_bits << span_bits
     hi = min(image.size, lo + (1 << span_bits))
-    table = image.clusters.checked_table(lo, hi)
-    if table is None:
+    clusters = image.clusters
+    l2 = clusters.l2_offset(lo >> span_bits, lo)
+    if not l2:
         one = np.array([lo], dtype=np.int64)
         return TableRuns(
             lo, hi, one, np.array([hi], dtype=np.int64), np.array([SC_UNALLOCATED_PLAIN]), one * 0
         )
-    has_data_file = image.header.has_data_file
-    rows = table[: geo.offset_to_l2_index(hi - 1) + 1]
+    rows = clusters.l2_cache.get(l2)[: geo.offset_to_l2_index(hi - 1) + 1]
+    if geo.extended_l2 or image.header.has_data_file:
+        clusters.checked_table(lo, hi)
+        types, hosts = _subcluster_types(rows, geo, image.header.has_data_file)
+    else:
+        types, hosts, suspect = _standard_types(rows, geo, image.header.version)
+        if suspect:
+            clusters.checked_table(lo, hi)  # raises where an entry is corrupt
+    unit = geo.subcluster_size
+    count = -(-(hi - lo) // unit)
+    types, hosts = types[:count], hosts[:count]
+    brk = types[1:] != types[:-1]
+    brk |= _WITH_OFFSET[types[1:]] & (hosts[1:] - hosts[:-1] != np.uint64(unit))
+    first = np.concatenate(([0], np.flatnonzero(brk) + 1))
+    starts = lo + first.astype(np.int64) * unit
+    ends = np.concatenate((starts[1:], [hi])).astype(np.int64)
+    return TableRuns(lo, hi, starts, ends, types[first], hosts[first])
+
+
+# SC_* of a standard entry by (has offset) | (zero flag) << 1 | (compressed) << 2.
+_STANDARD = np.array(
+    [SC_UNALLOCATED_PLAIN, SC_NORMAL, SC_ZERO_PLAIN, SC_ZERO_ALLOC] + [SC_COMPRESSED] * 4,
+    dtype=np.int8,
+)
+_WITH_OFFSET = np.zeros(6, dtype=bool)
+_WITH_OFFSET[list(HAS_OFFSET)] = True
+
+
+def _standard_types(rows, geo, version: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """SC_* and host offset of each standard L2 entry (no data file), and
+    whether any entry may be corrupt (an unaligned host cluster, a zero
+    flag in a version 2 image): few passes, as a whole disk goes through
+    here."""
+    off = rows & _OFFSET_MASK
+    code = (off != 0).view(np.int8) | ((rows & _ZERO_FLAG) != 0).view(np.int8) << 1
+    code |= ((rows & _COMPRESSED_FLAG) != 0).view(np.int8) << 2
+    types = _STANDARD[code]
+    suspect = bool(np.any(off & np.uint64(geo.cluster_size - 1)))
+    if version < 3:
+        suspect = suspect or bool(np.any(code & 2))
+    return types, off, suspect
+
+
+def _subcluster_types(rows, geo, has_data_file: bool) -> tuple[np.ndarray, np.ndarray]:
+    """SC_* and host offset of each unit (subcluster with extended L2)."""
     kinds, hosts = unit_kinds(rows, geo, has_data_file)
     ctypes = cluster_types(descriptors(rows), geo.extended_l2, has_data_file)
     host_cluster = (ctypes == CLUSTER_NORMAL) | (ctypes == CLUSTER_ZERO_ALLOC)
-    per = geo.subclusters_per_cluster
-    if per > 1:
-        host_cluster = np.repeat(host_cluster, per)
-    unit = geo.subcluster_size
-    count = -(-(hi - lo) // unit)
-    kinds, hosts, host_cluster = kinds[:count], hosts[:count], host_cluster[:count]
-    types = np.full(count, SC_UNALLOCATED_PLAIN, dtype=np.int8)
+    if geo.subclusters_per_cluster > 1:
+        host_cluster = np.repeat(host_cluster, geo.subclusters_per_cluster)
+    types = np.full(len(kinds), SC_UNALLOCATED_PLAIN, dtype=np.int8)
     types[host_cluster] = SC_UNALLOCATED_ALLOC
     types[kinds == DATA] = SC_NORMAL
     types[kinds == COMPRESSED] = SC_COMPRESSED
     zero = kinds == ZERO
     types[zero & host_cluster] = SC_ZERO_ALLOC
     types[zero & ~host_cluster] = SC_ZERO_PLAIN
-    with_offset = np.isin(types, HAS_OFFSET)
-    brk = types[1:] != types[:-1]
-    brk |= with_offset[1:] & (hosts[1:] != hosts[:-1] + np.uint64(unit))
-    edges = np.flatnonzero(brk) + 1
-    first = np.concatenate(([0], edges))
-    starts = lo + first.astype(np.int64) * unit
-    ends = np.concatenate((starts[1:], [hi])).astype(np.int64)
-    return TableRuns(lo, hi, starts, ends, types[first], hosts[first])
+    return types, hosts
 
 
 def detect_metadata_preallocation(image) -> bool:
