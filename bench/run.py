@@ -27,7 +27,16 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
+GROUPS = (
+    "foundation",
+    "check",
+    "convert",
+    "clusters",
+    "discard",
+    "snapshot",
+    "bitmap",
+    "map_measure",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
