@@ -13,11 +13,11 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
-def qemu_io(d: Path, name: str, *commands: str, fmt: str = "qcow2") -> None:
+def qemu_io(d: Path, name: str, *commands: str, fmt: str = "qcow2", check: bool = True) -> None:
     args = ["qemu-io", "-f", fmt]
     for c in commands:
         args += ["-c", c]
-    run([*args, name], cwd=d)
+    run([*args, name], cwd=d, check=check)
 
 
 def qemu_img(d: Path, *args: str) -> None:
