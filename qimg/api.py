@@ -275,7 +275,7 @@ def measure_image(
     with open_named(filename, fmt, image_opts=image_opts, force_share=force_share) as image:
         if snapshot_id is None and snapshot_name is None:
             return measure(out_fmt, options, source=image, secrets=secrets)
-        from qimg.convert.source import snapshot_view
+        from qimg.snapshot import load_tmp
 
-        with snapshot_view(image, snapshot_id, snapshot_name) as view:
+        with load_tmp(image, snapshot_id, snapshot_name) as view:
             return measure(out_fmt, options, source=view, secrets=secrets)
