@@ -10,7 +10,8 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
@@ -230,6 +231,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qimg.api' has no attribute {name!r}")
 
 
+@contextlib.contextmanager
 def map_image(
     path: str,
     fmt: str | None = None,
@@ -238,16 +240,22 @@ def map_image(
     force_share: bool = False,
     start: int = 0,
     max_length: int | None = None,
-) -> list:
-    """`qemu-img map`: the merged entries (qimg.map.MapEntry) of guest
-    [start, start + max_length), clipped to the image, through its
-    backing chain. With `image_opts`, `path` is an option string."""
-    from qimg.map import image_map
+) -> Iterator[Iterator]:
+    """`qemu-img map`: opens the image (failing as qemu-img does), then
+    gives the merged entries (qimg.map.MapEntry) of guest [start, start +
+    max_length), clipped to the image, through its backing chain, as they
+    are found; the image is closed on leaving. With `image_opts`, `path`
+    is an option string.
+
+        with qimg.api.map_image("disk.qcow2") as entries:
+            for entry in entries: ...
+    """
+    from qimg.map import iter_map
 
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
     with open_named(path, fmt, image_opts=image_opts, force_share=force_share) as image:
-        return image_map(image, start, max_length)
+        yield iter_map(image, start, max_length)
 
 
 def measure_image(

@@ -25,6 +25,7 @@ import bisect
 from typing import NamedTuple
 
 from qimg.driver import COMPRESSED, DATA, UNALLOCATED, ZERO, Driver
+from qimg.errors import CorruptImageError
 
 # QEMU's BDRV_BLOCK_* flags.
 BLOCK_DATA = 0x01
@@ -133,6 +134,9 @@ class BlockStatus:
         if runs is None or not runs.lo <= offset < runs.hi:
             runs = self._tables[key] = qs.table_runs(image, offset)
         kind, start, end, host = runs.find(offset)
+        if kind == qs.SC_CORRUPT:
+            image.clusters.checked_table(start, end)  # signals the corruption, raises EIO
+            raise CorruptImageError("Input/output error", start)
         pnum = min(end, offset + nbytes, offset + qs.INT_MAX) - offset
         flags = 0
         name = None

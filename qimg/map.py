@@ -8,7 +8,8 @@ follow each other. Rendered as qemu-img's JSON lines or its human table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from qimg.blockstatus import (
     BLOCK_ALLOCATED,
@@ -36,6 +37,9 @@ class MapEntry:
     data: bool = False
     offset: int | None = None
     filename: str | None = None
+    # The last entry of its map (iter_map sets it): qemu-img writes every
+    # other one followed by a comma as soon as the next one begins.
+    last: bool = field(default=False, compare=False, repr=False)
 
     def mergeable(self, nxt: MapEntry) -> bool:
         """qemu-img's entry_mergeable (the host file follows the offset)."""
@@ -77,14 +81,15 @@ def map_range(image: Driver, start: int = 0, max_length: int | None = None) -> t
     return start, end
 
 
-def image_map(image: Driver, start: int = 0, max_length: int | None = None) -> list[MapEntry]:
+def iter_map(image: Driver, start: int = 0, max_length: int | None = None) -> Iterator[MapEntry]:
     """The merged entries of guest [start, start + max_length) clipped to
-    the image, as `qemu-img map --output=json` lists them. A start at or
+    the image, as `qemu-img map --output=json` lists them, each yielded as
+    soon as the next one does not merge with it (so a failed query leaves
+    the entries before it out, as qemu-img has printed them). A start at or
     past the end gives one empty entry there, as qemu-img prints it."""
     start, end = map_range(image, start, max_length)
     status = BlockStatus(image)
     curr = MapEntry(start, 0)
-    out: list[MapEntry] = []
     pos = start
     while pos < end:
         try:
@@ -109,15 +114,22 @@ def image_map(image: Driver, start: int = 0, max_length: int | None = None) -> l
             curr.length += nxt.length
             continue
         if curr.length:
-            out.append(curr)
+            yield curr
         curr = nxt
-    out.append(curr)
-    return out
+    curr.last = True
+    yield curr
 
 
-def map_json(entries: list[MapEntry]) -> str:
+def image_map(image: Driver, start: int = 0, max_length: int | None = None) -> list[MapEntry]:
+    """iter_map's entries as a list."""
+    return list(iter_map(image, start, max_length))
+
+
+def write_json(entries: Iterable[MapEntry], write: Callable[[str], object]) -> None:
     """qemu-img's JSON output: "[", the entries one a line, "]"."""
-    return "[" + ",\n".join(e.to_json() for e in entries) + "]\n"
+    write("[")
+    for e in entries:
+        write(e.to_json() + ("]\n" if e.last else ",\n"))
 
 
 HUMAN_HEADER = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
@@ -125,22 +137,20 @@ HUMAN_HEADER = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
 HUMAN_REFUSAL = "File contains external, encrypted or compressed clusters."
 
 
-def human_rows(entries: list[MapEntry]) -> tuple[list[str], bool]:
-    """The rows of qemu-img's human map (data that is not zero, with its
-    host offset and file), and whether it stops at an entry it cannot
-    print (data without a host offset: compressed or encrypted)."""
-    rows = []
+def write_human(entries: Iterable[MapEntry], write: Callable[[str], object]) -> None:
+    """qemu-img's human table: data that is not zero, with its host offset
+    and file. It stops at data without a host offset (compressed or
+    encrypted clusters), refused in qemu-img's words."""
+    write(HUMAN_HEADER)
     for i, e in enumerate(entries):
-        # img_map's human dump turns each entry after a printed one into
-        # zeros unless it is data, so only the first entry can fail as
-        # zero data.
+        # img_map's human dump turns each entry after the first into zeros
+        # unless it is data, so only the first can fail as zero data.
         if e.data and e.offset is None and (not e.zero or i == 0):
-            return rows, True
+            raise QimgError(HUMAN_REFUSAL)
         if e.data and not e.zero:
-            rows.append(
+            write(
                 f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename or ''}\n"
             )
-    return rows, False
 
 
 def _hex(value: int | None) -> str:

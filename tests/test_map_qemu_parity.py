@@ -7,11 +7,12 @@ snapshots, bitmaps) and for the --start-offset / --max-length edges."""
 from __future__ import annotations
 
 import pytest
-from mapcorpus import IMAGES, both, make_corpus
+from damage import read_u64, write_u64
+from mapcorpus import IMAGES, both, create, make_corpus, qemu_io
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, qemu_img, qemu_io):
+def corpus(tmp_path_factory, qemu_img):
     d = tmp_path_factory.mktemp("map")
     make_corpus(d)
     return d
@@ -81,4 +82,36 @@ def test_map_range_edges_are_qemu_imgs(corpus, args, output):
 )
 def test_map_bad_arguments_fail_as_qemu_img(corpus, args):
     theirs, mine = both(corpus, "map", *args)
+    assert mine == theirs
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory, qemu_img):
+    """Images with one refused L2 entry at guest 1 MiB: an unaligned host
+    offset (L2 table at 0x40000, as qemu-img lays out a new image), and a
+    zero flag in a version 2 image."""
+    d = tmp_path_factory.mktemp("map-corrupt")
+    for name, options, bits in (
+        ("unaligned.qcow2", "", 0x200),
+        ("v2-zero.qcow2", "compat=0.10", 1),
+    ):
+        create(d, name, "4M", options)
+        qemu_io(d, name, "write -P 1 0 64k", "write -P 1 1M 64k", "write -P 1 2M 64k")
+        where = 0x40000 + 16 * 8
+        write_u64(d / name, where, read_u64(d / name, where) | bits)
+    return d
+
+
+@pytest.mark.parametrize("name", ["unaligned.qcow2", "v2-zero.qcow2"])
+@pytest.mark.parametrize(
+    "args",
+    [(), ("--start-offset", "1M"), ("--start-offset", "1030k"), ("--start-offset", "1100k")],
+    ids=lambda a: " ".join(a) or "whole",
+)
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_map_stops_at_a_corrupt_entry_as_qemu_img(corrupt, name, args, output):
+    """The entries before the query that meets the entry are printed, then
+    the corruption and "Could not read file metadata"; queries that start
+    past it go on."""
+    theirs, mine = both(corrupt, "map", f"--output={output}", *args, name)
     assert mine == theirs

@@ -22,8 +22,8 @@ def command(
     import sys
 
     from qimg import api
-    from qimg.errors import BadOptionError, QimgError
-    from qimg.map import HUMAN_HEADER, HUMAN_REFUSAL, human_rows, map_json
+    from qimg.errors import BadOptionError
+    from qimg.map import write_human, write_json
     from qimg.options import cvtnum
     from qimg.secrets import parse_objects
 
@@ -35,19 +35,13 @@ def command(
         raise click.UsageError("Expecting one image file name")
     if output not in (None, "human", "json"):
         raise BadOptionError("--output must be used with human or json as argument.")
-    entries = api.map_image(
+    with api.map_image(
         filename[0],
         fmt,
         image_opts=image_opts,
         force_share=force_share,
         start=start,
         max_length=length,
-    )
-    if output == "json":
-        sys.stdout.write(map_json(entries))
-        return
-    rows, refused = human_rows(entries)
-    sys.stdout.write(HUMAN_HEADER + "".join(rows))
-    if refused:
-        sys.stdout.flush()
-        raise QimgError(HUMAN_REFUSAL)
+    ) as entries:
+        render = write_json if output == "json" else write_human
+        render(entries, sys.stdout.write)

@@ -19,8 +19,10 @@ import numpy as np
 from qimg.driver import COMPRESSED, DATA, ZERO
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.entries import (
+    CLUSTER_COMPRESSED,
     CLUSTER_NORMAL,
     CLUSTER_ZERO_ALLOC,
+    CLUSTER_ZERO_PLAIN,
     cluster_types,
     descriptors,
     unit_kinds,
@@ -45,10 +47,15 @@ _COMPRESSED_FLAG = np.uint64(L.QCOW_OFLAG_COMPRESSED)
 INT_MAX = (1 << 31) - 1
 
 
+# A run whose first cluster fails qcow2_get_host_offset's checks.
+SC_CORRUPT = -1
+
+
 class TableRuns:
     """The subcluster-type runs of guest [lo, hi), one L1 entry's range:
     run k is [starts[k], ends[k]) of type types[k], its first byte at host
-    hosts[k] where the type has a host offset."""
+    hosts[k] where the type has a host offset; corrupt entries are
+    SC_CORRUPT runs."""
 
     def __init__(self, lo: int, hi: int, starts, ends, types, hosts):
         self.lo, self.hi = lo, hi
@@ -64,9 +71,7 @@ class TableRuns:
 
 
 def table_runs(image, pos: int) -> TableRuns:
-    """The runs of the L1 entry range holding guest `pos` (< image.size).
-    A corrupt entry there raises as a read would (qcow2_get_host_offset's
-    checks: the image is marked corrupt, the query fails with EIO)."""
+    """The runs of the L1 entry range holding guest `pos` (< image.size)."""
     geo = image.geo
     span_bits = geo.cluster_bits + geo.l2_bits
     lo = pos >> span_bits << span_bits
@@ -74,27 +79,56 @@ def table_runs(image, pos: int) -> TableRuns:
     clusters = image.clusters
     l2 = clusters.l2_offset(lo >> span_bits, lo)
     if not l2:
-        one = np.array([lo], dtype=np.int64)
-        return TableRuns(
-            lo, hi, one, np.array([hi], dtype=np.int64), np.array([SC_UNALLOCATED_PLAIN]), one * 0
-        )
+        return _one_run(lo, hi, SC_UNALLOCATED_PLAIN)
+    has_data_file = image.header.has_data_file
     rows = clusters.l2_cache.get(l2)[: geo.offset_to_l2_index(hi - 1) + 1]
-    if geo.extended_l2 or image.header.has_data_file:
-        clusters.checked_table(lo, hi)
-        types, hosts = _subcluster_types(rows, geo, image.header.has_data_file)
+    if geo.extended_l2 or has_data_file:
+        types, hosts = _subcluster_types(rows, geo, has_data_file)
+        suspect = True
     else:
         types, hosts, suspect = _standard_types(rows, geo, image.header.version)
-        if suspect:
-            clusters.checked_table(lo, hi)  # raises where an entry is corrupt
     unit = geo.subcluster_size
     count = -(-(hi - lo) // unit)
     types, hosts = types[:count], hosts[:count]
+    if suspect:
+        # A query starting at a corrupt entry fails with EIO
+        # (qcow2_get_host_offset checks the first entry of each); runs
+        # break before it anyway (its type or host offset differs).
+        bad = _bad_clusters(rows, geo, image.header.version, has_data_file, lo)
+        if bad is not None:
+            types = types.copy()
+            types[np.repeat(bad, geo.subclusters_per_cluster)[:count]] = SC_CORRUPT
     brk = types[1:] != types[:-1]
     brk |= _WITH_OFFSET[types[1:]] & (hosts[1:] - hosts[:-1] != np.uint64(unit))
     first = np.concatenate(([0], np.flatnonzero(brk) + 1))
     starts = lo + first.astype(np.int64) * unit
+    types, hosts = types[first], hosts[first]
     ends = np.concatenate((starts[1:], [hi])).astype(np.int64)
-    return TableRuns(lo, hi, starts, ends, types[first], hosts[first])
+    return TableRuns(lo, hi, starts, ends, types, hosts)
+
+
+def _one_run(lo: int, hi: int, kind: int) -> TableRuns:
+    one = np.array([lo], dtype=np.int64)
+    return TableRuns(lo, hi, one, np.array([hi], dtype=np.int64), np.array([kind]), one * 0)
+
+
+def _bad_clusters(rows, geo, version: int, has_data_file: bool, lo: int) -> np.ndarray | None:
+    """Which entries qcow2_get_host_offset refuses (None if none; as
+    ClusterMap.checked_table checks them), or None: an allocated cluster
+    whose host offset is unaligned (or, with a data file, not the guest
+    offset), a zero cluster in a version 2 image, a compressed cluster
+    with a data file."""
+    entries = descriptors(rows)
+    ctypes = cluster_types(entries, geo.extended_l2, has_data_file)
+    host = entries & _OFFSET_MASK
+    allocated = (ctypes == CLUSTER_NORMAL) | (ctypes == CLUSTER_ZERO_ALLOC)
+    bad = allocated & ((host & np.uint64(geo.cluster_size - 1)) != 0)
+    if version < 3:
+        bad |= (ctypes == CLUSTER_ZERO_PLAIN) | (ctypes == CLUSTER_ZERO_ALLOC)
+    if has_data_file:
+        guest = np.arange(len(entries), dtype=np.uint64) * np.uint64(geo.cluster_size)
+        bad |= (ctypes == CLUSTER_COMPRESSED) | (allocated & (host != guest + np.uint64(lo)))
+    return bad if bad.any() else None
 
 
 # SC_* of a standard entry by (has offset) | (zero flag) << 1 | (compressed) << 2.
@@ -102,7 +136,7 @@ _STANDARD = np.array(
     [SC_UNALLOCATED_PLAIN, SC_NORMAL, SC_ZERO_PLAIN, SC_ZERO_ALLOC] + [SC_COMPRESSED] * 4,
     dtype=np.int8,
 )
-_WITH_OFFSET = np.zeros(6, dtype=bool)
+_WITH_OFFSET = np.zeros(7, dtype=bool)  # by SC_*; SC_CORRUPT (-1) is the last
 _WITH_OFFSET[list(HAS_OFFSET)] = True
 
 
@@ -110,12 +144,13 @@ def _standard_types(rows, geo, version: int) -> tuple[np.ndarray, np.ndarray, bo
     """SC_* and host offset of each standard L2 entry (no data file), and
     whether any entry may be corrupt (an unaligned host cluster, a zero
     flag in a version 2 image): few passes, as a whole disk goes through
-    here."""
+    here (compressed descriptors have other bits there)."""
     off = rows & _OFFSET_MASK
     code = (off != 0).view(np.int8) | ((rows & _ZERO_FLAG) != 0).view(np.int8) << 1
     code |= ((rows & _COMPRESSED_FLAG) != 0).view(np.int8) << 2
     types = _STANDARD[code]
-    suspect = bool(np.any(off & np.uint64(geo.cluster_size - 1)))
+    unaligned = (off & np.uint64(geo.cluster_size - 1)) != 0
+    suspect = bool(np.any(unaligned & ((code & 5) == 1)))  # normal or allocated zero
     if version < 3:
         suspect = suspect or bool(np.any(code & 2))
     return types, off, suspect
