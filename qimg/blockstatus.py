@@ -140,7 +140,9 @@ class BlockStatus:
         pnum = min(end, offset + nbytes, offset + qs.INT_MAX) - offset
         flags = 0
         name = None
-        if kind in qs.HAS_OFFSET:
+        # An encrypted image's host offsets are not given out (its data
+        # reads through the cipher).
+        if kind in qs.HAS_OFFSET and not image.header.crypt_method:
             flags |= BLOCK_OFFSET_VALID
             host += offset - start
             name = image.data_storage.path

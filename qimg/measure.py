@@ -46,10 +46,11 @@ class Measurement:
     bitmaps: int | None = None
 
     def to_json(self) -> dict:
-        """The members in the order qemu-img prints them."""
-        out = {} if self.bitmaps is None else {"bitmaps": self.bitmaps}
-        out["required"] = self.required
-        out["fully-allocated"] = self.fully_allocated
+        """The members in the order qemu-img prints them, as QAPI's int
+        (int64: a size of 2^63 or more wraps, as qemu-img prints it)."""
+        out = {} if self.bitmaps is None else {"bitmaps": _int64(self.bitmaps)}
+        out["required"] = _int64(self.required)
+        out["fully-allocated"] = _int64(self.fully_allocated)
         return out
 
     def human(self) -> str:
@@ -57,6 +58,11 @@ class Measurement:
         if self.bitmaps is not None:
             text += f"bitmaps size: {self.bitmaps}\n"
         return text
+
+
+def _int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def typed_options(fmt: str, texts: list[str] | tuple[str, ...]) -> dict:
