@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from mapcorpus import both, create, qemu_io
 
 SIZE = 1 << 20
-LAYOUTS = ("cluster_size=4k", "cluster_size=64k", "cluster_size=32k,extended_l2=on")
+# (creation options, cluster size)
+LAYOUTS = (
+    ("cluster_size=512", 512),
+    ("cluster_size=4k", 4 << 10),
+    ("cluster_size=64k", 64 << 10),
+    ("cluster_size=32k,extended_l2=on", 32 << 10),
+)
 
 
 @st.composite
@@ -44,8 +50,7 @@ def _ops(draw, cluster: int) -> list[str]:
 
 @st.composite
 def _cases(draw):
-    layout = draw(st.sampled_from(LAYOUTS))
-    cluster = int(layout.split("=")[1].split("k")[0]) << 10
+    layout, cluster = draw(st.sampled_from(LAYOUTS))
     backing = draw(st.none() | _ops(64 << 10))
     return layout, backing, draw(_ops(cluster))
 

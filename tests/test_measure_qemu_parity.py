@@ -107,6 +107,7 @@ def test_measure_of_a_snapshot_is_qemu_imgs(corpus, snapshot):
         ("--size", "1G", "-O", "raw", "-o", "cluster_size=64k"),
         ("--size", "1G", "-O", "raw", "-o", "preallocation=foo"),
         ("--size", "1000", "-O", "raw"),
+        ("--output=json", "--size", "9223372036854775807"),
         ("--size", "1G", "-O", "qcow2", "-o", ","),
         ("--size", "1G", "-O", "qcow2", "-o", "help"),
         ("--size", "1G", "-O", "qcow2", "-o", "cluster_size=64k", "-o", "cluster_size=4k"),
