@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import format_option, output_option, share_option
+from qimg.commands.common import output_option, share_option
 
 
 @click.command("measure")
@@ -13,7 +13,9 @@ from qimg.commands.common import format_option, output_option, share_option
 @click.option("--object", "objects", multiple=True, metavar="OBJECTDEF", help="Define an object.")
 @click.option("--image-opts", "image_opts", is_flag=True, help="FILENAME is an option string.")
 @click.option("--size", metavar="N", help="Measure an empty image of N bytes.")
-@format_option
+@click.option(
+    "-f", "fmt", metavar="FMT", help="Source format (qcow2, qcow or raw); probed when omitted."
+)
 @click.option(
     "-l", "snapshot_param", metavar="SNAPSHOT_PARAM", help="Measure the source's snapshot."
 )
