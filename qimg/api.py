@@ -11,7 +11,7 @@ Everything the command line does goes through these functions.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
@@ -53,12 +53,15 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
     `json:{...}` pseudo-filename (qimg.filenames); so are backing file
-    names read from images. Raises a QimgError subclass with qemu-img's
+    names read from images. An encrypted image's node options name its
+    secret (`json:{..., "encrypt.key-secret": "s"}`, or `key-secret` for
+    luks), whose value `secrets` holds by id (qimg.secrets.parse_objects). Raises a QimgError subclass with qemu-img's
     wording on failure. `data_file=False` opens for metadata only (QEMU's
     BDRV_O_NO_IO, as `info` does): an external data file is not opened.
     `storage_wrapper`, when given, wraps this image's own storage (not its
@@ -77,6 +80,7 @@ def open_image(
         lock=lock,
         data_file=data_file,
         storage_wrapper=storage_wrapper,
+        secrets=secrets,
     )
     if writable and image.dirty:
         # QEMU's qcow2_do_open: a dirty image (lazy refcounts) has its
@@ -101,13 +105,15 @@ def create_image(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting=None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image; returns qemu-img's 'Formatting ...' line.
 
     `options` are the -o key/value pairs of qemu-img create, as typed. The
     size may be omitted when a backing file gives it. `on_formatting`, when
     given, receives the line where qemu-img prints it (before the format's
-    own option checks, which can still fail).
+    own option checks, which can still fail). `secrets` (by id) hold the
+    values the options' secret ids name (encrypt.key-secret=ID).
     """
     if fmt not in FORMATS:
         raise BadOptionError(f"Unknown file format '{fmt}'")
@@ -124,6 +130,7 @@ def create_image(
         backing_fmt=backing_fmt,
         check_backing=check_backing,
         on_formatting=on_formatting,
+        secrets=secrets,
     )
 
 
@@ -138,32 +145,62 @@ def create_options_help(fmt: str, with_protocol: bool = True) -> str:
 
 
 def describe(
-    filename: str, fmt: str | None = None, *, force_share: bool = False, backing_chain: bool = False
+    filename: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    backing_chain: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the ImageInfo of the image (and,
-    with `backing_chain`, of each image below it), as qemu-img's JSON."""
+    with `backing_chain`, of each image below it), as qemu-img's JSON.
+    With `image_opts`, `filename` is an --image-opts option string."""
     from qimg.info import describe as describe_chain
 
-    return describe_chain(filename, fmt, force_share=force_share, backing_chain=backing_chain)
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return describe_chain(
+        filename,
+        fmt,
+        force_share=force_share,
+        backing_chain=backing_chain,
+        image_opts=image_opts,
+        secrets=secrets,
+    )
 
 
 def check_image_file(
-    filename: str, fmt: str | None = None, fix: int = 0, force_share: bool = False
+    filename: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    *,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ):
     """`qemu-img check [-r leaks|all]`: open, check (and repair: `fix` is
     1 for leaks, 3 for all), close; returns the CheckResult. A check that
-    cannot complete raises CheckFailed (whose `result` holds what was found)."""
+    cannot complete raises CheckFailed (whose `result` holds what was found).
+    With `image_opts`, `filename` is an --image-opts option string."""
+    from qimg.filenames import image_opts_name
     from qimg.formats.qcow2.check import check_file
 
-    return check_file(filename, fmt, fix, force_share)
+    if not image_opts:
+        return check_file(filename, fmt, fix, force_share, secrets=secrets)
+    if fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    return check_file(
+        image_opts_name(filename), None, fix, force_share, secrets=secrets, shown=filename
+    )
 
 
 def open_named(path: str, fmt: str | None = None, *, image_opts: bool = False, **kw) -> Driver:
-    """open_image (keywords as there) failing as qemu-img's img_open does:
-    "Could not open 'PATH': " before what the open said. With
-    `image_opts`, `path` is an --image-opts option string
-    (driver=qcow2,file.filename=...), opened as the json: name that says
-    the same, and messages still call it `path`."""
+    """open_image (keywords as there, `secrets` among them) failing as
+    qemu-img's img_open does: "Could not open 'PATH': " before what the
+    open said. With `image_opts`, `path` is an --image-opts option string
+    (driver=qcow2,file.filename=...,encrypt.key-secret=ID), opened as the
+    json: name that says the same, and messages still call it `path`."""
     from qimg.errors import ImageLockedError
     from qimg.filenames import image_opts_name
 
@@ -189,17 +226,25 @@ def edit_bitmap(
     source_path: str | None = None,
     source_fmt: str | None = None,
     image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> None:
     """qemu-img bitmap: apply `actions` (bitmap_ops.Action, in order) to the
     persistent bitmap `name`; merges read `source_path`'s bitmaps if given.
     Every action is checked before anything is written: on failure the
     image is left as it was (qimg.formats.qcow2.bitmap_ops). With
-    `image_opts`, `path` is an option string (see open_named)."""
+    `image_opts`, `path` is an option string (see open_named); `secrets`
+    are those the images' options may name."""
     from qimg.formats.qcow2.bitmap_ops import apply_plan, plan_actions
 
-    image = open_named(path, fmt, image_opts=image_opts, writable=True, backing=False)
+    image = open_named(
+        path, fmt, image_opts=image_opts, writable=True, backing=False, secrets=secrets
+    )
     try:
-        source = open_named(source_path, source_fmt, backing=False) if source_path else None
+        source = (
+            open_named(source_path, source_fmt, backing=False, secrets=secrets)
+            if source_path
+            else None
+        )
         try:
             apply_plan(image, plan_actions(image, name, actions, granularity, source))
         finally:
@@ -210,14 +255,19 @@ def edit_bitmap(
 
 
 def list_bitmaps(
-    path: str, fmt: str | None = None, *, force_share: bool = False, image_opts: bool = False
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """The persistent bitmaps of an image: name, granularity, flags and
     dirty bytes ("count"; see bitmap_ops.list_bitmaps)."""
     from qimg.formats.qcow2.bitmap_ops import list_bitmaps as listed
 
     with open_named(
-        path, fmt, image_opts=image_opts, force_share=force_share, backing=False
+        path, fmt, image_opts=image_opts, force_share=force_share, backing=False, secrets=secrets
     ) as image:
         return listed(image)
 
@@ -240,12 +290,13 @@ def map_image(
     force_share: bool = False,
     start: int = 0,
     max_length: int | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Iterator[Iterator]:
     """`qemu-img map`: opens the image (failing as qemu-img does), then
     gives the merged entries (qimg.map.MapEntry) of guest [start, start +
     max_length), clipped to the image, through its backing chain, as they
     are found; the image is closed on leaving. With `image_opts`, `path`
-    is an option string.
+    is an option string; `secrets` are the --object secrets by id.
 
         with qimg.api.map_image("disk.qcow2") as entries:
             for entry in entries: ...
@@ -254,7 +305,9 @@ def map_image(
 
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
-    with open_named(path, fmt, image_opts=image_opts, force_share=force_share) as image:
+    with open_named(
+        path, fmt, image_opts=image_opts, force_share=force_share, secrets=secrets
+    ) as image:
         yield iter_map(image, start, max_length)
 
 
@@ -269,7 +322,7 @@ def measure_image(
     force_share: bool = False,
     snapshot_id: str | None = None,
     snapshot_name: str | None = None,
-    secrets: dict[str, bytes] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ):
     """`qemu-img measure`: the qimg.measure.Measurement of an `out_fmt`
     image made with `options` (-o texts), of `size` bytes or holding the
@@ -280,7 +333,9 @@ def measure_image(
         return measure(out_fmt, options, size=size, secrets=secrets)
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
-    with open_named(filename, fmt, image_opts=image_opts, force_share=force_share) as image:
+    with open_named(
+        filename, fmt, image_opts=image_opts, force_share=force_share, secrets=secrets
+    ) as image:
         if snapshot_id is None and snapshot_name is None:
             return measure(out_fmt, options, source=image, secrets=secrets)
         from qimg.snapshot import load_tmp

@@ -15,7 +15,7 @@ The steps and their order decide which error a user sees, and whether the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from qimg.errors import (
@@ -23,7 +23,6 @@ from qimg.errors import (
     BadOptionError,
     ImageIOError,
     QimgError,
-    UnsupportedFeatureError,
 )
 from qimg.options import parse_bool, parse_number, strtosz
 
@@ -50,9 +49,33 @@ _PREALLOC_FILE = OptDesc(
 # are shadowed by the format's own).
 PROTOCOL_OPTS = (_SIZE, _NOCOW, _PREALLOC_FILE, _EXTENT_SIZE_HINT)
 
-# block/qcow2.c's create options in the order qemu_opts_print walks them
-# (encryption options are a later issue and are refused).
-QCOW2_OPTS = (
+# block/qcow2.c's encryption create options (QCOW_COMMON_OPTIONS' and
+# BLOCK_CRYPTO_OPT_DEF_QCOW/LUKS_*'s, "encrypt." prefixed), first in the
+# order qemu_opts_print walks the list.
+QCOW2_ENCRYPT_OPTS = (
+    OptDesc(
+        "encryption",
+        "bool",
+        None,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    OptDesc("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks'"),
+    OptDesc(
+        "encrypt.key-secret",
+        "str",
+        None,
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    OptDesc("encrypt.cipher-alg", "str", None, "Name of encryption cipher algorithm"),
+    OptDesc("encrypt.cipher-mode", "str", None, "Name of encryption cipher mode"),
+    OptDesc("encrypt.ivgen-alg", "str", None, "Name of IV generator algorithm"),
+    OptDesc("encrypt.ivgen-hash-alg", "str", None, "Name of IV generator hash algorithm"),
+    OptDesc("encrypt.hash-alg", "str", None, "Name of encryption hash algorithm"),
+    OptDesc("encrypt.iter-time", "num", None, "Time to spend in PBKDF in milliseconds"),
+)
+
+# block/qcow2.c's create options in the order qemu_opts_print walks them.
+QCOW2_OPTS = QCOW2_ENCRYPT_OPTS + (
     OptDesc("cluster_size", "size", "65536", "qcow2 cluster size"),
     OptDesc("extended_l2", "bool", "off", "Extended L2 tables"),
     OptDesc(
@@ -96,7 +119,19 @@ QCOW_OPTS = (
     ),
 )
 
-FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS, "qcow": QCOW_OPTS}
+# block/crypto.c's luks create options, in their print order.
+LUKS_OPTS = (
+    _SIZE,
+    OptDesc("key-secret", "str", None, "ID of the secret that provides the keyslot passphrase"),
+    OptDesc("cipher-alg", "str", None, "Name of encryption cipher algorithm"),
+    OptDesc("cipher-mode", "str", None, "Name of encryption cipher mode"),
+    OptDesc("ivgen-alg", "str", None, "Name of IV generator algorithm"),
+    OptDesc("ivgen-hash-alg", "str", None, "Name of IV generator hash algorithm"),
+    OptDesc("hash-alg", "str", None, "Name of encryption hash algorithm"),
+    OptDesc("iter-time", "num", None, "Time to spend in PBKDF in milliseconds"),
+)
+
+FORMAT_OPTS = {"qcow2": QCOW2_OPTS, "raw": RAW_OPTS, "qcow": QCOW_OPTS, "luks": LUKS_OPTS}
 
 
 def option_list(fmt: str, with_protocol: bool = True) -> tuple[OptDesc, ...]:
@@ -209,17 +244,18 @@ def create(
     backing_fmt: str | None = None,
     check_backing: bool = True,
     on_formatting: Callable[[str], None] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> str:
     """Create an image as `qemu-img create` does; returns the "Formatting" line.
 
     `options` hold the -o values as typed. `on_formatting` receives the
     line at the point qemu-img prints it (before the format's own checks).
+    `secrets` are the --object secrets the options (and an encrypted
+    backing file's json: name) may name.
     """
     from qimg.filenames import create_path
 
     file_path = create_path(path)  # "file:" dropped; other protocols refused
-    if any(k == "encryption" or k.startswith("encrypt.") for k in options):
-        raise UnsupportedFeatureError("Encryption is not supported by qimg yet")
     descs = option_list(fmt)
     by_name = {d.name: d for d in descs}
     given: dict[str, str] = {}
@@ -245,7 +281,7 @@ def create(
         given["backing_fmt"] = backing_fmt
     if typed.get("size") == (1 << 64) - 1:
         del given["size"], typed["size"]  # bdrv_img_create's "no size yet" value
-    _check_backing(path, given, check_backing)
+    _check_backing(path, given, check_backing, secrets)
     if "size" not in given:
         raise BadOptionError("Image creation needs a size parameter")
 
@@ -258,8 +294,13 @@ def create(
     for key in ("size", "cluster_size"):
         if key in options and key in own:
             typed_value(by_name[key], options[key])
-    _check_truncate(fmt, values["size"])
     path = file_path  # the Formatting line keeps the name as typed
+    if fmt == "luks":
+        from qimg.formats.luks import create_luks
+
+        create_luks(path, values, secrets or {})
+        return line
+    _check_truncate(fmt, values["size"])
     if fmt == "raw":
         _create_raw(path, values)
     else:
@@ -267,7 +308,7 @@ def create(
 
         o = Qcow2CreateOptions.from_values(values)
         o.validate()
-        create_qcow2(path, o)
+        create_qcow2(path, o, secrets or {})
     return line
 
 
@@ -289,7 +330,9 @@ def _check_truncate(fmt: str, size: int) -> None:
         )
 
 
-def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> None:
+def _check_backing(
+    path: str, given: dict[str, str], check_backing: bool, secrets: Mapping[str, bytes] | None
+) -> None:
     """bdrv_img_create's backing file checks; sets the size from the
     backing file when none was given."""
     backing = given.get("backing_file")
@@ -310,7 +353,7 @@ def _check_backing(path: str, given: dict[str, str], check_backing: bool) -> Non
 
     full = full_backing_filename(path, backing)
     try:
-        with open_image(full, backing_fmt, force_share=True) as b:
+        with open_image(full, backing_fmt, force_share=True, secrets=secrets) as b:
             if not backing_fmt:
                 raise BackingChainError(
                     "Backing file specified without backing format\n"

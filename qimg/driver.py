@@ -62,6 +62,9 @@ class Driver:
     grain_bytes = 512
     # Internal snapshots (QEMU's bdrv_snapshot_* callbacks).
     has_snapshots = False
+    # A new image reads zeros where nothing was written (bdrv_has_zero_init;
+    # not a raw LUKS volume, whose unwritten sectors decrypt to noise).
+    has_zero_init = True
 
     def info(self) -> DriverInfo:
         """What `qemu-img info` reports of this image (not of its backing)."""

@@ -4,13 +4,21 @@ QEMU's bdrv_open takes a filename that may name a protocol (`file:x`,
 `nbd:...`) or be a `json:` pseudo-filename holding the options of the node
 (block.c: parse_json_protocol, bdrv_fill_options). qimg speaks to files
 only, so it understands the `file` protocol and, in `json:`, the options of
-a qcow2 or raw node over a file:
+a qcow2, luks or raw node over a file:
 
-    driver              "qcow2" or "raw" (else the format is probed)
+    driver              "qcow2", "luks" or "raw" (else the format is probed)
     file.driver         "file"
     file.filename       the host file (required)
     file.locking, file.aio, ...      not supported: refused in QEMU's words
     backing             null only: the backing file is not opened
+    encrypt.key-secret, encrypt.format    qcow2 (and qcow): the node's
+                        encryption options, kept in ImageName.options
+                        (other encrypt.* keys too: an unencrypted image
+                        ignores them, an encrypted one refuses them)
+    key-secret          luks: the same
+    backing.KEY         one of those for the backing file (backing.backing.KEY
+                        for the one below it), used where the backing
+                        file is opened
 
 Any other key is refused as QEMU refuses an option a driver does not have.
 """
@@ -19,28 +27,90 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 from qimg.errors import BadOptionError, ImageIOError
 
 __all__ = [
     "ImageName",
+    "check_node_options",
     "create_path",
     "full_backing_filename",
     "has_protocol",
+    "node_filename",
     "parse_filename",
 ]
 
-_FORMATS = ("qcow2", "raw", "qcow")
+_FORMATS = ("qcow2", "raw", "qcow", "luks")
+
+# The runtime options of each format node (beside driver, file, backing)
+# that qimg takes: the encryption ones.
+NODE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "qcow2": ("encrypt.key-secret", "encrypt.format"),
+    "qcow": ("encrypt.key-secret", "encrypt.format"),
+    "luks": ("key-secret",),
+    "raw": (),
+}
+_ANY_NODE_OPTION = frozenset(k for keys in NODE_OPTIONS.values() for k in keys)
+_BACKING = "backing."
+_ENCRYPT = "encrypt."
+
+# QEMU's "strong" runtime options: given, they make the node's filename the
+# json: name that repeats them (bdrv_refresh_filename).
+_STRONG = ("encrypt.key-secret", "key-secret")
+# The order QEMU's QDict gives these keys in such a name (as qemu-img prints).
+_QDICT_ORDER = ("encrypt.key-secret", "driver", "file", "key-secret")
 
 
 class ImageName(NamedTuple):
     """What an image name says: the host file, the format driver it names
-    (None: probe), and whether the backing file is to be opened."""
+    (None: probe), whether the backing file is to be opened, and the
+    node's options (NODE_OPTIONS' keys; `backing.KEY` ones for the
+    backing file), values as given."""
 
     path: str
     fmt: str | None = None
     open_backing: bool = True
+    options: Mapping[str, object] = MappingProxyType({})
+
+    def own_options(self) -> dict[str, object]:
+        """The options of this node (not of its backing file)."""
+        return {k: v for k, v in self.options.items() if not k.startswith(_BACKING)}
+
+    def backing_options(self) -> dict[str, object]:
+        """The options given for the backing file, `backing.` dropped."""
+        n = len(_BACKING)
+        return {k[n:]: v for k, v in self.options.items() if k.startswith(_BACKING)}
+
+
+def check_node_options(fmt: str, options: Mapping[str, object], backing_opened: bool) -> None:
+    """Refuse, in QEMU's words, an option the format `fmt` does not have;
+    `backing.` options are refused where the backing file is not opened
+    (as qemu-img info refuses them)."""
+    allowed = NODE_OPTIONS.get(fmt, ())
+    for key in options:
+        if key in allowed or (key.startswith(_BACKING) and backing_opened):
+            continue
+        if key.startswith(_ENCRYPT) and _ENCRYPT + "key-secret" in allowed:
+            continue  # the encryption's own options: checked by opening
+        raise BadOptionError(f"Block format '{fmt}' does not support the option '{key}'")
+
+
+def node_filename(name: ImageName, fmt: str) -> str | None:
+    """The json: filename QEMU gives a node opened with a strong option
+    (a key-secret), None where it keeps the file's own name."""
+    options = name.own_options()
+    strong = {k: options[k] for k in _STRONG if k in options}
+    if not strong:
+        return None
+    node = {
+        "driver": fmt,
+        "file": {"driver": "file", "filename": name.path},
+        **strong,
+    }
+    return "json:" + json.dumps({k: node[k] for k in _QDICT_ORDER if k in node})
 
 
 def has_protocol(name: str) -> bool:
@@ -106,6 +176,7 @@ def _parse_json(text: str) -> ImageName:
     if "file" in flat and not isinstance(flat["file"], dict):
         ref = flat.pop("file")
         raise BadOptionError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+    options = {k: flat.pop(k) for k in list(flat) if _node_option(k)}
     file_driver = flat.pop("file.driver", "file")
     if file_driver != "file":
         raise BadOptionError(f"Unknown protocol driver '{file_driver}'")
@@ -126,7 +197,20 @@ def _parse_json(text: str) -> ImageName:
         raise BadOptionError('A block device must be specified for "file"')
     if not isinstance(path, str):
         raise BadOptionError("Parameter 'filename' expects a string")
-    return ImageName(path, fmt, open_backing)
+    if fmt is not None:
+        # A probed format's options are checked once it is known (opening).
+        check_node_options(
+            fmt, {k: v for k, v in options.items() if not k.startswith(_BACKING)}, True
+        )
+    return ImageName(path, fmt, open_backing, MappingProxyType(options))
+
+
+def _node_option(key: str) -> bool:
+    """A key that names a node option of some format, this node's or
+    (behind `backing.` prefixes) a backing file's."""
+    while key.startswith(_BACKING):
+        key = key[len(_BACKING) :]
+    return key in _ANY_NODE_OPTION or key.startswith(_ENCRYPT)
 
 
 def _flatten(options: dict, prefix: str = "") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from qimg.driver import Driver
 from qimg.opening import resolve_backing_path
@@ -37,12 +38,21 @@ def image_info(img: Driver) -> dict:
 
 
 def describe(
-    filename: str, fmt: str | None, *, force_share: bool = False, backing_chain: bool = False
+    filename: str,
+    fmt: str | None,
+    *,
+    force_share: bool = False,
+    backing_chain: bool = False,
+    image_opts: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: each image of the chain opened on its
     own (metadata only, no backing), as collect_image_info_list does, so
-    errors name the image that failed and a loop ends with an error."""
+    errors name the image that failed and a loop ends with an error.
+    With `image_opts`, `filename` is an --image-opts option string;
+    `secrets` are those image options may name."""
     from qimg.errors import BackingChainError, ImageLockedError, QimgError
+    from qimg.filenames import image_opts_name
     from qimg.opening import open_image
 
     infos: list[dict] = []
@@ -50,13 +60,21 @@ def describe(
     seen_real: set[str] = set()
     name: str | None = filename
     while name is not None:
-        real = _real_path(name)
+        opened = image_opts_name(name) if image_opts and name is filename else name
+        real = _real_path(opened)
         if name in seen or real in seen_real:
             raise BackingChainError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
         seen_real.add(real)
         try:
-            img = open_image(name, fmt, force_share=force_share, backing=False, data_file=False)
+            img = open_image(
+                opened,
+                fmt,
+                force_share=force_share,
+                backing=False,
+                data_file=False,
+                secrets=secrets,
+            )
         except QimgError as exc:
             # qemu-img doubles the prefix of a failed file open, but a lock
             # conflict comes from the permission update and carries one.
@@ -69,7 +87,7 @@ def describe(
         if not backing_chain:
             break
         backing = info.get("backing-filename")
-        name = resolve_backing_path(name, backing) if backing else None
+        name = resolve_backing_path(opened, backing) if backing else None
         # collect_image_info_list: the backing file's format is the one its
         # parent names, else probed (not the format given for the top).
         fmt = info.get("backing-filename-format")

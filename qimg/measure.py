@@ -11,26 +11,12 @@ bdrv_block_status_above walks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, QimgError
 from qimg.options import split_options
-
-# qcow2 creation options qimg.create does not list (encryption), typed as
-# QEMU's qcow2_create_opts types them.
-_QCOW2_CRYPTO_OPTS = (
-    ("encryption", "bool"),
-    ("encrypt.format", "str"),
-    ("encrypt.key-secret", "str"),
-    ("encrypt.cipher-alg", "str"),
-    ("encrypt.cipher-mode", "str"),
-    ("encrypt.ivgen-alg", "str"),
-    ("encrypt.ivgen-hash-alg", "str"),
-    ("encrypt.hash-alg", "str"),
-    ("encrypt.iter-time", "num"),
-)
-
 
 # QEMU 7.2's formats that create images but have no measure (qimg knows
 # no more of them than that).
@@ -72,32 +58,18 @@ def typed_options(fmt: str, texts: list[str] | tuple[str, ...]) -> dict:
     from qimg.create import option_list, typed_value
 
     descs = {d.name: d for d in option_list(fmt)}
-    extra = dict(_QCOW2_CRYPTO_OPTS) if fmt == "qcow2" else {}
     values: dict = {}
     try:
         for text in texts:
             for key, value in split_options(text):
                 value = "on" if value is None else value
                 desc = descs.get(key)
-                if desc is not None:
-                    values[key] = typed_value(desc, value)
-                elif key in extra:
-                    values[key] = _typed_extra(key, extra[key], value)
-                else:
+                if desc is None:
                     raise BadOptionError(f"Invalid parameter '{key}'")
+                values[key] = typed_value(desc, value)
     except QimgError as exc:
         raise BadOptionError(f"{exc}\nqimg: Invalid options for file format '{fmt}'") from None
     return values
-
-
-def _typed_extra(name: str, kind: str, value: str):
-    from qimg.options import parse_bool, parse_number
-
-    if kind == "bool":
-        return parse_bool(name, value)
-    if kind == "num":
-        return parse_number(name, value)
-    return value
 
 
 def measure(
@@ -106,7 +78,7 @@ def measure(
     *,
     size: int | None = None,
     source: Driver | None = None,
-    secrets: dict[str, bytes] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Measurement:
     """Measure an image of format `out_fmt` made with `options` (-o
     texts): of `size` bytes, or holding `source` (an opened image, its
@@ -122,6 +94,8 @@ def measure(
         values["size"] = size
     if out_fmt == "raw":
         return _measure_raw(values, source)
+    if out_fmt == "luks":
+        return _measure_luks(values, source, secrets or {})
     return _measure_qcow2(values, source, secrets or {})
 
 
@@ -136,7 +110,19 @@ def _measure_raw(values: dict, source: Driver | None) -> Measurement:
     return Measurement(required, required)
 
 
-def _measure_qcow2(values: dict, source: Driver | None, secrets: dict[str, bytes]) -> Measurement:
+def _measure_luks(values: dict, source: Driver | None, secrets: Mapping[str, bytes]) -> Measurement:
+    """QEMU's block_crypto_measure: the header, then every byte of the
+    disk (unallocated blocks are encrypted too); the size is not rounded."""
+    from qimg.blockstatus import sector_length
+
+    size = sector_length(source) if source is not None else values.get("size", 0)
+    total = luks_header_length(values, secrets, "") + size
+    return Measurement(total, total)
+
+
+def _measure_qcow2(
+    values: dict, source: Driver | None, secrets: Mapping[str, bytes]
+) -> Measurement:
     """QEMU's qcow2_measure."""
     from qimg.blockstatus import sector_length
     from qimg.formats.qcow2.measure import Qcow2Target, bitmaps_size, prealloc_size
@@ -145,7 +131,7 @@ def _measure_qcow2(values: dict, source: Driver | None, secrets: dict[str, bytes
     cs = target.cluster_size
     payload = 0
     if target.luks:
-        payload = -(-luks_header_length(values, secrets) // cs) * cs
+        payload = -(-luks_header_length(values, secrets, "encrypt.") // cs) * cs
     size = values.get("size", 0)
     target.check_size(size)
     virtual = -(-size // cs) * cs
@@ -200,10 +186,25 @@ def _bitmaps(image: Driver) -> list[tuple[str, int]]:
     return [(e.name, e.granularity) for e in read_bitmap_directory(image)]
 
 
-def luks_header_length(values: dict, secrets: dict[str, bytes]) -> int:
-    """The LUKS header's length for the encrypt.* options (QEMU's
-    qcrypto_block_calculate_payload_offset), from qimg.crypto."""
+def luks_header_length(values: dict, secrets: Mapping[str, bytes], prefix: str) -> int:
+    """The LUKS header's length for the `prefix`ed LUKS options (QEMU's
+    qcrypto_block_calculate_payload_offset: the options parsed, the secret
+    looked up, the cipher checked, as creating the volume would)."""
+    from qimg.crypto.luks1 import check_params, header_length, parse_luks_options
+    from qimg.crypto.sectors import MISSING_ALGS, essiv_cipher_alg
     from qimg.secrets import lookup_secret
 
-    lookup_secret(secrets, values.get("encrypt.key-secret"), "encrypt.key-secret")
-    raise QimgError("LUKS encryption (encrypt.format=luks) is not supported by measure yet")
+    texts = {k: str(v) for k, v in values.items() if k.startswith(prefix)}
+    params = parse_luks_options(texts, prefix)
+    lookup_secret(secrets, values.get(prefix + "key-secret"), prefix + "key-secret")
+    if params.cipher_alg in MISSING_ALGS:
+        # Ciphers qimg cannot run but QEMU can (serpent, twofish): their
+        # header is measured all the same, checked as an AES one of the
+        # same key size (the same block size: the same rules), ESSIV by
+        # its own family.
+        if params.essiv_hash is not None:
+            essiv_cipher_alg(params.cipher_alg, params.essiv_hash)
+        bits = params.cipher_alg.rpartition("-")[2]
+        params = replace(params, cipher_alg=f"aes-{bits}")
+    check_params(params)
+    return header_length(params)

@@ -9,14 +9,14 @@ nothing here imports back up.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from qimg.driver import Driver
 from qimg.errors import BackingChainError, BadOptionError, QimgError
 from qimg.formats.qcow2 import layout as L
 from qimg.storage import Storage, open_storage
 
-FORMATS = ("qcow2", "raw", "qcow")
+FORMATS = ("qcow2", "raw", "qcow", "luks")
 
 
 def probe_format(path: str) -> str:
@@ -32,6 +32,8 @@ def probe_format(path: str) -> str:
 
 def _probe(storage: Storage) -> str:
     head = storage.pread(0, 8) if storage.size() >= 8 else b""
+    if head == b"LUKS\xba\xbe\0\x01":  # block_crypto_probe_luks: LUKS version 1
+        return "luks"
     if int.from_bytes(head[:4], "big") != L.QCOW_MAGIC:
         return "raw"
     # QEMU's qcow2_probe wants version >= 2 and qcow_probe version 1; with
@@ -82,11 +84,14 @@ def open_image(
     lock: bool = True,
     data_file: bool = True,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Driver:
     """Open an image; with `backing`, its whole backing chain too.
 
     `path` is a file name as qemu-img takes it: a path, `file:PATH`, or a
-    `json:{...}` pseudo-filename (qimg.filenames); so are backing file
+    `json:{...}` pseudo-filename (qimg.filenames), whose node options
+    (encrypt.key-secret, ...) name secrets in `secrets` (by id, as
+    qimg.secrets.parse_objects gives them); so are backing file
     names read from images. Raises a QimgError subclass with qemu-img's wording on failure.
     `data_file=False` opens for metadata only (QEMU's BDRV_O_NO_IO, as
     `info` does): an external data file is not opened.
@@ -100,7 +105,9 @@ def open_image(
     """
     if fmt is not None and fmt not in FORMATS:
         raise BadOptionError(f"Unknown driver '{fmt}'")
-    node = _open_node(path, fmt, writable, force_share, lock, data_file, storage_wrapper)
+    node = _open_node(
+        path, fmt, writable, force_share, lock, data_file, storage_wrapper, backing, secrets
+    )
     try:
         below = None
         if backing and node.open_backing and node.header is not None:
@@ -112,6 +119,8 @@ def open_image(
                 cache_unsafe=cache_unsafe,
                 lock=lock,
                 data_file=data_file,
+                secrets=secrets,
+                options=node.backing_options,
             )
         return node.build(below, cache_unsafe)
     except BaseException:
@@ -128,9 +137,14 @@ def open_backing_chain(
     cache_unsafe: bool = False,
     lock: bool = True,
     data_file: bool = True,
+    secrets: Mapping[str, bytes] | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> Driver | None:
     """Open the backing chain below the qcow2 image at `image_path` whose
-    header is `header`; None if it names no backing file.
+    header is `header`; None if it names no backing file. `options` are
+    the node options the image's opener gave its backing file (its
+    `backing.KEY` options, prefix dropped), `secrets` the secrets they
+    and json: backing names may name.
 
     The chain is walked iteratively (no recursion per element: qemu-img
     opens chains of thousands), then built bottom-up. An error opening the
@@ -147,12 +161,16 @@ def open_backing_chain(
     # Backing files are opened read-only and shared, as QEMU's
     # bdrv_backing_options does, unless the top is opened with -U anyway.
     share = True if not writable else force_share
+    given = dict(options or {})
     try:
         while parent is not None and parent.backing_file:
             depth = len(nodes) + 1
             path = resolve_backing_path(parent_path, parent.backing_file)
             try:
-                node = _open_node(path, parent.backing_format, False, share, lock, data_file)
+                node = _open_node(
+                    path, parent.backing_format, False, share, lock, data_file,
+                    secrets=secrets, given=given,
+                )  # fmt: skip
             except QimgError as exc:
                 raise BackingChainError(_backing_prefix(depth) + str(exc)) from None
             nodes.append(node)
@@ -165,15 +183,26 @@ def open_backing_chain(
                     )
                 seen.add(real)
             parent_path, parent = node.path, node.header if node.open_backing else None
+            given = node.backing_options
         below = None
         while nodes:
-            below = nodes[-1].build(below, cache_unsafe)
+            try:
+                below = nodes[-1].build(below, cache_unsafe)
+            except QimgError as exc:
+                # e.g. an encrypted backing file unlocked as it is built
+                raise BackingChainError(_backing_prefix(len(nodes)) + str(exc)) from None
             nodes.pop()
         return below
     except BaseException:
         for node in nodes:
             node.close()
         raise
+
+
+def node_encrypt_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The `encrypt.*` options of a node's options, prefix dropped."""
+    n = len("encrypt.")
+    return {k[n:]: v for k, v in options.items() if k.startswith("encrypt.")}
 
 
 def _backing_prefix(depth: int) -> str:
@@ -196,11 +225,37 @@ class _Node:
         # Opened for metadata only (QEMU's BDRV_O_NO_IO, as info opens):
         # no data file, and an encrypted image opens without its key.
         self.metadata_only = False
+        # The node's own options (qimg.filenames.NODE_OPTIONS: the
+        # encryption ones, e.g. {"encrypt.key-secret": "s"}), the secrets
+        # they name, and the options given for its backing file.
+        self.options: dict[str, object] = {}
+        self.secrets: Mapping[str, bytes] = {}
+        self.backing_options: dict[str, object] = {}
+        # The json: name QEMU gives a node opened with a key-secret.
+        self.filename: str | None = None
+
+    def encrypt_options(self) -> dict[str, object]:
+        """A qcow2 node's `encrypt.*` options, prefix dropped
+        ({"key-secret": "s", "format": "luks"})."""
+        return node_encrypt_options(self.options)
 
     def build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
-        """The driver over this node, reading through `backing`. On failure
-        `backing` is closed (the caller closes this node)."""
+        """The driver over this node, reading through `backing`, named as
+        QEMU names it. On failure `backing` is closed (the caller closes
+        this node)."""
+        image = self._build(backing, cache_unsafe)
+        if self.filename is not None:
+            image.filename = self.filename
+        return image
+
+    def _build(self, backing: Driver | None, cache_unsafe: bool) -> Driver:
         try:
+            if self.fmt == "luks":
+                from qimg.formats.luks import open_luks
+
+                return open_luks(
+                    self.storage, self.options, self.secrets, metadata_only=self.metadata_only
+                )
             if self.header is None:
                 from qimg.formats.raw import RawImage
 
@@ -208,7 +263,14 @@ class _Node:
             if self.fmt == "qcow":
                 from qimg.formats.qcow import QcowImage
 
-                return QcowImage(self.storage, self.header, backing)
+                return QcowImage(
+                    self.storage,
+                    self.header,
+                    backing,
+                    metadata_only=self.metadata_only,
+                    secrets=self.secrets,
+                    encrypt=self.encrypt_options(),
+                )
             from qimg.formats.qcow2.image import Qcow2Image
 
             image = Qcow2Image(
@@ -218,6 +280,8 @@ class _Node:
                 header=self.header,
                 cache_unsafe=cache_unsafe,
                 metadata_only=self.metadata_only,
+                secrets=self.secrets,
+                encrypt=self.encrypt_options(),
             )
             if self.metadata_only and self.header.crypt_method:
                 # qcrypto_block_open's header checks (QCRYPTO_BLOCK_OPEN_NO_IO)
@@ -245,13 +309,74 @@ def _open_node(
     lock: bool,
     data_file: bool,
     storage_wrapper: Callable[[Storage], Storage] | None = None,
+    opens_backing: bool = True,
+    secrets: Mapping[str, bytes] | None = None,
+    given: Mapping[str, object] | None = None,
 ) -> _Node:
     """Open one image file (and its data file), not its backing file.
-    `path` may be a `file:` or `json:` name (qimg.filenames)."""
+    `path` may be a `file:` or `json:` name (qimg.filenames); `given`
+    are node options its parent gave it (they override the name's)."""
+    name = _named_node(path, given)
+    node = _open_file_node(
+        name, fmt or name.fmt, writable, force_share, lock, data_file, storage_wrapper
+    )
+    try:
+        _take_options(node, name, opens_backing, secrets)
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
+def _named_node(path: str, given: Mapping[str, object] | None):
     from qimg.filenames import parse_filename
 
     name = parse_filename(path)
-    path, fmt = name.path, fmt or name.fmt
+    if given:
+        name = name._replace(options={**name.options, **given})
+    return name
+
+
+def _take_options(node: _Node, name, opens_backing: bool, secrets) -> None:
+    """Give the node its options, once its format is known (a probed
+    format's options are checked here), and the secrets they name."""
+    from qimg.filenames import check_node_options, node_filename
+
+    own = name.own_options()
+    backing_opened = opens_backing and node.open_backing and node.header is not None
+    check_node_options(node.fmt, name.options, backing_opened)
+    if node.fmt == "qcow2":
+        # As qcow2_open, before the backing file is opened.
+        from qimg.formats.qcow2.encryption import check_open_options
+
+        check_open_options(node.header.crypt_method, node_encrypt_options(own))
+    node.options = own
+    node.backing_options = name.backing_options()
+    node.secrets = secrets if secrets is not None else {}
+    node.filename = node_filename(name, node.fmt)
+
+
+def check_qcow2_options(header, name, backing_opened: bool) -> None:
+    """The checks of a qcow2 node's options (qimg.filenames.ImageName)
+    that opening makes, for an opener that builds the image itself
+    (qemu-img check's)."""
+    from qimg.filenames import check_node_options
+    from qimg.formats.qcow2.encryption import check_open_options
+
+    check_node_options("qcow2", name.options, backing_opened)
+    check_open_options(header.crypt_method, node_encrypt_options(name.own_options()))
+
+
+def _open_file_node(
+    name,
+    fmt: str | None,
+    writable: bool,
+    force_share: bool,
+    lock: bool,
+    data_file: bool,
+    storage_wrapper: Callable[[Storage], Storage] | None,
+) -> _Node:
+    path = name.path
     if fmt is not None and fmt not in FORMATS:
         # A backing format read from an image, or one a json: name gives.
         raise BadOptionError(f"Unknown driver '{fmt}'")
@@ -268,10 +393,14 @@ def _open_node(
         raise
     if storage_wrapper is not None:
         storage = storage_wrapper(storage)
-    if fmt == "raw":
-        return _Node(path, fmt, storage, None, None, name.open_backing)
+    if fmt in ("raw", "luks"):
+        node = _Node(path, fmt, storage, None, None, name.open_backing)
+        node.metadata_only = not data_file  # luks: the header, without a key
+        return node
     if fmt == "qcow":
-        return _qcow_node(path, storage, name.open_backing, not data_file)
+        node = _qcow_node(path, storage, name.open_backing, not data_file)
+        node.metadata_only = not data_file
+        return node
     try:
         header = _read_header(storage)
         data_storage = open_data_file(header, writable, force_share, lock) if data_file else None

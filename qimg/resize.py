@@ -48,22 +48,26 @@ def resize_image(
         resize(image, total, mode)
     elif image.format_name == "raw":
         _resize_raw(image, total, mode)
+    elif image.format_name == "luks":
+        _resize_raw(image, total, mode, image.payload_offset)
     else:
         raise QimgError("Image format driver does not support resize")
     return total
 
 
-def _resize_raw(image, size: int, mode: str) -> None:
-    """file-posix's raw_co_truncate: off, falloc and full for the new area."""
+def _resize_raw(image, size: int, mode: str, base: int = 0) -> None:
+    """file-posix's raw_co_truncate: off, falloc and full for the new area
+    (of a file whose guest data starts at `base`: luks's payload; the
+    preallocated area is the file's zeros, not encrypted ones, as QEMU's)."""
     if mode not in ("off", "falloc", "full"):
         raise QimgError(f"Unsupported preallocation mode: {mode}")
     old = image.size
     storage = image.storage
     if mode == "falloc" and size > old:
-        storage.fallocate(old, size - old)
+        storage.fallocate(base + old, size - old)
     elif mode == "full" and size > old:
         from qimg.formats.qcow2.create import write_zeros
 
-        storage.truncate(old)
-        write_zeros(storage, old, size - old)
+        storage.truncate(base + old)
+        write_zeros(storage, base + old, size - old)
     image.truncate(size)

@@ -40,12 +40,12 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
     from qimg.options import has_help_option
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     if options is None:
         raise click.UsageError("Must specify options (-o)")
     wants_help = has_help_option([options])
     if fmt is not None and wants_help:
-        click.echo(amend.options_help(fmt))
+        click.echo(_luks_help() if fmt == "luks" else amend.options_help(fmt))
         return
     if len(filename) != 1:
         raise QimgError("Expecting one image file name")
@@ -53,13 +53,21 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
 
     reporter = make_progress(show_progress and not quiet, "Amending")
     try:
-        with open_target(filename[0], fmt, image_opts, writable=True) as image:
+        with open_target(filename[0], fmt, image_opts, secrets, writable=True) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
 
                 warn_probed_raw(filename[0])
             if wants_help:
-                click.echo(amend.options_help(image.format_name))
+                luks = image.format_name == "luks"
+                click.echo(_luks_help() if luks else amend.options_help(image.format_name))
+                return
+            if image.format_name == "luks":
+                from qimg.formats.luks_amend import amend_luks
+
+                reporter.report(0, 1)
+                amend_luks(image, options, secrets, force)
+                reporter.report(1, 1)
                 return
             if image.format_name != "qcow2":
                 raise QimgError(
@@ -67,7 +75,13 @@ def command(fmt, options, objects, image_opts, show_progress, force, quiet, file
                 )
             values = amend.parse_options(options)
             reporter.report(0, 1)
-            amend.amend(image, values, reporter.report)
+            amend.amend(image, values, reporter.report, secrets=secrets, force=force)
             reporter.report(1, 1)
     finally:
         reporter.close()
+
+
+def _luks_help() -> str:
+    from qimg.formats.luks_amend import amend_options_help
+
+    return amend_options_help()

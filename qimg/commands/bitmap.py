@@ -123,7 +123,7 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
     from qimg import api, render
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     if image_opts and fmt:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
     actions = _actions(ctx.meta["bitmap.argv"])
@@ -132,7 +132,9 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
             raise BadOptionError("--list takes no action, -g, -b or -F")
         if len(args) != 1:
             raise BadOptionError("Expecting one image file name")
-        rows = api.list_bitmaps(args[0], fmt, force_share=force_share, image_opts=image_opts)
+        rows = api.list_bitmaps(
+            args[0], fmt, force_share=force_share, image_opts=image_opts, secrets=secrets
+        )
         if output == "json":
             render.print_json(rows)
         elif rows:
@@ -165,4 +167,5 @@ def command(ctx, add, remove, clear, enable, disable, merge, source_file, source
         source_path=source_file,
         source_fmt=source_fmt,
         image_opts=image_opts,
+        secrets=secrets,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from qimg.commands._click import click
 from qimg.commands.common import (
     format_option,
+    image_opts_option,
     need_filename,
+    object_option,
     output_option,
     quiet_option,
     share_option,
@@ -18,10 +20,12 @@ _REPAIR = {"leaks": 1, "all": 3}
 @format_option
 @output_option
 @click.option("-r", "--repair", metavar="leaks|all", help="Repair leaks, or all errors.")
+@object_option
+@image_opts_option
 @share_option
 @quiet_option
 @click.argument("filename", nargs=-1, metavar="FILENAME")
-def command(fmt, output, repair, force_share, quiet, filename) -> None:
+def command(fmt, output, repair, objects, image_opts, force_share, quiet, filename) -> None:
     """Check FILENAME for consistency; with -r, repair what is found."""
     import sys
 
@@ -36,11 +40,13 @@ def command(fmt, output, repair, force_share, quiet, filename) -> None:
                 f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
             )
         fix = _REPAIR[repair]
-        warning = api.probed_raw_warning(filename) if fmt is None else None
+        warning = api.probed_raw_warning(filename) if fmt is None and not image_opts else None
         if warning:
             sys.stderr.write(warning)
     try:
-        result = api.check_image_file(filename, fmt, fix, force_share)
+        result = api.check_image_file(
+            filename, fmt, fix, force_share, image_opts=image_opts, secrets=objects
+        )
     except api.CheckFailed as exc:
         if exc.result is not None:
             render.check_messages(exc.result.messages)

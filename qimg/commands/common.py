@@ -32,6 +32,33 @@ share_option = click.option(
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 
 
+def _objects(ctx, param, value):
+    """qemu-img creates each --object as it reads the command line: its
+    errors come before the checks made after the options are read."""
+    from qimg.secrets import parse_objects
+
+    return parse_objects(value)
+
+
+object_option = click.option(
+    "--object",
+    "objects",
+    multiple=True,
+    is_eager=True,
+    callback=_objects,
+    metavar="OBJECTDEF",
+    help="Define a secret: secret,id=ID,data=STRING or file=PATH[,format=raw|base64]"
+    "[,keyid=ID,iv=IV] (the image options name it by ID).",
+)
+image_opts_option = click.option(
+    "--image-opts",
+    "image_opts",
+    is_flag=True,
+    help="FILENAME is an option string: driver=qcow2|luks|raw,file.filename=PATH"
+    "[,encrypt.key-secret=ID] (luks: key-secret=ID).",
+)
+
+
 def need_filename(filename: str | tuple[str, ...] | None) -> str:
     """The one file name of info and check (qemu-img's `optind != argc - 1`
     test: none or more than one is the same usage error)."""
@@ -44,14 +71,15 @@ def need_filename(filename: str | tuple[str, ...] | None) -> str:
     return filename
 
 
-def open_target(filename: str, fmt: str | None, image_opts: bool, **kw):
+def open_target(filename: str, fmt: str | None, image_opts: bool, secrets=None, **kw):
     """api.open_named for the commands that take --image-opts (resize,
-    amend, snapshot), which refuse it beside --format first."""
+    amend, snapshot, ...), which refuse it beside --format first;
+    `secrets` (the --object secrets) are those its options may name."""
     from qimg.api import open_named
 
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
-    return open_named(filename, fmt, image_opts=image_opts, **kw)
+    return open_named(filename, fmt, image_opts=image_opts, secrets=secrets, **kw)
 
 
 def warn_probed_raw(filename: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import quiet_option, share_option
+from qimg.commands.common import image_opts_option, object_option, quiet_option, share_option
 from qimg.errors import BadOptionError
 
 
@@ -49,9 +49,7 @@ def _coroutines(ctx, param, value):
 @click.option(
     "-f", "--format", "source_format", metavar="FMT", help="Source format (probed when omitted)."
 )
-@click.option(
-    "-O", "target_format", default="raw", metavar="FMT", help="Target format (default raw)."
-)
+@click.option("-O", "target_format", metavar="FMT", help="Target format (default raw).")
 @click.option(
     "-o",
     "options",
@@ -117,8 +115,17 @@ def _coroutines(ctx, param, value):
 @click.option("--bitmaps", is_flag=True, help="Copy persistent bitmaps.")
 @click.option("--skip-broken-bitmaps", is_flag=True, help="Skip inconsistent bitmaps.")
 @click.option("--salvage", is_flag=True, help="Go on past read errors (zeros there).")
+@object_option
+@image_opts_option
+@click.option(
+    "--target-image-opts",
+    is_flag=True,
+    help="TARGET is an option string, as FILENAME is with --image-opts (requires -n).",
+)
 @click.argument("files", nargs=-1)
-def command(files, options, show_progress, quiet, snapshot_param, snapshot, **fields) -> None:
+def command(
+    files, options, show_progress, quiet, snapshot_param, snapshot, objects, **fields
+) -> None:
     """Convert SOURCE... into TARGET (sources are concatenated)."""
     from qimg.convert import ConvertOptions, convert, options_help, parse_snapshot_param
     from qimg.options import has_help_option, parse_options
@@ -130,7 +137,10 @@ def command(files, options, show_progress, quiet, snapshot_param, snapshot, **fi
     sid, sname = None, snapshot
     if snapshot_param is not None:
         sid, sname = parse_snapshot_param(snapshot_param)
+    if fields["target_format"] is None and not fields["target_image_opts"]:
+        fields["target_format"] = "raw"
     o = ConvertOptions(
+        secrets=objects,
         create_options=opts,
         sparse_given=source is click.core.ParameterSource.COMMANDLINE,
         snapshot_id=sid,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qimg.commands._click import click
-from qimg.commands.common import quiet_option
+from qimg.commands.common import object_option, quiet_option
 from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 
 
@@ -19,9 +19,10 @@ from qimg.errors import FileTooLargeError, ImageIOError, QimgError
 @click.option("-b", "--backing", "backing", metavar="BACKING", help="Backing file.")
 @click.option("-F", "--backing-format", "backing_fmt", metavar="FMT", help="Backing file format.")
 @click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file.")
+@object_option
 @quiet_option
 @click.argument("args", nargs=-1, metavar="FILENAME [SIZE]")
-def command(fmt, options, backing, backing_fmt, unsafe, quiet, args) -> None:
+def command(fmt, options, backing, backing_fmt, unsafe, objects, quiet, args) -> None:
     """Create FILENAME of SIZE bytes (suffixes k, M, G, T, P, E)."""
     from qimg import api
     from qimg.options import has_help_option, parse_image_size, parse_options
@@ -48,6 +49,7 @@ def command(fmt, options, backing, backing_fmt, unsafe, quiet, args) -> None:
             backing_fmt=backing_fmt,
             check_backing=not unsafe,
             on_formatting=echo,
+            secrets=objects,
         )
     except FileTooLargeError:
         # qemu-img create's (bdrv_img_create's) words for EFBIG

@@ -30,7 +30,7 @@ def command(
     # qemu-img's order: options as read, the file name, --output, the open.
     start = cvtnum("start offset", start_offset) if start_offset is not None else 0
     length = cvtnum("max length", max_length) if max_length is not None else None
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     if len(filename) != 1:
         raise click.UsageError("Expecting one image file name")
     if output not in (None, "human", "json"):
@@ -42,6 +42,7 @@ def command(
         force_share=force_share,
         start=start,
         max_length=length,
+        secrets=secrets,
     ) as entries:
         render = write_json if output == "json" else write_human
         render(entries, sys.stdout.write)

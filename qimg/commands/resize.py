@@ -45,7 +45,7 @@ def command(fmt, objects, image_opts, preallocation, shrink, quiet, args) -> Non
             raise click.NoSuchOption(word)
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     if len(rest) != 1:
         given = any(
             ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
@@ -55,7 +55,7 @@ def command(fmt, objects, image_opts, preallocation, shrink, quiet, args) -> Non
             "Expecting image file name and size" if rest or given else "Not enough arguments"
         )
     relative, size = _parse_size(size_text)
-    with open_target(rest[0], fmt, image_opts, writable=True) as image:
+    with open_target(rest[0], fmt, image_opts, secrets, writable=True) as image:
         if fmt is None and not image_opts and image.format_name == "raw":
             from qimg.commands.common import warn_probed_raw
 

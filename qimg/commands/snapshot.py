@@ -30,7 +30,7 @@ def command(
     from qimg import snapshot as snapshots
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     from qimg.cli import usage_error
     from qimg.commands.common import need_filename
 
@@ -45,12 +45,10 @@ def command(
     filename = need_filename(filename)
     from qimg.commands.common import open_target, warn_probed_raw
 
-    # --object defines secrets for encrypted images, which qimg does not open
-    # yet: accepted, as qemu-img accepts it, and unused.
     probed = fmt is None and not image_opts
     writable = action != "list"
     with open_target(
-        filename, fmt, image_opts, writable=writable, force_share=force_share
+        filename, fmt, image_opts, secrets, writable=writable, force_share=force_share
     ) as image:
         if writable and probed and image.format_name == "raw":
             warn_probed_raw(filename)  # as qemu-img's read-write open prints it

@@ -96,7 +96,9 @@ def _copy(
     from qimg.convert.progress import Progress
     from qimg.convert.writer import Writer
 
-    backing, same = open_backing(tgt, sources) if tgt.backing is not None else (None, False)
+    backing, same = (
+        open_backing(tgt, sources, o.secrets) if tgt.backing is not None else (None, False)
+    )
     try:
         plan = Plan(sources.disk, tgt, o, backing, same)
         progress = Progress(plan, callback) if callback is not None else None

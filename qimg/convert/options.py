@@ -4,6 +4,7 @@ the target's `-o help`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from qimg.errors import BadOptionError
@@ -18,7 +19,7 @@ class ConvertOptions:
     """Everything qemu-img convert takes, with its defaults."""
 
     source_format: str | None = None
-    target_format: str = "raw"
+    target_format: str | None = "raw"  # None only with target_image_opts: the options say
     create_options: dict[str, str] = field(default_factory=dict)
     backing_file: str | None = None
     backing_format: str | None = None
@@ -40,6 +41,10 @@ class ConvertOptions:
     bitmaps: bool = False
     skip_broken_bitmaps: bool = False
     salvage: bool = False
+    image_opts: bool = False  # the sources are --image-opts option strings
+    target_image_opts: bool = False  # so is the target (which must exist: -n)
+    # The --object secrets the images' options may name (never in the repr).
+    secrets: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
     def validate(self, nsources: int) -> None:
         """qemu-img convert's checks on the options alone, in its words and
@@ -49,6 +54,8 @@ class ConvertOptions:
         for mode in (self.cache, self.source_cache):
             if mode not in CACHE_MODES:
                 raise BadOptionError(f"Invalid cache option: {mode}")
+        if self.target_image_opts and not self.skip_create:
+            raise BadOptionError("--target-image-opts requires use of -n flag")
         if self.target_is_zero and not self.skip_create:
             raise BadOptionError("--target-is-zero requires use of -n flag")
         if self.skip_broken_bitmaps and not self.bitmaps:

@@ -51,7 +51,8 @@ class Plan:
         self.backing = backing
         self.skip_same_backing = skip_same_backing
         # A fresh target without a backing file already reads zeros.
-        self.zero_init = (not o.skip_create or o.target_is_zero) and backing is None
+        fresh = not o.skip_create and tgt.has_zero_init
+        self.zero_init = (fresh or o.target_is_zero) and backing is None
         self.cluster_size, self.grain = target_units(tgt, o)
         s = o.sparse_size or 512
         self.min_zero = s

@@ -8,7 +8,7 @@ from qimg.convert.options import ConvertOptions
 from qimg.convert.scan import DATA, SKIP, ZERO
 from qimg.driver import COMPRESSED, UNALLOCATED, Driver
 from qimg.driver import DATA as EXTENT_DATA
-from qimg.errors import CorruptImageError, ImageIOError, QimgError
+from qimg.errors import BadOptionError, CorruptImageError, ImageIOError, QimgError
 
 
 class Sources:
@@ -40,11 +40,19 @@ class Sources:
 
 def open_source(path: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
+    from qimg.filenames import image_opts_name
 
+    if o.image_opts and o.source_format is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
     try:
         need_name(path)
         return open_image(
-            path, o.source_format, force_share=o.force_share, cache_unsafe=True, lock=True
+            image_opts_name(path) if o.image_opts else path,
+            o.source_format,
+            force_share=o.force_share,
+            cache_unsafe=True,
+            lock=True,
+            secrets=o.secrets,
         )
     except QimgError as exc:
         # qemu-img: "Could not open 'X': " before what the opener said,

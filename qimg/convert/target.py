@@ -5,6 +5,7 @@ removal when a copy into a new target fails."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 from qimg.convert.options import ConvertOptions
@@ -17,6 +18,8 @@ def check_target_options(o: ConvertOptions) -> None:
     """The checks qemu-img makes before creating the target."""
     from qimg.api import FORMATS
 
+    if o.target_format is None and o.target_image_opts:
+        return  # the target's options name its format (or it is probed)
     if o.target_format not in FORMATS:
         raise BadOptionError(f"Unknown file format '{o.target_format}'")
     if o.target_format == "qcow":  # qimg reads qcow (version 1) images only
@@ -34,10 +37,20 @@ def check_target_options(o: ConvertOptions) -> None:
         raise BadOptionError("Use of backing file requires explicit backing format")
     if o.compress and fmt != "qcow2":
         raise BadOptionError("Compression not supported for this file format")
+    if o.compress and _encrypts(o.create_options):
+        raise BadOptionError("Compression and encryption not supported at the same time")
     if o.compress and o.create_options.get("preallocation", "off") != "off":
         raise BadOptionError("Compression and preallocation not supported at the same time")
     if o.bitmaps and fmt != "qcow2":
         raise BadOptionError(f"Format driver '{fmt}' does not support bitmaps")
+
+
+def _encrypts(options: dict[str, str]) -> bool:
+    """Whether -o asks for an encrypted target (qemu-img's test: the
+    `encryption` flag or any `encrypt.format`)."""
+    from qimg.options import parse_bool
+
+    return "encrypt.format" in options or parse_bool("encryption", options.get("encryption", "off"))
 
 
 def _check_create_options(o: ConvertOptions) -> None:
@@ -75,6 +88,7 @@ def create_target(target: str, size: int, o: ConvertOptions) -> None:
             # target ("Could not open 'T': Could not open backing file: ..."),
             # which is then removed again.
             check_backing=False,
+            secrets=o.secrets,
         )
     except QimgError as exc:
         # Never remove anything here: a target that could not be created may
@@ -139,10 +153,19 @@ def remove_target(path: str) -> None:
 
 def open_target(target: str, o: ConvertOptions) -> Driver:
     from qimg.api import open_image
+    from qimg.filenames import image_opts_name
 
+    if o.target_image_opts and o.target_format is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
     try:
         need_name(target)
-        return open_image(target, o.target_format, writable=True, cache_unsafe=o.cache == "unsafe")
+        image = open_image(
+            image_opts_name(target) if o.target_image_opts else _with_key_secrets(target, o),
+            o.target_format,
+            writable=True,
+            cache_unsafe=o.cache == "unsafe",
+            secrets=o.secrets,
+        )
     except ImageLockedError:
         raise  # already in the words qemu-img prints ("Could not open 'T': ...")
     except QimgError as exc:
@@ -150,9 +173,36 @@ def open_target(target: str, o: ConvertOptions) -> Driver:
         # a file that cannot be opened names it once more.
         exc.args = (f"Could not open '{target}': {exc}",)
         raise
+    if o.target_image_opts and image.format_name == "raw" and _probed(target):
+        from qimg.api import probed_raw_text
+
+        sys.stderr.write(probed_raw_text(image.filename))
+    return image
 
 
-def open_backing(tgt: Driver, sources: Sources) -> tuple[Driver, bool]:
+def _with_key_secrets(target: str, o: ConvertOptions) -> str:
+    """The name a new target is opened by: with the create options that
+    name key secrets (qemu-img's img_add_key_secrets), a json: name
+    carrying them as node options."""
+    keys = {k: v for k, v in o.create_options.items() if k.endswith("key-secret")}
+    if o.skip_create or not keys:
+        return target
+    import json
+
+    from qimg.filenames import create_path
+
+    node = {"driver": o.target_format, "file": {"filename": create_path(target)}, **keys}
+    return "json:" + json.dumps(node)
+
+
+def _probed(options: str) -> bool:
+    """Whether an --image-opts string leaves the format to be probed."""
+    from qimg.options import split_options
+
+    return all(key != "driver" for key, _ in split_options(options))
+
+
+def open_backing(tgt: Driver, sources: Sources, secrets=None) -> tuple[Driver, bool]:
     """-B: the target's backing file, opened to compare the source with
     (only what differs is written), and whether the single source's own
     backing file is that file (then what the source leaves to it is
@@ -160,7 +210,7 @@ def open_backing(tgt: Driver, sources: Sources) -> tuple[Driver, bool]:
     from qimg.api import open_image
 
     b = tgt.backing
-    backing = open_image(b.filename, b.format_name, force_share=True)
+    backing = open_image(b.filename, b.format_name, force_share=True, secrets=secrets)
     if len(sources.images) != 1 or sources.views:
         return backing, False
     tb = sources.images[0].backing

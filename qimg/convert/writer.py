@@ -162,7 +162,12 @@ class Writer:
             if results[a] is None:
                 tgt.write(offset + a * cs, data[a * cs : min(n, b * cs)])
             else:
-                tgt.write_compressed_many(offset + a * cs, results[a:b])
+                try:
+                    tgt.write_compressed_many(offset + a * cs, results[a:b])
+                except QimgError as exc:
+                    raise ImageIOError(
+                        f"error while writing at byte {offset + a * cs}: {exc}"
+                    ) from None
             a = b
 
 

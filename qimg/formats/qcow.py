@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qimg.driver import (
@@ -28,7 +29,6 @@ from qimg.errors import (
     CorruptImageError,
     ImageIOError,
     InvalidImageError,
-    MissingSecretError,
     UnsupportedFeatureError,
 )
 from qimg.storage import Storage, check_request
@@ -102,9 +102,8 @@ class QcowHeader:
             raise InvalidImageError("Cluster size must be between 512 and 64k")
         if not QCOW_MIN_L2_BITS <= self.l2_bits <= QCOW_MAX_L2_BITS:
             raise InvalidImageError("L2 table size must be between 512 and 64k")
-        if self.crypt_method == QCOW_CRYPT_AES and not metadata_only:
-            # qimg takes no --object secret: QEMU's words without a key.
-            raise MissingSecretError("Parameter 'encrypt.key-secret' is required for cipher")
+        # (The key of an AES image is looked up by QcowImage, which has the
+        # secrets; opened for metadata only, an image needs none.)
         if self.crypt_method > QCOW_CRYPT_AES:
             raise InvalidImageError("invalid encryption method in qcow header")
         shift = self.cluster_bits + self.l2_bits
@@ -151,7 +150,21 @@ class QcowImage(Driver):
 
     format_name = "qcow"
 
-    def __init__(self, storage: Storage, header: QcowHeader, backing: Driver | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        header: QcowHeader,
+        backing: Driver | None = None,
+        *,
+        metadata_only: bool = False,
+        secrets: Mapping[str, bytes] | None = None,
+        encrypt: Mapping[str, str] | None = None,
+    ):
+        # Legacy AES (qcow_open): its data is read through the cipher the
+        # secret `encrypt.key-secret` names, the IV from the guest sector.
+        self.cipher = None
+        if header.crypt_method == QCOW_CRYPT_AES and not metadata_only:
+            self.cipher = _aes_cipher(secrets or {}, encrypt or {})
         self.storage = storage
         self.header = header
         self.filename = storage.path
@@ -252,10 +265,22 @@ class QcowImage(Driver):
                 # qcow_co_preadv: a cluster offset off a sector boundary is EIO.
                 if (ext.host - (ext.offset & (self.cluster_size - 1))) % BDRV_SECTOR_SIZE:
                     raise ImageIOError(_EIO)
-                got = self.storage.preadv(ext.host, dst)
-                if got < ext.length:
-                    dst[got:] = bytes(ext.length - got)
+                self._read_data(ext, dst)
         return pending
+
+    def _read_data(self, ext: Extent, dst: memoryview) -> None:
+        """A data extent's bytes; past the end of the file zeros (before
+        decryption, whole sectors of an encrypted image)."""
+        if self.cipher is None:
+            got = self.storage.preadv(ext.host, dst)
+            if got < ext.length:
+                dst[got:] = bytes(ext.length - got)
+            return
+        head = ext.offset % BDRV_SECTOR_SIZE  # host and guest agree modulo a sector
+        span = -(-(head + ext.length) // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
+        raw = self.storage.pread(ext.host - head, span).ljust(span, b"\0")
+        plain = self.cipher.decrypt((ext.offset - head) // BDRV_SECTOR_SIZE, raw)
+        dst[:] = memoryview(plain)[head : head + ext.length]
 
     def _decompress(self, entry: int) -> bytes:
         """The cluster a compressed L2 entry describes (decompress_cluster):
@@ -307,6 +332,18 @@ class QcowImage(Driver):
                 self.backing.close()
         finally:
             self.storage.close()
+
+
+def _aes_cipher(secrets: Mapping[str, bytes], encrypt: Mapping[str, str]):
+    """The open options checked as qcow_open checks them, then the cipher."""
+    from qimg.formats.qcow2 import encryption
+
+    encryption.check_open_options(QCOW_CRYPT_AES, encrypt)
+    secret = encryption.lookup_secret(secrets, encrypt.get("key-secret"), encryption.KEY_SECRET)
+    encryption.require_crypto()
+    from qimg.crypto.sectors import qcow_aes_cipher
+
+    return qcow_aes_cipher(encryption.utf8_secret(secret, encrypt["key-secret"]))
 
 
 def _not_written() -> UnsupportedFeatureError:

@@ -10,6 +10,7 @@ before the header points at it; a crash leaks clusters at worst.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -73,9 +74,19 @@ def parse_options(text: str) -> dict:
     return values
 
 
-def amend(image, values: dict, progress=None) -> None:
+def amend(
+    image,
+    values: dict,
+    progress=None,
+    *,
+    secrets: Mapping[str, bytes] | None = None,
+    force: bool = False,
+) -> None:
     """Apply the typed amend options `values` to the writable qcow2 `image`.
-    `progress(done, total)`, when given, hears of the long rewrites."""
+    `progress(done, total)`, when given, hears of the long rewrites.
+    `secrets` (by id) hold what encrypt.new-secret / old-secret name;
+    `force` lifts the LUKS refusals (an active slot overwritten, the last
+    active slots erased)."""
     h = image.header
     old_version = h.version
     new_version = old_version
@@ -91,10 +102,17 @@ def amend(image, values: dict, progress=None) -> None:
     data_file_raw = values.get("data_file_raw", h.data_file_raw)
     if data_file_raw and not h.data_file_raw:
         raise QimgError("data-file-raw cannot be set on existing images")
-    if any(k.startswith("encrypt.") for k in values) and h.crypt_method == L.QCOW_CRYPT_NONE:
+    encryption_update = any(k.startswith("encrypt.") for k in values)
+    if encryption_update and h.crypt_method == L.QCOW_CRYPT_NONE:
         raise QimgError("Can't amend encryption options - encryption not present")
+    if encryption_update and h.crypt_method != L.QCOW_CRYPT_LUKS:
+        raise QimgError("Only LUKS encryption options can be amended")
     if new_version > old_version:
         _upgrade(image)
+    if encryption_update:
+        from qimg.formats.qcow2.encryption import amend_encryption
+
+        amend_encryption(image, values, secrets or {}, force)
     if "backing_file" in values or "backing_fmt" in values:
         if (values.get("backing_file"), values.get("backing_fmt")) != (
             h.backing_file,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qimg.errors import BadOptionError, ImageIOError
 from qimg.formats.qcow2 import layout as L
+from qimg.formats.qcow2.encryption import EncryptionOptions, set_up_encryption
 from qimg.formats.qcow2.header import Geometry, Header
 from qimg.storage import create_storage, delete_storage
 
@@ -35,11 +37,14 @@ class Qcow2CreateOptions:
     data_file_raw: bool = False
     backing_file: str | None = None
     backing_fmt: str | None = None
+    encrypt: EncryptionOptions | None = None  # None: not encrypted
 
     @classmethod
     def from_values(cls, values: dict) -> Qcow2CreateOptions:
         """Options from typed -o values (qimg.create parsed them), checking
         the enumerations as QEMU's QAPI visitor does, in its field order."""
+        # qcow2_co_create_opts renames `encryption` before visiting.
+        encrypt = EncryptionOptions.from_values(values)
         o = cls()
         for key in (
             "data_file",
@@ -63,6 +68,7 @@ class Qcow2CreateOptions:
             o.compat = "1.1"
         else:
             raise BadOptionError(f"Parameter 'version' does not accept value '{o.compat}'")
+        o.encrypt = encrypt
         if o.preallocation not in PREALLOC_MODES:
             raise BadOptionError(
                 f"Parameter 'preallocation' does not accept value '{o.preallocation}'"
@@ -119,11 +125,19 @@ class Qcow2CreateOptions:
             )
 
 
-def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
-    """Write a new, empty qcow2 image at `path` (size already resolved)."""
+def create_qcow2(
+    path: str, o: Qcow2CreateOptions, secrets: Mapping[str, bytes] | None = None
+) -> None:
+    """Write a new, empty qcow2 image at `path` (size already resolved);
+    `secrets` (by id) hold the key of an encrypted one."""
     from qimg.formats.qcow2.image import Qcow2Image
 
     o.validate()
+    if o.encrypt is not None:
+        # The key first: a missing secret or a bad LUKS option fails
+        # before any file exists (QEMU removes what it made).
+        secret = o.encrypt.secret(secrets or {})
+        params = o.encrypt.luks_params() if o.encrypt.format == "luks" else None
     size = -(-o.size // 512) * 512
     cluster_bits = o.cluster_size.bit_length() - 1
     h = Header(
@@ -184,6 +198,11 @@ def create_qcow2(path: str, o: Qcow2CreateOptions) -> None:
             prealloc = "metadata"  # the raw data file needs a full mapping
         if prealloc != "off":
             preallocate(image, prealloc)
+        if o.encrypt is not None:
+            # After the preallocation, as QEMU's qcow2_co_create: the LUKS
+            # header follows the preallocated clusters (which hold no
+            # ciphertext and read as what zeros decrypt to, as in QEMU).
+            set_up_encryption(image, o.encrypt, secret, params)
         image.flush()
         if data_storage is not None and data_storage.size() < size:
             data_storage.truncate(size)

@@ -346,7 +346,8 @@ class Header:
         if self.version == 3:
             ext += self._extensions()
         else:
-            # Version 2 images keep only the backing format and unknown extensions.
+            # Version 2 images keep only the backing format, the LUKS header
+            # pointer and unknown extensions.
             ext += self._extensions(v2=True)
         fixed_len = self.header_length if self.version == 3 else L.HEADER_V2_SIZE
         name = (self.backing_file or "").encode()
@@ -401,14 +402,12 @@ class Header:
 
         if self.backing_format:
             add(L.QCOW2_EXT_MAGIC_BACKING_FORMAT, self.backing_format.encode())
+        if not v2 and self.data_file is not None:
+            add(L.QCOW2_EXT_MAGIC_DATA_FILE, self.data_file.encode())
+        # The LUKS header pointer, in version 2 images too (qcow2_update_header).
+        if self.crypto_ext is not None:
+            add(L.QCOW2_EXT_MAGIC_CRYPTO_HEADER, L.CRYPTO_HEADER_EXTENSION.pack(*self.crypto_ext))
         if not v2:
-            if self.data_file is not None:
-                add(L.QCOW2_EXT_MAGIC_DATA_FILE, self.data_file.encode())
-            if self.crypto_ext is not None:
-                add(
-                    L.QCOW2_EXT_MAGIC_CRYPTO_HEADER,
-                    L.CRYPTO_HEADER_EXTENSION.pack(*self.crypto_ext),
-                )
             # QEMU writes the feature name table only for clusters above
             # 4 KiB (seen with 7.2: none at 512..4096, present at 8192).
             if self.cluster_size > 4096:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Mapping
 
 from qimg.driver import (
     COMPRESSED,
@@ -52,6 +53,8 @@ class Qcow2Image(Driver):
         header: Header | None = None,
         cache_unsafe: bool = False,
         metadata_only: bool = False,
+        secrets: Mapping[str, bytes] | None = None,
+        encrypt: Mapping[str, str] | None = None,
     ):
         self.storage = storage
         self.filename = storage.path
@@ -73,12 +76,16 @@ class Qcow2Image(Driver):
         self._closed = False
         if header.crypt_method == L.QCOW_CRYPT_LUKS and header.crypto_ext is None:
             raise InvalidImageError("Missing CRYPTO header for crypt method 2")
-        # An encrypted image is opened for its metadata only (info): its
-        # data is never read or written.
-        if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
-            from qimg.errors import UnsupportedFeatureError
+        # `encrypt` holds the node's encrypt.* options (no prefix), checked
+        # against the header; the data of an encrypted image is read and
+        # written through the cipher its secret unlocks, except when opened
+        # for metadata only (info), which needs no key.
+        from qimg.formats.qcow2 import encryption
 
-            raise UnsupportedFeatureError("Encrypted qcow2 images are not supported yet")
+        self.luks_volume = None  # the unlocked LUKS volume (encryption.open_cipher)
+        encryption.check_open_options(header.crypt_method, encrypt or {})
+        if header.crypt_method != L.QCOW_CRYPT_NONE and not metadata_only:
+            self.dataio.cipher = encryption.open_cipher(self, secrets or {}, encrypt or {})
         if self.writable and header.corrupt:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
         _check_table_reads(header)
@@ -459,6 +466,10 @@ class Qcow2Image(Driver):
         self._check_range(offset + (len(compressed) - 1) * cs, 1)
         if offset % cs:
             raise QimgError("Compressed writes must be cluster aligned")
+        if self.header.crypt_method:
+            from qimg.formats.qcow2.encryption import refuse_compressed
+
+            refuse_compressed(self)
         self._mark_dirty()
         self._bitmaps_written(offset, min(len(compressed) * cs, self.size - offset))
         self.clusters.write_compressed_many(offset, compressed)
@@ -800,7 +811,9 @@ class _L1View(Qcow2Image):
             data_storage=image.data_storage,
             header=image.header.copy(),
             cache_unsafe=image.cache_unsafe,
+            metadata_only=True,
         )
+        self.dataio.cipher = image.dataio.cipher  # the same key, another L1
         self.writable = False
         from qimg.formats.qcow2.cluster import ClusterMap
 

@@ -101,13 +101,11 @@ def encrypt_info(img) -> dict:
     h = img.header
     if h.crypt_method == L.QCOW_CRYPT_AES:
         return {"format": "aes"}
+    from qimg.crypto.luks1 import HEADER_SIZE, header_info
     from qimg.errors import InvalidImageError
 
     offset, length = h.crypto_ext
-    need = L.LUKS_HEADER.size + L.LUKS_NUM_KEY_SLOTS * L.LUKS_KEYSLOT.size
-    if length < need:  # qcow2_crypto_hdr_read_func
+    if length < HEADER_SIZE:  # qcow2_crypto_hdr_read_func
         raise InvalidImageError("Request for data outside of extension header")
     # Past the end of the file QEMU reads zeros.
-    from qimg.formats.qcow2.luks import luks_info
-
-    return luks_info(img.storage.pread(offset, need).ljust(need, b"\0"))
+    return header_info(img.storage.pread(offset, HEADER_SIZE))

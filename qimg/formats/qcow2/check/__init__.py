@@ -76,11 +76,21 @@ def check_image(image, fix: int = 0) -> CheckResult:
     return result
 
 
-def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = False):
+def open_for_check(
+    path: str,
+    fmt: str | None,
+    fix: int,
+    force_share: bool = False,
+    *,
+    secrets=None,
+    shown: str | None = None,
+):
     """Open an image as qemu-img check does (BDRV_O_CHECK): read-write only
     to repair; a dirty image is not repaired on open, an image marked
     corrupt may be opened read-write to be repaired; the data file and the
-    backing chain are opened (not read)."""
+    backing chain are opened (not read). `secrets` are those the name's
+    node options may name; messages call the image `shown` (default
+    `path`: e.g. the --image-opts string `path` was made from)."""
     import os
 
     from qimg.errors import ImageIOError
@@ -88,9 +98,10 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
     from qimg.opening import probe_format
     from qimg.storage import open_storage
 
-    given = path  # as typed: a file:/json: name opens its file (qimg.filenames)
+    full = path
+    given = shown or path  # as typed: a file:/json: name opens its file (qimg.filenames)
     try:
-        name = parse_filename(given)
+        name = parse_filename(full)
     except QimgError as exc:
         exc.args = (f"Could not open '{given}': {exc}",)
         raise
@@ -102,10 +113,10 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         )
     fmt = fmt or probe_format(path)
     if fmt != "qcow2":
-        _refuse_format(given, path, fmt, fix, force_share)
+        _refuse_format(given, full, fmt, fix, force_share, secrets)
     storage = open_storage(path, bool(fix), force_share=force_share)
     try:
-        return _open_qcow2(storage, path, name.open_backing, fix, force_share)
+        return _open_qcow2(storage, path, name, fix, force_share, secrets)
     except QimgError as exc:
         storage.close()
         msg = str(exc)
@@ -117,13 +128,13 @@ def open_for_check(path: str, fmt: str | None, fix: int, force_share: bool = Fal
         raise
 
 
-def _refuse_format(given: str, path: str, fmt: str, fix: int, force_share: bool) -> None:
+def _refuse_format(given: str, path: str, fmt: str, fix: int, force_share: bool, secrets) -> None:
     """Another format opens (its errors are the check's), then is refused."""
     from qimg.errors import NoCheckError
     from qimg.opening import open_image
 
     try:
-        image = open_image(path, fmt, writable=bool(fix), force_share=force_share)
+        image = open_image(path, fmt, writable=bool(fix), force_share=force_share, secrets=secrets)
     except QimgError as exc:
         exc.args = (f"Could not open '{given}': {exc}",)  # bdrv_open's prefix
         raise
@@ -145,12 +156,20 @@ def _check_mode_header(storage):
     return Header.parse(bytes(head), size, check=True)
 
 
-def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: bool):
-    """The image over `storage`, in check mode; an image marked corrupt opens."""
+def _open_qcow2(storage, path: str, name, fix: int, force_share: bool, secrets):
+    """The image over `storage`, in check mode; an image marked corrupt
+    opens. `name` is the qimg.filenames.ImageName it was opened by."""
     from qimg.formats.qcow2.image import Qcow2Image
-    from qimg.opening import open_backing_chain, open_data_file
+    from qimg.opening import (
+        check_qcow2_options,
+        node_encrypt_options,
+        open_backing_chain,
+        open_data_file,
+    )
 
+    open_backing = name.open_backing
     header = _check_mode_header(storage)
+    check_qcow2_options(header, name, open_backing)
     corrupt = header.incompatible_features & L.QCOW2_INCOMPAT_CORRUPT
     header.incompatible_features &= ~L.QCOW2_INCOMPAT_CORRUPT
     # As qemu-img check, the data file and the backing chain are opened
@@ -159,9 +178,26 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
     try:
         backing = None
         if open_backing:
-            backing = open_backing_chain(path, header, writable=bool(fix), force_share=force_share)
-        image = Qcow2Image(storage, header=header, backing=backing, data_storage=data_storage)
+            backing = open_backing_chain(
+                path,
+                header,
+                writable=bool(fix),
+                force_share=force_share,
+                secrets=secrets,
+                options=name.backing_options(),
+            )
+        encrypt = node_encrypt_options(name.own_options())
+        image = Qcow2Image(
+            storage,
+            header=header,
+            backing=backing,
+            data_storage=data_storage,
+            secrets=secrets or {},
+            encrypt=encrypt,
+        )
     except BaseException:
+        if backing is not None:
+            backing.close()
         if data_storage is not None:
             data_storage.close()
         raise
@@ -169,12 +205,21 @@ def _open_qcow2(storage, path: str, open_backing: bool, fix: int, force_share: b
     return image
 
 
-def check_file(path: str, fmt: str | None = None, fix: int = 0, force_share: bool = False):
-    """qemu-img check FILE: open, check (and repair), close."""
-    image = open_for_check(path, fmt, fix, force_share)
+def check_file(
+    path: str,
+    fmt: str | None = None,
+    fix: int = 0,
+    force_share: bool = False,
+    *,
+    secrets=None,
+    shown: str | None = None,
+):
+    """qemu-img check FILE: open, check (and repair), close (`secrets` and
+    `shown` as for open_for_check)."""
+    image = open_for_check(path, fmt, fix, force_share, secrets=secrets, shown=shown)
     try:
         result = check_image(image, fix)
-        result.filename = path
+        result.filename = shown or path
         return result
     finally:
         image.close()

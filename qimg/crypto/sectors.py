@@ -1,0 +1,352 @@
+"""Sector ciphers: QEMU's qcrypto_block_cipher_{en,de}crypt_helper over
+whole runs of 512-byte sectors, each sector with its own IV.
+
+A `SectorCipher` (qimg.formats.qcow2.dataio) encrypts or decrypts n whole
+sectors, the first numbered `sector`. Every call does a fixed number of
+`cryptography` and numpy calls per chunk of sectors, never one per sector:
+
+- IVs (QEMU's ivgen): plain = the low 32 bits of the sector number, plain64
+  = its 64 bits, both little-endian and zero-padded to the cipher's block;
+  essiv = plain64 encrypted (ECB) under hash(master key), in one call.
+- XTS (IEEE 1619, 512-byte data units, no ciphertext stealing): the tweaks
+  T0 = E_key2(IV) of a chunk in one ECB call, T_j = T0 * alpha^j for the
+  32 blocks of each sector as one numpy expression (GF(2^128), the tweak a
+  little-endian 128-bit number), then C = E_key1(P ^ T) ^ T with one ECB
+  call over the chunk.
+- CBC: decryption is one ECB call over the chunk and an XOR with the
+  previous ciphertext blocks (the IV before each sector's first block);
+  encryption chains within a sector, so it runs block column by block
+  column across all sectors of the chunk (32 ECB calls for AES).
+- CTR: counter blocks IV + j (big-endian, as nettle and gcrypt count) of a
+  chunk in one ECB call, XORed in.
+- ECB: no IV.
+
+`cryptography` holds the GIL while it encrypts (measured: two threads take
+as long as one), so the work stays on one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qimg.errors import BadOptionError
+
+SECTOR_SIZE = 512  # QCRYPTO_BLOCK_LUKS_SECTOR_SIZE, QCRYPTO_BLOCK_QCOW_SECTOR_SIZE
+_CHUNK_SECTORS = 2048  # 1 MiB per pass: the temporaries stay in cache
+
+# QEMU's QCryptoCipherAlgorithm names -> (family, key bytes, block bytes).
+CIPHER_ALGS = {
+    "aes-128": ("aes", 16, 16),
+    "aes-192": ("aes", 24, 16),
+    "aes-256": ("aes", 32, 16),
+    "cast5-128": ("cast5", 16, 8),
+}
+# Known to QEMU, absent from `cryptography`: refused as QEMU's cipher
+# backends refuse an algorithm they lack.
+MISSING_ALGS = frozenset(
+    f"{family}-{bits}" for family in ("serpent", "twofish") for bits in (128, 192, 256)
+)
+CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
+IVGEN_ALGS = ("plain", "plain64", "essiv")
+HASH_DIGEST_SIZES = {
+    "md5": 16,
+    "sha1": 20,
+    "sha224": 28,
+    "sha256": 32,
+    "sha384": 48,
+    "sha512": 64,
+    "ripemd160": 20,
+}
+
+
+def cipher_key_bytes(cipher_alg: str, cipher_mode: str) -> int:
+    """The master key length of a cipher: XTS holds two cipher keys."""
+    return CIPHER_ALGS[cipher_alg][1] * (2 if cipher_mode == "xts" else 1)
+
+
+def check_cipher(cipher_alg: str, cipher_mode: str) -> None:
+    """Refuse, in QEMU's cipher backends' words, what cannot be built."""
+    if cipher_alg in MISSING_ALGS:
+        raise BadOptionError(f"Unsupported cipher algorithm {cipher_alg}")
+    if cipher_alg not in CIPHER_ALGS:
+        raise BadOptionError(f"Algorithm '{cipher_alg}' not supported")
+    if cipher_mode not in CIPHER_MODES:
+        raise BadOptionError(f"Cipher mode '{cipher_mode}' not supported")
+    if cipher_mode == "xts" and CIPHER_ALGS[cipher_alg][2] != 16:
+        raise BadOptionError("Unsupported cipher mode xts")
+
+
+def essiv_cipher_alg(cipher_alg: str, ivgen_hash_alg: str) -> str:
+    """QEMU's qcrypto_block_luks_essiv_cipher: the cipher itself if its key
+    is as long as the hash's digest, else the one of its family that is
+    (dm-crypt's choice), in QEMU's words where there is none."""
+    family, _, bits = cipher_alg.partition("-")
+    digest = HASH_DIGEST_SIZES[ivgen_hash_alg]
+    if bits.isdigit() and int(bits) == digest * 8:
+        return cipher_alg
+    labels = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
+    if family not in labels:
+        raise BadOptionError(f"Cipher {cipher_alg} not supported with essiv")
+    if digest not in (16, 24, 32):
+        raise BadOptionError(f"No {labels[family]} cipher with key size {digest} available")
+    return f"{family}-{digest * 8}"
+
+
+def sector_cipher(
+    cipher_alg: str,
+    cipher_mode: str,
+    ivgen_alg: str,
+    ivgen_hash_alg: str | None,
+    key: bytes,
+    *,
+    iv_from_host: bool = True,
+):
+    """A SectorCipher for QEMU's cipher, mode and IV generator names and
+    the master key (both XTS keys, key1 first)."""
+    check_cipher(cipher_alg, cipher_mode)
+    if ivgen_alg not in IVGEN_ALGS:
+        raise BadOptionError(f"IV generator '{ivgen_alg}' not supported")
+    if len(key) != cipher_key_bytes(cipher_alg, cipher_mode):
+        raise BadOptionError(f"Key length {len(key)} does not suit cipher {cipher_alg}")
+    family, key_len, block = CIPHER_ALGS[cipher_alg]
+    essiv_key = None
+    essiv_family = family
+    if ivgen_alg == "essiv" and cipher_mode != "ecb":
+        if ivgen_hash_alg is None:
+            raise BadOptionError("Missing IV generator hash specification")
+        essiv_alg = essiv_cipher_alg(cipher_alg, ivgen_hash_alg)
+        essiv_key = _hash(ivgen_hash_alg, key)[: CIPHER_ALGS[essiv_alg][1]]
+    cls = {"xts": _XTS, "cbc": _CBC, "ctr": _CTR, "ecb": _ECB}[cipher_mode]
+    return cls(
+        _Spec(family, block, ivgen_alg, essiv_family, essiv_key),
+        key,
+        key_len,
+        iv_from_host,
+    )
+
+
+def qcow_aes_cipher(secret: bytes):
+    """The legacy qcow/qcow2 cipher (crypt_method 1, QEMU's
+    qcrypto_block_qcow_init): AES-128-CBC, IV plain64 of the guest sector,
+    the key the secret's bytes up to its first NUL, cut or zero-padded to
+    16 bytes. The secret must be UTF-8, as QEMU reads it."""
+    try:
+        secret.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadOptionError("Data from secret is not valid UTF-8") from None
+    key = secret.split(b"\0", 1)[0][:16].ljust(16, b"\0")
+    return sector_cipher("aes-128", "cbc", "plain64", None, key, iv_from_host=False)
+
+
+def _hash(name: str, data: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.new(name, data).digest()
+
+
+def _algorithm(family: str, key: bytes):
+    if family == "aes":
+        from cryptography.hazmat.primitives.ciphers import algorithms
+
+        return algorithms.AES(key)
+    from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
+
+    return decrepit.CAST5(key)
+
+
+def _gf128_reduce_table():
+    """R[v] = v * 0x87 carry-less, for the 8 bits a byte shift pushes out."""
+    import numpy as np
+
+    v = np.arange(256, dtype=np.uint64)
+    return v ^ (v << np.uint64(1)) ^ (v << np.uint64(2)) ^ (v << np.uint64(7))
+
+
+_REDUCE8 = None
+
+
+def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
+    """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128), bits 1 or 8."""
+    global _REDUCE8
+    k, back = np.uint64(bits), np.uint64(64 - bits)
+    over = hi >> back
+    np.left_shift(hi, k, out=hi_out)
+    hi_out |= lo >> back
+    np.left_shift(lo, k, out=lo_out)
+    if bits == 1:
+        lo_out ^= over * np.uint64(0x87)
+    else:
+        if _REDUCE8 is None:
+            _REDUCE8 = _gf128_reduce_table()
+        lo_out ^= _REDUCE8[over]
+
+
+def _octets(array) -> memoryview:
+    """The bytes of a numpy array as `cryptography` takes them (contiguous
+    unsigned bytes; a copy only if `array` is strided)."""
+    import numpy as np
+
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    family: str
+    block: int  # cipher block bytes (16 AES, 8 CAST5)
+    ivgen_alg: str
+    essiv_family: str
+    essiv_key: bytes | None
+
+
+class _Base:
+    """Common machinery: chunking, ECB calls, IVs. Data is handled as
+    numpy uint64 arrays shaped (sectors, blocks per sector, words per block)."""
+
+    def __init__(self, spec: _Spec, key: bytes, key_len: int, iv_from_host: bool):
+        import numpy as np
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+        self._np = np
+        self.iv_from_host = iv_from_host
+        self._spec = spec
+        self._words = spec.block // 8
+        self._blocks = SECTOR_SIZE // spec.block
+        self._key_len = key_len
+        self._cipher = Cipher(_algorithm(spec.family, key[:key_len]), modes.ECB())
+        self._essiv = None
+        if spec.essiv_key is not None:
+            self._essiv = Cipher(_algorithm(spec.essiv_family, spec.essiv_key), modes.ECB())
+        self._init_extra(key, Cipher, modes)
+
+    def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
+        pass
+
+    def __repr__(self) -> str:  # never the key
+        return f"<{type(self).__name__} {self._spec.family}>"
+
+    def encrypt(self, sector: int, data) -> bytearray:
+        return self._run(sector, data, self._encrypt_chunk)
+
+    def decrypt(self, sector: int, data) -> bytearray:
+        return self._run(sector, data, self._decrypt_chunk)
+
+    def _run(self, sector: int, data, chunk_fn) -> bytearray:
+        np = self._np
+        total = len(data)
+        if total % SECTOR_SIZE:
+            raise ValueError(f"encrypted I/O of {total} bytes is not whole sectors")
+        out = bytearray(total)
+        src = np.frombuffer(data, dtype="<u8").reshape(-1, self._blocks, self._words)
+        dst = np.frombuffer(out, dtype="<u8").reshape(src.shape)
+        for first in range(0, len(src), _CHUNK_SECTORS):
+            part = slice(first, first + _CHUNK_SECTORS)
+            chunk_fn(sector + first, src[part], dst[part])
+        return out
+
+    def _ecb(self, data, *, decrypt: bool = False, cipher=None):
+        """One ECB pass of the whole array `data` (any shape, contiguous):
+        a new array of the same shape."""
+        np = self._np
+        cipher = cipher or self._cipher
+        ctx = cipher.decryptor() if decrypt else cipher.encryptor()
+        buf = np.empty(data.size + self._words, dtype="<u8")  # update_into's slack
+        ctx.update_into(_octets(data), _octets(buf))
+        return buf[: data.size].reshape(data.shape)
+
+    def _ivs(self, sector: int, n: int):
+        """The IVs of sectors sector..sector+n-1, shaped (n, words)."""
+        np = self._np
+        ivs = np.zeros((n, self._words), dtype="<u8")
+        numbers = np.arange(sector, sector + n, dtype=np.uint64)
+        if self._spec.ivgen_alg == "plain":
+            numbers &= np.uint64(0xFFFFFFFF)
+        ivs[:, 0] = numbers
+        if self._essiv is not None:
+            ivs = self._ecb(ivs, cipher=self._essiv)
+        return ivs
+
+
+class _XTS(_Base):
+    def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
+        self._key2 = cipher_cls(_algorithm(self._spec.family, key[self._key_len :]), modes.ECB())
+
+    def _tweaks(self, sector: int, n: int):
+        """T[s, j] = E_key2(IV(s)) * alpha^j, shaped (n, 32, 2) like the data.
+
+        The tweak is a little-endian 128-bit number (lo, hi words); times
+        alpha^k (k < 64) it is the 128-bit shift left by k with the k bits
+        shifted out of hi reduced by x^128 = x^7 + x^2 + x + 1 into lo
+        (their carry-less product with 0x87, below 2^(k+8)). Columns 1..7
+        are single doublings, the rest byte shifts of the column 8 before,
+        each step one numpy call over all n sectors."""
+        np = self._np
+        t0 = self._ecb(self._ivs(sector, n), cipher=self._key2)
+        lo = np.empty((self._blocks, n), dtype=np.uint64)
+        hi = np.empty((self._blocks, n), dtype=np.uint64)
+        lo[0], hi[0] = t0[:, 0], t0[:, 1]
+        for j in range(1, 8):
+            _shift_in(np, lo[j - 1 : j], hi[j - 1 : j], lo[j : j + 1], hi[j : j + 1], 1)
+        for j in range(8, self._blocks, 8):
+            _shift_in(np, lo[j - 8 : j], hi[j - 8 : j], lo[j : j + 8], hi[j : j + 8], 8)
+        out = np.empty((n, self._blocks, 2), dtype="<u8")
+        out[:, :, 0] = lo.T
+        out[:, :, 1] = hi.T
+        return out
+
+    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+        tweaks = self._tweaks(sector, len(src))
+        self._np.bitwise_xor(self._ecb(src ^ tweaks), tweaks, out=dst)
+
+    def _decrypt_chunk(self, sector: int, src, dst) -> None:
+        tweaks = self._tweaks(sector, len(src))
+        self._np.bitwise_xor(self._ecb(src ^ tweaks, decrypt=True), tweaks, out=dst)
+
+
+class _CBC(_Base):
+    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+        # Chaining runs along a sector's blocks: block column j of every
+        # sector at once, each column one ECB call.
+        prev = self._ivs(sector, len(src))
+        ctx = self._cipher.encryptor()
+        np = self._np
+        column = np.empty(prev.size + self._words, dtype="<u8")
+        for j in range(self._blocks):
+            ctx.update_into(_octets(src[:, j] ^ prev), _octets(column))
+            dst[:, j] = column[: prev.size].reshape(prev.shape)
+            prev = dst[:, j]
+
+    def _decrypt_chunk(self, sector: int, src, dst) -> None:
+        np = self._np
+        plain = self._ecb(src, decrypt=True)
+        np.bitwise_xor(plain[:, 1:], src[:, :-1], out=dst[:, 1:])
+        np.bitwise_xor(plain[:, 0], self._ivs(sector, len(src)), out=dst[:, 0])
+
+
+class _CTR(_Base):
+    def _keystream(self, sector: int, n: int):
+        """ECB of the counter blocks IV + j, counted as big-endian integers
+        across the whole block (carry from the low word into the high)."""
+        np = self._np
+        ivs = self._ivs(sector, n).view(">u8")  # the IV bytes as big-endian words
+        j = np.arange(self._blocks, dtype=np.uint64)
+        counters = np.empty((n, self._blocks, self._words), dtype=">u8")
+        low = ivs[:, -1:].astype(np.uint64)
+        added = low + j
+        counters[:, :, -1] = added
+        if self._words == 2:
+            carry = (added < low).astype(np.uint64)
+            counters[:, :, 0] = ivs[:, :1].astype(np.uint64) + carry
+        return self._ecb(counters.view("<u8"))
+
+    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+        self._np.bitwise_xor(src, self._keystream(sector, len(src)), out=dst)
+
+    _decrypt_chunk = _encrypt_chunk
+
+
+class _ECB(_Base):
+    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+        dst[:] = self._ecb(src)
+
+    def _decrypt_chunk(self, sector: int, src, dst) -> None:
+        dst[:] = self._ecb(src, decrypt=True)
