@@ -14,6 +14,8 @@ block status asks the host file which of them are holes).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from qimg.driver import COMPRESSED, DATA, ZERO
@@ -27,6 +29,9 @@ from qimg.formats.qcow2.entries import (
     descriptors,
     unit_kinds,
 )
+
+if TYPE_CHECKING:
+    from qimg.formats.qcow2.image import Qcow2Image
 
 # QEMU's QCow2SubclusterType (the values are qimg's own).
 SC_NORMAL = 0
@@ -70,7 +75,7 @@ class TableRuns:
         return int(self.types[k]), int(self.starts[k]), int(self.ends[k]), int(self.hosts[k])
 
 
-def table_runs(image, pos: int) -> TableRuns:
+def table_runs(image: Qcow2Image, pos: int) -> TableRuns:
     """The runs of the L1 entry range holding guest `pos` (< image.size)."""
     geo = image.geo
     span_bits = geo.cluster_bits + geo.l2_bits
@@ -173,7 +178,7 @@ def _subcluster_types(rows, geo, has_data_file: bool) -> tuple[np.ndarray, np.nd
     return types, hosts
 
 
-def detect_metadata_preallocation(image) -> bool:
+def detect_metadata_preallocation(image: Qcow2Image) -> bool:
     """QEMU's qcow2_detect_metadata_preallocation: true where at least
     max(real * 10 / 9, real + 2) clusters of the file have a reference,
     `real` being the clusters' worth of bytes the file occupies on its
