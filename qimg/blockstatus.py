@@ -15,6 +15,7 @@ QEMU cuts them:
 - raw: the host file's data and holes (file-posix's SEEK_DATA/SEEK_HOLE),
   allocated, mapped 1:1.
 - qcow (version 1): its extents (data, compressed, unallocated).
+- luks: data throughout, without host offsets.
 
 Lengths are those of QEMU's bdrv_getlength: whole 512-byte sectors.
 """
@@ -116,6 +117,9 @@ class BlockStatus:
             return flags | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED, pnum, offset, image.storage.path
         if image.format_name == "qcow2":
             flags, pnum, host, name = self._qcow2(image, offset, nbytes)
+        elif image.format_name == "luks":
+            # QEMU's crypto driver has no block status: all data, no offset.
+            flags, pnum, host, name = BLOCK_DATA, nbytes, 0, None
         else:
             flags, pnum, host, name = _extent_status(image, offset, nbytes)
         if flags & (BLOCK_DATA | BLOCK_ZERO):
