@@ -137,11 +137,14 @@ class BlockStatus:
         runs = self._tables.get(key)
         if runs is None or not runs.lo <= offset < runs.hi:
             runs = self._tables[key] = qs.table_runs(image, offset)
-        kind, start, end, host = runs.find(offset)
+        kind, start, end, host, after = runs.find(offset)
         if kind == qs.SC_CORRUPT:
             image.clusters.checked_table(start, end)  # signals the corruption, raises EIO
             raise CorruptImageError("Input/output error", start)
-        pnum = min(end, offset + nbytes, offset + qs.INT_MAX) - offset
+        stop = min(offset + nbytes, offset + qs.INT_MAX)
+        if kind == qs.SC_INVALID or (after == qs.SC_INVALID and stop > end):
+            _invalid_entry(image, start if kind == qs.SC_INVALID else end)
+        pnum = min(end, stop) - offset
         flags = 0
         name = None
         # An encrypted image's host offsets are not given out (its data
@@ -170,6 +173,18 @@ class BlockStatus:
         if found is None:
             found = self._files[id(storage)] = _FileMap(storage)
         return found
+
+
+def _invalid_entry(image, guest: int) -> None:
+    """qcow2_get_host_offset meeting an extended L2 entry whose bitmap is
+    invalid (at guest offset `guest`): the corruption, then EIO."""
+    geo = image.geo
+    l1_index = guest >> (geo.cluster_bits + geo.l2_bits)
+    image.signal_corruption(
+        f"Invalid cluster entry found  (L2 offset: {image.clusters.l2_offset(l1_index):#x}, "
+        f"L2 index: {geo.offset_to_l2_index(guest):#x})"
+    )
+    raise CorruptImageError("Input/output error", guest)
 
 
 def _extent_status(image: Driver, offset: int, nbytes: int) -> tuple[int, int, int, str | None]:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qimg.driver import COMPRESSED, DATA, ZERO
 from qimg.formats.qcow2 import layout as L
 from qimg.formats.qcow2.entries import (
     CLUSTER_COMPRESSED,
@@ -27,7 +26,6 @@ from qimg.formats.qcow2.entries import (
     CLUSTER_ZERO_PLAIN,
     cluster_types,
     descriptors,
-    unit_kinds,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +52,9 @@ INT_MAX = (1 << 31) - 1
 
 # A run whose first cluster fails qcow2_get_host_offset's checks.
 SC_CORRUPT = -1
+# An extended L2 entry with a bitmap QEMU refuses: a query fails if it
+# starts there or its run reaches it (count_contiguous_subclusters).
+SC_INVALID = -2
 
 
 class TableRuns:
@@ -69,10 +70,12 @@ class TableRuns:
         self.types = types
         self.hosts = hosts
 
-    def find(self, pos: int) -> tuple[int, int, int, int]:
-        """(type, run start, run end, host at the run start) of the run holding `pos`."""
+    def find(self, pos: int) -> tuple[int, int, int, int, int | None]:
+        """(type, run start, run end, host at the run start, type of the
+        next run or None) of the run holding `pos`."""
         k = int(np.searchsorted(self.starts, pos, side="right")) - 1
-        return int(self.types[k]), int(self.starts[k]), int(self.ends[k]), int(self.hosts[k])
+        after = int(self.types[k + 1]) if k + 1 < len(self.types) else None
+        return int(self.types[k]), int(self.starts[k]), int(self.ends[k]), int(self.hosts[k]), after
 
 
 def table_runs(image: Qcow2Image, pos: int) -> TableRuns:
@@ -102,7 +105,8 @@ def table_runs(image: Qcow2Image, pos: int) -> TableRuns:
         bad = _bad_clusters(rows, geo, image.header.version, has_data_file, lo)
         if bad is not None:
             types = types.copy()
-            types[np.repeat(bad, geo.subclusters_per_cluster)[:count]] = SC_CORRUPT
+            bad = np.repeat(bad, geo.subclusters_per_cluster)[:count]
+            types[bad & (types != SC_INVALID)] = SC_CORRUPT
     brk = types[1:] != types[:-1]
     brk |= _WITH_OFFSET[types[1:]] & (hosts[1:] - hosts[:-1] != np.uint64(unit))
     first = np.concatenate(([0], np.flatnonzero(brk) + 1))
@@ -141,7 +145,7 @@ _STANDARD = np.array(
     [SC_UNALLOCATED_PLAIN, SC_NORMAL, SC_ZERO_PLAIN, SC_ZERO_ALLOC] + [SC_COMPRESSED] * 4,
     dtype=np.int8,
 )
-_WITH_OFFSET = np.zeros(7, dtype=bool)  # by SC_*; SC_CORRUPT (-1) is the last
+_WITH_OFFSET = np.zeros(8, dtype=bool)  # by SC_*; SC_CORRUPT, SC_INVALID index from the end
 _WITH_OFFSET[list(HAS_OFFSET)] = True
 
 
@@ -162,20 +166,39 @@ def _standard_types(rows, geo, version: int) -> tuple[np.ndarray, np.ndarray, bo
 
 
 def _subcluster_types(rows, geo, has_data_file: bool) -> tuple[np.ndarray, np.ndarray]:
-    """SC_* and host offset of each unit (subcluster with extended L2)."""
-    kinds, hosts = unit_kinds(rows, geo, has_data_file)
-    ctypes = cluster_types(descriptors(rows), geo.extended_l2, has_data_file)
-    host_cluster = (ctypes == CLUSTER_NORMAL) | (ctypes == CLUSTER_ZERO_ALLOC)
-    if geo.subclusters_per_cluster > 1:
-        host_cluster = np.repeat(host_cluster, geo.subclusters_per_cluster)
-    types = np.full(len(kinds), SC_UNALLOCATED_PLAIN, dtype=np.int8)
-    types[host_cluster] = SC_UNALLOCATED_ALLOC
-    types[kinds == DATA] = SC_NORMAL
-    types[kinds == COMPRESSED] = SC_COMPRESSED
-    zero = kinds == ZERO
-    types[zero & host_cluster] = SC_ZERO_ALLOC
-    types[zero & ~host_cluster] = SC_ZERO_PLAIN
-    return types, hosts
+    """SC_* and host offset of each subcluster of extended L2 entries
+    (QEMU's qcow2_get_subcluster_type); an entry whose bitmap QEMU refuses
+    (a subcluster both allocated and zero, or allocated without a host
+    cluster) is SC_INVALID throughout. With standard entries and a data
+    file, each cluster is one unit."""
+    entries = descriptors(rows)
+    ctypes = cluster_types(entries, geo.extended_l2, has_data_file)
+    off = entries & _OFFSET_MASK
+    if not geo.extended_l2:
+        code = (ctypes == CLUSTER_NORMAL) | (ctypes == CLUSTER_ZERO_ALLOC)
+        code = (
+            code.view(np.int8)
+            | ((ctypes == CLUSTER_ZERO_PLAIN) | (ctypes == CLUSTER_ZERO_ALLOC)).view(np.int8) << 1
+        )
+        code |= (ctypes == CLUSTER_COMPRESSED).view(np.int8) << 2
+        return _STANDARD[code], off
+    n = geo.subclusters_per_cluster
+    bitmap = rows[:, 1]
+    sc = np.arange(n, dtype=np.uint64)
+    alloc = ((bitmap[:, None] >> sc) & np.uint64(1)) != 0
+    zero = ((bitmap[:, None] >> (sc + np.uint64(32))) & np.uint64(1)) != 0
+    normal = (ctypes == CLUSTER_NORMAL)[:, None]
+    types = np.where(
+        normal,
+        np.where(zero, SC_ZERO_ALLOC, np.where(alloc, SC_NORMAL, SC_UNALLOCATED_ALLOC)),
+        np.where(zero, SC_ZERO_PLAIN, SC_UNALLOCATED_PLAIN),
+    ).astype(np.int8)
+    low = bitmap & np.uint64(L.QCOW_L2_BITMAP_ALL_ALLOC)
+    invalid = np.where(ctypes == CLUSTER_NORMAL, ((bitmap >> np.uint64(32)) & low) != 0, low != 0)
+    types[invalid & (ctypes != CLUSTER_COMPRESSED)] = SC_INVALID
+    types[ctypes == CLUSTER_COMPRESSED] = SC_COMPRESSED
+    hosts = off[:, None] + sc * np.uint64(geo.subcluster_size)
+    return types.reshape(-1), hosts.reshape(-1)
 
 
 def detect_metadata_preallocation(image: Qcow2Image) -> bool:
