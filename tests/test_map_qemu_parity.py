@@ -99,7 +99,35 @@ def corrupt(tmp_path_factory, qemu_img):
         qemu_io(d, name, "write -P 1 0 64k", "write -P 1 1M 64k", "write -P 1 2M 64k")
         where = 0x40000 + 16 * 8
         write_u64(d / name, where, read_u64(d / name, where) | bits)
+    # An extended L2 entry (cluster 1 of 16 KiB) whose bitmap marks a
+    # subcluster both allocated and zero; the L2 table is at 0x10000.
+    create(d, "invalid-bitmap.qcow2", "2M", "cluster_size=16k,extended_l2=on")
+    qemu_io(d, "invalid-bitmap.qcow2", "write -P 1 0 2k", "write -P 1 16k 16k")
+    where = 0x10000 + 16 + 8
+    write_u64(
+        d / "invalid-bitmap.qcow2", where, read_u64(d / "invalid-bitmap.qcow2", where) | 1 << 32
+    )
     return d
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("map", "--output=json"),
+        ("map", "--output=json", "--start-offset", "20k"),
+        ("map", "--output=json", "--start-offset", "32k"),
+        ("map", "--output=json", "--max-length", "2k"),
+        ("map",),
+        ("measure", "-O", "qcow2"),
+        ("measure", "-O", "qcow2", "-o", "cluster_size=4k"),
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_an_invalid_subcluster_bitmap_fails_as_in_qemu_img(corrupt, args):
+    """Only the queries that start at the entry or run into it fail:
+    measure, going on from the end of each target cluster, may pass it."""
+    theirs, mine = both(corrupt, *args, "invalid-bitmap.qcow2")
+    assert mine == theirs
 
 
 @pytest.mark.parametrize("name", ["unaligned.qcow2", "v2-zero.qcow2"])
