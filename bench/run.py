@@ -35,6 +35,7 @@ GROUPS = (
     "discard",
     "snapshot",
     "bitmap",
+    "crypto",
     "map_measure",
 )
 

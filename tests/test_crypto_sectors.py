@@ -155,3 +155,14 @@ def test_essiv_needs_a_cipher_with_the_digests_key_size():
 def test_cipher_repr_shows_no_key():
     key = b"K" * 64
     assert "K" * 4 not in repr(sector_cipher("aes-256", "xts", "plain64", None, key))
+
+
+@pytest.mark.parametrize("mode", ["xts", "cbc", "ctr", "ecb"])
+def test_ciphers_write_into_a_given_buffer_even_in_place(mode):
+    key = bytes(range(64 if mode == "xts" else 32))
+    cipher = sector_cipher("aes-256", mode, "plain64", None, key)
+    data = random.Random(mode).randbytes(SECTORS * 512)
+    expected = cipher.encrypt(5, data)
+    buf = bytearray(data)
+    assert cipher.encrypt(5, buf, out=buf) is buf and buf == expected
+    assert cipher.decrypt(5, buf, out=memoryview(buf)) is not None and buf == data

@@ -554,16 +554,15 @@ def unlock(read: Callable[[int, int], bytes], secret: bytes) -> LuksVolume:
     """The volume behind `read` unlocked with the password `secret`
     (qcrypto_block_luks_open): the header checked, then each active slot
     tried in order."""
-    header = _read_header(read)
     raw = _read_exact(read, 0, HEADER_SIZE)
+    info = header_info(raw)  # every check, in QEMU's order
+    header = _Header.unpack(raw)
     names = _parse_names(header)
     sectors.check_cipher(names[0], names[1])
     for index in range(NUM_KEY_SLOTS):
         master_key = _load_key(header, index, secret, read)
         if master_key is not None:
-            return LuksVolume(
-                master_key, header_info(raw), header.payload_offset * SECTOR_SIZE, names
-            )
+            return LuksVolume(master_key, info, header.payload_offset * SECTOR_SIZE, names)
     raise InvalidImageError("Invalid password, cannot unlock any keyslot")
 
 

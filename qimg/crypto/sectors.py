@@ -22,11 +22,14 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 - ECB: no IV.
 
 `cryptography` holds the GIL while it encrypts (measured: two threads take
-as long as one), so the work stays on one thread.
+as long as one); numpy releases it, and the XTS tweaks and XORs are most of
+the work, so a call of several chunks spreads them over a thread per core.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
 from qimg.errors import BadOptionError
@@ -166,19 +169,37 @@ _REDUCE8 = None
 
 
 def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
-    """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128), bits 1 or 8."""
+    """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128), bits <= 16."""
     global _REDUCE8
+    if _REDUCE8 is None:
+        _REDUCE8 = _gf128_reduce_table()
     k, back = np.uint64(bits), np.uint64(64 - bits)
-    over = hi >> back
+    over = hi >> back  # the bits shifted out, below 2^bits
     np.left_shift(hi, k, out=hi_out)
     hi_out |= lo >> back
     np.left_shift(lo, k, out=lo_out)
     if bits == 1:
         lo_out ^= over * np.uint64(0x87)
-    else:
-        if _REDUCE8 is None:
-            _REDUCE8 = _gf128_reduce_table()
+    elif bits <= 8:
         lo_out ^= _REDUCE8[over]
+    else:  # the product is linear: byte by byte
+        lo_out ^= _REDUCE8[over >> np.uint64(8)] << np.uint64(8)
+        lo_out ^= _REDUCE8[over & np.uint64(0xFF)]
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    """The threads that share a call's chunks (one per core)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="qimg-crypto")
+        return _POOL
 
 
 def _octets(array) -> memoryview:
@@ -216,6 +237,7 @@ class _Base:
         self._essiv = None
         if spec.essiv_key is not None:
             self._essiv = Cipher(_algorithm(spec.essiv_family, spec.essiv_key), modes.ECB())
+        self._local = threading.local()  # per-thread scratch arrays
         self._init_extra(key, Cipher, modes)
 
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
@@ -224,32 +246,56 @@ class _Base:
     def __repr__(self) -> str:  # never the key
         return f"<{type(self).__name__} {self._spec.family}>"
 
-    def encrypt(self, sector: int, data) -> bytearray:
-        return self._run(sector, data, self._encrypt_chunk)
+    def encrypt(self, sector: int, data, out=None):
+        """Ciphertext of whole sectors `data`, the first numbered `sector`:
+        a new bytearray, or written into `out` (a writable buffer as long
+        as `data`; it may be `data` itself) and `out` returned."""
+        return self._run(sector, data, self._encrypt_chunk, out)
 
-    def decrypt(self, sector: int, data) -> bytearray:
-        return self._run(sector, data, self._decrypt_chunk)
+    def decrypt(self, sector: int, data, out=None):
+        """Plaintext of whole sectors `data` (see encrypt)."""
+        return self._run(sector, data, self._decrypt_chunk, out)
 
-    def _run(self, sector: int, data, chunk_fn) -> bytearray:
+    def _run(self, sector: int, data, chunk_fn, out):
         np = self._np
-        total = len(data)
+        total = len(memoryview(data).cast("B"))
         if total % SECTOR_SIZE:
             raise ValueError(f"encrypted I/O of {total} bytes is not whole sectors")
-        out = bytearray(total)
+        if out is None:
+            out = bytearray(total)
         src = np.frombuffer(data, dtype="<u8").reshape(-1, self._blocks, self._words)
-        dst = np.frombuffer(out, dtype="<u8").reshape(src.shape)
-        for first in range(0, len(src), _CHUNK_SECTORS):
+        dst = np.frombuffer(out, dtype="<u8", count=src.size).reshape(src.shape)
+        firsts = range(0, len(src), _CHUNK_SECTORS)
+
+        def run_chunk(first: int) -> None:
             part = slice(first, first + _CHUNK_SECTORS)
             chunk_fn(sector + first, src[part], dst[part])
+
+        if len(firsts) > 1:
+            # numpy releases the GIL (cryptography does not): chunks on
+            # every core overlap their numpy work.
+            list(_pool().map(run_chunk, firsts))
+        else:
+            run_chunk(0)
         return out
 
-    def _ecb(self, data, *, decrypt: bool = False, cipher=None):
+    def _scratch(self, name: str, size: int):
+        """A uint64 array of `size` words, reused by this thread for `name`
+        (fresh temporaries of a MiB each would cost page faults per call)."""
+        cache = self._local.__dict__
+        buf = cache.get(name)
+        if buf is None or buf.size < size:
+            buf = cache[name] = self._np.empty(size, dtype="<u8")
+        return buf[:size]
+
+    def _ecb(self, data, *, decrypt: bool = False, cipher=None, into: str | None = None):
         """One ECB pass of the whole array `data` (any shape, contiguous):
-        a new array of the same shape."""
+        an array of the same shape, new or the scratch array `into`."""
         np = self._np
         cipher = cipher or self._cipher
         ctx = cipher.decryptor() if decrypt else cipher.encryptor()
-        buf = np.empty(data.size + self._words, dtype="<u8")  # update_into's slack
+        size = data.size + self._words  # update_into's slack
+        buf = np.empty(size, dtype="<u8") if into is None else self._scratch(into, size)
         ctx.update_into(_octets(data), _octets(buf))
         return buf[: data.size].reshape(data.shape)
 
@@ -276,48 +322,64 @@ class _XTS(_Base):
         The tweak is a little-endian 128-bit number (lo, hi words); times
         alpha^k (k < 64) it is the 128-bit shift left by k with the k bits
         shifted out of hi reduced by x^128 = x^7 + x^2 + x + 1 into lo
-        (their carry-less product with 0x87, below 2^(k+8)). Columns 1..7
-        are single doublings, the rest byte shifts of the column 8 before,
-        each step one numpy call over all n sectors."""
+        (their carry-less product with 0x87, below 2^(k+8)). Columns
+        [k, 2k) are columns [0, k) times alpha^k for k = 1, 2, 4, 8, 16:
+        five steps, each a few numpy calls over all n sectors."""
         np = self._np
         t0 = self._ecb(self._ivs(sector, n), cipher=self._key2)
-        lo = np.empty((self._blocks, n), dtype=np.uint64)
-        hi = np.empty((self._blocks, n), dtype=np.uint64)
+        words = self._blocks * n
+        lo = self._scratch("lo", words).reshape(self._blocks, n)
+        hi = self._scratch("hi", words).reshape(self._blocks, n)
         lo[0], hi[0] = t0[:, 0], t0[:, 1]
-        for j in range(1, 8):
-            _shift_in(np, lo[j - 1 : j], hi[j - 1 : j], lo[j : j + 1], hi[j : j + 1], 1)
-        for j in range(8, self._blocks, 8):
-            _shift_in(np, lo[j - 8 : j], hi[j - 8 : j], lo[j : j + 8], hi[j : j + 8], 8)
-        out = np.empty((n, self._blocks, 2), dtype="<u8")
+        k = 1
+        while k < self._blocks:
+            _shift_in(np, lo[:k], hi[:k], lo[k : 2 * k], hi[k : 2 * k], k)
+            k *= 2
+        out = self._scratch("tweaks", 2 * words).reshape(n, self._blocks, 2)
         out[:, :, 0] = lo.T
         out[:, :, 1] = hi.T
         return out
 
-    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+    def _xts_chunk(self, sector: int, src, dst, decrypt: bool) -> None:
+        np = self._np
         tweaks = self._tweaks(sector, len(src))
-        self._np.bitwise_xor(self._ecb(src ^ tweaks), tweaks, out=dst)
+        mixed = self._scratch("mixed", src.size).reshape(src.shape)
+        np.bitwise_xor(src, tweaks, out=mixed)
+        np.bitwise_xor(self._ecb(mixed, decrypt=decrypt, into="ecb"), tweaks, out=dst)
+
+    def _encrypt_chunk(self, sector: int, src, dst) -> None:
+        self._xts_chunk(sector, src, dst, False)
 
     def _decrypt_chunk(self, sector: int, src, dst) -> None:
-        tweaks = self._tweaks(sector, len(src))
-        self._np.bitwise_xor(self._ecb(src ^ tweaks, decrypt=True), tweaks, out=dst)
+        self._xts_chunk(sector, src, dst, True)
 
 
 class _CBC(_Base):
     def _encrypt_chunk(self, sector: int, src, dst) -> None:
         # Chaining runs along a sector's blocks: block column j of every
-        # sector at once, each column one ECB call.
-        prev = self._ivs(sector, len(src))
-        ctx = self._cipher.encryptor()
+        # sector at once, each column one ECB call, on the chunk transposed
+        # to (block, sector, word) so that every column is contiguous.
         np = self._np
-        column = np.empty(prev.size + self._words, dtype="<u8")
-        for j in range(self._blocks):
-            ctx.update_into(_octets(src[:, j] ^ prev), _octets(column))
-            dst[:, j] = column[: prev.size].reshape(prev.shape)
-            prev = dst[:, j]
+        n, blocks, words = src.shape
+        column_words = n * words
+        plain = self._scratch("plain", src.size).reshape(blocks, n, words)
+        plain[...] = src.transpose(1, 0, 2)
+        # Each column's ECB output needs update_into's slack: the next
+        # column's space, rewritten after; one block more past the last.
+        cipher = self._scratch("cipher", src.size + words)
+        mixed = self._scratch("mixed", column_words).reshape(n, words)
+        ctx = self._cipher.encryptor()
+        prev = self._ivs(sector, n)
+        for j in range(blocks):
+            np.bitwise_xor(plain[j], prev, out=mixed)
+            out = cipher[j * column_words : (j + 1) * column_words + words]
+            ctx.update_into(_octets(mixed), _octets(out))
+            prev = out[:column_words].reshape(n, words)
+        dst[...] = cipher[: src.size].reshape(blocks, n, words).transpose(1, 0, 2)
 
     def _decrypt_chunk(self, sector: int, src, dst) -> None:
         np = self._np
-        plain = self._ecb(src, decrypt=True)
+        plain = self._ecb(src, decrypt=True, into="ecb")
         np.bitwise_xor(plain[:, 1:], src[:, :-1], out=dst[:, 1:])
         np.bitwise_xor(plain[:, 0], self._ivs(sector, len(src)), out=dst[:, 0])
 

@@ -15,6 +15,7 @@ less the payload offset. Invariants:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 from qimg.crypto import luks1
@@ -78,6 +79,7 @@ class LuksImage(Driver):
         self._info = {k: v for k, v in info.items() if k != "format"}
         self._volume = volume  # None: opened for metadata only
         self._cipher = volume.cipher() if volume is not None else None
+        self._local = threading.local()
         length = -(-storage.size() // SECTOR_SIZE) * SECTOR_SIZE
         self.size = length - self.payload_offset
 
@@ -94,6 +96,13 @@ class LuksImage(Driver):
             return
         self._need_key()
         head = offset % SECTOR_SIZE
+        if not head and not len(view) % SECTOR_SIZE:
+            # Whole sectors: read into the caller's buffer, decrypt in place.
+            got = self.storage.preadv(self.payload_offset + offset, view)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+            self._cipher.decrypt(offset // SECTOR_SIZE, view, out=view)
+            return
         start = offset - head
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
         plain = self._read_sectors(start, span)
@@ -126,8 +135,16 @@ class LuksImage(Driver):
                 plain[-SECTOR_SIZE:] = self._read_sectors(start + span - SECTOR_SIZE, SECTOR_SIZE)
             plain[head : head + len(data)] = data
             offset, data = start, memoryview(plain)
-        encrypted = self._cipher.encrypt(offset // SECTOR_SIZE, data)
-        self.storage.pwrite(self.payload_offset + offset, encrypted)
+        scratch = self._write_buffer(len(data))
+        self._cipher.encrypt(offset // SECTOR_SIZE, data, out=scratch)
+        self.storage.pwrite(self.payload_offset + offset, scratch)
+
+    def _write_buffer(self, size: int) -> memoryview:
+        """This thread's ciphertext buffer, reused from write to write."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = bytearray(size)
+        return memoryview(buf)[:size]
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Zeros encrypted like any data (QEMU's driver cannot unmap)."""
