@@ -61,7 +61,7 @@ class TableRuns:
     """The subcluster-type runs of guest [lo, hi), one L1 entry's range:
     run k is [starts[k], ends[k]) of type types[k], its first byte at host
     hosts[k] where the type has a host offset; corrupt entries are
-    SC_CORRUPT runs."""
+    SC_CORRUPT runs, entries with an invalid subcluster bitmap SC_INVALID."""
 
     def __init__(self, lo: int, hi: int, starts, ends, types, hosts):
         self.lo, self.hi = lo, hi
@@ -122,11 +122,11 @@ def _one_run(lo: int, hi: int, kind: int) -> TableRuns:
 
 
 def _bad_clusters(rows, geo, version: int, has_data_file: bool, lo: int) -> np.ndarray | None:
-    """Which entries qcow2_get_host_offset refuses (None if none; as
-    ClusterMap.checked_table checks them), or None: an allocated cluster
-    whose host offset is unaligned (or, with a data file, not the guest
-    offset), a zero cluster in a version 2 image, a compressed cluster
-    with a data file."""
+    """Which entries qcow2_get_host_offset refuses, as
+    ClusterMap.checked_table checks them (None if none): an allocated
+    cluster whose host offset is unaligned (or, with a data file, not the
+    guest offset), a zero cluster in a version 2 image, a compressed
+    cluster with a data file."""
     entries = descriptors(rows)
     ctypes = cluster_types(entries, geo.extended_l2, has_data_file)
     host = entries & _OFFSET_MASK
