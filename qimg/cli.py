@@ -16,7 +16,18 @@ from qimg import __version__, errors
 from qimg.commands._click import click
 from qimg.errors import QimgError
 
-COMMANDS = ("create", "info", "check", "snapshot", "amend", "convert", "resize", "bitmap", "map", "measure")
+COMMANDS = (
+    "create",
+    "info",
+    "check",
+    "snapshot",
+    "amend",
+    "convert",
+    "resize",
+    "bitmap",
+    "map",
+    "measure",
+)
 
 # The completion scripts' variable (qimg.completion), whatever the program's name.
 COMPLETE_VAR = "_QIMG_COMPLETE"
