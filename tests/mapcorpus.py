@@ -110,6 +110,23 @@ def make_corpus(d: Path) -> None:
     qemu_img(d, "create", "-q", "-f", "raw", "sparse.raw", "3M")
     qemu_io(d, "sparse.raw", "write -P 7 64k 64k", "write -P 7 1M 4k", fmt="raw")
     (d / "odd.raw").write_bytes(b"\1" * 5000)
+    settle(d)
+
+
+def settle(d: Path) -> None:
+    """Write back every file of `d`: until then a file system may report a
+    just-written region's holes differently (ext4 turns short unwritten
+    extents into written zeros at write-back), and map and measure read
+    the holes."""
+    import os
+
+    for path in d.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def both(d: Path, *args: str) -> tuple[tuple, tuple]:

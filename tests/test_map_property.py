@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mapcorpus import both, create, qemu_io
+from mapcorpus import both, create, qemu_io, settle
 
 SIZE = 1 << 20
 # (creation options, cluster size)
@@ -80,6 +80,7 @@ def test_map_and_measure_of_random_writes_are_qemu_imgs(tools, case):
         if ops:
             # A compressed write to an allocated cluster fails; the rest stand.
             qemu_io(d, "image.qcow2", *ops, check=False)
+        settle(d)
         for args in (
             ("map", "--output=json", "image.qcow2"),
             ("measure", "--output=json", "-O", "qcow2", "-o", "cluster_size=4k", "image.qcow2"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from damage import read_u64, write_u64
-from mapcorpus import IMAGES, both, create, make_corpus, qemu_io
+from mapcorpus import IMAGES, both, create, make_corpus, qemu_io, settle
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def corrupt(tmp_path_factory, qemu_img):
     write_u64(
         d / "invalid-bitmap.qcow2", where, read_u64(d / "invalid-bitmap.qcow2", where) | 1 << 32
     )
+    settle(d)
     return d
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import run
-from mapcorpus import both, create
+from mapcorpus import both, create, settle
 
 SECRET = ("--object", "secret,id=s,data=x")
 
@@ -91,6 +91,7 @@ def test_map_and_measure_of_an_encrypted_source_are_qemu_imgs(tmp_path, qemu_img
     assert made.returncode == 0, made.stderr
     name = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s"
     run(["qemu-io", *SECRET, "--image-opts", "-c", "write -P 1 64k 128k", name], cwd=tmp_path)
+    settle(tmp_path)
     for args in (
         ("map", "--output=json"),
         ("map",),
