@@ -6,6 +6,9 @@ snapshots, bitmaps) and for the --start-offset / --max-length edges."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 from damage import read_u64, write_u64
 from mapcorpus import IMAGES, both, create, make_corpus, qemu_io, settle
@@ -144,3 +147,35 @@ def test_map_stops_at_a_corrupt_entry_as_qemu_img(corrupt, name, args, output):
     past it go on."""
     theirs, mine = both(corrupt, "map", f"--output={output}", *args, name)
     assert mine == theirs
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("map", "--output=json"),
+        ("map", "-U", "--output=json"),
+        ("measure", "-O", "qcow2"),
+        ("measure", "-U", "-O", "qcow2"),
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_an_image_in_use_is_read_as_qemu_img_reads_it(tmp_path, qemu_img, args):
+    """QEMU's locks: an image qemu-io holds open for writing is refused
+    without -U and read with it."""
+    create(tmp_path, "held.qcow2", "4M")
+    qemu_io(tmp_path, "held.qcow2", "write -P 1 0 64k")
+    settle(tmp_path)
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", "held.qcow2"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        theirs, mine = both(tmp_path, *args, "held.qcow2")
+        assert mine == theirs
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
