@@ -52,6 +52,7 @@ IMAGES = (
     "bitmaps.qcow2",
     "sparse.raw",
     "odd.raw",
+    "v1.qcow",
 )
 
 
@@ -110,6 +111,10 @@ def make_corpus(d: Path) -> None:
     qemu_img(d, "create", "-q", "-f", "raw", "sparse.raw", "3M")
     qemu_io(d, "sparse.raw", "write -P 7 64k 64k", "write -P 7 1M 4k", fmt="raw")
     (d / "odd.raw").write_bytes(b"\1" * 5000)
+    qemu_img(d, "create", "-q", "-f", "qcow", "v1.qcow", "2M")
+    qemu_io(
+        d, "v1.qcow", "write -P 1 0 64k", "write -P 2 1M 4k", "write -c -P 3 1536k 4k", fmt="qcow"
+    )
     settle(d)
 
 
