@@ -73,9 +73,9 @@ def workloads(workdir: str, size: int = 1024 * MiB, repeat: int = 3) -> list[dic
 
     for line in cipher_throughput():
         print(line)
-    src = os.path.join(workdir, "src.raw")
+    src = os.path.join(workdir, f"src-{size}.raw")
     _make_random(src, size)
-    volume = os.path.join(workdir, "volume.luks")
+    volume = os.path.join(workdir, f"volume-{size}.luks")  # cached per size
     if not os.path.exists(volume):
         subprocess.run(
             ["qemu-img", "convert", *SECRET, "-O", "luks", *CREATE, src, volume], check=True
