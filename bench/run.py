@@ -35,7 +35,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUPS = ("foundation", "check", "convert", "clusters", "discard", "snapshot", "bitmap")
-GROUPS += ("compare", "reflink", "chain", "crypto")
+GROUPS += ("compare", "reflink", "chain", "crypto", "map_measure")
 
 
 def main(argv: list[str] | None = None) -> int:

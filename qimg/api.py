@@ -10,7 +10,8 @@ Everything the command line does goes through these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 from qimg.cachemode import CacheMode
 from qimg.driver import Driver
@@ -290,3 +291,66 @@ def __getattr__(name: str):
 
         return getattr(check, name)
     raise AttributeError(f"module 'qimg.api' has no attribute {name!r}")
+
+
+@contextlib.contextmanager
+def map_image(
+    path: str,
+    fmt: str | None = None,
+    *,
+    image_opts: bool = False,
+    force_share: bool = False,
+    start: int = 0,
+    max_length: int | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+) -> Iterator[Iterator]:
+    """`qemu-img map`: opens the image (failing as qemu-img does), then
+    gives the merged entries (qimg.map.MapEntry) of guest [start, start +
+    max_length), clipped to the image, through its backing chain, as they
+    are found; the image is closed on leaving. With `image_opts`, `path`
+    is an option string; `secrets` are the --object secrets by id.
+
+        with qimg.api.map_image("disk.qcow2") as entries:
+            for entry in entries: ...
+    """
+    from qimg.map import iter_map
+
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    with open_named(
+        path, fmt, image_opts=image_opts, force_share=force_share, secrets=secrets
+    ) as image:
+        yield iter_map(image, start, max_length)
+
+
+def measure_image(
+    out_fmt: str = "raw",
+    options: list[str] | tuple[str, ...] = (),
+    *,
+    size: int | None = None,
+    filename: str | None = None,
+    fmt: str | None = None,
+    image_opts: bool = False,
+    force_share: bool = False,
+    snapshot_id: str | None = None,
+    snapshot_name: str | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+):
+    """`qemu-img measure`: the qimg.measure.Measurement of an `out_fmt`
+    image made with `options` (-o texts), of `size` bytes or holding the
+    image `filename` (its internal snapshot, if one is named)."""
+    from qimg.measure import measure
+
+    if filename is None:
+        return measure(out_fmt, options, size=size, secrets=secrets)
+    if image_opts and fmt is not None:
+        raise BadOptionError("--image-opts and --format are mutually exclusive")
+    with open_named(
+        filename, fmt, image_opts=image_opts, force_share=force_share, secrets=secrets
+    ) as image:
+        if snapshot_id is None and snapshot_name is None:
+            return measure(out_fmt, options, source=image, secrets=secrets)
+        from qimg.snapshot import load_tmp
+
+        with load_tmp(image, snapshot_id, snapshot_name) as view:
+            return measure(out_fmt, options, source=view, secrets=secrets)

@@ -17,7 +17,7 @@ from qimg.commands._click import click
 from qimg.errors import QimgError
 
 COMMANDS = ("create", "info", "check", "snapshot", "amend", "convert", "resize", "bitmap")
-COMMANDS += ("compare", "dd", "rebase", "commit")
+COMMANDS += ("map", "measure", "compare", "dd", "rebase", "commit")
 
 # The completion scripts' variable (qimg.completion), whatever the program's name.
 COMPLETE_VAR = "_QIMG_COMPLETE"

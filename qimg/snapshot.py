@@ -13,7 +13,7 @@ import time
 from qimg.driver import Driver
 from qimg.errors import QimgError, UnsupportedFeatureError
 
-__all__ = ["list_snapshots", "create", "apply", "delete"]
+__all__ = ["list_snapshots", "create", "apply", "delete", "load_tmp"]
 
 
 def list_snapshots(image: Driver) -> list[dict]:
@@ -65,4 +65,24 @@ def delete(image: Driver, name: str) -> None:
         delete_snapshot(image, name)
     except QimgError as exc:
         exc.args = (f"Could not delete snapshot '{name}': {exc}",)
+        raise
+
+
+def load_tmp(image: Driver, snapshot_id: str | None, name: str | None) -> Driver:
+    """QEMU's bdrv_snapshot_load_tmp (convert -l/-s, measure -l): a
+    read-only view of `image` as its internal snapshot `snapshot_id` /
+    `name` holds it (closing it closes nothing of `image`'s)."""
+    if not image.has_snapshots:
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{image.format_name}' used by device "
+            "'' does not support temporarily loading internal snapshots"
+        )
+    from qimg.formats.qcow2.snapshot import open_snapshot_view
+
+    try:
+        return open_snapshot_view(image, snapshot_id, name)
+    except QimgError as exc:
+        msg = str(exc)
+        if not msg.startswith("Failed to load snapshot: "):
+            exc.args = ("Failed to load snapshot: " + msg,)
         raise

@@ -8,13 +8,7 @@ from qimg.convert.options import ConvertOptions
 from qimg.convert.scan import DATA, SKIP, ZERO
 from qimg.driver import COMPRESSED, UNALLOCATED, Driver
 from qimg.driver import DATA as EXTENT_DATA
-from qimg.errors import (
-    BadOptionError,
-    CorruptImageError,
-    ImageIOError,
-    QimgError,
-    UnsupportedFeatureError,
-)
+from qimg.errors import BadOptionError, CorruptImageError, ImageIOError, QimgError
 
 
 class Sources:
@@ -82,20 +76,9 @@ def need_name(path: str) -> None:
 
 def snapshot_view(image: Driver, sid: str | None, name: str | None) -> Driver:
     """`image` as its internal snapshot `sid` / `name` holds it."""
-    if not image.has_snapshots:
-        raise UnsupportedFeatureError(
-            f"Failed to load snapshot: Block format '{image.format_name}' used by device "
-            "'' does not support temporarily loading internal snapshots"
-        )
-    from qimg.formats.qcow2.snapshot import open_snapshot_view
+    from qimg.snapshot import load_tmp
 
-    try:
-        return open_snapshot_view(image, sid, name)
-    except QimgError as exc:
-        msg = str(exc)
-        if not msg.startswith("Failed to load snapshot: "):
-            exc.args = ("Failed to load snapshot: " + msg,)
-        raise
+    return load_tmp(image, sid, name)
 
 
 class Concat(Driver):

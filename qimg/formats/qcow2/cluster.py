@@ -125,6 +125,17 @@ class ClusterMap:
             pos = chunk_end
         return out
 
+    def checked_table(self, start: int, end: int) -> np.ndarray | None:
+        """The L2 table mapping guest [start, end) (inside one L1 entry's
+        range), its entries there checked as extents() checks them; None
+        where no L2 table is allocated."""
+        l2 = self.l2_offset(start >> (self.geo.cluster_bits + self.geo.l2_bits), start)
+        if not l2:
+            return None
+        table = self.l2_cache.get(l2)
+        self._check_entries(l2, table, start, end)
+        return table
+
     def _check_entries(self, l2: int, table: np.ndarray, start: int, end: int) -> None:
         """The entry checks of QEMU's qcow2_get_host_offset over the clusters
         of guest [start, end): the first entry that fails one is a
