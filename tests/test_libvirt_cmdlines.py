@@ -141,7 +141,8 @@ def test_libvirt_resize_line_grows_the_volume(tmp_path, qemu_img, fmt, producer)
     _qimg(*line, _opts(fmt, vol, "S"), str(NEW_SIZE))
     run([qemu_img, *line, _opts(fmt, ref, "S"), str(NEW_SIZE)])
     assert _info(qemu_img, vol)["virtual-size"] == NEW_SIZE
-    _qemu_check(qemu_img, fmt, vol, "S", pw)
+    if fmt == "qcow2":  # (a raw LUKS volume has no metadata to check)
+        _qemu_check(qemu_img, fmt, vol, "S", pw)
     ours = _read(qemu_img, fmt, vol, "S", pw, tmp_path)
     # What the new area reads as is qemu-img's: zeros in qcow2; in a raw
     # LUKS volume the decryption of the zeros the file grew by.
