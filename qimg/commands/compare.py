@@ -64,9 +64,9 @@ def command(
     fmt1, fmt2, cache, objects, image_opts, show_progress, quiet, strict, force_share, files
 ) -> None:
     """Compare FILE1 and FILE2: exit 0 if they read the same, 1 if not."""
+    from qimg.cachemode import parse_cache_mode
     from qimg.cli import fail
     from qimg.compare import CompareError, compare
-    from qimg.convert.options import CACHE_MODES
     from qimg.errors import QimgError
     from qimg.secrets import parse_objects
 
@@ -78,8 +78,10 @@ def command(
         raise click.UsageError("Expecting two image file names")
     progress = CompareProgress(show_progress and not quiet)
     try:
-        if cache not in CACHE_MODES:
-            fail(f"Invalid source cache option: {cache}", 2)
+        try:
+            parse_cache_mode(cache, source=True)
+        except QimgError as exc:
+            fail(str(exc), 2)  # compare exits 2 on a bad -T
         try:
             result = compare(
                 files[0],
