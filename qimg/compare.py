@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
@@ -115,9 +115,15 @@ class LayerStatus:
             self.span = image.cluster_size
         self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
         self._fetched = 0
+        # An encrypted image gives out no host offsets (QEMU's crypto
+        # driver has no block status; qcow2 withholds them when encrypted).
+        self.offsets = image.format_name != "luks" and not (
+            geo is not None and image.header.crypt_method
+        )
         # QEMU asks the data file whether data clusters read as zeros only
-        # where it guesses metadata preallocation (BDRV_BLOCK_RECURSE).
-        self.recurse = geo is not None and metadata_preallocated(image)
+        # where it guesses metadata preallocation (BDRV_BLOCK_RECURSE), and
+        # only of data with a host offset.
+        self.recurse = geo is not None and self.offsets and metadata_preallocated(image)
 
     def at(self, x: int) -> tuple[int, int]:
         while True:
@@ -187,15 +193,16 @@ class LayerStatus:
     def _flags(self, ext) -> int:
         if self.raw:
             return self._flags_raw(ext.kind)
+        offsets = BLOCK_OFFSET_VALID if self.offsets else 0
         if ext.kind == DATA:
-            return BLOCK_DATA | BLOCK_OFFSET_VALID | BLOCK_ALLOCATED
+            return BLOCK_DATA | offsets | BLOCK_ALLOCATED
         if ext.kind == COMPRESSED:
             return BLOCK_DATA | BLOCK_ALLOCATED
         if ext.kind == ZERO:
-            return BLOCK_ZERO | BLOCK_ALLOCATED | (BLOCK_OFFSET_VALID if ext.host else 0)
+            return BLOCK_ZERO | BLOCK_ALLOCATED | (offsets if ext.host else 0)
         # Unallocated (with a host cluster: extended L2's UNALLOCATED_ALLOC):
         # the backing file answers; without one it reads zeros.
-        valid = BLOCK_OFFSET_VALID if ext.host else 0
+        valid = offsets if ext.host else 0
         return valid if self.has_backing else valid | BLOCK_ZERO
 
     @staticmethod
@@ -598,13 +605,15 @@ def compare(
     image_opts: bool = False,
     progress: ProgressCallback | None = None,
     warn: Callable[[str], None] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Comparison:
     """`qemu-img compare PATH1 PATH2`: both images opened read-only as
     qemu-img opens them (a failure is CompareError with exit code 2), then
-    compare_images."""
-    image1 = _open(path1, fmt1, force_share, image_opts)
+    compare_images. `secrets` (the --object secrets by id) are those the
+    images and their backing files may name."""
+    image1 = _open(path1, fmt1, force_share, image_opts, secrets)
     try:
-        image2 = _open(path2, fmt2, force_share, image_opts)
+        image2 = _open(path2, fmt2, force_share, image_opts, secrets)
         try:
             return compare_images(
                 image1, image2, names=(path1, path2), strict=strict, progress=progress, warn=warn
@@ -615,22 +624,35 @@ def compare(
         image1.close()
 
 
-def _open(path: str, fmt: str | None, force_share: bool, image_opts: bool) -> Driver:
+def _open(
+    path: str,
+    fmt: str | None,
+    force_share: bool,
+    image_opts: bool,
+    secrets: Mapping[str, bytes] | None,
+) -> Driver:
     try:
-        return open_input(path, fmt, image_opts, force_share)
+        return open_input(path, fmt, image_opts, force_share, secrets)
     except QimgError as exc:
         raise CompareError(str(exc), OPEN_FAILED) from None
 
 
-def open_input(path: str, fmt: str | None, image_opts: bool, force_share: bool) -> Driver:
-    """The image read from, opened as qemu-img's img_open opens it."""
+def open_input(
+    path: str,
+    fmt: str | None,
+    image_opts: bool,
+    force_share: bool,
+    secrets: Mapping[str, bytes] | None = None,
+) -> Driver:
+    """The image read from, opened as qemu-img's img_open opens it, with
+    the --object `secrets` its options and backing chain may name."""
     from qimg.api import open_named
 
     if image_opts and fmt is not None:
         raise BadOptionError("--image-opts and --format are mutually exclusive")
     if not path and not image_opts:  # refused by QEMU's file driver before any open
         raise QimgError(f"Could not open '{path}': The 'file' block driver requires a file name")
-    return open_named(path, fmt, image_opts=image_opts, force_share=force_share)
+    return open_named(path, fmt, image_opts=image_opts, force_share=force_share, secrets=secrets)
 
 
 def _no_split_decompression(image: Driver | None) -> None:

@@ -16,6 +16,7 @@ Its rules, kept here as qemu-img keeps them:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qimg.driver import Driver
@@ -109,9 +110,11 @@ def dd(
     out_fmt: str = "raw",
     image_opts: bool = False,
     force_share: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> DdPlan:
     """qemu-img dd: open the input (`image_opts`: its name is an option
-    string), create the output as `out_fmt`, copy. Returns the plan it
+    string), create the output as `out_fmt`, copy. `secrets` (the --object
+    secrets by id) serve the input's options and backing chain. Returns the plan it
     carried out (`past_end`: qemu-img's "cannot skip to specified offset"
     case, an empty output). Raises QimgError in qemu-img's words; nothing
     is created when the operands, the input or the format are refused."""
@@ -121,7 +124,7 @@ def dd(
         raise BadOptionError("Must specify both input and output files")
     from qimg.compare import open_input
 
-    src = open_input(ops.input, fmt, image_opts, force_share)
+    src = open_input(ops.input, fmt, image_opts, force_share, secrets)
     try:
         if out_fmt not in FORMATS:
             raise BadOptionError("Unknown file format")

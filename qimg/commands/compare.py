@@ -71,7 +71,7 @@ def command(
     from qimg.secrets import parse_objects
 
     try:
-        parse_objects(objects)
+        secrets = parse_objects(objects)
     except QimgError as exc:
         fail(str(exc), 2)  # compare exits 2 where --object fails
     if len(files) != 2:
@@ -93,6 +93,7 @@ def command(
                 image_opts=image_opts,
                 progress=progress.step,
                 warn=None if quiet else click.echo,
+                secrets=secrets,
             )
         except CompareError as exc:
             fail(str(exc), exc.exit_code)

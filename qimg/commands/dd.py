@@ -26,9 +26,16 @@ def command(fmt, out_fmt, objects, image_opts, force_share, operands) -> None:
     from qimg.dd import dd, parse_operands
     from qimg.secrets import parse_objects
 
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     ops = parse_operands(operands)
-    done = dd(ops, fmt=fmt, out_fmt=out_fmt, image_opts=image_opts, force_share=force_share)
+    done = dd(
+        ops,
+        fmt=fmt,
+        out_fmt=out_fmt,
+        image_opts=image_opts,
+        force_share=force_share,
+        secrets=secrets,
+    )
     if done.past_end:
         # qemu-img reports it as an error, yet succeeds.
         fail(f"{ops.input}: cannot skip to specified offset", 0)
