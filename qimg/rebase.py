@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from qimg.driver import Driver
@@ -48,13 +48,15 @@ def rebase_image(
     force_share: bool = False,
     cache=None,
     progress: Progress | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> None:
     """Make `backing` the backing file of `image` (opened writable; with its
     backing chain unless `unsafe`). `backing` is the name as the header is
     to store it (relative names are relative to the image's directory);
     None or "" removes the backing file. `backing_fmt` is -F: qemu-img 7.2
     refuses a new backing file without it. `cache` is -T, the new backing
-    chain's cache mode (qimg.cachemode; writeback when None).
+    chain's cache mode (qimg.cachemode; writeback when None). `secrets`
+    (the --object secrets by id) serve the new backing chain's names.
 
     Everything refused is refused before anything is written (qemu-img 7.2
     copies the differing data first and fails on the header change)."""
@@ -67,7 +69,7 @@ def rebase_image(
     opened = False
     try:
         if not unsafe and backing:
-            new, opened = _new_backing(image, backing, backing_fmt, force_share, cache)
+            new, opened = _new_backing(image, backing, backing_fmt, force_share, cache, secrets)
         _check_header_change(image, backing, backing_fmt)
         if not unsafe:
             copy_differences(image, new, progress)
@@ -79,21 +81,38 @@ def rebase_image(
 
 
 def _new_backing(
-    image: Driver, backing: str, backing_fmt: str | None, force_share: bool, cache
+    image: Driver,
+    backing: str,
+    backing_fmt: str | None,
+    force_share: bool,
+    cache,
+    secrets: Mapping[str, bytes] | None,
 ) -> tuple[Driver, bool]:
     """The new backing image: the image of the old chain that `backing`
     names (QEMU reuses it), else the file opened with its own chain;
     and whether it was opened here."""
     from qimg.api import open_image
     from qimg.chain import find_backing_image
+    from qimg.filenames import has_protocol
     from qimg.opening import resolve_backing_path
 
+    if image.filename.startswith("json:") and not (
+        os.path.isabs(backing) or backing.startswith("json:") or has_protocol(backing)
+    ):
+        # bdrv_get_full_backing_filename_from_filename: a json: name (an
+        # image opened with a key-secret) has no directory to resolve in.
+        raise RebaseError(
+            "Could not resolve backing filename: "
+            f"Cannot use relative backing file names for '{image.filename}'"
+        )
     real = resolve_backing_path(image.filename, backing)
     found = find_backing_image(image, os.path.abspath(real) if "://" not in real else real)
     if found is not None:
         return found, False
     try:
-        opened = open_image(real, backing_fmt, force_share=force_share, cache=cache)
+        opened = open_image(
+            real, backing_fmt, force_share=force_share, cache=cache, secrets=secrets
+        )
     except QimgError as exc:
         text = str(exc)
         own = f"Could not open '{real}': "

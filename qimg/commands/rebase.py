@@ -47,7 +47,7 @@ def command(
         raise click.UsageError("Expecting one image file name")
     if not unsafe and backing is None:
         raise click.UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     cache = parse_cache_mode(cache)
     src_cache = parse_cache_mode(src_cache, source=True)
     reporter = make_progress(show_progress and not quiet, "Rebasing")
@@ -60,6 +60,7 @@ def command(
             writable=True,
             backing=not unsafe,
             cache=cache,
+            secrets=secrets,
         ) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
@@ -73,6 +74,7 @@ def command(
                 force_share=force_share,
                 cache=src_cache,
                 progress=reporter.report,
+                secrets=secrets,
             )
         reporter.finish()
     finally:
