@@ -46,6 +46,16 @@ def find_backing_image(image: Driver, name: str) -> Driver | None:
     for parent in layers(image)[:-1]:
         child = parent.backing
         stored = backing_name(parent)
+        if (
+            plain
+            and stored is not None
+            and not has_protocol(stored)
+            and not os.path.isabs(stored)
+            and parent.filename.startswith("json:")
+        ):
+            # Paths are compared resolved, and a relative name stored in
+            # an image with a json: name (a key-secret) does not resolve.
+            continue
         if stored is not None and stored == name:
             return child
         if plain and child is not None:

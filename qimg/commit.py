@@ -14,7 +14,7 @@ writable top).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -41,6 +41,7 @@ def commit_image(
     progress: Progress | None = None,
     cache=None,
     base_storage_wrapper: Callable[[Storage], Storage] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> None:
     """Commit `image` (opened writable with its backing chain; `filename`
     is its name in messages) into its backing file, or into the image of
@@ -49,7 +50,8 @@ def commit_image(
     `rate_limit` is bytes a second (0: none); `cache` the base's cache
     mode (qimg.cachemode: a name or a CacheMode; writeback when None), as
     the top's. `base_storage_wrapper` wraps
-    the base's storage when it is reopened read-write (crash tests)."""
+    the base's storage when it is reopened read-write (crash tests).
+    `secrets` (the --object secrets by id) serve the base's reopening."""
     from qimg.chain import find_backing_image
 
     if base is not None:
@@ -61,7 +63,7 @@ def commit_image(
         target = image.backing
         if target is None:
             raise QimgError("Image does not have a backing file")
-    target = _reopen_writable(image, target, cache, base_storage_wrapper)
+    target = _reopen_writable(image, target, cache, base_storage_wrapper, secrets)
     copy_down(image, target, rate_limit, progress)
     # Ordering: the base holds the data durably before the top lets go of it.
     target.flush()
@@ -74,9 +76,11 @@ def _reopen_writable(
     target: Driver,
     cache,
     wrapper: Callable[[Storage], Storage] | None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> Driver:
     """The image `target` of `image`'s chain, closed and opened again
-    read-write with the chain below it, in its place in the chain."""
+    read-write with the chain below it, in its place in the chain (an
+    encrypted one by its json: name, which names its key-secret)."""
     from qimg.api import open_image
 
     parent = image
@@ -85,7 +89,9 @@ def _reopen_writable(
     path, fmt = target.filename, target.format_name
     parent.backing = None
     target.close()
-    reopened = open_image(path, fmt, writable=True, cache=cache, storage_wrapper=wrapper)
+    reopened = open_image(
+        path, fmt, writable=True, cache=cache, storage_wrapper=wrapper, secrets=secrets
+    )
     parent.backing = reopened
     return reopened
 

@@ -38,12 +38,14 @@ def command(
 
     if len(filename) != 1:
         raise click.UsageError("Expecting one image file name")
-    parse_objects(objects)
+    secrets = parse_objects(objects)
     cache = parse_cache_mode(cache)
     reporter = make_progress(show_progress and not quiet, "Committing")
     try:
         reporter.report(0, 1)
-        with open_target(filename[0], fmt, image_opts, writable=True, cache=cache) as image:
+        with open_target(
+            filename[0], fmt, image_opts, writable=True, cache=cache, secrets=secrets
+        ) as image:
             if fmt is None and not image_opts and image.format_name == "raw":
                 from qimg.commands.common import warn_probed_raw
 
@@ -56,6 +58,7 @@ def command(
                 rate_limit=rate_limit,
                 progress=reporter.report,
                 cache=cache,
+                secrets=secrets,
             )
         reporter.finish()
     finally:
