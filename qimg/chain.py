@@ -33,6 +33,29 @@ def layers(image: Driver) -> list[Driver]:
     return out
 
 
+def node_name(image: Driver) -> str:
+    """The name QEMU gives `image`'s node (bdrv_refresh_filename): its
+    json: name where it was opened with a key-secret; else, where its
+    backing file has a json: name other than the one it stores (the
+    backing file is overridden, by backing.encrypt.key-secret), a json:
+    name that repeats the backing file's; else its file name."""
+    import json
+
+    own = image.filename
+    below = image.backing
+    if below is None:
+        return own
+    lower = node_name(below)
+    if not lower.startswith("json:") or lower == backing_name(image):
+        return own
+    if own.startswith("json:"):
+        node = json.loads(own[len("json:") :])
+    else:
+        node = {"driver": image.format_name, "file": {"driver": "file", "filename": own}}
+    # QDict's order, as qemu-img prints such a name: "backing" first.
+    return "json:" + json.dumps({"backing": json.loads(lower[len("json:") :]), **node})
+
+
 def find_backing_image(image: Driver, name: str) -> Driver | None:
     """QEMU's bdrv_find_backing_image: the image below `image` that `name`
     names, or None. A name matches the backing file name an image stores,
@@ -51,7 +74,7 @@ def find_backing_image(image: Driver, name: str) -> Driver | None:
             and stored is not None
             and not has_protocol(stored)
             and not os.path.isabs(stored)
-            and parent.filename.startswith("json:")
+            and node_name(parent).startswith("json:")
         ):
             # Paths are compared resolved, and a relative name stored in
             # an image with a json: name (a key-secret) does not resolve.

@@ -92,18 +92,20 @@ def _new_backing(
     names (QEMU reuses it), else the file opened with its own chain;
     and whether it was opened here."""
     from qimg.api import open_image
-    from qimg.chain import find_backing_image
+    from qimg.chain import find_backing_image, node_name
     from qimg.filenames import has_protocol
     from qimg.opening import resolve_backing_path
 
-    if image.filename.startswith("json:") and not (
+    named = node_name(image)
+    if named.startswith("json:") and not (
         os.path.isabs(backing) or backing.startswith("json:") or has_protocol(backing)
     ):
         # bdrv_get_full_backing_filename_from_filename: a json: name (an
-        # image opened with a key-secret) has no directory to resolve in.
+        # image or its backing file opened with a key-secret) has no
+        # directory to resolve in.
         raise RebaseError(
             "Could not resolve backing filename: "
-            f"Cannot use relative backing file names for '{image.filename}'"
+            f"Cannot use relative backing file names for '{named}'"
         )
     real = resolve_backing_path(image.filename, backing)
     found = find_backing_image(image, os.path.abspath(real) if "://" not in real else real)
