@@ -24,8 +24,8 @@ def imgs(tmp_path_factory, qemu_img, qemu_io):
     """A directory of images sharing the secret `sec`:
     enc.qcow2 (LUKS qcow2) and enc.luks (raw LUKS) written alike,
     enc.raw and luks.raw (their plain copies), base.qcow2 and base2.qcow2 (plain),
-    eov.qcow2 (encrypted overlay over base.qcow2), ebase.qcow2 (encrypted)
-    and pov.qcow2 (plain overlay over ebase.qcow2)."""
+    eov.qcow2 (encrypted overlay over base.qcow2), enc.qcow2 (encrypted)
+    and pov.qcow2 (plain overlay over enc.qcow2)."""
     d = tmp_path_factory.mktemp("toolbox-enc")
     pw = d / "pw"
     pw.write_text("passw0rd")
@@ -72,8 +72,6 @@ def imgs(tmp_path_factory, qemu_img, qemu_io):
         cwd=d,
     )
     io("driver=qcow2,encrypt.key-secret=sec,file.filename=eov.qcow2", "write -P 9 3M 64k")
-    qemu_create_encrypted(qemu_img, d / "ebase.qcow2", pw)
-    io("driver=qcow2,encrypt.key-secret=sec,file.filename=ebase.qcow2", "write -P 3 0 1M")
     run(
         [
             qemu_img,
@@ -83,7 +81,7 @@ def imgs(tmp_path_factory, qemu_img, qemu_io):
             "qcow2",
             "-u",
             "-b",
-            "ebase.qcow2",
+            "enc.qcow2",
             "-F",
             "qcow2",
             "pov.qcow2",
@@ -204,18 +202,15 @@ def test_map_without_the_secret_fails_as_qemu_img(imgs, args):
     assert_same(*both(imgs, "map", *_obj(imgs), *args))
 
 
-ENC_QCOW2_TARGET = ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec"]
-
-
 @pytest.mark.parametrize(
     "opts, target",
     [
         (QCOW2_OPTS, ["-O", "qcow2"]),
-        (QCOW2_OPTS, ["-O", "luks", "-o", "key-secret=sec,iter-time=10"]),
+        (QCOW2_OPTS, ["-O", "raw"]),
         (LUKS_OPTS, ["-O", "raw"]),
-        (LUKS_OPTS, [*ENC_QCOW2_TARGET[:-1], ENC_QCOW2_TARGET[-1] + ",encrypt.iter-time=10"]),
+        (LUKS_OPTS, ["-O", "qcow2"]),
     ],
-    ids=["qcow2-to-qcow2", "qcow2-to-luks", "luks-to-raw", "luks-to-enc-qcow2"],
+    ids=["qcow2-to-qcow2", "qcow2-to-raw", "luks-to-raw", "luks-to-qcow2"],
 )
 def test_measure_of_encrypted_source_as_qemu_img(imgs, target, opts):
     assert_same(*both(imgs, "measure", *_obj(imgs), "--output=json", *target, "--image-opts", opts))
@@ -320,7 +315,7 @@ def test_rebase_over_encrypted_backing_with_backing_secret_as_qemu_img(imgs):
         # an encrypted new backing file named without its secret
         [
             "-b",
-            "ebase.qcow2",
+            "enc.qcow2",
             "-F",
             "qcow2",
             "--image-opts",
@@ -336,8 +331,8 @@ def test_rebase_over_encrypted_backing_with_backing_secret_as_qemu_img(imgs):
     ],
 )
 def test_rebase_refusals_on_encrypted_images_as_qemu_img(imgs, args):
-    if args[1] == "ebase.qcow2":
-        args = ["-b", str(imgs / "ebase.qcow2"), *args[2:]]
+    if args[1] == "enc.qcow2":
+        args = ["-b", str(imgs / "enc.qcow2"), *args[2:]]
     before = (imgs / "eov.qcow2").read_bytes(), (imgs / "pov.qcow2").read_bytes()
     theirs, ours = both(imgs, "rebase", *_obj(imgs), *args)
     assert_same(theirs, ours)
@@ -389,7 +384,7 @@ def test_commit_into_encrypted_backing_with_backing_secret_as_qemu_img(imgs):
     results = []
     for tool, tag in ((["qemu-img"], "q"), ([sys.executable, "-m", "qimg"], "o")):
         base, top = f"{tag}-eb.qcow2", f"{tag}-pt.qcow2"
-        shutil.copyfile(imgs / "ebase.qcow2", imgs / base)
+        shutil.copyfile(imgs / "enc.qcow2", imgs / base)
         shutil.copyfile(imgs / "pov.qcow2", imgs / top)
         run(["qemu-img", "rebase", "-u", "-b", base, "-F", "qcow2", top], cwd=imgs)
         opts = f"driver=qcow2,file.filename={top},backing.encrypt.key-secret=sec"
@@ -409,7 +404,7 @@ def test_commit_into_encrypted_backing_with_backing_secret_as_qemu_img(imgs):
         ["pov.qcow2"],
         [
             "-b",
-            "ebase.qcow2",
+            "enc.qcow2",
             "--image-opts",
             "driver=qcow2,file.filename=pov.qcow2,backing.encrypt.key-secret=sec",
         ],
@@ -417,8 +412,8 @@ def test_commit_into_encrypted_backing_with_backing_secret_as_qemu_img(imgs):
     ids=["overlay", "backing", "base-beside-json"],
 )
 def test_commit_refusals_on_encrypted_images_as_qemu_img(imgs, args):
-    before = (imgs / "ebase.qcow2").read_bytes(), (imgs / "pov.qcow2").read_bytes()
+    before = (imgs / "enc.qcow2").read_bytes(), (imgs / "pov.qcow2").read_bytes()
     theirs, ours = both(imgs, "commit", *_obj(imgs), *args)
     assert_same(theirs, ours)
     assert ours.returncode == 1
-    assert ((imgs / "ebase.qcow2").read_bytes(), (imgs / "pov.qcow2").read_bytes()) == before
+    assert ((imgs / "enc.qcow2").read_bytes(), (imgs / "pov.qcow2").read_bytes()) == before
