@@ -10,8 +10,12 @@ falls through to the backing file).
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 from qimg.driver import UNALLOCATED, Driver
+
+READ_AHEAD = 4  # pieces read ahead of the one being written (read_ahead)
 
 # Guest bytes block status is asked for at a time (a bound on list sizes).
 STATUS_STEP = 1 << 30
@@ -159,3 +163,22 @@ def unallocated(image: Driver, offset: int, length: int) -> list[tuple[int, int]
         ]
         pos += n
     return merge_ranges(runs)
+
+
+def read_ahead(pieces: Iterable, start_reads: Callable, depth: int = READ_AHEAD) -> Iterator:
+    """(piece, start_reads(piece)) for each piece in order, with the reads
+    of up to `depth` pieces started ahead of the one handed out (so they
+    run while the caller writes it): the one pipeline commit and rebase
+    run their chains through. Reads start in the caller's thread;
+    `start_reads` submits them to its pool."""
+    ahead: deque = deque()
+    queued = iter(pieces)
+    while True:
+        while len(ahead) < depth:
+            piece = next(queued, None)
+            if piece is None:
+                break
+            ahead.append((piece, start_reads(piece)))
+        if not ahead:
+            return
+        yield ahead.popleft()

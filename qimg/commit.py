@@ -13,11 +13,11 @@ writable top).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+from qimg.chain import read_ahead
 from qimg.convert.scan import DATA
 from qimg.driver import Driver
 from qimg.errors import QimgError
@@ -26,7 +26,6 @@ from qimg.storage import Storage
 # Guest bytes read and written per step, reader threads, reads ahead.
 CHUNK = 4 << 20
 READERS = 2
-READ_AHEAD = 4
 
 Progress = Callable[[int, int], None]
 
@@ -117,25 +116,14 @@ def copy_down(
     # at most READ_AHEAD + 1 are in use at once.
     spare: list[bytearray] = []
     with ThreadPoolExecutor(READERS) as pool:
-        ahead: deque = deque()
-        queued = iter(pieces)
 
-        def refill() -> None:
-            while len(ahead) < READ_AHEAD:
-                piece = next(queued, None)
-                if piece is None:
-                    return
-                read = None
-                if piece.kind == DATA:
-                    buf = spare.pop() if spare else bytearray(CHUNK)
-                    read = pool.submit(_read, image, piece, buf)
-                ahead.append((piece, read))
+        def start_read(piece: _Piece):
+            if piece.kind != DATA:
+                return None
+            return pool.submit(_read, image, piece, spare.pop() if spare else bytearray(CHUNK))
 
-        refill()
-        while ahead:
-            piece, read = ahead.popleft()
+        for piece, read in read_ahead(pieces, start_read):
             buf = read.result() if read is not None else None
-            refill()
             if buf is not None:
                 base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
                 spare.append(buf)

@@ -14,10 +14,10 @@ chain, writes); the header change is the qcow2 header writer's.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from qimg.chain import READ_AHEAD, read_ahead
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, ImageLockedError, QimgError
 
@@ -25,7 +25,6 @@ from qimg.errors import BadOptionError, ImageLockedError, QimgError
 # threads, steps read ahead.
 CHUNK = 4 << 20
 READERS = 2
-READ_AHEAD = 4
 # The unit compared and copied: QEMU compares 512-byte sectors.
 SECTOR = 512
 # QEMU's limit on a backing file name (qcow2_change_backing_file).
@@ -208,27 +207,17 @@ def copy_differences(image: Driver, new: Driver | None, progress: Progress | Non
     # memcmp), reused: fresh memory costs a page fault per page.
     spare: dict[int, list[tuple[bytearray, bytearray]]] = {}
     with ThreadPoolExecutor(READERS) as pool:
-        ahead: deque = deque()
-        queued = iter(pieces)
 
-        def refill() -> None:
-            while len(ahead) < READ_AHEAD:
-                piece = next(queued, None)
-                if piece is None:
-                    return
-                n = piece[1] - piece[0]
-                kept = spare.get(n)
-                bufs = kept.pop() if kept else (bytearray(n), bytearray(n))
-                reads = [
-                    pool.submit(_read, node, piece, buf) for node, buf in zip((old, new), bufs)
-                ]
-                ahead.append((piece, bufs, reads))
+        def start_reads(piece: tuple[int, int, int]):
+            n = piece[1] - piece[0]
+            kept = spare.get(n)
+            bufs = kept.pop() if kept else (bytearray(n), bytearray(n))
+            return bufs, [
+                pool.submit(_read, node, piece, buf) for node, buf in zip((old, new), bufs)
+            ]
 
-        refill()
-        while ahead:
-            (lo, hi, done), bufs, reads = ahead.popleft()
+        for (lo, hi, done), (bufs, reads) in read_ahead(pieces, start_reads):
             mine, theirs = (r.result() for r in reads)
-            refill()
             if mine != theirs:
                 written += _write_differences(image, old, lo, mine, theirs)
             if sum(map(len, spare.values())) <= READ_AHEAD:
