@@ -378,8 +378,17 @@ class _CBC(_Base):
     def _decrypt_chunk(self, sector: int, src, dst) -> None:
         np = self._np
         plain = self._ecb(src, decrypt=True, into="ecb")
+        ivs = self._ivs(sector, len(src))
+        if np.shares_memory(src, dst):
+            # In place: the XOR needs the ciphertext that dst overwrites, so
+            # it runs in the scratch array, copied out after (numpy would
+            # copy the overlapping operand into fresh memory instead).
+            plain[:, 1:] ^= src[:, :-1]
+            plain[:, 0] ^= ivs
+            dst[...] = plain
+            return
         np.bitwise_xor(plain[:, 1:], src[:, :-1], out=dst[:, 1:])
-        np.bitwise_xor(plain[:, 0], self._ivs(sector, len(src)), out=dst[:, 0])
+        np.bitwise_xor(plain[:, 0], ivs, out=dst[:, 0])
 
 
 class _CTR(_Base):
