@@ -134,8 +134,13 @@ class DataIO:
     def _shared(self, guest: int, host: int, data) -> bool:
         """Whether `data` (guest bytes at `guest`, nothing widened) went to
         `host` by sharing the extents of the source that holds them (see
-        `share`). Never with a cipher: the host bytes are not the guest's."""
-        if self.share is None or self.cipher is not None or self.shared is False:
+        `share`). Never with a cipher: the host bytes are not the guest's,
+        and `shared` says False at once (a copy then stops offering runs:
+        finding them costs a SEEK_DATA scan of the source per chunk)."""
+        if self.cipher is not None:
+            self.shared = False
+            return False
+        if self.share is None or self.shared is False:
             return False
         start, length, source, source_offset = self.share
         if not start <= guest <= guest + len(data) <= start + length:
