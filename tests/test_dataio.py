@@ -26,13 +26,16 @@ class XorCipher:
     def __init__(self, iv_from_host: bool):
         self.iv_from_host = iv_from_host
 
-    def encrypt(self, sector: int, data: bytes) -> bytes:
+    def encrypt(self, sector: int, data, out=None):
         words = np.frombuffer(bytes(data), dtype="<u8").reshape(-1, SECTOR_SIZE // 8)
         sectors = np.arange(len(words), dtype=np.uint64) + np.uint64(sector)
         keys = sectors[:, None] * np.uint64(0x9E3779B97F4A7C15) + np.arange(
             SECTOR_SIZE // 8, dtype=np.uint64
         )
-        return (words ^ keys).tobytes()
+        if out is None:
+            return (words ^ keys).tobytes()
+        memoryview(out).cast("B")[:] = (words ^ keys).tobytes()
+        return out
 
     decrypt = encrypt
 

@@ -208,6 +208,14 @@ def _octets(array) -> memoryview:
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
+def _blocks_of(array):
+    """The cipher blocks of a (rows, blocks, words) uint64 array whose rows
+    are contiguous, as (rows, blocks) opaque elements of a block each:
+    numpy transposes these several times faster than pairs of words."""
+    rows, blocks, words = array.shape
+    return array.reshape(rows, blocks * words).view(f"V{words * 8}")
+
+
 @dataclass(frozen=True)
 class _Spec:
     family: str
@@ -356,30 +364,48 @@ class _CBC(_Base):
     def _encrypt_chunk(self, sector: int, src, dst) -> None:
         # Chaining runs along a sector's blocks: block column j of every
         # sector at once, each column one ECB call, on the chunk transposed
-        # to (block, sector, word) so that every column is contiguous.
+        # to (block, sector, word) so that every column is contiguous. The
+        # loop does one XOR and one update_into per column on views made
+        # once (per-call overhead, not AES, is what a column costs).
         np = self._np
         n, blocks, words = src.shape
         column_words = n * words
+        column_bytes = column_words * 8
         plain = self._scratch("plain", src.size).reshape(blocks, n, words)
-        plain[...] = src.transpose(1, 0, 2)
+        _blocks_of(plain)[...] = _blocks_of(src).T
+        plain_octets = memoryview(plain.reshape(-1).view(np.uint8))
         # Each column's ECB output needs update_into's slack: the next
         # column's space, rewritten after; one block more past the last.
         cipher = self._scratch("cipher", src.size + words)
-        mixed = self._scratch("mixed", column_words).reshape(n, words)
-        ctx = self._cipher.encryptor()
+        cipher_octets = memoryview(cipher.view(np.uint8))
+        columns = cipher[: src.size].reshape(blocks, n, words)
+        update_into = self._cipher.encryptor().update_into
+        xor = np.bitwise_xor
         prev = self._ivs(sector, n)
         for j in range(blocks):
-            np.bitwise_xor(plain[j], prev, out=mixed)
-            out = cipher[j * column_words : (j + 1) * column_words + words]
-            ctx.update_into(_octets(mixed), _octets(out))
-            prev = out[:column_words].reshape(n, words)
-        dst[...] = cipher[: src.size].reshape(blocks, n, words).transpose(1, 0, 2)
+            xor(plain[j], prev, out=plain[j])
+            at = j * column_bytes
+            update_into(
+                plain_octets[at : at + column_bytes],
+                cipher_octets[at : at + column_bytes + self._spec.block],
+            )
+            prev = columns[j]
+        _blocks_of(dst)[...] = _blocks_of(columns).T
 
     def _decrypt_chunk(self, sector: int, src, dst) -> None:
         np = self._np
         plain = self._ecb(src, decrypt=True, into="ecb")
+        ivs = self._ivs(sector, len(src))
+        if np.shares_memory(src, dst):
+            # In place: the XOR needs the ciphertext that dst overwrites, so
+            # it runs in the scratch array, copied out after (numpy would
+            # copy the overlapping operand into fresh memory instead).
+            plain[:, 1:] ^= src[:, :-1]
+            plain[:, 0] ^= ivs
+            dst[...] = plain
+            return
         np.bitwise_xor(plain[:, 1:], src[:, :-1], out=dst[:, 1:])
-        np.bitwise_xor(plain[:, 0], self._ivs(sector, len(src)), out=dst[:, 0])
+        np.bitwise_xor(plain[:, 0], ivs, out=dst[:, 0])
 
 
 class _CTR(_Base):

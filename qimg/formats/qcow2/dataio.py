@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 SECTOR_SIZE = 512  # BDRV_SECTOR_SIZE; the sector of QEMU's qcow2 encryption
@@ -31,12 +32,14 @@ class SectorCipher(Protocol):
     #: True: the IV is the host sector (LUKS); False: the guest sector (AES).
     iv_from_host: bool
 
-    def encrypt(self, sector: int, data: bytes) -> bytes:
-        """Ciphertext of whole sectors `data`, the first being `sector`."""
+    def encrypt(self, sector: int, data, out=None):
+        """Ciphertext of whole sectors `data`, the first being `sector`:
+        a new buffer, or written into `out` (as long as `data`, possibly
+        `data` itself) and `out` returned."""
         ...
 
-    def decrypt(self, sector: int, data: bytes) -> bytes:
-        """Plaintext of whole sectors `data`, the first being `sector`."""
+    def decrypt(self, sector: int, data, out=None):
+        """Plaintext of whole sectors `data` (see encrypt)."""
         ...
 
 
@@ -57,6 +60,7 @@ class DataIO:
         # asked, or nothing to share); False is kept: it is not asked again.
         self.share: tuple | None = None
         self.shared: bool | None = None
+        self._local = threading.local()  # per-thread ciphertext buffer
 
     @property
     def host_holes_read_as_zeros(self) -> bool:
@@ -82,10 +86,20 @@ class DataIO:
                 view[got:] = bytes(len(view) - got)
             return
         head = host % SECTOR_SIZE
+        if not head and not len(view) % SECTOR_SIZE:
+            # Whole sectors: the ciphertext read into `view`, decrypted in place.
+            got = storage.preadv(host, view)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+            self.cipher.decrypt(self._sector(guest, host), view, out=view)
+            return
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
-        raw = storage.pread(host - head, span)
-        plain = self.cipher.decrypt(self._sector(guest - head, host - head), raw)
-        view[:] = memoryview(plain)[head : head + len(view)]
+        raw = self._buffer(span)
+        got = storage.preadv(host - head, raw)
+        if got < span:
+            raw[got:] = bytes(span - got)
+        self.cipher.decrypt(self._sector(guest - head, host - head), raw, out=raw)
+        view[:] = raw[head : head + len(view)]
 
     def write(self, guest: int, host: int, buffers: list) -> None:
         """Guest bytes (the concatenation of `buffers`) at `guest`, to their
@@ -103,15 +117,30 @@ class DataIO:
         if self.cipher is not None:
             if host % SECTOR_SIZE or total % SECTOR_SIZE:
                 raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
-            # The cipher reads any contiguous buffer and returns a new one.
-            data = self.cipher.encrypt(self._sector(guest, host), data)
+            # The caller's buffers stay as they are: the ciphertext goes to
+            # this thread's buffer, reused from write to write.
+            data = self.cipher.encrypt(self._sector(guest, host), data, out=self._buffer(total))
         image.data_storage.pwrite(host, data)
+
+    def _buffer(self, size: int) -> memoryview:
+        """This thread's cipher buffer of `size` bytes (fresh memory would
+        cost a page fault per 4 KiB on every call); valid until this
+        thread's next read or write."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = bytearray(size)
+        return memoryview(buf)[:size]
 
     def _shared(self, guest: int, host: int, data) -> bool:
         """Whether `data` (guest bytes at `guest`, nothing widened) went to
         `host` by sharing the extents of the source that holds them (see
-        `share`). Never with a cipher: the host bytes are not the guest's."""
-        if self.share is None or self.cipher is not None or self.shared is False:
+        `share`). Never with a cipher: the host bytes are not the guest's,
+        and `shared` says False at once (a copy then stops offering runs:
+        finding them costs a SEEK_DATA scan of the source per chunk)."""
+        if self.cipher is not None:
+            self.shared = False
+            return False
+        if self.share is None or self.shared is False:
             return False
         start, length, source, source_offset = self.share
         if not start <= guest <= guest + len(data) <= start + length:
