@@ -14,6 +14,11 @@ import subprocess
 import sys
 import time
 
+# The benches time this checkout's qimg, installed or not (as the tests
+# do): its root leads sys.path here and PYTHONPATH in every child.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 QIMG = [sys.executable, "-m", "qimg"]
 _compiled = False
 
