@@ -467,22 +467,9 @@ class Qcow2Image(Driver):
         """Plain data clusters, through the backing chain (walked image by
         image); none of an encrypted image."""
         self._check_range(offset, length)
-        out, pending = self._host_layer(offset, length)
-        node = self.backing
-        while pending and node is not None:
-            below: list[tuple[int, int]] = []
-            for off, n in pending:
-                avail = max(0, min(n, node.size - off))
-                if not avail:
-                    continue
-                if isinstance(node, Qcow2Image):
-                    got, rest = node._host_layer(off, avail)
-                    out += got
-                    below += rest
-                else:
-                    out += node.host_extents(off, avail)
-            pending = below
-            node = node.backing if isinstance(node, Qcow2Image) else None
+        out = self._down_chain(
+            offset, length, Qcow2Image._host_layer, lambda node, off, n: node.host_extents(off, n)
+        )
         if self.backing is not None:
             out.sort(key=lambda run: run[0])
         return out
@@ -601,26 +588,42 @@ class Qcow2Image(Driver):
         in the host file read as zeros without being read (qemu-img convert
         then leaves them sparse too). The backing chain is walked image by
         image, not recursively."""
-        out, pending = self._allocated_layer(offset, length)
+        out = self._down_chain(
+            offset,
+            length,
+            Qcow2Image._allocated_layer,
+            lambda node, off, n: node.allocated_extents(off, n),
+            past_end=lambda off, n: (off, n, False, True),
+        )
+        if self.backing is not None:
+            out.sort()
+        return out
+
+    def _down_chain(self, offset: int, length: int, layer, whole, past_end=None) -> list:
+        """The runs of `layer` (a method of a qcow2 image giving its own
+        runs and the (offset, length) runs it leaves to its backing file)
+        down the backing chain, image by image (no recursion); an image of
+        another format answers with `whole(image, offset, length)` for all
+        it is asked. What lies past the end of the chain (or of a shorter
+        backing file) gives `past_end(offset, length)`'s run, or nothing."""
+        out, pending = layer(self, offset, length)
         node = self.backing
         while pending:
             below: list[tuple[int, int]] = []
             for off, n in pending:
                 avail = 0 if node is None else max(0, min(n, node.size - off))
-                if avail < n:
-                    out.append((off + avail, n - avail, False, True))
+                if avail < n and past_end is not None:
+                    out.append(past_end(off + avail, n - avail))
                 if not avail:
                     continue
                 if isinstance(node, Qcow2Image):
-                    got, rest = node._allocated_layer(off, avail)
+                    got, rest = layer(node, off, avail)
                     out += got
                     below += rest
                 else:
-                    out += node.allocated_extents(off, avail)
+                    out += whole(node, off, avail)
             pending = below
             node = node.backing if isinstance(node, Qcow2Image) else None
-        if self.backing is not None:
-            out.sort()
         return out
 
     def _allocated_layer(self, offset: int, length: int) -> tuple[list, list[tuple[int, int]]]:
