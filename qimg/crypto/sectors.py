@@ -36,6 +36,10 @@ from qimg.errors import BadOptionError
 
 SECTOR_SIZE = 512  # QCRYPTO_BLOCK_LUKS_SECTOR_SIZE, QCRYPTO_BLOCK_QCOW_SECTOR_SIZE
 _CHUNK_SECTORS = 2048  # 1 MiB per pass: the temporaries stay in cache
+# encrypt_writing's pieces: at most a chunk (a piece is encrypted on one
+# pool thread, never split over the pool again); 512 KiB measured no
+# dearer to encrypt a MiB at a time than 1 MiB chunks.
+_PIECE_SECTORS = 1024
 
 # QEMU's QCryptoCipherAlgorithm names -> (family, key bytes, block bytes).
 CIPHER_ALGS = {
@@ -141,6 +145,40 @@ def qcow_aes_cipher(secret: bytes):
     return sector_cipher("aes-128", "cbc", "plain64", None, key, iv_from_host=False)
 
 
+def encrypt_writing(cipher, sector: int, data, out, write) -> None:
+    """Encrypt whole sectors `data` (the first numbered `sector`) with the
+    SectorCipher `cipher` into `out` (a writable buffer as long), handing
+    the ciphertext to write(offset, piece) in pieces in order: the pool
+    threads encrypt the later pieces while `write` stores the earlier ones
+    (a pwrite releases the GIL), instead of the whole run being encrypted
+    first and written after. Once this returns or raises, nothing writes
+    into `out` any more."""
+    src = memoryview(data).cast("B")
+    dst = memoryview(out).cast("B")
+    total = len(src)
+    piece = _PIECE_SECTORS * SECTOR_SIZE
+    if total <= piece:
+        cipher.encrypt(sector, src, out=dst)
+        write(0, dst)
+        return
+
+    def encrypt(at: int) -> None:
+        cipher.encrypt(sector + at // SECTOR_SIZE, src[at : at + piece], out=dst[at : at + piece])
+
+    starts = range(0, total, piece)
+    futures = [_pool().submit(encrypt, at) for at in starts]
+    try:
+        for at, future in zip(starts, futures):
+            future.result()
+            write(at, dst[at : at + piece])
+    finally:
+        from concurrent.futures import wait
+
+        for future in futures:
+            future.cancel()
+        wait(futures)
+
+
 def _hash(name: str, data: bytes) -> bytes:
     import hashlib
 
@@ -169,20 +207,25 @@ def _gf128_reduce_table():
 _REDUCE = None
 
 
-def _shift_in(np, lo, hi, lo_out, hi_out, bits: int) -> None:
-    """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128), bits <= 16."""
+def _shift_in(np, lo, hi, lo_out, hi_out, bits, spill, spare) -> None:
+    """(lo_out, hi_out) = (lo, hi) * alpha^bits in GF(2^128): `bits` an
+    int up to 16, or a column of them up to 16 (then lo, hi a row each,
+    broadcast). `spill` and `spare` are scratch arrays shaped like the
+    outputs (the results of the passes land in them: fresh temporaries
+    cost allocations)."""
     global _REDUCE
     if _REDUCE is None:
         _REDUCE = _gf128_reduce_table()
-    k, back = np.uint64(bits), np.uint64(64 - bits)
-    over = hi >> back  # the bits shifted out, below 2^bits
+    k = bits if isinstance(bits, np.ndarray) else np.uint64(bits)
+    back = np.uint64(64) - k
+    over = np.right_shift(hi, back, out=spill)  # the bits shifted out, below 2^bits
     np.left_shift(hi, k, out=hi_out)
-    hi_out |= lo >> back
+    hi_out |= np.right_shift(lo, back, out=spare)
     np.left_shift(lo, k, out=lo_out)
-    if bits == 1:
-        lo_out ^= over * np.uint64(0x87)
-    else:
-        lo_out ^= _REDUCE[over]
+    # take() with intp indices, all in range ("clip" only spares take a
+    # buffer): fancy indexing casts the indices and runs numpy's general
+    # map iterator, 2-3 times slower.
+    lo_out ^= np.take(_REDUCE, over.view(np.intp), out=spare, mode="clip")
 
 
 _POOL = None
@@ -244,6 +287,7 @@ class _Base:
         if spec.essiv_key is not None:
             self._essiv = Cipher(_algorithm(spec.essiv_family, spec.essiv_key), modes.ECB())
         self._local = threading.local()  # per-thread scratch arrays
+        self._sector_numbers = np.arange(_CHUNK_SECTORS, dtype=np.uint64)
         self._init_extra(key, Cipher, modes)
 
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
@@ -294,12 +338,22 @@ class _Base:
             buf = cache[name] = self._np.empty(size, dtype="<u8")
         return buf[:size]
 
+    def _context(self, cipher, decrypt: bool):
+        """This thread's ECB context of `cipher` (one of this object's):
+        ECB keeps no state between whole blocks, so a context serves every
+        call (making one costs more than a small call's work)."""
+        cache = self._local.__dict__
+        key = (id(cipher), decrypt)
+        ctx = cache.get(key)
+        if ctx is None:
+            ctx = cache[key] = cipher.decryptor() if decrypt else cipher.encryptor()
+        return ctx
+
     def _ecb(self, data, *, decrypt: bool = False, cipher=None, into: str | None = None):
         """One ECB pass of the whole array `data` (any shape, contiguous):
         an array of the same shape, new or the scratch array `into`."""
         np = self._np
-        cipher = cipher or self._cipher
-        ctx = cipher.decryptor() if decrypt else cipher.encryptor()
+        ctx = self._context(cipher or self._cipher, decrypt)
         size = data.size + self._words  # update_into's slack
         buf = np.empty(size, dtype="<u8") if into is None else self._scratch(into, size)
         ctx.update_into(_octets(data), _octets(buf))
@@ -308,11 +362,15 @@ class _Base:
     def _ivs(self, sector: int, n: int):
         """The IVs of sectors sector..sector+n-1, shaped (n, words)."""
         np = self._np
-        ivs = np.zeros((n, self._words), dtype="<u8")
-        numbers = np.arange(sector, sector + n, dtype=np.uint64)
+        ivs = self._scratch("ivs", n * self._words).reshape(n, self._words)
+        ivs[:, 1:] = 0
+        numbers = ivs[:, 0]
+        if n > len(self._sector_numbers):
+            self._sector_numbers = np.arange(n, dtype=np.uint64)
+        numbers[:] = self._sector_numbers[:n]
+        numbers += np.uint64(sector)
         if self._spec.ivgen_alg == "plain":
             numbers &= np.uint64(0xFFFFFFFF)
-        ivs[:, 0] = numbers
         if self._essiv is not None:
             ivs = self._ecb(ivs, cipher=self._essiv)
         return ivs
@@ -321,6 +379,8 @@ class _Base:
 class _XTS(_Base):
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
         self._key2 = cipher_cls(_algorithm(self._spec.family, key[self._key_len :]), modes.ECB())
+        # Bit shifts 1..7 as a column, broadcast over a row of sectors.
+        self._shifts = self._np.arange(1, 8, dtype=self._np.uint64).reshape(-1, 1)
 
     def _tweaks(self, sector: int, n: int):
         """T[s, j] = E_key2(IV(s)) * alpha^j, shaped (n, 32, 2) like the data.
@@ -329,17 +389,24 @@ class _XTS(_Base):
         alpha^k (k < 64) it is the 128-bit shift left by k with the k bits
         shifted out of hi reduced by x^128 = x^7 + x^2 + x + 1 into lo
         (their carry-less product with 0x87, below 2^(k+8)). Columns
-        [k, 2k) are columns [0, k) times alpha^k for k = 1, 2, 4, 8, 16:
-        five steps, each a few numpy calls over all n sectors."""
+        1..7 are column 0 times alpha^1..alpha^7 (one broadcast step),
+        columns [k, 2k) columns [0, k) times alpha^k for k = 8, 16: three
+        steps, each a few numpy calls over all n sectors (a call's overhead
+        is a good part of a chunk's time)."""
         np = self._np
         t0 = self._ecb(self._ivs(sector, n), cipher=self._key2)
         words = self._blocks * n
         lo = self._scratch("lo", words).reshape(self._blocks, n)
         hi = self._scratch("hi", words).reshape(self._blocks, n)
         lo[0], hi[0] = t0[:, 0], t0[:, 1]
-        k = 1
+        spill = self._scratch("spill", words // 2).reshape(-1, n)
+        spare = self._scratch("spare", words // 2).reshape(-1, n)
+        k = min(8, self._blocks)
+        shifts = self._shifts[: k - 1]
+        _shift_in(np, lo[:1], hi[:1], lo[1:k], hi[1:k], shifts, spill[1:k], spare[1:k])
         while k < self._blocks:
-            _shift_in(np, lo[:k], hi[:k], lo[k : 2 * k], hi[k : 2 * k], k)
+            rows = slice(k, 2 * k)
+            _shift_in(np, lo[:k], hi[:k], lo[rows], hi[rows], k, spill[:k], spare[:k])
             k *= 2
         out = self._scratch("tweaks", 2 * words).reshape(n, self._blocks, 2)
         out[:, :, 0] = lo.T
@@ -379,7 +446,7 @@ class _CBC(_Base):
         cipher = self._scratch("cipher", src.size + words)
         cipher_octets = memoryview(cipher.view(np.uint8))
         columns = cipher[: src.size].reshape(blocks, n, words)
-        update_into = self._cipher.encryptor().update_into
+        update_into = self._context(self._cipher, False).update_into
         xor = np.bitwise_xor
         prev = self._ivs(sector, n)
         for j in range(blocks):

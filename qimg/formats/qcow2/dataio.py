@@ -118,8 +118,19 @@ class DataIO:
             if host % SECTOR_SIZE or total % SECTOR_SIZE:
                 raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
             # The caller's buffers stay as they are: the ciphertext goes to
-            # this thread's buffer, reused from write to write.
-            data = self.cipher.encrypt(self._sector(guest, host), data, out=self._buffer(total))
+            # this thread's buffer, reused from write to write, and is
+            # written piece by piece while the rest is being encrypted.
+            from qimg.crypto.sectors import encrypt_writing
+
+            storage = image.data_storage
+            encrypt_writing(
+                self.cipher,
+                self._sector(guest, host),
+                data,
+                self._buffer(total),
+                lambda at, piece: storage.pwrite(host + at, piece),
+            )
+            return
         image.data_storage.pwrite(host, data)
 
     def _buffer(self, size: int) -> memoryview:
