@@ -26,6 +26,8 @@ from qimg.storage import Storage
 # Guest bytes read and written per step, reader threads, reads ahead.
 CHUNK = 4 << 20
 READERS = 2
+# Bytes written into the base between starts of its write-back.
+WRITEBACK_STEP = 32 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -115,6 +117,7 @@ def copy_down(
     # Read buffers are reused (fresh memory costs a page fault per page):
     # at most READ_AHEAD + 1 are in use at once.
     spare: list[bytearray] = []
+    unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
         def start_read(piece: _Piece):
@@ -127,6 +130,12 @@ def copy_down(
             if buf is not None:
                 base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
                 spare.append(buf)
+                unsynced += piece.end - piece.start
+                if unsynced >= WRITEBACK_STEP:
+                    # The disk writes while the copy goes on: the flush
+                    # after it waits only for the tail.
+                    pool.submit(base.start_writeback)
+                    unsynced = 0
             else:
                 _write_zeroes(base, piece.start, piece.end - piece.start)
             if buf is not None and limit is not None:
