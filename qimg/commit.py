@@ -26,6 +26,8 @@ from qimg.storage import Storage
 # Guest bytes read and written per step, reader threads, reads ahead.
 CHUNK = 4 << 20
 READERS = 2
+# Bytes written into the base between starts of its write-back.
+WRITEBACK_STEP = 32 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -115,6 +117,7 @@ def copy_down(
     # Read buffers are reused (fresh memory costs a page fault per page):
     # at most READ_AHEAD + 1 are in use at once.
     spare: list[bytearray] = []
+    unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
         def start_read(piece: _Piece):
@@ -127,6 +130,12 @@ def copy_down(
             if buf is not None:
                 base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
                 spare.append(buf)
+                unsynced += piece.end - piece.start
+                if unsynced >= WRITEBACK_STEP:
+                    # The disk writes while the copy goes on: the flush
+                    # after it waits only for the tail.
+                    pool.submit(base.start_writeback)
+                    unsynced = 0
             else:
                 _write_zeroes(base, piece.start, piece.end - piece.start)
             if buf is not None and limit is not None:
@@ -141,6 +150,10 @@ class _Piece(NamedTuple):
     start: int
     end: int
     kind: int  # DATA or ZERO
+    # (storage, host offset) where the piece is plain data one image above
+    # the base holds at following host offsets: read there, not mapped
+    # again through the chain (qimg.driver host_extents).
+    source: tuple | None = None
 
 
 def _plan(image: Driver, base: Driver) -> list[_Piece]:
@@ -148,7 +161,8 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     (a part of a base cluster written leaves the cluster as QEMU's copy of
     the whole unit leaves it: allocated, the rest as it read), cut where
     `image` reads data or zeros (block status through the chain, asked
-    once per window) and into CHUNK-sized data pieces."""
+    once per window) and into CHUNK-sized data pieces, each with its
+    host source where it has one."""
     from qimg.chain import STATUS_STEP, allocated_above
     from qimg.convert.scan import allocation_runs
 
@@ -169,12 +183,37 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
                 continue
             lo, hi = inside[0][0], inside[-1][1]
             status = allocation_runs(image.allocated_extents(lo, hi - lo))
+            hosts = _HostRuns(image.host_extents(lo, hi - lo))
             for s, e, kind in _intersect(status, inside):
-                for a in range(s, e, CHUNK if kind == DATA else e - s):
-                    pieces.append(_Piece(a, min(e, a + CHUNK) if kind == DATA else e, kind))
+                if kind != DATA:
+                    pieces.append(_Piece(s, e, kind))
+                    continue
+                for a in range(s, e, CHUNK):
+                    b = min(e, a + CHUNK)
+                    pieces.append(_Piece(a, b, kind, hosts.source(a, b)))
     finally:
         parent.backing = base
     return pieces
+
+
+class _HostRuns:
+    """host_extents runs (sorted, disjoint), asked in increasing order."""
+
+    def __init__(self, runs: list[tuple]):
+        self.runs = runs
+        self.i = 0
+
+    def source(self, start: int, end: int) -> tuple | None:
+        """(storage, host) of guest [start, end) if one run holds it all."""
+        runs = self.runs
+        while self.i < len(runs) and runs[self.i][0] + runs[self.i][1] <= start:
+            self.i += 1
+        if self.i == len(runs):
+            return None
+        guest, n, storage, host = runs[self.i]
+        if guest <= start and end <= guest + n:
+            return storage, host + start - guest
+        return None
 
 
 def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -198,7 +237,14 @@ def _intersect(status: list, runs: list[tuple[int, int]]) -> list[tuple[int, int
 
 
 def _read(image: Driver, piece: _Piece, buf: bytearray) -> bytearray:
-    image.readinto(piece.start, memoryview(buf)[: piece.end - piece.start])
+    view = memoryview(buf)[: piece.end - piece.start]
+    if piece.source is None:
+        image.readinto(piece.start, view)
+        return buf
+    storage, host = piece.source
+    got = storage.preadv(host, view)
+    if got < len(view):  # past the end of the file: zeros, as a read gives
+        view[got:] = bytes(len(view) - got)
     return buf
 
 

@@ -33,6 +33,7 @@ BLOCK_ZERO = 0x02
 BLOCK_OFFSET_VALID = 0x04
 BLOCK_ALLOCATED = 0x10
 BLOCK_EOF = 0x20
+_DIRECT = BLOCK_DATA | BLOCK_OFFSET_VALID  # data readable at its host offset
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img's largest read in compare
@@ -124,6 +125,9 @@ class LayerStatus:
         # where it guesses metadata preallocation (BDRV_BLOCK_RECURSE), and
         # only of data with a host offset.
         self.recurse = geo is not None and self.offsets and metadata_preallocated(image)
+        # Plain data clusters of a qcow2 image are read straight from its
+        # data file at the offsets block status gave (no second mapping).
+        self.storage = image.data_storage if geo is not None and self.offsets else None
 
     def at(self, x: int) -> tuple[int, int]:
         while True:
@@ -142,6 +146,15 @@ class LayerStatus:
         if run[1] == self.size:
             flags |= BLOCK_EOF
         return run[1], flags
+
+    def source(self, x: int, flags: int) -> tuple | None:
+        """(storage, host offset) where the answer `at(x)` gave (`flags`)
+        is plain data of this image's data file, its host bytes following
+        each other to the answer's end; else None."""
+        if self.storage is None or flags & _DIRECT != _DIRECT or not self._runs:
+            return None
+        start, _end, _flags, host = self._runs[0]
+        return self.storage, host + x - start
 
     def _fetch(self) -> None:
         lo = self._fetched
@@ -243,12 +256,16 @@ class ChainStatus:
             self.layers.append(LayerStatus(node))
             node = node.backing
         self.size = self.layers[0].size
+        self.guest_size = image.size
+        self._answered: tuple | None = None  # (layer, x, flags) of the last answer
 
     def at(self, x: int) -> tuple[int, int]:
         top = self.layers[0]
         end, flags = top.at(x)
+        self._answered = (top, x, flags)
         if flags & BLOCK_ALLOCATED or len(self.layers) == 1:
             return end, flags
+        self._answered = None
         eof = end if end == top.size else None
         for layer in self.layers[1:]:
             if x >= layer.size:
@@ -261,10 +278,23 @@ class ChainStatus:
             end, flags = lend, lflags
             if flags & BLOCK_ALLOCATED:
                 flags &= ~BLOCK_EOF
+                self._answered = (layer, x, lflags)
                 break
         if end == eof:
             flags |= BLOCK_EOF
         return end, flags
+
+    def source(self, x: int, length: int) -> tuple | None:
+        """(storage, host offset) where guest [x, x+length), inside the
+        last answer (at(x)), is plain data that one image of the chain
+        holds at following host offsets, inside every image's size (read
+        there, it reads as through the chain); else None."""
+        if self._answered is None or self._answered[1] != x:
+            return None
+        layer, _x, flags = self._answered
+        if x + length > min(self.guest_size, layer.image.size):
+            return None
+        return layer.source(x, flags)
 
 
 # --- qemu-img's walk over both images ----------------------------------------------
@@ -278,6 +308,10 @@ class Chunk(NamedTuple):
     length: int
     read1: bool
     read2: bool
+    # (storage, host offset) each image's bytes may be read from directly
+    # (ChainStatus.source); None: read through the image.
+    source1: tuple | None = None
+    source2: tuple | None = None
 
 
 class Stop(NamedTuple):
@@ -326,10 +360,21 @@ def walk(
         elif alloc1 == alloc2:
             if alloc1:
                 chunk = min(chunk, IO_BUF_SIZE)
-            yield Chunk(offset, chunk, alloc1, alloc1)
+                yield Chunk(
+                    offset, chunk, True, True, s1.source(offset, chunk), s2.source(offset, chunk)
+                )
+            else:
+                yield Chunk(offset, chunk, False, False)
         else:
             chunk = min(chunk, IO_BUF_SIZE)
-            yield Chunk(offset, chunk, alloc1, alloc2)
+            yield Chunk(
+                offset,
+                chunk,
+                alloc1,
+                alloc2,
+                s1.source(offset, chunk) if alloc1 else None,
+                s2.source(offset, chunk) if alloc2 else None,
+            )
         offset += chunk
     if size1 != size2:
         yield SizeWarning()
@@ -512,13 +557,17 @@ class Comparer:
         lo = None  # start of the pending read, relative to `start`
         for chunk in run:
             a, b = chunk.offset - start, chunk.offset + chunk.length - start
-            if (chunk.read1, chunk.read2)[side]:
+            source = (chunk.source1, chunk.source2)[side]
+            if source is None and (chunk.read1, chunk.read2)[side]:
                 lo = a if lo is None else lo
                 continue
             if lo is not None:
                 read_padded(image, start + lo, view[lo:a])
                 lo = None
-            view[a:b] = bytes(b - a)
+            if source is not None:
+                _read_host(source, view[a:b])
+            else:
+                view[a:b] = bytes(b - a)
         if lo is not None:
             read_padded(image, start + lo, view[lo:])
 
@@ -548,6 +597,15 @@ class Comparer:
             if found is not None:
                 return found
         return None
+
+
+def _read_host(source: tuple, view: memoryview) -> None:
+    """The host bytes at `source` (storage, offset) into `view`; past the
+    end of the file they read as zeros (as the image's read gives them)."""
+    storage, host = source
+    got = storage.preadv(host, view)
+    if got < len(view):
+        view[got:] = bytes(len(view) - got)
 
 
 def _first_difference(run: list[Chunk], a, b, np) -> int | None:

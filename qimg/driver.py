@@ -129,6 +129,11 @@ class Driver:
     def flush(self) -> None:
         raise NotImplementedError
 
+    def start_writeback(self) -> None:  # noqa: B027 (a deliberate no-op default)
+        """Start writing the data written so far back to the host's disk,
+        not waiting for it (Storage.start_writeback), so a later flush has
+        less to wait for; nothing where the format cannot (this default)."""
+
     def close(self) -> None:
         raise NotImplementedError
 

@@ -110,6 +110,11 @@ class Storage(abc.ABC):
         storage cannot map it (this default) or it passes the end."""
         return None
 
+    def start_writeback(self) -> None:  # noqa: B027 (a deliberate no-op default)
+        """Start writing what was written so far back to the host's disk,
+        without waiting for it: a later flush then has less to wait for.
+        Nothing where the storage cannot (this default)."""
+
     def lock(  # noqa: B027 (a deliberate no-op default)
         self,
         writable: bool,
@@ -412,6 +417,17 @@ class FileStorage(Storage):
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise _os_error(self.path, "flush", exc) from None
+
+    def start_writeback(self) -> None:
+        """sync_file_range(SYNC_FILE_RANGE_WRITE) of the whole file: its
+        dirty pages are queued for writing, not waited for. Nothing under
+        unsafe (nothing is ever flushed), O_DIRECT (nothing is cached), or
+        where the host has no such call."""
+        if not self._unflushed or self.cache.no_flush or self._direct is not None:
+            return
+        from qimg import writeback
+
+        writeback.start(self._fd)
 
     def close(self) -> None:
         if not self._closed:

@@ -93,5 +93,8 @@ class RawImage(Driver):
         if self.writable:
             self.storage.flush()
 
+    def start_writeback(self) -> None:
+        self.storage.start_writeback()
+
     def close(self) -> None:
         self.storage.close()

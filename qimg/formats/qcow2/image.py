@@ -684,6 +684,10 @@ class Qcow2Image(Driver):
         except (OSError, QimgError):
             return False
 
+    def start_writeback(self) -> None:
+        """Guest data only (the tables stay in their caches until flush)."""
+        self.data_storage.start_writeback()
+
     def flush(self) -> None:
         """Write every dirty table and make the file durable.
 
