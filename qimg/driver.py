@@ -68,6 +68,10 @@ class Driver:
     # A new image reads zeros where nothing was written (bdrv_has_zero_init;
     # not a raw LUKS volume, whose unwritten sectors decrypt to noise).
     has_zero_init = True
+    # Whether each readinto maps its range anew (qcow2: L2 entries looked
+    # up per request): a copy reading many chunks then does better to map
+    # a large window once (host_extents) and read the storage directly.
+    maps_per_read = False
 
     def info(self) -> DriverInfo:
         """What `qemu-img info` reports of this image (not of its backing)."""

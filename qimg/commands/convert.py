@@ -156,10 +156,11 @@ def command(
     if len(files) < 2:
         raise BadOptionError("Must specify image file name")
     o.check_source_cache()
-    reporter = make_progress(show_progress and not quiet)
+    shown = show_progress and not quiet
+    reporter = make_progress(shown)
     reporter.start()
     try:
-        convert(list(files[:-1]), files[-1], o, progress=reporter.report)
+        convert(list(files[:-1]), files[-1], o, progress=reporter.report if shown else None)
     except BaseException:
         # qemu-img ends its progress line after the error message is out.
         import atexit

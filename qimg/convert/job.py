@@ -105,6 +105,12 @@ def _copy(
     )
     try:
         plan = Plan(sources.disk, tgt, o, backing, same)
+        # qemu-img counts what it will copy (its progress units) before it
+        # copies anything, so a source whose block status fails leaves an
+        # existing target (-n) as it was. A new target is removed on any
+        # failure: there the count is only made for a progress callback.
+        if callback is None and o.skip_create:
+            callback = _ignore_progress
         progress = Progress(plan, callback) if callback is not None else None
         reached = progress.reached if progress is not None else _ignore
         with Pipeline(plan) as pipeline:
@@ -117,4 +123,8 @@ def _copy(
 
 
 def _ignore(pos: int) -> None:
+    pass
+
+
+def _ignore_progress(done: int, total: int) -> None:
     pass

@@ -23,6 +23,7 @@ only while all of them are held).
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import threading
@@ -50,6 +51,7 @@ BATCH_ITEMS = 4096  # items at most in one batch
 READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
 READ_BUFFERS = 12  # reused read buffers of a chunk each (BufferPool)
+HOST_WINDOW = 64 << 20  # guest bytes HostMap maps at once
 
 
 class BufferPool:
@@ -129,18 +131,17 @@ class Pipeline:
         self.chunk = max(plan.block, CHUNK // plan.block * plan.block)
         self.pool = BufferPool(self.chunk, READ_BUFFERS)
         self._compressing = list(_compressing_sources(plan.src))  # see _decompressing
+        self._hosts = HostMap(plan.src)
         self._use_readers = False
-        self._readers = None  # ThreadPoolExecutor of READERS threads, while running
+        # ThreadPoolExecutor of READERS threads, made once chunks go to them
+        # (_decompressing): a plain copy never loads concurrent.futures.
+        self._readers = None
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._stop = threading.Event()
         self._done = object()  # the producer's last message
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Pipeline:
-        from concurrent.futures import ThreadPoolExecutor
-
-        readers = min(READERS, os.cpu_count() or 1)
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="qimg-convert-read")
         self._thread = threading.Thread(target=self._produce, name="qimg-convert-read", daemon=True)
         self._thread.start()
         return self
@@ -149,7 +150,8 @@ class Pipeline:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._readers.shutdown(wait=True, cancel_futures=True)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
 
     # --- the writer's side ---------------------------------------------------------
 
@@ -220,12 +222,14 @@ class Pipeline:
             if not isinstance(step, Piece):
                 offset, length = step
                 mapped = self._mapped_chunk(offset, length) if self._mapping() else None
+                where = self._hosts.lookup(offset, length) if mapped is None else None
                 if mapped is not None:
                     step = mapped
                 elif self._decompressing():
-                    step = self._readers.submit(self._read_chunk, offset, self.pool.acquire(length))
+                    buf = self.pool.acquire(length)
+                    step = self._readers.submit(self._read_chunk, offset, buf, where)
                 else:
-                    step = self._read_chunk(offset, self.pool.acquire(length))
+                    step = self._read_chunk(offset, self.pool.acquire(length), where)
             ahead.append(step)
             if len(ahead) > READ_AHEAD:
                 yield _resolved(ahead.popleft())
@@ -251,17 +255,22 @@ class Pipeline:
         compressed clusters. From then on each reader decompresses its own
         chunk's clusters; the image does not split them over more threads."""
         if not self._use_readers and any(d.read_compressed for d in self._compressing):
+            from concurrent.futures import ThreadPoolExecutor
+
             for image in self._compressing:
                 image.split_decompression = False
+            readers = min(READERS, os.cpu_count() or 1)
+            self._readers = ThreadPoolExecutor(readers, thread_name_prefix="qimg-convert-read")
             self._use_readers = True
         return self._use_readers
 
     # --- reading and scanning a chunk (producer or reader thread) ------------------
 
-    def _read_chunk(self, offset: int, buf: np.ndarray) -> Piece:
+    def _read_chunk(self, offset: int, buf: np.ndarray, where: tuple | None = None) -> Piece:
         """The piece of one chunk, read into `buf`, which it owns while
-        any of its items holds data."""
-        self._read(offset, buf)
+        any of its items holds data; `where` (HostMap.lookup), the storage
+        and host offset holding all of it as it is."""
+        self._read(offset, buf, where)
         items = self._scan(offset, buf)
         if any(isinstance(data, memoryview) for _o, _n, data in items):
             return Piece(items, buf)
@@ -290,10 +299,13 @@ class Pipeline:
             return None
         return Piece(self._scan(offset, view), None, runs[0])
 
-    def _read(self, offset: int, buf: np.ndarray) -> None:
+    def _read(self, offset: int, buf: np.ndarray, where: tuple | None = None) -> None:
         salvage = self.plan.salvage
         try:
-            self.src.readinto(offset, buf)
+            if where is not None:
+                _read_host(where[0], where[1], memoryview(buf))
+            else:
+                self.src.readinto(offset, buf)
         except QimgError as exc:
             if not salvage and getattr(exc, "guest_offset", None) is not None:
                 # qemu-img asks for block status before any read, even
@@ -333,6 +345,8 @@ class Pipeline:
             zero = np.zeros(blocks.count, dtype=bool)
         if plan.backing is not None:  # block must be written
             keep = self._differs(offset, words, blocks)
+        elif not zero.any():
+            return [(offset, len(buf), view)]  # all data (the common case)
         else:
             keep = np.ones(blocks.count, dtype=bool)
         state = keep.astype(np.int8) * 2 + zero.astype(np.int8)
@@ -349,6 +363,62 @@ class Pipeline:
         if avail:
             backing.readinto(offset, memoryview(other)[:avail])
         return differing_blocks(words, np.frombuffer(other, dtype=np.uint8), blocks)
+
+
+class HostMap:
+    """Where the sources hold guest data as it is (sharing.source_runs:
+    plain clusters, raw data), mapped HOST_WINDOW bytes at a time, so that
+    a data chunk is read from its storage directly: one mapping per window
+    instead of one per chunk (a qcow2 readinto maps its range each time).
+    Only where some source maps per read (Driver.maps_per_read); a window
+    whose mapping fails is left to readinto, which fails as it does."""
+
+    def __init__(self, src: Concat):
+        self.src = src
+        self.enabled = any(_maps_per_read(d) for _start, d in src.parts)
+        self.lo = self.hi = 0  # the window mapped
+        self.starts: list[int] = []  # guest start of each run
+        self.runs: list[tuple] = []  # (offset, length, storage, host)
+
+    def lookup(self, offset: int, length: int) -> tuple | None:
+        """(storage, host) holding guest [offset, offset+length) as it is,
+        or None where no one run holds all of it."""
+        if not self.enabled:
+            return None
+        if offset < self.lo or offset + length > self.hi:
+            self._map(offset)
+        i = bisect.bisect_right(self.starts, offset) - 1
+        if i < 0:
+            return None
+        g, n, storage, host = self.runs[i]
+        if offset + length > g + n:
+            return None
+        return storage, host + offset - g
+
+    def _map(self, offset: int) -> None:
+        self.lo, self.hi = offset, min(self.src.size, offset + HOST_WINDOW)
+        try:
+            self.runs = source_runs(self.src, self.lo, self.hi - self.lo, 1)
+        except QimgError:
+            self.runs = []  # readinto meets the failure, in its words
+        self.starts = [run[0] for run in self.runs]
+
+
+def _maps_per_read(image: Driver) -> bool:
+    """Whether `image`, or an image in its backing chain, maps per read."""
+    while image is not None:
+        if image.maps_per_read:
+            return True
+        image = getattr(image, "backing", None)
+    return False
+
+
+def _read_host(storage, host: int, view: memoryview) -> None:
+    """Bytes at `host` in `storage` into `view`, zeros past its end (as a
+    qcow2 data cluster past the end of its file reads)."""
+    got = storage.preadv(host, view)
+    if got < len(view):
+        view[got:] = bytes(len(view) - got)
 
 
 def _item(offset: int, lo: int, hi: int, state: int, view: memoryview) -> tuple:

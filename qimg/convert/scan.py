@@ -50,33 +50,39 @@ class Blocks(NamedTuple):
     """A buffer at guest `offset` cut on multiples of `size` in the guest:
     a part-block `head` before the first boundary, `full` whole blocks, a
     part-block `tail` after the last one. Block i is bytes
-    bounds[i]:bounds[i+1] of the buffer."""
+    bound(i):bound(i+1) of the buffer."""
 
     size: int
     head: int
     full: int
     tail: int
-    bounds: list[int]
 
     @classmethod
     def cut(cls, offset: int, length: int, size: int) -> Blocks:
-        import numpy as np
-
         head = min(length, (-offset) % size)
         full = (length - head) // size
-        tail = length - head - full * size
-        sizes = ([head] if head else []) + [size] * full + ([tail] if tail else [])
-        bounds = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).tolist()
-        return cls(size, head, full, tail, bounds)
+        return cls(size, head, full, length - head - full * size)
 
     @property
     def count(self) -> int:
-        return len(self.bounds) - 1
+        return (1 if self.head else 0) + self.full + (1 if self.tail else 0)
 
     @property
     def first_full(self) -> int:
         """Index of the first whole block."""
         return 1 if self.head else 0
+
+    def bound(self, i: int) -> int:
+        """Where block i starts in the buffer (i == count: the buffer's length)."""
+        if i <= 0:
+            return 0
+        end = self.head + self.full * self.size + self.tail
+        return min(end, self.head + (i - self.first_full) * self.size)
+
+    @property
+    def bounds(self) -> list[int]:
+        """Where each block starts, and the buffer's length last."""
+        return [self.bound(i) for i in range(self.count + 1)]
 
     def parts(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The buffer's bytes (uint8) as (the head, the whole blocks as rows
@@ -105,18 +111,18 @@ def zero_blocks(words: np.ndarray, blocks: Blocks, min_zero: int = 0) -> np.ndar
     if blocks.tail:
         zero[-1] = not tail.any()
     if min_zero > blocks.size:
-        _absorb_short_gaps(zero, blocks.bounds, min_zero)
+        _absorb_short_gaps(zero, blocks, min_zero)
     return zero
 
 
-def _absorb_short_gaps(zero: np.ndarray, bounds: list[int], min_zero: int) -> None:
+def _absorb_short_gaps(zero: np.ndarray, blocks: Blocks, min_zero: int) -> None:
     """Runs of zero blocks that follow data and hold fewer than `min_zero`
-    bytes become data (zero[i] covers bytes bounds[i]:bounds[i+1])."""
+    bytes become data (zero[i] covers block i)."""
     import numpy as np
 
     edges = np.diff(np.concatenate(([0], zero.astype(np.int8), [0])))
     for a, b in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
-        if a > 0 and bounds[b] - bounds[a] < min_zero:
+        if a > 0 and blocks.bound(b) - blocks.bound(a) < min_zero:
             zero[a:b] = False
 
 
@@ -142,10 +148,10 @@ def state_runs(blocks: Blocks, state: np.ndarray) -> list[tuple[int, int, int]]:
     import numpy as np
 
     edges = (np.flatnonzero(state[1:] != state[:-1]) + 1).tolist()
-    bounds = blocks.bounds
+    bound = blocks.bound
     starts = [0, *edges]
     stops = [*edges, blocks.count]
-    return [(bounds[a], bounds[b], int(state[a])) for a, b in zip(starts, stops)]
+    return [(bound(a), bound(b), int(state[a])) for a, b in zip(starts, stops)]
 
 
 def zero_runs(buf, offset: int, block: int, min_zero: int = 0) -> list[tuple[int, int, int]]:

@@ -132,8 +132,6 @@ def create_while_loading(target: str, size: int, o: ConvertOptions) -> None:
 
 
 def _load_pipeline() -> None:
-    import concurrent.futures  # noqa: F401
-
     import numpy  # noqa: F401
 
     import qimg.convert.pipeline  # noqa: F401

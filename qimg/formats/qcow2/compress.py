@@ -41,15 +41,17 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from qimg.errors import CorruptImageError, UnsupportedFeatureError
 from qimg.formats.qcow2.layout import (
     QCOW2_COMPRESSION_TYPE_ZLIB,
     QCOW2_COMPRESSION_TYPE_ZSTD,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = [
     "COMPRESSION_LEVELS",
@@ -504,6 +506,10 @@ class _OrderedPool(Generic[_In, _Out]):
         self.workers = workers
         self._function = function
         self._max_in_flight = 4 * workers
+        # Imported here: concurrent.futures (and the logging it loads) costs
+        # every command that only checks a level name ~10 ms of start-up.
+        from concurrent.futures import ThreadPoolExecutor
+
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qimg-codec")
             if workers > 1

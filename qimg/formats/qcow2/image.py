@@ -43,6 +43,7 @@ OL_NAMES = {
 class Qcow2Image(Driver):
     format_name = "qcow2"
     has_snapshots = True
+    maps_per_read = True
 
     def __init__(
         self,
