@@ -183,6 +183,10 @@ class FileStorage(Storage):
         self._locker = None
         self._share_refused = False  # see share_from
         self._block: int | None = None
+        # share_from's last source and its size then: a range inside that
+        # size needs no fstat (a source cut short since makes the clone fail
+        # with EINVAL, a refusal: the bytes are written instead).
+        self._source_size: tuple[FileStorage, int] | None = None
         try:
             _check_file_type(self._fd, path)
             if create:
@@ -308,7 +312,10 @@ class FileStorage(Storage):
         view = memoryview(data).cast("B")
         if self._block is None:
             self._block = reflink.block_size(self._fd)
-        lo, hi = reflink.aligned_part(source_offset, offset, len(view), source.size(), self._block)
+        known = self._source_size
+        if known is None or known[0] is not source or source_offset + len(view) > known[1]:
+            known = self._source_size = (source, source.size())
+        lo, hi = reflink.aligned_part(source_offset, offset, len(view), known[1], self._block)
         if hi <= lo:
             return None
         try:
