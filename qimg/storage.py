@@ -334,7 +334,12 @@ class FileStorage(Storage):
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """An mmap of the range. A file cut short under the mapping by
         another process (one that ignores the locks) would fault on access;
-        the range is checked against the file's size when it is mapped."""
+        the range is checked against the file's size when it is mapped.
+
+        The range is read ahead at once (MADV_WILLNEED): pages not in the
+        page cache were otherwise read a fault at a time (a 1 GiB scan of
+        uncached data measured 3-5x the wall time of pread's, with it
+        equal); cached, the mapping costs half the CPU of a pread copy."""
         import mmap
 
         if length <= 0 or offset < 0 or offset + length > self.size():
@@ -344,6 +349,10 @@ class FileStorage(Storage):
             m = mmap.mmap(self._fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
         except (OSError, ValueError, OverflowError):
             return None
+        try:
+            m.madvise(mmap.MADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass  # advice only
         return memoryview(m)[offset - start :]
 
     def truncate(self, size: int) -> None:
