@@ -7,6 +7,13 @@ and qcow2 -> raw, qimg (sharing the source's extents) against qemu-img
 convert (copying), a fresh target for every run. Each qimg target must
 pass `qemu-img compare` with the source; the bytes it shares are printed.
 
+Beside the wall-time table (common.compare's rows), the CPU seconds
+(user + sys) of each tool are printed, and floor rows: what a Python
+process costs before qimg does anything (`python3 -c pass`) and qimg's
+start-up (a convert of a 1 MiB raw file), timed in the same run, each
+against that workload's qemu-img median: a ratio target below a floor's
+ratio cannot be met by work on the copy itself.
+
     python bench/bench_reflink.py [--dir DIR] [--repeat N]
 """
 
@@ -15,16 +22,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 if os.path.dirname(HERE) not in sys.path:  # the checkout's qimg (FIEMAP reader)
     sys.path.append(os.path.dirname(HERE))
 from bench_convert import make_mixed_raw  # noqa: E402
-from common import QIMG, compare, print_table  # noqa: E402
+from common import QIMG, compile_qimg, print_table  # noqa: E402
 
 GiB = 1 << 30
 FS_SIZE = 8 * GiB  # sparse: the source, its qcow2 and qemu-img's copy take ~3 GiB
@@ -87,6 +96,9 @@ def _run(mnt: str, repeat: int) -> list[dict]:
     make_mixed_raw(src, 4 * GiB)
     qcow2 = os.path.join(mnt, "mixed.qcow2")
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", src, qcow2], check=True)
+    tiny = os.path.join(mnt, "tiny.raw")
+    with open(tiny, "wb") as f:
+        f.write(os.urandom(1 << 20))
     out_q, out_e = os.path.join(mnt, "out-qimg"), os.path.join(mnt, "out-qemu")
 
     def fresh() -> None:
@@ -95,6 +107,7 @@ def _run(mnt: str, repeat: int) -> list[dict]:
                 os.unlink(path)
         os.sync()  # no run pays for the previous one's dirty pages
 
+    compile_qimg()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for name, fmt, source in (
@@ -102,26 +115,76 @@ def _run(mnt: str, repeat: int) -> list[dict]:
         ("xfs reflink qcow2->raw", "raw", qcow2),
     ):
         cmd = ["-O", fmt, source]
-        r = compare(
-            name,
-            QIMG + ["convert", *cmd, out_q],
-            ["qemu-img", "convert", *cmd, out_e],
-            repeat=repeat,
-            setup=fresh,
+        floor = [sys.executable, "-c", "pass"]
+        startup = QIMG + ["convert", "-O", fmt, tiny, out_q]
+        # All four alternate, so a change of load weighs on each alike.
+        times = _alternate(
+            [QIMG + ["convert", *cmd, out_q], ["qemu-img", "convert", *cmd, out_e], floor, startup],
+            repeat,
+            fresh,
         )
-        # Each run's setup removed the other tool's target: one more
-        # (untimed) qimg run makes the target checked here.
+        ours, theirs = times[0], times[1]
+        r = _row(name, ours, theirs)
+        floors = [
+            _row(f"  floor: {label}", t, theirs)
+            for label, t in (("python3 -c pass", times[2]), ("qimg start-up (1 MiB)", times[3]))
+        ]
+        rows += [r, *floors]
         fresh()
         subprocess.run(QIMG + ["convert", *cmd, out_q], check=True)
         subprocess.run(["qemu-img", "compare", source, out_q], check=True, capture_output=True)
         print(
             f"{name}: qimg target identical to the source, {shared_bytes(out_q) >> 20} MiB shared"
         )
-        rows.append(r)
-        print_table([r])
+        print_table([r, *floors])
+        print(
+            f"{name}: CPU s (user+sys) median qimg {_median(ours, 1):.3f}, "
+            f"qemu-img {_median(theirs, 1):.3f}, python3 -c pass {_median(times[2], 1):.3f}, "
+            f"qimg start-up {_median(times[3], 1):.3f}"
+        )
         fresh()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return rows
+
+
+def _alternate(cmds: list[list[str]], repeat: int, setup) -> list[list[tuple]]:
+    """(wall s, CPU s, peak RSS MiB) of `repeat` runs of each command, the
+    commands taking turns; `setup` (untimed) before each run."""
+    out: list[list[tuple]] = [[] for _ in cmds]
+    for _ in range(repeat):
+        for i, cmd in enumerate(cmds):
+            setup()
+            out[i].append(_timed(cmd))
+    return out
+
+
+def _timed(cmd: list[str]) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def _median(runs: list[tuple], field: int) -> float:
+    return statistics.median(run[field] for run in runs)
+
+
+def _row(name: str, ours: list[tuple], theirs: list[tuple]) -> dict:
+    """A row as common.compare makes it (ratio of wall-time medians)."""
+    a, b = _median(ours, 0), _median(theirs, 0)
+    return {
+        "workload": name,
+        "qimg_s": a,
+        "qemu_s": b,
+        "ratio": a / b if b else float("inf"),
+        "qimg_peak_mib": max(run[2] for run in ours),
+        "qemu_peak_mib": max(run[2] for run in theirs),
+    }
 
 
 if __name__ == "__main__":

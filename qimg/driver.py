@@ -130,6 +130,22 @@ class Driver:
         self.write(offset, data)
         return False
 
+    def write_shared_runs(self, runs: list[tuple[int, object, Storage, int]]) -> bool | None:
+        """write_shared of each (offset, data, source, source_offset) run,
+        in order (a driver may place them together: one allocation, one
+        table update). All the data is written; the answer is write_shared's
+        over the runs: False once the storage refused (the rest written
+        plainly), True when some run was shared, None when none was offered."""
+        result = None
+        for i, (offset, data, source, source_offset) in enumerate(runs):
+            shared = self.write_shared(offset, data, source, source_offset)
+            if shared is False:
+                for rest, rest_data, _s, _h in runs[i + 1 :]:
+                    self.write(rest, rest_data)
+                return False
+            result = result or shared
+        return result
+
     def flush(self) -> None:
         raise NotImplementedError
 

@@ -188,6 +188,10 @@ class FileStorage(Storage):
         self._locker = None
         self._share_refused = False  # see share_from
         self._block: int | None = None
+        # share_from's last source and its size then: a range inside that
+        # size needs no fstat (a source cut short since makes the clone fail
+        # with EINVAL, a refusal: the bytes are written instead).
+        self._source_size: tuple[FileStorage, int] | None = None
         try:
             _check_file_type(self._fd, path)
             if create:
@@ -313,7 +317,10 @@ class FileStorage(Storage):
         view = memoryview(data).cast("B")
         if self._block is None:
             self._block = reflink.block_size(self._fd)
-        lo, hi = reflink.aligned_part(source_offset, offset, len(view), source.size(), self._block)
+        known = self._source_size
+        if known is None or known[0] is not source or source_offset + len(view) > known[1]:
+            known = self._source_size = (source, source.size())
+        lo, hi = reflink.aligned_part(source_offset, offset, len(view), known[1], self._block)
         if hi <= lo:
             return None
         try:
@@ -332,7 +339,12 @@ class FileStorage(Storage):
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """An mmap of the range. A file cut short under the mapping by
         another process (one that ignores the locks) would fault on access;
-        the range is checked against the file's size when it is mapped."""
+        the range is checked against the file's size when it is mapped.
+
+        The range is read ahead at once (MADV_WILLNEED): pages not in the
+        page cache were otherwise read a fault at a time (a 1 GiB scan of
+        uncached data measured 3-5x the wall time of pread's, with it
+        equal); cached, the mapping costs half the CPU of a pread copy."""
         import mmap
 
         if length <= 0 or offset < 0 or offset + length > self.size():
@@ -342,6 +354,10 @@ class FileStorage(Storage):
             m = mmap.mmap(self._fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
         except (OSError, ValueError, OverflowError):
             return None
+        try:
+            m.madvise(mmap.MADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass  # advice only
         return memoryview(m)[offset - start :]
 
     def truncate(self, size: int) -> None:

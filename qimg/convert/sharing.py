@@ -12,13 +12,29 @@ share, they are written.
 
 The first refusal (ext4, tmpfs, another file system) ends sharing for the
 rest of the copy (`active`); the first run shared confirms it (`confirmed`).
+Once confirmed, the pipeline hands over chunks that lie as they are in one
+source run (mapped, not read): those are kept and written PENDING_RUNS
+(PENDING_BYTES) at a time (Driver.write_shared_runs: a qcow2 target
+allocates their clusters and updates its L2 table once for all), the
+order of the writes kept.
 """
 
 from __future__ import annotations
 
+import bisect
+import weakref
+
 from qimg.convert.source import Concat
 from qimg.driver import Driver
+from qimg.errors import QimgError
 from qimg.storage import Storage
+
+# Runs written together at most, and their bytes: the target's work per
+# run (allocation, table update) is paid once per batch. The runs' data
+# stays mapped until they are written (resident where the scan touched
+# it: peak memory grows by up to PENDING_BYTES; 64 MiB measured +57 MiB).
+PENDING_RUNS = 64
+PENDING_BYTES = 8 << 20
 
 
 class SharedWrites:
@@ -32,18 +48,30 @@ class SharedWrites:
         self.grain = grain
         self.active = True
         self.confirmed = False
+        # (offset, data, storage, host) runs whose write is still to come
+        # (in order, before any later write): each is a whole item, of
+        # whole grains, that the source holds as it is.
+        self._pending: list[tuple[int, object, Storage, int]] = []
+        self._pending_bytes = 0
 
     def write(self, offset: int, data, source: tuple | None = None) -> None:
         """tgt.write(offset, data), sharing what the source holds as it is;
         `source`, where known, is a run of the source (source_runs) that
-        holds all of it."""
+        holds all of it. A write may be kept for later (see flush)."""
+        if source is not None and self.active:
+            g, _n, storage, host = source
+            runs = cut_runs([(offset, len(data), storage, host + offset - g)], self.grain)
+            if len(runs) == 1 and runs[0][0] == offset and runs[0][1] == len(data):
+                self._pending.append((offset, data, storage, runs[0][3]))
+                self._pending_bytes += len(data)
+                if len(self._pending) >= PENDING_RUNS or self._pending_bytes >= PENDING_BYTES:
+                    self.flush()
+                return
+        self.flush()
         if not self.active:
             self.tgt.write(offset, data)
             return
-        if source is not None:
-            g, _n, storage, host = source
-            runs = cut_runs([(offset, len(data), storage, host + offset - g)], self.grain)
-        else:
+        if source is None:
             runs = source_runs(self.src, offset, len(data), self.grain)
         pos = offset
         for start, length, storage, host in runs:
@@ -59,19 +87,64 @@ class SharedWrites:
         if pos < offset + len(data):
             self.tgt.write(pos, data[pos - offset :])
 
+    def flush(self) -> None:
+        """Write the pending runs (all of them, shared where the target
+        can). An error names the first run's offset (`write_offset`)."""
+        runs, self._pending, self._pending_bytes = self._pending, [], 0
+        if not runs:
+            return
+        try:
+            shared = self.tgt.write_shared_runs(runs)
+        except QimgError as exc:
+            exc.write_offset = runs[0][0]
+            raise
+        if shared is False:
+            self.active = False
+        self.confirmed = self.confirmed or bool(shared)
+
 
 def source_runs(src: Concat, offset: int, length: int, grain: int) -> list[tuple]:
     """(offset, length, storage, host) runs of guest [offset,
     offset+length) that the source images hold as they are, cut to whole
     multiples of `grain` in the guest and merged where they continue each
-    other in one storage."""
+    other in one storage.
+
+    The source's runs are looked up a WINDOW at a time and kept (the
+    source does not change during a copy): a chunk's runs are the window's
+    cut to the chunk, not a lookup (SEEK_DATA/SEEK_HOLE, L2 tables) each."""
+    end = offset + length
+    window = _windows.get(src)
+    if window is None or not window[0] <= offset <= end <= window[1]:
+        stop = min(max(end, offset + WINDOW), src.size)
+        runs = _host_runs(src, offset, stop - offset)
+        window = _windows[src] = (offset, stop, [run[0] for run in runs], runs)
+    _lo, _hi, starts, runs = window
+    out: list[tuple[int, int, Storage, int]] = []
+    for g, n, storage, host in runs[max(0, bisect.bisect_right(starts, offset) - 1) :]:
+        if g >= end:
+            break
+        a, b = max(g, offset), min(g + n, end)
+        if a < b:
+            out.append((a, b - a, storage, host + a - g))
+    return cut_runs(out, grain)
+
+
+# Guest bytes of the source whose runs are looked up at once (source_runs).
+WINDOW = 64 << 20
+# Each source's last window: (start, end, run starts, runs).
+_windows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _host_runs(src: Concat, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
+    """The source images' host_extents of guest [offset, offset+length),
+    in guest order."""
     runs: list[tuple[int, int, Storage, int]] = []
     end = offset + length
     for start, stop, image in src.spans():
         lo, hi = max(offset, start), min(end, stop, start + image.size)
         if lo < hi:
             runs += [(g + start, n, s, h) for g, n, s, h in image.host_extents(lo - start, hi - lo)]
-    return cut_runs(runs, grain)
+    return runs
 
 
 def cut_runs(runs: list[tuple], grain: int) -> list[tuple]:

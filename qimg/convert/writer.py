@@ -84,6 +84,7 @@ class Writer:
             for offset, length, data in piece.items:
                 self._write(offset, length, data, piece.source)
             self.release(piece)
+        self._flush_shared(self.plan.total)
 
     def _write(self, offset: int, length: int, data, source: tuple | None = None) -> None:
         if data is None:
@@ -95,9 +96,22 @@ class Writer:
                 else:
                     self.tgt.write(offset, data)
             except QimgError as exc:
-                raise ImageIOError(f"error while writing at byte {offset}: {exc}") from None
+                at = getattr(exc, "write_offset", offset)
+                raise ImageIOError(f"error while writing at byte {at}: {exc}") from None
             self.limit.account(length)
         self.reached(offset + length)
+
+    def _flush_shared(self, offset: int) -> None:
+        """Write the runs SharedWrites keeps back (before other writes)."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.flush()
+        except QimgError as exc:
+            at = getattr(exc, "write_offset", offset)
+            raise ImageIOError(f"error while writing at byte {at}: {exc}") from None
+        if self.shared.confirmed:
+            self.plan.share_confirmed = True
 
     def _write_shared(self, offset: int, data, source: tuple | None) -> None:
         self.shared.write(offset, data, source)
@@ -109,6 +123,7 @@ class Writer:
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         if not self.plan.zero_init:
+            self._flush_shared(offset)
             self.tgt.write_zeroes(offset, length, unmap=self.unmap)
 
     # --- -c ----------------------------------------------------------------------

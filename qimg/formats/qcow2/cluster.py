@@ -368,6 +368,76 @@ class ClusterMap:
                 self._write_allocating(run, c0 + a, c0 + b, start, end, data)
         self.l2_cache.mark_dirty(l2_offset)
 
+    # --- runs placed by sharing a source's extents (reflink) ----------------------
+
+    @property
+    def can_place_shared(self) -> bool:
+        """Whether place_shared may place runs: plain L2 entries, host
+        clusters allocated in the image file."""
+        return not self.geo.extended_l2 and not self.has_data_file
+
+    def shared_groups(self, runs: list[tuple]) -> list[list[tuple]]:
+        """(offset, data, source, source_offset) runs, in order, grouped by
+        the L2 table that maps them (a run over two tables is a group)."""
+        shift = self.geo.cluster_bits + self.geo.l2_bits
+        groups: list[list[tuple]] = []
+        table = None
+        for run in runs:
+            first = run[0] >> shift
+            last = (run[0] + memoryview(run[1]).nbytes - 1) >> shift
+            if first == table and first == last:
+                groups[-1].append(run)
+            else:
+                groups.append([run])
+                table = first if first == last else None
+        return groups
+
+    def place_shared(self, runs: list[tuple], share) -> bool:
+        """Place (offset, data, source, source_offset) runs of whole
+        clusters, all in one L2 table and all unallocated there, in host
+        clusters allocated together in guest order (as one write per run
+        would place them), each run's bytes put there by
+        `share(host, data, source, source_offset)`; one L2 update for all.
+        False, nothing done, where a run does not qualify.
+
+        Ordering as _write_allocating: the data is placed before the L2
+        entries point at it, and the table depends on the refcounts that
+        allocated its clusters.
+        """
+        geo = self.geo
+        cb, cs = geo.cluster_bits, geo.cluster_size
+        sizes = [memoryview(data).nbytes for _o, data, _s, _h in runs]
+        if any(o % cs or n % cs or not n for (o, *_r), n in zip(runs, sizes)):
+            return False
+        mask = geo.l2_size - 1
+        index = np.concatenate(
+            [
+                np.arange(n >> cb, dtype=np.int64) + ((o >> cb) & mask)
+                for (o, *_r), n in zip(runs, sizes)
+            ]
+        )
+        if int(index[-1]) > mask or (np.diff(index) <= 0).any():
+            return False  # past the table's end: a run crosses into the next
+        # The table first (allocated or copied where it must be), then the
+        # data clusters: the order one write per run allocates them in.
+        l2_offset, table = self.l2_for_write(runs[0][0] >> (cb + geo.l2_bits))
+        if descriptors(table[index]).any():
+            return False
+        owner = self.owner
+        self.l2_cache.mark_dirty(l2_offset)
+        host = owner.refcounts.alloc(len(index))
+        owner.check_overlap(host, len(index) << cb, "data")
+        pos = host
+        for (_o, data, source, source_offset), n in zip(runs, sizes):
+            share(pos, data, source, source_offset)
+            pos += n
+        self.l2_cache.set_dependency(owner.refcounts.blocks)
+        table[index] = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(
+            len(index), dtype=np.uint64
+        ) * _U64(cs)
+        self.l2_cache.mark_dirty(l2_offset)
+        return True
+
     def _write_span(self, delta: int, lo: int, hi: int, span, start: int, data) -> None:
         """Write guest [lo, hi) (data[lo - start : hi - start]) to host
         `guest + delta`, widened to guest `span` = (a, b): the bytes of the

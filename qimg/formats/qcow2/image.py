@@ -464,6 +464,43 @@ class Qcow2Image(Driver):
             io.share = None
         return io.shared
 
+    def write_shared_runs(self, runs: list[tuple[int, object, Storage, int]]) -> bool | None:
+        """Driver.write_shared_runs: runs of whole clusters that no cluster
+        of the image maps yet are placed together (ClusterMap.place_shared:
+        one allocation and one L2 update per table); any other run goes
+        through write_shared."""
+        io = self.dataio
+        if io.shared is False or io.cipher is not None or not self.clusters.can_place_shared:
+            return super().write_shared_runs(runs)
+        self._check_writable()
+        for offset, data, _source, _host in runs:
+            self._check_range(offset, memoryview(data).nbytes)
+        io.shared = None
+        self._mark_dirty()
+        for offset, data, _source, _host in runs:
+            self._bitmaps_written(offset, memoryview(data).nbytes)
+        for group in self.clusters.shared_groups(runs):
+            if self.clusters.place_shared(group, self._share_run):
+                continue
+            for offset, data, source, host in group:
+                before = io.shared
+                if self.write_shared(offset, data, source, host) is not False and before:
+                    io.shared = True
+        return io.shared
+
+    def _share_run(self, host: int, data, source: Storage, source_offset: int) -> None:
+        """Guest bytes `data` (which `source` holds at `source_offset`) to
+        the new host clusters at `host`: shared, or written where the data
+        file cannot share (it is then not asked again)."""
+        io = self.dataio
+        if io.shared is not False:
+            shared = self.data_storage.share_from(source, source_offset, host, data)
+            if shared is not None:
+                io.shared = shared
+            if shared:
+                return
+        self.data_storage.pwrite(host, data)
+
     def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
         """Plain data clusters, through the backing chain (walked image by
         image); none of an encrypted image."""
