@@ -104,6 +104,16 @@ class Storage(abc.ABC):
         the host's blocks)."""
         return False
 
+    def clone_from(
+        self, source: Storage, source_offset: int, offset: int, length: int
+    ) -> bool | None:
+        """share_from of a range that is whole host blocks on both sides,
+        without its data: True when shared; False, nothing done, where
+        this storage cannot share with `source` (this default); None,
+        nothing done, where the range is not whole blocks inside the
+        source (the caller writes the bytes)."""
+        return False
+
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """[offset, offset+length) as a read-only view of the host's own
         copy (mapped, not read), alive while the view is; None where the
@@ -310,31 +320,57 @@ class FileStorage(Storage):
         """FICLONERANGE (qimg.reflink) of the part of the range aligned to
         the file system's blocks, written around it; False once the file
         system has refused (it is asked once per storage)."""
+        view = memoryview(data).cast("B")
+        part = self._clonable(source, source_offset, offset, len(view))
+        if part is None or part is False:
+            return part
+        lo, hi = part
+        shared = self._clone(source, source_offset + lo, offset + lo, hi - lo)
+        if shared:
+            self.pwrite(offset, view[:lo])
+            self.pwrite(offset + hi, view[hi:])
+        return shared
+
+    def clone_from(
+        self, source: Storage, source_offset: int, offset: int, length: int
+    ) -> bool | None:
+        part = self._clonable(source, source_offset, offset, length)
+        if part is None or part is False:
+            return part
+        if part != (0, length):
+            return None
+        return self._clone(source, source_offset, offset, length)
+
+    def _clonable(
+        self, source: Storage, source_offset: int, offset: int, length: int
+    ) -> tuple[int, int] | bool | None:
+        """(lo, hi): the part of the range that FICLONERANGE can share;
+        False where this file cannot share with `source`, None where no
+        whole block of the range can be shared."""
         if self._share_refused or not isinstance(source, FileStorage):
             return False
         from qimg import reflink
 
-        view = memoryview(data).cast("B")
         if self._block is None:
             self._block = reflink.block_size(self._fd)
         known = self._source_size
-        if known is None or known[0] is not source or source_offset + len(view) > known[1]:
+        if known is None or known[0] is not source or source_offset + length > known[1]:
             known = self._source_size = (source, source.size())
-        lo, hi = reflink.aligned_part(source_offset, offset, len(view), known[1], self._block)
-        if hi <= lo:
-            return None
+        lo, hi = reflink.aligned_part(source_offset, offset, length, known[1], self._block)
+        return None if hi <= lo else (lo, hi)
+
+    def _clone(self, source: FileStorage, source_offset: int, offset: int, length: int) -> bool:
+        """FICLONERANGE of whole blocks; False (and never asked again) where
+        the file system refuses."""
+        from qimg import reflink
+
         try:
-            shared = reflink.clone_range(
-                source._fd, source_offset + lo, self._fd, offset + lo, hi - lo
-            )
+            shared = reflink.clone_range(source._fd, source_offset, self._fd, offset, length)
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
         if not shared:
             self._share_refused = True
-            return False
-        self.pwrite(offset, view[:lo])
-        self.pwrite(offset + hi, view[hi:])
-        return True
+        return shared
 
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """An mmap of the range. A file cut short under the mapping by

@@ -108,3 +108,46 @@ def test_write_shared_runs_writes_everything_where_the_file_system_cannot_share(
         source.close()
     run(["qemu-img", "compare", src_path, tgt_path])
     qemu_check_clean(tgt_path)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_runs_that_continue_each_other_in_the_source_are_shared_with_one_clone(
+    shared_fs,  # noqa: F811
+    fmt,
+    qemu_img,
+    monkeypatch,
+):
+    """Runs contiguous in the source and in the target (a raw file at the
+    same offsets; a qcow2 image's clusters allocated together) take one
+    FICLONERANGE; a gap in the source starts another."""
+    src_path = os.path.join(shared_fs, "src.raw")
+    with open(src_path, "wb") as f:
+        f.write(os.urandom(8 * MiB))
+    tgt_path = os.path.join(shared_fs, f"tgt.{fmt}")
+    create_image(tgt_path, fmt, 8 * MiB)
+    calls = []
+    clone = reflink.clone_range
+
+    def counted(*args):
+        calls.append(args)
+        return clone(*args)
+
+    monkeypatch.setattr(reflink, "clone_range", counted)
+    source = FileStorage(src_path, lock=False)
+    tgt = open_image(tgt_path, fmt, writable=True)
+    try:
+        # Three runs that continue each other, then two after a gap.
+        spans = [(0, MiB), (MiB, MiB), (2 * MiB, 2 * MiB), (5 * MiB, MiB), (6 * MiB, 2 * MiB)]
+        runs = [(off, source.pread(off, n), source, off) for off, n in spans]
+        assert tgt.write_shared_runs(runs) is True
+    finally:
+        tgt.close()
+        source.close()
+    assert [c[4] for c in calls] == [4 * MiB, 3 * MiB]
+    assert reflink.shared_bytes(tgt_path) == 7 * MiB
+    with open(src_path, "r+b") as f:  # the gap, which was never written
+        f.seek(4 * MiB)
+        f.write(bytes(MiB))
+    run(["qemu-img", "compare", "-f", "raw", "-F", fmt, src_path, tgt_path])
+    if fmt == "qcow2":
+        qemu_check_clean(tgt_path)

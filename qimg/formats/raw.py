@@ -35,6 +35,35 @@ class RawImage(Driver):
             self.storage.pwrite(offset, data)
         return shared
 
+    def write_shared_runs(self, runs: list[tuple[int, object, Storage, int]]) -> bool | None:
+        """Driver.write_shared_runs, each span of runs that continue each
+        other in the file and in one source shared with one clone."""
+        result = None
+        i = 0
+        while i < len(runs):
+            offset, _data, source, source_offset = runs[i]
+            j, length = _continuing(runs, i)
+            merged = None
+            if j - i > 1:
+                self._check_writable()
+                self._check_range(offset, length)
+                merged = self.storage.clone_from(source, source_offset, offset, length)
+            if merged is False:  # refused, nothing written
+                unwritten = i
+                break
+            if not merged:  # one run, or not whole blocks: run by run
+                merged = super().write_shared_runs(runs[i:j])
+                if merged is False:  # runs[i:j] written all the same
+                    unwritten = j
+                    break
+            result = result or merged
+            i = j
+        else:
+            return result
+        for offset, data, _s, _h in runs[unwritten:]:
+            self.write(offset, data)
+        return False
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)
@@ -98,3 +127,18 @@ class RawImage(Driver):
 
     def close(self) -> None:
         self.storage.close()
+
+
+def _continuing(runs: list[tuple], i: int) -> tuple[int, int]:
+    """(j, length): runs[i:j] of (offset, data, source, source_offset)
+    continue each other in the file and in one source, `length` bytes."""
+    offset, data, source, source_offset = runs[i]
+    length = memoryview(data).nbytes
+    j = i + 1
+    while j < len(runs):
+        o, d, s, h = runs[j]
+        if o != offset + length or s is not source or h != source_offset + length:
+            break
+        length += memoryview(d).nbytes
+        j += 1
+    return j, length

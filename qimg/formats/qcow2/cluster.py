@@ -396,8 +396,9 @@ class ClusterMap:
         """Place (offset, data, source, source_offset) runs of whole
         clusters, all in one L2 table and all unallocated there, in host
         clusters allocated together in guest order (as one write per run
-        would place them), each run's bytes put there by
-        `share(host, data, source, source_offset)`; one L2 update for all.
+        would place them), the bytes of each span of runs that continue
+        each other in one source put there by `share(host, pieces, source,
+        source_offset)` (pieces: the runs' data); one L2 update for all.
         False, nothing done, where a run does not qualify.
 
         Ordering as _write_allocating: the data is placed before the L2
@@ -428,9 +429,9 @@ class ClusterMap:
         host = owner.refcounts.alloc(len(index))
         owner.check_overlap(host, len(index) << cb, "data")
         pos = host
-        for (_o, data, source, source_offset), n in zip(runs, sizes):
-            share(pos, data, source, source_offset)
-            pos += n
+        for pieces, source, source_offset in _source_contiguous(runs):
+            share(pos, pieces, source, source_offset)
+            pos += sum(memoryview(p).nbytes for p in pieces)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         table[index] = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(
             len(index), dtype=np.uint64
@@ -799,3 +800,19 @@ def _append(out: list[Extent], ext: Extent) -> None:
 def _hex(value: int) -> str:
     """C's "%#x": 0 prints as "0"."""
     return f"{value:#x}" if value else "0"
+
+
+def _source_contiguous(runs: list[tuple]) -> list[tuple[list, object, int]]:
+    """(pieces, source, source_offset): (offset, data, source,
+    source_offset) runs merged where one continues the last in the same
+    source (their host clusters continue each other too: place_shared
+    allocates them in one run)."""
+    out: list[tuple[list, object, int]] = []
+    end = None
+    for _o, data, source, source_offset in runs:
+        if out and out[-1][1] is source and end == source_offset:
+            out[-1][0].append(data)
+        else:
+            out.append(([data], source, source_offset))
+        end = source_offset + memoryview(data).nbytes
+    return out

@@ -488,18 +488,31 @@ class Qcow2Image(Driver):
                     io.shared = True
         return io.shared
 
-    def _share_run(self, host: int, data, source: Storage, source_offset: int) -> None:
-        """Guest bytes `data` (which `source` holds at `source_offset`) to
-        the new host clusters at `host`: shared, or written where the data
-        file cannot share (it is then not asked again)."""
+    def _share_run(self, host: int, pieces: list, source: Storage, source_offset: int) -> None:
+        """Guest bytes (`pieces` one after another, which `source` holds at
+        `source_offset`) to the new host clusters at `host`: shared (with
+        one clone for all where it can), or written where the data file
+        cannot share (it is then not asked again)."""
         io = self.dataio
-        if io.shared is not False:
-            shared = self.data_storage.share_from(source, source_offset, host, data)
+        storage = self.data_storage
+        if len(pieces) > 1 and io.shared is not False:
+            total = sum(memoryview(p).nbytes for p in pieces)
+            shared = storage.clone_from(source, source_offset, host, total)
             if shared is not None:
                 io.shared = shared
             if shared:
                 return
-        self.data_storage.pwrite(host, data)
+        for data in pieces:
+            n = memoryview(data).nbytes
+            shared = None
+            if io.shared is not False:
+                shared = storage.share_from(source, source_offset, host, data)
+                if shared is not None:
+                    io.shared = shared
+            if not shared:
+                storage.pwrite(host, data)
+            host += n
+            source_offset += n
 
     def host_extents(self, offset: int, length: int) -> list[tuple[int, int, Storage, int]]:
         """Plain data clusters, through the backing chain (walked image by
