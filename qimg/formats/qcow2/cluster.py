@@ -342,7 +342,8 @@ class ClusterMap:
         i0 = c0 & (geo.l2_size - 1)
         rows = table[i0 : i0 + (c1 - c0)]
         entries = descriptors(rows)
-        if entries.any():
+        fresh = not entries.any()
+        if not fresh:
             types = cluster_types(entries, geo.extended_l2, self.has_data_file)
             in_place = writable_in_place(entries, types)
             flips = np.flatnonzero(in_place[1:] != in_place[:-1]) + 1
@@ -365,7 +366,7 @@ class ClusterMap:
             if in_place[a]:
                 self._write_in_place(run, c0 + a, c0 + b, start, end, data)
             else:
-                self._write_allocating(run, c0 + a, c0 + b, start, end, data)
+                self._write_allocating(run, c0 + a, c0 + b, start, end, data, fresh)
         self.l2_cache.mark_dirty(l2_offset)
 
     # --- runs placed by sharing a source's extents (reflink) ----------------------
@@ -538,7 +539,7 @@ class ClusterMap:
         mask = ((_U64(1) << (s1 - s0)) - _U64(1)) << s0
         return (bitmaps | mask) & ~(mask << _U64(32))
 
-    def _write_allocating(self, rows, ca, cb_, start, end, data) -> None:
+    def _write_allocating(self, rows, ca, cb_, start, end, data, fresh: bool = False) -> None:
         """Clusters [ca, cb_) that need new host clusters: write, then relink.
 
         The new clusters hold the guest's bytes in full (COW: the parts not
@@ -549,7 +550,8 @@ class ClusterMap:
         Ordering (perform_cow / qcow2_alloc_cluster_link_l2): data is written
         to the new clusters, the L2 table depends on the refcounts that
         allocated them, and references to old clusters are dropped only once
-        the L2 table no longer points at them.
+        the L2 table no longer points at them. `fresh`: every descriptor of
+        `rows` is 0 (unallocated, holding no reference), known to the caller.
         """
         geo = self.geo
         cb, cs = geo.cluster_bits, geo.cluster_size
@@ -560,7 +562,10 @@ class ClusterMap:
         else:
             host = owner.refcounts.alloc(n)
         entries = descriptors(rows).copy()
-        types = cluster_types(entries, geo.extended_l2, self.has_data_file)
+        if fresh:  # what cluster_types says of descriptors that are all 0
+            types = np.full(n, CLUSTER_UNALLOCATED, dtype=np.int8)
+        else:
+            types = cluster_types(entries, geo.extended_l2, self.has_data_file)
         lo, hi = max(start, ca << cb), min(end, cb_ << cb)
         if geo.extended_l2 and not self.has_data_file and (types == CLUSTER_UNALLOCATED).all():
             span = self._subcluster_span(ca, cb_, start, end)
@@ -579,7 +584,8 @@ class ClusterMap:
             rows[:, 0] = new_entries
         else:
             rows[:] = new_entries
-        self._free_entries(entries)
+        if not fresh:
+            self._free_entries(entries)
 
     def _free_entries(self, entries: np.ndarray) -> None:
         """Drop the references old L2 entries held (QEMU's qcow2_free_any_cluster)."""
