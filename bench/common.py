@@ -12,6 +12,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # The benches time this checkout's qimg, installed or not (as the tests
@@ -40,6 +41,13 @@ def compile_qimg() -> None:
     _compiled = True
 
 
+# GNU time reports the peak RSS of a child forked from its own small
+# process: a child forked from this one starts with this process's
+# resident pages counted in its ru_maxrss (a bench that imported numpy
+# or qimg would lift every row to its own size).
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
 def _run_once(
     cmd: list[str], setup, cwd: str | None, target: str | None = None
 ) -> tuple[float, float]:
@@ -52,15 +60,21 @@ def _run_once(
     # Dirty pages of earlier runs (the other tool's output, a fresh input)
     # are written back now, not during this run's timing.
     os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile("r", prefix="bench-rss-") as rss:
+        argv = [GNU_TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if GNU_TIME else cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        peak_kib = usage.ru_maxrss
+        if GNU_TIME:
+            lines = rss.read().split()
+            peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else peak_kib
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode not in (0, 2, 3):
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, peak_kib / 1024.0
 
 
 def compare(
