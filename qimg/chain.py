@@ -165,6 +165,36 @@ def unallocated(image: Driver, offset: int, length: int) -> list[tuple[int, int]
     return merge_ranges(runs)
 
 
+class HostRuns:
+    """A chain's host_extents runs (sorted, disjoint), asked for the
+    source of ranges in increasing order."""
+
+    def __init__(self, runs: list[tuple]):
+        self.runs = runs
+        self.i = 0
+
+    def source(self, start: int, end: int) -> tuple | None:
+        """(storage, host) of guest [start, end) if one run holds it all."""
+        runs = self.runs
+        while self.i < len(runs) and runs[self.i][0] + runs[self.i][1] <= start:
+            self.i += 1
+        if self.i == len(runs):
+            return None
+        guest, n, storage, host = runs[self.i]
+        if guest <= start and end <= guest + n:
+            return storage, host + start - guest
+        return None
+
+
+def read_host(source: tuple, view: memoryview) -> None:
+    """The bytes at `source` (storage, host offset) into `view`, zeros past
+    the end of the file (as the image's own read gives them there)."""
+    storage, host = source
+    got = storage.preadv(host, view)
+    if got < len(view):
+        view[got:] = bytes(len(view) - got)
+
+
 def read_ahead(pieces: Iterable, start_reads: Callable, depth: int = READ_AHEAD) -> Iterator:
     """(piece, start_reads(piece)) for each piece in order, with the reads
     of up to `depth` pieces started ahead of the one handed out (so they

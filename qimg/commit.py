@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from qimg.chain import read_ahead
+from qimg.chain import read_ahead, read_host
 from qimg.convert.scan import DATA
 from qimg.driver import Driver
 from qimg.errors import QimgError
@@ -163,7 +163,7 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     `image` reads data or zeros (block status through the chain, asked
     once per window) and into CHUNK-sized data pieces, each with its
     host source where it has one."""
-    from qimg.chain import STATUS_STEP, allocated_above
+    from qimg.chain import STATUS_STEP, HostRuns, allocated_above
     from qimg.convert.scan import allocation_runs
 
     size = image.size
@@ -183,7 +183,7 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
                 continue
             lo, hi = inside[0][0], inside[-1][1]
             status = allocation_runs(image.allocated_extents(lo, hi - lo))
-            hosts = _HostRuns(image.host_extents(lo, hi - lo))
+            hosts = HostRuns(image.host_extents(lo, hi - lo))
             for s, e, kind in _intersect(status, inside):
                 if kind != DATA:
                     pieces.append(_Piece(s, e, kind))
@@ -194,26 +194,6 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     finally:
         parent.backing = base
     return pieces
-
-
-class _HostRuns:
-    """host_extents runs (sorted, disjoint), asked in increasing order."""
-
-    def __init__(self, runs: list[tuple]):
-        self.runs = runs
-        self.i = 0
-
-    def source(self, start: int, end: int) -> tuple | None:
-        """(storage, host) of guest [start, end) if one run holds it all."""
-        runs = self.runs
-        while self.i < len(runs) and runs[self.i][0] + runs[self.i][1] <= start:
-            self.i += 1
-        if self.i == len(runs):
-            return None
-        guest, n, storage, host = runs[self.i]
-        if guest <= start and end <= guest + n:
-            return storage, host + start - guest
-        return None
 
 
 def _clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -241,10 +221,7 @@ def _read(image: Driver, piece: _Piece, buf: bytearray) -> bytearray:
     if piece.source is None:
         image.readinto(piece.start, view)
         return buf
-    storage, host = piece.source
-    got = storage.preadv(host, view)
-    if got < len(view):  # past the end of the file: zeros, as a read gives
-        view[got:] = bytes(len(view) - got)
+    read_host(piece.source, view)
     return buf
 
 

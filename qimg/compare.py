@@ -126,8 +126,11 @@ class LayerStatus:
         # only of data with a host offset.
         self.recurse = geo is not None and self.offsets and metadata_preallocated(image)
         # Plain data clusters of a qcow2 image are read straight from its
-        # data file at the offsets block status gave (no second mapping).
+        # data file at the offsets block status gave (no second mapping),
+        # a raw image's data from its file (guest offset == file offset).
         self.storage = image.data_storage if geo is not None and self.offsets else None
+        if self.raw:
+            self.storage = image.storage
 
     def at(self, x: int) -> tuple[int, int]:
         while True:
@@ -536,12 +539,19 @@ class Comparer:
         try:
             for run in segments(job.chunks):
                 n = run[-1].offset + run[-1].length - run[0].offset
+                sides = []
                 try:
                     for side in (0, 1):
-                        self._fill(side, run, memoryview(bufs[side])[:n])
+                        mapped = _mapped(run, side)
+                        if mapped is None:
+                            self._fill(side, run, memoryview(bufs[side])[:n])
+                            sides.append(bufs[side][:n])
+                        else:
+                            sides.append(np.frombuffer(mapped, np.uint8))
                 except QimgError:
                     return "error"
-                found = _first_difference(run, bufs[0][:n], bufs[1][:n], np)
+                found = _first_difference(run, sides[0], sides[1], np)
+                del sides, mapped
                 if found is not None:
                     return found
             return None
@@ -597,6 +607,21 @@ class Comparer:
             if found is not None:
                 return found
         return None
+
+
+def _mapped(run: list[Chunk], side: int) -> memoryview | None:
+    """The host bytes of a run of one chunk that image `side` holds as
+    plain data at following host offsets, mapped (compared where they lie
+    in the host's cache, not copied out first); None where they are not
+    (or the storage cannot map them: then they are read)."""
+    if len(run) != 1:
+        return None
+    chunk = run[0]
+    source = (chunk.source1, chunk.source2)[side]
+    if source is None:
+        return None
+    storage, host = source
+    return storage.mapped(host, chunk.length)
 
 
 def _read_host(source: tuple, view: memoryview) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
-from qimg.chain import READ_AHEAD, read_ahead
+from qimg.chain import READ_AHEAD, read_ahead, read_host
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, ImageLockedError, QimgError
 
@@ -208,15 +209,16 @@ def copy_differences(image: Driver, new: Driver | None, progress: Progress | Non
     spare: dict[int, list[tuple[bytearray, bytearray]]] = {}
     with ThreadPoolExecutor(READERS) as pool:
 
-        def start_reads(piece: tuple[int, int, int]):
-            n = piece[1] - piece[0]
+        def start_reads(piece: _Piece):
+            n = piece.end - piece.start
             kept = spare.get(n)
             bufs = kept.pop() if kept else (bytearray(n), bytearray(n))
             return bufs, [
-                pool.submit(_read, node, piece, buf) for node, buf in zip((old, new), bufs)
+                pool.submit(_read, node, piece, buf, source)
+                for node, buf, source in zip((old, new), bufs, piece.sources)
             ]
 
-        for (lo, hi, done), (bufs, reads) in read_ahead(pieces, start_reads):
+        for (lo, hi, done, _sources), (bufs, reads) in read_ahead(pieces, start_reads):
             mine, theirs = (r.result() for r in reads)
             if mine != theirs:
                 written += _write_differences(image, old, lo, mine, theirs)
@@ -227,14 +229,27 @@ def copy_differences(image: Driver, new: Driver | None, progress: Progress | Non
     return written
 
 
-def _plan(image: Driver, old: Driver | None, new: Driver | None) -> list[tuple[int, int, int]]:
-    """(start, end, progress) of each range to compare, at most CHUNK long:
-    what `image` leaves to its backing file (with `new` in the old chain,
-    what the images above it decide), where either chain holds data.
-    `progress` counts the guest bytes of `image` dealt with after it.
-    Block status is asked once per window of each chain."""
+class _Piece(NamedTuple):
+    """A range to compare, at most CHUNK long; `done`: the guest bytes of
+    the image dealt with after it; `sources`: for the old and the new
+    chain, (storage, host offset) where one image of it holds the range
+    as plain data at following host offsets (read there, not mapped again
+    through the chain), else None."""
+
+    start: int
+    end: int
+    done: int
+    sources: tuple
+
+
+def _plan(image: Driver, old: Driver | None, new: Driver | None) -> list[_Piece]:
+    """The ranges to compare: what `image` leaves to its backing file
+    (with `new` in the old chain, what the images above it decide), where
+    either chain holds data. Block status and host extents are asked once
+    per window of each chain."""
     from qimg.chain import (
         STATUS_STEP,
+        HostRuns,
         allocated_above,
         intersect_ranges,
         merge_ranges,
@@ -246,16 +261,26 @@ def _plan(image: Driver, old: Driver | None, new: Driver | None) -> list[tuple[i
     if new is not None and _in_chain(image, new):
         above = allocated_above(old, new, 0, size) if old is not None else []
         targets = intersect_ranges(targets, above)
-    out: list[tuple[int, int, int]] = []
+    out: list[_Piece] = []
     for w in range(0, size, STATUS_STEP):
         inside = intersect_ranges(targets, [(w, min(size, w + STATUS_STEP))])
         if not inside:
             continue
         lo, hi = inside[0][0], inside[-1][1]
         data = merge_ranges(_data_runs(old, lo, hi) + _data_runs(new, lo, hi))
+        hosts = [HostRuns(_host_runs(node, lo, hi)) for node in (old, new)]
         for a, b in intersect_ranges(data, inside):
-            out += [(p, min(b, p + CHUNK), min(b, p + CHUNK)) for p in range(a, b, CHUNK)]
+            for p in range(a, b, CHUNK):
+                e = min(b, p + CHUNK)
+                out.append(_Piece(p, e, e, tuple(h.source(p, e) for h in hosts)))
     return out
+
+
+def _host_runs(node: Driver | None, lo: int, hi: int) -> list[tuple]:
+    """host_extents of `node`'s chain in guest [lo, hi) (inside its size)."""
+    if node is None or lo >= node.size:
+        return []
+    return node.host_extents(lo, min(hi, node.size) - lo)
 
 
 def _data_runs(node: Driver | None, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -305,11 +330,14 @@ def _write_differences(
     return written
 
 
-def _read(node: Driver | None, piece: tuple[int, int, int], buf: bytearray) -> bytearray:
+def _read(node: Driver | None, piece: _Piece, buf: bytearray, source: tuple | None) -> bytearray:
     """Guest [start, end) of `node`'s chain into `buf` (as long), zeros
-    past its end."""
-    pos, end, _done = piece
+    past its end; read at `source` where the piece has one there."""
+    pos, end = piece.start, piece.end
     view = memoryview(buf)
+    if source is not None:
+        read_host(source, view)
+        return buf
     stop = pos if node is None else max(pos, min(node.size, end))
     if stop > pos:
         node.readinto(pos, view[: stop - pos])
