@@ -19,7 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_convert import make_mixed_raw  # noqa: E402
-from common import compare_command, print_table  # noqa: E402
+from common import compare_command, floor_rows, print_table  # noqa: E402
 
 GiB = 1 << 30
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
                 repeat=args.repeat,
             )
         )
+    rows += floor_rows(["qemu-img", "compare", p["raw"], p["qcow2"]], repeat=args.repeat)
     return rows
 
 

@@ -9,7 +9,8 @@ alternately, start-up included; median wall time and peak memory:
   preallocation guess makes block status ask the host file for holes),
 - `measure -O qcow2` (the same walk, counting data clusters),
 - `measure` to raw (no walk: start-up only), beside the floor under it:
-  the Python interpreter starting with nothing to do (`python3 -c pass`).
+  the Python interpreter starting with nothing to do, and loading click
+  and numpy (common.floor_rows).
 
 Run: python bench/bench_map_measure.py [--size 1T] [--repeat N] [workdir]
      (the workdir should be ext4, e.g. under /tmp)
@@ -25,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compare, compare_command, print_table  # noqa: E402
+from common import compare_command, floor_rows, print_table  # noqa: E402
 
 DEFAULT_SIZE = "1T"
 
@@ -52,15 +53,8 @@ def rows(directory: str, size: str = DEFAULT_SIZE, repeat: int = 3) -> list[dict
     found = [
         compare_command(f"{label}: {size} prealloc", args, repeat=repeat) for label, args in cases
     ]
-    # The floor under every qimg row: the interpreter starting and exiting
-    # with nothing imported, against the same qemu-img run as the last row.
-    floor = compare(
-        "floor: python3 -c pass vs measure (raw)",
-        [sys.executable, "-c", "pass"],
-        ["qemu-img", "measure", image],
-        repeat=repeat,
-    )
-    return [*found, floor]
+    # The floors under the start-up-only row, against its qemu-img run.
+    return found + floor_rows(["qemu-img", "measure", image], repeat=repeat)
 
 
 def workloads(workdir: str) -> list[dict]:

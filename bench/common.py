@@ -117,6 +117,22 @@ def compare_command(name: str, args: list[str], **kw) -> dict:
     return compare(name, QIMG + args, ["qemu-img", *args], **kw)
 
 
+# What every qimg row pays before its own work: the interpreter with nothing
+# to do, and the interpreter loading the libraries qimg's commands load.
+FLOORS = (
+    ("python3 -c pass", [sys.executable, "-c", "pass"]),
+    ("python3 importing click", [sys.executable, "-c", "import click"]),
+    ("python3 importing click, numpy", [sys.executable, "-c", "import click, numpy"]),
+)
+
+
+def floor_rows(qemu_cmd: list[str], repeat: int = 3) -> list[dict]:
+    """Rows timing each of FLOORS against `qemu_cmd` in the same run: a
+    ratio target below a floor's ratio is out of reach of any Python
+    program of this design."""
+    return [compare(f"  floor: {label}", cmd, qemu_cmd, repeat=repeat) for label, cmd in FLOORS]
+
+
 def filesystem(path: str) -> str:
     """The type of the file system holding `path` (ext4, tmpfs, ...), from
     the longest mount point above it in /proc/self/mounts."""
