@@ -10,9 +10,9 @@ sectors, the first numbered `sector`. Every call does a fixed number of
   essiv = plain64 encrypted (ECB) under hash(master key), in one call.
 - XTS (IEEE 1619, 512-byte data units, no ciphertext stealing): the tweaks
   T0 = E_key2(IV) of a chunk in one ECB call, T_j = T0 * alpha^j for the
-  32 blocks of each sector as one numpy expression (GF(2^128), the tweak a
-  little-endian 128-bit number), then C = E_key1(P ^ T) ^ T with one ECB
-  call over the chunk.
+  32 blocks of each sector in three numpy steps over the whole chunk
+  (GF(2^128), the tweak a little-endian 128-bit number), then
+  C = E_key1(P ^ T) ^ T with one ECB call over the chunk.
 - CBC: decryption is one ECB call over the chunk and an XOR with the
   previous ciphertext blocks (the IV before each sector's first block);
   encryption chains within a sector, so it runs block column by block
@@ -24,6 +24,8 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 `cryptography` holds the GIL while it encrypts (measured: two threads take
 as long as one); numpy releases it, and the XTS tweaks and XORs are most of
 the work, so a call of several chunks spreads them over a thread per core.
+`encrypt_writing` (qcow2 data writes) also overlaps the encryption of a
+write's later pieces with the writing of its earlier ones.
 """
 
 from __future__ import annotations
