@@ -10,9 +10,9 @@ sectors, the first numbered `sector`. Every call does a fixed number of
   essiv = plain64 encrypted (ECB) under hash(master key), in one call.
 - XTS (IEEE 1619, 512-byte data units, no ciphertext stealing): the tweaks
   T0 = E_key2(IV) of a chunk in one ECB call, T_j = T0 * alpha^j for the
-  32 blocks of each sector as one numpy expression (GF(2^128), the tweak a
-  little-endian 128-bit number), then C = E_key1(P ^ T) ^ T with one ECB
-  call over the chunk.
+  32 blocks of each sector in three numpy steps over the whole chunk
+  (GF(2^128), the tweak a little-endian 128-bit number), then
+  C = E_key1(P ^ T) ^ T with one ECB call over the chunk.
 - CBC: decryption is one ECB call over the chunk and an XOR with the
   previous ciphertext blocks (the IV before each sector's first block);
   encryption chains within a sector, so it runs block column by block
@@ -24,6 +24,8 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 `cryptography` holds the GIL while it encrypts (measured: two threads take
 as long as one); numpy releases it, and the XTS tweaks and XORs are most of
 the work, so a call of several chunks spreads them over a thread per core.
+`encrypt_writing` (qcow2 data writes) also overlaps the encryption of a
+write's later pieces with the writing of its earlier ones.
 """
 
 from __future__ import annotations
@@ -376,49 +378,82 @@ class _Base:
         return ivs
 
 
+class _XTSWork:
+    """One thread's arrays and views for XTS chunks of `n` sectors, made
+    once: a chunk is then its numpy and ECB calls and little else (the
+    Python around a call costs about as much as a small call's work).
+
+    The tweaks are built column by column (the j-th block of every
+    sector) in `lo` and `hi`, (blocks, n) arrays of the tweaks' low and
+    high words, then transposed into `tweaks`, shaped like the data."""
+
+    def __init__(self, np, n: int, blocks: int, shifts):
+        u8 = "<u8"
+        self.lo = np.empty((blocks, n), dtype=u8)
+        self.hi = np.empty((blocks, n), dtype=u8)
+        spill = np.empty((blocks // 2, n), dtype=u8)
+        spare = np.empty((blocks // 2, n), dtype=u8)
+        self.tweaks = np.empty((n, blocks, 2), dtype=u8)
+        self.mixed = np.empty((n, blocks, 2), dtype=u8)
+        ecb = np.empty(n * blocks * 2 + 2, dtype=u8)  # + update_into's slack
+        self.ecb = ecb[: n * blocks * 2].reshape(n, blocks, 2)
+        t0 = np.empty(n * 2 + 2, dtype=u8)
+        self.t0 = t0[: n * 2].reshape(n, 2)
+        self.t0_octets = _octets(t0)
+        self.mixed_octets = _octets(self.mixed)
+        self.ecb_octets = _octets(ecb)
+        lo, hi = self.lo, self.hi
+        # Columns 1..7 are column 0 times alpha^1..alpha^7 (one broadcast
+        # step), columns [k, 2k) columns [0, k) times alpha^k, k = 8, 16.
+        k = min(8, blocks)
+        self.steps = [(lo[:1], hi[:1], lo[1:k], hi[1:k], shifts[: k - 1], spill[1:k], spare[1:k])]
+        while k < blocks:
+            rows = slice(k, 2 * k)
+            self.steps.append((lo[:k], hi[:k], lo[rows], hi[rows], k, spill[:k], spare[:k]))
+            k *= 2
+
+
 class _XTS(_Base):
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
         self._key2 = cipher_cls(_algorithm(self._spec.family, key[self._key_len :]), modes.ECB())
         # Bit shifts 1..7 as a column, broadcast over a row of sectors.
         self._shifts = self._np.arange(1, 8, dtype=self._np.uint64).reshape(-1, 1)
 
-    def _tweaks(self, sector: int, n: int):
-        """T[s, j] = E_key2(IV(s)) * alpha^j, shaped (n, 32, 2) like the data.
+    def _work(self, n: int) -> _XTSWork:
+        """This thread's _XTSWork for chunks of n sectors. Two sizes are
+        kept (a full chunk's, and a piece's or a call's last chunk's):
+        another size replaces all but the full chunk's."""
+        works = self._local.__dict__.setdefault("xts", {})
+        work = works.get(n)
+        if work is None:
+            if len(works) >= 2:
+                for other in [k for k in works if k != _CHUNK_SECTORS]:
+                    del works[other]
+            work = works[n] = _XTSWork(self._np, n, self._blocks, self._shifts)
+        return work
+
+    def _xts_chunk(self, sector: int, src, dst, decrypt: bool) -> None:
+        """C = E_key1(P ^ T) ^ T (decryption: D_key1), T[s, j] =
+        E_key2(IV(s)) * alpha^j.
 
         The tweak is a little-endian 128-bit number (lo, hi words); times
         alpha^k (k < 64) it is the 128-bit shift left by k with the k bits
         shifted out of hi reduced by x^128 = x^7 + x^2 + x + 1 into lo
-        (their carry-less product with 0x87, below 2^(k+8)). Columns
-        1..7 are column 0 times alpha^1..alpha^7 (one broadcast step),
-        columns [k, 2k) columns [0, k) times alpha^k for k = 8, 16: three
-        steps, each a few numpy calls over all n sectors (a call's overhead
-        is a good part of a chunk's time)."""
+        (their carry-less product with 0x87, below 2^(k+8)): three steps
+        (_XTSWork), each a few numpy calls over all n sectors."""
         np = self._np
-        t0 = self._ecb(self._ivs(sector, n), cipher=self._key2)
-        words = self._blocks * n
-        lo = self._scratch("lo", words).reshape(self._blocks, n)
-        hi = self._scratch("hi", words).reshape(self._blocks, n)
+        work = self._work(len(src))
+        ivs = self._ivs(sector, len(src))
+        self._context(self._key2, False).update_into(_octets(ivs), work.t0_octets)
+        lo, hi, t0, tweaks = work.lo, work.hi, work.t0, work.tweaks
         lo[0], hi[0] = t0[:, 0], t0[:, 1]
-        spill = self._scratch("spill", words // 2).reshape(-1, n)
-        spare = self._scratch("spare", words // 2).reshape(-1, n)
-        k = min(8, self._blocks)
-        shifts = self._shifts[: k - 1]
-        _shift_in(np, lo[:1], hi[:1], lo[1:k], hi[1:k], shifts, spill[1:k], spare[1:k])
-        while k < self._blocks:
-            rows = slice(k, 2 * k)
-            _shift_in(np, lo[:k], hi[:k], lo[rows], hi[rows], k, spill[:k], spare[:k])
-            k *= 2
-        out = self._scratch("tweaks", 2 * words).reshape(n, self._blocks, 2)
-        out[:, :, 0] = lo.T
-        out[:, :, 1] = hi.T
-        return out
-
-    def _xts_chunk(self, sector: int, src, dst, decrypt: bool) -> None:
-        np = self._np
-        tweaks = self._tweaks(sector, len(src))
-        mixed = self._scratch("mixed", src.size).reshape(src.shape)
-        np.bitwise_xor(src, tweaks, out=mixed)
-        np.bitwise_xor(self._ecb(mixed, decrypt=decrypt, into="ecb"), tweaks, out=dst)
+        for step in work.steps:
+            _shift_in(np, *step)
+        tweaks[:, :, 0] = lo.T
+        tweaks[:, :, 1] = hi.T
+        np.bitwise_xor(src, tweaks, out=work.mixed)
+        self._context(self._cipher, decrypt).update_into(work.mixed_octets, work.ecb_octets)
+        np.bitwise_xor(work.ecb, tweaks, out=dst)
 
     def _encrypt_chunk(self, sector: int, src, dst) -> None:
         self._xts_chunk(sector, src, dst, False)
