@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from damage import Layout, write_u64  # noqa: E402
 from infotools import message, qemu_in, qimg_in  # noqa: E402
 
+from qimg.crypto import luks1  # noqa: E402
 from qimg.formats.qcow2 import layout as L  # noqa: E402
 
 U64 = (1 << 64) - 1
@@ -454,7 +455,7 @@ def luks_image(tmp_path_factory) -> Path:
     return d / "luks.qcow2"
 
 
-_SLOTS = L.LUKS_HEADER.size  # key slot 0; each slot is L.LUKS_KEYSLOT.size bytes
+_SLOTS = luks1.PHDR.size  # key slot 0; each slot is luks1.KEYSLOT.size bytes
 # (offset in the LUKS header, bytes written there)
 LUKS_HEADER_CASES = {
     "bad_magic": [(0, b"XXXX")],
@@ -472,8 +473,8 @@ LUKS_HEADER_CASES = {
     "payload_over_header": [(104, struct.pack(">I", 4))],
     "stripes": [(_SLOTS + 44, struct.pack(">I", 5))],
     "slot_state": [(_SLOTS, struct.pack(">I", 7))],
-    "slot_over_payload": [(_SLOTS + 7 * L.LUKS_KEYSLOT.size + 40, struct.pack(">I", 100000))],
-    "slots_overlap": [(_SLOTS + L.LUKS_KEYSLOT.size + 40, struct.pack(">I", 8))],
+    "slot_over_payload": [(_SLOTS + 7 * luks1.KEYSLOT.size + 40, struct.pack(">I", 100000))],
+    "slots_overlap": [(_SLOTS + luks1.KEYSLOT.size + 40, struct.pack(">I", 8))],
 }
 
 
@@ -482,7 +483,7 @@ def test_info_checks_luks_header_as_qemu(luks_image, tmp_path, case):
     """qcrypto_block_luks_open's checks without a key: the same refusal, in
     the same words, or the same description."""
     path = _copy(luks_image, tmp_path)
-    header = path.read_bytes().find(L.LUKS_MAGIC)
+    header = path.read_bytes().find(luks1.MAGIC)
     with open(path, "r+b") as f:
         for offset, data in LUKS_HEADER_CASES[case]:
             f.seek(header + offset)

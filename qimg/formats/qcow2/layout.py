@@ -183,15 +183,3 @@ UINT64_MAX = (1 << 64) - 1
 # down to BDRV_MAX_ALIGNMENT, 1 GiB).
 BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 QCOW_MAX_DATA_FILE_NAME = 1023
-
-# --- LUKS1 (the payload of the crypto header extension) --------------------------
-
-LUKS_MAGIC = b"LUKS\xba\xbe"
-# magic, version, cipher_name, cipher_mode, hash_spec, payload_offset (sectors),
-# key_bytes, mk_digest, mk_digest_salt, mk_digest_iterations, uuid
-LUKS_HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")
-# active, iterations, salt, key_offset (sectors), stripes
-LUKS_KEYSLOT = struct.Struct(">II32sII")
-LUKS_NUM_KEY_SLOTS = 8
-LUKS_KEY_SLOT_ENABLED = 0x00AC71F3
-LUKS_KEY_SLOT_DISABLED = 0x0000DEAD
