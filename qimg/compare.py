@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
+from qimg.chain import read_host
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
 from qimg.errors import BadOptionError, QimgError
 
@@ -575,7 +576,7 @@ class Comparer:
                 read_padded(image, start + lo, view[lo:a])
                 lo = None
             if source is not None:
-                _read_host(source, view[a:b])
+                read_host(source, view[a:b])
             else:
                 view[a:b] = bytes(b - a)
         if lo is not None:
@@ -622,15 +623,6 @@ def _mapped(run: list[Chunk], side: int) -> memoryview | None:
         return None
     storage, host = source
     return storage.mapped(host, chunk.length)
-
-
-def _read_host(source: tuple, view: memoryview) -> None:
-    """The host bytes at `source` (storage, offset) into `view`; past the
-    end of the file they read as zeros (as the image's read gives them)."""
-    storage, host = source
-    got = storage.preadv(host, view)
-    if got < len(view):
-        view[got:] = bytes(len(view) - got)
 
 
 def _first_difference(run: list[Chunk], a, b, np) -> int | None:

@@ -12,7 +12,8 @@ import random
 import pytest
 
 from qimg.api import open_image
-from qimg.convert.pipeline import HostMap, _read_host
+from qimg.chain import read_host
+from qimg.convert.pipeline import HostMap
 from qimg.convert.scan import Blocks
 from qimg.convert.source import Concat
 from tests.conftest import qemu_check_clean, qimg, run
@@ -80,7 +81,7 @@ def test_host_map_finds_the_storage_of_whole_runs_only(chain):
         storage, host = hosts.lookup(1 * MiB, MiB)
         assert storage is top.storage
         got = bytearray(MiB)
-        _read_host(storage, host, memoryview(got))
+        read_host((storage, host), memoryview(got))
         assert got == b"\x33" * MiB
         # A chunk over the top's data and the mid image's does not lie in one run.
         assert hosts.lookup(1 * MiB - 4 * KiB, 8 * KiB) is None
@@ -92,7 +93,7 @@ def test_host_map_finds_the_storage_of_whole_runs_only(chain):
         want = bytearray(64 * KiB)
         top.readinto(7 * MiB, want)
         got = bytearray(64 * KiB)
-        _read_host(storage, host, memoryview(got))
+        read_host((storage, host), memoryview(got))
         assert got == want
 
 

@@ -23,7 +23,6 @@ only while all of them are held).
 
 from __future__ import annotations
 
-import bisect
 import os
 import queue
 import threading
@@ -31,6 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
+from qimg.chain import HostRuns, read_host
 from qimg.convert.plan import Plan
 from qimg.convert.scan import SKIP, ZERO, Blocks, differing_blocks, state_runs, zero_blocks
 from qimg.convert.sharing import source_runs
@@ -303,7 +303,7 @@ class Pipeline:
         salvage = self.plan.salvage
         try:
             if where is not None:
-                _read_host(where[0], where[1], memoryview(buf))
+                read_host(where, memoryview(buf))
             else:
                 self.src.readinto(offset, buf)
         except QimgError as exc:
@@ -377,31 +377,26 @@ class HostMap:
         self.src = src
         self.enabled = any(_maps_per_read(d) for _start, d in src.parts)
         self.lo = self.hi = 0  # the window mapped
-        self.starts: list[int] = []  # guest start of each run
-        self.runs: list[tuple] = []  # (offset, length, storage, host)
+        self.runs = HostRuns([])  # the window's runs, asked in increasing order
 
     def lookup(self, offset: int, length: int) -> tuple | None:
         """(storage, host) holding guest [offset, offset+length) as it is,
-        or None where no one run holds all of it."""
+        or None where no one run holds all of it (or, within a window,
+        below an earlier lookup: the producer asks in guest order, and a
+        None only sends the chunk through readinto)."""
         if not self.enabled:
             return None
         if offset < self.lo or offset + length > self.hi:
             self._map(offset)
-        i = bisect.bisect_right(self.starts, offset) - 1
-        if i < 0:
-            return None
-        g, n, storage, host = self.runs[i]
-        if offset + length > g + n:
-            return None
-        return storage, host + offset - g
+        return self.runs.source(offset, offset + length)
 
     def _map(self, offset: int) -> None:
         self.lo, self.hi = offset, min(self.src.size, offset + HOST_WINDOW)
         try:
-            self.runs = source_runs(self.src, self.lo, self.hi - self.lo, 1)
+            runs = source_runs(self.src, self.lo, self.hi - self.lo, 1)
         except QimgError:
-            self.runs = []  # readinto meets the failure, in its words
-        self.starts = [run[0] for run in self.runs]
+            runs = []  # readinto meets the failure, in its words
+        self.runs = HostRuns(runs)
 
 
 def _maps_per_read(image: Driver) -> bool:
@@ -411,14 +406,6 @@ def _maps_per_read(image: Driver) -> bool:
             return True
         image = getattr(image, "backing", None)
     return False
-
-
-def _read_host(storage, host: int, view: memoryview) -> None:
-    """Bytes at `host` in `storage` into `view`, zeros past its end (as a
-    qcow2 data cluster past the end of its file reads)."""
-    got = storage.preadv(host, view)
-    if got < len(view):
-        view[got:] = bytes(len(view) - got)
 
 
 def _item(offset: int, lo: int, hi: int, state: int, view: memoryview) -> tuple:
