@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from qimg.chain import HostRuns, read_host
+from qimg.chain import read_host
 from qimg.convert.plan import Plan
 from qimg.convert.scan import SKIP, ZERO, Blocks, differing_blocks, state_runs, zero_blocks
 from qimg.convert.sharing import source_runs
@@ -51,7 +51,6 @@ BATCH_ITEMS = 4096  # items at most in one batch
 READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
 READ_BUFFERS = 12  # reused read buffers of a chunk each (BufferPool)
-HOST_WINDOW = 64 << 20  # guest bytes HostMap maps at once
 
 
 class BufferPool:
@@ -367,36 +366,28 @@ class Pipeline:
 
 class HostMap:
     """Where the sources hold guest data as it is (sharing.source_runs:
-    plain clusters, raw data), mapped HOST_WINDOW bytes at a time, so that
-    a data chunk is read from its storage directly: one mapping per window
-    instead of one per chunk (a qcow2 readinto maps its range each time).
-    Only where some source maps per read (Driver.maps_per_read); a window
-    whose mapping fails is left to readinto, which fails as it does."""
+    plain clusters, raw data, looked up a window at a time there), so
+    that a data chunk is read from its storage directly instead of mapped
+    again by the source's readinto. Only where some source maps per read
+    (Driver.maps_per_read); a lookup that fails is left to readinto,
+    which fails as it does."""
 
     def __init__(self, src: Concat):
         self.src = src
         self.enabled = any(_maps_per_read(d) for _start, d in src.parts)
-        self.lo = self.hi = 0  # the window mapped
-        self.runs = HostRuns([])  # the window's runs, asked in increasing order
 
     def lookup(self, offset: int, length: int) -> tuple | None:
         """(storage, host) holding guest [offset, offset+length) as it is,
-        or None where no one run holds all of it (or, within a window,
-        below an earlier lookup: the producer asks in guest order, and a
-        None only sends the chunk through readinto)."""
+        or None where no one run holds all of it."""
         if not self.enabled:
             return None
-        if offset < self.lo or offset + length > self.hi:
-            self._map(offset)
-        return self.runs.source(offset, offset + length)
-
-    def _map(self, offset: int) -> None:
-        self.lo, self.hi = offset, min(self.src.size, offset + HOST_WINDOW)
         try:
-            runs = source_runs(self.src, self.lo, self.hi - self.lo, 1)
+            runs = source_runs(self.src, offset, length, 1)
         except QimgError:
-            runs = []  # readinto meets the failure, in its words
-        self.runs = HostRuns(runs)
+            return None  # readinto meets the failure, in its words
+        if len(runs) != 1 or runs[0][:2] != (offset, length):
+            return None
+        return runs[0][2:]
 
 
 def _maps_per_read(image: Driver) -> bool:
