@@ -10,9 +10,11 @@ pass `qemu-img compare` with the source; the bytes it shares are printed.
 Beside the wall-time table (common.compare's rows), the CPU seconds
 (user + sys) of each tool are printed, and floor rows: what a Python
 process costs before qimg does anything (`python3 -c pass`) and qimg's
-start-up (a convert of a 1 MiB raw file), timed in the same run, each
-against that workload's qemu-img median: a ratio target below a floor's
-ratio cannot be met by work on the copy itself.
+start-up (a convert of a 1 MiB raw file), and the clones alone (a Python
+process making the same FICLONERANGE calls as the copy needs, one per data
+run, from a list computed before the clock starts), timed in the same run,
+each against that workload's qemu-img median: a ratio target below a
+floor's ratio cannot be met by work on the copy itself.
 
     python bench/bench_reflink.py [--dir DIR] [--repeat N]
 """
@@ -20,9 +22,12 @@ ratio cannot be met by work on the copy itself.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -66,6 +71,39 @@ def unmount(mnt: str) -> None:
     image = os.path.join(os.path.dirname(mnt), "xfs.img")
     if os.path.exists(image):
         os.unlink(image)
+
+
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+
+
+def clone_runs(source: str, fmt: str) -> list[tuple[int, int, int]]:
+    """(source offset, length, target offset) of each data run a copy of
+    `source` (raw or qcow2, by qemu-img map) to `fmt` must clone: to a raw
+    target at its guest offset, to a qcow2 target packed one after another
+    (where a fresh image's data clusters go)."""
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "raw" if fmt == "qcow2" else "qcow2", source],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    runs, packed = [], 1 << 20
+    for ext in json.loads(out):
+        if ext.get("data") and "offset" in ext:
+            dst = ext["start"] if fmt == "raw" else packed
+            runs.append((ext["offset"], ext["length"], dst))
+            packed += ext["length"]
+    return runs
+
+
+def clone_floor(source: str, target: str, runs_file: str) -> None:
+    """The clones alone: one FICLONERANGE per run of `runs_file`."""
+    with open(runs_file) as f:
+        runs = json.load(f)
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for offset, length, dest in runs:
+        fcntl.ioctl(dst, FICLONERANGE, struct.pack("=qQQQ", src, offset, length, dest))
+    os.close(dst)
+    os.close(src)
 
 
 def workloads(workdir: str) -> list[dict]:
@@ -117,9 +155,27 @@ def _run(mnt: str, repeat: int) -> list[dict]:
         cmd = ["-O", fmt, source]
         floor = [sys.executable, "-c", "pass"]
         startup = QIMG + ["convert", "-O", fmt, tiny, out_q]
-        # All four alternate, so a change of load weighs on each alike.
+        runs_file = os.path.join(mnt, "runs.json")
+        runs = clone_runs(source, fmt)
+        with open(runs_file, "w") as f:
+            json.dump(runs, f)
+        clones = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--clone-floor",
+            source,
+            out_q,
+            runs_file,
+        ]
+        # All five alternate, so a change of load weighs on each alike.
         times = _alternate(
-            [QIMG + ["convert", *cmd, out_q], ["qemu-img", "convert", *cmd, out_e], floor, startup],
+            [
+                QIMG + ["convert", *cmd, out_q],
+                ["qemu-img", "convert", *cmd, out_e],
+                floor,
+                startup,
+                clones,
+            ],
             repeat,
             fresh,
         )
@@ -127,7 +183,11 @@ def _run(mnt: str, repeat: int) -> list[dict]:
         r = _row(name, ours, theirs)
         floors = [
             _row(f"  floor: {label}", t, theirs)
-            for label, t in (("python3 -c pass", times[2]), ("qimg start-up (1 MiB)", times[3]))
+            for label, t in (
+                ("python3 -c pass", times[2]),
+                ("qimg start-up (1 MiB)", times[3]),
+                (f"the {len(runs)} clones alone", times[4]),
+            )
         ]
         rows += [r, *floors]
         fresh()
@@ -140,7 +200,7 @@ def _run(mnt: str, repeat: int) -> list[dict]:
         print(
             f"{name}: CPU s (user+sys) median qimg {_median(ours, 1):.3f}, "
             f"qemu-img {_median(theirs, 1):.3f}, python3 -c pass {_median(times[2], 1):.3f}, "
-            f"qimg start-up {_median(times[3], 1):.3f}"
+            f"qimg start-up {_median(times[3], 1):.3f}, the clones alone {_median(times[4], 1):.3f}"
         )
         fresh()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -188,4 +248,7 @@ def _row(name: str, ours: list[tuple], theirs: list[tuple]) -> dict:
 
 
 if __name__ == "__main__":
-    print_table(main())
+    if sys.argv[1:2] == ["--clone-floor"]:
+        clone_floor(*sys.argv[2:5])
+    else:
+        print_table(main())
