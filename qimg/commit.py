@@ -13,7 +13,7 @@ writable top).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -23,8 +23,11 @@ from qimg.driver import Driver
 from qimg.errors import QimgError
 from qimg.storage import Storage
 
-# Guest bytes read and written per step, reader threads, reads ahead.
+# Guest bytes of one data piece at most; data pieces read (in one job) and
+# written (in one Driver.write_runs) together, at most BATCH bytes; reader
+# threads.
 CHUNK = 4 << 20
+BATCH = 8 << 20
 READERS = 2
 # Bytes written into the base between starts of its write-back.
 WRITEBACK_STEP = 32 << 20
@@ -120,30 +123,62 @@ def copy_down(
     unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
-        def start_read(piece: _Piece):
-            if piece.kind != DATA:
+        def start_read(batch: list[_Piece]):
+            if batch[0].kind != DATA:
                 return None
-            return pool.submit(_read, image, piece, spare.pop() if spare else bytearray(CHUNK))
+            return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(BATCH))
 
-        for piece, read in read_ahead(pieces, start_read):
-            buf = read.result() if read is not None else None
-            if buf is not None:
-                base.write(piece.start, memoryview(buf)[: piece.end - piece.start])
+        for batch, read in read_ahead(_batches(pieces), start_read):
+            length = sum(p.end - p.start for p in batch)
+            if read is None:
+                _write_zeroes(base, batch[0].start, length)
+            else:
+                buf = read.result()
+                base.write_runs(_runs(batch, memoryview(buf)))
                 spare.append(buf)
-                unsynced += piece.end - piece.start
+                unsynced += length
                 if unsynced >= WRITEBACK_STEP:
                     # The disk writes while the copy goes on: the flush
                     # after it waits only for the tail.
                     pool.submit(base.start_writeback)
                     unsynced = 0
-            else:
-                _write_zeroes(base, piece.start, piece.end - piece.start)
-            if buf is not None and limit is not None:
-                limit.account(piece.end - piece.start)
-            done += piece.end - piece.start
+                if limit is not None:
+                    limit.account(length)
+            done += length
             if progress is not None:
                 progress(done, total)
     return total
+
+
+def _batches(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
+    """The pieces in order, as lists: a zero piece alone, consecutive data
+    pieces together up to BATCH bytes."""
+    batch: list[_Piece] = []
+    size = 0
+    for piece in pieces:
+        n = piece.end - piece.start
+        if batch and (piece.kind != DATA or size + n > BATCH):
+            yield batch
+            batch, size = [], 0
+        if piece.kind != DATA:
+            yield [piece]
+            continue
+        batch.append(piece)
+        size += n
+    if batch:
+        yield batch
+
+
+def _runs(batch: list[_Piece], view: memoryview) -> list[tuple[int, memoryview]]:
+    """(guest offset, data) of each piece of `batch`, read one after
+    another into `view`."""
+    runs = []
+    at = 0
+    for piece in batch:
+        n = piece.end - piece.start
+        runs.append((piece.start, view[at : at + n]))
+        at += n
+    return runs
 
 
 class _Piece(NamedTuple):
@@ -216,12 +251,13 @@ def _intersect(status: list, runs: list[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
-def _read(image: Driver, piece: _Piece, buf: bytearray) -> bytearray:
-    view = memoryview(buf)[: piece.end - piece.start]
-    if piece.source is None:
-        image.readinto(piece.start, view)
-        return buf
-    read_host(piece.source, view)
+def _read(image: Driver, batch: list[_Piece], buf: bytearray) -> bytearray:
+    """The pieces of `batch` read one after another into `buf`."""
+    for piece, (_start, view) in zip(batch, _runs(batch, memoryview(buf))):
+        if piece.source is None:
+            image.readinto(piece.start, view)
+        else:
+            read_host(piece.source, view)
     return buf
 
 

@@ -96,6 +96,12 @@ class Driver:
     def write(self, offset: int, data) -> None:
         raise NotImplementedError
 
+    def write_runs(self, runs: list[tuple[int, object]]) -> None:
+        """write() of each (offset, data) run, in order (a driver may place
+        them together: one allocation, one table update, gathered writes)."""
+        for offset, data in runs:
+            self.write(offset, data)
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         raise NotImplementedError
 

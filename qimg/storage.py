@@ -22,6 +22,8 @@ from qimg.errors import FileTooLargeError, ImageIOError
 # zeros. Offsets read from an image (a refcount table entry may hold any
 # 64-bit value) therefore never reach os.pread unchecked.
 MAX_REQUEST_END = ((1 << 63) - 1) & ~((1 << 30) - 1)
+# Buffers one pwritev may take (Linux UIO_MAXIOV).
+_IOV_MAX = 1024
 
 
 def check_request(offset: int, length: int) -> None:
@@ -53,6 +55,14 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def pwrite(self, offset: int, data) -> None:
         """Write all of `data` at `offset` (the storage grows as needed)."""
+
+    def pwritev(self, offset: int, buffers: list) -> None:
+        """Write the concatenation of `buffers` at `offset` (this default:
+        one pwrite per buffer)."""
+        for data in buffers:
+            n = memoryview(data).nbytes
+            self.pwrite(offset, data)
+            offset += n
 
     @abc.abstractmethod
     def size(self) -> int:
@@ -292,6 +302,27 @@ class FileStorage(Storage):
             # Set once the write is done: a flush that clears the flag
             # after this point makes the write durable.
             self._unflushed = True
+
+    def pwritev(self, offset: int, buffers: list) -> None:
+        """Storage.pwritev: one system call for up to IOV_MAX buffers (the
+        gathered bytes are never joined into a copy)."""
+        if self._direct is not None:
+            super().pwritev(offset, buffers)
+            return
+        views = [memoryview(b).cast("B") for b in buffers]
+        try:
+            while views:
+                n = os.pwritev(self._fd, views[:_IOV_MAX], offset)
+                offset += n
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+        except OSError as exc:
+            raise _os_error(self.path, "write", exc) from None
+        finally:
+            self._unflushed = True  # as pwrite
 
     def size(self) -> int:
         try:

@@ -369,17 +369,17 @@ class ClusterMap:
                 self._write_allocating(run, c0 + a, c0 + b, start, end, data, fresh)
         self.l2_cache.mark_dirty(l2_offset)
 
-    # --- runs placed by sharing a source's extents (reflink) ----------------------
+    # --- runs of fresh clusters placed together -----------------------------------
 
     @property
-    def can_place_shared(self) -> bool:
-        """Whether place_shared may place runs: plain L2 entries, host
+    def can_place_runs(self) -> bool:
+        """Whether place_runs may place runs: plain L2 entries, host
         clusters allocated in the image file."""
         return not self.geo.extended_l2 and not self.has_data_file
 
-    def shared_groups(self, runs: list[tuple]) -> list[list[tuple]]:
-        """(offset, data, source, source_offset) runs, in order, grouped by
-        the L2 table that maps them (a run over two tables is a group)."""
+    def table_groups(self, runs: list[tuple]) -> list[list[tuple]]:
+        """(offset, data, ...) runs, in order, grouped by the L2 table that
+        maps them (a run over two tables is a group)."""
         shift = self.geo.cluster_bits + self.geo.l2_bits
         groups: list[list[tuple]] = []
         table = None
@@ -393,14 +393,13 @@ class ClusterMap:
                 table = first if first == last else None
         return groups
 
-    def place_shared(self, runs: list[tuple], share) -> bool:
-        """Place (offset, data, source, source_offset) runs of whole
-        clusters, all in one L2 table and all unallocated there, in host
-        clusters allocated together in guest order (as one write per run
-        would place them), the bytes of each span of runs that continue
-        each other in one source put there by `share(host, pieces, source,
-        source_offset)` (pieces: the runs' data); one L2 update for all.
-        False, nothing done, where a run does not qualify.
+    def place_runs(self, runs: list[tuple], put) -> bool:
+        """Place (offset, data, ...) runs of whole clusters, all in one L2
+        table and all unallocated there, in host clusters allocated
+        together in guest order (as one write per run would place them),
+        the bytes put there by `put(host, runs)` (the runs' data one after
+        another from `host` on); one L2 update for all. False, nothing
+        done, where a run does not qualify.
 
         Ordering as _write_allocating: the data is placed before the L2
         entries point at it, and the table depends on the refcounts that
@@ -408,14 +407,14 @@ class ClusterMap:
         """
         geo = self.geo
         cb, cs = geo.cluster_bits, geo.cluster_size
-        sizes = [memoryview(data).nbytes for _o, data, _s, _h in runs]
-        if any(o % cs or n % cs or not n for (o, *_r), n in zip(runs, sizes)):
+        sizes = [memoryview(run[1]).nbytes for run in runs]
+        if any(run[0] % cs or n % cs or not n for run, n in zip(runs, sizes)):
             return False
         mask = geo.l2_size - 1
         index = np.concatenate(
             [
-                np.arange(n >> cb, dtype=np.int64) + ((o >> cb) & mask)
-                for (o, *_r), n in zip(runs, sizes)
+                np.arange(n >> cb, dtype=np.int64) + ((run[0] >> cb) & mask)
+                for run, n in zip(runs, sizes)
             ]
         )
         if int(index[-1]) > mask or (np.diff(index) <= 0).any():
@@ -429,16 +428,26 @@ class ClusterMap:
         self.l2_cache.mark_dirty(l2_offset)
         host = owner.refcounts.alloc(len(index))
         owner.check_overlap(host, len(index) << cb, "data")
-        pos = host
-        for pieces, source, source_offset in _source_contiguous(runs):
-            share(pos, pieces, source, source_offset)
-            pos += sum(memoryview(p).nbytes for p in pieces)
+        put(host, runs)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         table[index] = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(
             len(index), dtype=np.uint64
         ) * _U64(cs)
         self.l2_cache.mark_dirty(l2_offset)
         return True
+
+    def place_shared(self, runs: list[tuple], share) -> bool:
+        """place_runs of (offset, data, source, source_offset) runs, the
+        bytes of each span of runs that continue each other in one source
+        put there by `share(host, pieces, source, source_offset)` (pieces:
+        the runs' data)."""
+
+        def put(host: int, runs: list[tuple]) -> None:
+            for pieces, source, source_offset in _source_contiguous(runs):
+                share(host, pieces, source, source_offset)
+                host += sum(memoryview(p).nbytes for p in pieces)
+
+        return self.place_runs(runs, put)
 
     def _write_span(self, delta: int, lo: int, hi: int, span, start: int, data) -> None:
         """Write guest [lo, hi) (data[lo - start : hi - start]) to host

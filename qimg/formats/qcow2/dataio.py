@@ -113,6 +113,9 @@ class DataIO:
             image.check_overlap(host, total, "data")
         if len(buffers) == 1 and self._shared(guest, host, buffers[0]):
             return
+        if self.cipher is None:
+            image.data_storage.pwritev(host, buffers)
+            return
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
         if self.cipher is not None:
             if host % SECTOR_SIZE or total % SECTOR_SIZE:
@@ -130,8 +133,6 @@ class DataIO:
                 self._buffer(total),
                 lambda at, piece: storage.pwrite(host + at, piece),
             )
-            return
-        image.data_storage.pwrite(host, data)
 
     def _buffer(self, size: int) -> memoryview:
         """This thread's cipher buffer of `size` bytes (fresh memory would

@@ -451,6 +451,34 @@ class Qcow2Image(Driver):
             self._bitmaps_written(offset, len(view))
             self.clusters.write(offset, view)
 
+    def write_runs(self, runs: list[tuple[int, object]]) -> None:
+        """Driver.write_runs: runs of whole clusters that no cluster of the
+        image maps yet are placed together (ClusterMap.place_runs: one
+        allocation, one gathered write and one L2 update per table); any
+        other run goes through write."""
+        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+            super().write_runs(runs)
+            return
+        self._begin_runs(runs)
+        for group in self.clusters.table_groups(runs):
+            if not self.clusters.place_runs(group, self._put_runs):
+                for offset, data in group:
+                    self.clusters.write(offset, memoryview(data).cast("B"))
+
+    def _begin_runs(self, runs: list[tuple]) -> None:
+        """The checks and marks of write() for each (offset, data, ...) run."""
+        self._check_writable()
+        for offset, data, *_rest in runs:
+            self._check_range(offset, memoryview(data).nbytes)
+        self._mark_dirty()
+        for offset, data, *_rest in runs:
+            self._bitmaps_written(offset, memoryview(data).nbytes)
+
+    def _put_runs(self, host: int, runs: list[tuple[int, object]]) -> None:
+        """The runs' data, one after another, to the new host clusters at
+        `host` (overlap checked by place_runs): one gathered write."""
+        self.data_storage.pwritev(host, [data for _o, data in runs])
+
     def write_shared(self, offset: int, data, source: Storage, source_offset: int) -> bool | None:
         """write(), the data clusters it places whole (not widened by a
         copy-on-write) shared from `source` where the data file can."""
@@ -470,16 +498,11 @@ class Qcow2Image(Driver):
         one allocation and one L2 update per table); any other run goes
         through write_shared."""
         io = self.dataio
-        if io.shared is False or io.cipher is not None or not self.clusters.can_place_shared:
+        if io.shared is False or io.cipher is not None or not self.clusters.can_place_runs:
             return super().write_shared_runs(runs)
-        self._check_writable()
-        for offset, data, _source, _host in runs:
-            self._check_range(offset, memoryview(data).nbytes)
+        self._begin_runs(runs)
         io.shared = None
-        self._mark_dirty()
-        for offset, data, _source, _host in runs:
-            self._bitmaps_written(offset, memoryview(data).nbytes)
-        for group in self.clusters.shared_groups(runs):
+        for group in self.clusters.table_groups(runs):
             if self.clusters.place_shared(group, self._share_run):
                 continue
             for offset, data, source, host in group:
