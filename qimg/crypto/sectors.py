@@ -530,9 +530,11 @@ class _CBC(_Base):
             src, src_octets = dst, dst_octets
         n = len(src)
         # Each sector's last ciphertext block, before an in-place stream
-        # overwrites it, XORed with the next sector's IV: the mend.
+        # overwrites it, XORed with the next sector's IV: the mend. The
+        # strided columns move as whole blocks (numpy loops over pairs of
+        # words several times slower), the XORs run on contiguous copies.
         mend = self._scratch("mend", n * self._words).reshape(n, self._words)
-        mend[...] = src[:, -1]
+        _blocks_of(mend[:, None])[:, 0] = _blocks_of(src)[:, -1]
         ivs = self._ivs(sector, n)
         mend[:-1] ^= ivs[1:]
         block = self._spec.block
@@ -546,7 +548,12 @@ class _CBC(_Base):
         tail_octets = _octets(tail)
         ctx.update_into(src_octets[total - block :], tail_octets)
         dst_octets[total - block :] = tail_octets[:block]
-        dst[1:, 0] ^= mend[:-1]
+        if n > 1:
+            first = self._scratch("first", n * self._words).reshape(n, self._words)
+            firsts = _blocks_of(dst)[:, 0]
+            _blocks_of(first[:, None])[:, 0] = firsts
+            first[1:] ^= mend[:-1]
+            firsts[1:] = _blocks_of(first[:, None])[1:, 0]
         return out
 
 
