@@ -13,10 +13,11 @@ sectors, the first numbered `sector`. Every call does a fixed number of
   32 blocks of each sector in three numpy steps over the whole chunk
   (GF(2^128), the tweak a little-endian 128-bit number), then
   C = E_key1(P ^ T) ^ T with one ECB call over the chunk.
-- CBC: decryption is one ECB call over the chunk and an XOR with the
-  previous ciphertext blocks (the IV before each sector's first block);
-  encryption chains within a sector, so it runs block column by block
-  column across all sectors of the chunk (32 ECB calls for AES).
+- CBC: decryption is one CBC call over the whole run (the chaining
+  between sectors then mended in each sector's first block, a strided
+  XOR of n blocks), in place where asked: no pass over the data but
+  OpenSSL's; encryption chains within a sector, so it runs block column
+  by block column across all sectors of the chunk (32 ECB calls for AES).
 - CTR: counter blocks IV + j (big-endian, as nettle and gcrypt count) of a
   chunk in one ECB call, XORed in.
 - ECB: no IV.
@@ -253,6 +254,11 @@ def _octets(array) -> memoryview:
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
+def _same_start(a, b) -> bool:
+    """Whether numpy arrays `a` and `b` begin at the same address."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
 def _blocks_of(array):
     """The cipher blocks of a (rows, blocks, words) uint64 array whose rows
     are contiguous, as (rows, blocks) opaque elements of a block each:
@@ -463,6 +469,9 @@ class _XTS(_Base):
 
 
 class _CBC(_Base):
+    def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
+        self._stream = (cipher_cls, modes.CBC, _algorithm(self._spec.family, key[: self._key_len]))
+
     def _encrypt_chunk(self, sector: int, src, dst) -> None:
         # Chaining runs along a sector's blocks: block column j of every
         # sector at once, each column one ECB call, on the chunk transposed
@@ -494,20 +503,58 @@ class _CBC(_Base):
             prev = columns[j]
         _blocks_of(dst)[...] = _blocks_of(columns).T
 
-    def _decrypt_chunk(self, sector: int, src, dst) -> None:
+    def decrypt(self, sector: int, data, out=None):
+        """Plaintext of whole sectors `data` (see encrypt), as ONE CBC
+        stream over the whole run with the first sector's IV: every block
+        but a sector's first then comes out right (its predecessor is the
+        ciphertext block before it), and a sector's first block, which
+        the stream chained to the previous sector's last ciphertext block
+        instead of to its own IV, is mended by XORing both in (a strided
+        numpy step over the sectors). One `cryptography` call decrypts
+        the run, in place when `out` is `data` (OpenSSL decrypts in
+        place), with no copy and no XOR pass over the data."""
         np = self._np
-        plain = self._ecb(src, decrypt=True, into="ecb")
-        ivs = self._ivs(sector, len(src))
-        if np.shares_memory(src, dst):
-            # In place: the XOR needs the ciphertext that dst overwrites, so
-            # it runs in the scratch array, copied out after (numpy would
-            # copy the overlapping operand into fresh memory instead).
-            plain[:, 1:] ^= src[:, :-1]
-            plain[:, 0] ^= ivs
-            dst[...] = plain
-            return
-        np.bitwise_xor(plain[:, 1:], src[:, :-1], out=dst[:, 1:])
-        np.bitwise_xor(plain[:, 0], ivs, out=dst[:, 0])
+        src_octets = memoryview(data).cast("B")
+        total = len(src_octets)
+        if total % SECTOR_SIZE:
+            raise ValueError(f"encrypted I/O of {total} bytes is not whole sectors")
+        if out is None:
+            out = bytearray(total)
+        dst_octets = memoryview(out).cast("B")[:total]
+        if not total:
+            return out
+        src = np.frombuffer(src_octets, dtype="<u8").reshape(-1, self._blocks, self._words)
+        dst = np.frombuffer(dst_octets, dtype="<u8").reshape(src.shape)
+        if np.shares_memory(src, dst) and not _same_start(src, dst):
+            dst[...] = src  # overlapping otherwise: decrypted in place in dst
+            src, src_octets = dst, dst_octets
+        n = len(src)
+        # Each sector's last ciphertext block, before an in-place stream
+        # overwrites it, XORed with the next sector's IV: the mend. The
+        # strided columns move as whole blocks (numpy loops over pairs of
+        # words several times slower), the XORs run on contiguous copies.
+        mend = self._scratch("mend", n * self._words).reshape(n, self._words)
+        _blocks_of(mend[:, None])[:, 0] = _blocks_of(src)[:, -1]
+        ivs = self._ivs(sector, n)
+        mend[:-1] ^= ivs[1:]
+        block = self._spec.block
+        cipher_cls, cbc, algorithm = self._stream
+        ctx = cipher_cls(algorithm, cbc(bytes(_octets(ivs[0])))).decryptor()
+        # update_into wants a block of slack past its output, which a
+        # caller's buffer need not have: the last block goes through a
+        # small buffer, the stream's chaining carried over to it.
+        ctx.update_into(src_octets[:-block], dst_octets)
+        tail = self._scratch("tail", 2 * self._words)
+        tail_octets = _octets(tail)
+        ctx.update_into(src_octets[total - block :], tail_octets)
+        dst_octets[total - block :] = tail_octets[:block]
+        if n > 1:
+            first = self._scratch("first", n * self._words).reshape(n, self._words)
+            firsts = _blocks_of(dst)[:, 0]
+            _blocks_of(first[:, None])[:, 0] = firsts
+            first[1:] ^= mend[:-1]
+            firsts[1:] = _blocks_of(first[:, None])[1:, 0]
+        return out
 
 
 class _CTR(_Base):
