@@ -455,11 +455,66 @@ def segments(chunks: list[Chunk]) -> Iterator[list[Chunk]]:
         yield run
 
 
-class Pending(NamedTuple):
-    """A job handed to a worker, and its future outcome (see Comparer._check)."""
+class Pending:
+    """A job handed to the workers; its outcome (see Comparer._check), or
+    the exception the check raised, once `done` is set."""
 
-    job: Job
-    future: object
+    __slots__ = ("job", "done", "outcome", "error")
+
+    def __init__(self, job: Job, done):
+        self.job = job
+        self.done = done
+        self.outcome: int | str | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> int | str | None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+
+class Workers:
+    """Threads that run `check` on the jobs submitted, each taking the
+    next one queued (a thread pool without concurrent.futures, whose
+    import, logging's with it, costs more than the pool does here)."""
+
+    def __init__(self, check: Callable[[Job], int | str | None], count: int):
+        import threading
+        from queue import SimpleQueue
+
+        self._check = check
+        self._event = threading.Event
+        self._queue: SimpleQueue = SimpleQueue()
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"qimg-compare-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> Pending:
+        pending = Pending(job, self._event())
+        self._queue.put(pending)
+        return pending
+
+    def close(self) -> None:
+        """Jobs not started are dropped; returns once those running end."""
+        self._cancelled = True
+        for _thread in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while (pending := self._queue.get()) is not None:
+            if not self._cancelled:
+                try:
+                    pending.outcome = self._check(pending.job)
+                except BaseException as exc:  # handed to the one taking it
+                    pending.error = exc
+            pending.done.set()
 
 
 class Comparer:
@@ -476,37 +531,32 @@ class Comparer:
     def run(self, steps: Iterator, progress: ProgressCallback, warn: Callable[[str], None]):
         """The outcome (Comparison) once the walk ends; CompareError on a
         failure. `progress(chunk, base)` after each chunk found equal."""
-        from concurrent.futures import ThreadPoolExecutor
-
         base = max(qemu_length(image) for image in self.images)
         progress(0, base)
         ahead: deque = deque()  # steps and Pending jobs, in order
         inflight = 0
-        workers = min(WORKERS, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers, thread_name_prefix="qimg-compare") as pool:
-            try:
-                for step in jobs(steps):
-                    if isinstance(step, Job) and step.length:
-                        ahead.append(Pending(step, pool.submit(self._check, step)))
-                        inflight += 1
-                    else:
-                        ahead.append(step)
-                    while ahead and (
-                        not isinstance(ahead[0], Pending)
-                        or inflight > AHEAD
-                        or len(ahead) > MAX_AHEAD
-                    ):
-                        head = ahead.popleft()
-                        inflight -= isinstance(head, Pending)
-                        outcome = self._take(head, progress, base, warn)
-                        if outcome is not None:
-                            return outcome
-                while ahead:
-                    outcome = self._take(ahead.popleft(), progress, base, warn)
+        pool = Workers(self._check, min(WORKERS, os.cpu_count() or 1))
+        try:
+            for step in jobs(steps):
+                if isinstance(step, Job) and step.length:
+                    ahead.append(pool.submit(step))
+                    inflight += 1
+                else:
+                    ahead.append(step)
+                while ahead and (
+                    not isinstance(ahead[0], Pending) or inflight > AHEAD or len(ahead) > MAX_AHEAD
+                ):
+                    head = ahead.popleft()
+                    inflight -= isinstance(head, Pending)
+                    outcome = self._take(head, progress, base, warn)
                     if outcome is not None:
                         return outcome
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            while ahead:
+                outcome = self._take(ahead.popleft(), progress, base, warn)
+                if outcome is not None:
+                    return outcome
+        finally:
+            pool.close()
         raise AssertionError("the walk ends with a Stop")
 
     def _take(self, head, progress: ProgressCallback, base: int, warn) -> Comparison | None:
@@ -520,7 +570,7 @@ class Comparer:
         if isinstance(head, Job):  # nothing to read in it
             job, found = head, None
         else:
-            job, found = head.job, head.future.result()
+            job, found = head.job, head.result()
             if found == "error":
                 found = self._check_in_order(job)
         for chunk in job.chunks:
