@@ -41,6 +41,9 @@ _DIRECT = BLOCK_DATA | BLOCK_OFFSET_VALID  # data readable at its host offset
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img's largest read in compare
 STATUS_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
+# The first window is smaller (growing fourfold up to STATUS_WINDOW): the
+# workers start on the first chunks without waiting for a whole window.
+FIRST_STATUS_WINDOW = 32 << 20
 JOB_BYTES = 16 << 20  # bytes read and compared by one job (and one chunk more)
 JOB_CHUNKS = 4096  # chunks at most in one job
 SEGMENT = IO_BUF_SIZE  # bytes read and compared at once
@@ -119,6 +122,7 @@ class LayerStatus:
             self.span = image.cluster_size
         self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
         self._fetched = 0
+        self._window = FIRST_STATUS_WINDOW
         # An encrypted image gives out no host offsets (QEMU's crypto
         # driver has no block status; qcow2 withholds them when encrypted).
         self.offsets = image.format_name != "luks" and not (
@@ -164,7 +168,8 @@ class LayerStatus:
 
     def _fetch(self) -> None:
         lo = self._fetched
-        hi = min(self.size, lo + STATUS_WINDOW)
+        hi = min(self.size, lo + self._window)
+        self._window = min(STATUS_WINDOW, self._window * 4)
         inside = min(hi, self.image.size)
         exts = self.image.block_status(lo, inside - lo) if inside > lo else []
         for ext in exts:

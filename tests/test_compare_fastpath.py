@@ -130,3 +130,43 @@ def test_compare_without_memcmp_matches_qemu_img(images, pair, monkeypatch):
     for args in (pair, pair[::-1]):
         theirs, ours = _both(images, *args)
         assert ours == theirs, args
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory) -> Path:
+    """Images longer than compare's first block status windows (32 MiB,
+    then 128 MiB more), with data runs across their ends."""
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    d = tmp_path_factory.mktemp("cmpwindows")
+    _img(d, "create", "-q", "-f", "raw", "w.raw", str(200 * MiB))
+    _io(d, "raw", "w.raw", f"write -P 21 {31 * MiB} 3M", f"write -P 22 {159 * MiB + 4096} 2M")
+    for name, opts in (
+        ("w.qcow2", []),
+        ("wz.qcow2", ["-c"]),
+        ("wx.qcow2", ["-o", "extended_l2=on,cluster_size=128k"]),
+    ):
+        _img(d, "convert", "-O", "qcow2", *opts, "w.raw", name)
+    for off in (32 * MiB - 1, 32 * MiB + 5, 160 * MiB - 1, 160 * MiB + 4096):
+        _img(d, "convert", "-O", "raw", "w.raw", f"w{off}.raw")
+        _io(d, "raw", f"w{off}.raw", f"write -P 200 {off} 1")
+    return d
+
+
+WINDOW_PAIRS = [
+    ("w.raw", "w.qcow2"),
+    ("w.raw", "wz.qcow2"),
+    ("wx.qcow2", "w.qcow2"),
+    *[
+        (f"w{off}.raw", copy)
+        for off in (32 * MiB - 1, 32 * MiB + 5, 160 * MiB - 1, 160 * MiB + 4096)
+        for copy in ("w.qcow2", "wz.qcow2")
+    ],
+]
+
+
+@pytest.mark.parametrize("pair", WINDOW_PAIRS, ids=_ids(WINDOW_PAIRS))
+def test_compare_across_block_status_windows_matches_qemu_img(windows, pair):
+    for args in (pair, ("-s", *pair), ("-p", *pair)):
+        theirs, ours = _both(windows, *args)
+        assert ours == theirs, args
