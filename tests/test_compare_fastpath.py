@@ -170,3 +170,24 @@ def test_compare_across_block_status_windows_matches_qemu_img(windows, pair):
     for args in (pair, ("-s", *pair), ("-p", *pair)):
         theirs, ours = _both(windows, *args)
         assert ours == theirs, args
+
+
+def test_compare_raises_a_workers_unexpected_error_where_its_job_is_taken(images, monkeypatch):
+    import threading
+
+    from qimg.api import open_named
+
+    def broken(self, job):
+        raise RuntimeError("broken check")
+
+    monkeypatch.setattr(qimg.compare.Comparer, "_check", broken)
+    before = threading.active_count()
+    image1 = open_named(str(images / "base.raw"), None)
+    image2 = open_named(str(images / "base.qcow2"), None)
+    try:
+        with pytest.raises(RuntimeError, match="broken check"):
+            qimg.compare.compare_images(image1, image2)
+    finally:
+        image1.close()
+        image2.close()
+    assert threading.active_count() == before  # the workers ended
