@@ -19,6 +19,7 @@ counted from the start of the chunk it lies in; so does `compare`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ from typing import NamedTuple
 from qimg.chain import read_host
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
 from qimg.errors import BadOptionError, QimgError
+from qimg.storage import aligned_buffer
 
 # QEMU's BDRV_BLOCK_* status flags (include/block/block-common.h).
 BLOCK_DATA = 0x01
@@ -39,6 +41,9 @@ _DIRECT = BLOCK_DATA | BLOCK_OFFSET_VALID  # data readable at its host offset
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img's largest read in compare
 STATUS_WINDOW = 1 << 30  # guest bytes whose extents are asked for at once
+# The first window is smaller (growing fourfold up to STATUS_WINDOW): the
+# workers start on the first chunks without waiting for a whole window.
+FIRST_STATUS_WINDOW = 32 << 20
 JOB_BYTES = 16 << 20  # bytes read and compared by one job (and one chunk more)
 JOB_CHUNKS = 4096  # chunks at most in one job
 SEGMENT = IO_BUF_SIZE  # bytes read and compared at once
@@ -117,6 +122,7 @@ class LayerStatus:
             self.span = image.cluster_size
         self._runs: deque[list[int]] = deque()  # [start, end, flags, host]
         self._fetched = 0
+        self._window = FIRST_STATUS_WINDOW
         # An encrypted image gives out no host offsets (QEMU's crypto
         # driver has no block status; qcow2 withholds them when encrypted).
         self.offsets = image.format_name != "luks" and not (
@@ -162,7 +168,8 @@ class LayerStatus:
 
     def _fetch(self) -> None:
         lo = self._fetched
-        hi = min(self.size, lo + STATUS_WINDOW)
+        hi = min(self.size, lo + self._window)
+        self._window = min(STATUS_WINDOW, self._window * 4)
         inside = min(hi, self.image.size)
         exts = self.image.block_status(lo, inside - lo) if inside > lo else []
         for ext in exts:
@@ -306,7 +313,10 @@ class ChainStatus:
 
 class Chunk(NamedTuple):
     """One step of the walk: [offset, offset+length), and which images'
-    data must be read there (neither: both read as zeros)."""
+    data must be read there (neither: both read as zeros). An image not
+    read there reads as zeros: its block status says so (BLOCK_ZERO, or
+    nothing allocated through its chain), so only the other is read and
+    checked for zeros."""
 
     offset: int
     length: int
@@ -359,25 +369,22 @@ def walk(
             yield Stop(DIFFERENT, f"Strict mode: Offset {offset} block status mismatch!")
             return
         alloc1, alloc2 = bool(st1 & BLOCK_ALLOCATED), bool(st2 & BLOCK_ALLOCATED)
-        if st1 & st2 & BLOCK_ZERO:
+        if st1 & st2 & BLOCK_ZERO or not (alloc1 or alloc2):
             yield Chunk(offset, chunk, False, False)
-        elif alloc1 == alloc2:
-            if alloc1:
-                chunk = min(chunk, IO_BUF_SIZE)
-                yield Chunk(
-                    offset, chunk, True, True, s1.source(offset, chunk), s2.source(offset, chunk)
-                )
-            else:
-                yield Chunk(offset, chunk, False, False)
         else:
+            # qemu-img reads both where both are allocated, else the
+            # allocated one (and checks it for zeros); a side whose status
+            # says it reads as zeros needs no reading either way.
             chunk = min(chunk, IO_BUF_SIZE)
+            read1 = alloc1 and not st1 & BLOCK_ZERO
+            read2 = alloc2 and not st2 & BLOCK_ZERO
             yield Chunk(
                 offset,
                 chunk,
-                alloc1,
-                alloc2,
-                s1.source(offset, chunk) if alloc1 else None,
-                s2.source(offset, chunk) if alloc2 else None,
+                read1,
+                read2,
+                s1.source(offset, chunk) if read1 else None,
+                s2.source(offset, chunk) if read2 else None,
             )
         offset += chunk
     if size1 != size2:
@@ -453,11 +460,66 @@ def segments(chunks: list[Chunk]) -> Iterator[list[Chunk]]:
         yield run
 
 
-class Pending(NamedTuple):
-    """A job handed to a worker, and its future outcome (see Comparer._check)."""
+class Pending:
+    """A job handed to the workers; its outcome (see Comparer._check), or
+    the exception the check raised, once `done` is set."""
 
-    job: Job
-    future: object
+    __slots__ = ("job", "done", "outcome", "error")
+
+    def __init__(self, job: Job, done):
+        self.job = job
+        self.done = done
+        self.outcome: int | str | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> int | str | None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+
+class Workers:
+    """Threads that run `check` on the jobs submitted, each taking the
+    next one queued (a thread pool without concurrent.futures, whose
+    import, logging's with it, costs more than the pool does here)."""
+
+    def __init__(self, check: Callable[[Job], int | str | None], count: int):
+        import threading
+        from queue import SimpleQueue
+
+        self._check = check
+        self._event = threading.Event
+        self._queue: SimpleQueue = SimpleQueue()
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"qimg-compare-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> Pending:
+        pending = Pending(job, self._event())
+        self._queue.put(pending)
+        return pending
+
+    def close(self) -> None:
+        """Jobs not started are dropped; returns once those running end."""
+        self._cancelled = True
+        for _thread in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while (pending := self._queue.get()) is not None:
+            if not self._cancelled:
+                try:
+                    pending.outcome = self._check(pending.job)
+                except BaseException as exc:  # handed to the one taking it
+                    pending.error = exc
+            pending.done.set()
 
 
 class Comparer:
@@ -465,47 +527,41 @@ class Comparer:
     outcomes in order."""
 
     def __init__(self, image1: Driver, image2: Driver, names: tuple[str, str]):
-        from qimg.convert.pipeline import BufferPool
+        import threading
 
         self.images = (image1, image2)
         self.names = names
-        # Each worker holds two buffers while it reads and compares a job.
-        self.pool = BufferPool(SEGMENT, 2 * WORKERS)
+        self._local = threading.local()  # each worker's buffers (_buffers)
 
     def run(self, steps: Iterator, progress: ProgressCallback, warn: Callable[[str], None]):
         """The outcome (Comparison) once the walk ends; CompareError on a
         failure. `progress(chunk, base)` after each chunk found equal."""
-        from concurrent.futures import ThreadPoolExecutor
-
         base = max(qemu_length(image) for image in self.images)
         progress(0, base)
         ahead: deque = deque()  # steps and Pending jobs, in order
         inflight = 0
-        workers = min(WORKERS, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers, thread_name_prefix="qimg-compare") as pool:
-            try:
-                for step in jobs(steps):
-                    if isinstance(step, Job) and step.length:
-                        ahead.append(Pending(step, pool.submit(self._check, step)))
-                        inflight += 1
-                    else:
-                        ahead.append(step)
-                    while ahead and (
-                        not isinstance(ahead[0], Pending)
-                        or inflight > AHEAD
-                        or len(ahead) > MAX_AHEAD
-                    ):
-                        head = ahead.popleft()
-                        inflight -= isinstance(head, Pending)
-                        outcome = self._take(head, progress, base, warn)
-                        if outcome is not None:
-                            return outcome
-                while ahead:
-                    outcome = self._take(ahead.popleft(), progress, base, warn)
+        pool = Workers(self._check, min(WORKERS, os.cpu_count() or 1))
+        try:
+            for step in jobs(steps):
+                if isinstance(step, Job) and step.length:
+                    ahead.append(pool.submit(step))
+                    inflight += 1
+                else:
+                    ahead.append(step)
+                while ahead and (
+                    not isinstance(ahead[0], Pending) or inflight > AHEAD or len(ahead) > MAX_AHEAD
+                ):
+                    head = ahead.popleft()
+                    inflight -= isinstance(head, Pending)
+                    outcome = self._take(head, progress, base, warn)
                     if outcome is not None:
                         return outcome
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            while ahead:
+                outcome = self._take(ahead.popleft(), progress, base, warn)
+                if outcome is not None:
+                    return outcome
+        finally:
+            pool.close()
         raise AssertionError("the walk ends with a Stop")
 
     def _take(self, head, progress: ProgressCallback, base: int, warn) -> Comparison | None:
@@ -519,7 +575,7 @@ class Comparer:
         if isinstance(head, Job):  # nothing to read in it
             job, found = head, None
         else:
-            job, found = head.job, head.future.result()
+            job, found = head.job, head.result()
             if found == "error":
                 found = self._check_in_order(job)
         for chunk in job.chunks:
@@ -534,31 +590,39 @@ class Comparer:
         """The offset qemu-img reports for the first difference in `job`,
         None if it reads the same, "error" if a read failed (then
         _check_in_order finds which, in qemu-img's order)."""
-        import numpy as np
+        bufs = self._buffers()
+        for run in segments(job.chunks):
+            n = run[-1].offset + run[-1].length - run[0].offset
+            try:
+                a = self._side(0, run, bufs[0][:n])
+                b = self._side(1, run, bufs[1][:n])
+            except QimgError:
+                return "error"
+            found = _first_difference(run, a, b, n)
+            if found is not None:
+                return found
+        return None
 
-        bufs = [self.pool.acquire(SEGMENT), self.pool.acquire(SEGMENT)]
-        try:
-            for run in segments(job.chunks):
-                n = run[-1].offset + run[-1].length - run[0].offset
-                sides = []
-                try:
-                    for side in (0, 1):
-                        mapped = _mapped(run, side)
-                        if mapped is None:
-                            self._fill(side, run, memoryview(bufs[side])[:n])
-                            sides.append(bufs[side][:n])
-                        else:
-                            sides.append(np.frombuffer(mapped, np.uint8))
-                except QimgError:
-                    return "error"
-                found = _first_difference(run, sides[0], sides[1], np)
-                del sides, mapped
-                if found is not None:
-                    return found
+    def _buffers(self) -> tuple[memoryview, memoryview]:
+        """This worker's two read buffers, made at its first job and kept
+        (fresh pages cost the kernel a fault and a zero-fill each)."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = (aligned_buffer(SEGMENT), aligned_buffer(SEGMENT))
+        return bufs
+
+    def _side(self, side: int, run: list[Chunk], buf: memoryview) -> memoryview | None:
+        """Image `side`'s bytes of `run`: None where none of its chunks
+        reads it (all zeros), its host bytes mapped where they follow each
+        other in one file (compared where they lie in the host's cache,
+        not copied out first), else read into `buf`."""
+        if not any((chunk.read1, chunk.read2)[side] for chunk in run):
             return None
-        finally:
-            for buf in bufs:
-                self.pool.release(buf)
+        mapped = _mapped(run, side)
+        if mapped is not None:
+            return mapped
+        self._fill(side, run, buf)
+        return buf
 
     def _fill(self, side: int, run: list[Chunk], view: memoryview) -> None:
         """`view` holds image `side`'s bytes of `run` where its chunks read
@@ -578,7 +642,7 @@ class Comparer:
             if source is not None:
                 read_host(source, view[a:b])
             else:
-                view[a:b] = bytes(b - a)
+                view[a:b] = _zeros()[: b - a]
         if lo is not None:
             read_padded(image, start + lo, view[lo:])
 
@@ -604,42 +668,90 @@ class Comparer:
                         )
                         failed.offset = chunk.offset
                         return failed
-            found = _first_difference([chunk], bufs[0], bufs[1], np)
+            found = _first_difference([chunk], bufs[0], bufs[1], chunk.length)
             if found is not None:
                 return found
         return None
 
 
 def _mapped(run: list[Chunk], side: int) -> memoryview | None:
-    """The host bytes of a run of one chunk that image `side` holds as
-    plain data at following host offsets, mapped (compared where they lie
-    in the host's cache, not copied out first); None where they are not
-    (or the storage cannot map them: then they are read)."""
-    if len(run) != 1:
+    """The host bytes of `run` where image `side` holds all of it as plain
+    data of one file at following host offsets, mapped; None where it
+    does not (or the storage cannot map them: then they are read)."""
+    first = (run[0].source1, run[0].source2)[side]
+    if first is None:
         return None
-    chunk = run[0]
-    source = (chunk.source1, chunk.source2)[side]
-    if source is None:
-        return None
-    storage, host = source
-    return storage.mapped(host, chunk.length)
-
-
-def _first_difference(run: list[Chunk], a, b, np) -> int | None:
-    """Where qemu-img reports the first difference between `a` and `b`
-    (the bytes of `run`, chunks that follow each other): the chunk's
-    offset plus the differing 512-byte sector's, counted from the chunk's
-    start; None if they are equal."""
-    if len(a) % 8 == 0:
-        if np.array_equal(a.view("<u8"), b.view("<u8")):
+    storage, host = first
+    end = host
+    for chunk in run:
+        source = (chunk.source1, chunk.source2)[side]
+        if source is None or source[0] is not storage or source[1] != end:
             return None
-    elif np.array_equal(a, b):
+        end += chunk.length
+    return storage.mapped(host, end - host)
+
+
+def _first_difference(run: list[Chunk], a, b, n: int) -> int | None:
+    """Where qemu-img reports the first difference between `a` and `b`
+    (`n` bytes of `run`, chunks that follow each other; None: zeros): the
+    chunk's offset plus the differing 512-byte sector's, counted from the
+    chunk's start; None if they are equal."""
+    if _equal(a, b, n):
         return None
-    first = int(np.flatnonzero(a != b)[0]) + run[0].offset
+    import numpy as np
+
+    zeros = np.frombuffer(_zeros(), np.uint8)
+    x = zeros[:n] if a is None else np.frombuffer(a, np.uint8, n)
+    y = zeros[:n] if b is None else np.frombuffer(b, np.uint8, n)
+    first = int(np.flatnonzero(x != y)[0]) + run[0].offset
     for chunk in run:
         if first < chunk.offset + chunk.length:
             return chunk.offset + (first - chunk.offset) // SECTOR * SECTOR
     raise AssertionError("a difference outside the run")
+
+
+def _equal(a, b, n: int) -> bool:
+    """Whether the first `n` (at most SEGMENT) bytes of buffers `a` and
+    `b` (None: zeros) are equal: libc's memcmp where the C library gives
+    it (at memory speed, without the GIL: the workers compare at once),
+    else numpy."""
+    if a is None and b is None:
+        return True
+    if a is None:
+        a, b = b, a
+    if b is None:
+        b = _zeros()
+    import numpy as np
+
+    x, y = np.frombuffer(a, np.uint8, n), np.frombuffer(b, np.uint8, n)
+    memcmp = _memcmp()
+    if memcmp is not None:
+        return n == 0 or memcmp(x.ctypes.data, y.ctypes.data, n) == 0
+    if n % 8 == 0:
+        x, y = x.view("<u8"), y.view("<u8")
+    return bool(np.array_equal(x, y))
+
+
+@functools.cache
+def _memcmp() -> Callable | None:
+    """libc's memcmp on addresses, called without the GIL (a ctypes
+    foreign function); None where the process has no C library to ask."""
+    import ctypes
+
+    try:
+        memcmp = ctypes.CDLL(None).memcmp
+    except (OSError, TypeError, AttributeError):
+        return None
+    memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    memcmp.restype = ctypes.c_int
+    return memcmp
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    """SEGMENT zero bytes, never written (their pages are the kernel's
+    shared zero page)."""
+    return aligned_buffer(SEGMENT)
 
 
 # --- the command's library function ------------------------------------------------
