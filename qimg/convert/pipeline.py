@@ -50,7 +50,9 @@ QUEUE_DEPTH = 3  # batches in flight between the producer and the writer
 BATCH_ITEMS = 4096  # items at most in one batch
 READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
-READ_BUFFERS = 12  # reused read buffers of a chunk each (BufferPool)
+# Reused read buffers of a chunk each (BufferPool): those in flight
+# between the threads, and writer.WRITE_PIECES that the writer keeps.
+READ_BUFFERS = 16
 
 
 class BufferPool:

@@ -24,6 +24,13 @@ from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
 
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
+# Data runs written together at most (Driver.write_runs: a qcow2 target
+# allocates their clusters, writes them with one pwritev and updates its L2
+# table once), their bytes, and the pieces holding them: those stay out of
+# the read pool until then (pipeline.READ_BUFFERS counts WRITE_PIECES).
+WRITE_RUNS = 64
+WRITE_BYTES = 4 << 20
+WRITE_PIECES = 4
 
 
 class RateLimit:
@@ -75,16 +82,76 @@ class Writer:
         self.workers = min(o.coroutines, os.cpu_count() or 1)
         self.compression_level = o.compression_level
         self.shared = SharedWrites(plan.src, tgt, plan.grain) if plan.share else None
+        # Data runs kept for one write_runs, where the target places runs
+        # together and no rate limit asks for each write's time: (offset,
+        # data) in guest order, the pieces holding them, their bytes, and
+        # the guest offset the copy reaches once they are written.
+        self.batching = type(tgt).write_runs is not Driver.write_runs and not o.rate_limit
+        self._runs: list[tuple[int, object]] = []
+        self._held: list[Piece] = []
+        self._run_bytes = 0
+        self._run_end = 0
 
     def write_all(self, pieces: Iterable[Piece]) -> None:
         if self.plan.compress:
             self._write_compressed(pieces)
             return
         for piece in pieces:
+            if self.shared is None and self.batching and self._keep(piece):
+                continue
+            self._flush_runs()
             for offset, length, data in piece.items:
                 self._write(offset, length, data, piece.source)
             self.release(piece)
+        self._flush_runs()
         self._flush_shared(self.plan.total)
+
+    def _keep(self, piece: Piece) -> bool:
+        """Keep `piece` for the next write_runs when it holds data and
+        nothing else to write (zeros that a fresh target already reads,
+        skips), and no source run to share from; written once WRITE_RUNS
+        runs, WRITE_BYTES or WRITE_PIECES are kept. False, nothing kept,
+        for any other piece."""
+        if piece.source is not None:
+            return False
+        runs = []
+        length = 0
+        for offset, n, data in piece.items:
+            if isinstance(data, memoryview):
+                runs.append((offset, data))
+                length += n
+            elif data is None and not self.plan.zero_init:
+                return False  # zeroes to write: in order, after the kept runs
+        if not runs and not self._runs:
+            return False  # nothing to wait for
+        self._runs += runs
+        self._run_bytes += length
+        last = piece.items[-1] if piece.items else None
+        if last is not None:
+            self._run_end = last[0] + last[1]
+        self._held.append(piece)
+        if (
+            len(self._runs) >= WRITE_RUNS
+            or self._run_bytes >= WRITE_BYTES
+            or len(self._held) >= WRITE_PIECES
+        ):
+            self._flush_runs()
+        return True
+
+    def _flush_runs(self) -> None:
+        """Write the kept runs, in one write_runs, and release their pieces.
+        An error names the first run's offset."""
+        runs, held = self._runs, self._held
+        if not runs:
+            return
+        self._runs, self._held, self._run_bytes = [], [], 0
+        try:
+            self.tgt.write_runs(runs)
+        except QimgError as exc:
+            raise ImageIOError(f"error while writing at byte {runs[0][0]}: {exc}") from None
+        for piece in held:
+            self.release(piece)
+        self.reached(self._run_end)
 
     def _write(self, offset: int, length: int, data, source: tuple | None = None) -> None:
         if data is None:
