@@ -219,15 +219,21 @@ class ClusterMap:
         brk |= kinds[1:] == COMPRESSED
         edges = np.flatnonzero(brk) + 1
         starts = np.concatenate(([0], edges))
-        stops = np.concatenate((edges, [len(kinds)]))
-        for s, e in zip(starts.tolist(), stops.tolist()):
-            g0 = max(start, base + (u0 + s) * unit)
-            g1 = min(end, base + (u0 + e) * unit)
-            kind = int(kinds[s])
-            host = int(hosts[s])
-            if kind != COMPRESSED and host:
-                host += g0 - (base + (u0 + s) * unit)
-            _append(out, Extent(kind, g0, g1 - g0, host))
+        # Guest bounds of the runs; only the first starts before `start`
+        # and only the last ends after `end`.
+        bounds = (base + (u0 + np.append(starts, len(kinds))) * unit).tolist()
+        bounds[-1] = min(end, bounds[-1])
+        host_list = hosts[starts].tolist()
+        kind_list = kinds[starts].tolist()
+        if kind_list[0] != COMPRESSED and host_list[0]:
+            host_list[0] += max(start, bounds[0]) - bounds[0]
+        bounds[0] = max(start, bounds[0])
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        runs = list(map(Extent, kind_list, bounds, lengths, host_list))
+        # Runs inside one table never continue each other (the breaks
+        # above): only the first may merge with what `out` ends with.
+        _append(out, runs[0])
+        out.extend(runs[1:])
 
     # --- L2 allocation -----------------------------------------------------------
 
