@@ -217,3 +217,17 @@ def test_cbc_decrypts_runs_with_every_ivgen_as_sector_by_sector(ivgen, alg, n):
     buf = bytearray(data)
     cipher.decrypt(first, buf, out=buf)
     assert buf == want
+
+
+@pytest.mark.parametrize("mode", ["xts", "cbc", "ctr", "ecb"])
+def test_decryption_in_the_calling_thread_equals_the_pools(mode):
+    key = bytes(range(64 if mode == "xts" else 32))
+    cipher = sector_cipher("aes-256", mode, "plain64", None, key)
+    n = 2 * 2048 + 7  # more than one of the pool's chunks
+    data = random.Random(mode).randbytes(n * 512)
+    pooled = bytes(cipher.decrypt(3, data))
+    assert bytes(cipher.decrypt(3, data, split=False)) == pooled
+    buf = bytearray(data)
+    cipher.decrypt(3, buf, out=buf, split=False)
+    assert buf == pooled
+    assert bytes(cipher.encrypt(3, pooled)) == data

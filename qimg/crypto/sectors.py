@@ -24,7 +24,11 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 
 `cryptography` holds the GIL while it encrypts (measured: two threads take
 as long as one); numpy releases it, and the XTS tweaks and XORs are most of
-the work, so a call of several chunks spreads them over a thread per core.
+the work, so a call of several chunks spreads them over a thread per core,
+unless its caller reads from several threads already (split=False:
+convert's readers, compare): there the cores are busy with the readers,
+and the pool measured no faster (XTS, 1 GiB, same CPU and wall within
+the noise), with twice the threads.
 `encrypt_writing` (qcow2 data writes) also overlaps the encryption of a
 write's later pieces with the writing of its earlier ones.
 """
@@ -310,11 +314,13 @@ class _Base:
         as `data`; it may be `data` itself) and `out` returned."""
         return self._run(sector, data, self._encrypt_chunk, out)
 
-    def decrypt(self, sector: int, data, out=None):
-        """Plaintext of whole sectors `data` (see encrypt)."""
-        return self._run(sector, data, self._decrypt_chunk, out)
+    def decrypt(self, sector: int, data, out=None, *, split: bool = True):
+        """Plaintext of whole sectors `data` (see encrypt); `split` False
+        keeps the work in the calling thread (a caller that reads from
+        several threads already keeps the cores busy itself)."""
+        return self._run(sector, data, self._decrypt_chunk, out, split)
 
-    def _run(self, sector: int, data, chunk_fn, out):
+    def _run(self, sector: int, data, chunk_fn, out, split: bool = True):
         np = self._np
         total = len(memoryview(data).cast("B"))
         if total % SECTOR_SIZE:
@@ -329,12 +335,13 @@ class _Base:
             part = slice(first, first + _CHUNK_SECTORS)
             chunk_fn(sector + first, src[part], dst[part])
 
-        if len(firsts) > 1:
+        if split and len(firsts) > 1:
             # numpy releases the GIL (cryptography does not): chunks on
             # every core overlap their numpy work.
             list(_pool().map(run_chunk, firsts))
         else:
-            run_chunk(0)
+            for first in firsts:
+                run_chunk(first)
         return out
 
     def _scratch(self, name: str, size: int):
@@ -503,7 +510,7 @@ class _CBC(_Base):
             prev = columns[j]
         _blocks_of(dst)[...] = _blocks_of(columns).T
 
-    def decrypt(self, sector: int, data, out=None):
+    def decrypt(self, sector: int, data, out=None, *, split: bool = True):
         """Plaintext of whole sectors `data` (see encrypt), as ONE CBC
         stream over the whole run with the first sector's IV: every block
         but a sector's first then comes out right (its predecessor is the
@@ -512,7 +519,8 @@ class _CBC(_Base):
         instead of to its own IV, is mended by XORing both in (a strided
         numpy step over the sectors). One `cryptography` call decrypts
         the run, in place when `out` is `data` (OpenSSL decrypts in
-        place), with no copy and no XOR pass over the data."""
+        place), with no copy and no XOR pass over the data. Always in the
+        calling thread (`split` is moot): `cryptography` holds the GIL."""
         np = self._np
         src_octets = memoryview(data).cast("B")
         total = len(src_octets)

@@ -82,6 +82,12 @@ class LuksImage(Driver):
         self._local = threading.local()
         length = -(-storage.size() // SECTOR_SIZE) * SECTOR_SIZE
         self.size = length - self.payload_offset
+        # As an encrypted qcow2 image: decryption is the work of a read, so
+        # convert reads in parallel on its readers (read_compressed), and
+        # those turn off split_decompression: each decrypts its own reads
+        # in its own thread instead of handing them to the cipher's pool.
+        self.read_compressed = self._cipher is not None
+        self.split_decompression = True
 
     def _need_key(self) -> None:
         if self._cipher is None:
@@ -101,7 +107,9 @@ class LuksImage(Driver):
             got = self.storage.preadv(self.payload_offset + offset, view)
             if got < len(view):
                 view[got:] = bytes(len(view) - got)
-            self._cipher.decrypt(offset // SECTOR_SIZE, view, out=view)
+            self._cipher.decrypt(
+                offset // SECTOR_SIZE, view, out=view, split=self.split_decompression
+            )
             return
         start = offset - head
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
@@ -114,7 +122,7 @@ class LuksImage(Driver):
         raw = self.storage.pread(self.payload_offset + start, length)
         if len(raw) < length:
             raw = bytes(raw).ljust(length, b"\0")
-        return self._cipher.decrypt(start // SECTOR_SIZE, raw)
+        return self._cipher.decrypt(start // SECTOR_SIZE, raw, split=self.split_decompression)
 
     def write(self, offset: int, data) -> None:
         self._check_writable()

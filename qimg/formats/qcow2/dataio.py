@@ -38,8 +38,10 @@ class SectorCipher(Protocol):
         `data` itself) and `out` returned."""
         ...
 
-    def decrypt(self, sector: int, data, out=None):
-        """Plaintext of whole sectors `data` (see encrypt)."""
+    def decrypt(self, sector: int, data, out=None, *, split: bool = True):
+        """Plaintext of whole sectors `data` (see encrypt); `split` False:
+        all of it in the calling thread (passed only as False: a cipher
+        that never spreads over threads may leave the keyword out)."""
         ...
 
 
@@ -91,15 +93,24 @@ class DataIO:
             got = storage.preadv(host, view)
             if got < len(view):
                 view[got:] = bytes(len(view) - got)
-            self.cipher.decrypt(self._sector(guest, host), view, out=view)
+            self._decrypt(self._sector(guest, host), view)
             return
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
         raw = self._buffer(span)
         got = storage.preadv(host - head, raw)
         if got < span:
             raw[got:] = bytes(span - got)
-        self.cipher.decrypt(self._sector(guest - head, host - head), raw, out=raw)
+        self._decrypt(self._sector(guest - head, host - head), raw)
         view[:] = raw[head : head + len(view)]
+
+    def _decrypt(self, sector: int, buf) -> None:
+        """Decrypt `buf` in place; in the calling thread where the image's
+        split_decompression is off (convert's readers, compare: callers
+        that read from several threads already)."""
+        if getattr(self.image, "split_decompression", True):
+            self.cipher.decrypt(sector, buf, out=buf)
+        else:
+            self.cipher.decrypt(sector, buf, out=buf, split=False)
 
     def write(self, guest: int, host: int, buffers: list) -> None:
         """Guest bytes (the concatenation of `buffers`) at `guest`, to their
