@@ -127,23 +127,22 @@ class DataIO:
         if self.cipher is None:
             image.data_storage.pwritev(host, buffers)
             return
-        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
-        if self.cipher is not None:
-            if host % SECTOR_SIZE or total % SECTOR_SIZE:
-                raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
-            # The caller's buffers stay as they are: the ciphertext goes to
-            # this thread's buffer, reused from write to write, and is
-            # written piece by piece while the rest is being encrypted.
-            from qimg.crypto.sectors import encrypt_writing
+        if host % SECTOR_SIZE or total % SECTOR_SIZE:
+            raise ValueError(f"unaligned encrypted write at host offset {host:#x}")
+        # The caller's buffers stay as they are: the ciphertext goes to
+        # this thread's buffer, reused from write to write, and is
+        # written piece by piece while the rest is being encrypted.
+        from qimg.crypto.sectors import encrypt_writing
 
-            storage = image.data_storage
-            encrypt_writing(
-                self.cipher,
-                self._sector(guest, host),
-                data,
-                self._buffer(total),
-                lambda at, piece: storage.pwrite(host + at, piece),
-            )
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        storage = image.data_storage
+        encrypt_writing(
+            self.cipher,
+            self._sector(guest, host),
+            data,
+            self._buffer(total),
+            lambda at, piece: storage.pwrite(host + at, piece),
+        )
 
     def _buffer(self, size: int) -> memoryview:
         """This thread's cipher buffer of `size` bytes (fresh memory would
