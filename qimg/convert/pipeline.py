@@ -239,6 +239,9 @@ class Pipeline:
                     step = self._readers.submit(self._read_chunk, offset, buf, where)
                 else:
                     step = self._read_chunk(offset, self.pool.acquire(length), where)
+            if isinstance(step, Piece) and not ahead:
+                yield step  # nothing read ahead of it: handed on at once
+                continue
             ahead.append(step)
             if len(ahead) > READ_AHEAD:
                 yield _resolved(ahead.popleft())
