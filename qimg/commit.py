@@ -24,10 +24,10 @@ from qimg.errors import QimgError
 from qimg.storage import Storage
 
 # Guest bytes of one data piece at most; data pieces read (in one job) and
-# written (in one Driver.write_runs) together, at most BATCH bytes; reader
-# threads.
+# written (in one Driver.write_runs) together, at most BATCH bytes (>= CHUNK);
+# reader threads.
 CHUNK = 4 << 20
-BATCH = 8 << 20
+BATCH = 4 << 20
 READERS = 2
 # Bytes written into the base between starts of its write-back.
 WRITEBACK_STEP = 32 << 20
@@ -120,13 +120,14 @@ def copy_down(
     # Read buffers are reused (fresh memory costs a page fault per page):
     # at most READ_AHEAD + 1 are in use at once.
     spare: list[bytearray] = []
+    size = min(BATCH, sum(p.end - p.start for p in pieces if p.kind == DATA))
     unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
         def start_read(batch: list[_Piece]):
             if batch[0].kind != DATA:
                 return None
-            return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(BATCH))
+            return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
         for batch, read in read_ahead(_batches(pieces), start_read):
             length = sum(p.end - p.start for p in batch)

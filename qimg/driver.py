@@ -97,8 +97,9 @@ class Driver:
         raise NotImplementedError
 
     def write_runs(self, runs: list[tuple[int, object]]) -> None:
-        """write() of each (offset, data) run, in order (a driver may place
-        them together: one allocation, one table update, gathered writes)."""
+        """write() of each (offset, data) run, the runs sorted and disjoint
+        (a driver may place them together: one allocation, one table
+        update, gathered writes)."""
         for offset, data in runs:
             self.write(offset, data)
 

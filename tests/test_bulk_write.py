@@ -144,3 +144,34 @@ def test_write_runs_reads_back_as_the_same_writes_to_a_raw_file(qemu_img, tmp_pa
     assert_clean(tmp_path, image.name)
     proc = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(raw)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("cache", [None, "none"])
+def test_pwritev_writes_every_buffer_whole_when_the_system_call_writes_part(
+    tmp_path, monkeypatch, cache
+):
+    """FileStorage.pwritev goes on where a pwritev wrote only part (the
+    cut inside a buffer or between two), and under O_DIRECT writes as
+    pwrite does."""
+    import os
+
+    from qimg import storage as storage_module
+    from qimg.cachemode import parse_cache_mode
+
+    real = os.pwritev
+
+    def short(fd, views, offset):
+        return real(fd, [memoryview(views[0])[:3000]], offset)
+
+    monkeypatch.setattr(storage_module.os, "pwritev", short)
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    buffers = [_pattern(k * 4096, 4096 + 512 * k) for k in range(5)] + [b""]
+    mode = parse_cache_mode(cache) if cache else None
+    s = storage_module.open_storage(str(path), writable=True, lock=False, cache=mode)
+    try:
+        s.pwritev(8192, buffers)
+        s.flush()
+    finally:
+        s.close()
+    assert path.read_bytes() == bytes(8192) + b"".join(buffers)

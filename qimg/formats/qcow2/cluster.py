@@ -219,15 +219,21 @@ class ClusterMap:
         brk |= kinds[1:] == COMPRESSED
         edges = np.flatnonzero(brk) + 1
         starts = np.concatenate(([0], edges))
-        stops = np.concatenate((edges, [len(kinds)]))
-        for s, e in zip(starts.tolist(), stops.tolist()):
-            g0 = max(start, base + (u0 + s) * unit)
-            g1 = min(end, base + (u0 + e) * unit)
-            kind = int(kinds[s])
-            host = int(hosts[s])
-            if kind != COMPRESSED and host:
-                host += g0 - (base + (u0 + s) * unit)
-            _append(out, Extent(kind, g0, g1 - g0, host))
+        # Guest bounds of the runs; only the first starts before `start`
+        # and only the last ends after `end`.
+        bounds = (base + (u0 + np.append(starts, len(kinds))) * unit).tolist()
+        bounds[-1] = min(end, bounds[-1])
+        host_list = hosts[starts].tolist()
+        kind_list = kinds[starts].tolist()
+        if kind_list[0] != COMPRESSED and host_list[0]:
+            host_list[0] += max(start, bounds[0]) - bounds[0]
+        bounds[0] = max(start, bounds[0])
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        runs = list(map(Extent, kind_list, bounds, lengths, host_list))
+        # Runs inside one table never continue each other (the breaks
+        # above): only the first may merge with what `out` ends with.
+        _append(out, runs[0])
+        out.extend(runs[1:])
 
     # --- L2 allocation -----------------------------------------------------------
 
@@ -393,13 +399,14 @@ class ClusterMap:
                 table = first if first == last else None
         return groups
 
-    def place_runs(self, runs: list[tuple], put) -> bool:
-        """Place (offset, data, ...) runs of whole clusters, all in one L2
-        table and all unallocated there, in host clusters allocated
-        together in guest order (as one write per run would place them),
-        the bytes put there by `put(host, runs)` (the runs' data one after
-        another from `host` on); one L2 update for all. False, nothing
-        done, where a run does not qualify.
+    def place_runs(self, runs: list[tuple], put) -> list[tuple]:
+        """Place the (offset, data, ...) runs (sorted, disjoint, in one L2
+        table) that are whole clusters all unallocated there, in host
+        clusters allocated together in guest order (as one write per run
+        would place them), the bytes put there by `put(host, placed)` (the
+        placed runs' data one after another from `host` on); one L2 update
+        for all. Returns the runs it did not place, in order, for the
+        caller to write.
 
         Ordering as _write_allocating: the data is placed before the L2
         entries point at it, and the table depends on the refcounts that
@@ -407,36 +414,46 @@ class ClusterMap:
         """
         geo = self.geo
         cb, cs = geo.cluster_bits, geo.cluster_size
-        sizes = [memoryview(run[1]).nbytes for run in runs]
-        if any(run[0] % cs or n % cs or not n for run, n in zip(runs, sizes)):
-            return False
         mask = geo.l2_size - 1
-        index = np.concatenate(
-            [
-                np.arange(n >> cb, dtype=np.int64) + ((run[0] >> cb) & mask)
-                for run, n in zip(runs, sizes)
-            ]
-        )
-        if int(index[-1]) > mask or (np.diff(index) <= 0).any():
-            return False  # past the table's end: a run crosses into the next
+        firsts, counts = [], []
+        for run in runs:
+            n = memoryview(run[1]).nbytes
+            firsts.append((run[0] >> cb) & mask)
+            counts.append(n >> cb if not (run[0] % cs or n % cs) else 0)
+        whole = np.array(counts, dtype=np.int64)
+        starts = np.array(firsts, dtype=np.int64)
+        ends = starts + whole
+        # A run past the table's end crosses into the next one.
+        whole[ends > mask + 1] = 0
+        if not whole.any() or (starts[1:] < ends[:-1]).any():
+            return runs
         # The table first (allocated or copied where it must be), then the
         # data clusters: the order one write per run allocates them in.
         l2_offset, table = self.l2_for_write(runs[0][0] >> (cb + geo.l2_bits))
-        if descriptors(table[index]).any():
-            return False
+        taken = descriptors(table) != 0
+        # Clusters in use before each index: a run is fresh where none of
+        # its clusters is.
+        used = np.concatenate(([0], np.cumsum(taken)))
+        fresh = (whole > 0) & (used[np.minimum(ends, mask + 1)] == used[starts])
+        if not fresh.any():
+            return runs
+        placed = [run for run, f in zip(runs, fresh.tolist()) if f]
+        index = np.concatenate(
+            [np.arange(a, e, dtype=np.int64) for a, e in zip(starts[fresh], ends[fresh])]
+        )
         owner = self.owner
         self.l2_cache.mark_dirty(l2_offset)
         host = owner.refcounts.alloc(len(index))
         owner.check_overlap(host, len(index) << cb, "data")
-        put(host, runs)
+        put(host, placed)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
         table[index] = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(
             len(index), dtype=np.uint64
         ) * _U64(cs)
         self.l2_cache.mark_dirty(l2_offset)
-        return True
+        return [run for run, f in zip(runs, fresh.tolist()) if not f]
 
-    def place_shared(self, runs: list[tuple], share) -> bool:
+    def place_shared(self, runs: list[tuple], share) -> list[tuple]:
         """place_runs of (offset, data, source, source_offset) runs, the
         bytes of each span of runs that continue each other in one source
         put there by `share(host, pieces, source, source_offset)` (pieces:

@@ -454,16 +454,15 @@ class Qcow2Image(Driver):
     def write_runs(self, runs: list[tuple[int, object]]) -> None:
         """Driver.write_runs: runs of whole clusters that no cluster of the
         image maps yet are placed together (ClusterMap.place_runs: one
-        allocation, one gathered write and one L2 update per table); any
-        other run goes through write."""
+        allocation, one gathered write and one L2 update per table); the
+        other runs go through write."""
         if self.dataio.cipher is not None or not self.clusters.can_place_runs:
             super().write_runs(runs)
             return
         self._begin_runs(runs)
         for group in self.clusters.table_groups(runs):
-            if not self.clusters.place_runs(group, self._put_runs):
-                for offset, data in group:
-                    self.clusters.write(offset, memoryview(data).cast("B"))
+            for offset, data in self.clusters.place_runs(group, self._put_runs):
+                self.clusters.write(offset, memoryview(data).cast("B"))
 
     def _begin_runs(self, runs: list[tuple]) -> None:
         """The checks and marks of write() for each (offset, data, ...) run."""
@@ -503,9 +502,7 @@ class Qcow2Image(Driver):
         self._begin_runs(runs)
         io.shared = None
         for group in self.clusters.table_groups(runs):
-            if self.clusters.place_shared(group, self._share_run):
-                continue
-            for offset, data, source, host in group:
+            for offset, data, source, host in self.clusters.place_shared(group, self._share_run):
                 before = io.shared
                 if self.write_shared(offset, data, source, host) is not False and before:
                     io.shared = True
