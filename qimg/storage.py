@@ -647,10 +647,23 @@ def _open(path: str, flags: int, direct: bool, create: bool) -> int:
 
 def aligned_buffer(size: int) -> memoryview:
     """`size` bytes of fresh anonymous memory, page-aligned (so aligned
-    for O_DIRECT); zero-filled."""
+    for O_DIRECT); zero-filled. Private, and where it spans a huge page,
+    asked to be backed by huge pages: a 2 MiB buffer then costs one page
+    fault and one clear on first touch, not 512 (measured 7 ms against
+    21 ms for 16 of them; a shared mapping faults each 4 KiB page in)."""
     import mmap
 
-    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    m = mmap.mmap(-1, max(size, 1), flags=flags) if flags else mmap.mmap(-1, max(size, 1))
+    if size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # advice only
+    return memoryview(m)[:size]
+
+
+_HUGE_PAGE = 2 << 20
 
 
 def _address(view: memoryview) -> int:

@@ -147,3 +147,36 @@ def test_data_runs_of_a_sparse_source_reach_the_qcow2_target_together(
     assert max(calls) > 1
     run(["qemu-img", "compare", str(src), str(out)])
     qemu_check_clean(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_surely_data_never_claims_a_buffer_with_a_zero_block(seed):
+    """The zero scan's shortcut: where it says "all data", zero_blocks
+    finds no zero block; it says so for a buffer of data blocks."""
+    import numpy as np
+
+    from qimg.convert.scan import Blocks, surely_data, zero_blocks
+
+    rng = np.random.default_rng(seed)
+    block = [512, 4096, 65536][seed % 3]
+    buf = rng.integers(1, 256, size=16 * block, dtype=np.uint8)
+    assert surely_data(buf, 0, block)
+    for _ in range(20):
+        words = buf.copy()
+        i = int(rng.integers(0, 16))
+        how = int(rng.integers(0, 3))
+        if how == 0:
+            words[i * block : (i + 1) * block] = 0  # a zero block
+        elif how == 1:
+            words[i * block : i * block + 8] = 0  # a block's first word
+            words[(i + 1) * block - 8 : (i + 1) * block] = 0  # and last
+        else:
+            words[i * block + 8 : (i + 1) * block - 8] = 0  # all but its ends
+        offset = int(rng.integers(0, 4)) * block
+        zero = zero_blocks(words, Blocks.cut(offset, len(words), block))
+        if surely_data(words, offset, block):
+            assert not zero.any()
+        else:
+            assert how != 2
+    assert not surely_data(buf[: 16 * block - 8], 0, block)  # not whole blocks
+    assert not surely_data(buf, 512 if block > 512 else 256, block)  # off a boundary

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from qimg.chain import read_host
 from qimg.convert.plan import Plan
-from qimg.convert.scan import SKIP, ZERO, Blocks, differing_blocks, state_runs, zero_blocks
+from qimg.convert.scan import (
+    SKIP,
+    ZERO,
+    Blocks,
+    differing_blocks,
+    state_runs,
+    surely_data,
+    zero_blocks,
+)
 from qimg.convert.sharing import source_runs
 from qimg.convert.source import Concat
 from qimg.driver import Driver
@@ -231,6 +239,9 @@ class Pipeline:
                     step = self._readers.submit(self._read_chunk, offset, buf, where)
                 else:
                     step = self._read_chunk(offset, self.pool.acquire(length), where)
+            if isinstance(step, Piece) and not ahead:
+                yield step  # nothing read ahead of it: handed on at once
+                continue
             ahead.append(step)
             if len(ahead) > READ_AHEAD:
                 yield _resolved(ahead.popleft())
@@ -338,8 +349,10 @@ class Pipeline:
         view = memoryview(buf)
         if not plan.detect_zeros and plan.backing is None:
             return [(offset, len(buf), view)]
-        blocks = Blocks.cut(offset, len(buf), plan.block)
         words = np.frombuffer(buf, dtype=np.uint8)
+        if plan.backing is None and surely_data(words, offset, plan.block):
+            return [(offset, len(buf), view)]  # all data (the common case)
+        blocks = Blocks.cut(offset, len(buf), plan.block)
         if plan.detect_zeros:
             zero = zero_blocks(words, blocks, plan.min_zero)
         else:

@@ -26,8 +26,8 @@ from qimg.errors import ImageIOError, QimgError
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
 # Data runs written together at most (Driver.write_runs: a qcow2 target
 # allocates their clusters, writes them with one pwritev and updates its L2
-# table once), their bytes, and the pieces holding them: those stay out of
-# the read pool until then (pipeline.READ_BUFFERS counts WRITE_PIECES).
+# table once), their bytes, and the read buffers holding them: those stay
+# out of the read pool until then (pipeline.READ_BUFFERS counts them).
 WRITE_RUNS = 64
 WRITE_BYTES = 4 << 20
 WRITE_PIECES = 4
@@ -89,6 +89,7 @@ class Writer:
         self.batching = type(tgt).write_runs is not Driver.write_runs and not o.rate_limit
         self._runs: list[tuple[int, object]] = []
         self._held: list[Piece] = []
+        self._buffers = 0  # of the held pieces, those holding a read buffer
         self._run_bytes = 0
         self._run_end = 0
 
@@ -130,10 +131,11 @@ class Writer:
         if last is not None:
             self._run_end = last[0] + last[1]
         self._held.append(piece)
+        self._buffers += piece.buffer is not None
         if (
             len(self._runs) >= WRITE_RUNS
             or self._run_bytes >= WRITE_BYTES
-            or len(self._held) >= WRITE_PIECES
+            or self._buffers >= WRITE_PIECES
         ):
             self._flush_runs()
         return True
@@ -144,7 +146,7 @@ class Writer:
         runs, held = self._runs, self._held
         if not runs:
             return
-        self._runs, self._held, self._run_bytes = [], [], 0
+        self._runs, self._held, self._run_bytes, self._buffers = [], [], 0, 0
         try:
             self.tgt.write_runs(runs)
         except QimgError as exc:
