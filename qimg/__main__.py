@@ -1,3 +1,3 @@
-from qimg.cli import main
+from qimg.cli import run
 
-main()
+run()

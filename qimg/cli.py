@@ -177,5 +177,33 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
+def run() -> None:
+    """The program (console script, `python -m qimg`): main(), then the
+    process ends once the exit handlers have run and stdout and stderr are
+    flushed, without the interpreter's teardown of modules and threads
+    (10-30 ms of CPU after every command, measured on a convert and an
+    info). Images are closed by then: every command closes what it opens,
+    and their writes are unbuffered system calls."""
+    import atexit
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        sys.exit(code)  # the interpreter reports a failed flush, as it always did
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()
