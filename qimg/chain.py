@@ -190,9 +190,7 @@ def read_host(source: tuple, view: memoryview) -> None:
     """The bytes at `source` (storage, host offset) into `view`, zeros past
     the end of the file (as the image's own read gives them there)."""
     storage, host = source
-    got = storage.preadv(host, view)
-    if got < len(view):
-        view[got:] = bytes(len(view) - got)
+    storage.pread_padded(host, view)
 
 
 def read_ahead(pieces: Iterable, start_reads: Callable, depth: int = READ_AHEAD) -> Iterator:

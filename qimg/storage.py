@@ -52,6 +52,13 @@ class Storage(abc.ABC):
     def preadv(self, offset: int, buffer: memoryview) -> int:
         """Read into `buffer`; returns the bytes read (fewer past the end)."""
 
+    def pread_padded(self, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` from `offset`; bytes past the end read as zeros
+        (as QEMU's file driver reads them)."""
+        got = self.preadv(offset, buffer)
+        if got < len(buffer):
+            buffer[got:] = bytes(len(buffer) - got)
+
     @abc.abstractmethod
     def pwrite(self, offset: int, data) -> None:
         """Write all of `data` at `offset` (the storage grows as needed)."""

@@ -104,9 +104,7 @@ class LuksImage(Driver):
         head = offset % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
             # Whole sectors: read into the caller's buffer, decrypt in place.
-            got = self.storage.preadv(self.payload_offset + offset, view)
-            if got < len(view):
-                view[got:] = bytes(len(view) - got)
+            self.storage.pread_padded(self.payload_offset + offset, view)
             self._cipher.decrypt(
                 offset // SECTOR_SIZE, view, out=view, split=self.split_decompression
             )

@@ -272,9 +272,7 @@ class QcowImage(Driver):
         """A data extent's bytes; past the end of the file zeros (before
         decryption, whole sectors of an encrypted image)."""
         if self.cipher is None:
-            got = self.storage.preadv(ext.host, dst)
-            if got < ext.length:
-                dst[got:] = bytes(ext.length - got)
+            self.storage.pread_padded(ext.host, dst)
             return
         head = ext.offset % BDRV_SECTOR_SIZE  # host and guest agree modulo a sector
         span = -(-(head + ext.length) // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE

@@ -18,9 +18,7 @@ class RawImage(Driver):
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
-        got = self.storage.preadv(offset, view)
-        if got < len(view):
-            view[got:] = bytes(len(view) - got)
+        self.storage.pread_padded(offset, view)
 
     def write(self, offset: int, data) -> None:
         self._check_writable()

@@ -83,23 +83,17 @@ class DataIO:
         the end of the file read as zeros (before decryption)."""
         storage = self.image.data_storage
         if self.cipher is None:
-            got = storage.preadv(host, view)
-            if got < len(view):
-                view[got:] = bytes(len(view) - got)
+            storage.pread_padded(host, view)
             return
         head = host % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
             # Whole sectors: the ciphertext read into `view`, decrypted in place.
-            got = storage.preadv(host, view)
-            if got < len(view):
-                view[got:] = bytes(len(view) - got)
+            storage.pread_padded(host, view)
             self._decrypt(self._sector(guest, host), view)
             return
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
         raw = self._buffer(span)
-        got = storage.preadv(host - head, raw)
-        if got < span:
-            raw[got:] = bytes(span - got)
+        storage.pread_padded(host - head, raw)
         self._decrypt(self._sector(guest - head, host - head), raw)
         view[:] = raw[head : head + len(view)]
 
@@ -176,9 +170,7 @@ class DataIO:
     def read_compressed(self, host: int, view: memoryview) -> None:
         """Compressed cluster bytes at `host` into `view` (zeros past the
         end of the file)."""
-        got = self.image.data_storage.preadv(host, view)
-        if got < len(view):
-            view[got:] = bytes(len(view) - got)
+        self.image.data_storage.pread_padded(host, view)
 
     def write_compressed(self, host: int, data) -> None:
         """Compressed cluster bytes to `host` (overlap checked as `write`)."""
