@@ -732,19 +732,13 @@ def _equal(a, b, n: int) -> bool:
     return bool(np.array_equal(x, y))
 
 
-@functools.cache
 def _memcmp() -> Callable | None:
-    """libc's memcmp on addresses, called without the GIL (a ctypes
-    foreign function); None where the process has no C library to ask."""
+    """memcmp on addresses, called without the GIL (qimg.libc), or None."""
     import ctypes
 
-    try:
-        memcmp = ctypes.CDLL(None).memcmp
-    except (OSError, TypeError, AttributeError):
-        return None
-    memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-    memcmp.restype = ctypes.c_int
-    return memcmp
+    from qimg import libc
+
+    return libc.function("memcmp", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
 @functools.cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import errno
-import functools
 import os
 import threading
 
@@ -588,21 +587,15 @@ def _check_file_type(fd: int, path: str) -> None:
         raise ImageIOError(f"'file' driver requires '{path}' to be a regular file")
 
 
-@functools.cache
 def _fallocate():
-    """libc's fallocate(2), looked up once (find_library runs ldconfig);
-    None where there is none (the caller then writes zeros)."""
+    """fallocate(2) (qimg.libc), or None (the caller then writes zeros)."""
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
-    fallocate.restype = ctypes.c_int
-    return fallocate
+    from qimg import libc
+
+    return libc.function(
+        "fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong
+    )
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

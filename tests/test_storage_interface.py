@@ -13,7 +13,7 @@ import pytest
 from conftest import qemu_check_clean, qemu_read_raw, run
 from infotools import message, qemu_in, qimg_here, without_actual_size
 
-from qimg import storage as storage_mod
+from qimg import libc
 from qimg.api import open_image
 from qimg.faults import FaultyStorage
 from qimg.info import image_info
@@ -148,7 +148,7 @@ def test_punching_holes_looks_up_the_c_library_once(tmp_path, monkeypatch):
         return real(name)
 
     monkeypatch.setattr(ctypes.util, "find_library", counting)
-    storage_mod._fallocate.cache_clear()
+    libc.function.cache_clear()
     path = tmp_path / "f.raw"
     path.write_bytes(b"\x11" * (1 << 16))
     s = FileStorage(str(path), writable=True)

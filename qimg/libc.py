@@ -1,0 +1,26 @@
+"""C library functions the os module has no binding for (fallocate's
+hole punching, sync_file_range, memcmp on addresses), through ctypes.
+
+Each is looked up once, in the process's own symbols (no ldconfig run);
+a foreign function releases the GIL while it runs. None where there is
+no C library to ask or no such function in it: callers then do without.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+
+@functools.cache
+def function(name: str, restype, *argtypes) -> Callable | None:
+    """The C library's `name` with its result and argument types (errno
+    kept for ctypes.get_errno), or None."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, TypeError, AttributeError):
+        return None
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
