@@ -13,11 +13,11 @@ sectors, the first numbered `sector`. Every call does a fixed number of
   32 blocks of each sector in three numpy steps over the whole chunk
   (GF(2^128), the tweak a little-endian 128-bit number), then
   C = E_key1(P ^ T) ^ T with one ECB call over the chunk.
-- CBC: decryption is one CBC call over the whole run (the chaining
+- CBC: decryption is one CBC stream over the whole run (the chaining
   between sectors then mended in each sector's first block, a strided
-  XOR of n blocks), in place where asked: no pass over the data but
-  OpenSSL's; encryption chains within a sector, so it runs block column
-  by block column across all sectors of the chunk (32 ECB calls for AES).
+  XOR of n blocks); in place, through a small buffer a piece at a time;
+  encryption chains within a sector, so it runs block column by block
+  column across all sectors of the chunk (32 ECB calls for AES).
 - CTR: counter blocks IV + j (big-endian, as nettle and gcrypt count) of a
   chunk in one ECB call, XORed in.
 - ECB: no IV.
@@ -523,8 +523,8 @@ class _CBC(_Base):
         numpy step over the sectors). One `cryptography` call decrypts
         the run into `out`; in place (`out` is `data`), a call per
         STREAM_PIECE through a small buffer copied back. No XOR pass
-        over the data. Always in the
-        calling thread (`split` is moot): `cryptography` holds the GIL."""
+        over the data. Always in the calling thread (`split` is moot):
+        `cryptography` holds the GIL."""
         np = self._np
         src_octets = memoryview(data).cast("B")
         total = len(src_octets)
