@@ -25,9 +25,9 @@ from qimg.errors import ImageIOError, QimgError
 
 COMPRESS_BATCH = 1 << 20  # guest bytes per compression task (-c)
 # Data runs written together at most (Driver.write_runs: a qcow2 target
-# allocates their clusters, writes them with one pwritev and updates its L2
-# table once), their bytes, and the read buffers holding them: those stay
-# out of the read pool until then (pipeline.READ_BUFFERS counts them).
+# allocates their clusters once and updates its L2 table once), their
+# bytes, and the read buffers holding them: those stay out of the read
+# pool until then (pipeline.READ_BUFFERS counts them).
 WRITE_RUNS = 64
 WRITE_BYTES = 4 << 20
 WRITE_PIECES = 4
@@ -165,8 +165,7 @@ class Writer:
                 else:
                     self.tgt.write(offset, data)
             except QimgError as exc:
-                at = getattr(exc, "write_offset", offset)
-                raise ImageIOError(f"error while writing at byte {at}: {exc}") from None
+                raise _write_error(exc, offset) from None
             self.limit.account(length)
         self.reached(offset + length)
 
@@ -177,8 +176,7 @@ class Writer:
         try:
             self.shared.flush()
         except QimgError as exc:
-            at = getattr(exc, "write_offset", offset)
-            raise ImageIOError(f"error while writing at byte {at}: {exc}") from None
+            raise _write_error(exc, offset) from None
         if self.shared.confirmed:
             self.plan.share_confirmed = True
 
@@ -287,3 +285,10 @@ def _compression_type(tgt: Driver) -> int:
     """The target's compression_type header field (qcow2 only: -c is
     refused for other formats before the copy starts)."""
     return tgt.compression_type
+
+
+def _write_error(exc: QimgError, offset: int) -> ImageIOError:
+    """qemu-img's message for a failed write at `offset` (or at the
+    offset the error names: SharedWrites' `write_offset`)."""
+    at = getattr(exc, "write_offset", offset)
+    return ImageIOError(f"error while writing at byte {at}: {exc}")

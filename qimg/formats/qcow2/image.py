@@ -454,8 +454,8 @@ class Qcow2Image(Driver):
     def write_runs(self, runs: list[tuple[int, object]]) -> None:
         """Driver.write_runs: runs of whole clusters that no cluster of the
         image maps yet are placed together (ClusterMap.place_runs: one
-        allocation, one gathered write and one L2 update per table); the
-        other runs go through write."""
+        allocation and one L2 update per table, the data written run by
+        run, _put_runs); the other runs go through write."""
         if self.dataio.cipher is not None or not self.clusters.can_place_runs:
             super().write_runs(runs)
             return
