@@ -193,6 +193,16 @@ def read_host(source: tuple, view: memoryview) -> None:
     storage.pread_padded(host, view)
 
 
+def read_padded(image: Driver, offset: int, view: memoryview) -> None:
+    """Guest bytes of `image` into `view`; past its size (inside the last
+    sector QEMU counts) they read as zeros."""
+    n = max(0, min(len(view), image.size - offset))
+    if n:
+        image.readinto(offset, view[:n])
+    if n < len(view):
+        view[n:] = bytes(len(view) - n)
+
+
 def read_ahead(pieces: Iterable, start_reads: Callable, depth: int = READ_AHEAD) -> Iterator:
     """(piece, start_reads(piece)) for each piece in order, with the reads
     of up to `depth` pieces started ahead of the one handed out (so they

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
-from qimg.chain import read_host
+from qimg.chain import read_host, read_padded
 from qimg.driver import COMPRESSED, DATA, ZERO, Driver
 from qimg.errors import BadOptionError, QimgError
 from qimg.storage import aligned_buffer
@@ -82,16 +82,6 @@ class Comparison(NamedTuple):
 def qemu_length(image: Driver) -> int:
     """The image's length as QEMU counts it: whole sectors, rounded up."""
     return -(-image.size // SECTOR) * SECTOR
-
-
-def read_padded(image: Driver, offset: int, view: memoryview) -> None:
-    """Guest bytes of `image` into `view`; past its size (inside the last
-    sector QEMU counts) they read as zeros."""
-    n = max(0, min(len(view), image.size - offset))
-    if n:
-        image.readinto(offset, view[:n])
-    if n < len(view):
-        view[n:] = bytes(len(view) - n)
 
 
 # --- block status as QEMU answers it -----------------------------------------------

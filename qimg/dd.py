@@ -155,7 +155,7 @@ def _create(path: str, fmt: str, size: int) -> None:
 
 def _copy(src: Driver, out: Driver, todo: DdPlan) -> None:
     """Input [start, end) to output [0, end - start), every byte written."""
-    from qimg.compare import read_padded
+    from qimg.chain import read_padded
 
     buf = bytearray(min(COPY_CHUNK, max(0, todo.end - todo.start)))
     view = memoryview(buf)

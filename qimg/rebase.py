@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from qimg.chain import READ_AHEAD, read_ahead, read_host
+from qimg.chain import READ_AHEAD, read_ahead, read_host, read_padded
 from qimg.driver import Driver
 from qimg.errors import BadOptionError, ImageLockedError, QimgError
 
@@ -333,14 +333,11 @@ def _write_differences(
 def _read(node: Driver | None, piece: _Piece, buf: bytearray, source: tuple | None) -> bytearray:
     """Guest [start, end) of `node`'s chain into `buf` (as long), zeros
     past its end; read at `source` where the piece has one there."""
-    pos, end = piece.start, piece.end
     view = memoryview(buf)
     if source is not None:
         read_host(source, view)
-        return buf
-    stop = pos if node is None else max(pos, min(node.size, end))
-    if stop > pos:
-        node.readinto(pos, view[: stop - pos])
-    if stop < end:
-        view[stop - pos :] = bytes(end - stop)
+    elif node is None:
+        view[:] = bytes(len(view))
+    else:
+        read_padded(node, piece.start, view)
     return buf
