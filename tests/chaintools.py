@@ -38,6 +38,11 @@ def overlay(d: Path, name: str, backing: str, size: str = "", fmt: str = "qcow2"
     )
 
 
+def img(d: Path, *args: str) -> None:
+    """`qemu-img ARGS` in `d`, which must succeed."""
+    qemu_in(d, "qemu-img", *args, check=True)
+
+
 def io(d: Path, name: str, *commands: str, fmt: str = "qcow2") -> None:
     args = []
     for c in commands:

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool, run
+from chaintools import img, io
+from conftest import require_tool
 from infotools import qimg_here
 
 import qimg.compare
@@ -26,54 +27,43 @@ SIZE = 12 * MiB
 DIFF_OFFSETS = (0, 2 * MiB - 1, 2 * MiB, 4 * MiB + 65535, 5 * MiB + 1234, 6 * MiB + 4096, SIZE - 1)
 
 
-def _img(d: Path, *args: str) -> None:
-    run(["qemu-img", *args], cwd=d)
-
-
-def _io(d: Path, fmt: str, name: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    run([*args, name], cwd=d)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     require_tool("qemu-img")
     require_tool("qemu-io")
     d = tmp_path_factory.mktemp("cmpfast")
-    _img(d, "create", "-q", "-f", "raw", "base.raw", str(SIZE))
+    img(d, "create", "-q", "-f", "raw", "base.raw", str(SIZE))
     # A 5 MiB run of data (chunks of 2 MiB), a hole, a short run, a hole,
     # data up to the last byte.
-    _io(
+    io(
         d,
-        "raw",
         "base.raw",
         "write -P 17 0 5M",
         f"write -P 18 {6 * MiB} 64k",
         f"write -P 19 {SIZE - MiB} 1M",
+        fmt="raw",
     )
-    _img(d, "convert", "-O", "qcow2", "base.raw", "base.qcow2")
-    _img(d, "convert", "-c", "-O", "qcow2", "base.raw", "zlib.qcow2")
+    img(d, "convert", "-O", "qcow2", "base.raw", "base.qcow2")
+    img(d, "convert", "-c", "-O", "qcow2", "base.raw", "zlib.qcow2")
     # Every cluster allocated: the raw holes are data of zeros here.
-    _img(d, "convert", "-S", "0", "-O", "qcow2", "base.raw", "zeros.qcow2")
+    img(d, "convert", "-S", "0", "-O", "qcow2", "base.raw", "zeros.qcow2")
     # Zero clusters over data: zero (not read) on one side, data on the other.
-    _img(d, "convert", "-O", "qcow2", "base.raw", "zc.qcow2")
-    _io(d, "qcow2", "zc.qcow2", f"write -z {3 * MiB} 64k", f"write -z -u {6 * MiB} 64k")
-    _img(d, "convert", "-O", "raw", "base.raw", "zc.raw")
-    _io(d, "raw", "zc.raw", f"write -z {3 * MiB} 64k", f"write -z {6 * MiB} 64k")
+    img(d, "convert", "-O", "qcow2", "base.raw", "zc.qcow2")
+    io(d, "zc.qcow2", f"write -z {3 * MiB} 64k", f"write -z -u {6 * MiB} 64k", fmt="qcow2")
+    img(d, "convert", "-O", "raw", "base.raw", "zc.raw")
+    io(d, "zc.raw", f"write -z {3 * MiB} 64k", f"write -z {6 * MiB} 64k", fmt="raw")
     for off in DIFF_OFFSETS:
-        _img(d, "convert", "-O", "raw", "base.raw", f"d{off}.raw")
-        _io(d, "raw", f"d{off}.raw", f"write -P 200 {off} 1")
+        img(d, "convert", "-O", "raw", "base.raw", f"d{off}.raw")
+        io(d, f"d{off}.raw", f"write -P 200 {off} 1", fmt="raw")
     # Longer images: zeros past the shorter one's end, or data there.
-    _img(d, "create", "-q", "-f", "qcow2", "long.qcow2", str(SIZE + 4 * MiB))
-    _img(d, "convert", "-n", "-O", "qcow2", "base.raw", "long.qcow2")
-    _img(d, "create", "-q", "-f", "qcow2", "longd.qcow2", str(SIZE + 4 * MiB))
-    _img(d, "convert", "-n", "-O", "qcow2", "base.raw", "longd.qcow2")
-    _io(d, "qcow2", "longd.qcow2", f"write -P 5 {SIZE + 3 * MiB + 7} 1")
-    _img(d, "create", "-q", "-f", "raw", "longz.raw", str(SIZE + 4 * MiB))
-    _img(d, "convert", "-n", "-O", "raw", "base.raw", "longz.raw")
-    _io(d, "raw", "longz.raw", f"write -z {SIZE} 1M")  # zeros written as data
+    img(d, "create", "-q", "-f", "qcow2", "long.qcow2", str(SIZE + 4 * MiB))
+    img(d, "convert", "-n", "-O", "qcow2", "base.raw", "long.qcow2")
+    img(d, "create", "-q", "-f", "qcow2", "longd.qcow2", str(SIZE + 4 * MiB))
+    img(d, "convert", "-n", "-O", "qcow2", "base.raw", "longd.qcow2")
+    io(d, "longd.qcow2", f"write -P 5 {SIZE + 3 * MiB + 7} 1", fmt="qcow2")
+    img(d, "create", "-q", "-f", "raw", "longz.raw", str(SIZE + 4 * MiB))
+    img(d, "convert", "-n", "-O", "raw", "base.raw", "longz.raw")
+    io(d, "longz.raw", f"write -z {SIZE} 1M", fmt="raw")  # zeros written as data
     return d
 
 
@@ -139,17 +129,17 @@ def windows(tmp_path_factory) -> Path:
     require_tool("qemu-img")
     require_tool("qemu-io")
     d = tmp_path_factory.mktemp("cmpwindows")
-    _img(d, "create", "-q", "-f", "raw", "w.raw", str(200 * MiB))
-    _io(d, "raw", "w.raw", f"write -P 21 {31 * MiB} 3M", f"write -P 22 {159 * MiB + 4096} 2M")
+    img(d, "create", "-q", "-f", "raw", "w.raw", str(200 * MiB))
+    io(d, "w.raw", f"write -P 21 {31 * MiB} 3M", f"write -P 22 {159 * MiB + 4096} 2M", fmt="raw")
     for name, opts in (
         ("w.qcow2", []),
         ("wz.qcow2", ["-c"]),
         ("wx.qcow2", ["-o", "extended_l2=on,cluster_size=128k"]),
     ):
-        _img(d, "convert", "-O", "qcow2", *opts, "w.raw", name)
+        img(d, "convert", "-O", "qcow2", *opts, "w.raw", name)
     for off in (32 * MiB - 1, 32 * MiB + 5, 160 * MiB - 1, 160 * MiB + 4096):
-        _img(d, "convert", "-O", "raw", "w.raw", f"w{off}.raw")
-        _io(d, "raw", f"w{off}.raw", f"write -P 200 {off} 1")
+        img(d, "convert", "-O", "raw", "w.raw", f"w{off}.raw")
+        io(d, f"w{off}.raw", f"write -P 200 {off} 1", fmt="raw")
     return d
 
 

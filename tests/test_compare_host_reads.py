@@ -9,21 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool, run
+from chaintools import img, io
+from conftest import require_tool
 from infotools import qimg_here
 
 MiB = 1 << 20
-
-
-def _img(d: Path, *args: str) -> None:
-    run(["qemu-img", *args], cwd=d)
-
-
-def _io(d: Path, fmt: str, name: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    run([*args, name], cwd=d)
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +21,21 @@ def images(tmp_path_factory) -> Path:
     require_tool("qemu-img")
     require_tool("qemu-io")
     d = tmp_path_factory.mktemp("hostreads")
-    _img(d, "create", "-q", "-f", "raw", "flat.raw", "4M")
-    _io(d, "raw", "flat.raw", "write -P 1 0 1M", "write -P 2 2M 1M", "write -P 3 3M 4k")
-    _img(d, "convert", "-O", "qcow2", "flat.raw", "base.qcow2")
+    img(d, "create", "-q", "-f", "raw", "flat.raw", "4M")
+    io(d, "flat.raw", "write -P 1 0 1M", "write -P 2 2M 1M", "write -P 3 3M 4k", fmt="raw")
+    img(d, "convert", "-O", "qcow2", "flat.raw", "base.qcow2")
     # An overlay holding part of the data over a base holding the rest.
-    _img(d, "create", "-q", "-f", "qcow2", "-b", "flat.raw", "-F", "raw", "low.qcow2")
-    _img(d, "create", "-q", "-f", "qcow2", "lowdata.qcow2", "4M")
-    _io(d, "qcow2", "lowdata.qcow2", "write -P 1 0 1M", "write -P 3 3M 4k")
-    _img(d, "create", "-q", "-f", "qcow2", "-b", "lowdata.qcow2", "-F", "qcow2", "top.qcow2")
-    _io(d, "qcow2", "top.qcow2", "write -P 2 2M 1M")
-    _img(d, "convert", "-O", "qcow2", "-o", "data_file=df.data", "flat.raw", "df.qcow2")
+    img(d, "create", "-q", "-f", "qcow2", "-b", "flat.raw", "-F", "raw", "low.qcow2")
+    img(d, "create", "-q", "-f", "qcow2", "lowdata.qcow2", "4M")
+    io(d, "lowdata.qcow2", "write -P 1 0 1M", "write -P 3 3M 4k", fmt="qcow2")
+    img(d, "create", "-q", "-f", "qcow2", "-b", "lowdata.qcow2", "-F", "qcow2", "top.qcow2")
+    io(d, "top.qcow2", "write -P 2 2M 1M", fmt="qcow2")
+    img(d, "convert", "-O", "qcow2", "-o", "data_file=df.data", "flat.raw", "df.qcow2")
     # One byte off inside the data of each part of the chain.
     for off in (512 * 1024 + 3, 2 * MiB + 65536, 3 * MiB + 100):
-        _img(d, "convert", "-O", "raw", "flat.raw", f"d{off}.raw")
-        _io(d, "raw", f"d{off}.raw", f"write -P 200 {off} 1")
-    _img(d, "convert", "-O", "qcow2", "flat.raw", "cut.qcow2")
+        img(d, "convert", "-O", "raw", "flat.raw", f"d{off}.raw")
+        io(d, f"d{off}.raw", f"write -P 200 {off} 1", fmt="raw")
+    img(d, "convert", "-O", "qcow2", "flat.raw", "cut.qcow2")
     with open(d / "cut.qcow2", "r+b") as f:
         f.truncate(600 * 1024)  # data clusters past the end of the file
     return d
