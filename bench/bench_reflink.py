@@ -8,21 +8,28 @@ convert (copying), a fresh target for every run. Each qimg target must
 pass `qemu-img compare` with the source; the bytes it shares are printed.
 
 Beside the wall-time table (common.compare's rows), the CPU seconds
-(user + sys) of each tool are printed, and floor rows: what a Python
-process costs before qimg does anything (`python3 -c pass`) and qimg's
-start-up (a convert of a 1 MiB raw file), and the clones alone (a Python
-process making the same FICLONERANGE calls as the copy needs, one per data
-run, from a list computed before the clock starts), timed in the same run,
-each against that workload's qemu-img median: a ratio target below a
-floor's ratio cannot be met by work on the copy itself.
+(user + sys) of each row are printed, and floor rows, each against that
+workload's qemu-img median: what a Python process costs before qimg does
+anything (`python3 -c pass`); qimg's start-up (a convert of a 1 MiB raw
+file); and processes of reflink_floor.py that make the same FICLONERANGE
+calls as the copy needs, one per data run, from a list computed before
+the clock starts: the clones alone; after importing every module qimg's
+convert imports (listed by an untimed convert of the workload); and after
+those imports and the zero scan too (each run read through one mapping of
+the source, the first and last words of each block as qimg's scan reads
+them). A ratio target below a floor's ratio cannot be met by work on the
+copy itself: the last row is the least a Python program that scans and
+shares as qimg does must spend.
 
-    python bench/bench_reflink.py [--dir DIR] [--repeat N]
+    python bench/bench_reflink.py [--dir DIR | --mnt MNT] [--repeat N] [--only NAME]
+
+--mnt uses a reflink XFS mounted at MNT already (nothing is mounted or
+unmounted, and the workload's files are kept there for the next run).
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -38,7 +45,7 @@ sys.path.insert(0, HERE)
 if os.path.dirname(HERE) not in sys.path:  # the checkout's qimg (FIEMAP reader)
     sys.path.append(os.path.dirname(HERE))
 from bench_convert import make_mixed_raw  # noqa: E402
-from common import QIMG, compile_qimg, print_table  # noqa: E402
+from common import GNU_TIME, QIMG, compile_qimg, print_table  # noqa: E402
 
 GiB = 1 << 30
 FS_SIZE = 8 * GiB  # sparse: the source, its qcow2 and qemu-img's copy take ~3 GiB
@@ -73,7 +80,19 @@ def unmount(mnt: str) -> None:
         os.unlink(image)
 
 
-FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+FLOOR = os.path.join(HERE, "reflink_floor.py")
+# The target's zero-detection block (convert's plan.block with -S 4k):
+# a qcow2 target's cluster, 4 KiB for a raw one.
+SCAN_BLOCK = {"qcow2": 64 << 10, "raw": 4 << 10}
+# qimg's convert, listing the modules it imported into the file named first.
+LIST_MODULES = (
+    "import atexit, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "atexit.register(lambda: open(out, 'w').write('\\n'.join(sys.modules)))\n"
+    "sys.argv[0] = 'qimg'\n"
+    "from qimg.cli import run\n"
+    "run()\n"
+)
 
 
 def clone_runs(source: str, fmt: str) -> list[tuple[int, int, int]]:
@@ -94,18 +113,6 @@ def clone_runs(source: str, fmt: str) -> list[tuple[int, int, int]]:
     return runs
 
 
-def clone_floor(source: str, target: str, runs_file: str) -> None:
-    """The clones alone: one FICLONERANGE per run of `runs_file`."""
-    with open(runs_file) as f:
-        runs = json.load(f)
-    src = os.open(source, os.O_RDONLY)
-    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for offset, length, dest in runs:
-        fcntl.ioctl(dst, FICLONERANGE, struct.pack("=qQQQ", src, offset, length, dest))
-    os.close(dst)
-    os.close(src)
-
-
 def workloads(workdir: str) -> list[dict]:
     """bench/run.py's protocol."""
     return main([], workdir)
@@ -114,30 +121,37 @@ def workloads(workdir: str) -> list[dict]:
 def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=None, help="where the file system's file goes")
+    ap.add_argument("--mnt", default=None, help="a reflink XFS mounted there already")
     ap.add_argument("--repeat", type=int, default=3, help="runs per tool (default 3)")
+    ap.add_argument("--only", default=None, help="the one workload to run (e.g. raw->qcow2)")
     args = ap.parse_args(argv)
+    if args.mnt:
+        return _run(args.mnt, args.repeat, args.only)
     work = workdir or args.dir or tempfile.mkdtemp(prefix="qimg-bench-reflink-")
     os.makedirs(work, exist_ok=True)
     mnt = mount_xfs(work)
     if mnt is None:
         return []
     try:
-        return _run(mnt, args.repeat)
+        return _run(mnt, args.repeat, args.only)
     finally:
         unmount(mnt)
 
 
-def _run(mnt: str, repeat: int) -> list[dict]:
+def _run(mnt: str, repeat: int, only: str | None = None) -> list[dict]:
     from qimg.reflink import shared_bytes
 
     src = os.path.join(mnt, "mixed.raw")
-    make_mixed_raw(src, 4 * GiB)
     qcow2 = os.path.join(mnt, "mixed.qcow2")
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", src, qcow2], check=True)
+    if not os.path.exists(src):
+        make_mixed_raw(src, 4 * GiB)
+    if not os.path.exists(qcow2):
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", src, qcow2], check=True)
     tiny = os.path.join(mnt, "tiny.raw")
     with open(tiny, "wb") as f:
         f.write(os.urandom(1 << 20))
     out_q, out_e = os.path.join(mnt, "out-qimg"), os.path.join(mnt, "out-qemu")
+    runs_file, modules_file = os.path.join(mnt, "runs.bin"), os.path.join(mnt, "modules.txt")
 
     def fresh() -> None:
         for path in (out_q, out_e):
@@ -152,57 +166,52 @@ def _run(mnt: str, repeat: int) -> list[dict]:
         ("xfs reflink raw->qcow2", "qcow2", src),
         ("xfs reflink qcow2->raw", "raw", qcow2),
     ):
+        if only and only not in name:
+            continue
         cmd = ["-O", fmt, source]
-        floor = [sys.executable, "-c", "pass"]
-        startup = QIMG + ["convert", "-O", fmt, tiny, out_q]
-        runs_file = os.path.join(mnt, "runs.json")
         runs = clone_runs(source, fmt)
-        with open(runs_file, "w") as f:
-            json.dump(runs, f)
-        clones = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--clone-floor",
-            source,
-            out_q,
-            runs_file,
-        ]
-        # All five alternate, so a change of load weighs on each alike.
-        times = _alternate(
-            [
-                QIMG + ["convert", *cmd, out_q],
-                ["qemu-img", "convert", *cmd, out_e],
-                floor,
-                startup,
-                clones,
-            ],
-            repeat,
-            fresh,
+        with open(runs_file, "wb") as f:
+            f.write(struct.pack(f"={3 * len(runs)}q", *(x for run in runs for x in run)))
+        # Untimed: the modules qimg imports, and its target checked.
+        fresh()
+        subprocess.run(
+            [sys.executable, "-c", LIST_MODULES, modules_file, "convert", *cmd, out_q], check=True
         )
-        ours, theirs = times[0], times[1]
-        r = _row(name, ours, theirs)
+        subprocess.run(["qemu-img", "compare", source, out_q], check=True, capture_output=True)
+        shared = shared_bytes(out_q) >> 20
+        floor = [sys.executable, FLOOR]
+        block = str(SCAN_BLOCK[fmt])
+        labelled = [
+            ("qimg", QIMG + ["convert", *cmd, out_q]),
+            ("qemu-img", ["qemu-img", "convert", *cmd, out_e]),
+            ("python3 -c pass", [sys.executable, "-c", "pass"]),
+            ("qimg start-up (1 MiB)", QIMG + ["convert", "-O", fmt, tiny, out_q]),
+            (f"the {len(runs)} clones alone", [*floor, "clones", source, out_q, runs_file]),
+            (
+                "qimg's imports + the clones",
+                [*floor, "imports+clones", source, out_q, runs_file, modules_file],
+            ),
+            (
+                "imports + zero scan + clones",
+                [*floor, "imports+scan+clones", source, out_q, runs_file, modules_file, block],
+            ),
+        ]
+        # All of them alternate, so a change of load weighs on each alike.
+        times = _alternate([c for _label, c in labelled], repeat, fresh)
+        theirs = times[1]
+        r = _row(name, times[0], theirs)
         floors = [
-            _row(f"  floor: {label}", t, theirs)
-            for label, t in (
-                ("python3 -c pass", times[2]),
-                ("qimg start-up (1 MiB)", times[3]),
-                (f"the {len(runs)} clones alone", times[4]),
-            )
+            _row(f"  floor: {label}", t, theirs) for (label, _c), t in zip(labelled[2:], times[2:])
         ]
         rows += [r, *floors]
-        fresh()
-        subprocess.run(QIMG + ["convert", *cmd, out_q], check=True)
-        subprocess.run(["qemu-img", "compare", source, out_q], check=True, capture_output=True)
-        print(
-            f"{name}: qimg target identical to the source, {shared_bytes(out_q) >> 20} MiB shared"
-        )
+        print(f"{name}: qimg target identical to the source, {shared} MiB shared")
         print_table([r, *floors])
-        print(
-            f"{name}: CPU s (user+sys) median qimg {_median(ours, 1):.3f}, "
-            f"qemu-img {_median(theirs, 1):.3f}, python3 -c pass {_median(times[2], 1):.3f}, "
-            f"qimg start-up {_median(times[3], 1):.3f}, the clones alone {_median(times[4], 1):.3f}"
-        )
+        cpu = ", ".join(f"{label} {_median(t, 1):.3f}" for (label, _c), t in zip(labelled, times))
+        print(f"{name}: CPU s (user+sys) medians: {cpu}")
         fresh()
+    for path in (runs_file, modules_file, tiny):
+        if os.path.exists(path):
+            os.unlink(path)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return rows
 
@@ -219,15 +228,24 @@ def _alternate(cmds: list[list[str]], repeat: int, setup) -> list[list[tuple]]:
 
 
 def _timed(cmd: list[str]) -> tuple[float, float, float]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    """(wall s, CPU s, peak RSS MiB) of one run. The peak is GNU time's
+    where there is one: a child forked from this process starts with this
+    process's resident pages counted in its ru_maxrss."""
+    with tempfile.NamedTemporaryFile("r", prefix="bench-rss-") as rss:
+        argv = [GNU_TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if GNU_TIME else cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        peak_kib = usage.ru_maxrss
+        lines = rss.read().split() if GNU_TIME else []
+        if lines and lines[-1].isdigit():
+            peak_kib = int(lines[-1])
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, peak_kib / 1024.0
 
 
 def _median(runs: list[tuple], field: int) -> float:
@@ -248,7 +266,4 @@ def _row(name: str, ours: list[tuple], theirs: list[tuple]) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--clone-floor"]:
-        clone_floor(*sys.argv[2:5])
-    else:
-        print_table(main())
+    print_table(main())

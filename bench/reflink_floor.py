@@ -1,0 +1,92 @@
+"""bench_reflink's floor rows: the least a Python process must do for a
+copy that shares a source's extents, timed as a whole process.
+
+    python reflink_floor.py STEPS SOURCE TARGET RUNS [MODULES BLOCK]
+
+STEPS is '+'-joined: `imports` (every module a qimg convert of the same
+formats imported, listed one a line in MODULES, in the order it imported
+them), `scan` (the zero scan of each run: its BLOCK-byte blocks' first and
+last words read through a mapping of the source, a whole block only
+where both are zero, as qimg's convert scans data it shares), `clones`
+(one FICLONERANGE per run). RUNS holds the runs as (source offset,
+length, target offset) triples of native 64-bit integers, computed before
+the clock starts. This module imports nothing beyond what the steps need,
+so that the process costs what its steps cost.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+WINDOW = 32 << 20  # bytes of the source mapped at once (qimg's sharing.MAP_WINDOW)
+
+
+def _imports(modules_file: str) -> None:
+    """Every module listed, in order (what is imported already is skipped).
+    numpy is told to start no BLAS threads, as qimg's CLI tells it."""
+    import importlib
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with open(modules_file) as f:
+        names = f.read().split()
+    for name in names:
+        if name in sys.modules or name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # a module made under another name (six.moves and the like)
+
+
+def _scan(fd: int, runs: list[tuple[int, int, int]], block: int) -> None:
+    """The zero scan of each run, through one mapping of WINDOW bytes of
+    the source at a time, each run read ahead first (raises where a block
+    reads as zeros: the benchmark's runs are data throughout)."""
+    import mmap
+
+    import numpy as np
+
+    size = os.fstat(fd).st_size
+    window = None
+    for offset, length, _dest in runs:
+        if window is None or not window[0] <= offset <= offset + length <= window[1]:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            end = min(size, max(offset + length, start + WINDOW))
+            m = mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start)
+            window = (start, end, m, np.frombuffer(m, dtype=np.uint8))
+        start, _end, m, words = window
+        lo = offset - start
+        page = lo - lo % mmap.PAGESIZE
+        m.madvise(mmap.MADV_WILLNEED, page, lo + length - page)
+        rows = words[lo : lo + length].view("<u8").reshape(-1, block // 8)
+        ends = (rows[:, 0] | rows[:, -1]) == 0
+        if ends.any() and (rows[ends].max(axis=1) == 0).any():
+            raise SystemExit(f"a zero block in the run at {offset}")
+
+
+def main(argv: list[str]) -> None:
+    steps, source, target, runs_file = argv[:4]
+    steps = set(steps.split("+"))
+    if "imports" in steps:
+        _imports(argv[4])
+    import fcntl
+    import struct
+
+    with open(runs_file, "rb") as f:
+        flat = struct.unpack(f"={os.fstat(f.fileno()).st_size // 8}q", f.read())
+    runs = list(zip(flat[0::3], flat[1::3], flat[2::3]))
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if "scan" in steps:
+        _scan(src, runs, int(argv[5]))
+    if "clones" in steps:
+        for offset, length, dest in runs:
+            fcntl.ioctl(dst, FICLONERANGE, struct.pack("=qQQQ", src, offset, length, dest))
+    os.close(dst)
+    os.close(src)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
