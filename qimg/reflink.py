@@ -84,6 +84,31 @@ def block_size(fd: int) -> int:
     return st.f_bsize or st.f_frsize or 4096
 
 
+# statfs f_type of the file systems that share extents (linux/magic.h):
+# XFS (shares where made with reflink, the default since xfsprogs 5.1), btrfs.
+SHARING_FILE_SYSTEMS = frozenset({0x58465342, 0x9123683E})
+
+
+def may_share(fd: int) -> bool:
+    """Whether the file system holding `fd` is of a kind that shares
+    extents (SHARING_FILE_SYSTEMS, by fstatfs): an expectation only, for
+    work that pays off where the file system shares (clone_range still
+    decides). False where fstatfs cannot be called."""
+    import ctypes
+
+    from qimg import libc
+
+    fstatfs = libc.function("fstatfs", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+    if fstatfs is None:
+        return False
+    # struct statfs starts with its __fsword_t f_type (a long; 120 bytes
+    # in all on 64-bit Linux: room for more).
+    buf = ctypes.create_string_buffer(256)
+    if fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in SHARING_FILE_SYSTEMS
+
+
 # linux/fiemap.h: struct fiemap {u64 fm_start, fm_length; u32 fm_flags,
 # fm_mapped_extents, fm_extent_count, fm_reserved}; struct fiemap_extent
 # {u64 fe_logical, fe_physical, fe_length, fe_reserved64[2]; u32 fe_flags,

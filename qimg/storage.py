@@ -130,10 +130,22 @@ class Storage(abc.ABC):
         source (the caller writes the bytes)."""
         return False
 
+    def may_share_with(self, source: Storage) -> bool:
+        """Whether share_from and clone_from of `source`'s ranges are
+        expected to share: an expectation (the host may still refuse), no
+        promise. False here."""
+        return False
+
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """[offset, offset+length) as a read-only view of the host's own
         copy (mapped, not read), alive while the view is; None where the
         storage cannot map it (this default) or it passes the end."""
+        return None
+
+    def mapping(self, offset: int, length: int) -> Mapping | None:
+        """[offset, offset+length) mapped, for views of ranges inside it
+        (Mapping.view: each as mapped() gives it); None where the storage
+        cannot map it (this default) or it passes the end."""
         return None
 
     def start_writeback(self) -> None:  # noqa: B027 (a deliberate no-op default)
@@ -161,6 +173,39 @@ def sector_length(storage: Storage) -> int:
     """QEMU's bdrv_getlength of a file: its size rounded up to whole
     512-byte sectors (the length QEMU's checks compare offsets with)."""
     return -(-storage.size() // 512) * 512
+
+
+class Mapping:
+    """A read-only mmap of a storage's bytes from host offset `start`:
+    views of ranges inside it. The mapping goes with the last reference
+    to it or to a view of it.
+
+    A view's range is read ahead when it is taken (MADV_WILLNEED): pages
+    not in the page cache were otherwise read a fault at a time (a 1 GiB
+    scan of uncached data measured 3-5x the wall time of pread's, with it
+    equal); cached, the mapping costs half the CPU of a pread copy. Only
+    the views' ranges are advised: read ahead over a hole, a file system
+    fills page cache with zeros."""
+
+    def __init__(self, m, start: int):
+        self._map = m
+        self.start = start
+        self.end = start + len(m)
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """[offset, offset+length) of the host, or None where it is not
+        inside the mapping."""
+        import mmap
+
+        lo = offset - self.start
+        if lo < 0 or length <= 0 or offset + length > self.end:
+            return None
+        page = lo - lo % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_WILLNEED, page, lo + length - page)
+        except (AttributeError, OSError):
+            pass  # advice only
+        return memoryview(self._map)[lo : lo + length]
 
 
 def _os_error(path: str, action: str, exc: OSError) -> ImageIOError:
@@ -363,8 +408,9 @@ class FileStorage(Storage):
             return part
         lo, hi = part
         shared = self._clone(source, source_offset + lo, offset + lo, hi - lo)
-        if shared:
+        if shared and lo:
             self.pwrite(offset, view[:lo])
+        if shared and hi < len(view):
             self.pwrite(offset + hi, view[hi:])
         return shared
 
@@ -409,15 +455,29 @@ class FileStorage(Storage):
             self._share_refused = True
         return shared
 
+    def may_share_with(self, source: Storage) -> bool:
+        """Both files on one file system of a kind that shares extents
+        (qimg.reflink.may_share), and this one has not refused."""
+        if self._share_refused or not isinstance(source, FileStorage):
+            return False
+        from qimg import reflink
+
+        try:
+            if os.fstat(self._fd).st_dev != os.fstat(source._fd).st_dev:
+                return False
+        except OSError:
+            return False
+        return reflink.may_share(self._fd)
+
     def mapped(self, offset: int, length: int) -> memoryview | None:
+        """An mmap of the range (a Mapping of it, see there)."""
+        mapping = self.mapping(offset, length)
+        return None if mapping is None else mapping.view(offset, length)
+
+    def mapping(self, offset: int, length: int) -> Mapping | None:
         """An mmap of the range. A file cut short under the mapping by
         another process (one that ignores the locks) would fault on access;
-        the range is checked against the file's size when it is mapped.
-
-        The range is read ahead at once (MADV_WILLNEED): pages not in the
-        page cache were otherwise read a fault at a time (a 1 GiB scan of
-        uncached data measured 3-5x the wall time of pread's, with it
-        equal); cached, the mapping costs half the CPU of a pread copy."""
+        the range is checked against the file's size when it is mapped."""
         import mmap
 
         if length <= 0 or offset < 0 or offset + length > self.size():
@@ -427,11 +487,7 @@ class FileStorage(Storage):
             m = mmap.mmap(self._fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
         except (OSError, ValueError, OverflowError):
             return None
-        try:
-            m.madvise(mmap.MADV_WILLNEED)
-        except (AttributeError, OSError):
-            pass  # advice only
-        return memoryview(m)[offset - start :]
+        return Mapping(m, start)
 
     def truncate(self, size: int) -> None:
         """file-posix's truncate, in its words ("Could not resize file");

@@ -41,7 +41,7 @@ from qimg.convert.scan import (
     surely_data,
     zero_blocks,
 )
-from qimg.convert.sharing import source_runs
+from qimg.convert.sharing import SourceMaps, source_runs
 from qimg.convert.source import Concat
 from qimg.driver import Driver
 from qimg.errors import ImageIOError, QimgError
@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 CHUNK = 2 << 20
 QUEUE_DEPTH = 3  # batches in flight between the producer and the writer
 BATCH_ITEMS = 4096  # items at most in one batch
+# Bytes of chunks scanned where the source maps them (to be shared, not
+# written: sharing.py) in one batch at most.
+MAPPED_BATCH = 8 << 20
 READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
 # Reused read buffers of a chunk each (BufferPool): those in flight
@@ -141,6 +144,7 @@ class Pipeline:
         self.pool = BufferPool(self.chunk, READ_BUFFERS)
         self._compressing = list(_compressing_sources(plan.src))  # see _decompressing
         self._hosts = HostMap(plan.src)
+        self._maps = SourceMaps()  # where data chunks to share are scanned (_mapped_chunk)
         self._use_readers = False
         # ThreadPoolExecutor of READERS threads, made once chunks go to them
         # (_decompressing): a plain copy never loads concurrent.futures.
@@ -203,17 +207,17 @@ class Pipeline:
         """Pieces grouped so that each batch holds about a chunk of data at
         most: the queue between the threads is bounded in bytes."""
         batch: list[Piece] = []
-        held = items = 0
+        held = mapped = items = 0
         for piece in self._pieces():
             batch.append(piece)
             items += len(piece.items)
             if piece.buffer is not None:
                 held += len(piece.buffer)
             elif piece.source is not None:
-                held += piece.source[1]
-            if held >= self.chunk or items >= BATCH_ITEMS:
+                mapped += piece.source[1]
+            if held >= self.chunk or mapped >= MAPPED_BATCH or items >= BATCH_ITEMS:
                 yield batch
-                batch, held, items = [], 0, 0
+                batch, held, mapped, items = [], 0, 0, 0
         if batch:
             yield batch
 
@@ -291,11 +295,12 @@ class Pipeline:
 
     def _mapping(self) -> bool:
         """Whether data chunks are scanned where the source's storage maps
-        them: once the target has shared a run, and while it still may.
+        them: once the target has shared a run, or from the start where it
+        is expected to (sharing.expected), and while it still may.
         (A mapped file that fails to read, or that another process cuts
         short, faults instead of failing a read: only a copy that shares
         takes that risk, for the copy it saves.)"""
-        return self.plan.share and self.plan.share_confirmed
+        return self.plan.share and (self.plan.share_confirmed or self.plan.share_expected)
 
     def _mapped_chunk(self, offset: int, length: int) -> Piece | None:
         """The piece of a chunk whose data the writer will share
@@ -306,7 +311,7 @@ class Pipeline:
         runs = source_runs(self.src, offset, length, 1)
         if len(runs) != 1 or runs[0][0] != offset or runs[0][1] != length:
             return None
-        view = runs[0][2].mapped(runs[0][3], length)
+        view = self._maps.view(runs[0][2], runs[0][3], length)
         if view is None:
             return None
         return Piece(self._scan(offset, view), None, runs[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from qimg.convert import sharing
 from qimg.convert.options import ConvertOptions
 from qimg.convert.scan import DATA, ZERO, allocation_runs, merge_runs
 from qimg.convert.source import Concat, block_status
@@ -66,6 +67,9 @@ class Plan:
         # storage refuses. (An encrypted target's driver never shares.)
         self.share = not o.compress and not o.salvage
         self.share_confirmed = False  # set by the writer once a run was shared
+        # Expected to share from the first run (files on one file system
+        # of a kind that shares): data is then scanned where it lies.
+        self.share_expected = self.share and sharing.expected(src, tgt)
 
     def runs(self) -> Iterator[list[int]]:
         """[start, end, kind] runs covering the source, window by window.

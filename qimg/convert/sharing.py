@@ -12,8 +12,11 @@ share, they are written.
 
 The first refusal (ext4, tmpfs, another file system) ends sharing for the
 rest of the copy (`active`); the first run shared confirms it (`confirmed`).
-Once confirmed, the pipeline hands over chunks that lie as they are in one
-source run (mapped, not read): those are kept and written PENDING_RUNS
+Once confirmed, or from the start where sharing is expected (`expected`:
+the files lie on one file system of a kind that shares), the pipeline
+hands over chunks that lie as they are in one source run, scanned where
+the source's storage maps them (SourceMaps: one mapping for many
+chunks), not read: those are kept and written PENDING_RUNS
 (PENDING_BYTES) at a time (Driver.write_shared_runs: a qcow2 target
 allocates their clusters and updates its L2 table once for all), the
 order of the writes kept.
@@ -27,14 +30,15 @@ import weakref
 from qimg.convert.source import Concat
 from qimg.driver import Driver
 from qimg.errors import QimgError
-from qimg.storage import Storage
+from qimg.storage import Mapping, Storage
 
 # Runs written together at most, and their bytes: the target's work per
 # run (allocation, table update) is paid once per batch. The runs' data
 # stays mapped until they are written (resident where the scan touched
-# it: peak memory grows by up to PENDING_BYTES; 64 MiB measured +57 MiB).
-PENDING_RUNS = 64
-PENDING_BYTES = 8 << 20
+# it: peak memory grows by up to PENDING_BYTES; 64 MiB measured +57 MiB;
+# raw->qcow2 of bench_reflink's 1 GiB peaks at 97 MiB with 32 MiB).
+PENDING_RUNS = 256
+PENDING_BYTES = 32 << 20
 
 
 class SharedWrites:
@@ -163,3 +167,56 @@ def cut_runs(runs: list[tuple], grain: int) -> list[tuple]:
         else:
             out.append((a, b - a, storage, host))
     return out
+
+
+def expected(src: Concat, tgt: Driver) -> bool:
+    """Whether `tgt`'s data is expected to share the extents of every
+    source image's data (Storage.may_share_with): the copy then maps what
+    it scans from its first chunk on instead of reading it until a first
+    run is shared."""
+    target = _data_storage(tgt)
+    if target is None:
+        return False
+    for _start, image in src.parts:
+        source = _data_storage(image)
+        if source is None or not target.may_share_with(source):
+            return False
+    return True
+
+
+def _data_storage(image: Driver) -> Storage | None:
+    """The storage holding an image's guest data (a qcow2 image's data
+    file, a raw image's file), where it has one."""
+    storage = getattr(image, "data_storage", None) or getattr(image, "storage", None)
+    return storage if isinstance(storage, Storage) else None
+
+
+# Host bytes of a source's storage mapped at once (SourceMaps). The pages
+# scanned stay resident while the mapping lives (until the last chunk's
+# data cut from it is written): peak memory grows by up to this much.
+MAP_WINDOW = 32 << 20
+
+
+class SourceMaps:
+    """Views of the sources' storages for the chunks the producer scans
+    where they lie, cut from one mapping (Storage.mapping) of MAP_WINDOW
+    bytes at a time per storage instead of one mmap (and the file size
+    check) per chunk. A mapping goes with the last view of it."""
+
+    def __init__(self):
+        self._last: dict[int, tuple[Storage, Mapping]] = {}  # id(storage) -> its mapping
+
+    def view(self, storage: Storage, host: int, length: int) -> memoryview | None:
+        """[host, host+length) of `storage`, mapped; None where it cannot
+        be (the caller reads it instead)."""
+        last = self._last.get(id(storage))
+        if last is not None:
+            view = last[1].view(host, length)
+            if view is not None:
+                return view
+        size = max(length, min(MAP_WINDOW, storage.size() - host))
+        mapping = storage.mapping(host, size)
+        if mapping is None:
+            return None
+        self._last[id(storage)] = (storage, mapping)
+        return mapping.view(host, length)
