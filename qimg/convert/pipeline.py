@@ -11,6 +11,10 @@ takes the pieces in order from a queue and hands each piece's buffer back
 once its data is written. While the target shares the source's extents
 (sharing.py), data chunks are scanned where the source's storage maps
 them instead: their bytes are not written, so copying them in is waste.
+A copy expected to share from its start (plan.share_expected) walks the
+plan in the writer's thread until the target refuses (Pipeline.pieces):
+its work is the scan's page faults and the clones, under one GIL either
+way, and two threads cost a GIL hand-over at nearly every system call.
 
 An item is (offset, length, data): `data` a memoryview to write, None for
 zeros, False for nothing to write (the target's backing file has it).
@@ -153,11 +157,16 @@ class Pipeline:
         self._stop = threading.Event()
         self._done = object()  # the producer's last message
         self._thread: threading.Thread | None = None
+        self._batches_left = self._batches()  # walked by pieces() until the thread starts
 
     def __enter__(self) -> Pipeline:
+        if not self.plan.share_expected:
+            self._start()
+        return self
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._produce, name="qimg-convert-read", daemon=True)
         self._thread.start()
-        return self
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
@@ -169,7 +178,17 @@ class Pipeline:
     # --- the writer's side ---------------------------------------------------------
 
     def pieces(self) -> Iterator[Piece]:
-        """The pieces to write, in order (raises what the producer raised)."""
+        """The pieces to write, in order (raises what the producer raised).
+        Made in this thread while the copy is expected to share, by the
+        producer thread from the first batch after the target refused."""
+        if self._thread is None:
+            for batch in self._batches_left:
+                yield from batch
+                if not self.plan.share:
+                    break
+            else:
+                return
+            self._start()
         while True:
             batch = self._queue.get()
             if batch is self._done:
@@ -187,7 +206,7 @@ class Pipeline:
 
     def _produce(self) -> None:
         try:
-            for batch in self._batches():
+            for batch in self._batches_left:
                 if not self._put(batch):
                     return
             self._put(self._done)
