@@ -23,6 +23,7 @@ from qimg import reflink
 from qimg.api import open_image
 from qimg.convert import convert, pipeline, sharing
 from qimg.convert.source import Concat
+from qimg.driver import Driver
 from qimg.storage import FileStorage
 
 MiB = 1 << 20
@@ -161,6 +162,15 @@ def test_sharing_is_expected_only_on_one_file_system_that_shares(shared_fs, tmp_
     assert _expected(on_fs, os.path.join(shared_fs, "c.raw"))
     assert not _expected(on_fs, elsewhere)
     assert not _expected(elsewhere, on_fs)
+    # A driver that cannot share (Driver's write_shared) is never expected to.
+    plain = open_image(os.path.join(shared_fs, "c.raw"), "raw", writable=True, lock=False)
+    source = open_image(on_fs, "raw", lock=False)
+    try:
+        plain.__class__ = type("Plain", (type(plain),), {"write_shared": Driver.write_shared})
+        assert not sharing.expected(Concat([source]), plain)
+    finally:
+        plain.close()
+        source.close()
     if os.path.isdir("/dev/shm"):
         shm = f"/dev/shm/qimg-expected-{os.getpid()}.raw"
         with open(shm, "wb") as f:

@@ -173,9 +173,10 @@ def expected(src: Concat, tgt: Driver) -> bool:
     """Whether `tgt`'s data is expected to share the extents of every
     source image's data (Storage.may_share_with): the copy then maps what
     it scans from its first chunk on instead of reading it until a first
-    run is shared."""
+    run is shared. Never for a driver that cannot share (the default
+    write_shared)."""
     target = _data_storage(tgt)
-    if target is None:
+    if target is None or type(tgt).write_shared is Driver.write_shared:
         return False
     for _start, image in src.parts:
         source = _data_storage(image)
