@@ -106,7 +106,9 @@ def copy_down(
     """Write into `base` (writable, in `image`'s chain) what `image` reads
     wherever an image above `base` decides the bytes; returns the bytes
     copied. Zeros are written as zeros (unmapping where the base can).
-    Reads run in READERS threads ahead of the writes (this thread)."""
+    Data an image above the base holds as plain host bytes is copied host
+    to host (Driver.copy_runs: no read into memory); the rest is read in
+    READERS threads ahead of the writes (this thread)."""
     if base.size < image.size:
         from qimg.resize import resize_image
 
@@ -125,18 +127,23 @@ def copy_down(
     with ThreadPoolExecutor(READERS) as pool:
 
         def start_read(batch: list[_Piece]):
-            if batch[0].kind != DATA:
+            if batch[0].kind != DATA or _host_copy(batch):
                 return None
             return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
         for batch, read in read_ahead(_batches(pieces), start_read):
             length = sum(p.end - p.start for p in batch)
-            if read is None:
+            if batch[0].kind != DATA:
                 _write_zeroes(base, batch[0].start, length)
             else:
-                buf = read.result()
-                base.write_runs(_runs(batch, memoryview(buf)))
-                spare.append(buf)
+                if read is None:
+                    scratch = spare.pop() if spare else bytearray(size)
+                    base.copy_runs(_host_copy(batch), memoryview(scratch))
+                    spare.append(scratch)
+                else:
+                    buf = read.result()
+                    base.write_runs(_runs(batch, memoryview(buf)))
+                    spare.append(buf)
                 unsynced += length
                 if unsynced >= WRITEBACK_STEP:
                     # The disk writes while the copy goes on: the flush
@@ -168,6 +175,14 @@ def _batches(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
         size += n
     if batch:
         yield batch
+
+
+def _host_copy(batch: list[_Piece]) -> list[tuple] | None:
+    """The Driver.copy_runs runs of a batch of data pieces that all have a
+    host source; None where one has none."""
+    if any(p.source is None for p in batch):
+        return None
+    return [(p.start, p.end - p.start, *p.source) for p in batch]
 
 
 def _runs(batch: list[_Piece], view: memoryview) -> list[tuple[int, memoryview]]:

@@ -20,6 +20,7 @@ from qimg.driver import (
     DriverInfo,
     Extent,
     read_through_chain,
+    run_bytes,
 )
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
@@ -465,13 +466,33 @@ class Qcow2Image(Driver):
                 self.clusters.write(offset, memoryview(data).cast("B"))
 
     def _begin_runs(self, runs: list[tuple]) -> None:
-        """The checks and marks of write() for each (offset, data, ...) run."""
+        """The checks and marks of write() for each (offset, data, ...) run
+        (data: bytes or their length, driver.run_bytes)."""
         self._check_writable()
         for offset, data, *_rest in runs:
-            self._check_range(offset, memoryview(data).nbytes)
+            self._check_range(offset, run_bytes(data))
         self._mark_dirty()
         for offset, data, *_rest in runs:
-            self._bitmaps_written(offset, memoryview(data).nbytes)
+            self._bitmaps_written(offset, run_bytes(data))
+
+    def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
+        """Driver.copy_runs: runs of whole clusters that no cluster of the
+        image maps yet are placed together (ClusterMap.place_shared), their
+        bytes copied host to host (Storage.copy_from) before the L2 entries
+        point at them; the other runs are read into `scratch` and go
+        through write."""
+        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+            super().copy_runs(runs, scratch)
+            return
+        self._begin_runs(runs)
+        for group in self.clusters.table_groups(runs):
+            rest = self.clusters.place_shared(group, self._copy_run)
+            super().copy_runs(rest, scratch)
+
+    def _copy_run(self, host: int, lengths: list[int], source: Storage, source_offset: int) -> None:
+        """place_shared's put: the bytes `source` holds at `source_offset`
+        to the new host clusters at `host` (overlap checked there)."""
+        self.data_storage.copy_from(source, source_offset, host, sum(lengths))
 
     def _put_runs(self, host: int, runs: list[tuple[int, object]]) -> None:
         """The runs' data, one after another, to the new host clusters at
