@@ -213,7 +213,9 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     the whole unit leaves it: allocated, the rest as it read), cut where
     `image` reads data or zeros (block status through the chain, asked
     once per window) and into CHUNK-sized data pieces, each with its
-    host source where it has one."""
+    host source where it has one. As QEMU's commit asks (is_allocated,
+    without want_zero), a data cluster that is a hole in its file is data
+    to copy, not zeros."""
     from qimg.chain import STATUS_STEP, HostRuns, allocated_above
     from qimg.convert.scan import allocation_runs
 
@@ -223,10 +225,14 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     # The status of what the images above the base decide never depends
     # on the base: it is asked with the base cut off (no host scan of a
     # file being written, and no request per range that falls through).
-    parent = image
-    while parent.backing is not base:
-        parent = parent.backing
+    above = [image]
+    while above[-1].backing is not base:
+        above.append(above[-1].backing)
+    parent = above[-1]
     parent.backing = None
+    asked = [node for node in above if getattr(node, "want_zero", False)]
+    for node in asked:
+        node.want_zero = False
     try:
         for window in range(0, size, STATUS_STEP):
             inside = _clip(runs, window, min(size, window + STATUS_STEP))
@@ -244,6 +250,8 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
                     pieces.append(_Piece(a, b, kind, hosts.source(a, b)))
     finally:
         parent.backing = base
+        for node in asked:
+            node.want_zero = True
     return pieces
 
 

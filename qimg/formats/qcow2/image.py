@@ -119,6 +119,11 @@ class Qcow2Image(Driver):
         # threads (convert's readers) turns it off: nested hand-offs only
         # cost wake-ups there.
         self.split_decompression = True
+        # Whether allocated_extents asks the host file where data clusters
+        # are holes, reporting them as zeros (QEMU's block status with
+        # want_zero); off, they are data (its bdrv_is_allocated, which
+        # commit asks).
+        self.want_zero = True
         self._decompressor = None  # ClusterDecompressor, made on first use
         self._compressed_bufs: list[bytearray] = []  # reused by _read_compressed
         # readinto may run in several threads at once (convert's readers):
@@ -733,7 +738,7 @@ class Qcow2Image(Driver):
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
         runs = None
-        if data and self.dataio.host_holes_read_as_zeros:
+        if data and self.want_zero and self.dataio.host_holes_read_as_zeros:
             runs = self._host_data_runs(data)
         for ext in exts:
             if ext.kind == DATA and runs is not None:
