@@ -107,8 +107,9 @@ def copy_down(
     wherever an image above `base` decides the bytes; returns the bytes
     copied. Zeros are written as zeros (unmapping where the base can).
     Data an image above the base holds as plain host bytes is copied host
-    to host (Driver.copy_runs: no read into memory); the rest is read in
-    READERS threads ahead of the writes (this thread)."""
+    to host where the base can (Driver.copies_from, copy_runs: no read
+    into memory); the rest is read in READERS threads ahead of the writes
+    (this thread)."""
     if base.size < image.size:
         from qimg.resize import resize_image
 
@@ -127,18 +128,23 @@ def copy_down(
     with ThreadPoolExecutor(READERS) as pool:
 
         def start_read(batch: list[_Piece]):
-            if batch[0].kind != DATA or _host_copy(batch):
+            """None for zeros; the copy_runs runs of a host copy; else the
+            read's future."""
+            if batch[0].kind != DATA:
                 return None
+            copy = _host_copy(batch, base)
+            if copy is not None:
+                return copy
             return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
         for batch, read in read_ahead(_batches(pieces), start_read):
             length = sum(p.end - p.start for p in batch)
-            if batch[0].kind != DATA:
+            if read is None:
                 _write_zeroes(base, batch[0].start, length)
             else:
-                if read is None:
+                if isinstance(read, list):
                     scratch = spare.pop() if spare else bytearray(size)
-                    base.copy_runs(_host_copy(batch), memoryview(scratch))
+                    base.copy_runs(read, memoryview(scratch))
                     spare.append(scratch)
                 else:
                     buf = read.result()
@@ -177,10 +183,10 @@ def _batches(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
         yield batch
 
 
-def _host_copy(batch: list[_Piece]) -> list[tuple] | None:
+def _host_copy(batch: list[_Piece], base: Driver) -> list[tuple] | None:
     """The Driver.copy_runs runs of a batch of data pieces that all have a
-    host source; None where one has none."""
-    if any(p.source is None for p in batch):
+    host source `base` copies from host to host; None where one has not."""
+    if any(p.source is None or not base.copies_from(p.source[0]) for p in batch):
         return None
     return [(p.start, p.end - p.start, *p.source) for p in batch]
 

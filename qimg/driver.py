@@ -103,6 +103,12 @@ class Driver:
         for offset, data in runs:
             self.write(offset, data)
 
+    def copies_from(self, source: Storage) -> bool:
+        """Whether copy_runs from `source` copies host to host, the bytes
+        never read into this process (Storage.can_copy_from); False: this
+        default."""
+        return False
+
     def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
         """write() of each (offset, length, source, source_offset) run (sorted,
         disjoint): the `length` bytes `source` holds at `source_offset`

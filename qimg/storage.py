@@ -130,6 +130,11 @@ class Storage(abc.ABC):
         source (the caller writes the bytes)."""
         return False
 
+    def can_copy_from(self, source: Storage) -> bool:
+        """Whether copy_from(source, ...) copies without the bytes passing
+        through this process (the host copies them); False: this default."""
+        return False
+
     def copy_from(self, source: Storage, source_offset: int, offset: int, length: int) -> None:
         """Put the `length` bytes `source` holds at `source_offset` (zeros
         past its end) at `offset`. This default: read and written through
@@ -442,15 +447,19 @@ class FileStorage(Storage):
             self._share_refused = True
         return shared
 
+    def can_copy_from(self, source: Storage) -> bool:
+        """Between two files opened without O_DIRECT and O_DSYNC, until the
+        kernel has refused a copy (copy_from)."""
+        if self._copy_refused or not isinstance(source, FileStorage):
+            return False
+        return self._direct is None and source._direct is None and not self.cache.writethrough
+
     def copy_from(self, source: Storage, source_offset: int, offset: int, length: int) -> None:
-        """Storage.copy_from by copy_file_range between two files opened
-        without O_DIRECT and O_DSYNC (one copy in the kernel, or a clone
-        where the file system shares extents); the buffered copy of the
-        rest where the kernel refuses (asked once per storage) or the
-        source ends."""
-        plain = isinstance(source, FileStorage) and not self._copy_refused
-        plain = plain and self._direct is None and source._direct is None
-        if plain and not self.cache.writethrough:
+        """Storage.copy_from by copy_file_range where can_copy_from (one
+        copy in the kernel, or a clone where the file system shares
+        extents); the buffered copy of the rest where the kernel refuses
+        (it is not asked again) or the source ends."""
+        if self.can_copy_from(source):
             try:
                 while length:
                     n = os.copy_file_range(source._fd, self._fd, length, source_offset, offset)

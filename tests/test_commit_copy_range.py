@@ -44,28 +44,29 @@ def _chain(src, base_fmt: str = "qcow2", *base_opts: str) -> None:
     io(src, "top.qcow2", *writes)
 
 
-def _commit_in_process(d) -> None:
-    """qimg commit top.qcow2, run in `d` (a data file's name is relative)."""
+def _commit_in_process(d, **kw) -> None:
+    """qimg commit top.qcow2, run in `d` (a data file's name is relative);
+    `kw` for commit_image."""
     here = os.getcwd()
     os.chdir(d)
     try:
         image = open_image("top.qcow2", "qcow2", writable=True)
         try:
-            commit_image(image, "top.qcow2")
+            commit_image(image, "top.qcow2", **kw)
         finally:
             image.close()
     finally:
         os.chdir(here)
 
 
-def _compare(src, tmp_path, base: str) -> None:
-    """qimg's commit (in this process) and qemu-img's of copies of `src`:
-    the same guest data in the base, the same allocation in both files,
-    both clean."""
+def _compare(src, tmp_path, base: str, **kw) -> None:
+    """qimg's commit (in this process; `kw` for commit_image) and
+    qemu-img's of copies of `src`: the same guest data in the base, the
+    same allocation in both files, both clean."""
     mine, theirs = tmp_path / "qimg", tmp_path / "qemu"
     for d in (mine, theirs):  # holes kept (shutil's copies fill them)
         run(["cp", "-r", "--sparse=always", str(src), str(d)])
-    _commit_in_process(mine)
+    _commit_in_process(mine, **kw)
     proc = qemu_in(theirs, "qemu-img", "commit", "-q", "top.qcow2")
     assert proc.returncode == 0, proc.stderr
     assert_clean(mine, base, "top.qcow2")
@@ -158,6 +159,18 @@ def test_commit_where_the_kernel_refuses_to_copy_falls_back_to_buffered_writes(
     _chain(src)
     _compare(src, tmp_path, "base.qcow2")
     assert len(made) == 1  # refused once: not asked again
+
+
+def test_commit_into_a_base_opened_with_o_direct_reads_and_writes_as_before(
+    qemu_img, qemu_io, tmp_path, calls
+):
+    """-t none: the kernel's copy would pass the page cache; the bytes are
+    read and written as before."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _chain(src)
+    _compare(src, tmp_path, "base.qcow2", cache="none")
+    assert not calls
 
 
 def test_commit_reports_a_copy_error_in_one_line(qemu_img, qemu_io, tmp_path, monkeypatch):

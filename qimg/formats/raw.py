@@ -62,6 +62,9 @@ class RawImage(Driver):
             self.write(offset, data)
         return False
 
+    def copies_from(self, source: Storage) -> bool:
+        return self.storage.can_copy_from(source)
+
     def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
         """Driver.copy_runs: host to host (guest offsets are the file's)."""
         self._check_writable()

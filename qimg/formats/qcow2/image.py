@@ -480,6 +480,12 @@ class Qcow2Image(Driver):
         for offset, data, *_rest in runs:
             self._bitmaps_written(offset, run_bytes(data))
 
+    def copies_from(self, source: Storage) -> bool:
+        """Runs of fresh clusters are copied host to host (copy_runs)."""
+        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+            return False
+        return self.data_storage.can_copy_from(source)
+
     def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
         """Driver.copy_runs: runs of whole clusters that no cluster of the
         image maps yet are placed together (ClusterMap.place_shared), their
