@@ -25,9 +25,12 @@ from qimg.storage import Storage
 
 # Guest bytes of one data piece at most; data pieces read (in one job) and
 # written (in one Driver.write_runs) together, at most BATCH bytes (>= CHUNK);
+# data pieces copied host to host together (one Driver.copy_runs: one
+# allocation per L2 table), at most COPY_BATCH bytes without a rate limit;
 # reader threads.
 CHUNK = 4 << 20
 BATCH = 4 << 20
+COPY_BATCH = 32 << 20
 READERS = 2
 # Bytes written into the base between starts of its write-back.
 WRITEBACK_STEP = 32 << 20
@@ -127,17 +130,19 @@ def copy_down(
     unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
-        def start_read(batch: list[_Piece]):
+        def start_read(item: tuple[list[_Piece], bool]):
             """None for zeros; the copy_runs runs of a host copy; else the
             read's future."""
+            batch, copy = item
             if batch[0].kind != DATA:
                 return None
-            copy = _host_copy(batch, base)
-            if copy is not None:
-                return copy
+            if copy:
+                return [(p.start, p.end - p.start, *p.source) for p in batch]
             return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
-        for batch, read in read_ahead(_batches(pieces), start_read):
+        copy_batch = BATCH if rate_limit else COPY_BATCH
+        batches = _batches(pieces, lambda p: _host_copies(p, base), copy_batch)
+        for (batch, _copy), read in read_ahead(batches, start_read):
             length = sum(p.end - p.start for p in batch)
             if read is None:
                 _write_zeroes(base, batch[0].start, length)
@@ -164,31 +169,36 @@ def copy_down(
     return total
 
 
-def _batches(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
-    """The pieces in order, as lists: a zero piece alone, consecutive data
-    pieces together up to BATCH bytes."""
+def _batches(
+    pieces: list[_Piece], copies: Callable[[_Piece], bool], copy_batch: int
+) -> Iterator[tuple[list[_Piece], bool]]:
+    """The pieces in order, as (list, copied host to host): a zero piece
+    alone, consecutive data pieces together, those that `copies` up to
+    `copy_batch` bytes, the others (to read) up to BATCH."""
     batch: list[_Piece] = []
     size = 0
+    copy = False
     for piece in pieces:
         n = piece.end - piece.start
-        if batch and (piece.kind != DATA or size + n > BATCH):
-            yield batch
+        this = piece.kind == DATA and copies(piece)
+        limit = copy_batch if copy else BATCH
+        if batch and (piece.kind != DATA or this != copy or size + n > limit):
+            yield batch, copy
             batch, size = [], 0
         if piece.kind != DATA:
-            yield [piece]
+            yield [piece], False
             continue
         batch.append(piece)
         size += n
+        copy = this
     if batch:
-        yield batch
+        yield batch, copy
 
 
-def _host_copy(batch: list[_Piece], base: Driver) -> list[tuple] | None:
-    """The Driver.copy_runs runs of a batch of data pieces that all have a
-    host source `base` copies from host to host; None where one has not."""
-    if any(p.source is None or not base.copies_from(p.source[0]) for p in batch):
-        return None
-    return [(p.start, p.end - p.start, *p.source) for p in batch]
+def _host_copies(piece: _Piece, base: Driver) -> bool:
+    """Whether `base` copies the data piece from its host source host to
+    host (a piece without one is read)."""
+    return piece.source is not None and base.copies_from(piece.source[0])
 
 
 def _runs(batch: list[_Piece], view: memoryview) -> list[tuple[int, memoryview]]:
