@@ -11,9 +11,10 @@ sparse copy (not timed), the tools alternately:
   either holds data (2 GiB) and compare.
 
 In /dev/shm where there is one (about 5 GiB, made for the run and removed
-after it), so the disk does not decide; else the inputs stay in workdir.
+after it), so the disk does not decide; else, or with --disk, in workdir
+(the inputs stay there; the flush then writes 1 GiB to the disk).
 
-Run: python bench/bench_chain.py [--repeat N] [workdir], or
+Run: python bench/bench_chain.py [--repeat N] [--disk] [workdir], or
 python bench/run.py chain.
 """
 
@@ -72,9 +73,9 @@ def _prepare(workdir: str) -> dict[str, str]:
     return paths
 
 
-def rows(workdir: str, repeat: int = 3) -> list[dict]:
+def rows(workdir: str, repeat: int = 3, disk: bool = False) -> list[dict]:
     shm = "/dev/shm"
-    in_shm = os.path.isdir(shm) and os.access(shm, os.W_OK)
+    in_shm = not disk and os.path.isdir(shm) and os.access(shm, os.W_OK)
     if in_shm:  # made afresh and removed after: 5 GiB of memory
         workdir = tempfile.mkdtemp(prefix="qimg-bench-chain-", dir=shm)
     os.makedirs(workdir, exist_ok=True)
@@ -122,9 +123,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", nargs="?")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--disk", action="store_true", help="run in workdir, not /dev/shm")
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="bench-chain-")
-    print_table(rows(work, args.repeat))
+    print_table(rows(work, args.repeat, args.disk))
 
 
 if __name__ == "__main__":

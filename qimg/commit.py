@@ -25,9 +25,12 @@ from qimg.storage import Storage
 
 # Guest bytes of one data piece at most; data pieces read (in one job) and
 # written (in one Driver.write_runs) together, at most BATCH bytes (>= CHUNK);
+# data pieces copied host to host together (one Driver.copy_runs: one
+# allocation per L2 table), at most COPY_BATCH bytes without a rate limit;
 # reader threads.
 CHUNK = 4 << 20
 BATCH = 4 << 20
+COPY_BATCH = 32 << 20
 READERS = 2
 # Bytes written into the base between starts of its write-back.
 WRITEBACK_STEP = 32 << 20
@@ -106,7 +109,10 @@ def copy_down(
     """Write into `base` (writable, in `image`'s chain) what `image` reads
     wherever an image above `base` decides the bytes; returns the bytes
     copied. Zeros are written as zeros (unmapping where the base can).
-    Reads run in READERS threads ahead of the writes (this thread)."""
+    Data an image above the base holds as plain host bytes is copied host
+    to host where the base can (Driver.copies_from, copy_runs: no read
+    into memory); the rest is read in READERS threads ahead of the writes
+    (this thread)."""
     if base.size < image.size:
         from qimg.resize import resize_image
 
@@ -124,19 +130,31 @@ def copy_down(
     unsynced = 0
     with ThreadPoolExecutor(READERS) as pool:
 
-        def start_read(batch: list[_Piece]):
+        def start_read(item: tuple[list[_Piece], bool]):
+            """None for zeros; the copy_runs runs of a host copy; else the
+            read's future."""
+            batch, copy = item
             if batch[0].kind != DATA:
                 return None
+            if copy:
+                return [(p.start, p.end - p.start, *p.source) for p in batch]
             return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
-        for batch, read in read_ahead(_batches(pieces), start_read):
+        copy_batch = BATCH if rate_limit else COPY_BATCH
+        batches = _batches(pieces, lambda p: _host_copies(p, base), copy_batch)
+        for (batch, _copy), read in read_ahead(batches, start_read):
             length = sum(p.end - p.start for p in batch)
             if read is None:
                 _write_zeroes(base, batch[0].start, length)
             else:
-                buf = read.result()
-                base.write_runs(_runs(batch, memoryview(buf)))
-                spare.append(buf)
+                if isinstance(read, list):
+                    scratch = spare.pop() if spare else bytearray(size)
+                    base.copy_runs(read, memoryview(scratch))
+                    spare.append(scratch)
+                else:
+                    buf = read.result()
+                    base.write_runs(_runs(batch, memoryview(buf)))
+                    spare.append(buf)
                 unsynced += length
                 if unsynced >= WRITEBACK_STEP:
                     # The disk writes while the copy goes on: the flush
@@ -151,23 +169,36 @@ def copy_down(
     return total
 
 
-def _batches(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
-    """The pieces in order, as lists: a zero piece alone, consecutive data
-    pieces together up to BATCH bytes."""
+def _batches(
+    pieces: list[_Piece], copies: Callable[[_Piece], bool], copy_batch: int
+) -> Iterator[tuple[list[_Piece], bool]]:
+    """The pieces in order, as (list, copied host to host): a zero piece
+    alone, consecutive data pieces together, those that `copies` up to
+    `copy_batch` bytes, the others (to read) up to BATCH."""
     batch: list[_Piece] = []
     size = 0
+    copy = False
     for piece in pieces:
         n = piece.end - piece.start
-        if batch and (piece.kind != DATA or size + n > BATCH):
-            yield batch
+        this = piece.kind == DATA and copies(piece)
+        limit = copy_batch if copy else BATCH
+        if batch and (piece.kind != DATA or this != copy or size + n > limit):
+            yield batch, copy
             batch, size = [], 0
         if piece.kind != DATA:
-            yield [piece]
+            yield [piece], False
             continue
         batch.append(piece)
         size += n
+        copy = this
     if batch:
-        yield batch
+        yield batch, copy
+
+
+def _host_copies(piece: _Piece, base: Driver) -> bool:
+    """Whether `base` copies the data piece from its host source host to
+    host (a piece without one is read)."""
+    return piece.source is not None and base.copies_from(piece.source[0])
 
 
 def _runs(batch: list[_Piece], view: memoryview) -> list[tuple[int, memoryview]]:
@@ -198,7 +229,9 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     the whole unit leaves it: allocated, the rest as it read), cut where
     `image` reads data or zeros (block status through the chain, asked
     once per window) and into CHUNK-sized data pieces, each with its
-    host source where it has one."""
+    host source where it has one. As QEMU's commit asks (is_allocated,
+    without want_zero), a data cluster that is a hole in its file is data
+    to copy, not zeros."""
     from qimg.chain import STATUS_STEP, HostRuns, allocated_above
     from qimg.convert.scan import allocation_runs
 
@@ -208,10 +241,14 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
     # The status of what the images above the base decide never depends
     # on the base: it is asked with the base cut off (no host scan of a
     # file being written, and no request per range that falls through).
-    parent = image
-    while parent.backing is not base:
-        parent = parent.backing
+    above = [image]
+    while above[-1].backing is not base:
+        above.append(above[-1].backing)
+    parent = above[-1]
     parent.backing = None
+    asked = [node for node in above if getattr(node, "want_zero", False)]
+    for node in asked:
+        node.want_zero = False
     try:
         for window in range(0, size, STATUS_STEP):
             inside = _clip(runs, window, min(size, window + STATUS_STEP))
@@ -229,6 +266,8 @@ def _plan(image: Driver, base: Driver) -> list[_Piece]:
                     pieces.append(_Piece(a, b, kind, hosts.source(a, b)))
     finally:
         parent.backing = base
+        for node in asked:
+            node.want_zero = True
     return pieces
 
 

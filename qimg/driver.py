@@ -103,6 +103,23 @@ class Driver:
         for offset, data in runs:
             self.write(offset, data)
 
+    def copies_from(self, source: Storage) -> bool:
+        """Whether copy_runs from `source` copies host to host, the bytes
+        never read into this process (Storage.can_copy_from); False: this
+        default."""
+        return False
+
+    def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
+        """write() of each (offset, length, source, source_offset) run (sorted,
+        disjoint): the `length` bytes `source` holds at `source_offset`
+        (zeros past its end). A driver may copy them host to host
+        (Storage.copy_from) instead of reading them; this default reads
+        each into `scratch` (as long as the longest run at least)."""
+        for offset, length, source, source_offset in runs:
+            view = scratch[:length]
+            source.pread_padded(source_offset, view)
+            self.write(offset, view)
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         raise NotImplementedError
 
@@ -180,6 +197,12 @@ class Driver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_bytes(data) -> int:
+    """The length of a run's data: its bytes, or (a run to copy from its
+    source, Driver.copy_runs) the length itself."""
+    return data if isinstance(data, int) else memoryview(data).nbytes
 
 
 def read_through_chain(image: Driver, offset: int, view: memoryview) -> None:

@@ -136,6 +136,25 @@ class Storage(abc.ABC):
         promise. False here."""
         return False
 
+    def can_copy_from(self, source: Storage) -> bool:
+        """Whether copy_from(source, ...) copies without the bytes passing
+        through this process (the host copies them); False: this default."""
+        return False
+
+    def copy_from(self, source: Storage, source_offset: int, offset: int, length: int) -> None:
+        """Put the `length` bytes `source` holds at `source_offset` (zeros
+        past its end) at `offset`. This default: read and written through
+        one reused buffer, a piece at a time."""
+        buf = _copy_buffer()
+        while length:
+            view = buf[: min(length, len(buf))]
+            source.pread_padded(source_offset, view)
+            self.pwrite(offset, view)
+            n = len(view)
+            source_offset += n
+            offset += n
+            length -= n
+
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """[offset, offset+length) as a read-only view of the host's own
         copy (mapped, not read), alive while the view is; None where the
@@ -167,6 +186,24 @@ class Storage(abc.ABC):
 
     def unlock(self) -> None:  # noqa: B027
         """Drop the locks `lock` took."""
+
+
+# copy_file_range's refusals (another file system, a kind of file or a
+# kernel that cannot): the bytes are copied through a buffer instead.
+_COPY_REFUSED = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+)
+# Storage.copy_from's buffer (per thread, reused: fresh memory costs a page
+# fault per page).
+_COPY_PIECE = 1 << 20
+_copy_local = threading.local()
+
+
+def _copy_buffer() -> memoryview:
+    buf = getattr(_copy_local, "buf", None)
+    if buf is None:
+        buf = _copy_local.buf = memoryview(bytearray(_COPY_PIECE))
+    return buf
 
 
 def sector_length(storage: Storage) -> int:
@@ -258,6 +295,7 @@ class FileStorage(Storage):
         self._unflushed = create
         self._locker = None
         self._share_refused = False  # see share_from
+        self._copy_refused = False  # see copy_from
         self._block: int | None = None
         # share_from's last source and its size then: a range inside that
         # size needs no fstat (a source cut short since makes the clone fail
@@ -468,6 +506,36 @@ class FileStorage(Storage):
         except OSError:
             return False
         return reflink.may_share(self._fd)
+
+    def can_copy_from(self, source: Storage) -> bool:
+        """Between two files opened without O_DIRECT and O_DSYNC, until the
+        kernel has refused a copy (copy_from)."""
+        if self._copy_refused or not isinstance(source, FileStorage):
+            return False
+        return self._direct is None and source._direct is None and not self.cache.writethrough
+
+    def copy_from(self, source: Storage, source_offset: int, offset: int, length: int) -> None:
+        """Storage.copy_from by copy_file_range where can_copy_from (one
+        copy in the kernel, or a clone where the file system shares
+        extents); the buffered copy of the rest where the kernel refuses
+        (it is not asked again) or the source ends."""
+        if self.can_copy_from(source):
+            try:
+                while length:
+                    n = os.copy_file_range(source._fd, self._fd, length, source_offset, offset)
+                    if not n:
+                        break  # the source's end: zeros for the rest
+                    source_offset += n
+                    offset += n
+                    length -= n
+            except OSError as exc:
+                if exc.errno not in _COPY_REFUSED:
+                    raise _os_error(self.path, "write", exc) from None
+                self._copy_refused = True
+            finally:
+                self._unflushed = True  # as pwrite
+        if length:
+            super().copy_from(source, source_offset, offset, length)
 
     def mapped(self, offset: int, length: int) -> memoryview | None:
         """An mmap of the range (a Mapping of it, see there)."""

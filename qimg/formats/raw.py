@@ -62,6 +62,16 @@ class RawImage(Driver):
             self.write(offset, data)
         return False
 
+    def copies_from(self, source: Storage) -> bool:
+        return self.storage.can_copy_from(source)
+
+    def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
+        """Driver.copy_runs: host to host (guest offsets are the file's)."""
+        self._check_writable()
+        for offset, length, source, source_offset in runs:
+            self._check_range(offset, length)
+            self.storage.copy_from(source, source_offset, offset, length)
+
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)

@@ -15,6 +15,7 @@ from qimg.driver import (  # noqa: F401  (re-exported)
     UNALLOCATED,
     ZERO,
     Extent,
+    run_bytes,
 )
 from qimg.errors import CorruptImageError
 from qimg.formats.qcow2 import layout as L
@@ -384,14 +385,15 @@ class ClusterMap:
         return not self.geo.extended_l2 and not self.has_data_file
 
     def table_groups(self, runs: list[tuple]) -> list[list[tuple]]:
-        """(offset, data, ...) runs, in order, grouped by the L2 table that
-        maps them (a run over two tables is a group)."""
+        """(offset, data, ...) runs (data: bytes, or their length, see
+        run_bytes), in order, grouped by the L2 table that maps them (a run
+        over two tables is a group)."""
         shift = self.geo.cluster_bits + self.geo.l2_bits
         groups: list[list[tuple]] = []
         table = None
         for run in runs:
             first = run[0] >> shift
-            last = (run[0] + memoryview(run[1]).nbytes - 1) >> shift
+            last = (run[0] + run_bytes(run[1]) - 1) >> shift
             if first == table and first == last:
                 groups[-1].append(run)
             else:
@@ -417,7 +419,7 @@ class ClusterMap:
         mask = geo.l2_size - 1
         firsts, counts = [], []
         for run in runs:
-            n = memoryview(run[1]).nbytes
+            n = run_bytes(run[1])
             firsts.append((run[0] >> cb) & mask)
             counts.append(n >> cb if not (run[0] % cs or n % cs) else 0)
         whole = np.array(counts, dtype=np.int64)
@@ -457,12 +459,12 @@ class ClusterMap:
         """place_runs of (offset, data, source, source_offset) runs, the
         bytes of each span of runs that continue each other in one source
         put there by `share(host, pieces, source, source_offset)` (pieces:
-        the runs' data)."""
+        the runs' data, or their lengths)."""
 
         def put(host: int, runs: list[tuple]) -> None:
             for pieces, source, source_offset in _source_contiguous(runs):
                 share(host, pieces, source, source_offset)
-                host += sum(memoryview(p).nbytes for p in pieces)
+                host += sum(map(run_bytes, pieces))
 
         return self.place_runs(runs, put)
 
@@ -846,5 +848,5 @@ def _source_contiguous(runs: list[tuple]) -> list[tuple[list, object, int]]:
             out[-1][0].append(data)
         else:
             out.append(([data], source, source_offset))
-        end = source_offset + memoryview(data).nbytes
+        end = source_offset + run_bytes(data)
     return out

@@ -20,6 +20,7 @@ from qimg.driver import (
     DriverInfo,
     Extent,
     read_through_chain,
+    run_bytes,
 )
 from qimg.errors import CorruptImageError, ImageIOError, InvalidImageError, QimgError
 from qimg.formats.qcow2 import layout as L
@@ -118,6 +119,11 @@ class Qcow2Image(Driver):
         # threads (convert's readers) turns it off: nested hand-offs only
         # cost wake-ups there.
         self.split_decompression = True
+        # Whether allocated_extents asks the host file where data clusters
+        # are holes, reporting them as zeros (QEMU's block status with
+        # want_zero); off, they are data (its bdrv_is_allocated, which
+        # commit asks).
+        self.want_zero = True
         self._decompressor = None  # ClusterDecompressor, made on first use
         self._compressed_bufs: list[bytearray] = []  # reused by _read_compressed
         # readinto may run in several threads at once (convert's readers):
@@ -465,13 +471,39 @@ class Qcow2Image(Driver):
                 self.clusters.write(offset, memoryview(data).cast("B"))
 
     def _begin_runs(self, runs: list[tuple]) -> None:
-        """The checks and marks of write() for each (offset, data, ...) run."""
+        """The checks and marks of write() for each (offset, data, ...) run
+        (data: bytes or their length, driver.run_bytes)."""
         self._check_writable()
         for offset, data, *_rest in runs:
-            self._check_range(offset, memoryview(data).nbytes)
+            self._check_range(offset, run_bytes(data))
         self._mark_dirty()
         for offset, data, *_rest in runs:
-            self._bitmaps_written(offset, memoryview(data).nbytes)
+            self._bitmaps_written(offset, run_bytes(data))
+
+    def copies_from(self, source: Storage) -> bool:
+        """Runs of fresh clusters are copied host to host (copy_runs)."""
+        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+            return False
+        return self.data_storage.can_copy_from(source)
+
+    def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
+        """Driver.copy_runs: runs of whole clusters that no cluster of the
+        image maps yet are placed together (ClusterMap.place_shared), their
+        bytes copied host to host (Storage.copy_from) before the L2 entries
+        point at them; the other runs are read into `scratch` and go
+        through write."""
+        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+            super().copy_runs(runs, scratch)
+            return
+        self._begin_runs(runs)
+        for group in self.clusters.table_groups(runs):
+            rest = self.clusters.place_shared(group, self._copy_run)
+            super().copy_runs(rest, scratch)
+
+    def _copy_run(self, host: int, lengths: list[int], source: Storage, source_offset: int) -> None:
+        """place_shared's put: the bytes `source` holds at `source_offset`
+        to the new host clusters at `host` (overlap checked there)."""
+        self.data_storage.copy_from(source, source_offset, host, sum(lengths))
 
     def _put_runs(self, host: int, runs: list[tuple[int, object]]) -> None:
         """The runs' data, one after another, to the new host clusters at
@@ -712,7 +744,7 @@ class Qcow2Image(Driver):
         exts = self._extents(offset, length)
         data = [ext for ext in exts if ext.kind == DATA]
         runs = None
-        if data and self.dataio.host_holes_read_as_zeros:
+        if data and self.want_zero and self.dataio.host_holes_read_as_zeros:
             runs = self._host_data_runs(data)
         for ext in exts:
             if ext.kind == DATA and runs is not None:
