@@ -1,11 +1,12 @@
 """Encrypted reads of whole sectors decrypt from a mapping of the data file
-straight into the caller's buffer (DataIO.read, Storage.mapped); shorter
-reads, reads that start or end inside a sector, and ranges the file does
-not hold in full are read into a buffer and decrypted there. Both ways
-read what qemu-img reads, for legacy AES (CBC, IV from the guest sector)
-and LUKS qcow2 (XTS, and CBC with essiv; IV from the host sector), at
-sector ranges of odd lengths and offsets, across clusters qemu-io wrote
-out of guest order."""
+straight into the caller's buffer (qcow2's DataIO.read and the luks
+format's readinto, through Storage.mapped); shorter reads, reads that
+start or end inside a sector, and ranges the file does not hold in full
+are read into a buffer and decrypted there. Both ways read what qemu-img
+reads, for legacy AES (CBC, IV from the guest sector), LUKS qcow2 (XTS,
+and CBC with essiv; IV from the host sector) and LUKS volumes (XTS, CBC),
+at sector ranges of odd lengths and offsets, across clusters qemu-io
+wrote out of guest order."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from conftest import run
 from secret_tools import _FLAKY
 
 import qimg
-from qimg.formats.qcow2 import dataio
+from qimg.crypto.sectors import MAPPED_READ
 from qimg.storage import FileStorage
 
 SECRET = "passes-s3cret"
@@ -33,7 +34,7 @@ CASES = {
         "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256"
     ),
 }
-MAPPED = dataio.MAPPED_READ
+MAPPED = MAPPED_READ
 # (offset, length) whole-sector reads at least MAPPED_READ long, at odd
 # sector offsets and counts, up to the image's end; and two that are not
 # whole sectors (read into a buffer whatever their length).
@@ -135,3 +136,24 @@ def test_convert_of_an_encrypted_qcow2_reads_what_qemu_img_reads(qemu_img, qemu_
     run([sys.executable, "-m", "qimg", "convert", *OBJECT, "--image-opts",
          f"driver=qcow2,encrypt.key-secret=sec,file.filename={path}", "-O", "raw", str(out)])  # fmt: skip
     assert out.read_bytes() == oracle
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-xts", "aes-128-cbc"])
+@pytest.mark.parametrize("mapping", [True, False])
+def test_a_luks_volume_reads_from_a_mapping_or_a_buffer_as_qemu_img_reads(
+    qemu_img, tmp_path, monkeypatch, cipher, mapping
+):
+    alg, mode = cipher.rsplit("-", 1)
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(cipher).randbytes(SIZE))
+    path = tmp_path / "vol.luks"
+    _qemu_encrypting("convert", *OBJECT, "-O", "luks", "-o",
+                     f"key-secret=sec,iter-time=10,cipher-alg={alg},cipher-mode={mode}",
+                     src, path)  # fmt: skip
+    out = tmp_path / "oracle.raw"
+    run(["qemu-img", "convert", *OBJECT, "--image-opts",
+         f"driver=luks,key-secret=sec,file.filename={path}", "-O", "raw", str(out)])  # fmt: skip
+    name = {"driver": "luks", "file": {"filename": str(path)}, "key-secret": "sec"}
+    mapped = _counting_maps(monkeypatch, allow=mapping)
+    _reads("json:" + json.dumps(name), out.read_bytes())
+    assert bool(mapped) == mapping

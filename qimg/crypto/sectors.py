@@ -51,6 +51,11 @@ _PIECE_SECTORS = 1024
 # Bytes of a CBC stream decrypted in place per call, through a buffer that
 # stays in the CPU cache (_CBC._stream_in_place).
 STREAM_PIECE = 256 << 10
+# Encrypted reads of whole sectors at least this long (qcow2's DataIO, the
+# luks format) decrypt from a mapping of the file (Storage.mapped) into the
+# caller's buffer instead of reading a copy first: one pass over the data
+# fewer (shorter reads: the mapping's system calls cost more than the copy).
+MAPPED_READ = 256 << 10
 
 # QEMU's QCryptoCipherAlgorithm names -> (family, key bytes, block bytes).
 CIPHER_ALGS = {

@@ -24,10 +24,6 @@ import threading
 from typing import Protocol
 
 SECTOR_SIZE = 512  # BDRV_SECTOR_SIZE; the sector of QEMU's qcow2 encryption
-# Encrypted reads of whole sectors at least this long decrypt from a mapping
-# of the data file (Storage.mapped) instead of a copy read first: one pass
-# over the data fewer (below it, the mapping's system calls cost more).
-MAPPED_READ = 256 << 10
 
 
 class SectorCipher(Protocol):
@@ -91,6 +87,8 @@ class DataIO:
             return
         head = host % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
+            from qimg.crypto.sectors import MAPPED_READ  # loaded with the cipher
+
             sector = self._sector(guest, host)
             mapped = storage.mapped(host, len(view)) if len(view) >= MAPPED_READ else None
             if mapped is not None:
