@@ -12,7 +12,9 @@ modulo the cluster size, so a sector of guest data is a sector of the host.
 Invariants:
 - with a cipher, every write is sector aligned (the cluster map rounds its
   writes out to `write_align` and fills the rounding from what the guest
-  reads there); reads of any alignment are widened here;
+  reads there); reads of any alignment are widened here; a read of whole
+  sectors, MAPPED_READ bytes or more, decrypts from a mapping of the data
+  file (Storage.mapped) straight into the caller's buffer;
 - compressed clusters are stored as they are (QEMU never encrypts them);
 - `host_holes_read_as_zeros` is False with a cipher: a hole in the host
   file holds no ciphertext, so block status may not report it as zeros.
