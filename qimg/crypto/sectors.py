@@ -13,9 +13,10 @@ sectors, the first numbered `sector`. Every call does a fixed number of
   32 blocks of each sector in three numpy steps over the whole chunk
   (GF(2^128), the tweak a little-endian 128-bit number), then
   C = E_key1(P ^ T) ^ T with one ECB call over the chunk.
-- CBC: decryption is one CBC stream over the whole run (the chaining
-  between sectors then mended in each sector's first block, a strided
-  XOR of n blocks); in place, through a small buffer a piece at a time;
+- CBC: decryption is one CBC stream over the whole run (each sector's
+  first block, which the stream chained to the sector before, then
+  decrypted again with its IV: one ECB call over the n first blocks);
+  in place, through a small buffer a piece at a time;
   encryption chains within a sector, so it runs block column by block
   column across all sectors of the chunk (32 ECB calls for AES).
 - CTR: counter blocks IV + j (big-endian, as nettle and gcrypt count) of a
@@ -50,6 +51,11 @@ _PIECE_SECTORS = 1024
 # Bytes of a CBC stream decrypted in place per call, through a buffer that
 # stays in the CPU cache (_CBC._stream_in_place).
 STREAM_PIECE = 256 << 10
+# Encrypted reads of whole sectors at least this long (qcow2's DataIO, the
+# luks format) decrypt from a mapping of the file (Storage.mapped) into the
+# caller's buffer instead of reading a copy first: one pass over the data
+# fewer (shorter reads: the mapping's system calls cost more than the copy).
+MAPPED_READ = 256 << 10
 
 # QEMU's QCryptoCipherAlgorithm names -> (family, key bytes, block bytes).
 CIPHER_ALGS = {
@@ -517,14 +523,15 @@ class _CBC(_Base):
         """Plaintext of whole sectors `data` (see encrypt), as ONE CBC
         stream over the whole run with the first sector's IV: every block
         but a sector's first then comes out right (its predecessor is the
-        ciphertext block before it), and a sector's first block, which
-        the stream chained to the previous sector's last ciphertext block
-        instead of to its own IV, is mended by XORing both in (a strided
-        numpy step over the sectors). One `cryptography` call decrypts
-        the run into `out`; in place (`out` is `data`), a call per
-        STREAM_PIECE through a small buffer copied back. No XOR pass
-        over the data. Always in the calling thread (`split` is moot):
-        `cryptography` holds the GIL."""
+        ciphertext block before it). A sector's first block, which the
+        stream chained to the previous sector's last ciphertext block
+        instead of to its own IV, is decrypted again on its own: the
+        first ciphertext blocks gathered (a strided numpy step over the
+        sectors), one ECB call, XORed with the IVs and put back. One
+        `cryptography` call decrypts the run into `out`; in place (`out`
+        is `data`), a call per STREAM_PIECE through a small buffer copied
+        back. No XOR pass over the data. Always in the calling thread
+        (`split` is moot): `cryptography` holds the GIL."""
         np = self._np
         src_octets = memoryview(data).cast("B")
         total = len(src_octets)
@@ -537,22 +544,21 @@ class _CBC(_Base):
             return out
         src = np.frombuffer(src_octets, dtype="<u8").reshape(-1, self._blocks, self._words)
         dst = np.frombuffer(dst_octets, dtype="<u8").reshape(src.shape)
-        if np.shares_memory(src, dst) and not _same_start(src, dst):
+        in_place = np.shares_memory(src, dst)
+        if in_place and not _same_start(src, dst):
             dst[...] = src  # overlapping otherwise: decrypted in place in dst
             src, src_octets = dst, dst_octets
         n = len(src)
-        # Each sector's last ciphertext block, before an in-place stream
-        # overwrites it, XORed with the next sector's IV: the mend. The
-        # strided columns move as whole blocks (numpy loops over pairs of
-        # words several times slower), the XORs run on contiguous copies.
-        mend = self._scratch("mend", n * self._words).reshape(n, self._words)
-        _blocks_of(mend[:, None])[:, 0] = _blocks_of(src)[:, -1]
-        ivs = self._ivs(sector, n)
-        mend[:-1] ^= ivs[1:]
+        # Each sector's first ciphertext block, gathered before an
+        # in-place stream overwrites it. The strided column moves as whole
+        # blocks (numpy loops over pairs of words several times slower).
+        first = self._scratch("first", n * self._words).reshape(n, self._words)
+        if n > 1:
+            _blocks_of(first[:, None])[:, 0] = _blocks_of(src)[:, 0]
         block = self._spec.block
         cipher_cls, cbc, algorithm = self._stream
-        ctx = cipher_cls(algorithm, cbc(bytes(_octets(ivs[0])))).decryptor()
-        if np.shares_memory(src, dst):
+        ctx = cipher_cls(algorithm, cbc(bytes(_octets(self._ivs(sector, 1))))).decryptor()
+        if in_place:
             self._stream_in_place(ctx, dst_octets)
         else:
             # update_into wants a block of slack past its output, which a
@@ -564,11 +570,9 @@ class _CBC(_Base):
             ctx.update_into(src_octets[total - block :], tail_octets)
             dst_octets[total - block :] = tail_octets[:block]
         if n > 1:
-            first = self._scratch("first", n * self._words).reshape(n, self._words)
-            firsts = _blocks_of(dst)[:, 0]
-            _blocks_of(first[:, None])[:, 0] = firsts
-            first[1:] ^= mend[:-1]
-            firsts[1:] = _blocks_of(first[:, None])[1:, 0]
+            plain = self._ecb(first, decrypt=True, into="first_plain")
+            plain ^= self._ivs(sector, n)
+            _blocks_of(dst)[1:, 0] = _blocks_of(plain[:, None])[1:, 0]
         return out
 
     def _stream_in_place(self, ctx, octets: memoryview) -> None:

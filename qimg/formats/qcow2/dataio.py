@@ -12,7 +12,9 @@ modulo the cluster size, so a sector of guest data is a sector of the host.
 Invariants:
 - with a cipher, every write is sector aligned (the cluster map rounds its
   writes out to `write_align` and fills the rounding from what the guest
-  reads there); reads of any alignment are widened here;
+  reads there); reads of any alignment are widened here; a read of whole
+  sectors, MAPPED_READ bytes or more, decrypts from a mapping of the data
+  file (Storage.mapped) straight into the caller's buffer;
 - compressed clusters are stored as they are (QEMU never encrypts them);
 - `host_holes_read_as_zeros` is False with a cipher: a hole in the host
   file holds no ciphertext, so block status may not report it as zeros.
@@ -87,24 +89,34 @@ class DataIO:
             return
         head = host % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
-            # Whole sectors: the ciphertext read into `view`, decrypted in place.
+            from qimg.crypto.sectors import MAPPED_READ  # loaded with the cipher
+
+            sector = self._sector(guest, host)
+            mapped = storage.mapped(host, len(view)) if len(view) >= MAPPED_READ else None
+            if mapped is not None:
+                # Decrypted from the file's own pages into `view`: the
+                # ciphertext is never copied.
+                self._decrypt(sector, mapped, view)
+                return
+            # The ciphertext read into `view`, decrypted in place.
             storage.pread_padded(host, view)
-            self._decrypt(self._sector(guest, host), view)
+            self._decrypt(sector, view, view)
             return
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
         raw = self._buffer(span)
         storage.pread_padded(host - head, raw)
-        self._decrypt(self._sector(guest - head, host - head), raw)
+        self._decrypt(self._sector(guest - head, host - head), raw, raw)
         view[:] = raw[head : head + len(view)]
 
-    def _decrypt(self, sector: int, buf) -> None:
-        """Decrypt `buf` in place; in the calling thread where the image's
-        split_decompression is off (convert's readers, compare: callers
-        that read from several threads already)."""
+    def _decrypt(self, sector: int, data, out) -> None:
+        """Decrypt `data` into `out` (the same buffer, or another as long);
+        in the calling thread where the image's split_decompression is off
+        (convert's readers, compare: callers that read from several
+        threads already)."""
         if getattr(self.image, "split_decompression", True):
-            self.cipher.decrypt(sector, buf, out=buf)
+            self.cipher.decrypt(sector, data, out=out)
         else:
-            self.cipher.decrypt(sector, buf, out=buf, split=False)
+            self.cipher.decrypt(sector, data, out=out, split=False)
 
     def write(self, guest: int, host: int, buffers: list) -> None:
         """Guest bytes (the concatenation of `buffers`) at `guest`, to their
