@@ -21,8 +21,25 @@ One copy for every direction, written against the driver interface:
 The engine never prints; it reports progress through a callback.
 """
 
-from qimg.convert.job import convert
-from qimg.convert.options import ConvertOptions, options_help, parse_snapshot_param
-from qimg.convert.pipeline import CHUNK
+from __future__ import annotations
+
+import importlib
+
+# Name -> the submodule defining it, imported on first use: commit, rebase
+# and compare import qimg.convert.scan alone and need none of the rest.
+_EXPORTS = {
+    "convert": "job",
+    "ConvertOptions": "options",
+    "options_help": "options",
+    "parse_snapshot_param": "options",
+    "CHUNK": "pipeline",
+}
 
 __all__ = ["convert", "ConvertOptions", "parse_snapshot_param", "options_help", "CHUNK"]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
