@@ -204,14 +204,20 @@ def make_inputs(d: str, size: int, step: int = 4 * MiB, qcow2: bool = True) -> t
     return raw, q
 
 
-def uncompressed(bench: Bench, d: str, size: int, label: str, keep_both: bool = True) -> None:
-    """raw->qcow2, qcow2->raw and qcow2->qcow2 on the file system of `d`."""
+def uncompressed(bench: Bench, d: str, size: int, label: str, lean: bool = False) -> None:
+    """raw->qcow2, qcow2->raw and qcow2->qcow2 on the file system of `d`.
+    `lean`: two images of the data at most at any time (one target at a
+    time; the raw input removed once its qcow2 is made, after raw->qcow2)."""
     fs = filesystem(d)
     names = [f"{fs} {label} {w}" for w in ("raw->qcow2", "qcow2->raw", "qcow2->qcow2")]
     if not any(bench.wanted(n) for n in names):
         return
-    raw, q = make_inputs(d, size)
+    raw, q = make_inputs(d, size, qcow2=not lean)
+    keep_both = not lean
     bench.run(names[0], ["-O", "qcow2", raw], d, keep_both=keep_both)
+    if lean:
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, q], check=True)
+        _rm(raw)
     bench.run(names[1], ["-O", "raw", q], d, keep_both=keep_both)
     bench.run(names[2], ["-O", "qcow2", q], d, keep_both=keep_both)
 
@@ -296,14 +302,14 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
         if args.big:
             big = int(args.big * 4 * GiB)
             for d in dirs:
-                need = big // 4 * 3 + GiB  # raw data, its qcow2, one target
+                need = big // 4 * 2 + GiB  # two images of the data at a time (lean)
                 if _free(d) < need:
                     print(f"({filesystem(d)}: no room for {args.big:g} GiB of data in {d})")
                     continue
                 big_dir = os.path.join(d, "big")  # its inputs removed after
                 os.makedirs(big_dir, exist_ok=True)
                 try:
-                    uncompressed(bench, big_dir, big, f"{args.big:g}G-data", keep_both=False)
+                    uncompressed(bench, big_dir, big, f"{args.big:g}G-data", lean=True)
                 finally:
                     shutil.rmtree(big_dir)
         compressed(bench, disk, size, not args.no_ext4)
