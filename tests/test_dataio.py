@@ -23,6 +23,8 @@ class XorCipher:
     """A toy sector cipher: each 8-byte word XORed with a key from its
     sector number and its place in the sector (its own inverse)."""
 
+    parallel = True
+
     def __init__(self, iv_from_host: bool):
         self.iv_from_host = iv_from_host
 

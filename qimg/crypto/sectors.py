@@ -293,6 +293,8 @@ class _Base:
     """Common machinery: chunking, ECB calls, IVs. Data is handled as
     numpy uint64 arrays shaped (sectors, blocks per sector, words per block)."""
 
+    parallel = True  # their numpy work (tweaks, IVs) releases the GIL
+
     def __init__(self, spec: _Spec, key: bytes, key_len: int, iv_from_host: bool):
         import numpy as np
         from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -485,6 +487,8 @@ class _XTS(_Base):
 
 
 class _CBC(_Base):
+    parallel = False  # all in cryptography's calls, which hold the GIL
+
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
         self._stream = (cipher_cls, modes.CBC, _algorithm(self._spec.family, key[: self._key_len]))
 

@@ -84,10 +84,11 @@ class LuksImage(Driver):
         length = -(-storage.size() // SECTOR_SIZE) * SECTOR_SIZE
         self.size = length - self.payload_offset
         # As an encrypted qcow2 image: decryption is the work of a read, so
-        # convert reads in parallel on its readers (read_compressed), and
+        # convert reads in parallel on its readers (read_compressed) where
+        # the cipher decrypts on several cores at once (XTS), and
         # those turn off split_decompression: each decrypts its own reads
         # in its own thread instead of handing them to the cipher's pool.
-        self.read_compressed = self._cipher is not None
+        self.read_compressed = self._cipher is not None and self._cipher.parallel
         self.split_decompression = True
 
     def _need_key(self) -> None:

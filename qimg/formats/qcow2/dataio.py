@@ -33,6 +33,9 @@ class SectorCipher(Protocol):
 
     #: True: the IV is the host sector (LUKS); False: the guest sector (AES).
     iv_from_host: bool
+    #: True: decryptions in several threads at once use several cores
+    #: (part of the work releases the GIL); False: they take turns.
+    parallel: bool
 
     def encrypt(self, sector: int, data, out=None):
         """Ciphertext of whole sectors `data`, the first being `sector`:

@@ -112,8 +112,10 @@ class Qcow2Image(Driver):
         self._clusters = None
         # Whether a read has met compressed clusters (convert reads such
         # sources in parallel: decompression, not copying, is the work);
-        # decryption is such work from the first read on.
-        self.read_compressed = self.dataio.cipher is not None
+        # decryption is such work from the first read on, where decrypting
+        # threads use several cores (XTS; CBC's would only take turns).
+        cipher = self.dataio.cipher
+        self.read_compressed = cipher is not None and cipher.parallel
         # Whether one read spreads its clusters' decompression over the
         # decompressor's threads; a caller that already reads from several
         # threads (convert's readers) turns it off: nested hand-offs only
