@@ -72,15 +72,24 @@ def shared_fs(request, tmp_path):
             subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
-def _make_source(path: str) -> None:
+def write_source(
+    path: str, size: int, runs: list[tuple[int, int]], zero_block: tuple[int, int] | None = None
+) -> None:
+    """A sparse raw file of `size` bytes: random data in each (offset,
+    length) of `runs`, then `zero_block` (offset, length) written as zeros."""
     with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for off, n in DATA_RUNS:
+        f.truncate(size)
+        for off, n in runs:
             os.pwrite(f.fileno(), os.urandom(n), off)
-        os.pwrite(f.fileno(), bytes(ZERO_BLOCK[1]), ZERO_BLOCK[0])
+        if zero_block is not None:
+            os.pwrite(f.fileno(), bytes(zero_block[1]), zero_block[0])
 
 
-def _map(path: str, fmt: str) -> list[tuple]:
+def _make_source(path: str) -> None:
+    write_source(path, SIZE, DATA_RUNS, ZERO_BLOCK)
+
+
+def qemu_map(path: str, fmt: str) -> list[tuple]:
     """qemu-img map's (start, length, data, zero), host offsets left out."""
     return [
         (e["start"], e["length"], e["data"], e["zero"])
@@ -107,7 +116,7 @@ def test_convert_of_raw_shares_what_the_zero_scan_calls_data(shared_fs, fmt, qem
     ours, theirs = _convert_beside_qemu(shared_fs, src, fmt)
     # Data shared, the zero block inside it left a hole as qemu-img leaves it.
     assert reflink.shared_bytes(ours) == SHARED
-    assert _map(ours, fmt) == _map(theirs, fmt)
+    assert qemu_map(ours, fmt) == qemu_map(theirs, fmt)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -118,7 +127,7 @@ def test_convert_of_plain_qcow2_clusters_shares_them(shared_fs, fmt, qemu_img):
     run(["qemu-img", "convert", "-O", "qcow2", "-S", "0", raw, src])  # zero block stored as data
     ours, theirs = _convert_beside_qemu(shared_fs, src, fmt)
     assert reflink.shared_bytes(ours) == SHARED
-    assert _map(ours, fmt) == _map(theirs, fmt)
+    assert qemu_map(ours, fmt) == qemu_map(theirs, fmt)
 
 
 def test_convert_of_compressed_clusters_shares_nothing(shared_fs, qemu_img):
@@ -160,7 +169,7 @@ def test_convert_of_a_data_file_raw_image_shares_its_data_file(shared_fs, qemu_i
     )
     ours, theirs = _convert_beside_qemu(shared_fs, src, "raw")
     assert reflink.shared_bytes(ours) == SHARED
-    assert _map(ours, "raw") == _map(theirs, "raw")
+    assert qemu_map(ours, "raw") == qemu_map(theirs, "raw")
 
 
 def test_with_minus_S_0_only_the_source_data_is_shared_and_the_rest_allocated(shared_fs, qemu_img):
@@ -168,7 +177,7 @@ def test_with_minus_S_0_only_the_source_data_is_shared_and_the_rest_allocated(sh
     _make_source(src)
     ours, theirs = _convert_beside_qemu(shared_fs, src, "raw", "-S", "0")
     assert reflink.shared_bytes(ours) == SHARED + ZERO_BLOCK[1]  # no zero scan: all data
-    assert _map(ours, "raw") == _map(theirs, "raw")
+    assert qemu_map(ours, "raw") == qemu_map(theirs, "raw")
 
 
 def test_writes_after_sharing_leave_the_other_file_as_it_was(shared_fs, qemu_img):

@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import qemu_check_clean, qemu_json, qimg, run
-from test_reflink import _mount, shared_fs  # noqa: F401  (the fixture)
+from conftest import qemu_check_clean, qimg, run
+from test_reflink import (
+    qemu_map,
+    shared_fs,  # noqa: F401  (the fixture)
+    write_source,
+)
 
 from qimg import reflink
 from qimg.api import create_image, open_image
@@ -28,17 +32,7 @@ SIZE = 32 * MiB
 
 
 def _make_source(path: str) -> None:
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for off, n in RUNS:
-            os.pwrite(f.fileno(), os.urandom(n), off)
-
-
-def _map(path: str, fmt: str) -> list[tuple]:
-    return [
-        (e["start"], e["length"], e["data"], e["zero"])
-        for e in qemu_json("map", "--output=json", "-f", fmt, path)
-    ]
+    write_source(path, SIZE, RUNS)
 
 
 def test_many_runs_over_several_l2_tables_are_shared_and_mapped_as_qemu_img_maps_them(
@@ -54,7 +48,7 @@ def test_many_runs_over_several_l2_tables_are_shared_and_mapped_as_qemu_img_maps
     run(["qemu-img", "compare", src, ours])
     qemu_check_clean(ours)
     assert reflink.shared_bytes(ours) == sum(n for _o, n in RUNS)
-    assert _map(ours, "qcow2") == _map(theirs, "qcow2")
+    assert qemu_map(ours, "qcow2") == qemu_map(theirs, "qcow2")
 
 
 def test_an_existing_target_with_allocated_clusters_gets_every_run(shared_fs, qemu_img):  # noqa: F811

@@ -16,8 +16,13 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import qemu_check_clean, qemu_json, run
-from test_reflink import _unavailable, shared_fs  # noqa: F401  (the fixture)
+from conftest import qemu_check_clean, run
+from test_reflink import (
+    _unavailable,
+    qemu_map,
+    shared_fs,  # noqa: F401  (the fixture)
+    write_source,
+)
 
 from qimg import reflink
 from qimg.api import open_image
@@ -38,18 +43,7 @@ SIZE = 28 * MiB
 
 
 def _make_source(path: str) -> None:
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for off, n in RUNS:
-            os.pwrite(f.fileno(), os.urandom(n), off)
-        os.pwrite(f.fileno(), bytes(ZERO_BLOCK[1]), ZERO_BLOCK[0])
-
-
-def _map(path: str, fmt: str) -> list[tuple]:
-    return [
-        (e["start"], e["length"], e["data"], e["zero"])
-        for e in qemu_json("map", "--output=json", "-f", fmt, path)
-    ]
+    write_source(path, SIZE, RUNS, ZERO_BLOCK)
 
 
 @pytest.fixture
@@ -113,7 +107,7 @@ def test_expected_sharing_maps_from_the_first_chunk_and_shares_what_the_scan_cal
     assert started == [] and read == ([RUNS[-1][0]] if fmt == "qcow2" else [])
     run(["qemu-img", "convert", "-O", fmt, src, theirs])
     run(["qemu-img", "compare", src, ours])
-    assert _map(ours, fmt) == _map(theirs, fmt)
+    assert qemu_map(ours, fmt) == qemu_map(theirs, fmt)
     if fmt == "qcow2":
         qemu_check_clean(ours)
     data = sum(n for _o, n in RUNS[:-1]) - ZERO_BLOCK[1]
@@ -148,7 +142,7 @@ def test_where_an_expected_file_system_refuses_the_copy_writes_what_qemu_img_wri
     assert len(started) == 1
     run(["qemu-img", "convert", "-O", fmt, src, theirs])
     run(["qemu-img", "compare", src, ours])
-    assert _map(ours, fmt) == _map(theirs, fmt)
+    assert qemu_map(ours, fmt) == qemu_map(theirs, fmt)
     if fmt == "qcow2":
         qemu_check_clean(ours)
     assert reflink.shared_bytes(ours) == 0

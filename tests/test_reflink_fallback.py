@@ -7,7 +7,8 @@ import filecmp
 import os
 
 import pytest
-from conftest import qemu_check_clean, qemu_json, qimg, run
+from conftest import qemu_check_clean, qimg, run
+from test_reflink import qemu_map, write_source
 
 from qimg import reflink
 from qimg.storage import FileStorage
@@ -26,18 +27,7 @@ def _fs_type(path) -> str:
 
 
 def _make_source(path) -> None:
-    with open(path, "wb") as f:
-        f.truncate(8 * MiB)
-        os.pwrite(f.fileno(), os.urandom(2 * MiB), 0)
-        os.pwrite(f.fileno(), bytes(64 << 10), MiB)
-        os.pwrite(f.fileno(), os.urandom(MiB), 5 * MiB)
-
-
-def _map(path, fmt: str) -> list[tuple]:
-    return [
-        (e["start"], e["length"], e["data"], e["zero"])
-        for e in qemu_json("map", "--output=json", "-f", fmt, str(path))
-    ]
+    write_source(path, 8 * MiB, [(0, 2 * MiB), (5 * MiB, MiB)], (MiB, 64 << 10))
 
 
 @pytest.fixture
@@ -55,7 +45,7 @@ def test_on_ext4_convert_copies_and_writes_what_qemu_img_writes(ext4_dir, fmt, q
     qimg("convert", "-O", fmt, src, ours)
     run(["qemu-img", "convert", "-O", fmt, str(src), str(theirs)])
     run(["qemu-img", "compare", str(src), str(ours)])
-    assert _map(ours, fmt) == _map(theirs, fmt)
+    assert qemu_map(ours, fmt) == qemu_map(theirs, fmt)
     if fmt == "raw":
         assert filecmp.cmp(ours, theirs, shallow=False)
     else:
