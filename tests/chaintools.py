@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 from conftest import run
@@ -67,6 +68,16 @@ def run_both(mine: Path, theirs: Path, *args: str):
     m.stderr = message(m.stderr, "qimg").replace("'qimg --help'", "'PROG --help'")
     q.stderr = message(q.stderr, "qemu-img").replace("'qemu-img --help'", "'PROG --help'")
     return m, q
+
+
+def compare_both(d: Path, *args: str) -> tuple[tuple, tuple]:
+    """(qemu-img's, qimg's) exit code, stdout and stderr of `compare ARGS`
+    run in `d`, the program's name taken out."""
+    q = subprocess.run(["qemu-img", "compare", *args], cwd=d, capture_output=True, timeout=60)
+    m = qimg_here(d, "compare", *args)
+    theirs = (q.returncode, q.stdout.decode(), q.stderr.decode().replace("qemu-img", "PROG"))
+    ours = (m.returncode, m.stdout, m.stderr.replace("qimg", "PROG"))
+    return theirs, ours
 
 
 def alone(name: str) -> str:

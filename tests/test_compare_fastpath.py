@@ -7,13 +7,11 @@ boundary, and past the end of the shorter image."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from chaintools import img, io
+from chaintools import compare_both, img, io
 from conftest import require_tool
-from infotools import qimg_here
 
 import qimg.compare
 
@@ -67,14 +65,6 @@ def images(tmp_path_factory) -> Path:
     return d
 
 
-def _both(d: Path, *args: str) -> tuple[tuple, tuple]:
-    q = subprocess.run(["qemu-img", "compare", *args], cwd=d, capture_output=True, timeout=60)
-    m = qimg_here(d, "compare", *args)
-    theirs = (q.returncode, q.stdout.decode(), q.stderr.decode().replace("qemu-img", "PROG"))
-    ours = (m.returncode, m.stdout, m.stderr.replace("qimg", "PROG"))
-    return theirs, ours
-
-
 COPIES = ("base.raw", "base.qcow2", "zlib.qcow2", "zeros.qcow2")
 DIFF_PAIRS = [(f"d{off}.raw", copy) for off in DIFF_OFFSETS for copy in COPIES]
 SHAPE_PAIRS = [
@@ -100,14 +90,14 @@ def _ids(pairs):
 @pytest.mark.parametrize("pair", DIFF_PAIRS, ids=_ids(DIFF_PAIRS))
 def test_compare_names_the_first_difference_as_qemu_img(images, pair):
     for args in (pair, pair[::-1]):
-        theirs, ours = _both(images, *args)
+        theirs, ours = compare_both(images, *args)
         assert ours == theirs, args
 
 
 @pytest.mark.parametrize("pair", SHAPE_PAIRS, ids=_ids(SHAPE_PAIRS))
 def test_compare_of_zero_and_data_regions_and_other_sizes_matches_qemu_img(images, pair):
     for args in (pair, pair[::-1], ("-s", *pair), ("-q", *pair)):
-        theirs, ours = _both(images, *args)
+        theirs, ours = compare_both(images, *args)
         assert ours == theirs, args
 
 
@@ -118,7 +108,7 @@ NUMPY_PAIRS = [("d0.raw", "zeros.qcow2"), (f"d{SIZE - 1}.raw", "zlib.qcow2"), *S
 def test_compare_without_memcmp_matches_qemu_img(images, pair, monkeypatch):
     monkeypatch.setattr(qimg.compare, "_memcmp", lambda: None)
     for args in (pair, pair[::-1]):
-        theirs, ours = _both(images, *args)
+        theirs, ours = compare_both(images, *args)
         assert ours == theirs, args
 
 
@@ -158,7 +148,7 @@ WINDOW_PAIRS = [
 @pytest.mark.parametrize("pair", WINDOW_PAIRS, ids=_ids(WINDOW_PAIRS))
 def test_compare_across_block_status_windows_matches_qemu_img(windows, pair):
     for args in (pair, ("-s", *pair), ("-p", *pair)):
-        theirs, ours = _both(windows, *args)
+        theirs, ours = compare_both(windows, *args)
         assert ours == theirs, args
 
 

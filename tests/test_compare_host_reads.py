@@ -5,13 +5,11 @@ end of a cut-short image, or beside data of another image of the chain."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from chaintools import img, io
+from chaintools import compare_both, img, io
 from conftest import require_tool
-from infotools import qimg_here
 
 MiB = 1 << 20
 
@@ -41,14 +39,6 @@ def images(tmp_path_factory) -> Path:
     return d
 
 
-def _both(d: Path, *args: str) -> tuple[tuple, tuple]:
-    q = subprocess.run(["qemu-img", "compare", *args], cwd=d, capture_output=True, timeout=60)
-    m = qimg_here(d, "compare", *args)
-    theirs = (q.returncode, q.stdout.decode(), q.stderr.decode().replace("qemu-img", "PROG"))
-    ours = (m.returncode, m.stdout, m.stderr.replace("qimg", "PROG"))
-    return theirs, ours
-
-
 PAIRS = [
     ("flat.raw", "top.qcow2"),
     ("base.qcow2", "top.qcow2"),
@@ -66,5 +56,5 @@ PAIRS += [
 @pytest.mark.parametrize("pair", PAIRS, ids=["-".join(p) for p in PAIRS])
 def test_compare_reading_data_clusters_at_their_host_offsets_matches_qemu_img(images, pair):
     for args in (pair, pair[::-1], ("-s", *pair)):
-        theirs, ours = _both(images, "-U", *args)
+        theirs, ours = compare_both(images, "-U", *args)
         assert ours == theirs, args

@@ -5,12 +5,11 @@ progress lines) and stderr, with and without -s and -p."""
 from __future__ import annotations
 
 import itertools
-import subprocess
 from pathlib import Path
 
 import pytest
+from chaintools import compare_both
 from conftest import require_tool, run
-from infotools import qimg_here
 
 MiB = 1 << 20
 # One byte different from base.raw at each of these offsets (sector
@@ -78,16 +77,6 @@ def corpus(tmp_path_factory) -> Path:
     return d
 
 
-def _both(d: Path, *args: str) -> tuple[tuple, tuple]:
-    """(qemu-img's, qimg's) exit code, stdout and stderr of `compare ARGS`,
-    the program's name taken out."""
-    q = subprocess.run(["qemu-img", "compare", *args], cwd=d, capture_output=True, timeout=60)
-    m = qimg_here(d, "compare", *args)
-    theirs = (q.returncode, q.stdout.decode(), q.stderr.decode().replace("qemu-img", "PROG"))
-    ours = (m.returncode, m.stdout, m.stderr.replace("qimg", "PROG"))
-    return theirs, ours
-
-
 SAME_DATA = (
     "base.raw",
     "base.qcow2",
@@ -120,7 +109,7 @@ def test_compare_of_every_shape_of_the_same_data_matches_qemu_img(corpus, mode):
     compressed, extended L2, data file, backing chain...): qemu-img's
     outcome, its strict-mode verdict and its progress lines."""
     for a, b in itertools.combinations(SAME_DATA, 2):
-        theirs, ours = _both(corpus, "-U", *mode, a, b)
+        theirs, ours = compare_both(corpus, "-U", *mode, a, b)
         assert ours == theirs, (mode, a, b)
 
 
@@ -130,7 +119,7 @@ def test_compare_of_differing_images_names_qemu_img_offset(corpus, mode):
     zero or not), an odd-sized raw file, against the base images both ways."""
     for a, b in itertools.product(("base.raw", "base.qcow2", "zlib.qcow2"), OTHERS):
         for pair in ((a, b), (b, a)):
-            theirs, ours = _both(corpus, "-U", *mode, *pair)
+            theirs, ours = compare_both(corpus, "-U", *mode, *pair)
             assert ours == theirs, (mode, pair)
 
 
@@ -142,7 +131,7 @@ def test_compare_reports_one_differing_byte_where_qemu_img_does(corpus, offset):
     for a in (f"d{offset}.raw", f"d{offset}-zlib.qcow2"):
         for b in ("base.raw", "base.qcow2", "zstd.qcow2", "ext.qcow2"):
             for mode in ((), ("-s",), ("-q",)):
-                theirs, ours = _both(corpus, *mode, a, b)
+                theirs, ours = compare_both(corpus, *mode, a, b)
                 assert ours == theirs, (a, b, mode)
 
 
@@ -179,7 +168,7 @@ def test_compare_bad_input_fails_as_qemu_img_does(corpus, args):
     """Missing files, wrong or unknown formats, a bad cache mode or
     --object, the wrong number of names: qemu-img's code (1 usage, 2 open)
     and its one-line message."""
-    theirs, ours = _both(corpus, *args)
+    theirs, ours = compare_both(corpus, *args)
     assert ours == theirs
 
 
@@ -214,7 +203,7 @@ def test_compare_failures_inside_images_exit_as_qemu_img_does(corpus):
         ("base.qcow2", "garbage-zlib.qcow2"),
         ("-p", "garbage-zlib.qcow2", "base.raw"),
     ):
-        theirs, ours = _both(d, *args)
+        theirs, ours = compare_both(d, *args)
         assert ours == theirs, args
         assert ours[0] in (3, 4), args
 
@@ -317,5 +306,5 @@ def test_compare_of_more_shapes_matches_qemu_img(shapes, mode):
     ]
     for a, b in pairs:
         for pair in ((a, b), (b, a)):
-            theirs, ours = _both(shapes, "-U", *mode, *pair)
+            theirs, ours = compare_both(shapes, "-U", *mode, *pair)
             assert ours == theirs, (mode, pair)
