@@ -123,6 +123,16 @@ def _check_reads(name: str, oracle: bytes) -> None:
         assert buf == oracle[65536 + 512 : 65536 + 512 + len(buf)]
 
 
+def _assert_qimg_reads(path, opts: str, name: dict, oracle: bytes, tmp_path) -> None:
+    """qimg's convert to raw of `path` (`opts` in --image-opts), and its
+    reads through the json: name `name`, give `oracle`."""
+    out = tmp_path / "qimg.raw"
+    run([sys.executable, "-m", "qimg", "convert", *OBJECT, "--image-opts",
+         f"{opts},file.filename={path}", "-O", "raw", str(out)])  # fmt: skip
+    assert out.read_bytes() == oracle
+    _check_reads("json:" + json.dumps(name), oracle)
+
+
 @pytest.mark.parametrize("case", sorted(QCOW2_CASES))
 def test_qimg_reads_a_qemu_made_encrypted_qcow2_as_qemu_img_does(qemu_img, qemu_io, tmp_path, case):
     path = tmp_path / "enc.qcow2"
@@ -132,12 +142,8 @@ def test_qimg_reads_a_qemu_made_encrypted_qcow2_as_qemu_img_does(qemu_img, qemu_
     _scatter(qemu_io, path, opts, tmp_path)
     oracle = _qemu_read(path, opts, tmp_path)
     assert len(oracle) == SIZE
-    out = tmp_path / "qimg.raw"
-    run([sys.executable, "-m", "qimg", "convert", *OBJECT, "--image-opts",
-         f"{opts},file.filename={path}", "-O", "raw", str(out)])  # fmt: skip
-    assert out.read_bytes() == oracle
     name = {"driver": "qcow2", "file": {"filename": str(path)}, "encrypt.key-secret": "sec"}
-    _check_reads("json:" + json.dumps(name), oracle)
+    _assert_qimg_reads(path, opts, name, oracle, tmp_path)
 
 
 @pytest.mark.parametrize("cipher", ["aes-256-xts", "aes-128-cbc"])
@@ -150,12 +156,8 @@ def test_qimg_reads_a_qemu_made_luks_volume_as_qemu_img_does(qemu_img, qemu_io, 
     opts = "driver=luks,key-secret=sec"
     _scatter(qemu_io, path, opts, tmp_path)
     oracle = _qemu_read(path, opts, tmp_path)
-    out = tmp_path / "qimg.raw"
-    run([sys.executable, "-m", "qimg", "convert", *OBJECT, "--image-opts",
-         f"{opts},file.filename={path}", "-O", "raw", str(out)])  # fmt: skip
-    assert out.read_bytes() == oracle
     name = {"driver": "luks", "file": {"filename": str(path)}, "key-secret": "sec"}
-    _check_reads("json:" + json.dumps(name), oracle)
+    _assert_qimg_reads(path, opts, name, oracle, tmp_path)
 
 
 # --- the sector ciphers against cryptography, sector by sector -------------------
