@@ -464,7 +464,7 @@ class Qcow2Image(Driver):
         image maps yet are placed together (ClusterMap.place_runs: one
         allocation and one L2 update per table, the data written run by
         run, _put_runs); the other runs go through write."""
-        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+        if not self._places_runs:
             super().write_runs(runs)
             return
         self._begin_runs(runs)
@@ -482,11 +482,15 @@ class Qcow2Image(Driver):
         for offset, data, *_rest in runs:
             self._bitmaps_written(offset, run_bytes(data))
 
+    @property
+    def _places_runs(self) -> bool:
+        """Whether runs of fresh clusters go to the host as they are, placed
+        together (ClusterMap.place_runs): not through a cipher."""
+        return self.dataio.cipher is None and self.clusters.can_place_runs
+
     def copies_from(self, source: Storage) -> bool:
         """Runs of fresh clusters are copied host to host (copy_runs)."""
-        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
-            return False
-        return self.data_storage.can_copy_from(source)
+        return self._places_runs and self.data_storage.can_copy_from(source)
 
     def copy_runs(self, runs: list[tuple[int, int, Storage, int]], scratch: memoryview) -> None:
         """Driver.copy_runs: runs of whole clusters that no cluster of the
@@ -494,7 +498,7 @@ class Qcow2Image(Driver):
         bytes copied host to host (Storage.copy_from) before the L2 entries
         point at them; the other runs are read into `scratch` and go
         through write."""
-        if self.dataio.cipher is not None or not self.clusters.can_place_runs:
+        if not self._places_runs:
             super().copy_runs(runs, scratch)
             return
         self._begin_runs(runs)
@@ -538,7 +542,7 @@ class Qcow2Image(Driver):
         one allocation and one L2 update per table); any other run goes
         through write_shared."""
         io = self.dataio
-        if io.shared is False or io.cipher is not None or not self.clusters.can_place_runs:
+        if io.shared is False or not self._places_runs:
             return super().write_shared_runs(runs)
         self._begin_runs(runs)
         io.shared = None
