@@ -161,6 +161,19 @@ def qcow_aes_cipher(secret: bytes):
     return sector_cipher("aes-128", "cbc", "plain64", None, key, iv_from_host=False)
 
 
+def ciphertext(storage, host: int, view: memoryview):
+    """The ciphertext of the whole sectors at `host` for a decrypting read
+    into `view`: a mapping of the file (Storage.mapped: the ciphertext
+    never copied) where the read is MAPPED_READ bytes or more and the file
+    maps it; else `view` itself, read into (to decrypt in place). Bytes
+    past the end of the file read as zeros."""
+    mapped = storage.mapped(host, len(view)) if len(view) >= MAPPED_READ else None
+    if mapped is not None:
+        return mapped
+    storage.pread_padded(host, view)
+    return view
+
+
 def encrypt_writing(cipher, sector: int, data, out, write) -> None:
     """Encrypt whole sectors `data` (the first numbered `sector`) with the
     SectorCipher `cipher` into `out` (a writable buffer as long), handing

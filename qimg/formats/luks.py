@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping
 
 from qimg.crypto import luks1
-from qimg.crypto.sectors import MAPPED_READ
+from qimg.crypto.sectors import ciphertext
 from qimg.driver import DATA, Driver, DriverInfo, Extent
 from qimg.errors import ImageIOError, QimgError
 from qimg.storage import Storage
@@ -105,18 +105,9 @@ class LuksImage(Driver):
         self._need_key()
         head = offset % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
-            # Whole sectors: decrypted from a mapping of the file into the
-            # caller's buffer (as DataIO.read), or read into it and
-            # decrypted in place.
-            host = self.payload_offset + offset
-            mapped = self.storage.mapped(host, len(view)) if len(view) >= MAPPED_READ else None
-            if mapped is None:
-                self.storage.pread_padded(host, view)
+            data = ciphertext(self.storage, self.payload_offset + offset, view)
             self._cipher.decrypt(
-                offset // SECTOR_SIZE,
-                view if mapped is None else mapped,
-                out=view,
-                split=self.split_decompression,
+                offset // SECTOR_SIZE, data, out=view, split=self.split_decompression
             )
             return
         start = offset - head

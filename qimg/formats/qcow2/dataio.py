@@ -92,18 +92,9 @@ class DataIO:
             return
         head = host % SECTOR_SIZE
         if not head and not len(view) % SECTOR_SIZE:
-            from qimg.crypto.sectors import MAPPED_READ  # loaded with the cipher
+            from qimg.crypto.sectors import ciphertext  # loaded with the cipher
 
-            sector = self._sector(guest, host)
-            mapped = storage.mapped(host, len(view)) if len(view) >= MAPPED_READ else None
-            if mapped is not None:
-                # Decrypted from the file's own pages into `view`: the
-                # ciphertext is never copied.
-                self._decrypt(sector, mapped, view)
-                return
-            # The ciphertext read into `view`, decrypted in place.
-            storage.pread_padded(host, view)
-            self._decrypt(sector, view, view)
+            self._decrypt(self._sector(guest, host), ciphertext(storage, host, view), view)
             return
         span = -(-(head + len(view)) // SECTOR_SIZE) * SECTOR_SIZE
         raw = self._buffer(span)
