@@ -112,8 +112,8 @@ class Qcow2Image(Driver):
         self._clusters = None
         # Whether a read has met compressed clusters (convert reads such
         # sources in parallel: decompression, not copying, is the work);
-        # decryption is such work from the first read on, where decrypting
-        # threads use several cores (XTS; CBC's would only take turns).
+        # decryption is such work from the first read on, where the cipher
+        # is `parallel` (XTS; CBC splits a long read over its own pool).
         cipher = self.dataio.cipher
         self.read_compressed = cipher is not None and cipher.parallel
         # Whether one read spreads its clusters' decompression over the
