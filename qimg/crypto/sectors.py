@@ -24,17 +24,17 @@ sectors, the first numbered `sector`. Every call does a fixed number of
 - ECB: no IV.
 
 Threads: numpy releases the GIL in its passes; `cryptography` releases it
-during a cipher update only in some versions (measured, a Python thread
+during a cipher update only in some versions (measured: a Python thread
 left to run during one update of 256 MiB and 256 of 1 MiB, AES-CBC and
 AES-ECB): up to 42 (the cffi binding, every OpenSSL call) and from 50.0
-on; 43.0 to 49.0 (Rust) hold it. Every version computes the same bytes;
-on those that hold it, threads take turns in the cipher calls. A call of
-several chunks (XTS, CTR, ECB) spreads them over a thread per core, and a
-CBC decryption of two SPLIT_PIECEs or more is cut into a piece per core,
-unless its caller reads from several threads already (split=False:
-convert's readers, compare): there the cores are busy with the readers,
-and the pool measured no faster (XTS, 1 GiB, same CPU and wall within
-the noise), with twice the threads.
+on; 43.0 to 49.0 (Rust) hold it. Every version computes the same bytes.
+The XTS tweaks and XORs (numpy) are most of XTS's work, so a call of
+several chunks spreads them over a thread per core, unless its caller
+reads from several threads already (split=False: convert's readers,
+compare): there the cores are busy with the readers, and the pool
+measured no faster (XTS, 1 GiB, same CPU and wall within the noise),
+with twice the threads. CBC decryption stays in the calling thread (see
+_CBC.decrypt).
 `encrypt_writing` (qcow2 data writes) also overlaps the encryption of a
 write's later pieces with the writing of its earlier ones.
 """
@@ -56,10 +56,6 @@ _PIECE_SECTORS = 1024
 # Bytes of a CBC stream decrypted in place per call, through a buffer that
 # stays in the CPU cache (_CBC._stream_in_place).
 STREAM_PIECE = 256 << 10
-# A CBC decryption with `split` is cut into pieces (one per core) of at
-# least this much: smaller calls measured no faster on two threads
-# (cryptography 51, AES-CBC and AES-ECB).
-SPLIT_PIECE = 1 << 20
 # Encrypted reads of whole sectors at least this long (qcow2's DataIO, the
 # luks format) decrypt from a mapping of the file (Storage.mapped) into the
 # caller's buffer instead of reading a copy first: one pass over the data
@@ -510,10 +506,9 @@ class _XTS(_Base):
 
 
 class _CBC(_Base):
-    # Decryption is one `cryptography` stream per run (the GIL released in
-    # some versions only) that splits itself over the pool (decrypt): read
-    # by one thread in convert, not its readers, which measured slower
-    # (AES qcow2 -> raw, 1 GiB: 1.4-2.0 s against 0.8-1.6 s).
+    # Decryption is one `cryptography` stream per run: convert reads it on
+    # one thread, not on its readers, which measured slower (AES qcow2 ->
+    # raw, 1 GiB: 1.4-2.0 s against 0.8-1.6 s, cryptography 51).
     parallel = False
 
     def _init_extra(self, key: bytes, cipher_cls, modes) -> None:
@@ -551,11 +546,23 @@ class _CBC(_Base):
         _blocks_of(dst)[...] = _blocks_of(columns).T
 
     def decrypt(self, sector: int, data, out=None, *, split: bool = True):
-        """Plaintext of whole sectors `data` (see encrypt). Sectors chain
-        within themselves only, so a run splits at any sector: with
-        `split`, a run of two SPLIT_PIECEs or more is cut into one piece
-        per core, each decrypted (_decrypt_run) on the pool but the first,
-        which the calling thread takes."""
+        """Plaintext of whole sectors `data` (see encrypt), as ONE CBC
+        stream over the whole run with the first sector's IV: every block
+        but a sector's first then comes out right (its predecessor is the
+        ciphertext block before it). A sector's first block, which the
+        stream chained to the previous sector's last ciphertext block
+        instead of to its own IV, is decrypted again on its own: the
+        first ciphertext blocks gathered (a strided numpy step over the
+        sectors), one ECB call, XORed with the IVs and put back. One
+        `cryptography` call decrypts the run into `out`; in place (`out`
+        is `data`), a call per STREAM_PIECE through a small buffer copied
+        back. No XOR pass over the data. Always in the calling thread
+        (`split` is moot): cut into a piece per core on the pool (1 MiB
+        pieces and more, cryptography 51, which releases the GIL), it
+        measured slower on this 2-core VM under load, in memory (2 MiB:
+        0.37 ms against 0.27; 64 MiB: 21.6 ms against 16.6) and in
+        AES qcow2 -> raw (0.3 s more CPU a GiB): the stream runs at
+        memory speed (0.13-0.18 s a GiB) and the hand-overs cost more."""
         np = self._np
         src_octets = memoryview(data).cast("B")
         total = len(src_octets)
@@ -566,50 +573,12 @@ class _CBC(_Base):
         dst_octets = memoryview(out).cast("B")[:total]
         if not total:
             return out
-        src = np.frombuffer(src_octets, dtype="<u8")
-        dst = np.frombuffer(dst_octets, dtype="<u8")
-        if np.shares_memory(src, dst) and not _same_start(src, dst):
-            dst[...] = src  # overlapping otherwise: decrypted in place in dst
-            src_octets = dst_octets
-        pieces = min(os.cpu_count() or 1, total // SPLIT_PIECE) if split else 1
-        if pieces < 2:
-            self._decrypt_run(sector, src_octets, dst_octets)
-            return out
-        step = -(-total // SECTOR_SIZE // pieces) * SECTOR_SIZE
-        starts = range(0, total, step)
-
-        def run(at: int) -> None:
-            part = slice(at, at + step)
-            self._decrypt_run(sector + at // SECTOR_SIZE, src_octets[part], dst_octets[part])
-
-        futures = [_pool().submit(run, at) for at in starts[1:]]
-        try:
-            run(0)
-        finally:
-            from concurrent.futures import wait
-
-            wait(futures)
-        for future in futures:
-            future.result()
-        return out
-
-    def _decrypt_run(self, sector: int, src_octets: memoryview, dst_octets: memoryview) -> None:
-        """Decrypt whole sectors `src_octets` into `dst_octets` (as long;
-        the same memory, or apart) as ONE CBC stream over the whole run
-        with the first sector's IV: every block but a sector's first then
-        comes out right (its predecessor is the ciphertext block before
-        it). A sector's first block, which the stream chained to the
-        previous sector's last ciphertext block instead of to its own IV,
-        is decrypted again on its own: the first ciphertext blocks gathered
-        (a strided numpy step over the sectors), one ECB call, XORed with
-        the IVs and put back. One `cryptography` call decrypts the run;
-        in place, a call per STREAM_PIECE through a small buffer copied
-        back. No XOR pass over the data."""
-        np = self._np
-        total = len(src_octets)
         src = np.frombuffer(src_octets, dtype="<u8").reshape(-1, self._blocks, self._words)
         dst = np.frombuffer(dst_octets, dtype="<u8").reshape(src.shape)
-        in_place = _same_start(src, dst)
+        in_place = np.shares_memory(src, dst)
+        if in_place and not _same_start(src, dst):
+            dst[...] = src  # overlapping otherwise: decrypted in place in dst
+            src, src_octets = dst, dst_octets
         n = len(src)
         # Each sector's first ciphertext block, gathered before an
         # in-place stream overwrites it. The strided column moves as whole
@@ -635,6 +604,7 @@ class _CBC(_Base):
             plain = self._ecb(first, decrypt=True, into="first_plain")
             plain ^= self._ivs(sector, n)
             _blocks_of(dst)[1:, 0] = _blocks_of(plain[:, None])[1:, 0]
+        return out
 
     def _stream_in_place(self, ctx, octets: memoryview) -> None:
         """`ctx`'s stream over `octets`, written back over them: a piece

@@ -34,9 +34,8 @@ class SectorCipher(Protocol):
     #: True: the IV is the host sector (LUKS); False: the guest sector (AES).
     iv_from_host: bool
     #: True: decryptions in several threads at once use several cores
-    #: (most of the work releases the GIL): convert decrypts on its reader
-    #: threads; False: it reads on one thread (the cipher may spread a long
-    #: decryption over its own threads, as CBC's does).
+    #: (most of the work releases the GIL), and convert decrypts on its
+    #: reader threads; False: it decrypts on one thread.
     parallel: bool
 
     def encrypt(self, sector: int, data, out=None):

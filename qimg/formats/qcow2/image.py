@@ -113,7 +113,7 @@ class Qcow2Image(Driver):
         # Whether a read has met compressed clusters (convert reads such
         # sources in parallel: decompression, not copying, is the work);
         # decryption is such work from the first read on, where the cipher
-        # is `parallel` (XTS; CBC splits a long read over its own pool).
+        # is `parallel` (XTS; CBC's measured slower on reader threads).
         cipher = self.dataio.cipher
         self.read_compressed = cipher is not None and cipher.parallel
         # Whether one read spreads its clusters' decompression over the
