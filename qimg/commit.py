@@ -14,7 +14,6 @@ writable top).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from qimg.chain import read_ahead, read_host
@@ -128,20 +127,31 @@ def copy_down(
     spare: list[bytearray] = []
     size = min(BATCH, sum(p.end - p.start for p in pieces if p.kind == DATA))
     unsynced = 0
-    with ThreadPoolExecutor(READERS) as pool:
+    # The pool (and concurrent.futures, logging with it) is made on the
+    # first read or write-back: a small commit copied host to host needs neither.
+    pool = None
 
-        def start_read(item: tuple[list[_Piece], bool]):
-            """None for zeros; the copy_runs runs of a host copy; else the
-            read's future."""
-            batch, copy = item
-            if batch[0].kind != DATA:
-                return None
-            if copy:
-                return [(p.start, p.end - p.start, *p.source) for p in batch]
-            return pool.submit(_read, image, batch, spare.pop() if spare else bytearray(size))
+    def submit(fn: Callable, *args):
+        nonlocal pool
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        copy_batch = BATCH if rate_limit else COPY_BATCH
-        batches = _batches(pieces, lambda p: _host_copies(p, base), copy_batch)
+            pool = ThreadPoolExecutor(READERS)
+        return pool.submit(fn, *args)
+
+    def start_read(item: tuple[list[_Piece], bool]):
+        """None for zeros; the copy_runs runs of a host copy; else the
+        read's future."""
+        batch, copy = item
+        if batch[0].kind != DATA:
+            return None
+        if copy:
+            return [(p.start, p.end - p.start, *p.source) for p in batch]
+        return submit(_read, image, batch, spare.pop() if spare else bytearray(size))
+
+    copy_batch = BATCH if rate_limit else COPY_BATCH
+    batches = _batches(pieces, lambda p: _host_copies(p, base), copy_batch)
+    try:
         for (batch, _copy), read in read_ahead(batches, start_read):
             length = sum(p.end - p.start for p in batch)
             if read is None:
@@ -159,13 +169,16 @@ def copy_down(
                 if unsynced >= WRITEBACK_STEP:
                     # The disk writes while the copy goes on: the flush
                     # after it waits only for the tail.
-                    pool.submit(base.start_writeback)
+                    submit(base.start_writeback)
                     unsynced = 0
                 if limit is not None:
                     limit.account(length)
             done += length
             if progress is not None:
                 progress(done, total)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return total
 
 
