@@ -9,12 +9,20 @@ user unless QIMG_DEBUG is set.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
-from qimg import __version__, errors
-from qimg.commands._click import click
-from qimg.errors import QimgError
+# The program's start-up makes ~40,000 objects that live as long as it
+# does (modules, classes, functions: click, numpy, qimg), and hardly any
+# cyclic garbage follows (~500 unreachable objects after a 1 GiB commit,
+# compare, convert or rebase). At the default threshold (700) the
+# collector ran over them ~55 times, 4-5% of a 1 MiB commit's CPU.
+gc.set_threshold(100_000)
+
+from qimg import __version__, errors  # noqa: E402
+from qimg.commands._click import click  # noqa: E402
+from qimg.errors import QimgError  # noqa: E402
 
 COMMANDS = ("create", "info", "check", "snapshot", "amend", "convert", "resize", "bitmap")
 COMMANDS += ("map", "measure", "compare", "dd", "rebase", "commit")
