@@ -25,7 +25,6 @@ Any other key is refused as QEMU refuses an option a driver does not have.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -110,6 +109,8 @@ def node_filename(name: ImageName, fmt: str) -> str | None:
         "file": {"driver": "file", "filename": name.path},
         **strong,
     }
+    import json
+
     return "json:" + json.dumps({k: node[k] for k in _QDICT_ORDER if k in node})
 
 
@@ -155,6 +156,8 @@ def full_backing_filename(image_path: str, backing: str) -> str:
 
 
 def _parse_json(text: str) -> ImageName:
+    import json
+
     try:
         options = json.loads(text)
     except (ValueError, RecursionError):
@@ -253,4 +256,6 @@ def image_opts_name(text: str) -> str:
         if value is None:
             key, value = "file", key
         options[key] = value
+    import json
+
     return "json:" + json.dumps(options)

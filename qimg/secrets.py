@@ -15,7 +15,6 @@ group of fewer than four digits is dropped.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import re
@@ -168,6 +167,8 @@ def _base64(raw: bytes) -> bytes:
     digits = digits[: len(digits) - len(digits) % 4]
     # '=' is a zero digit; a group gives 3 bytes, less one for each of
     # its last two digits that is '=' (the third alone drops the middle byte).
+    import base64
+
     try:
         decoded = base64.b64decode(digits.replace(b"=", b"A"), validate=True)
     except (binascii.Error, ValueError):  # unreachable: digits checked above
