@@ -432,11 +432,14 @@ class ClusterMap:
         # The table first (allocated or copied where it must be), then the
         # data clusters: the order one write per run allocates them in.
         l2_offset, table = self.l2_for_write(runs[0][0] >> (cb + geo.l2_bits))
-        taken = descriptors(table) != 0
-        # Clusters in use before each index: a run is fresh where none of
-        # its clusters is.
+        # Clusters in use before each index of the runs' span [lo, hi) of
+        # the table (starts ascend): a run is fresh where none of its
+        # clusters is. The span, not the whole table: a batch's span is
+        # small, and numpy lets go of the GIL over a whole table.
+        lo, hi = int(starts[0]), min(int(ends.max()), mask + 1)
+        taken = descriptors(table[lo:hi]) != 0
         used = np.concatenate(([0], np.cumsum(taken)))
-        fresh = (whole > 0) & (used[np.minimum(ends, mask + 1)] == used[starts])
+        fresh = (whole > 0) & (used[np.minimum(ends, hi) - lo] == used[starts - lo])
         if not fresh.any():
             return runs
         placed = [run for run, f in zip(runs, fresh.tolist()) if f]
