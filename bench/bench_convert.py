@@ -9,7 +9,17 @@ Workloads (issues 4 and 15):
 - on the disk's directory: -c zlib (default and fast levels), -c zstd,
   the zlib / zstd compressed images back to raw, and real data (an ext4
   image made with `mkfs.ext4 -d /usr/lib`) with -c;
-- with --modes, each cache mode (-t) of raw->qcow2 and qcow2->raw there.
+- with --modes, each cache mode (-t) of raw->qcow2 and qcow2->raw there;
+- with --floor, instead of all of the above, the uncompressed workloads
+  of every bench directory with floor rows, all alternating: `python3 -c
+  pass`, qimg's start-up (a 1 MiB convert), and processes of
+  copy_floor.py given the data runs (from qemu-img map, before the clock
+  starts): the target's writes alone (one thread, one buffer: the
+  kernel serialises a file's buffered writes, so this is the least any
+  copy into one target spends writing), the same after importing every
+  module qimg's convert imports, and those imports + a one-thread read
+  and write of each run. A ratio target below the last rows' ratios is
+  out of reach of work on the copy itself.
 
 Every run writes a fresh target (the previous one removed, untimed), after
 os.sync(); both tools run with their defaults (convert's target cache
@@ -17,7 +27,7 @@ mode: unsafe) unless a row names a mode. Prints wall-time ratios (qimg /
 qemu-img, median of --repeat), peak memory and the compressed sizes of
 both tools. Usage:
 
-    python bench/bench_convert.py [--dir DIR ...] [--big GIB] [--modes]
+    python bench/bench_convert.py [--dir DIR ...] [--big GIB] [--modes] [--floor]
                                   [--quick] [--repeat N] [--only NAME ...]
 """
 
@@ -31,10 +41,21 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import QIMG, compare, filesystem, print_table  # noqa: E402
+from common import (  # noqa: E402
+    LIST_MODULES,
+    QIMG,
+    compare,
+    compile_qimg,
+    data_runs,
+    filesystem,
+    floor_table,
+    print_table,
+    write_runs,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "copy_floor.py")
 
 
 def _text_block(seed: int, size: int) -> bytes:
@@ -257,6 +278,58 @@ def cache_modes(bench: Bench, d: str, size: int) -> None:
         bench.run(f"{fs} -t {mode} qcow2->raw", ["-t", mode, "-O", "raw", q], d)
 
 
+def floors(d: str, size: int, repeat: int) -> list[dict]:
+    """--floor: the uncompressed workloads on `d`'s file system, each with
+    its floor rows (see the module's docstring)."""
+    fs = filesystem(d)
+    raw, q = make_inputs(d, size)
+    tiny = os.path.join(d, "tiny.raw")
+    with open(tiny, "wb") as f:
+        f.write(os.urandom(MiB))
+    out_q, out_e = os.path.join(d, "floor-qimg"), os.path.join(d, "floor-qemu")
+    runs_file, modules_file = os.path.join(d, "runs.bin"), os.path.join(d, "modules.txt")
+
+    def fresh() -> None:
+        _rm(out_q, out_e)
+        os.sync()  # no run pays for the previous one's dirty pages
+
+    compile_qimg()
+    rows = []
+    floor = [sys.executable, FLOOR]
+    for name, src_fmt, fmt, source in (
+        ("raw->qcow2", "raw", "qcow2", raw),
+        ("qcow2->raw", "qcow2", "raw", q),
+        ("qcow2->qcow2", "qcow2", "qcow2", q),
+    ):
+        cmd = ["-f", src_fmt, "-O", fmt, source]
+        write_runs(data_runs(source, src_fmt, fmt), runs_file)
+        fresh()  # untimed: the modules qimg's convert imports
+        subprocess.run(
+            [sys.executable, "-c", LIST_MODULES, modules_file, "convert", *cmd, out_q], check=True
+        )
+        labelled = [
+            ("qimg", QIMG + ["convert", *cmd, out_q]),
+            ("qemu-img", ["qemu-img", "convert", *cmd, out_e]),
+            ("python3 -c pass", [sys.executable, "-c", "pass"]),
+            ("qimg start-up (1 MiB convert)", QIMG + ["convert", "-O", fmt, tiny, out_q]),
+            ("the target's writes alone", [*floor, "writes", source, out_q, runs_file]),
+            (
+                "qimg's imports + the writes",
+                [*floor, "imports+writes", source, out_q, runs_file, modules_file],
+            ),
+            (
+                "imports + read and write, one thread",
+                [*floor, "imports+copy", source, out_q, runs_file, modules_file],
+            ),
+        ]
+        rows += floor_table(
+            f"{fs} {size // 4 // GiB or 0.25}G-data {name}", labelled, repeat, fresh
+        )
+    fresh()
+    _rm(tiny, runs_file, modules_file)
+    return rows
+
+
 def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -279,6 +352,11 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
     )
     ap.add_argument("--modes", action="store_true", help="time each cache mode (-t)")
     ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="only the uncompressed workloads, each with its floor rows",
+    )
+    ap.add_argument(
         "--repeat", type=int, default=3, help="runs per tool of the shorter workloads (default 3)"
     )
     args = ap.parse_args(argv)
@@ -296,6 +374,12 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
 
     # The ratios only mean something on an idle machine: say how busy it was.
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.floor:
+        try:
+            return [row for d in dirs for row in floors(d, size, args.repeat)]
+        finally:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
     try:
         for d in dirs:
             uncompressed(bench, d, size, f"{size // 4 // GiB or 0.25}G-data")

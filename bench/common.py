@@ -7,6 +7,7 @@ is included, as a user sees it.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -163,3 +164,108 @@ def print_table(rows: list[dict]) -> None:
 
 def rusage_children_peak() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+# qimg's convert, listing the modules it imported into the file named first.
+LIST_MODULES = (
+    "import atexit, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "atexit.register(lambda: open(out, 'w').write('\\n'.join(sys.modules)))\n"
+    "sys.argv[0] = 'qimg'\n"
+    "from qimg.cli import run\n"
+    "run()\n"
+)
+
+
+def data_runs(source: str, src_fmt: str, fmt: str) -> list[tuple[int, int, int]]:
+    """(source offset, length, target offset) of each data run a copy of
+    `source` (of format `src_fmt`, mapped by qemu-img) to `fmt` must copy
+    or clone: to a raw target at its guest offset, to a qcow2 target
+    packed one after another (where a fresh image's data clusters go)."""
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", src_fmt, source],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    runs, packed = [], 1 << 20
+    for ext in json.loads(out):
+        if ext.get("data") and "offset" in ext:
+            dst = ext["start"] if fmt == "raw" else packed
+            runs.append((ext["offset"], ext["length"], dst))
+            packed += ext["length"]
+    return runs
+
+
+def alternate(cmds: list[list[str]], repeat: int, setup) -> list[list[tuple]]:
+    """(wall s, CPU s, peak RSS MiB) of `repeat` runs of each command, the
+    commands taking turns; `setup` (untimed) before each run."""
+    out: list[list[tuple]] = [[] for _ in cmds]
+    for _ in range(repeat):
+        for i, cmd in enumerate(cmds):
+            setup()
+            out[i].append(timed_run(cmd))
+    return out
+
+
+def timed_run(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB) of one run. The peak is GNU time's
+    where there is one: a child forked from this process starts with this
+    process's resident pages counted in its ru_maxrss."""
+    with tempfile.NamedTemporaryFile("r", prefix="bench-rss-") as rss:
+        argv = [GNU_TIME, "-q", "-f", "%M", "-o", rss.name, *cmd] if GNU_TIME else cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        peak_kib = usage.ru_maxrss
+        lines = rss.read().split() if GNU_TIME else []
+        if lines and lines[-1].isdigit():
+            peak_kib = int(lines[-1])
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()}")
+    return wall, usage.ru_utime + usage.ru_stime, peak_kib / 1024.0
+
+
+def median_of(runs: list[tuple], field: int) -> float:
+    return statistics.median(run[field] for run in runs)
+
+
+def ratio_row(name: str, ours: list[tuple], theirs: list[tuple]) -> dict:
+    """A row as common.compare makes it (ratio of wall-time medians)."""
+    a, b = median_of(ours, 0), median_of(theirs, 0)
+    return {
+        "workload": name,
+        "qimg_s": a,
+        "qemu_s": b,
+        "ratio": a / b if b else float("inf"),
+        "qimg_peak_mib": max(run[2] for run in ours),
+        "qemu_peak_mib": max(run[2] for run in theirs),
+    }
+
+
+def write_runs(runs: list[tuple[int, int, int]], path: str) -> None:
+    """RUNS for copy_floor.py: the (source offset, length, target offset)
+    triples as native 64-bit integers."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack(f"={3 * len(runs)}q", *(x for run in runs for x in run)))
+
+
+def floor_table(name: str, labelled: list[tuple[str, list[str]]], repeat: int, setup) -> list[dict]:
+    """The rows of one workload with its floor rows: `labelled` is (label,
+    command) of qimg, qemu-img, then each floor, all alternating (so a
+    change of load weighs on each alike), `setup` before each run; every
+    row's ratio is against qemu-img's median. Prints them, and the CPU
+    seconds (user + sys) of each."""
+    times = alternate([cmd for _label, cmd in labelled], repeat, setup)
+    theirs = times[1]
+    rows = [ratio_row(name, times[0], theirs)]
+    rows += [
+        ratio_row(f"  floor: {label}", t, theirs) for (label, _c), t in zip(labelled[2:], times[2:])
+    ]
+    print_table(rows)
+    cpu = ", ".join(f"{label} {median_of(t, 1):.3f}" for (label, _c), t in zip(labelled, times))
+    print(f"{name}: CPU s (user+sys) medians: {cpu}")
+    return rows

@@ -1,17 +1,23 @@
-"""bench_reflink's floor rows: the least a Python process must do for a
-copy that shares a source's extents, timed as a whole process.
+"""Floor rows of the convert benchmarks (bench_reflink, bench_convert
+--floor): the least a Python process must do for a copy, timed as a
+whole process.
 
-    python reflink_floor.py STEPS SOURCE TARGET RUNS [MODULES BLOCK]
+    python copy_floor.py STEPS SOURCE TARGET RUNS [MODULES BLOCK]
 
 STEPS is '+'-joined: `imports` (every module a qimg convert of the same
 formats imported, listed one a line in MODULES, in the order it imported
 them), `scan` (the zero scan of each run: its BLOCK-byte blocks' first and
 last words read through a mapping of the source, a whole block only
 where both are zero, as qimg's convert scans data it shares), `clones`
-(one FICLONERANGE per run). RUNS holds the runs as (source offset,
-length, target offset) triples of native 64-bit integers, computed before
-the clock starts. This module imports nothing beyond what the steps need,
-so that the process costs what its steps cost.
+(one FICLONERANGE per run), `writes` (the target's write stream alone:
+each run's length written at its target offset from one reused buffer,
+on one thread; the kernel serialises a file's buffered writes, so no
+number of threads writes one target faster), `copy` (each run read into
+one reused buffer and written, on one thread). RUNS holds the runs as
+(source offset, length, target offset) triples of native 64-bit
+integers, computed before the clock starts. This module imports nothing
+beyond what the steps need, so that the process costs what its steps
+cost.
 """
 
 from __future__ import annotations
@@ -66,6 +72,20 @@ def _scan(fd: int, runs: list[tuple[int, int, int]], block: int) -> None:
             raise SystemExit(f"a zero block in the run at {offset}")
 
 
+def _write(src: int, dst: int, runs: list[tuple[int, int, int]], read: bool) -> None:
+    """Each run written at its target offset from one buffer, which stays
+    in the CPU's cache; `read`: read from the source into it first."""
+    buf = bytearray(max(length for _o, length, _d in runs))
+    if not read:
+        buf[:] = os.urandom(len(buf))
+    view = memoryview(buf)
+    for offset, length, dest in runs:
+        piece = view[:length]
+        if read:
+            os.preadv(src, [piece], offset)
+        os.pwrite(dst, piece, dest)
+
+
 def main(argv: list[str]) -> None:
     steps, source, target, runs_file = argv[:4]
     steps = set(steps.split("+"))
@@ -84,6 +104,8 @@ def main(argv: list[str]) -> None:
     if "clones" in steps:
         for offset, length, dest in runs:
             fcntl.ioctl(dst, FICLONERANGE, struct.pack("=qQQQ", src, offset, length, dest))
+    if "writes" in steps or "copy" in steps:
+        _write(src, dst, runs, read="copy" in steps)
     os.close(dst)
     os.close(src)
 
