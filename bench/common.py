@@ -181,14 +181,15 @@ def data_runs(source: str, src_fmt: str, fmt: str) -> list[tuple[int, int, int]]
     """(source offset, length, target offset) of each data run a copy of
     `source` (of format `src_fmt`, mapped by qemu-img) to `fmt` must copy
     or clone: to a raw target at its guest offset, to a qcow2 target
-    packed one after another (where a fresh image's data clusters go)."""
+    packed one after another (where a fresh image's data clusters go).
+    The source's own data only: not its backing files'."""
     out = subprocess.run(
         ["qemu-img", "map", "--output=json", "-f", src_fmt, source],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     runs, packed = [], 1 << 20
     for ext in json.loads(out):
-        if ext.get("data") and "offset" in ext:
+        if ext.get("data") and "offset" in ext and ext.get("depth", 0) == 0:
             dst = ext["start"] if fmt == "raw" else packed
             runs.append((ext["offset"], ext["length"], dst))
             packed += ext["length"]
