@@ -36,12 +36,12 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
-    LIST_MODULES,
     QIMG,
     compare_command,
     compile_qimg,
     data_runs,
     floor_table,
+    list_modules,
     print_table,
     write_runs,
 )
@@ -105,16 +105,15 @@ def _tiny_chain(workdir: str) -> None:
 
 def floor_rows(paths: dict[str, str], work: str, repeat: int, fresh) -> list[dict]:
     """--floor: commit with its floor rows (see the module's docstring)."""
-    _tiny_chain(os.path.dirname(paths["base"]))
     pristine = os.path.dirname(paths["base"])
+    _tiny_chain(pristine)
     runs_file, modules_file = os.path.join(work, "runs.bin"), os.path.join(work, "modules.txt")
     out = os.path.join(work, "floor-out")
     top = os.path.join(work, "top.qcow2")
     write_runs(data_runs(paths["top"], "qcow2", "qcow2"), runs_file)
     compile_qimg()
     fresh()
-    subprocess.run([sys.executable, "-c", LIST_MODULES, modules_file, "commit", "-q", top],
-                   check=True)  # fmt: skip
+    list_modules(modules_file, ["commit", "-q", top])
 
     def setup() -> None:
         fresh()

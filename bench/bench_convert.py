@@ -42,13 +42,13 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    LIST_MODULES,
     QIMG,
     compare,
     compile_qimg,
     data_runs,
     filesystem,
     floor_table,
+    list_modules,
     print_table,
     write_runs,
 )
@@ -304,9 +304,7 @@ def floors(d: str, size: int, repeat: int) -> list[dict]:
         cmd = ["-f", src_fmt, "-O", fmt, source]
         write_runs(data_runs(source, src_fmt, fmt), runs_file)
         fresh()  # untimed: the modules qimg's convert imports
-        subprocess.run(
-            [sys.executable, "-c", LIST_MODULES, modules_file, "convert", *cmd, out_q], check=True
-        )
+        list_modules(modules_file, ["convert", *cmd, out_q])
         labelled = [
             ("qimg", QIMG + ["convert", *cmd, out_q]),
             ("qemu-img", ["qemu-img", "convert", *cmd, out_e]),

@@ -42,11 +42,11 @@ if os.path.dirname(HERE) not in sys.path:  # the checkout's qimg (FIEMAP reader)
     sys.path.append(os.path.dirname(HERE))
 from bench_convert import make_mixed_raw  # noqa: E402
 from common import (  # noqa: E402
-    LIST_MODULES,
     QIMG,
     compile_qimg,
     data_runs,
     floor_table,
+    list_modules,
     print_table,
     write_runs,
 )
@@ -150,9 +150,7 @@ def _run(mnt: str, repeat: int, only: str | None = None) -> list[dict]:
         write_runs(runs, runs_file)
         # Untimed: the modules qimg imports, and its target checked.
         fresh()
-        subprocess.run(
-            [sys.executable, "-c", LIST_MODULES, modules_file, "convert", *cmd, out_q], check=True
-        )
+        list_modules(modules_file, ["convert", *cmd, out_q])
         subprocess.run(["qemu-img", "compare", source, out_q], check=True, capture_output=True)
         shared = shared_bytes(out_q) >> 20
         floor = [sys.executable, FLOOR]

@@ -166,8 +166,8 @@ def rusage_children_peak() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
-# qimg's convert, listing the modules it imported into the file named first.
-LIST_MODULES = (
+# A qimg command, listing the modules it imported into the file named first.
+_LIST_MODULES = (
     "import atexit, sys\n"
     "out = sys.argv.pop(1)\n"
     "atexit.register(lambda: open(out, 'w').write('\\n'.join(sys.modules)))\n"
@@ -175,6 +175,12 @@ LIST_MODULES = (
     "from qimg.cli import run\n"
     "run()\n"
 )
+
+
+def list_modules(modules_file: str, args: list[str]) -> None:
+    """Run `qimg ARGS...` (untimed), the modules it imported written one a
+    line into `modules_file`, in import order (copy_floor.py's MODULES)."""
+    subprocess.run([sys.executable, "-c", _LIST_MODULES, modules_file, *args], check=True)
 
 
 def data_runs(source: str, src_fmt: str, fmt: str) -> list[tuple[int, int, int]]:

@@ -1,12 +1,12 @@
-"""Floor rows of the convert benchmarks (bench_reflink, bench_convert
---floor): the least a Python process must do for a copy, timed as a
-whole process.
+"""Floor rows of the copy benchmarks (bench_reflink, bench_convert
+--floor, bench_chain --floor): the least a Python process must do for a
+copy, timed as a whole process.
 
     python copy_floor.py STEPS SOURCE TARGET RUNS [MODULES BLOCK]
 
-STEPS is '+'-joined: `imports` (every module a qimg convert of the same
-formats imported, listed one a line in MODULES, in the order it imported
-them), `scan` (the zero scan of each run: its BLOCK-byte blocks' first and
+STEPS is '+'-joined: `imports` (every module the qimg command of the
+bench row imported, listed one a line in MODULES, in the order it
+imported them: common.list_modules), `scan` (the zero scan of each run: its BLOCK-byte blocks' first and
 last words read through a mapping of the source, a whole block only
 where both are zero, as qimg's convert scans data it shares), `clones`
 (one FICLONERANGE per run), `writes` (the target's write stream alone:
