@@ -23,6 +23,26 @@ from qimg.errors import FileTooLargeError, ImageIOError
 MAX_REQUEST_END = ((1 << 63) - 1) & ~((1 << 30) - 1)
 # Buffers one pwritev may take (Linux UIO_MAXIOV).
 _IOV_MAX = 1024
+# Bytes one buffered write system call takes at most. The page cache takes
+# a write in folios as large as the write (up to 2 MiB), and a 2 MiB folio
+# is a block of free memory that a VM reporting free memory to its host
+# (virtio-balloon free page reporting) has handed back: the host faults it
+# in again. 1 GiB written into a fresh ext4 file, 3 runs each: 0.21-0.25 s
+# in 1 MiB writes, 0.44-0.49 s in 2 MiB writes, 9-42 s in 4 MiB writes;
+# a LUKS qcow2 -> raw convert (2 MiB writes) once took 11 s instead of 1.4.
+WRITE_MAX = 1 << 20
+
+
+def _leading(views: list[memoryview], limit: int) -> list[memoryview]:
+    """The first buffers of `views`, at most _IOV_MAX of them and `limit`
+    bytes (the last one cut short), for one pwritev."""
+    out, size = [], 0
+    for view in views[:_IOV_MAX]:
+        out.append(view[: limit - size])
+        size += len(out[-1])
+        if size >= limit:
+            break
+    return out
 
 
 def check_request(offset: int, length: int) -> None:
@@ -382,7 +402,7 @@ class FileStorage(Storage):
                 self._direct.write(offset, view.cast("B"))
                 return
             while len(view):
-                n = os.pwrite(self._fd, view, offset)
+                n = os.pwrite(self._fd, view[:WRITE_MAX], offset)
                 view = view[n:]
                 offset += n
         except OSError as exc:
@@ -401,7 +421,7 @@ class FileStorage(Storage):
         views = [memoryview(b).cast("B") for b in buffers]
         try:
             while views:
-                n = os.pwritev(self._fd, views[:_IOV_MAX], offset)
+                n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
                 offset += n
                 while views and n >= len(views[0]):
                     n -= len(views[0])
