@@ -316,6 +316,7 @@ class FileStorage(Storage):
         self._locker = None
         self._share_refused = False  # see share_from
         self._copy_refused = False  # see copy_from
+        self._sharing_fs: bool | None = None  # see may_share_with
         self._block: int | None = None
         # share_from's last source and its size then: a range inside that
         # size needs no fstat (a source cut short since makes the clone fail
@@ -525,14 +526,23 @@ class FileStorage(Storage):
                 return False
         except OSError:
             return False
-        return reflink.may_share(self._fd)
+        if self._sharing_fs is None:  # the file system of an open file stays
+            self._sharing_fs = reflink.may_share(self._fd)
+        return self._sharing_fs
 
     def can_copy_from(self, source: Storage) -> bool:
-        """Between two files opened without O_DIRECT and O_DSYNC, until the
-        kernel has refused a copy (copy_from)."""
+        """Between two files opened without O_DIRECT and O_DSYNC on a file
+        system that shares extents (may_share_with: the kernel's copy is
+        then a clone), until the kernel has refused a copy (copy_from).
+        Elsewhere the kernel copies through its page cache on one thread,
+        and a commit of 1 GiB measured slower that way than read ahead on
+        one thread and written on another (tmpfs, 7 alternating runs:
+        0.87-7.1 s, median 4.9, against 0.63-2.6 s, median 1.1)."""
         if self._copy_refused or not isinstance(source, FileStorage):
             return False
-        return self._direct is None and source._direct is None and not self.cache.writethrough
+        if self._direct is not None or source._direct is not None or self.cache.writethrough:
+            return False
+        return self.may_share_with(source)
 
     def copy_from(self, source: Storage, source_offset: int, offset: int, length: int) -> None:
         """Storage.copy_from by copy_file_range where can_copy_from (one

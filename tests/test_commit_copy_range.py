@@ -1,9 +1,12 @@
-"""commit copies the plain data clusters of the images above the base host
-to host (os.copy_file_range into freshly placed base clusters, or into the
-file of a raw base), not through memory: the base reads, and every image
-is allocated, as qemu-img's commit leaves them, with the kernel copying in
-short pieces, and where it refuses (EXDEV: the bytes go through a buffer,
-and the kernel is not asked again)."""
+"""On a file system that shares extents, commit copies the plain data
+clusters of the images above the base host to host (os.copy_file_range
+into freshly placed base clusters, or into the file of a raw base), not
+through memory: the base reads, and every image is allocated, as
+qemu-img's commit leaves them, with the kernel copying in short pieces,
+and where it refuses (EXDEV: the bytes go through a buffer, and the
+kernel is not asked again). Elsewhere the bytes are read and written.
+These tests take their file system to share extents (the kernel copies
+on ext4 and tmpfs too, through its page cache), but one."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from chaintools import (
 from conftest import run
 from infotools import qemu_in
 
+from qimg import reflink
 from qimg.api import open_image
 from qimg.commit import commit_image
 from qimg.faults import FaultyStorage, SimulatedCrash
@@ -92,6 +96,12 @@ def _guest(d, name: str) -> bytes:
     return data
 
 
+@pytest.fixture(autouse=True)
+def sharing_file_system(monkeypatch):
+    """The test's file system taken to share extents (reflink.may_share)."""
+    monkeypatch.setattr(reflink, "may_share", lambda fd: True)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """The copy_file_range calls made (count asked), the real copy behind."""
@@ -114,6 +124,17 @@ def test_commit_copies_host_ranges_and_leaves_what_qemu_img_leaves(
     _chain(src, base_fmt)
     _compare(src, tmp_path, f"base.{base_fmt}")
     assert calls  # the data went host to host
+
+
+def test_commit_on_a_file_system_that_cannot_share_reads_and_writes(
+    qemu_img, qemu_io, tmp_path, calls, monkeypatch
+):
+    monkeypatch.setattr(reflink, "may_share", lambda fd: False)
+    src = tmp_path / "src"
+    src.mkdir()
+    _chain(src)
+    _compare(src, tmp_path, "base.qcow2")
+    assert not calls
 
 
 @pytest.mark.parametrize(
