@@ -16,12 +16,16 @@ defines
     def workloads(workdir: str) -> list[dict]
 
 returning rows made by `common.compare()` (keys: workload, qimg_s, qemu_s,
-ratio, qimg_peak_mib, qemu_peak_mib). `workdir` is a scratch directory the
+ratio, best_ratio, qimg_spread, qemu_spread, qimg_peak_mib, qemu_peak_mib). `workdir` is a scratch directory the
 module may fill and reuse between runs (large inputs are cached there); the
 module imports `common` as a top-level module (this directory is on
 sys.path). Groups run in GROUPS order; a group whose module does not exist
 is skipped with a note. The ratio is qimg/qemu-img wall time (lower is
-better, 1.0 is parity); peak memory is the child's maximum RSS.
+better, 1.0 is parity), of the medians; "best" is the ratio of each
+tool's fastest run, "spread" each tool's slowest run over its fastest
+(on a VM that hands free memory back to its host, either tool's run can
+take several times as long at random: common._row); peak memory is the
+child's maximum RSS.
 """
 
 from __future__ import annotations
