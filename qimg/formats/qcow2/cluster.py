@@ -63,6 +63,7 @@ class ClusterMap:
         self.l1_offset = l1_offset
         self.l1_size = l1_size
         self.has_data_file = has_data_file
+        self._entry_ramp: np.ndarray | None = None  # see _ramp
         raw = owner.read_metadata(l1_offset, l1_size * L.L1_ENTRY_SIZE) if l1_size else b""
         self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         self.l2_cache = TableCache(
@@ -415,48 +416,61 @@ class ClusterMap:
         allocated its clusters.
         """
         geo = self.geo
-        cb, cs = geo.cluster_bits, geo.cluster_size
-        mask = geo.l2_size - 1
-        firsts, counts = [], []
+        cb, cs, size = geo.cluster_bits, geo.cluster_size, geo.l2_size
+        # Each run's first entry of the table, its end and its whole
+        # clusters (0: not all whole, or it crosses into the next table).
+        spans = []
+        end = 0
         for run in runs:
             n = run_bytes(run[1])
-            firsts.append((run[0] >> cb) & mask)
-            counts.append(n >> cb if not (run[0] % cs or n % cs) else 0)
-        whole = np.array(counts, dtype=np.int64)
-        starts = np.array(firsts, dtype=np.int64)
-        ends = starts + whole
-        # A run past the table's end crosses into the next one.
-        whole[ends > mask + 1] = 0
-        if not whole.any() or (starts[1:] < ends[:-1]).any():
+            first = (run[0] >> cb) & (size - 1)
+            if first < end:
+                return runs  # overlaps the run before it
+            whole = n >> cb if not (run[0] % cs or n % cs) else 0
+            end = first + whole
+            spans.append((first, end, whole if end <= size else 0))
+        if not any(whole for _first, _end, whole in spans):
             return runs
         # The table first (allocated or copied where it must be), then the
         # data clusters: the order one write per run allocates them in.
         l2_offset, table = self.l2_for_write(runs[0][0] >> (cb + geo.l2_bits))
         # Clusters in use before each index of the runs' span [lo, hi) of
-        # the table (starts ascend): a run is fresh where none of its
-        # clusters is. The span, not the whole table: a batch's span is
-        # small, and numpy lets go of the GIL over a whole table.
-        lo, hi = int(starts[0]), min(int(ends.max()), mask + 1)
-        taken = descriptors(table[lo:hi]) != 0
-        used = np.concatenate(([0], np.cumsum(taken)))
-        fresh = (whole > 0) & (used[np.minimum(ends, hi) - lo] == used[starts - lo])
-        if not fresh.any():
+        # the table: a run is fresh where none of its clusters is. The
+        # span, not the whole table: a batch's span is small, and numpy
+        # lets go of the GIL over a whole table.
+        lo, hi = spans[0][0], min(max(end for _first, end, _whole in spans), size)
+        used = [0, *np.cumsum(descriptors(table[lo:hi]) != 0).tolist()]
+        fresh = [
+            whole > 0 and used[min(end, hi) - lo] == used[first - lo] for first, end, whole in spans
+        ]
+        if not any(fresh):
             return runs
-        placed = [run for run, f in zip(runs, fresh.tolist()) if f]
-        index = np.concatenate(
-            [np.arange(a, e, dtype=np.int64) for a, e in zip(starts[fresh], ends[fresh])]
-        )
+        placed = [run for run, f in zip(runs, fresh) if f]
+        count = sum(whole for (_first, _end, whole), f in zip(spans, fresh) if f)
         owner = self.owner
         self.l2_cache.mark_dirty(l2_offset)
-        host = owner.refcounts.alloc(len(index))
-        owner.check_overlap(host, len(index) << cb, "data")
+        host = owner.refcounts.alloc(count)
+        owner.check_overlap(host, count << cb, "data")
         put(host, placed)
         self.l2_cache.set_dependency(owner.refcounts.blocks)
-        table[index] = _U64(host | L.QCOW_OFLAG_COPIED) + np.arange(
-            len(index), dtype=np.uint64
-        ) * _U64(cs)
+        ramp = self._ramp(count)
+        entry = host | L.QCOW_OFLAG_COPIED
+        for (first, _end, whole), f in zip(spans, fresh):
+            if f:
+                table[first : first + whole] = ramp[:whole] + _U64(entry)
+                entry += whole << cb
         self.l2_cache.mark_dirty(l2_offset)
-        return [run for run, f in zip(runs, fresh.tolist()) if not f]
+        return [run for run, f in zip(runs, fresh) if not f]
+
+    def _ramp(self, count: int) -> np.ndarray:
+        """0, cluster_size, 2 * cluster_size, ... (at least `count` of
+        them): the L2 entries of consecutive host clusters, less the
+        first one's."""
+        ramp = self._entry_ramp
+        if ramp is None or len(ramp) < count:
+            ramp = np.arange(max(count, 64), dtype=np.uint64) * _U64(self.geo.cluster_size)
+            self._entry_ramp = ramp
+        return ramp
 
     def place_shared(self, runs: list[tuple], share) -> list[tuple]:
         """place_runs of (offset, data, source, source_offset) runs, the
