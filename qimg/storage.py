@@ -316,7 +316,7 @@ class FileStorage(Storage):
         self._locker = None
         self._share_refused = False  # see share_from
         self._copy_refused = False  # see copy_from
-        self._sharing_fs: bool | None = None  # see may_share_with
+        self._fs: tuple[int, bool] | None = None  # see _file_system
         self._block: int | None = None
         # share_from's last source and its size then: a range inside that
         # size needs no fstat (a source cut short since makes the clone fail
@@ -519,16 +519,22 @@ class FileStorage(Storage):
         (qimg.reflink.may_share), and this one has not refused."""
         if self._share_refused or not isinstance(source, FileStorage):
             return False
-        from qimg import reflink
+        mine, theirs = self._file_system(), source._file_system()
+        return mine is not None and theirs is not None and mine[0] == theirs[0] and mine[1]
 
-        try:
-            if os.fstat(self._fd).st_dev != os.fstat(source._fd).st_dev:
-                return False
-        except OSError:
-            return False
-        if self._sharing_fs is None:  # the file system of an open file stays
-            self._sharing_fs = reflink.may_share(self._fd)
-        return self._sharing_fs
+    def _file_system(self) -> tuple[int, bool] | None:
+        """(st_dev, whether it shares extents) of the file system holding
+        this file, looked up once: an open file stays on its file system
+        (commit asks for every data piece). None where fstat fails."""
+        if self._fs is None:
+            from qimg import reflink
+
+            try:
+                dev = os.fstat(self._fd).st_dev
+            except OSError:
+                return None
+            self._fs = (dev, reflink.may_share(self._fd))
+        return self._fs
 
     def can_copy_from(self, source: Storage) -> bool:
         """Between two files opened without O_DIRECT and O_DSYNC on a file
