@@ -26,6 +26,13 @@ Who uses which mode, as qemu-img does:
   create's qcow2 creation flushes between its steps, traced), as is every
   image the library opens without one.
 
+A command that writes much data and flushes at the end (commit; convert
+with -t writeback) tells the file so (Storage.stream_writes). Under
+writeback, its long aligned data writes then go with O_DIRECT, through a
+second open of the file: that flush would wait for them all the same,
+and the host's page cache is neither filled nor written back. The
+tables stay in the page cache, and the flush comes at the end as before.
+
 writethrough and directsync open the file with O_DSYNC, where QEMU
 flushes after each write: the same guarantee, one call fewer. none and
 directsync open with O_DIRECT; FileStorage then reads and writes through

@@ -178,6 +178,11 @@ class Driver:
         not waiting for it (Storage.start_writeback), so a later flush has
         less to wait for; nothing where the format cannot (this default)."""
 
+    def stream_writes(self) -> None:  # noqa: B027 (a deliberate no-op default)
+        """The caller now writes much guest data that it does not read
+        back, and flushes at the end (Storage.stream_writes of the storage
+        the data goes to); nothing where the format cannot (this default)."""
+
     def close(self) -> None:
         raise NotImplementedError
 

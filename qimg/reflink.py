@@ -94,19 +94,9 @@ def may_share(fd: int) -> bool:
     extents (SHARING_FILE_SYSTEMS, by fstatfs): an expectation only, for
     work that pays off where the file system shares (clone_range still
     decides). False where fstatfs cannot be called."""
-    import ctypes
-
     from qimg import libc
 
-    fstatfs = libc.function("fstatfs", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-    if fstatfs is None:
-        return False
-    # struct statfs starts with its __fsword_t f_type (a long; 120 bytes
-    # in all on 64-bit Linux: room for more).
-    buf = ctypes.create_string_buffer(256)
-    if fstatfs(fd, buf) != 0:
-        return False
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in SHARING_FILE_SYSTEMS
+    return libc.file_system_type(fd) in SHARING_FILE_SYSTEMS
 
 
 # linux/fiemap.h: struct fiemap {u64 fm_start, fm_length; u32 fm_flags,

@@ -192,6 +192,12 @@ class Storage(abc.ABC):
         without waiting for it: a later flush then has less to wait for.
         Nothing where the storage cannot (this default)."""
 
+    def stream_writes(self) -> None:  # noqa: B027 (a deliberate no-op default)
+        """The caller now writes much data that it does not read back, and
+        flushes at the end: the storage may write large requests around
+        its host's cache where that keeps every guarantee of its cache
+        mode. Nothing where it cannot (this default)."""
+
     def lock(  # noqa: B027 (a deliberate no-op default)
         self,
         writable: bool,
@@ -318,6 +324,9 @@ class FileStorage(Storage):
         self._copy_refused = False  # see copy_from
         self._fs: tuple[int, bool] | None = None  # see _file_system
         self._block: int | None = None
+        # stream_writes's O_DIRECT open: while used, and until closed.
+        self._stream_fd: int | None = None
+        self._stream_open: int | None = None
         # share_from's last source and its size then: a range inside that
         # size needs no fstat (a source cut short since makes the clone fail
         # with EINVAL, a refusal: the bytes are written instead).
@@ -402,6 +411,8 @@ class FileStorage(Storage):
             if self._direct is not None:
                 self._direct.write(offset, view.cast("B"))
                 return
+            if self._stream_fd is not None and self._stream(offset, [view.cast("B")]):
+                return
             while len(view):
                 n = os.pwrite(self._fd, view[:WRITE_MAX], offset)
                 view = view[n:]
@@ -421,18 +432,85 @@ class FileStorage(Storage):
             return
         views = [memoryview(b).cast("B") for b in buffers]
         try:
-            while views:
-                n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
-                offset += n
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
+            if self._stream_fd is None or not self._stream(offset, views):
+                self._write_buffered(offset, views)
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
         finally:
             self._unflushed = True  # as pwrite
+
+    def _write_buffered(self, offset: int, views: list[memoryview]) -> None:
+        """pwritev through the page cache, WRITE_MAX bytes a call."""
+        while views:
+            n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def stream_writes(self) -> None:
+        """Storage.stream_writes: under writeback, whose final flush makes
+        every write durable anyway, the writes long and aligned enough
+        (STREAM_MIN, DIRECT_ALIGNMENT) go to the file with O_DIRECT from
+        now on, through a second open of it. They cost the host no page
+        cache: no copy into it, no fresh page for every 4 KiB of it, no
+        write-back after. Nothing under the other modes (each keeps its
+        own flags), on tmpfs (its page cache is the file), or where
+        O_DIRECT is refused."""
+        if self._stream_open is not None or not self.writable or self._direct is not None:
+            return
+        if self.cache.no_flush or self.cache.writethrough:
+            return
+        from qimg import libc
+
+        if libc.file_system_type(self._fd) in _MEMORY_FILE_SYSTEMS:
+            return
+        direct = getattr(os, "O_DIRECT", 0)
+        if not direct:
+            return
+        try:
+            # The same file, whatever its name has become since.
+            self._stream_open = os.open(
+                f"/proc/self/fd/{self._fd}", os.O_WRONLY | direct | os.O_CLOEXEC
+            )
+        except OSError:
+            return
+        self._stream_fd = self._stream_open
+
+    def _stream(self, offset: int, views: list[memoryview]) -> bool:
+        """Write all of `views` at `offset` when they are long and aligned
+        enough, through the O_DIRECT open (what a short write leaves,
+        through the other); False, nothing written, otherwise. A file
+        system that refuses the request (EINVAL) is not asked again."""
+        a = DIRECT_ALIGNMENT
+        if offset % a or sum(len(v) for v in views) < STREAM_MIN:
+            return False
+        if any(len(v) % a or _address(v) % a for v in views):
+            return False
+        self._unflushed = True
+        views = list(views)
+        while views:
+            try:
+                written = os.pwritev(self._stream_fd, views[:_IOV_MAX], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._stream_fd = None  # closed with the file
+                break
+            offset += written
+            n = written
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n or not written:
+                if n:
+                    views[0] = views[0][n:]
+                break
+        if views:
+            self._write_buffered(offset, views)
+        return True
 
     def size(self) -> int:
         try:
@@ -682,6 +760,8 @@ class FileStorage(Storage):
         if not self._closed:
             self._closed = True
             self.unlock()
+            if self._stream_open is not None:
+                os.close(self._stream_open)
             os.close(self._fd)
 
 
@@ -777,6 +857,12 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 # QEMU's file driver probes (512 to 4096), so that it holds on every
 # device the kernels here drive.
 DIRECT_ALIGNMENT = 4096
+# Writes stream_writes sends around the page cache: this long at least,
+# aligned (DIRECT_ALIGNMENT) in offset, length and memory.
+STREAM_MIN = 256 << 10
+# File systems whose page cache is the file itself (tmpfs): a write around
+# it still fills the same pages.
+_MEMORY_FILE_SYSTEMS = frozenset({0x01021994})
 # The largest bounce buffer (a thread's, reused): unaligned requests go
 # through it this many bytes at a time.
 _BOUNCE_SIZE = 4 << 20

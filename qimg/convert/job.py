@@ -80,6 +80,7 @@ def _copy_into(
             raise QimgError("output file is smaller than input file")
         if o.compress and not hasattr(tgt, "write_compressed_many"):
             raise BadOptionError("Compression not supported for this file format")
+        tgt.stream_writes()  # under writeback, whose flush below waits for the data
         _copy(sources, tgt, o, progress)
         if bitmaps is not None:
             from qimg.formats.qcow2.bitmap import copy_bitmaps

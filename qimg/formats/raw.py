@@ -133,6 +133,9 @@ class RawImage(Driver):
     def start_writeback(self) -> None:
         self.storage.start_writeback()
 
+    def stream_writes(self) -> None:
+        self.storage.stream_writes()
+
     def close(self) -> None:
         self.storage.close()
 

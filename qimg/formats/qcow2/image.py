@@ -804,6 +804,10 @@ class Qcow2Image(Driver):
         """Guest data only (the tables stay in their caches until flush)."""
         self.data_storage.start_writeback()
 
+    def stream_writes(self) -> None:
+        """Guest data only: the tables go through the page cache."""
+        self.data_storage.stream_writes()
+
     def flush(self) -> None:
         """Write every dirty table and make the file durable.
 
