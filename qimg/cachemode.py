@@ -28,10 +28,10 @@ Who uses which mode, as qemu-img does:
 
 A command that writes much data and flushes at the end (commit; convert
 with -t writeback) tells the file so (Storage.stream_writes). Under
-writeback, its long aligned data writes then go with O_DIRECT, through a
-second open of the file: that flush would wait for them all the same,
-and the host's page cache is neither filled nor written back. The
-tables stay in the page cache, and the flush comes at the end as before.
+writeback, its long data writes are then written back as it goes and
+dropped from the page cache once on the disk (qimg.writeback.DropBehind):
+that flush would wait for them all the same. The tables stay cached, and
+the flush comes at the end as before.
 
 writethrough and directsync open the file with O_DSYNC, where QEMU
 flushes after each write: the same guarantee, one call fewer. none and

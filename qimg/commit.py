@@ -20,7 +20,7 @@ from qimg.chain import read_ahead, read_host
 from qimg.convert.scan import DATA
 from qimg.driver import Driver
 from qimg.errors import QimgError
-from qimg.storage import Storage, aligned_buffer
+from qimg.storage import Storage
 
 # Guest bytes of one data piece at most; data pieces read (in one job) and
 # written (in one Driver.write_runs) together, at most BATCH bytes (>= CHUNK);
@@ -123,12 +123,10 @@ def copy_down(
     # The reads stop above the base (the images above it decide those
     # bytes), so they run beside the base's writes.
     # Read buffers are reused (fresh memory costs a page fault per page):
-    # at most READ_AHEAD + 1 are in use at once. Page-aligned, so that the
-    # base may write them around its page cache (stream_writes: the flush
-    # after the copy makes them durable anyway).
-    spare: list[memoryview] = []
+    # at most READ_AHEAD + 1 are in use at once.
+    spare: list[bytearray] = []
     size = min(BATCH, sum(p.end - p.start for p in pieces if p.kind == DATA))
-    base.stream_writes()
+    base.stream_writes()  # the flush after the copy waits for the data anyway
     unsynced = 0
     # The pool (and concurrent.futures, logging with it) is made on the
     # first read or write-back: a small commit copied host to host needs neither.
@@ -150,7 +148,7 @@ def copy_down(
             return None
         if copy:
             return [(p.start, p.end - p.start, *p.source) for p in batch]
-        return submit(_read, image, batch, spare.pop() if spare else aligned_buffer(size))
+        return submit(_read, image, batch, spare.pop() if spare else bytearray(size))
 
     copy_batch = BATCH if rate_limit else COPY_BATCH
     batches = _batches(pieces, lambda p: _host_copies(p, base), copy_batch)
@@ -161,12 +159,12 @@ def copy_down(
                 _write_zeroes(base, batch[0].start, length)
             else:
                 if isinstance(read, list):
-                    scratch = spare.pop() if spare else aligned_buffer(size)
-                    base.copy_runs(read, scratch)
+                    scratch = spare.pop() if spare else bytearray(size)
+                    base.copy_runs(read, memoryview(scratch))
                     spare.append(scratch)
                 else:
                     buf = read.result()
-                    base.write_runs(_runs(batch, buf))
+                    base.write_runs(_runs(batch, memoryview(buf)))
                     spare.append(buf)
                 unsynced += length
                 if unsynced >= WRITEBACK_STEP:
@@ -307,9 +305,9 @@ def _intersect(status: list, runs: list[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
-def _read(image: Driver, batch: list[_Piece], buf: memoryview) -> memoryview:
+def _read(image: Driver, batch: list[_Piece], buf: bytearray) -> bytearray:
     """The pieces of `batch` read one after another into `buf`."""
-    for piece, (_start, view) in zip(batch, _runs(batch, buf)):
+    for piece, (_start, view) in zip(batch, _runs(batch, memoryview(buf))):
         if piece.source is None:
             image.readinto(piece.start, view)
         else:

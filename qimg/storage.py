@@ -194,9 +194,10 @@ class Storage(abc.ABC):
 
     def stream_writes(self) -> None:  # noqa: B027 (a deliberate no-op default)
         """The caller now writes much data that it does not read back, and
-        flushes at the end: the storage may write large requests around
-        its host's cache where that keeps every guarantee of its cache
-        mode. Nothing where it cannot (this default)."""
+        flushes at the end: the storage may keep large writes out of its
+        host's cache once they are on the disk, where that keeps every
+        guarantee of its cache mode. Nothing where it cannot (this
+        default)."""
 
     def lock(  # noqa: B027 (a deliberate no-op default)
         self,
@@ -324,9 +325,7 @@ class FileStorage(Storage):
         self._copy_refused = False  # see copy_from
         self._fs: tuple[int, bool] | None = None  # see _file_system
         self._block: int | None = None
-        # stream_writes's O_DIRECT open: while used, and until closed.
-        self._stream_fd: int | None = None
-        self._stream_open: int | None = None
+        self._behind = None  # see stream_writes
         # share_from's last source and its size then: a range inside that
         # size needs no fstat (a source cut short since makes the clone fail
         # with EINVAL, a refusal: the bytes are written instead).
@@ -411,12 +410,13 @@ class FileStorage(Storage):
             if self._direct is not None:
                 self._direct.write(offset, view.cast("B"))
                 return
-            if self._stream_fd is not None and self._stream(offset, [view.cast("B")]):
-                return
+            start, length = offset, view.nbytes
             while len(view):
                 n = os.pwrite(self._fd, view[:WRITE_MAX], offset)
                 view = view[n:]
                 offset += n
+            if self._behind is not None and length >= STREAM_MIN:
+                self._behind.wrote(start, length)
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
         finally:
@@ -432,85 +432,39 @@ class FileStorage(Storage):
             return
         views = [memoryview(b).cast("B") for b in buffers]
         try:
-            if self._stream_fd is None or not self._stream(offset, views):
-                self._write_buffered(offset, views)
+            start, length = offset, sum(len(v) for v in views)
+            while views:
+                n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
+                offset += n
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+            if self._behind is not None and length >= STREAM_MIN:
+                self._behind.wrote(start, length)
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
         finally:
             self._unflushed = True  # as pwrite
 
-    def _write_buffered(self, offset: int, views: list[memoryview]) -> None:
-        """pwritev through the page cache, WRITE_MAX bytes a call."""
-        while views:
-            n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
-            offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
-
     def stream_writes(self) -> None:
-        """Storage.stream_writes: under writeback, whose final flush makes
-        every write durable anyway, the writes long and aligned enough
-        (STREAM_MIN, DIRECT_ALIGNMENT) go to the file with O_DIRECT from
-        now on, through a second open of it. They cost the host no page
-        cache: no copy into it, no fresh page for every 4 KiB of it, no
-        write-back after. Nothing under the other modes (each keeps its
-        own flags), on tmpfs (its page cache is the file), or where
-        O_DIRECT is refused."""
-        if self._stream_open is not None or not self.writable or self._direct is not None:
+        """Storage.stream_writes: under writeback, whose final flush waits
+        for every write anyway, the writes of STREAM_MIN bytes or more are
+        dropped from the page cache behind the copy once they are on the
+        disk (qimg.writeback.DropBehind): a copy of any size then takes a
+        few dozen MiB of fresh page cache. Nothing under the other modes
+        (unsafe never waits for the disk; O_DIRECT and O_DSYNC have their
+        own ways), nor on tmpfs (its page cache is the file)."""
+        if self._behind is not None or not self.writable or self._direct is not None:
             return
         if self.cache.no_flush or self.cache.writethrough:
             return
-        from qimg import libc
+        from qimg import libc, writeback
 
         if libc.file_system_type(self._fd) in _MEMORY_FILE_SYSTEMS:
             return
-        direct = getattr(os, "O_DIRECT", 0)
-        if not direct:
-            return
-        try:
-            # The same file, whatever its name has become since.
-            self._stream_open = os.open(
-                f"/proc/self/fd/{self._fd}", os.O_WRONLY | direct | os.O_CLOEXEC
-            )
-        except OSError:
-            return
-        self._stream_fd = self._stream_open
-
-    def _stream(self, offset: int, views: list[memoryview]) -> bool:
-        """Write all of `views` at `offset` when they are long and aligned
-        enough, through the O_DIRECT open (what a short write leaves,
-        through the other); False, nothing written, otherwise. A file
-        system that refuses the request (EINVAL) is not asked again."""
-        a = DIRECT_ALIGNMENT
-        if offset % a or sum(len(v) for v in views) < STREAM_MIN:
-            return False
-        if any(len(v) % a or _address(v) % a for v in views):
-            return False
-        self._unflushed = True
-        views = list(views)
-        while views:
-            try:
-                written = os.pwritev(self._stream_fd, views[:_IOV_MAX], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._stream_fd = None  # closed with the file
-                break
-            offset += written
-            n = written
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n or not written:
-                if n:
-                    views[0] = views[0][n:]
-                break
-        if views:
-            self._write_buffered(offset, views)
-        return True
+        self._behind = writeback.DropBehind.for_fd(self._fd)
 
     def size(self) -> int:
         try:
@@ -760,8 +714,6 @@ class FileStorage(Storage):
         if not self._closed:
             self._closed = True
             self.unlock()
-            if self._stream_open is not None:
-                os.close(self._stream_open)
             os.close(self._fd)
 
 
@@ -857,11 +809,11 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 # QEMU's file driver probes (512 to 4096), so that it holds on every
 # device the kernels here drive.
 DIRECT_ALIGNMENT = 4096
-# Writes stream_writes sends around the page cache: this long at least,
-# aligned (DIRECT_ALIGNMENT) in offset, length and memory.
+# Writes that stream_writes drops behind the copy: this long at least (the
+# tables' and other small writes stay cached).
 STREAM_MIN = 256 << 10
-# File systems whose page cache is the file itself (tmpfs): a write around
-# it still fills the same pages.
+# File systems whose page cache is the file itself (tmpfs): nothing can be
+# dropped from it.
 _MEMORY_FILE_SYSTEMS = frozenset({0x01021994})
 # The largest bounce buffer (a thread's, reused): unaligned requests go
 # through it this many bytes at a time.
