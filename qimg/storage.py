@@ -432,7 +432,9 @@ class FileStorage(Storage):
             return
         views = [memoryview(b).cast("B") for b in buffers]
         try:
-            start, length = offset, sum(len(v) for v in views)
+            # Counted only where stream_writes asked: this is convert's write path.
+            start = offset
+            length = sum(len(v) for v in views) if self._behind is not None else 0
             while views:
                 n = os.pwritev(self._fd, _leading(views, WRITE_MAX), offset)
                 offset += n
@@ -441,7 +443,7 @@ class FileStorage(Storage):
                     views.pop(0)
                 if n:
                     views[0] = views[0][n:]
-            if self._behind is not None and length >= STREAM_MIN:
+            if length >= STREAM_MIN:
                 self._behind.wrote(start, length)
         except OSError as exc:
             raise _os_error(self.path, "write", exc) from None
