@@ -26,8 +26,8 @@ Who uses which mode, as qemu-img does:
   create's qcow2 creation flushes between its steps, traced), as is every
   image the library opens without one.
 
-A command that writes much data and flushes at the end (commit; convert
-with -t writeback) tells the file so (Storage.stream_writes). Under
+A command that writes much data and flushes at the end (commit, safe
+rebase; convert with -t writeback) tells the file so (Storage.stream_writes). Under
 writeback, its long data writes are then written back as it goes and
 dropped from the page cache once on the disk (qimg.writeback.DropBehind):
 that flush would wait for them all the same. The tables stay cached, and

@@ -204,6 +204,7 @@ def copy_differences(image: Driver, new: Driver | None, progress: Progress | Non
     size = image.size
     pieces = _plan(image, old, new)
     written = 0
+    image.stream_writes()  # rebase_image flushes `image` after the copy
     # Buffers of each piece's exact length (compared as a whole, in one
     # memcmp), reused: fresh memory costs a page fault per page.
     spare: dict[int, list[tuple[bytearray, bytearray]]] = {}

@@ -3,8 +3,8 @@
 long writes back as it goes and drops each window of them from the page
 cache once it is on the disk; the bytes land where they were asked to.
 Short writes stay cached, and no other cache mode and no tmpfs file drops
-anything. commit, and convert with -t writeback, stream their data so,
-and leave what qemu-img leaves."""
+anything. commit, safe rebase, and convert with -t writeback stream their
+data so, and leave what qemu-img leaves."""
 
 from __future__ import annotations
 
@@ -172,3 +172,29 @@ def test_convert_with_writeback_drops_its_data_behind_and_reads_as_its_source(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if target_format == "qcow2":
         assert_clean(disk, target.name)
+
+
+def test_rebase_drops_the_copied_data_behind_and_leaves_what_qemu_img_leaves(
+    qemu_img, qemu_io, disk, dropped
+):
+    from qimg.rebase import rebase_image
+
+    src = disk / "src"
+    src.mkdir()
+    make(src, "base.qcow2", "8M")
+    io(src, "base.qcow2", "write -P 1 0 6M")
+    overlay(src, "top.qcow2", "base.qcow2")
+    io(src, "top.qcow2", "write -P 2 1M 64k")
+    mine, theirs = twins(src, disk)
+    here = os.getcwd()
+    os.chdir(mine)
+    try:
+        with open_image("top.qcow2", "qcow2", writable=True) as image:
+            rebase_image(image, "")  # flatten: the base's data copied up
+    finally:
+        os.chdir(here)
+    proc = qemu_in(theirs, "qemu-img", "rebase", "-b", "", "top.qcow2")
+    assert proc.returncode == 0, proc.stderr
+    assert _covered(dropped) >= MiB  # 6 MiB copied, a window of 1 MiB
+    assert_clean(mine, "top.qcow2")
+    assert_same_guest(mine, theirs, "top.qcow2")
