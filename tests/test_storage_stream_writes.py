@@ -127,23 +127,37 @@ def test_a_tmpfs_file_drops_nothing(dropped):
         os.unlink(path)
 
 
-def test_commit_drops_the_base_data_behind_and_leaves_what_qemu_img_leaves(
-    qemu_img, qemu_io, disk, dropped
-):
+def _chain(disk, base_data: str, *top_writes: str):
+    """base.qcow2 (8 MiB, `base_data` written) <- top.qcow2 (`top_writes`),
+    twice: (for qimg, for qemu-img)."""
     src = disk / "src"
     src.mkdir()
     make(src, "base.qcow2", "8M")
-    io(src, "base.qcow2", "write -P 1 0 8M")
+    io(src, "base.qcow2", base_data)
     overlay(src, "top.qcow2", "base.qcow2")
-    io(src, "top.qcow2", "write -P 2 64k 1M", "write -P 3 3M 3M", "write -P 4 7M 4k")
-    mine, theirs = twins(src, disk)
+    io(src, "top.qcow2", *top_writes)
+    return twins(src, disk)
+
+
+def _on_top(d, action) -> None:
+    """`action(image)` on top.qcow2 opened writable in `d` (its backing
+    file's name is relative to it)."""
     here = os.getcwd()
-    os.chdir(mine)
+    os.chdir(d)
     try:
         with open_image("top.qcow2", "qcow2", writable=True) as image:
-            commit_image(image, "top.qcow2")
+            action(image)
     finally:
         os.chdir(here)
+
+
+def test_commit_drops_the_base_data_behind_and_leaves_what_qemu_img_leaves(
+    qemu_img, qemu_io, disk, dropped
+):
+    mine, theirs = _chain(
+        disk, "write -P 1 0 8M", "write -P 2 64k 1M", "write -P 3 3M 3M", "write -P 4 7M 4k"
+    )
+    _on_top(mine, lambda image: commit_image(image, "top.qcow2"))
     proc = qemu_in(theirs, "qemu-img", "commit", "-q", "top.qcow2")
     assert proc.returncode == 0, proc.stderr
     assert _covered(dropped) >= MiB  # 4 MiB written, a window of 1 MiB
@@ -179,20 +193,8 @@ def test_rebase_drops_the_copied_data_behind_and_leaves_what_qemu_img_leaves(
 ):
     from qimg.rebase import rebase_image
 
-    src = disk / "src"
-    src.mkdir()
-    make(src, "base.qcow2", "8M")
-    io(src, "base.qcow2", "write -P 1 0 6M")
-    overlay(src, "top.qcow2", "base.qcow2")
-    io(src, "top.qcow2", "write -P 2 1M 64k")
-    mine, theirs = twins(src, disk)
-    here = os.getcwd()
-    os.chdir(mine)
-    try:
-        with open_image("top.qcow2", "qcow2", writable=True) as image:
-            rebase_image(image, "")  # flatten: the base's data copied up
-    finally:
-        os.chdir(here)
+    mine, theirs = _chain(disk, "write -P 1 0 6M", "write -P 2 1M 64k")
+    _on_top(mine, lambda image: rebase_image(image, ""))  # flatten: the base's data copied up
     proc = qemu_in(theirs, "qemu-img", "rebase", "-b", "", "top.qcow2")
     assert proc.returncode == 0, proc.stderr
     assert _covered(dropped) >= MiB  # 6 MiB copied, a window of 1 MiB
