@@ -87,6 +87,16 @@ def run_once(
 FLAKY = "Unable to get accurate CPU usage"
 
 
+# _warm_up: on a VM that hands free memory back to its host, the first run
+# after a pause (the previous workload's end, the inputs being made) takes
+# the freed memory the host has taken back, and runs up to 5 times as long:
+# hand runs of a 1 GiB convert, a 1 GiB commit and an 8 GiB convert, a few
+# rounds after each pause, had their first run slow in 7 of 8 rounds (qimg
+# qcow2->qcow2 of 8 GiB: 11.3 and 11.5 s first, 6.0-6.5 s after; qemu-img
+# 6.0-6.6 s). The first timed run being always qimg's, one untimed run of
+# the other command comes first, so every timed run follows another's.
+
+
 def compare(
     name: str,
     qimg_cmd: list[str],
@@ -99,7 +109,8 @@ def compare(
     """Time qimg and qemu-img on the same workload; ratio = qimg / qemu-img.
 
     The two tools run alternately (qimg, qemu-img, qimg, ...), so a change in
-    the machine's load during the workload weighs on both medians alike.
+    the machine's load during the workload weighs on both medians alike,
+    after one untimed run of qemu-img (_warm_up).
     `targets`, (qimg's, qemu-img's), are the files the commands create:
     each run starts without its own (a fresh target; the other tool's last
     output stays for a size comparison).
@@ -107,6 +118,7 @@ def compare(
     compile_qimg()
     ours, theirs = [], []
     ours_target, theirs_target = targets or (None, None)
+    run_once(qemu_cmd, setup, cwd, theirs_target)  # _warm_up
     for _ in range(repeat):
         ours.append(run_once(qimg_cmd, setup, cwd, ours_target))
         theirs.append(run_once(qemu_cmd, setup, cwd, theirs_target))
@@ -236,8 +248,11 @@ def data_runs(source: str, src_fmt: str, fmt: str) -> list[tuple[int, int, int]]
 
 def alternate(cmds: list[list[str]], repeat: int, setup) -> list[list[tuple]]:
     """(wall s, CPU s, peak RSS MiB) of `repeat` runs of each command, the
-    commands taking turns; `setup` (untimed) before each run."""
+    commands taking turns; `setup` (untimed) before each run, and one
+    untimed run of the last command before the first (_warm_up)."""
     out: list[list[tuple]] = [[] for _ in cmds]
+    setup()
+    timed_run(cmds[-1])  # _warm_up
     for _ in range(repeat):
         for i, cmd in enumerate(cmds):
             setup()
