@@ -6,6 +6,7 @@ that every buffer is reused many times)."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -116,3 +117,38 @@ def test_copy_releases_every_buffer_and_reused_buffers_never_change_written_data
     assert pool.acquired > 4 * pipeline.READ_BUFFERS  # every buffer reused
     assert pool.released == pool.acquired
     assert pool.owned() == 0
+
+
+def test_readers_keep_read_ahead_chunks_whatever_zeros_lie_between(tmp_path, qemu_img, monkeypatch):
+    """A compressed source whose data runs alternate with zero runs: when
+    the producer first waits for a reader, READ_AHEAD + 1 chunks have gone
+    to the readers (the zero pieces between them are not counted)."""
+    monkeypatch.setattr(pipeline, "CHUNK", 64 * KiB)
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        for i in range(32):  # 64 KiB of text (compressible), then 192 KiB of zeros
+            f.write((b"run %05d\n" % i * 6554)[: 64 * KiB] + bytes(192 * KiB))
+    src = tmp_path / "src.qcow2"
+    run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(src)])
+    submitted: list[int] = []  # offsets of the chunks handed to the readers
+    waited: list[int] = []  # chunks with the readers at each wait for one
+    real_submit, real_resolved = ThreadPoolExecutor.submit, pipeline._resolved
+
+    def submit(executor, fn, *args):
+        if getattr(fn, "__name__", "") == "_read_chunk":
+            submitted.append(args[0])
+        return real_submit(executor, fn, *args)
+
+    def resolved(step):
+        if isinstance(step, Future):
+            waited.append(len(submitted) - len(waited))
+        return real_resolved(step)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    monkeypatch.setattr(pipeline, "_resolved", resolved)
+    out = tmp_path / "out.raw"
+    convert([str(src)], str(out), source_format="qcow2", target_format="raw")
+    proc = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(out)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(submitted) > 2 * pipeline.READ_AHEAD  # the readers took the chunks
+    assert waited[0] == pipeline.READ_AHEAD + 1

@@ -65,6 +65,7 @@ BATCH_ITEMS = 4096  # items at most in one batch
 MAPPED_BATCH = 8 << 20
 READERS = 2  # threads that read and scan data chunks ahead of the writer
 READ_AHEAD = 4  # data chunks being read at once
+AHEAD_MAX = 64  # pieces held back behind the chunks being read
 # Reused read buffers of a chunk each (BufferPool): those in flight
 # between the threads, and writer.WRITE_PIECES that the writer keeps.
 READ_BUFFERS = 16
@@ -250,6 +251,7 @@ class Pipeline:
         ahead of the one being handed on (measured on 2 cores: reader
         threads make a plain copy ~20% slower and a zstd source ~10% faster)."""
         ahead: deque = deque()  # pieces, or futures of them, in order
+        reading = 0  # the futures in `ahead`
         for step in self._steps():
             if not isinstance(step, Piece):
                 offset, length = step
@@ -266,8 +268,13 @@ class Pipeline:
                 yield step  # nothing read ahead of it: handed on at once
                 continue
             ahead.append(step)
-            if len(ahead) > READ_AHEAD:
-                yield _resolved(ahead.popleft())
+            reading += not isinstance(step, Piece)
+            # Ready pieces (zeros between data runs) do not count: READ_AHEAD
+            # chunks stay with the readers whatever lies between them.
+            while reading > READ_AHEAD or len(ahead) > AHEAD_MAX:
+                first = ahead.popleft()
+                reading -= not isinstance(first, Piece)
+                yield _resolved(first)
         while ahead:
             yield _resolved(ahead.popleft())
 
