@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from conftest import run
-
-# The one transient failure of LUKS creation with a small iter-time
-# (QEMU-NOTES): retried a few times.
-_FLAKY = "Unable to get accurate CPU usage"
+from conftest import run_timing_pbkdf
 
 
 def qemu_create_encrypted(qemu_img: str, path, secret_file, fmt: str = "qcow2", size="4M"):
@@ -28,15 +24,7 @@ def qemu_create_encrypted(qemu_img: str, path, secret_file, fmt: str = "qcow2", 
             "-o",
             "encrypt.format=luks,encrypt.key-secret=sec,encrypt.iter-time=10",
         ]
-    for _ in range(5):
-        proc = run(
-            [qemu_img, "create", "-q", "--object", obj, *opts, str(path), str(size)], check=False
-        )
-        if proc.returncode == 0:
-            return
-        if _FLAKY not in proc.stderr:
-            raise AssertionError(proc.stderr)
-    raise AssertionError(proc.stderr)
+    run_timing_pbkdf([qemu_img, "create", "-q", "--object", obj, *opts, str(path), str(size)])
 
 
 def encrypt_secret(key: bytes, iv: bytes, plain: bytes) -> bytes:

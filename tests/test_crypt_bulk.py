@@ -14,10 +14,9 @@ import random
 import sys
 
 import pytest
-from conftest import run
+from conftest import run, run_timing_pbkdf
 from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from secret_tools import _FLAKY
 
 import qimg
 from qimg.crypto.sectors import qcow_aes_cipher, sector_cipher
@@ -66,16 +65,8 @@ def _qemu(*args):
 
 
 def _qemu_encrypting(*args):
-    """_qemu for a command that creates a LUKS image: retried while
-    qemu-img's PBKDF2 benchmark fails at random under a small iter-time
-    (QEMU-NOTES; secret_tools does the same)."""
-    for _ in range(5):
-        proc = run(["qemu-img", *map(str, args)], check=False)
-        if proc.returncode == 0:
-            return proc
-        if _FLAKY not in proc.stderr:
-            break
-    raise AssertionError(f"qemu-img {' '.join(map(str, args))}: {proc.stderr}")
+    """_qemu for a command that creates a LUKS image (run_timing_pbkdf)."""
+    return run_timing_pbkdf(["qemu-img", *map(str, args)])
 
 
 def _qemu_read(path, opts: str, tmp_path) -> bytes:

@@ -15,8 +15,7 @@ import random
 import sys
 
 import pytest
-from conftest import run
-from secret_tools import _FLAKY
+from conftest import run, run_timing_pbkdf
 
 import qimg
 from qimg.crypto.sectors import MAPPED_READ
@@ -51,13 +50,8 @@ READS = [
 
 
 def _qemu_encrypting(*args) -> None:
-    """qemu-img creating a LUKS image, retried while its PBKDF2 benchmark
-    fails at random under a small iter-time (QEMU-NOTES)."""
-    for _ in range(5):
-        proc = run(["qemu-img", *map(str, args)], check=False)
-        if proc.returncode == 0 or _FLAKY not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr
+    """qemu-img creating a LUKS image (run_timing_pbkdf)."""
+    run_timing_pbkdf(["qemu-img", *map(str, args)])
 
 
 def _image(tmp_path, case: str) -> tuple[str, bytes]:

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import run
+from conftest import run, run_timing_pbkdf
 
 from qimg.crypto import luks1
 from qimg.crypto.luks1 import LuksParams
@@ -17,18 +17,11 @@ SECRET = ["--object", "secret,id=s,data=pw"]
 
 
 def _qemu_create(path, opts: str = "") -> None:
-    """qemu-img create -f luks; QEMU's PBKDF benchmark sometimes fails at
-    random with a short iter-time ("Unable to get accurate CPU usage")."""
-    for _ in range(5):
-        proc = run(
-            ["qemu-img", "create", "-q", "-f", "luks", *SECRET, "-o",
-             f"key-secret=s,iter-time=10{opts}", str(path), "1M"],
-            check=False,
-        )  # fmt: skip
-        if proc.returncode == 0:
-            return
-        assert "accurate CPU usage" in proc.stderr, proc.stderr
-    raise AssertionError(proc.stderr)
+    """qemu-img create -f luks (run_timing_pbkdf)."""
+    run_timing_pbkdf(
+        ["qemu-img", "create", "-q", "-f", "luks", *SECRET, "-o",
+         f"key-secret=s,iter-time=10{opts}", str(path), "1M"]
+    )  # fmt: skip
 
 
 def _reader(data: bytes):

@@ -10,7 +10,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import run
+from conftest import run, run_timing_pbkdf
 
 SECRET = ["--object", "secret,id=s,data=hunter2"]
 Q = "driver=qcow2,file.filename=p.qcow2"
@@ -107,12 +107,8 @@ CASES = {
 
 
 def _made(qemu_img, args) -> None:
-    """A LUKS creation, retried: with a small iter-time it can fail at
-    random (QEMU-NOTES)."""
-    for _ in range(5):
-        if run([qemu_img, "create", "-q", *args], check=False).returncode == 0:
-            return
-    run([qemu_img, "create", "-q", *args])
+    """A LUKS creation (run_timing_pbkdf)."""
+    run_timing_pbkdf([qemu_img, "create", "-q", *args])
 
 
 def _images(qemu_img, d):

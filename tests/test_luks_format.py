@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from conftest import qimg, require_tool, run
+from conftest import qimg, require_tool, run, run_timing_pbkdf
 
 SECRET = "pw-Kx81"
 SID = "s"
@@ -22,18 +22,11 @@ def _opts(path, sid: str = SID) -> str:
 
 
 def _qemu_create(path, extra: str = "", size: str = "1M") -> None:
-    """qemu-img create -f luks (its PBKDF benchmark sometimes fails at
-    random with a short iter-time: retried)."""
-    for _ in range(5):
-        proc = run(
-            ["qemu-img", "create", "-q", "-f", "luks", *OBJ, "-o",
-             f"key-secret={SID},iter-time=10{extra}", str(path), size],
-            check=False,
-        )  # fmt: skip
-        if proc.returncode == 0:
-            return
-        assert "accurate CPU usage" in proc.stderr, proc.stderr
-    raise AssertionError(proc.stderr)
+    """qemu-img create -f luks (run_timing_pbkdf)."""
+    run_timing_pbkdf(
+        ["qemu-img", "create", "-q", "-f", "luks", *OBJ, "-o",
+         f"key-secret={SID},iter-time=10{extra}", str(path), size]
+    )  # fmt: skip
 
 
 def _qemu_raw(path, tmp_path, sid: str = SID, obj=OBJ) -> bytes:

@@ -7,18 +7,18 @@ time is kept short (encrypt.iter-time=10)."""
 from __future__ import annotations
 
 import pytest
-from conftest import run
+from conftest import PBKDF_FLAKE, PBKDF_TRIES, run, run_timing_pbkdf
 from mapcorpus import both, create, settle
 
 SECRET = ("--object", "secret,id=s,data=x")
 
 
 def _both_retried(d, *args):
-    """qemu-img's LUKS set-up sometimes fails at random with "Unable to get
-    accurate CPU usage" (its PBKDF benchmark): try again then."""
-    for _ in range(5):
+    """both(), made again while qemu-img's timing of PBKDF2 fails
+    (conftest.run_timing_pbkdf)."""
+    for _ in range(PBKDF_TRIES):
         theirs, mine = both(d, *args)
-        if "Unable to get accurate CPU usage" not in theirs[2]:
+        if PBKDF_FLAKE not in theirs[2]:
             break
     return theirs, mine
 
@@ -80,15 +80,10 @@ def test_map_and_measure_of_an_encrypted_source_are_qemu_imgs(tmp_path, qemu_img
     """No host offsets (the human table refuses the data), sizes as for
     any source."""
     opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
-    for _ in range(5):
-        made = run(
-            ["qemu-img", "create", "-q", *SECRET, "-f", "qcow2", "-o", opts, "enc.qcow2", "4M"],
-            cwd=tmp_path,
-            check=False,
-        )
-        if made.returncode == 0:
-            break
-    assert made.returncode == 0, made.stderr
+    run_timing_pbkdf(
+        ["qemu-img", "create", "-q", *SECRET, "-f", "qcow2", "-o", opts, "enc.qcow2", "4M"],
+        cwd=tmp_path,
+    )
     name = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s"
     run(["qemu-io", *SECRET, "--image-opts", "-c", "write -P 1 64k 128k", name], cwd=tmp_path)
     settle(tmp_path)
@@ -105,16 +100,11 @@ def test_map_and_measure_of_an_encrypted_source_are_qemu_imgs(tmp_path, qemu_img
 def test_map_and_measure_of_a_luks_image_are_qemu_imgs(tmp_path, qemu_img):
     """The luks format has no block status in QEMU: data throughout,
     without host offsets."""
-    for _ in range(5):
-        made = run(
-            ["qemu-img", "create", "-q", *SECRET, "-f", "luks", "-o", "key-secret=s,iter-time=10"]
-            + ["x.luks", "4M"],
-            cwd=tmp_path,
-            check=False,
-        )
-        if made.returncode == 0:
-            break
-    assert made.returncode == 0, made.stderr
+    run_timing_pbkdf(
+        ["qemu-img", "create", "-q", *SECRET, "-f", "luks", "-o", "key-secret=s,iter-time=10"]
+        + ["x.luks", "4M"],
+        cwd=tmp_path,
+    )
     name = "driver=luks,file.filename=x.luks,key-secret=s"
     for args in (
         ("map", "--output=json"),

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import run_timing_pbkdf  # noqa: E402
 from damage import Layout, write_u64  # noqa: E402
 from infotools import message, qemu_in, qimg_in  # noqa: E402
 
@@ -313,15 +314,9 @@ def test_check_repair_prints_qemus_report(check_image, tmp_path, kind, mode):
 
 
 def _create_encrypted(cwd: Path, name: str, opts: str, *extra: str) -> None:
-    """qemu-img create with a secret; LUKS creation with a short iter-time
-    sometimes fails at random ("Unable to get accurate CPU usage"): retried."""
+    """qemu-img create with a secret (run_timing_pbkdf)."""
     args = ["create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw"]
-    for _ in range(5):
-        proc = qemu_in(cwd, "qemu-img", *args, "-o", opts, *extra, name, "1M")
-        if proc.returncode == 0:
-            return
-        assert "accurate CPU usage" in proc.stderr, proc.stderr
-    raise AssertionError(proc.stderr)
+    run_timing_pbkdf(["qemu-img", *args, "-o", opts, *extra, name, "1M"], cwd=cwd)
 
 
 ENCRYPTED_CASES = {

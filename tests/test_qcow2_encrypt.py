@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import run, run_timing_pbkdf
 
 import qimg
 
@@ -38,7 +38,6 @@ CASES = {
     "aes-v3": "encrypt.format=aes",
     "aes-v2": "encryption=on,compat=0.10",
 }
-_FLAKY = "Unable to get accurate CPU usage"  # QEMU-NOTES: LUKS create retried
 
 
 def _obj(secret: str = SECRET, sid: str = "sec") -> list[str]:
@@ -58,13 +57,7 @@ def _qimg(*args, check: bool = True, cwd=None):
 
 
 def _qemu(tool: str, *args, check: bool = True, cwd=None):
-    for _ in range(5):
-        proc = run([tool, *map(str, args)], check=False, cwd=cwd)
-        if _FLAKY not in proc.stderr:
-            break
-    if check and proc.returncode:
-        raise AssertionError(f"{tool} {args}: {proc.stderr}")
-    return proc
+    return run_timing_pbkdf([tool, *map(str, args)], check=check, cwd=cwd)
 
 
 def _qemu_create(path, opts: str, size: str = "4M", secret: str = SECRET):

@@ -13,7 +13,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import run
+from conftest import run, run_timing_pbkdf
 from secret_tools import qemu_create_encrypted
 
 SEC = "--object"
@@ -52,7 +52,7 @@ def imgs(tmp_path_factory, qemu_img, qemu_io):
     for name, pattern in (("base", "write -P 1 0 1M"), ("base2", "write -P 2 512k 1M")):
         run([qemu_img, "create", "-q", "-f", "qcow2", f"{name}.qcow2", "4M"], cwd=d)
         io(f"driver=qcow2,file.filename={name}.qcow2", pattern)
-    run(
+    run_timing_pbkdf(
         [
             qemu_img,
             "create",
