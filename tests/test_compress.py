@@ -419,19 +419,80 @@ def test_decompress_into_fills_every_destination_in_its_threads(monkeypatch, spl
     view = memoryview(out)
     threads = set()
     with ClusterDecompressor(ZSTD, 4096, 2) as pool:
-        inner = pool._into.decompress
+        inner = pool._into.fill
 
-        def traced(data, cs):
+        def traced(data, dst):
             threads.add(threading.get_ident())
-            return inner(data, cs)
+            inner(data, dst)
 
-        pool._into.decompress = traced
+        pool._into.fill = traced
         jobs = [(d, view[i * 4096 : (i + 1) * 4096], 0) for i, d in enumerate(datas)]
         pool.decompress_into(jobs, split=split)
     assert bytes(out) == b"".join(plain)
     assert (len(threads) > 1) == split
     if not split:
         assert threads == {threading.get_ident()}
+
+
+def _zstd_streams() -> list[bytes]:
+    """Legal and broken zstd cluster streams, for comparing readers."""
+    data = text_cluster()
+    plain = zstandard.ZstdCompressor().compress(data)
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    first = zstandard.ZstdCompressor().compress(data[:1000])
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"skip"
+    return [
+        plain,
+        plain + b"\x28\xb5\x2f\xfd" + os.urandom(500),  # the next cluster's bytes after it
+        no_size + bytes(64),
+        skippable + plain,
+        first + zstandard.ZstdCompressor().compress(data[1000:]),
+        plain[:-3],  # cut short
+        zstandard.ZstdCompressor().compress(data + b"x"),  # one byte too long
+        zstandard.ZstdCompressor().compress(data[:-1]),  # one byte short
+        b"\x00" * 100,
+        struct.pack("<IBQ", 0xFD2FB528, 0xE0, 1 << 40) + b"\x09\x00\x00x",  # claims a terabyte
+    ]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_decompress_into_reads_zstd_clusters_as_decompress_cluster_does(monkeypatch, native):
+    """Whole clusters go straight into the destination through the
+    system's libzstd where it is installed; the result, or the error, is
+    the same as decompress_cluster's either way."""
+    from qimg import libzstd
+
+    if native and not libzstd.available():
+        pytest.skip("the system has no libzstd.so.1")
+    monkeypatch.setattr(libzstd, "available", lambda: native)
+    with ClusterDecompressor(ZSTD, CS, 1) as pool:
+        for stream in _zstd_streams():
+            for data in (stream, memoryview(bytearray(stream))):
+                out = bytearray(CS)
+                try:
+                    expected = decompress_cluster(stream, ZSTD, CS)
+                except CorruptImageError:
+                    with pytest.raises(CorruptImageError):
+                        pool.decompress_into([(data, memoryview(out), 0)])
+                else:
+                    pool.decompress_into([(data, memoryview(out), 0)])
+                    assert out == expected
+
+
+def test_libzstd_frame_into_stops_at_the_end_of_the_first_frame():
+    from qimg import libzstd
+
+    if not libzstd.available():
+        pytest.skip("the system has no libzstd.so.1")
+    data = text_cluster()
+    frame = zstandard.ZstdCompressor().compress(data)
+    out = bytearray(CS)
+    assert libzstd.frame_into(frame + os.urandom(300), memoryview(out)) == CS
+    assert out == data
+    small = memoryview(bytearray(CS - 1))
+    assert libzstd.frame_into(frame, small) == libzstd.INVALID  # larger than the buffer
+    assert libzstd.frame_into(frame[:-1], memoryview(out)) == libzstd.INVALID
+    assert libzstd.frame_into(memoryview(frame), memoryview(out)) == libzstd.UNAVAILABLE
 
 
 def test_pool_rejects_zero_workers():

@@ -642,27 +642,52 @@ _MIN_TASK_BYTES = 256 << 10
 
 class _Into:
     """Decompress (data, dst, skip) jobs: the cluster that `data` holds,
-    bytes [skip, skip + len(dst)) of it, copied into `dst` by the thread
-    that decompressed it (one copy per cluster, spread over the workers).
-    zstandard's stream_reader().readinto would skip the copy but measured
-    slower (~5%) than decompress() and a copy, so it is not used; nor is
-    libzstd's ZSTD_decompressDCtx through ctypes straight into `dst`: the
-    copy costs ~3 us a 64 KiB cluster against 150-450 us to decompress
-    it (measured 2026-12), and zlib has no API that inflates into a
-    caller's buffer."""
+    bytes [skip, skip + len(dst)) of it, into `dst`, by the thread that
+    decompressed it. A whole cluster goes through `fill`: zstd straight
+    into `dst` through the system's libzstd (libzstd.py) where it is
+    installed, otherwise decompressed and copied (zlib has no API that
+    inflates into a caller's buffer; the copy costs ~3 us a 64 KiB
+    cluster against 60-450 us to decompress it)."""
 
     def __init__(self, compression_type: int, cluster_size: int):
         self.decompress = _decompress_function(compression_type)
         self.cluster_size = cluster_size
+        self.fill = _fill_function(compression_type, cluster_size)
 
     def __call__(self, jobs: list[tuple[bytes | memoryview, memoryview, int]]) -> None:
-        decompress, cs = self.decompress, self.cluster_size
+        fill, cs = self.fill, self.cluster_size
         for data, dst, skip in jobs:
-            plain = decompress(data, cs)
             if skip == 0 and len(dst) == cs:
-                dst[:] = plain
+                fill(data, dst)
             else:
-                dst[:] = memoryview(plain)[skip : skip + len(dst)]
+                dst[:] = memoryview(self.decompress(data, cs))[skip : skip + len(dst)]
+
+
+def _fill_function(
+    compression_type: int, cluster_size: int
+) -> Callable[[bytes | memoryview, memoryview], None]:
+    """fill(data, dst): `dst`, one cluster's bytes, filled with the cluster
+    that `data` holds, as decompress_cluster reads it."""
+    decompress = _decompress_function(compression_type)
+    if compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
+        from qimg import libzstd
+
+        if libzstd.available():
+            frame_into = libzstd.frame_into
+
+            def fill_zstd(data: bytes | memoryview, dst: memoryview) -> None:
+                # A first frame that fills the cluster exactly is what
+                # qcow2_zstd_decompress accepts from a single frame; any
+                # other input takes the general path, errors included.
+                if frame_into(data, dst) != cluster_size:
+                    dst[:] = decompress(data, cluster_size)
+
+            return fill_zstd
+
+    def fill(data: bytes | memoryview, dst: memoryview) -> None:
+        dst[:] = decompress(data, cluster_size)
+
+    return fill
 
 
 def _split(jobs: list, parts: int) -> list[list]:
