@@ -30,7 +30,6 @@ class _Library:
         self.decompress = _typed(
             lib.ZSTD_decompressDCtx, size_t, void_p, void_p, size_t, void_p, size_t
         )
-        self.is_error = _typed(lib.ZSTD_isError, ctypes.c_uint, size_t)
 
 
 def _typed(fn, restype, *argtypes):
@@ -98,10 +97,10 @@ def frame_into(src, dst: memoryview) -> int:
         except TypeError:
             return UNAVAILABLE
     target = ctypes.addressof(ctypes.c_char.from_buffer(dst))
+    # An error code is a size_t above every buffer's length (ZSTD_isError:
+    # above (size_t)-ZSTD_error_maxCode), so the bounds are the checks.
     size = library.frame_size(source, len(src))
-    if library.is_error(size):
+    if size > len(src):
         return INVALID
     produced = library.decompress(_context(library).pointer, target, len(dst), source, size)
-    if library.is_error(produced):
-        return INVALID
-    return produced
+    return produced if produced <= len(dst) else INVALID
