@@ -11,7 +11,8 @@ Workloads (issues 4 and 15):
   image made with `mkfs.ext4 -d /usr/lib`) with -c;
 - with --modes, each cache mode (-t) of raw->qcow2 and qcow2->raw there;
 - with --floor, instead of all of the above, the uncompressed workloads
-  of every bench directory with floor rows, all alternating: `python3 -c
+  of every bench directory (and with --big, the large one) with floor
+  rows, all alternating: `python3 -c
   pass`, qimg's start-up (a 1 MiB convert), and processes of
   copy_floor.py given the data runs (from qemu-img map, before the clock
   starts): the target's writes alone (one thread, one buffer: the
@@ -320,12 +321,28 @@ def floors(d: str, size: int, repeat: int) -> list[dict]:
                 [*floor, "imports+copy", source, out_q, runs_file, modules_file],
             ),
         ]
-        rows += floor_table(
-            f"{fs} {size // 4 // GiB or 0.25}G-data {name}", labelled, repeat, fresh
-        )
+        rows += floor_table(f"{fs} {size / 4 / GiB:g}G-data {name}", labelled, repeat, fresh)
     fresh()
     _rm(tiny, runs_file, modules_file)
     return rows
+
+
+def big_dirs(dirs: list[str], big: int, copies: int):
+    """A directory "big" in each of `dirs` with room for `copies` images of
+    the `big`-byte workload's data (plus a GiB), for the workload's inputs;
+    removed, with them, once the caller is done with it. None when `big` is 0."""
+    if not big:
+        return
+    for d in dirs:
+        if _free(d) < big // 4 * copies + GiB:
+            print(f"({filesystem(d)}: no room for {big // 4 / GiB:g} GiB of data in {d})")
+            continue
+        big_dir = os.path.join(d, "big")
+        os.makedirs(big_dir, exist_ok=True)
+        try:
+            yield big_dir
+        finally:
+            shutil.rmtree(big_dir)
 
 
 def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict]:
@@ -372,28 +389,21 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
 
     # The ratios only mean something on an idle machine: say how busy it was.
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    big = int(args.big * 4 * GiB)
     if args.floor:
         try:
-            return [row for d in dirs for row in floors(d, size, args.repeat)]
+            rows = [row for d in dirs for row in floors(d, size, args.repeat)]
+            for big_dir in big_dirs(dirs, big, 4):  # floors keep both targets
+                rows += floors(big_dir, big, args.repeat)
+            return rows
         finally:
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)
     try:
         for d in dirs:
             uncompressed(bench, d, size, f"{size // 4 // GiB or 0.25}G-data")
-        if args.big:
-            big = int(args.big * 4 * GiB)
-            for d in dirs:
-                need = big // 4 * 2 + GiB  # two images of the data at a time (lean)
-                if _free(d) < need:
-                    print(f"({filesystem(d)}: no room for {args.big:g} GiB of data in {d})")
-                    continue
-                big_dir = os.path.join(d, "big")  # its inputs removed after
-                os.makedirs(big_dir, exist_ok=True)
-                try:
-                    uncompressed(bench, big_dir, big, f"{args.big:g}G-data", lean=True)
-                finally:
-                    shutil.rmtree(big_dir)
+        for big_dir in big_dirs(dirs, big, 2):
+            uncompressed(bench, big_dir, big, f"{args.big:g}G-data", lean=True)
         compressed(bench, disk, size, not args.no_ext4)
         if args.modes:
             cache_modes(bench, disk, size)
