@@ -12,15 +12,15 @@ Workloads (issues 4 and 15):
 - with --modes, each cache mode (-t) of raw->qcow2 and qcow2->raw there;
 - with --floor, instead of all of the above, the uncompressed workloads
   of every bench directory (and with --big, the large one) with floor
-  rows, all alternating: `python3 -c
-  pass`, qimg's start-up (a 1 MiB convert), and processes of
-  copy_floor.py given the data runs (from qemu-img map, before the clock
-  starts): the target's writes alone (one thread, one buffer: the
-  kernel serialises a file's buffered writes, so this is the least any
-  copy into one target spends writing), the same after importing every
-  module qimg's convert imports, and those imports + a one-thread read
-  and write of each run. A ratio target below the last rows' ratios is
-  out of reach of work on the copy itself.
+  rows, all alternating: `python3 -c pass`, qimg's start-up (a 1 MiB
+  convert), and processes of copy_floor.py given the data runs (from
+  qemu-img map, before the clock starts): the target's writes alone (one
+  thread, one buffer: the kernel serialises a file's buffered writes, so
+  this is the least any copy into one target spends writing), the same
+  after importing every module qimg's convert imports, and those imports
+  + a read and write of each run, on one thread, and with the reads on a
+  second thread. A ratio target below the last rows' ratios is out of
+  reach of work on the copy itself.
 
 Every run writes a fresh target (the previous one removed, untimed), after
 os.sync(); both tools run with their defaults (convert's target cache
@@ -319,6 +319,10 @@ def floors(d: str, size: int, repeat: int) -> list[dict]:
             (
                 "imports + read and write, one thread",
                 [*floor, "imports+copy", source, out_q, runs_file, modules_file],
+            ),
+            (
+                "imports + read and write, two threads",
+                [*floor, "imports+copy2", source, out_q, runs_file, modules_file],
             ),
         ]
         rows += floor_table(f"{fs} {size / 4 / GiB:g}G-data {name}", labelled, repeat, fresh)

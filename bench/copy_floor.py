@@ -6,14 +6,16 @@ copy, timed as a whole process.
 
 STEPS is '+'-joined: `imports` (every module the qimg command of the
 bench row imported, listed one a line in MODULES, in the order it
-imported them: common.list_modules), `scan` (the zero scan of each run: its BLOCK-byte blocks' first and
-last words read through a mapping of the source, a whole block only
-where both are zero, as qimg's convert scans data it shares), `clones`
-(one FICLONERANGE per run), `writes` (the target's write stream alone:
-each run's length written at its target offset from one reused buffer,
-on one thread; the kernel serialises a file's buffered writes, so no
-number of threads writes one target faster), `copy` (each run read into
-one reused buffer and written, on one thread). RUNS holds the runs as
+imported them: common.list_modules), `scan` (the zero scan of each run:
+its BLOCK-byte blocks' first and last words read through a mapping of
+the source, a whole block only where both are zero, as qimg's convert
+scans data it shares), `clones` (one FICLONERANGE per run), `writes`
+(the target's write stream alone: each run's length written at its
+target offset from one reused buffer, on one thread; the kernel
+serialises a file's buffered writes, so no number of threads writes one
+target faster), `copy` (each run read into one reused buffer and
+written, on one thread), `copy2` (each run read by one thread and
+written by another, through BUFFERS buffers). RUNS holds the runs as
 (source offset, length, target offset) triples of native 64-bit
 integers, computed before the clock starts. This module imports nothing
 beyond what the steps need, so that the process costs what its steps
@@ -27,6 +29,7 @@ import sys
 
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 WINDOW = 32 << 20  # bytes of the source mapped at once (qimg's sharing.MAP_WINDOW)
+BUFFERS = 4  # copy2: buffers between the reading and the writing thread
 
 
 def _imports(modules_file: str) -> None:
@@ -86,6 +89,35 @@ def _write(src: int, dst: int, runs: list[tuple[int, int, int]], read: bool) -> 
         os.pwrite(dst, piece, dest)
 
 
+def _copy_two_threads(src: int, dst: int, runs: list[tuple[int, int, int]]) -> None:
+    """Each run read by one thread and written by another: the least a
+    copy does that overlaps its reads with its writes. BUFFERS buffers go
+    round between the two threads."""
+    import queue
+    import threading
+
+    size = max(length for _o, length, _d in runs)
+    free: queue.Queue = queue.Queue()
+    full: queue.Queue = queue.Queue()
+    for _ in range(BUFFERS):
+        free.put(memoryview(bytearray(size)))
+
+    def read() -> None:
+        for offset, length, dest in runs:
+            buf = free.get()
+            os.preadv(src, [buf[:length]], offset)
+            full.put((buf, length, dest))
+        full.put(None)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while (item := full.get()) is not None:
+        buf, length, dest = item
+        os.pwrite(dst, buf[:length], dest)
+        free.put(buf)
+    reader.join()
+
+
 def main(argv: list[str]) -> None:
     steps, source, target, runs_file = argv[:4]
     steps = set(steps.split("+"))
@@ -106,6 +138,8 @@ def main(argv: list[str]) -> None:
             fcntl.ioctl(dst, FICLONERANGE, struct.pack("=qQQQ", src, offset, length, dest))
     if "writes" in steps or "copy" in steps:
         _write(src, dst, runs, read="copy" in steps)
+    if "copy2" in steps:
+        _copy_two_threads(src, dst, runs)
     os.close(dst)
     os.close(src)
 
