@@ -22,11 +22,13 @@ _SONAME = "libzstd.so.1"
 class _Library:
     """libzstd's decompression functions, typed."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, held: ctypes.PyDLL):
         size_t, void_p = ctypes.c_size_t, ctypes.c_void_p
         self.create = _typed(lib.ZSTD_createDCtx, void_p)
         self.free = _typed(lib.ZSTD_freeDCtx, size_t, void_p)
-        self.frame_size = _typed(lib.ZSTD_findFrameCompressedSize, size_t, void_p, size_t)
+        # Called holding the GIL: it reads a few block headers (well under
+        # a microsecond), less than handing the GIL over would cost.
+        self.frame_size = _typed(held.ZSTD_findFrameCompressedSize, size_t, void_p, size_t)
         self.decompress = _typed(
             lib.ZSTD_decompressDCtx, size_t, void_p, void_p, size_t, void_p, size_t
         )
@@ -41,7 +43,7 @@ def _typed(fn, restype, *argtypes):
 @functools.cache
 def _library() -> _Library | None:
     try:
-        return _Library(ctypes.CDLL(_SONAME))
+        return _Library(ctypes.CDLL(_SONAME), ctypes.PyDLL(_SONAME))
     except (OSError, AttributeError):
         return None
 
