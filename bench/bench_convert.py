@@ -19,8 +19,10 @@ Workloads (issues 4 and 15):
   this is the least any copy into one target spends writing), the same
   after importing every module qimg's convert imports, and those imports
   + a read and write of each run, on one thread, and with the reads on a
-  second thread. A ratio target below the last rows' ratios is out of
-  reach of work on the copy itself.
+  second thread; then zstd qcow2->raw on the disk's directory with its
+  floor rows (start-up, the imports + the writes, and those imports + a
+  read and decompression through libzstd on two threads). A ratio target
+  below the last rows' ratios is out of reach of work on the copy itself.
 
 Every run writes a fresh target (the previous one removed, untimed), after
 os.sync(); both tools run with their defaults (convert's target cache
@@ -270,6 +272,88 @@ def compressed(bench: Bench, d: str, size: int, with_ext4: bool) -> None:
             bench.run(f"{fs} ext4 -c zlib", ["-O", "qcow2", "-c", ext4], d, 1, size=True)
 
 
+def write_zstd_runs(source: str, runs_file: str, writes_file: str) -> None:
+    """RUNS for copy_floor.py's zstd2, with the cluster size on stdout:
+    each compressed cluster of the qcow2 `source` as (host, -stream
+    bytes, guest), each plain run as (host, length, guest), in guest
+    order, from qimg's block status (run in a child: see make_inputs);
+    and in `writes_file`, the runs of guest data a raw target receives."""
+    from qimg.api import open_image
+    from qimg.driver import COMPRESSED, DATA
+    from qimg.formats.qcow2.entries import compressed_span
+
+    image = open_image(source, "qcow2", force_share=True)
+    try:
+        runs = []
+        for ext in image.block_status(0, image.size):
+            if ext.kind == COMPRESSED:
+                lo, hi = compressed_span(ext.host, image.geo)
+                runs.append((lo, lo - hi, ext.offset))
+            elif ext.kind == DATA:
+                runs.append((ext.host, ext.length, ext.offset))
+        write_runs(runs, runs_file)
+        writes: list[tuple[int, int, int]] = []
+        for _host, length, guest in runs:
+            length = image.geo.cluster_size if length < 0 else length
+            if writes and writes[-1][2] + writes[-1][1] == guest:
+                writes[-1] = (0, writes[-1][1] + length, writes[-1][2])
+            else:
+                writes.append((0, length, guest))
+        write_runs(writes, writes_file)
+        print(image.geo.cluster_size)
+    finally:
+        image.close()
+
+
+def zstd_floor(d: str, size: int, repeat: int) -> list[dict]:
+    """--floor: zstd qcow2->raw on `d`'s file system with its floor rows:
+    start-up, the writes alone after qimg's imports, and those imports +
+    reading and decompressing on two threads (copy_floor.py zstd2)."""
+    fs = filesystem(d)
+    raw, _ = make_inputs(d, size, qcow2=False)
+    source = os.path.join(d, "mixed-zstd.qcow2")
+    if not os.path.exists(source):
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o",
+                        "compression_type=zstd", raw, source], check=True)  # fmt: skip
+    tiny = os.path.join(d, "tiny.raw")
+    with open(tiny, "wb") as f:
+        f.write(os.urandom(MiB))
+    out_q, out_e = os.path.join(d, "floor-qimg"), os.path.join(d, "floor-qemu")
+    runs_file, writes_file = os.path.join(d, "zruns.bin"), os.path.join(d, "zwrites.bin")
+    modules_file = os.path.join(d, "modules.txt")
+    cluster = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--zstd-runs", source, runs_file, writes_file],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+
+    def fresh() -> None:
+        _rm(out_q, out_e)
+        os.sync()
+
+    compile_qimg()
+    cmd = ["-O", "raw", source]
+    fresh()
+    list_modules(modules_file, ["convert", *cmd, out_q])
+    floor = [sys.executable, FLOOR]
+    labelled = [
+        ("qimg", QIMG + ["convert", *cmd, out_q]),
+        ("qemu-img", ["qemu-img", "convert", *cmd, out_e]),
+        ("qimg start-up (1 MiB convert)", QIMG + ["convert", "-O", "raw", tiny, out_q]),
+        (
+            "qimg's imports + the writes",
+            [*floor, "imports+writes", source, out_q, writes_file, modules_file],
+        ),
+        (
+            "imports + read, decompress (2 threads) and write",
+            [*floor, "imports+zstd2", source, out_q, runs_file, modules_file, cluster],
+        ),
+    ]
+    rows = floor_table(f"{fs} zstd qcow2->raw", labelled, repeat, fresh)
+    fresh()
+    _rm(tiny, runs_file, writes_file, modules_file)
+    return rows
+
+
 def cache_modes(bench: Bench, d: str, size: int) -> None:
     """What each target cache mode costs, both tools, on `d`'s file system."""
     fs = filesystem(d)
@@ -399,7 +483,7 @@ def main(argv: list[str] | None = None, workdir: str | None = None) -> list[dict
             rows = [row for d in dirs for row in floors(d, size, args.repeat)]
             for big_dir in big_dirs(dirs, big, 4):  # floors keep both targets
                 rows += floors(big_dir, big, args.repeat)
-            return rows
+            return rows + zstd_floor(disk, size, args.repeat)
         finally:
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)
@@ -435,5 +519,7 @@ def make_inputs_names(d: str, size: int) -> tuple[str, str]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--make-mixed"]:
         make_mixed_raw(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--zstd-runs"]:
+        write_zstd_runs(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main()
