@@ -161,6 +161,7 @@ def _decompress_two_threads(
 
     def read() -> None:
         dctx = lib.ZSTD_createDCtx()
+        streams_buf = bytearray(0)  # reused: fresh memory costs a fault per page
         while True:
             try:
                 batch = todo.get_nowait()
@@ -172,8 +173,11 @@ def _decompress_two_threads(
             streams = [r for r in batch if r[1] < 0]
             if streams:
                 lo = streams[0][0]
-                raw = os.pread(src, streams[-1][0] - streams[-1][1] - lo, lo)
-                address = ctypes.cast(raw, void_p).value
+                need = streams[-1][0] - streams[-1][1] - lo
+                if len(streams_buf) < need:
+                    streams_buf = bytearray(need)
+                os.preadv(src, [memoryview(streams_buf)[:need]], lo)
+                address = ctypes.addressof(ctypes.c_char.from_buffer(streams_buf))
             pos, items = 0, []
             for host, length, dest in batch:
                 if length < 0:
