@@ -24,13 +24,22 @@ MAX_REQUEST_END = ((1 << 63) - 1) & ~((1 << 30) - 1)
 # Buffers one pwritev may take (Linux UIO_MAXIOV).
 _IOV_MAX = 1024
 # Bytes one buffered write system call takes at most. The page cache takes
-# a write in folios as large as the write (up to 2 MiB), and a 2 MiB folio
+# a write in folios as large as the write (up to 2 MiB), and a large folio
 # is a block of free memory that a VM reporting free memory to its host
-# (virtio-balloon free page reporting) has handed back: the host faults it
-# in again. 1 GiB written into a fresh ext4 file, 3 runs each: 0.21-0.25 s
-# in 1 MiB writes, 0.44-0.49 s in 2 MiB writes, 9-42 s in 4 MiB writes;
-# a LUKS qcow2 -> raw convert (2 MiB writes) once took 11 s instead of 1.4.
-WRITE_MAX = 1 << 20
+# (virtio-balloon free page reporting) may have handed back: the host
+# faults it in again. 1 GiB written into a fresh ext4 file, 3 runs each:
+# 0.21-0.25 s in 1 MiB writes, 0.44-0.49 s in 2 MiB writes, 9-42 s in 4 MiB
+# writes; a LUKS qcow2 -> raw convert (2 MiB writes) once took 11 s instead
+# of 1.4. 1 MiB writes were slow too whenever the free memory lay in
+# smaller blocks (after qemu-img's 64 KiB writes): 10 rounds of 1 GiB
+# written in 64 KiB / 128 KiB / 256 KiB / 1 MiB writes, taking turns:
+# medians 0.301 / 0.275 / 0.259 / 0.533 s, the 1 MiB ones all slow
+# (0.46-1.03 s). Convert on ext4, 8 rounds alternating with qemu-img,
+# 512 KiB against 1 MiB: zstd qcow2->raw 0.915 against 1.300 s, zlib
+# qcow2->raw 0.800 against 1.165 s, qcow2->raw 0.370 against 0.510 s,
+# raw->qcow2 0.380 against 0.365 s (256 KiB: zstd 0.930, qcow2->qcow2 6%
+# slower than 512 KiB).
+WRITE_MAX = 512 << 10
 
 
 def _leading(views: list[memoryview], limit: int) -> list[memoryview]:
