@@ -11,7 +11,8 @@ its BLOCK-byte blocks' first and last words read through a mapping of
 the source, a whole block only where both are zero, as qimg's convert
 scans data it shares), `clones` (one FICLONERANGE per run), `writes`
 (the target's write stream alone: each run's length written at its
-target offset from one reused buffer, on one thread; the kernel
+target offset from one reused buffer, on one thread; every step writes
+in system calls of at most WRITE bytes, as qimg does; the kernel
 serialises a file's buffered writes, so no number of threads writes one
 target faster), `copy` (each run read into one reused buffer and
 written, on one thread), `copy2` (each run read by one thread and
@@ -35,6 +36,14 @@ import sys
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 WINDOW = 32 << 20  # bytes of the source mapped at once (qimg's sharing.MAP_WINDOW)
 BUFFERS = 4  # copy2: buffers between the reading and the writing thread
+WRITE = 512 << 10  # bytes a write system call takes at most, as qimg's storage.WRITE_MAX
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    """`view` written at `offset` in calls of at most WRITE bytes (the
+    page cache's folio size follows the call's: see storage.WRITE_MAX)."""
+    for at in range(0, len(view), WRITE):
+        os.pwrite(fd, view[at : at + WRITE], offset + at)
 
 
 def _imports(modules_file: str) -> None:
@@ -91,7 +100,7 @@ def _write(src: int, dst: int, runs: list[tuple[int, int, int]], read: bool) -> 
         piece = view[:length]
         if read:
             os.preadv(src, [piece], offset)
-        os.pwrite(dst, piece, dest)
+        _pwrite(dst, piece, dest)
 
 
 def _copy_two_threads(src: int, dst: int, runs: list[tuple[int, int, int]]) -> None:
@@ -118,7 +127,7 @@ def _copy_two_threads(src: int, dst: int, runs: list[tuple[int, int, int]]) -> N
     reader.start()
     while (item := full.get()) is not None:
         buf, length, dest = item
-        os.pwrite(dst, buf[:length], dest)
+        _pwrite(dst, buf[:length], dest)
         free.put(buf)
     reader.join()
 
@@ -203,7 +212,7 @@ def _decompress_two_threads(
         out, items = item
         view = memoryview(out)
         for pos, length, dest in items:
-            os.pwrite(dst, view[pos : pos + length], dest)
+            _pwrite(dst, view[pos : pos + length], dest)
         free.put(out)
     for reader in readers:
         reader.join()
