@@ -652,7 +652,7 @@ class _Into:
     def __init__(self, compression_type: int, cluster_size: int):
         self.decompress = _decompress_function(compression_type)
         self.cluster_size = cluster_size
-        self.fill = _fill_function(compression_type, cluster_size)
+        self.fill = _fill_function(compression_type, cluster_size, self.decompress)
 
     def __call__(self, jobs: list[tuple[bytes | memoryview, memoryview, int]]) -> None:
         fill, cs = self.fill, self.cluster_size
@@ -664,11 +664,13 @@ class _Into:
 
 
 def _fill_function(
-    compression_type: int, cluster_size: int
+    compression_type: int,
+    cluster_size: int,
+    decompress: Callable[[bytes | memoryview, int], bytes],
 ) -> Callable[[bytes | memoryview, memoryview], None]:
     """fill(data, dst): `dst`, one cluster's bytes, filled with the cluster
-    that `data` holds, as decompress_cluster reads it."""
-    decompress = _decompress_function(compression_type)
+    that `data` holds, as `decompress` (the type's _decompress_function)
+    reads it."""
     if compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
         from qimg import libzstd
 
