@@ -246,16 +246,21 @@ def uncompressed(bench: Bench, d: str, size: int, label: str, lean: bool = False
     bench.run(names[2], ["-O", "qcow2", q], d, keep_both=keep_both)
 
 
+def compressed_input(d: str, raw: str, compression_type: str) -> str:
+    """qemu-img's compressed qcow2 of `raw` (compression_type zlib or
+    zstd) in `d`, made once."""
+    path = os.path.join(d, f"mixed-{compression_type}.qcow2")
+    if not os.path.exists(path):
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o",
+                        f"compression_type={compression_type}", raw, path], check=True)  # fmt: skip
+    return path
+
+
 def compressed(bench: Bench, d: str, size: int, with_ext4: bool) -> None:
     """The compressed workloads, on the file system of `d`."""
     fs = filesystem(d)
     raw, _ = make_inputs(d, size, qcow2=False)
-    inputs = {}
-    for name, extra in (("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"])):
-        inputs[name] = os.path.join(d, f"mixed-{name}.qcow2")
-        if not os.path.exists(inputs[name]):
-            subprocess.run(["qemu-img", "convert", "-O", "qcow2", *extra, raw, inputs[name]],
-                           check=True)  # fmt: skip
+    inputs = {name: compressed_input(d, raw, name) for name in ("zlib", "zstd")}
     bench.run(f"{fs} -c zlib (default level)", ["-O", "qcow2", "-c", raw], d, 1, size=True)
     bench.run(
         f"{fs} -c zstd", ["-O", "qcow2", "-c", "-o", "compression_type=zstd", raw], d, size=True
@@ -311,25 +316,14 @@ def zstd_floor(d: str, size: int, repeat: int) -> list[dict]:
     reading and decompressing on two threads (copy_floor.py zstd2)."""
     fs = filesystem(d)
     raw, _ = make_inputs(d, size, qcow2=False)
-    source = os.path.join(d, "mixed-zstd.qcow2")
-    if not os.path.exists(source):
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o",
-                        "compression_type=zstd", raw, source], check=True)  # fmt: skip
-    tiny = os.path.join(d, "tiny.raw")
-    with open(tiny, "wb") as f:
-        f.write(os.urandom(MiB))
-    out_q, out_e = os.path.join(d, "floor-qimg"), os.path.join(d, "floor-qemu")
+    source = compressed_input(d, raw, "zstd")
+    tiny, out_q, out_e, fresh = _floor_files(d)
     runs_file, writes_file = os.path.join(d, "zruns.bin"), os.path.join(d, "zwrites.bin")
     modules_file = os.path.join(d, "modules.txt")
     cluster = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--zstd-runs", source, runs_file, writes_file],
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
-
-    def fresh() -> None:
-        _rm(out_q, out_e)
-        os.sync()
-
     compile_qimg()
     cmd = ["-O", "raw", source]
     fresh()
@@ -363,21 +357,29 @@ def cache_modes(bench: Bench, d: str, size: int) -> None:
         bench.run(f"{fs} -t {mode} qcow2->raw", ["-t", mode, "-O", "raw", q], d)
 
 
-def floors(d: str, size: int, repeat: int) -> list[dict]:
-    """--floor: the uncompressed workloads on `d`'s file system, each with
-    its floor rows (see the module's docstring)."""
-    fs = filesystem(d)
-    raw, q = make_inputs(d, size)
+def _floor_files(d: str):
+    """What every floor table in `d` uses: a 1 MiB raw file (qimg's
+    start-up row converts it), the two targets, and fresh(), which removes
+    them before each run."""
     tiny = os.path.join(d, "tiny.raw")
     with open(tiny, "wb") as f:
         f.write(os.urandom(MiB))
     out_q, out_e = os.path.join(d, "floor-qimg"), os.path.join(d, "floor-qemu")
-    runs_file, modules_file = os.path.join(d, "runs.bin"), os.path.join(d, "modules.txt")
 
     def fresh() -> None:
         _rm(out_q, out_e)
         os.sync()  # no run pays for the previous one's dirty pages
 
+    return tiny, out_q, out_e, fresh
+
+
+def floors(d: str, size: int, repeat: int) -> list[dict]:
+    """--floor: the uncompressed workloads on `d`'s file system, each with
+    its floor rows (see the module's docstring)."""
+    fs = filesystem(d)
+    raw, q = make_inputs(d, size)
+    tiny, out_q, out_e, fresh = _floor_files(d)
+    runs_file, modules_file = os.path.join(d, "runs.bin"), os.path.join(d, "modules.txt")
     compile_qimg()
     rows = []
     floor = [sys.executable, FLOOR]
