@@ -20,6 +20,19 @@ def qemu_io(d: Path, name: str, *commands: str, fmt: str = "qcow2", check: bool 
     run([*args, name], cwd=d, check=check)
 
 
+def io_step(kind: str, start: int, length: int) -> str:
+    """The qemu-io command of one step of a random write pattern: `kind`
+    is write, zero, unmap, discard, or compress (`length` is then the
+    cluster size, `start` a cluster's offset)."""
+    return {
+        "write": f"write -P 7 {start} {length}",
+        "zero": f"write -z {start} {length}",
+        "unmap": f"write -z -u {start} {length}",
+        "discard": f"discard {start} {length}",
+        "compress": f"write -c -P 3 {start} {length}",
+    }[kind]
+
+
 def qemu_img(d: Path, *args: str) -> None:
     run(["qemu-img", *args], cwd=d)
 

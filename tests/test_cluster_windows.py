@@ -12,7 +12,7 @@ import mapcorpus
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mapcorpus import create
+from mapcorpus import create, io_step
 
 from qimg.api import open_image
 from qimg.errors import CorruptImageError
@@ -39,18 +39,11 @@ def _pattern(cluster_size: int, seed: int) -> list[str]:
         kind = rng.choice(["write", "write", "zero", "unmap", "discard", "compress"])
         if kind == "compress":
             start = rng.randrange(SIZE // cluster_size) * cluster_size
-            out.append(f"write -c -P 3 {start} {cluster_size}")
+            out.append(io_step(kind, start, cluster_size))
             continue
         start = rng.randrange(SIZE // 512) * 512
         length = rng.randint(1, min(512, (SIZE - start) // 512)) * 512
-        out.append(
-            {
-                "write": f"write -P 7 {start} {length}",
-                "zero": f"write -z {start} {length}",
-                "unmap": f"write -z -u {start} {length}",
-                "discard": f"discard {start} {length}",
-            }[kind]
-        )
+        out.append(io_step(kind, start, length))
     return out
 
 

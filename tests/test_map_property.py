@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mapcorpus import both, create, qemu_io, settle
+from mapcorpus import both, create, io_step, qemu_io, settle
 
 SIZE = 1 << 20
 # (creation options, cluster size)
@@ -33,18 +33,11 @@ def _ops(draw, cluster: int) -> list[str]:
         kind = draw(st.sampled_from(["write", "zero", "unmap", "discard", "compress"]))
         if kind == "compress":
             start = draw(st.integers(0, SIZE // cluster - 1)) * cluster
-            out.append(f"write -c -P 3 {start} {cluster}")
+            out.append(io_step(kind, start, cluster))
             continue
         start = draw(st.integers(0, SIZE // 512 - 1)) * 512
         length = draw(st.integers(1, min(256, (SIZE - start) // 512))) * 512
-        out.append(
-            {
-                "write": f"write -P 7 {start} {length}",
-                "zero": f"write -z {start} {length}",
-                "unmap": f"write -z -u {start} {length}",
-                "discard": f"discard {start} {length}",
-            }[kind]
-        )
+        out.append(io_step(kind, start, length))
     return out
 
 
